@@ -1,0 +1,1 @@
+"""Checkpoints -> the request-level LanguageModel interface (model_adapters.base)."""

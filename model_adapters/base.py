@@ -36,7 +36,7 @@ class Generation:
     """The answer to one GenerationRequest.
 
     texts: n completions, each cut before the first stop sequence.
-    new_tokens: generated tokens per completion (stop sequence excluded when it was cut).
+    new_tokens: tokens generated per completion (those of a stop sequence included; EOS not counted).
     finish_reasons: per completion, "stop" (a stop sequence or EOS) or "length" (max_new_tokens).
     prompt_tokens: prompt length in tokens after truncation; truncated: whether the middle was cut.
     prefill_ms: wall time of the prompt's forward pass in milliseconds.

@@ -1,0 +1,357 @@
+"""`hf:PATH_OR_ID`: any transformers causal LM behind the LanguageModel interface.
+
+Generation runs our own decode loop over transformers' KV cache (rather than `model.generate`) so that every
+request gets its own seeded sampler, stop sequences are checked as text, and prefill and decode are timed
+separately.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nsa_eval.model_adapters.base import (
+    Generation,
+    GenerationRequest,
+    Loglikelihood,
+    LoglikelihoodRequest,
+    ModelLoadError,
+    Prompt,
+)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'cuda' when available and not asked otherwise; a missing CUDA device is a clear error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """bfloat16 on CUDA, float32 on the CPU unless asked otherwise."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"unknown --dtype '{dtype}'; use one of {', '.join(table)}")
+    return table[dtype]
+
+
+class HFModel:
+    """A transformers causal LM and its tokenizer.
+
+    max_length: prompt + generation budget in tokens (defaults to the model's max_position_embeddings).
+    batch_size: requests per forward pass; prompts are left-padded within a batch.
+    chat: whether the tokenizer has a chat template (tasks then send chat messages).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        name: str,
+        max_length: int | None = None,
+        batch_size: int = 1,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = next(model.parameters()).device
+        model_max = getattr(model.config, "max_position_embeddings", None) or 2048
+        if max_length is not None and max_length > model_max:
+            raise ValueError(
+                f"--max-length {max_length} exceeds {name}'s max_position_embeddings ({model_max}); "
+                f"use --max-length {model_max} or less"
+            )
+        self.max_length = max_length or model_max
+        self.batch_size = max(1, batch_size)
+        self.chat = getattr(tokenizer, "chat_template", None) is not None
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.eos_ids = _eos_ids(model, tokenizer)
+        # transformers 5.2x renamed `past_key_values` to `cache`; support both spellings
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_length: int | None = None,
+        batch_size: int = 1,
+        name: str | None = None,
+        attn_implementation: str | None = None,
+        **load_kwargs: Any,
+    ) -> "HFModel":
+        """Load from a local directory (or a hub id where the hub is reachable)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        looks_local = path_or_id.startswith((".", "/", "~")) or os.path.exists(path_or_id)
+        path = Path(path_or_id).expanduser()
+        if looks_local:
+            if not path.is_dir():
+                raise ModelLoadError(f"model directory {path} does not exist; give a directory with config.json")
+            if not (path / "config.json").is_file() and "gguf_file" not in load_kwargs:
+                raise ModelLoadError(
+                    f"{path} has no config.json, so it is not a transformers checkpoint; "
+                    "point hf: at the folder that save_pretrained wrote"
+                )
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        source = str(path) if looks_local else path_or_id
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **load_kwargs)
+        except Exception as error:  # transformers raises many types; the user needs one line
+            raise ModelLoadError(f"could not load a tokenizer from {source}: {_first_line(error)}") from None
+        try:
+            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra, **load_kwargs)
+        except Exception as error:
+            raise ModelLoadError(f"could not load model weights from {source}: {_first_line(error)}") from None
+        model.to(torch_device)
+        return cls(model, tokenizer, name or Path(source).name, max_length=max_length, batch_size=batch_size)
+
+    # ---- tokens -------------------------------------------------------------------------------------
+
+    def render(self, prompt: Prompt) -> str:
+        """Chat messages through the chat template (with the assistant cue); text as is."""
+        if isinstance(prompt, str):
+            return prompt
+        if not self.chat:
+            raise ValueError(f"{self.name} has no chat template; give the task plain-text prompts (--no-chat-template)")
+        return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: special tokens from the chat template, or the tokenizer's own for text."""
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
+
+    def count_tokens(self, text: Prompt) -> int:
+        return len(self.encode(text))
+
+    # ---- generation ---------------------------------------------------------------------------------
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        results: list[Generation] = []
+        for start in range(0, len(requests), self.batch_size):
+            results.extend(self._generate_batch(requests[start : start + self.batch_size]))
+        return results
+
+    @torch.no_grad()
+    def _generate_batch(self, requests: list[GenerationRequest]) -> list[Generation]:
+        rows: list[tuple[int, int]] = []  # (request index, sample index)
+        prompts: list[list[int]] = []
+        truncated: list[bool] = []
+        for i, request in enumerate(requests):
+            budget = self.max_length - request.max_new_tokens
+            if budget < 1:
+                raise ValueError(
+                    f"max_new_tokens {request.max_new_tokens} leaves no room for a prompt in --max-length {self.max_length}"
+                )
+            ids, cut = truncate_middle(self.encode(request.prompt), budget)
+            truncated.append(cut)
+            greedy = request.temperature <= 0
+            for j in range(1 if greedy else request.n):
+                rows.append((i, j))
+                prompts.append(ids)
+        max_new = max(r.max_new_tokens for r in requests)
+        input_ids, attention_mask = self._left_pad(prompts)
+        generators = [_row_generator(requests[i].seed, j, self.device) for i, j in rows]
+
+        _sync(self.device)
+        t0 = time.perf_counter()
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True
+        )
+        logits = out.logits[:, -1, :].float()
+        _sync(self.device)
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+
+        past = getattr(out, self._cache_arg)
+        n_rows = len(rows)
+        new_tokens: list[list[int]] = [[] for _ in range(n_rows)]
+        done = [False] * n_rows
+        finish = ["length"] * n_rows
+        t1 = time.perf_counter()
+        steps = 0
+        for step in range(max_new):
+            next_ids = []
+            for r, (i, _) in enumerate(rows):
+                next_ids.append(_pick(logits[r], requests[i], generators[r]))
+            for r, (i, _) in enumerate(rows):
+                if done[r]:
+                    continue
+                token = next_ids[r]
+                if token in self.eos_ids:
+                    done[r], finish[r] = True, "stop"
+                    continue
+                new_tokens[r].append(token)
+                request = requests[i]
+                if request.stop:
+                    text = self.tokenizer.decode(new_tokens[r], skip_special_tokens=True)
+                    if _cut_at_stop(text, request.stop) is not None:
+                        done[r], finish[r] = True, "stop"
+                        continue
+                if len(new_tokens[r]) >= request.max_new_tokens:
+                    done[r] = True
+            if all(done) or step == max_new - 1:
+                break
+            feed = torch.tensor(next_ids, device=self.device).unsqueeze(1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((n_rows, 1))], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            out = self.model(
+                input_ids=feed,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **{self._cache_arg: past},
+            )
+            past = getattr(out, self._cache_arg)
+            logits = out.logits[:, -1, :].float()
+            steps += 1
+        _sync(self.device)
+        decode_s = time.perf_counter() - t1
+
+        generations = []
+        for i, request in enumerate(requests):
+            row_ids = [r for r, (ri, _) in enumerate(rows) if ri == i]
+            row_texts, row_counts, row_finish = [], [], []
+            for r in row_ids:
+                text = self.tokenizer.decode(new_tokens[r], skip_special_tokens=True)
+                cut = _cut_at_stop(text, request.stop)
+                row_texts.append(text if cut is None else cut)
+                row_counts.append(len(new_tokens[r]))
+                row_finish.append(finish[r])
+            if len(row_ids) == 1 and request.n > 1:  # greedy: every sample is the same text
+                row_texts, row_counts, row_finish = (x * request.n for x in (row_texts, row_counts, row_finish))
+            generated = sum(len(new_tokens[r]) for r in row_ids)
+            generations.append(
+                Generation(
+                    texts=row_texts,
+                    new_tokens=row_counts,
+                    finish_reasons=row_finish,
+                    prompt_tokens=len(prompts[row_ids[0]]),
+                    truncated=truncated[i],
+                    prefill_ms=prefill_ms,
+                    decode_tokens_per_s=generated / decode_s if decode_s > 0 and steps else 0.0,
+                )
+            )
+        return generations
+
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p) :] = torch.tensor(p)
+            mask[r, width - len(p) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # ---- log-likelihood -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[Loglikelihood]:
+        """Summed log P(continuation | context), tokenised as lm-evaluation-harness does: the whole string is
+        encoded once and split where the context's own encoding ends; trailing spaces of the context move to
+        the continuation. Over-long inputs lose tokens from the left."""
+        encoded = []
+        for request in requests:
+            context, continuation = self.render(request.context), request.continuation
+            spaces = len(context) - len(context.rstrip(" "))
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            special = isinstance(request.context, str)
+            whole = self.tokenizer(context + continuation, add_special_tokens=special)["input_ids"]
+            context_ids = self.tokenizer(context, add_special_tokens=special)["input_ids"]
+            n_cont = max(1, len(whole) - len(context_ids))
+            cut = len(whole) > self.max_length
+            encoded.append((whole[-self.max_length :], n_cont, cut))
+        results: list[Loglikelihood] = []
+        for start in range(0, len(encoded), self.batch_size):
+            batch = encoded[start : start + self.batch_size]
+            width = max(len(ids) for ids, _, _ in batch)
+            ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, (seq, _, _) in enumerate(batch):
+                ids[r, : len(seq)] = torch.tensor(seq)
+                mask[r, : len(seq)] = 1
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for r, (seq, n_cont, cut) in enumerate(batch):
+                positions = torch.arange(len(seq) - n_cont - 1, len(seq) - 1, device=logprobs.device)
+                targets = torch.tensor(seq[-n_cont:], device=logprobs.device)
+                token_lp = logprobs[r, positions, targets]
+                greedy = bool((logprobs[r, positions].argmax(-1) == targets).all())
+                results.append(Loglikelihood(float(token_lp.sum()), greedy, n_cont, cut))
+        return results
+
+
+def truncate_middle(ids: list[int], budget: int) -> tuple[list[int], bool]:
+    """Keep the first and last budget/2 tokens (LongBench's rule). Returns (ids, whether it cut)."""
+    if len(ids) <= budget:
+        return ids, False
+    head = budget // 2
+    return ids[:head] + ids[len(ids) - (budget - head) :], True
+
+
+def _cut_at_stop(text: str, stop: list[str]) -> str | None:
+    """Text before the earliest stop sequence, or None when none occurs."""
+    hits = [text.find(s) for s in stop if s and s in text]
+    return text[: min(hits)] if hits else None
+
+
+def _pick(logits: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0; else temperature + nucleus (top_p) sampling with the row's generator."""
+    if request.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / request.temperature, dim=-1)
+    if request.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < request.top_p
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    choice = torch.multinomial(probs.cpu(), 1, generator=generator)
+    return int(choice)
+
+
+def _row_generator(seed: int, sample_index: int, device: torch.device) -> torch.Generator:
+    generator = torch.Generator()  # sampling happens on CPU probabilities: same results on any device
+    generator.manual_seed((seed * 1_000_003 + sample_index) % (2**63))
+    return generator
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+

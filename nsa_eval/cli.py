@@ -140,7 +140,8 @@ def run(model_spec: str, task_list: str, limit: int | None, output: Path | None,
     run_dir = output or default_run_dir(model.name, task_names)
     metrics = run_tasks(
         model, model_spec, tasks, RunStore(run_dir), seed=seed, limit=limit, chat=chat, batch_size=batch_size,
-        extra_config={"device": device, "dtype": dtype}, argv=sys.argv, show_progress=not quiet,
+        extra_config={"device": str(getattr(model, "device", device)), "dtype": str(getattr(model, "dtype", dtype))},
+        argv=sys.argv, show_progress=not quiet,
     )
     for name, result in metrics["tasks"].items():
         headline = result["metrics"].get(result["headline"], {})
@@ -160,3 +161,7 @@ def list_things(what: str) -> None:
     else:
         for spec, what_it_is in MODEL_KINDS.items():
             click.echo(f"{spec:<18} {what_it_is}")
+
+
+if __name__ == "__main__":
+    main()

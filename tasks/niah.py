@@ -210,14 +210,19 @@ def build_prompt(
     parts = sentences[:low]
     words = sentences[low].split() if low < len(sentences) else []
     tail: list[str] = []
-    for word in words:  # fill word by word: the last filler sentence may be cut short
-        if size(parts + [" ".join(tail + [word])]) > length:
+    for word in words:  # fill word by word: the last filler sentence may be cut short (and closed with a ".")
+        if size(parts + [_sentence(tail + [word])]) > length:
             break
         tail.append(word)
     if tail:
-        parts = parts + [" ".join(tail)]
+        parts = parts + [_sentence(tail)]
     at = needle_position(parts, depth, count_tokens)
     return prompt_for(parts, at), at
+
+
+def _sentence(words: list[str]) -> str:
+    text = " ".join(words)
+    return text if text.endswith((".", "!", "?")) else text.rstrip(",;:") + "."
 
 
 def needle_position(parts: list[str], depth: int, count_tokens: Callable[[Prompt], int]) -> int:

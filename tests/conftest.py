@@ -24,3 +24,39 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real benchmark rows not found at {SHARED_DATA} (present only beside the project's own checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a plain transformers checkpoint (made once from its GGUF file)."""
+    from nsa_eval.model_adapters.smollm2 import plain_checkpoint
+
+    return plain_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """The real SmolLM2 model behind the LanguageModel interface, loaded once per test session."""
+    from nsa_eval.model_adapters.hf import HFModel
+
+    return HFModel.from_pretrained(str(smollm2_dir), name="SmolLM2-135M-Instruct", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A tiny randomly initialised Llama (2 layers, hidden 64) saved with SmolLM2's real tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

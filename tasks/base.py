@@ -102,6 +102,23 @@ def mean_stderr(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021) from n samples of which `correct` passed: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 < k <= n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= n samples (n = {n})")
+    if n - correct < k:
+        return 1.0
+    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
+
+
+def macro_average(cells: dict[str, dict[str, Any]], metric: str) -> dict[str, float]:
+    """Unweighted mean of `metric` over the cells of one breakdown (e.g. MMLU subjects), with the stderr
+    of that mean from the cells' own stderrs (independent cells): sqrt(sum se^2) / number of cells."""
+    means = [cell[metric]["mean"] for cell in cells.values()]
+    stderrs = [cell[metric]["stderr"] for cell in cells.values()]
+    return {"mean": sum(means) / len(means), "stderr": math.sqrt(sum(s * s for s in stderrs)) / len(stderrs), "n": len(means)}
+
+
 def aggregate_scores(records: list[dict[str, Any]], breakdown_keys: tuple[str, ...]) -> dict[str, Any]:
     """Default aggregation of sample records (each with "scores" and "breakdown" dicts).
 

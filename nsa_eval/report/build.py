@@ -1,0 +1,266 @@
+"""`nsa-eval report` and `nsa-eval publish`: runs in, a report folder out, and a report folder into results/NAME/.
+
+A report folder holds:
+  report.md            tables and figure links (README.md once published)
+  report.html          one self-contained file with sortable tables and per-sample drill-down
+  tables.tex           every table as a booktabs LaTeX table
+  results.csv          one row per run, task, metric and breakdown cell, with deltas against the baseline
+  tables/<slug>.csv    every table as printed
+  figures/<slug>.png   heatmaps, difference maps, score by length, kernel speedups
+  runs/<run-id>/run.json   what produced each column
+  report.json          what the report was made from (read by publish)
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from nsa_eval.report import figures, html, speed
+from nsa_eval.report.reference import PAPER_NAME
+from nsa_eval.report.runs import Run, load_runs
+from nsa_eval.report.tables import (Cell, Table, breakdown_table, compare, cross_table, efficiency_table,
+                                    long_records, mismatch, model_table, report_tasks, subset_table, task_table,
+                                    to_frame, to_latex, to_markdown)
+
+FORMATS = ("md", "html", "latex", "csv")
+SUBSET_KEYS = ("subset", "dataset")
+BENCH_DIR = Path("results") / "bench"
+RESULTS_DIR = Path("results")
+
+
+@dataclass
+class FigureFile:
+    slug: str
+    title: str
+    png: bytes
+
+    @property
+    def base64(self) -> str:
+        return base64.b64encode(self.png).decode("ascii")
+
+
+@dataclass
+class Details:
+    title: str
+    tables: list[Table]
+
+
+@dataclass
+class Section:
+    title: str
+    tables: list[Table] = field(default_factory=list)
+    figures: list[FigureFile] = field(default_factory=list)
+    details: list[Details] = field(default_factory=list)  # HTML only (folded): per-run grids for drill-down
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    formats = tuple(f.strip().lower() for f in text.split(",") if f.strip())
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"unknown report format '{','.join(unknown) or text}'; choose from {','.join(FORMATS)}")
+    return formats
+
+
+def find_baseline(runs: list[Run], spec: str) -> int:
+    """Index of the run named by spec (run id, or its directory)."""
+    for index, run in enumerate(runs):
+        if spec == run.run_id or (Path(spec).exists() and Path(spec).resolve() == run.path.resolve()):
+            return index
+    raise ValueError(f"baseline '{spec}' is not among the runs ({', '.join(r.run_id for r in runs)}); "
+                     "add it to the RUN arguments or name one of them")
+
+
+def runs_table(runs: list[Run], baseline: int | None) -> Table:
+    table = Table("runs", "Runs", ["Column", "Run id", "Model spec", "Created", "Tasks", "git", "Hardware", "torch"])
+    for index, run in enumerate(runs):
+        info = run.info
+        hardware = info.get("hardware") or {}
+        table.rows.append([Cell(run.label + (" (baseline)" if index == baseline else "")), Cell(run.run_id),
+                           Cell(str(info["model"].get("spec", ""))), Cell(str(info.get("created", ""))),
+                           Cell(", ".join(run.results) or "\u2014"), Cell(str(info.get("git_sha", ""))[:12]),
+                           Cell(str(hardware.get("gpu") or hardware.get("platform") or "")),
+                           Cell(str((info.get("versions") or {}).get("torch", "")))])
+    return table
+
+
+def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: bool) -> Section:
+    section = Section(f"Task: {task}")
+    keys = list(dict.fromkeys(k for run in runs if task in run.results for k in run.results[task].breakdowns))
+    for key in keys:
+        if " x " in key:
+            continue
+        if key in SUBSET_KEYS:
+            section.tables.append(subset_table(runs, task, key, with_paper))
+        else:
+            section.tables.append(breakdown_table(runs, task, key))
+    for cross_key in (k for k in keys if " x " in k):
+        holders = [i for i, run in enumerate(runs) if task in run.results and cross_key in run.results[task].breakdowns]
+        for index in holders:
+            run = runs[index]
+            section.figures.append(FigureFile(
+                _slug(f"{task}-{cross_key}-{run.run_id}"), f"{run.label}: {task} by {cross_key}",
+                figures.breakdown_heatmap(run, task, cross_key)))
+        reference_index = baseline if baseline in holders else (holders[0] if holders else None)
+        for index in holders:
+            if index == reference_index:
+                continue
+            base, run = runs[reference_index], runs[index]
+            if mismatch(base.results[task], run.results[task]) is None:
+                section.figures.append(FigureFile(
+                    _slug(f"{task}-{cross_key}-{run.run_id}-minus-{base.run_id}"),
+                    f"{run.label} \u2212 {base.label}: {task} by {cross_key}",
+                    figures.difference_map(run, base, task, cross_key)))
+        section.details.append(Details(f"{task} by {cross_key}, per run (click a cell for its samples)",
+                                       [cross_table(runs, index, task, cross_key) for index in holders]))
+    length_keys = [k for k in keys if " x " not in k and "length" in k]
+    if length_keys:
+        section.figures.append(FigureFile(_slug(f"{task}-by-{length_keys[0]}"), f"{task} by {length_keys[0]}",
+                                          figures.score_by_key(runs, task, length_keys[0])))
+    return section
+
+
+def _speed_section(runs: list[Run], bench_dir: Path, with_paper: bool) -> Section | None:
+    section = Section("Speed")
+    efficiency = efficiency_table(runs)
+    if efficiency:
+        section.tables.append(efficiency)
+    bench_files, problems = speed.read_bench(bench_dir)
+    for bench in bench_files:
+        table = speed.bench_table(bench)
+        for problem in problems:
+            table.note(problem)
+        section.tables.append(table)
+        png = speed.speedup_figure(bench, with_paper)
+        if png:
+            section.figures.append(FigureFile(f"kernels-{_slug(bench.card)}", f"Kernel speedup on {bench.card}", png))
+    if with_paper and bench_files:
+        section.tables.append(speed.paper_speed_table())
+    return section if section.tables else None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def build_report(
+    run_specs: list[str | Path],
+    out_dir: str | Path,
+    *,
+    baseline: str | None = None,
+    reference: str | None = None,
+    formats: tuple[str, ...] = FORMATS,
+    bench_dir: str | Path = BENCH_DIR,
+    seed: int = 0,
+) -> list[Path]:
+    """Write the report of the runs into out_dir; returns the files written (report.md first when asked)."""
+    if reference not in (None, PAPER_NAME):
+        raise ValueError(f"unknown reference '{reference}'; the one known is '{PAPER_NAME}'")
+    formats = tuple(formats)
+    parse_formats(",".join(formats))
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the report")
+    runs = load_runs(list(run_specs))
+    base = find_baseline(runs, baseline) if baseline is not None else None
+    with_paper = reference == PAPER_NAME
+
+    comparisons = compare(runs, base, seed=seed) if base is not None else {}
+    scores = Section("Scores", [model_table(runs, base, with_paper), task_table(runs, base, comparisons)])
+    sections = [scores, *(_task_section(runs, task, base, with_paper) for task in report_tasks(runs)
+                          if any(task in run.results for run in runs))]
+    speed_section = _speed_section(runs, Path(bench_dir), with_paper)
+    if speed_section:
+        sections.append(speed_section)
+    header = runs_table(runs, base)
+    title = "nsa-eval report: " + ", ".join(run.label for run in runs)
+
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    all_figures = [f for s in sections for f in s.figures]
+    if all_figures:
+        (out / "figures").mkdir(exist_ok=True)
+        for figure in all_figures:
+            path = out / "figures" / f"{figure.slug}.png"
+            path.write_bytes(figure.png)
+            written.append(path)
+    if "md" in formats:
+        written.insert(0, _write(out / "report.md", _markdown(title, header, sections)))
+    if "html" in formats:
+        written.append(_write(out / "report.html", html.render(title, runs, header, sections)))
+    tables = [t for s in sections for t in s.tables]
+    if "latex" in formats:
+        written.append(_write(out / "tables.tex", "% needs \\usepackage{booktabs}\n" + "\n".join(map(to_latex, tables))))
+    if "csv" in formats:
+        (out / "tables").mkdir(exist_ok=True)
+        for table in tables:
+            path = out / "tables" / f"{table.slug}.csv"
+            to_frame(table).to_csv(path, index=False)
+            written.append(path)
+        path = out / "results.csv"
+        pd.DataFrame(long_records(runs, comparisons)).to_csv(path, index=False)
+        written.append(path)
+    for run in runs:
+        target = out / "runs" / run.run_id
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run.path / "run.json", target / "run.json")
+        written.append(target / "run.json")
+    manifest = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "title": title,
+                "runs": [{"run_id": r.run_id, "label": r.label, "path": str(r.path)} for r in runs],
+                "baseline": runs[base].run_id if base is not None else None, "reference": reference,
+                "formats": list(formats), "files": [str(p.relative_to(out)) for p in written]}
+    written.append(_write(out / "report.json", json.dumps(manifest, indent=2) + "\n"))
+    return written
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _markdown(title: str, header: Table, sections: list[Section]) -> str:
+    parts = [f"# {title}\n", to_markdown(header)]
+    for section in sections:
+        parts.append(f"## {section.title}\n")
+        parts += [to_markdown(table) for table in section.tables]
+        parts += [f"![{figure.title}](figures/{figure.slug}.png)\n" for figure in section.figures]
+    return "\n".join(parts)
+
+
+def publish(report_dir: str | Path, name: str, *, results_dir: str | Path = RESULTS_DIR, force: bool = False) -> Path:
+    """Copy a report into results/<name>/: README.md (the Markdown report), figures, CSV, LaTeX, HTML, run.json files."""
+    source = Path(report_dir)
+    manifest_path = source / "report.json"
+    if not manifest_path.is_file():
+        raise ValueError(f"{source} is not a report folder (no report.json); make one with `nsa-eval report RUN... --out DIR`")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name in ("runs", "bench"):
+        raise ValueError(f"--name '{name}' is not a usable folder name; use letters, digits, '.', '_' or '-' "
+                         "(and not 'runs' or 'bench')")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = [Path(f) for f in manifest["files"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{manifest_path} is corrupt ({error}); make the report again") from None
+    if not (source / "report.md").is_file():
+        raise ValueError(f"{source} has no report.md; make the report with --format including md")
+    target = Path(results_dir) / name
+    if target.exists() and not force:
+        raise ValueError(f"{target} already exists; choose another --name or pass --force to replace it")
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for relative in files:
+        if relative.name == "report.json" or not (source / relative).is_file():
+            continue
+        destination = target / ("README.md" if relative == Path("report.md") else relative)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / relative, destination)
+    shutil.copyfile(manifest_path, target / "report.json")
+    return target

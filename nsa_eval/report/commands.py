@@ -1,0 +1,54 @@
+"""The `nsa-eval report` and `nsa-eval publish` commands (registered in nsa_eval/cli.py).
+
+Bad input raises ValueError; the `nsa-eval` group turns it into one line and exit code 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from nsa_eval.report.build import BENCH_DIR, FORMATS, RESULTS_DIR, build_report, parse_formats, publish as publish_report
+from nsa_eval.report.reference import PAPER_NAME
+from nsa_eval.report.runs import resolve_run_dir
+
+
+@click.command()
+@click.argument("runs", nargs=-1, required=True, metavar="RUN...")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Folder for the report. Default: <first RUN>/report.")
+@click.option("--baseline", metavar="RUN",
+              help="A run among RUN... (run id or directory) that the others are compared with: each score gets a "
+                   "delta with a paired bootstrap 95% interval over the samples both runs scored.")
+@click.option("--reference", type=click.Choice([PAPER_NAME]),
+              help="Add the NSA paper's reported numbers (arXiv:2502.11089, a 27B MoE) as reference rows.")
+@click.option("--format", "formats", default=",".join(FORMATS), show_default=True,
+              help="Comma-separated outputs: md (report.md), html (one self-contained report.html with per-sample "
+                   "drill-down), latex (tables.tex), csv (results.csv and tables/*.csv). Figures are always PNG files.")
+@click.option("--bench-dir", type=click.Path(path_type=Path), default=BENCH_DIR, show_default=True,
+              help="Where `nsa-eval bench kernels` wrote kernels-<card>.json; their speed tables and figures are "
+                   "added when present.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap resampling.")
+def report(runs: tuple[str, ...], out_dir: Path | None, baseline: str | None, reference: str | None, formats: str,
+           bench_dir: Path, seed: int) -> None:
+    """Tables, heatmaps and an HTML report from one or more run directories (or run ids under results/runs/)."""
+    out = out_dir or resolve_run_dir(runs[0]) / "report"
+    written = build_report(list(runs), out, baseline=baseline, reference=reference, formats=parse_formats(formats),
+                           bench_dir=bench_dir, seed=seed)
+    for path in written:
+        if path.suffix in (".md", ".html", ".tex") or path.parent.name == "figures":
+            click.echo(f"wrote {path}")
+    click.echo(f"report folder: {out} (publish it with `nsa-eval publish {out} --name NAME`)")
+
+
+@click.command()
+@click.argument("report_dir", type=click.Path(path_type=Path), metavar="REPORT_DIR")
+@click.option("--name", required=True, help="Folder name under results/ (letters, digits, '.', '_', '-').")
+@click.option("--results-dir", type=click.Path(path_type=Path), default=RESULTS_DIR, show_default=True,
+              help="Where published result sets live (committed to git).")
+@click.option("--force", is_flag=True, help="Replace results/NAME if it exists.")
+def publish(report_dir: Path, name: str, results_dir: Path, force: bool) -> None:
+    """Copy a report folder into results/NAME/ (README.md with tables and figures, CSV, each run's run.json)."""
+    target = publish_report(report_dir, name, results_dir=results_dir, force=force)
+    click.echo(f"published {target}; commit it with `git add {target}`")

@@ -1,0 +1,182 @@
+"""Report figures as PNG bytes (matplotlib's object API, no global pyplot state).
+
+- `breakdown_heatmap`: a task's two-key breakdown for one run (NIAH: depth x context length, the paper's
+  Figure 5; LongBench: subset x length bucket) on a fixed 0..1 colour scale, the mean per column drawn over it;
+- `difference_map`: the same grid, one run minus another, on a fixed -1..1 scale;
+- `score_by_key`: the headline score against a breakdown key (context length), one line per run;
+- `speed_lines`: speedup against sequence length, one line per series (the paper's Figure 6).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from nsa_eval.report.runs import Run, value_order
+
+
+def _order(values: set[str]) -> list[str]:
+    return sorted(values, key=value_order)
+
+AXIS_LABELS = {"length": "context length (tokens)", "depth": "needle depth (% of the context)"}
+SCORE_COLOURS = "RdYlGn"
+DIFFERENCE_COLOURS = "RdBu"
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _grid(run: Run, task: str, cross_key: str) -> tuple[list[str], list[str], np.ndarray]:
+    """(column values, row values, means[row, column] with nan where no sample) of a cross breakdown."""
+    result = run.results[task]
+    cells = result.breakdowns[cross_key]
+    columns = _order({key.split("|")[0] for key in cells})
+    rows = _order({key.split("|")[1] for key in cells})
+    grid = np.full((len(rows), len(columns)), np.nan)
+    for key, by_metric in cells.items():
+        column, row = key.split("|")
+        if result.headline in by_metric:
+            grid[rows.index(row), columns.index(column)] = by_metric[result.headline]["mean"]
+    return columns, rows, grid
+
+
+def _draw_grid(axes, columns: list[str], rows: list[str], grid: np.ndarray, cross_key: str,
+               colours: str, limits: tuple[float, float], signed: bool):
+    first, second = cross_key.split(" x ")
+    image = axes.imshow(np.ma.masked_invalid(grid), cmap=colours, vmin=limits[0], vmax=limits[1], aspect="auto")
+    axes.set_facecolor("#d9d9d9")  # cells without samples
+    axes.set_xticks(range(len(columns)), columns, rotation=45 if len(columns) > 8 else 0)
+    axes.set_yticks(range(len(rows)), rows)
+    axes.set_xlabel(AXIS_LABELS.get(first, first))
+    axes.set_ylabel(AXIS_LABELS.get(second, second))
+    if grid.size <= 200:
+        for (r, c), value in np.ndenumerate(grid):
+            if not math.isnan(value):
+                red, green, blue, _ = image.cmap(image.norm(value))
+                dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+                axes.text(c, r, f"{value:+.2f}" if signed else f"{value:.2f}", ha="center", va="center",
+                          fontsize=8, color="white" if dark else "black")
+    return image
+
+
+def _figure_size(columns: list[str], rows: list[str]) -> tuple[float, float]:
+    return max(6.0, 0.75 * len(columns) + 3), max(3.5, 0.45 * len(rows) + 2)
+
+
+def breakdown_heatmap(run: Run, task: str, cross_key: str) -> bytes:
+    """Heatmap of run's cross breakdown of a task (headline metric, fixed 0..1 scale), with the mean per
+    column (NIAH: per context length) as a line in a strip over it."""
+    result = run.results[task]
+    columns, rows, grid = _grid(run, task, cross_key)
+    width, height = _figure_size(columns, rows)
+    figure = Figure(figsize=(width, height + 1.2), layout="constrained")
+    mean_axes, axes = figure.subplots(2, 1, sharex=True, height_ratios=[1, 3.5])
+    image = _draw_grid(axes, columns, rows, grid, cross_key, SCORE_COLOURS, (0.0, 1.0), signed=False)
+    first = cross_key.split(" x ")[0]
+    per_column = result.breakdowns.get(first, {})
+    means = [per_column.get(c, {}).get(result.headline, {}).get("mean", math.nan) for c in columns]
+    mean_axes.plot(range(len(columns)), means, color="black", marker="o", markerfacecolor="white")
+    for x, mean in enumerate(means):
+        if not math.isnan(mean):
+            mean_axes.annotate(f"{mean:.2f}", (x, mean), textcoords="offset points", xytext=(0, 6), ha="center",
+                               fontsize=8)
+    mean_axes.set_ylim(0, 1.3)
+    mean_axes.set_yticks([0, 0.5, 1])
+    mean_axes.set_ylabel(f"mean per\n{first}", fontsize=8)
+    mean_axes.grid(alpha=0.3)
+    mean_axes.tick_params(labelbottom=False)
+    figure.colorbar(image, ax=[mean_axes, axes], label=result.headline)
+    mean_axes.set_title(f"{run.model_name}: {task} {result.headline} {result.score:.3f} (n={result.n})")
+    return _png(figure)
+
+
+def difference_map(run: Run, base: Run, task: str, cross_key: str) -> bytes:
+    """run minus base on a task's cross breakdown (headline metric), -1..1, blue where run scores higher."""
+    columns, rows, grid = _grid(run, task, cross_key)
+    base_columns, base_rows, base_grid = _grid(base, task, cross_key)
+    aligned = np.full_like(grid, np.nan)
+    for r, row in enumerate(rows):
+        for c, column in enumerate(columns):
+            if row in base_rows and column in base_columns:
+                aligned[r, c] = base_grid[base_rows.index(row), base_columns.index(column)]
+    difference = grid - aligned
+    figure = Figure(figsize=_figure_size(columns, rows), layout="constrained")
+    axes = figure.add_subplot()
+    image = _draw_grid(axes, columns, rows, difference, cross_key, DIFFERENCE_COLOURS, (-1.0, 1.0), signed=True)
+    headline = run.results[task].headline
+    figure.colorbar(image, ax=axes, label=f"\u0394 {headline}")
+    overall = run.results[task].score - base.results[task].score
+    axes.set_title(f"{run.model_name} \u2212 {base.model_name}: {task} {headline} (overall {overall:+.3f})")
+    return _png(figure)
+
+
+def score_by_key(runs: list[Run], task: str, key: str) -> bytes:
+    """Headline score (mean, stderr bars) against a breakdown key, one line per run that has it."""
+    values = _order({v for run in runs if task in run.results for v in run.results[task].breakdowns.get(key, {})})
+    numeric = all(_is_number(v) for v in values)
+    figure = Figure(figsize=(7.0, 4.0))
+    axes = figure.add_subplot()
+    headline = ""
+    for run in runs:
+        result = run.results.get(task)
+        if result is None or key not in result.breakdowns:
+            continue
+        headline = result.headline
+        cells = result.breakdowns[key]
+        present = [v for v in values if result.headline in cells.get(v, {})]
+        xs = [float(v) for v in present] if numeric else [values.index(v) for v in present]
+        means = [cells[v][result.headline]["mean"] for v in present]
+        errors = [cells[v][result.headline].get("stderr", 0.0) for v in present]
+        axes.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=run.label)
+    if numeric and values and float(values[-1]) / max(float(values[0]), 1e-9) >= 4:
+        axes.set_xscale("log", base=2)
+    if numeric:
+        axes.set_xticks([float(v) for v in values], values)
+        axes.minorticks_off()
+    else:
+        axes.set_xticks(range(len(values)), values)
+    axes.set_ylim(-0.05, 1.05)
+    axes.set_xlabel(AXIS_LABELS.get(key, key))
+    axes.set_ylabel(headline)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    axes.set_title(f"{task}: {headline} by {key} (bars: standard error)")
+    return _png(figure)
+
+
+def speed_lines(title: str, series: dict[str, dict[int, float]], ylabel: str,
+                dashed: dict[str, dict[int, float]] | None = None) -> bytes:
+    """Lines of value against sequence length: `series` solid (ours), `dashed` (e.g. the paper's), a 1x guide."""
+    figure = Figure(figsize=(7.0, 4.0))
+    axes = figure.add_subplot()
+    lengths = sorted({t for points in [*series.values(), *(dashed or {}).values()] for t in points})
+    for label, points in series.items():
+        ts = sorted(points)
+        axes.plot(ts, [points[t] for t in ts], marker="o", label=label)
+    for label, points in (dashed or {}).items():
+        ts = sorted(points)
+        axes.plot(ts, [points[t] for t in ts], linestyle="--", marker="x", alpha=0.7, label=label)
+    axes.axhline(1.0, color="grey", linewidth=0.8)
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(lengths, [str(t) for t in lengths], rotation=45 if len(lengths) > 6 else 0)
+    axes.minorticks_off()
+    axes.set_xlabel("sequence length (tokens)")
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    axes.set_title(title)
+    return _png(figure)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,461 @@
+"""Report tables: what each cell says, built once from the runs, rendered as Markdown, LaTeX and CSV here
+and as HTML by nsa_eval.report.html.
+
+A table is a list of rows of `Cell`s with numbered notes; a cell's note marks print as "[1]" after its text.
+Scores are printed as stored (0..1 fractions, 3 decimals), every cell with its n.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from nsa_eval.report import reference
+from nsa_eval.report.runs import Run, TaskResult, value_order
+from nsa_eval.stats import PairedDelta, paired_bootstrap
+
+DASH = "\u2014"
+SIGNIFICANT = "*"
+SHOT_KEYS = ("num_fewshot", "fewshot", "shots", "n_shot", "k_shot")
+
+
+@dataclass(frozen=True)
+class Drill:
+    """Where a cell's samples are: run index, task, and the breakdown values they must have."""
+
+    run: int
+    task: str
+    filters: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class Cell:
+    text: str
+    sort: float | None = None  # numeric sort key for HTML tables (None: sort by text)
+    drill: Drill | None = None
+    notes: tuple[int, ...] = ()
+
+    @property
+    def plain(self) -> str:
+        """The text with its note marks, as Markdown, LaTeX and CSV print it."""
+        return self.text + "".join(f"[{n}]" for n in self.notes)
+
+
+@dataclass
+class Table:
+    slug: str  # file and anchor name
+    title: str
+    columns: list[str]
+    rows: list[list[Cell]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> int:
+        """The 1-based number of a note, adding it the first time it is used."""
+        if text not in self.notes:
+            self.notes.append(text)
+        return self.notes.index(text) + 1
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A run's task metric against the baseline's: a paired interval, or why there is none."""
+
+    delta: PairedDelta | None
+    reason: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------- joining
+
+
+def report_tasks(runs: list[Run]) -> list[str]:
+    """Every task any run planned or holds, in first-seen order."""
+    return list(dict.fromkeys(task for run in runs for task in run.planned_tasks))
+
+
+def mismatch(reference_result: TaskResult, result: TaskResult) -> str | None:
+    """Why two runs of a task cannot be joined (different task version or prompts), or None."""
+    if reference_result.version != result.version:
+        return f"task version {result.version} vs {reference_result.version}"
+    if reference_result.prompts_digest != result.prompts_digest:
+        return f"prompts differ (digest {result.prompts_digest} vs {reference_result.prompts_digest})"
+    return None
+
+
+def reference_run(runs: list[Run], task: str, baseline: int | None) -> int | None:
+    """The run others are checked against for a task: the baseline when it has the task, else the first that does."""
+    if baseline is not None and task in runs[baseline].results:
+        return baseline
+    return next((i for i, run in enumerate(runs) if task in run.results), None)
+
+
+def compare(runs: list[Run], baseline: int, *, seed: int = 0, resamples: int = 2000) -> dict[tuple[int, str, str], Comparison]:
+    """Paired bootstrap of every other run against runs[baseline], per (run index, task, metric)."""
+    base = runs[baseline]
+    out: dict[tuple[int, str, str], Comparison] = {}
+    for task, base_result in base.results.items():
+        base_scores = _scores_by_id(base, task)
+        for index, run in enumerate(runs):
+            result = run.results.get(task)
+            if index == baseline or result is None:
+                continue
+            reason = mismatch(base_result, result)
+            for metric in result.metrics:
+                if metric not in base_result.metrics:
+                    continue
+                if reason:
+                    out[index, task, metric] = Comparison(None, f"not compared: {reason}")
+                    continue
+                candidate = _scores_by_id(run, task).get(metric, {})
+                paired = base_scores.get(metric, {})
+                if not candidate.keys() & paired.keys():
+                    out[index, task, metric] = Comparison(None, "no per-sample scores to pair by id")
+                    continue
+                out[index, task, metric] = Comparison(
+                    paired_bootstrap(candidate, paired, seed=seed, resamples=resamples)
+                )
+    return out
+
+
+def _scores_by_id(run: Run, task: str) -> dict[str, dict[str, float]]:
+    """metric -> {sample id: score} from the run's samples file."""
+    out: dict[str, dict[str, float]] = {}
+    for record in run.samples(task):
+        for metric, value in (record.get("scores") or {}).items():
+            if isinstance(value, (int, float)):
+                out.setdefault(metric, {})[str(record["id"])] = float(value)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- cells
+
+
+def fmt(value: float) -> str:
+    return DASH if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def fmt_delta(delta: PairedDelta) -> str:
+    if math.isnan(delta.low):
+        return f"{delta.delta:+.3f} (n={delta.n})"
+    mark = SIGNIFICANT if delta.excludes_zero else ""
+    return f"{delta.delta:+.3f} [{delta.low:+.3f}, {delta.high:+.3f}]{mark} (n={delta.n})"
+
+
+def setting(result: TaskResult) -> str:
+    """A benchmark's setting as the paper's column heads print it, e.g. "5-shot accuracy"."""
+    shots = next((result.config[k] for k in SHOT_KEYS if isinstance(result.config.get(k), int)), None)
+    return f"{shots}-shot {result.headline}" if shots is not None else result.headline
+
+
+def _missing(table: Table, run: Run, task: str) -> Cell:
+    if task in run.info["tasks"]:
+        text = f"{run.label}: {task} is listed in run.json but has no results in metrics.json (partial run)"
+    else:
+        text = f"{run.label}: {task} was not run"
+    return Cell(DASH, notes=(table.note(text),))
+
+
+def _flags(table: Table, runs: list[Run], index: int, task: str, baseline: int | None) -> tuple[int, ...]:
+    ref = reference_run(runs, task, baseline)
+    if ref is None or ref == index:
+        return ()
+    reason = mismatch(runs[ref].results[task], runs[index].results[task])
+    if reason is None:
+        return ()
+    return (table.note(f"{runs[index].label}: {task} is not comparable with {runs[ref].label} ({reason}); "
+                       "shown apart, never averaged or compared"),)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def model_table(runs: list[Run], baseline: int | None, with_paper: bool) -> Table:
+    """The paper's form (Tables 1-3): a row per model, a column per benchmark with its setting, an average."""
+    tasks = report_tasks(runs)
+    heads = {}
+    for task in tasks:
+        first = next((run.results[task] for run in runs if task in run.results), None)
+        heads[task] = f"{task} ({setting(first)})" if first else task
+    with_avg = len(tasks) > 1
+    table = Table("by-model", "Scores by model (headline metric of each task)",
+                  ["Model", *heads.values(), *(["Avg"] if with_avg else [])])
+    for index, run in enumerate(runs):
+        row = [Cell(run.label + (" (baseline)" if index == baseline else ""))]
+        scores, notes = [], set()
+        for task in tasks:
+            result = run.results.get(task)
+            if result is None:
+                row.append(_missing(table, run, task))
+                continue
+            flags = _flags(table, runs, index, task, baseline)
+            notes.update(flags)
+            scores.append(result.score)
+            row.append(Cell(f"{fmt(result.score)} (n={result.n})", result.score, Drill(index, task), flags))
+        if with_avg:
+            row.append(_average(table, scores, len(tasks), tuple(sorted(notes))))
+        table.rows.append(row)
+    if with_paper:
+        _paper_rows(table, tasks, with_avg)
+    return table
+
+
+def _average(table: Table, scores: list[float], expected: int, notes: tuple[int, ...]) -> Cell:
+    if len(scores) < expected:
+        return Cell(DASH, notes=(table.note("the average needs every task of the row"),))
+    avg = sum(scores) / len(scores)
+    return Cell(fmt(avg), avg, None, notes)
+
+
+def _paper_rows(table: Table, tasks: list[str], with_avg: bool) -> None:
+    rows = reference.general_rows(tasks)
+    settings = reference.general_settings(tasks)
+    if not settings:
+        table.note(f"the NSA paper reports none of these tasks in its Table 1 (no reference rows)")
+        return
+    described = ", ".join(f"{task}: {s}" for task, s in settings.items())
+    source = table.note(f"reference rows: the NSA paper (arXiv:2502.11089) Table 1, a {reference.PAPER_MODEL} model; "
+                        f"its settings: {described}")
+    for label, values in rows.items():
+        row = [Cell(label, notes=(source,))]
+        for task in tasks:
+            if task in values:
+                row.append(Cell(fmt(values[task]), values[task]))
+            else:
+                row.append(Cell(DASH, notes=(table.note(f"{task} is not in the paper's Table 1"),)))
+        if with_avg:
+            row.append(_average(table, list(values.values()), len(tasks), ()))
+        table.rows.append(row)
+
+
+def task_table(runs: list[Run], baseline: int | None, comparisons: dict[tuple[int, str, str], Comparison]) -> Table:
+    """The transposed form: a row per task and metric, a column per run, then the deltas against the baseline."""
+    others = [i for i in range(len(runs)) if baseline is not None and i != baseline]
+    delta_heads = [f"\u0394 {runs[i].label} vs {runs[baseline].label}" for i in others]
+    table = Table("by-task", "Scores by task and metric (mean \u00b1 standard error)",
+                  ["Task", "Metric", *(run.label for run in runs), *delta_heads])
+    for task in report_tasks(runs):
+        metrics = list(dict.fromkeys(
+            [r.headline for r in (run.results.get(task) for run in runs) if r] +
+            [m for run in runs if task in run.results for m in run.results[task].metrics]))
+        if not metrics:
+            table.rows.append([Cell(task), Cell(DASH), *(_missing(table, run, task) for run in runs),
+                               *(Cell(DASH) for _ in others)])
+            continue
+        for metric in metrics:
+            row = [Cell(task), Cell(metric)]
+            for index, run in enumerate(runs):
+                result = run.results.get(task)
+                if result is None:
+                    row.append(_missing(table, run, task))
+                elif metric not in result.metrics:
+                    row.append(Cell(DASH, notes=(table.note(f"{run.label}: {task} has no metric {metric}"),)))
+                else:
+                    value = result.metrics[metric]
+                    row.append(Cell(f"{fmt(value['mean'])} \u00b1 {fmt(value['stderr'])} (n={result.n})",
+                                    value["mean"], Drill(index, task), _flags(table, runs, index, task, baseline)))
+            for index in others:
+                row.append(_delta_cell(table, comparisons.get((index, task, metric))))
+            table.rows.append(row)
+    if others:
+        table.note(f"\u0394: mean over samples matched by id of (run \u2212 baseline), with a paired bootstrap "
+                   f"95% interval; {SIGNIFICANT} where the interval excludes zero")
+    return table
+
+
+def _delta_cell(table: Table, comparison: Comparison | None) -> Cell:
+    if comparison is None:
+        return Cell(DASH)
+    if comparison.delta is None:
+        return Cell("n/a", notes=(table.note(comparison.reason or "not compared"),))
+    return Cell(fmt_delta(comparison.delta), comparison.delta.delta)
+
+
+def breakdown_table(runs: list[Run], task: str, key: str) -> Table:
+    """One breakdown key of a task: a row per value, a column per run (headline metric, each cell with its n)."""
+    table = Table(_slug(f"{task}-by-{key}"), f"{task} by {key}", [key, *(run.label for run in runs)])
+    values = sorted({v for run in runs if task in run.results
+                     for v in run.results[task].breakdowns.get(key, {})}, key=value_order)
+    for value in values:
+        row = [Cell(value, _number(value))]
+        for index, run in enumerate(runs):
+            result = run.results.get(task)
+            cell = result.breakdowns.get(key, {}).get(value, {}).get(result.headline) if result else None
+            if result is None:
+                row.append(_missing(table, run, task))
+            elif cell is None:
+                row.append(Cell(DASH, notes=(table.note(f"{run.label}: no samples with {key} {value}"),)))
+            else:
+                row.append(Cell(f"{fmt(cell['mean'])} (n={cell['n']})", cell["mean"],
+                                Drill(index, task, ((key, value),))))
+        table.rows.append(row)
+    return table
+
+
+def subset_table(runs: list[Run], task: str, key: str, with_paper: bool) -> Table:
+    """A task split by subset in the paper's Table 2 form: a row per model, a column per subset, an average."""
+    values = sorted({v for run in runs if task in run.results
+                     for v in run.results[task].breakdowns.get(key, {})}, key=value_order)
+    table = Table(_slug(f"{task}-by-{key}"), f"{task} by {key}", ["Model", *values, "Avg"])
+    for index, run in enumerate(runs):
+        result = run.results.get(task)
+        if result is None:
+            continue
+        row, scores = [Cell(run.label)], []
+        for value in values:
+            cell = result.breakdowns.get(key, {}).get(value, {}).get(result.headline)
+            if cell is None:
+                row.append(Cell(DASH, notes=(table.note(f"{run.label}: no samples of {key} {value}"),)))
+                continue
+            scores.append(cell["mean"])
+            row.append(Cell(f"{fmt(cell['mean'])} (n={cell['n']})", cell["mean"], Drill(index, task, ((key, value),))))
+        row.append(_average(table, scores, len(values), ()))
+        table.rows.append(row)
+    if with_paper and task.lower().startswith("longbench"):
+        source = table.note(f"reference rows: the NSA paper Table 2 ({reference.PAPER_MODEL})")
+        for label, paper_values in reference.longbench_rows().items():
+            row = [Cell(label, notes=(source,))]
+            row += [Cell(fmt(paper_values[v]), paper_values[v]) if v in paper_values else Cell(DASH) for v in values]
+            row.append(_average(table, [paper_values[v] for v in values if v in paper_values], len(values), ()))
+            table.rows.append(row)
+    return table
+
+
+def cross_table(runs: list[Run], index: int, task: str, cross_key: str) -> Table:
+    """One run's two-key breakdown as a grid (rows: second key, columns: first key), for drill-down."""
+    run = runs[index]
+    result = run.results[task]
+    first, second = cross_key.split(" x ")
+    cells = result.breakdowns[cross_key]
+    firsts = sorted({k.split("|")[0] for k in cells}, key=value_order)
+    seconds = sorted({k.split("|")[1] for k in cells}, key=value_order)
+    table = Table(_slug(f"{task}-{cross_key}-{run.run_id}"), f"{run.label}: {task} by {second} (rows) and {first} (columns)",
+                  [f"{second} \\ {first}", *firsts])
+    for value in seconds:
+        row = [Cell(value, _number(value))]
+        for column in firsts:
+            cell = cells.get(f"{column}|{value}", {}).get(result.headline)
+            row.append(Cell(DASH) if cell is None else Cell(
+                f"{fmt(cell['mean'])} (n={cell['n']})", cell["mean"],
+                Drill(index, task, ((first, column), (second, value)))))
+        table.rows.append(row)
+    return table
+
+
+EFFICIENCY = (("prefill_ms_mean", "prefill ms (mean)"), ("decode_tokens_per_s_mean", "decode tokens/s (mean)"),
+              ("prompt_tokens_mean", "prompt tokens (mean)"))
+
+
+def efficiency_table(runs: list[Run]) -> Table | None:
+    """Model speed as the runs measured it: a row per task and quantity, a column per run."""
+    table = Table("efficiency", "Model speed measured during the runs", ["Task", "Quantity", *(r.label for r in runs)])
+    hardware = {run.label: _hardware(run) for run in runs}
+    for task in report_tasks(runs):
+        if not any(task in run.results and run.results[task].efficiency for run in runs):
+            continue
+        for key, label in EFFICIENCY:
+            row = [Cell(task), Cell(label)]
+            for index, run in enumerate(runs):
+                result = run.results.get(task)
+                value = result.efficiency.get(key) if result else None
+                row.append(Cell(DASH) if value is None else Cell(f"{value:.1f} (n={result.n})", value, Drill(index, task)))
+            table.rows.append(row)
+    if not table.rows:
+        return None
+    table.note("measured on: " + "; ".join(f"{label}: {hw}" for label, hw in hardware.items()))
+    return table
+
+
+def _hardware(run: Run) -> str:
+    hw = run.info.get("hardware") or {}
+    return str(hw.get("gpu") or hw.get("cpu") or hw.get("platform") or "unknown hardware")
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+# ---------------------------------------------------------------------------------------------- long form
+
+
+def long_records(runs: list[Run], comparisons: dict[tuple[int, str, str], Comparison]) -> list[dict[str, Any]]:
+    """One record per run, task, metric and breakdown cell (breakdown "" for the whole task): results.csv."""
+    records = []
+    for index, run in enumerate(runs):
+        for task, result in run.results.items():
+            common = {"run_id": run.run_id, "model": run.model_name, "task": task, "task_version": result.version,
+                      "prompts_digest": result.prompts_digest}
+            for metric, value in result.metrics.items():
+                comparison = comparisons.get((index, task, metric))
+                delta = comparison.delta if comparison else None
+                records.append({**common, "metric": metric, "headline": metric == result.headline,
+                                "breakdown": "", "value": "", "mean": value["mean"], "stderr": value["stderr"],
+                                "n": result.n,
+                                "delta": delta.delta if delta else None, "delta_low": delta.low if delta else None,
+                                "delta_high": delta.high if delta else None, "delta_n": delta.n if delta else None,
+                                "delta_excludes_zero": delta.excludes_zero if delta else None,
+                                "delta_note": comparison.reason if comparison else None})
+            for key, cells in result.breakdowns.items():
+                for value, by_metric in cells.items():
+                    for metric, cell in by_metric.items():
+                        records.append({**common, "metric": metric, "headline": metric == result.headline,
+                                        "breakdown": key, "value": value, "mean": cell["mean"],
+                                        "stderr": cell.get("stderr"), "n": cell.get("n")})
+    return records
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def to_frame(table: Table) -> pd.DataFrame:
+    """The table as printed (strings with note marks), for CSV."""
+    return pd.DataFrame([[cell.plain for cell in row] for row in table.rows], columns=table.columns, dtype=str)
+
+
+def to_markdown(table: Table) -> str:
+    def esc(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    numeric = [any(row[i].sort is not None for row in table.rows) for i in range(len(table.columns))]
+    lines = [f"### {table.title}", "", "| " + " | ".join(esc(c) for c in table.columns) + " |",
+             "|" + "|".join("---:" if right else ":---" for right in numeric) + "|"]
+    lines += ["| " + " | ".join(esc(cell.plain) for cell in row) + " |" for row in table.rows]
+    if table.notes:
+        lines.append("")
+        lines += [f"[{n}] {esc(text)}  " for n, text in enumerate(table.notes, 1)]
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "\u00b1": r"$\pm$", "\u0394": r"$\Delta$", "\u2212": "-", DASH: "---"}
+LATEX_PATTERN = re.compile("|".join(re.escape(k) for k in _LATEX_SPECIAL))
+
+
+def latex_escape(text: str) -> str:
+    return LATEX_PATTERN.sub(lambda m: _LATEX_SPECIAL[m.group()], text)
+
+
+def to_latex(table: Table) -> str:
+    """A booktabs table (needs \\usepackage{booktabs}); notes follow the tabular in small type."""
+    spec = "l" * min(2, len(table.columns)) if table.columns[:2] == ["Task", "Metric"] else "l"
+    spec += "r" * (len(table.columns) - len(spec))
+    lines = [r"\begin{table}[ht]", r"\centering", rf"\caption{{{latex_escape(table.title)}}}",
+             rf"\label{{tab:{table.slug}}}", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+             " & ".join(latex_escape(c) for c in table.columns) + r" \\", r"\midrule"]
+    lines += [" & ".join(latex_escape(cell.plain) for cell in row) + r" \\" for row in table.rows]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if table.notes:
+        lines.append(r"\par\footnotesize")
+        lines += [rf"[{n}] {latex_escape(text)}\\" for n, text in enumerate(table.notes, 1)]
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"

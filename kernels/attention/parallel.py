@@ -356,6 +356,11 @@ class Tiles:
     num_stages: int
 
 
+def new_output(shape, dtype, device) -> torch.Tensor:
+    """Uninitialised buffer for a kernel to write (tests swap in NaN-filled ones to catch gaps)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -406,8 +411,8 @@ def attention_fwd(q, k, v, causal, window, cu_seqlens, lengths, scale, tiles: Ti
     from cu_seqlens (a host list) or None."""
     B, T, HQ, Dk, S, H, Dv, BDK, BDV = _common(q, k, v)
     tiles = tiles or forward_tiles(BDK, BDV)
-    o = torch.empty(B, T, HQ, Dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)
+    o = new_output((B, T, HQ, Dv), q.dtype, q.device)
+    lse = new_output((B, HQ, T), torch.float32, q.device)
     if cu_seqlens is None:
         table = None
         grid = (triton.cdiv(T, tiles.block_m), HQ, B)
@@ -432,15 +437,15 @@ def attention_bwd(q, k, v, o, lse, do, causal, window, cu_seqlens, lengths, scal
     """Gradients of attention_fwd: do [B, T, HQ, Dv] -> dq [B, T, HQ, Dk], dk [B, S, H, Dk], dv [B, S, H, Dv]."""
     B, T, HQ, Dk, S, H, Dv, BDK, BDV = _common(q, k, v)
     dkdv_tiles, dq_tiles = tiles or backward_tiles(BDK, BDV)
-    delta = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)
+    delta = new_output((B, HQ, T), torch.float32, q.device)
     pre_block = 64
     _attention_bwd_preprocess_kernel[(triton.cdiv(T, pre_block), HQ, B)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), T, HQ,
         HEAD_DV=Dv, BLOCK_DV=BDV, BLOCK_M=pre_block,
     )
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
     settings = dict(
         GROUP=HQ // H, HEAD_DK=Dk, HEAD_DV=Dv, BLOCK_DK=BDK, BLOCK_DV=BDV, IS_CAUSAL=causal,
         HAS_WINDOW=window is not None, IS_VARLEN=cu_seqlens is not None, PRECISION=_precision(q.dtype),

@@ -6,11 +6,19 @@ import difflib
 from typing import Any, Callable
 
 from nsa_eval.tasks.base import Task
+from nsa_eval.tasks.aime import AIME
+from nsa_eval.tasks.gsm8k import GSM8K
+from nsa_eval.tasks.longbench import LongBench
+from nsa_eval.tasks.mmlu import MMLU
 from nsa_eval.tasks.niah import NeedleInAHaystack
 
 # name -> factory(**options) -> Task. Options come from the CLI (see `nsa-eval run --help`).
 TASKS: dict[str, Callable[..., Task]] = {
     "niah": NeedleInAHaystack,
+    "mmlu": MMLU,
+    "gsm8k": GSM8K,
+    "longbench": LongBench,
+    "aime": AIME,
 }
 
 # model spec prefix -> what it loads (the loaders live in nsa_eval.models)

@@ -1,0 +1,178 @@
+"""MMLU (Hendrycks et al. 2021): 57 subjects of four-way multiple choice, 5-shot.
+
+As lm-evaluation-harness's default `mmlu` task: per subject the description "The following are multiple
+choice questions (with answers) about {subject}.\\n\\n", then the first five dev questions of that
+subject with their answers, then the test question; each question reads
+"{question}\\nA. ...\\nB. ...\\nC. ...\\nD. ...\\nAnswer:", shots end with " {letter}\\n\\n".
+
+- variant "loglikelihood" (default, base models): the answer is the letter whose continuation
+  (" A".." D"; "A".."D" after a chat template, as lm-eval drops the space there) the model finds likeliest.
+- variant "generative" (chat models): the model writes the answer, cut at the first newline, and the
+  letter is read off its first line as lm-eval's `mmlu_generative` filter does.
+
+Accuracy per sample; the aggregate adds the macro average over subjects to the micro average over
+questions (lm-eval's group score, weighted by size). Data: cais/mmlu ("all": test and dev), or a local
+file of test rows (shots then come from the same subject's other test rows, drawn with the run seed),
+or a folder with test.<ext> and optionally dev.<ext>.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import defaultdict
+from typing import Any
+
+from nsa_eval.tasks.base import DataError, Sample, TaskContext, aggregate_scores, macro_average
+from nsa_eval.tasks.data import find_data_file, load_rows
+from nsa_eval.tasks.fewshot import fewshot_prompt
+
+LETTERS = ("A", "B", "C", "D")
+HUB_ID = "cais/mmlu"
+SCHEMA = {"question": str, "subject": str, "choices": list[str], "answer": int}
+ALIASES = {"subject": ("type",)}
+VARIANTS = ("loglikelihood", "generative")
+
+# lm-eval mmlu_generative (v3.0) filter: the letter alone, decorated ("(B)", "b)"), or after a lead-in.
+_LETTER_PATTERN = re.compile(
+    r"(?i)(?:^\W*|answer\s*(?:is)?\s*[:\-]?\s*|option\s*[:\-]?\s*)\(?([A-D])\)?\W*$"
+)
+
+
+def question_text(row: dict[str, Any]) -> str:
+    """lm-eval's doc_to_text for MMLU."""
+    options = "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, row["choices"]))
+    return f"{row['question'].strip()}{options}\nAnswer:"
+
+
+def description(subject: str) -> str:
+    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+
+
+def extract_letter(response: str) -> str | None:
+    """The answer letter from a generated response (first line only), or None when there is none."""
+    first_line = response.split("\n", 1)[0].strip()
+    found = _LETTER_PATTERN.findall(first_line)
+    return found[0].upper() if found else None
+
+
+class MMLU:
+    """options: data_path, num_fewshot (5), variant ("loglikelihood" | "generative"), subjects, seed,
+    max_new_tokens (generative only)."""
+
+    name = "mmlu"
+    version = "1"
+    headline = "accuracy"
+    breakdown_keys = ("subject",)
+
+    def __init__(
+        self,
+        data_path: str | None = None,
+        num_fewshot: int = 5,
+        variant: str = "loglikelihood",
+        subjects: list[str] | str | None = None,
+        seed: int = 0,
+        max_new_tokens: int = 256,
+    ):
+        if variant not in VARIANTS:
+            raise ValueError(f"MMLU variant '{variant}' is unknown; use one of {', '.join(VARIANTS)}")
+        if not 0 <= num_fewshot <= 5:
+            raise ValueError(f"MMLU num_fewshot {num_fewshot}: MMLU has 5 dev questions per subject; use 0 to 5")
+        self.data_path = data_path
+        self.num_fewshot = num_fewshot
+        self.variant = variant
+        self.subjects = [s.strip() for s in subjects.split(",")] if isinstance(subjects, str) else subjects
+        self.seed = seed
+        self.max_new_tokens = max_new_tokens
+        self._chat: bool | None = None
+        self._shot_source: str | None = None
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "data": self.data_path or f"hub:{HUB_ID}",
+            "num_fewshot": self.num_fewshot,
+            "variant": self.variant,
+            "subjects": self.subjects or "all",
+            "seed": self.seed,
+            "max_new_tokens": self.max_new_tokens if self.variant == "generative" else None,
+            "chat": self._chat,
+            "shots_from": self._shot_source,
+        }
+
+    def _load(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        """(test rows, dev rows or None when only test rows exist)."""
+        load = dict(task=self.name, hub_id=HUB_ID, hub_config="all", schema=SCHEMA, aliases=ALIASES)
+        test = load_rows(self.data_path, split="test", **load)
+        if self.data_path is None:
+            dev = load_rows(None, split="dev", **load)
+        elif find_data_file(self.data_path, "dev") is not None:
+            dev = load_rows(self.data_path, split="dev", **load)
+        else:
+            dev = None
+        for split_rows, split in ((test, "test"), (dev or [], "dev")):
+            for number, row in enumerate(split_rows, start=1):
+                if len(row["choices"]) != 4 or not 0 <= row["answer"] < 4:
+                    raise DataError(
+                        f"{self.data_path or HUB_ID} [{split}]: row {number}: MMLU needs 4 choices and an answer "
+                        f"index 0-3, got {len(row['choices'])} choices and answer {row['answer']}"
+                    )
+        return test, dev
+
+    def samples(self, ctx: TaskContext) -> list[Sample]:
+        self._chat = ctx.chat
+        test, dev = self._load()
+        self._shot_source = "dev" if dev is not None else "test (same subject, seeded, item excluded)"
+        by_subject: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in test:
+            by_subject[row["subject"]].append(row)
+        dev_by_subject: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in dev or []:
+            dev_by_subject[row["subject"]].append(row)
+        subjects = self.subjects or sorted(by_subject)
+        unknown = [s for s in subjects if s not in by_subject]
+        if unknown:
+            raise ValueError(f"MMLU subjects not in the data: {', '.join(unknown)}; known: {', '.join(sorted(by_subject))}")
+
+        samples = []
+        for subject in subjects:
+            rows = by_subject[subject]
+            for index, row in enumerate(rows[: ctx.limit] if ctx.limit is not None else rows):
+                if dev is not None:
+                    shots = dev_by_subject[subject][: self.num_fewshot]
+                else:
+                    others = [r for i, r in enumerate(rows) if i != index]
+                    rng = random.Random(f"{self.seed}:{subject}:{index}")
+                    shots = rng.sample(others, min(self.num_fewshot, len(others)))
+                samples.append(self._sample(subject, index, row, shots, ctx.chat))
+        return samples
+
+    def _sample(self, subject: str, index: int, row: dict[str, Any], shots: list[dict], chat: bool) -> Sample:
+        prompt = fewshot_prompt(
+            [(question_text(s), LETTERS[s["answer"]]) for s in shots],
+            question_text(row),
+            chat=chat,
+            description=description(subject),
+        )
+        common = dict(id=f"{subject}/{index}", prompt=prompt, target=LETTERS[row["answer"]], breakdown={"subject": subject})
+        if self.variant == "loglikelihood":
+            space = "" if chat else " "  # lm-eval drops the target delimiter after a chat template
+            return Sample(**common, continuations=[f"{space}{letter}" for letter in LETTERS])
+        return Sample(**common, max_new_tokens=self.max_new_tokens, stop=["\n"])
+
+    def _chosen(self, sample: Sample, output: list[Any]) -> str | None:
+        if sample.continuations is not None:
+            logprobs = [logprob for logprob, _ in output]
+            return LETTERS[max(range(len(logprobs)), key=logprobs.__getitem__)]
+        return extract_letter(output[0])
+
+    def score(self, sample: Sample, output: list[Any]) -> dict[str, float]:
+        return {"accuracy": float(self._chosen(sample, output) == sample.target)}
+
+    def details(self, sample: Sample, output: list[Any]) -> dict[str, Any]:
+        return {"chosen": self._chosen(sample, output)}
+
+    def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        result = aggregate_scores(records, self.breakdown_keys)
+        if result["breakdowns"]["subject"]:
+            result["metrics"]["accuracy_macro"] = macro_average(result["breakdowns"]["subject"], "accuracy")
+        return result

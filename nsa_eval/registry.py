@@ -8,6 +8,7 @@ from typing import Any, Callable
 from nsa_eval.tasks.base import Task
 from nsa_eval.tasks.aime import AIME
 from nsa_eval.tasks.gsm8k import GSM8K
+from nsa_eval.tasks.humaneval import HumanEval
 from nsa_eval.tasks.longbench import LongBench
 from nsa_eval.tasks.mmlu import MMLU
 from nsa_eval.tasks.niah import NeedleInAHaystack
@@ -19,6 +20,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "gsm8k": GSM8K,
     "longbench": LongBench,
     "aime": AIME,
+    "humaneval": HumanEval,
 }
 
 # model spec prefix -> what it loads (the loaders live in nsa_eval.models)

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from nsa_eval.bench import bench
 from nsa_eval.registry import MODEL_KINDS, TASKS, make_task
 
 
@@ -162,6 +163,8 @@ def list_things(what: str) -> None:
         for spec, what_it_is in MODEL_KINDS.items():
             click.echo(f"{spec:<18} {what_it_is}")
 
+
+main.add_command(bench)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,481 @@
+"""`nsa-eval bench kernels`: attention kernel speed on a GPU, checked for correctness in the same run.
+
+The shape is the paper's Figure 6 setting: B=1, 64 query heads, 4 KV heads, head dim 128, bfloat16.
+What runs is two plain lists: CHECKS (correctness at small sizes, error against a bound) and CASES
+(one timed call per op, implementation and length). To add a row, append a Case whose `setup(T)`
+builds the inputs and returns a Run (the call to time, and the bytes it must read for decode rows).
+Times are medians of triton.testing.do_bench; ratios are baseline time / row time (>1: faster).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import click
+
+HQ, H, D = 64, 4, 128  # query heads, KV heads, head dim of every prefill and decode row
+DECODE_BATCHES = (1, 16)
+
+
+@dataclass
+class Run:
+    """A prepared call: `fn` is what gets timed; `bytes_read` the bytes it must move from memory."""
+
+    fn: Callable[[], object]
+    bytes_read: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Case:
+    """One row of the table: `op` groups rows that compare ("prefill fwd", "decode b=16", ...)."""
+
+    op: str
+    impl: str
+    setup: Callable[[int], Run]  # T -> Run
+    flops: Callable[[int], float] | None = None
+
+
+@dataclass
+class Check:
+    """A correctness check run before the timings: `run()` returns ||out - ref|| / ||ref||."""
+
+    name: str
+    run: Callable[[], float]
+    bound: float
+    error: float | None = field(default=None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# inputs and helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _randn(*shape, grad=False):
+    import torch
+
+    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16).requires_grad_(grad)
+
+
+def rel_err(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def causal_flops(T: int) -> float:
+    """Forward FLOPs of causal attention at B=1: two T x T x D products per head, half kept."""
+    return 2.0 * HQ * D * T * T
+
+
+def _fwd_bwd(attend, q, k, v):
+    """A call that runs forward then backward (fresh gradients each time, no accumulation)."""
+    import torch
+
+    do = torch.randn_like(attend(q, k, v))
+
+    def fn():
+        return torch.autograd.grad(attend(q, k, v), (q, k, v), do)
+
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------------
+# our kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+def ours_prefill(backward: bool) -> Callable[[int], Run]:
+    def setup(T: int) -> Run:
+        from nsa_eval.kernels import attention
+
+        q, k, v = _randn(1, T, HQ, D, grad=backward), _randn(1, T, H, D, grad=backward), _randn(1, T, H, D, grad=backward)
+        if backward:
+            return Run(_fwd_bwd(lambda q, k, v: attention(q, k, v), q, k, v))
+        return Run(lambda: attention(q, k, v))
+
+    return setup
+
+
+def kv_cache_bytes(batch: int, T: int, heads: int = H) -> float:
+    return 2.0 * batch * T * heads * D * 2  # K and V, bf16
+
+
+def ours_decode(batch: int) -> Callable[[int], Run]:
+    def setup(T: int) -> Run:
+        import torch
+
+        from nsa_eval.kernels import attention_decode
+
+        q, k_cache, v_cache = _randn(batch, HQ, D), _randn(batch, T, H, D), _randn(batch, T, H, D)
+        lengths = torch.full((batch,), T, dtype=torch.int32, device="cuda")
+        return Run(lambda: attention_decode(q, k_cache, v_cache, lengths), kv_cache_bytes(batch, T))
+
+    return setup
+
+
+# ----------------------------------------------------------------------------------------------------
+# PyTorch SDPA baselines ([B, heads, T, D] layout, its own)
+# ----------------------------------------------------------------------------------------------------
+
+
+def sdpa(backend_name: str, q, k, v, causal: bool):
+    """SDPA on one backend over q [B, HQ, T, D], k/v [B, H, S, D]: GQA through enable_gqa, or KV heads
+    expanded (outside the timed call) where the backend refuses it. Returns (call, k, v, note)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def native(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+    def expanded(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    try:
+        with torch.no_grad():
+            native(q[..., :1, :], k[..., :1, :], v[..., :1, :])
+        return native, k, v, "enable_gqa"
+    except RuntimeError:
+        group = q.shape[1] // k.shape[1]
+        return expanded, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), f"KV heads expanded x{group}"
+
+
+def sdpa_prefill(backend_name: str, backward: bool) -> Callable[[int], Run]:
+    def setup(T: int) -> Run:
+        call, k, v, note = sdpa(backend_name, _randn(1, HQ, T, D), _randn(1, H, T, D), _randn(1, H, T, D), causal=True)
+        q = _randn(1, HQ, T, D, grad=backward)
+        k, v = k.requires_grad_(backward), v.requires_grad_(backward)
+        if backward:
+            return Run(_fwd_bwd(call, q, k, v), note=note)
+        return Run(lambda: call(q, k, v), note=note)
+
+    return setup
+
+
+def sdpa_decode(batch: int) -> Callable[[int], Run]:
+    def setup(T: int) -> Run:
+        q = _randn(batch, HQ, 1, D)
+        call, k, v, note = sdpa("FLASH_ATTENTION", q, _randn(batch, H, T, D), _randn(batch, H, T, D), causal=False)
+        return Run(lambda: call(q, k, v), kv_cache_bytes(batch, T, k.shape[1]), note=f"flash, {note}")
+
+    return setup
+
+
+# ----------------------------------------------------------------------------------------------------
+# what runs
+# ----------------------------------------------------------------------------------------------------
+
+CASES: list[Case] = [
+    Case("prefill fwd", "ours full", ours_prefill(backward=False), causal_flops),
+    Case("prefill fwd", "sdpa flash", sdpa_prefill("FLASH_ATTENTION", backward=False), causal_flops),
+    Case("prefill fwd", "sdpa cudnn", sdpa_prefill("CUDNN_ATTENTION", backward=False), causal_flops),
+    Case("prefill fwd+bwd", "ours full", ours_prefill(backward=True), lambda T: 3.5 * causal_flops(T)),
+    Case("prefill fwd+bwd", "sdpa flash", sdpa_prefill("FLASH_ATTENTION", backward=True), lambda T: 3.5 * causal_flops(T)),
+    Case("prefill fwd+bwd", "sdpa cudnn", sdpa_prefill("CUDNN_ATTENTION", backward=True), lambda T: 3.5 * causal_flops(T)),
+]
+for _batch in DECODE_BATCHES:
+    CASES += [
+        Case(f"decode b={_batch}", "ours full", ours_decode(_batch)),
+        Case(f"decode b={_batch}", "sdpa", sdpa_decode(_batch)),
+    ]
+BASELINES = ("sdpa flash", "sdpa cudnn", "sdpa")  # ratio columns: time of these / time of the row
+
+
+def check_full_attention(T: int = 1024) -> float:
+    """Largest of the o, dq, dk, dv errors of our kernel against the float32 reference (bf16 inputs)."""
+    import torch
+
+    from nsa_eval.kernels.attention import parallel, reference
+
+    q, k, v = _randn(1, T, HQ, D, grad=True), _randn(1, T, H, D, grad=True), _randn(1, T, H, D, grad=True)
+    o = parallel.attention(q, k, v)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    o_ref = reference.attention(q32, k32, v32)
+    grads_ref = torch.autograd.grad(o_ref, (q32, k32, v32), do.float())
+    return max(rel_err(o, o_ref), *(rel_err(g, r) for g, r in zip(grads, grads_ref)))
+
+
+def check_against_sdpa(T: int = 8192) -> float:
+    """Our forward against SDPA's (flash) at a benchmark length."""
+    from nsa_eval.kernels import attention
+
+    q, k, v = _randn(1, T, HQ, D), _randn(1, T, H, D), _randn(1, T, H, D)
+    call, k_sdpa, v_sdpa, _ = sdpa("FLASH_ATTENTION", q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), True)
+    return rel_err(attention(q, k, v), call(q.transpose(1, 2), k_sdpa, v_sdpa).transpose(1, 2))
+
+
+def check_decode(batch: int = 4, s_max: int = 4096) -> float:
+    """Decode over caches of different lengths against the float32 reference."""
+    import torch
+
+    from nsa_eval.kernels.attention import decode, reference
+
+    q, k_cache, v_cache = _randn(batch, HQ, D), _randn(batch, s_max, H, D), _randn(batch, s_max, H, D)
+    lengths = torch.randint(1, s_max + 1, (batch,), dtype=torch.int32, device="cuda")
+    ours = decode.attention_decode(q, k_cache, v_cache, lengths)
+    ref = reference.attention_decode(q.float(), k_cache.float(), v_cache.float(), lengths)
+    return rel_err(ours, ref)
+
+
+CHECKS: list[Check] = [
+    Check("full attention fwd+bwd vs reference, T=1024 (max of o, dq, dk, dv)", check_full_attention, 3e-2),
+    Check("full attention fwd vs SDPA flash, T=8192", check_against_sdpa, 1.5e-2),
+    Check("full attention decode vs reference, mixed cache lengths", check_decode, 1.5e-2),
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# tile sweep (--sweep): candidates for the defaults in kernels/attention/parallel.py and decode.py
+# ----------------------------------------------------------------------------------------------------
+
+FWD_TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4)]
+BWD_TILES = [  # (dk/dv kernel, dq kernel)
+    ((64, 64, 4, 2), (64, 64, 4, 2)),
+    ((64, 64, 4, 3), (64, 64, 4, 3)),
+    ((64, 128, 8, 2), (128, 64, 8, 2)),
+    ((32, 128, 8, 2), (128, 32, 8, 2)),
+    ((32, 64, 4, 3), (64, 32, 4, 3)),
+]
+DECODE_TILES = [(64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4), (256, 8, 2)]
+
+
+def sweep_tiles(T: int, T_decode: int, decode_batch: int = 16) -> list[dict]:
+    """Time each tile candidate of our kernels (prefill at T, decode at T_decode); every candidate's
+    result is compared with the first candidate's, so a tile that computes wrongly shows."""
+    import torch
+    import triton
+
+    from nsa_eval.kernels.attention import decode, parallel
+
+    def measure(kernel, label, fn, check):
+        row = {"kernel": kernel, "tiles": label}
+        try:
+            out = fn()
+            row["err_vs_first"] = check(out)
+            row["ms"] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        except Exception as error:
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
+        click.echo(f"  sweep {kernel:6s} {label:40s} " + (f"{row['ms']:8.3f} ms  err {row['err_vs_first']:.1e}" if "ms" in row else row["error"]))
+        return row
+
+    rows, first = [], {}
+
+    def against_first(kernel):
+        def check(out):
+            outs = out if isinstance(out, tuple) else (out,)
+            if kernel not in first:
+                first[kernel] = [x.float() for x in outs]
+                return 0.0
+            return max(rel_err(x, r) for x, r in zip(outs, first[kernel]))
+
+        return check
+
+    scale = 1 / math.sqrt(D)
+    q, k, v = _randn(1, T, HQ, D), _randn(1, T, H, D), _randn(1, T, H, D)
+    for tiles in FWD_TILES:
+        t = parallel.Tiles(*tiles)
+        rows.append(measure("fwd", str(tiles), lambda: parallel.attention_fwd(q, k, v, True, None, None, None, scale, t)[0],
+                            against_first("fwd")))
+    o, lse = parallel.attention_fwd(q, k, v, True, None, None, None, scale)
+    do = torch.randn_like(o)
+    for pair in BWD_TILES:
+        t = (parallel.Tiles(*pair[0]), parallel.Tiles(*pair[1]))
+        rows.append(measure("bwd", str(pair), lambda: parallel.attention_bwd(q, k, v, o, lse, do, True, None, None, None, scale, t),
+                            against_first("bwd")))
+    del q, k, v, o, lse, do
+    torch.cuda.empty_cache()
+    q, k_cache, v_cache = _randn(decode_batch, HQ, D), _randn(decode_batch, T_decode, H, D), _randn(decode_batch, T_decode, H, D)
+    lengths = torch.full((decode_batch,), T_decode, dtype=torch.int32, device="cuda")
+    for tiles in DECODE_TILES:
+        rows.append(measure("decode", str(tiles), lambda: decode.attention_decode_fwd(q, k_cache, v_cache, lengths, None, scale, tiles)[0],
+                            against_first("decode")))
+    for row in rows:
+        if row["kernel"] == "decode" and "ms" in row:
+            row["gbps"] = kv_cache_bytes(decode_batch, T_decode) / (row["ms"] * 1e-3) / 1e9
+    torch.cuda.empty_cache()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# measuring and reporting
+# ----------------------------------------------------------------------------------------------------
+
+
+def card_slug(device_name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100'."""
+    match = re.search(r"\b(GH200|H200|H100|H20|B200|A100|L40S|L4)\b", device_name, re.IGNORECASE)
+    return match.group(1).lower() if match else re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+
+
+def copy_bandwidth(gib: int = 2) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    import torch
+    import triton
+
+    n = gib << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n / (ms * 1e-3)
+
+
+def time_case(case: Case, T: int) -> dict:
+    """Median ms of one case at one length; an error (out of memory, a backend missing) becomes a field."""
+    import torch
+    import triton
+
+    row: dict = {"op": case.op, "impl": case.impl, "T": T}
+    try:
+        run = case.setup(T)
+        run.fn()
+        torch.cuda.synchronize()
+        row["ms"] = triton.testing.do_bench(run.fn, warmup=25, rep=100, return_mode="median")
+        row.update(bytes_read=run.bytes_read, note=run.note)
+        if case.flops:
+            row["tflops"] = case.flops(T) / (row["ms"] * 1e-3) / 1e12
+    except Exception as error:  # one failing row must not end the run
+        message = str(error).splitlines()[0][:160] if str(error) else ""
+        row["error"] = f"{type(error).__name__}: {message}"
+    run = None
+    torch.cuda.empty_cache()
+    return row
+
+
+def _format_table(rows: list[dict], op: str, lengths: list[int]) -> str:
+    impls = list(dict.fromkeys(r["impl"] for r in rows if r["op"] == op))
+    cell = {(r["impl"], r["T"]): r for r in rows if r["op"] == op}
+    decode = op.startswith("decode")
+    head = "| impl | " + " | ".join(f"T={t // 1024}k" for t in lengths) + " |"
+    lines = [f"**{op}** (ms" + (", GB/s, % of copy bandwidth" if decode else ", TFLOP/s") + ", speed-up vs baselines)", "",
+             head, "|" + " --- |" * (len(lengths) + 1)]
+    for impl in impls:
+        cells = []
+        for t in lengths:
+            r = cell.get((impl, t))
+            if r is None:
+                cells.append("")
+            elif "error" in r:
+                cells.append("error")
+            else:
+                text = f"{r['ms']:.3f}"
+                if decode and r.get("gbps"):
+                    text += f", {r['gbps']:.0f} GB/s ({100 * r['copy_fraction']:.0f}%)"
+                elif r.get("tflops"):
+                    text += f", {r['tflops']:.0f}"
+                ratios = [f"{r[k]:.2f}x {k.removeprefix('vs ')}" for k in r if k.startswith("vs ")]
+                if ratios and impl not in BASELINES:
+                    text += " (" + ", ".join(ratios) + ")"
+                cells.append(text)
+        lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+    notes = sorted({f"{r['impl']}: {r['note']}" for r in rows if r["op"] == op and r.get("note")})
+    errors = sorted({f"{r['impl']} T={r['T']}: {r['error']}" for r in rows if r["op"] == op and "error" in r})
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes + errors])
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    base = {(r["op"], r["impl"], r["T"]): r["ms"] for r in rows if "ms" in r}
+    for r in rows:
+        for b in BASELINES:
+            if "ms" in r and (r["op"], b, r["T"]) in base and r["impl"] != b:
+                r[f"vs {b}"] = base[(r["op"], b, r["T"])] / r["ms"]
+
+
+@click.group()
+def bench() -> None:
+    """Speed benchmarks (need a CUDA GPU)."""
+
+
+@bench.command("kernels")
+@click.option("--lengths", default="8k,16k,32k,64k", show_default=True, help="Sequence / cache lengths.")
+@click.option("--out", "out_dir", default="results/bench", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for kernels-<card>.json and .md.")
+@click.option("--quick", is_flag=True, help="A smoke run: lengths 4k only.")
+@click.option("--only", default="", help="Run only the ops whose name contains this text (e.g. decode).")
+@click.option("--sweep", is_flag=True, help="Also time the tile candidates of our kernels (16k prefill, 64k decode).")
+def kernels_command(lengths: str, out_dir: str, quick: bool, only: str, sweep: bool) -> None:
+    """Time our attention kernels against PyTorch SDPA (B=1, 64/4 heads, dim 128, bf16)."""
+    import torch
+    import triton
+
+    from nsa_eval.cli import parse_int_list
+
+    if not torch.cuda.is_available():
+        raise ValueError("bench kernels needs a CUDA GPU; none is visible to torch here")
+    lengths_list = [4096] if quick else parse_int_list(lengths, "--lengths")
+    device_name = torch.cuda.get_device_name()
+    card = card_slug(device_name)
+    click.echo(f"device: {device_name} | torch {torch.__version__} | triton {triton.__version__}")
+
+    for check in CHECKS:
+        check.error = check.run()
+        torch.cuda.empty_cache()
+        status = "ok" if check.error < check.bound else "FAIL"
+        click.echo(f"check {status}: {check.name}: rel err {check.error:.2e} (bound {check.bound:.0e})")
+
+    copy_bw = copy_bandwidth()
+    click.echo(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)")
+    sweep_rows = sweep_tiles(4096 if quick else 16384, 4096 if quick else 65536) if sweep else []
+    rows = []
+    for case in CASES:
+        if only and only not in case.op:
+            continue
+        for T in lengths_list:
+            row = time_case(case, T)
+            rows.append(row)
+            click.echo(f"  {case.op:18s} {case.impl:18s} T={T:6d} " + (f"{row['ms']:9.3f} ms" if "ms" in row else row["error"]))
+    _finish_rows(rows, copy_bw)
+
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    tables = "\n\n".join(_format_table(rows, op, lengths_list) for op in ops)
+    checks_md = "\n".join(
+        f"- {'ok' if c.error < c.bound else 'FAIL'}: {c.name}: {c.error:.2e} (bound {c.bound:.0e})" for c in CHECKS
+    )
+    header = (f"# Attention kernels on {device_name}\n\nB=1, {HQ} query heads, {H} KV heads, head dim {D}, bfloat16; "
+              f"decode at batch {', '.join(map(str, DECODE_BATCHES))}. torch {torch.__version__}, triton "
+              f"{triton.__version__}. Median of triton.testing.do_bench. Copy bandwidth "
+              f"{copy_bw / 1e9:.0f} GB/s (read + write).\n\nCorrectness (same run):\n{checks_md}\n")
+    report = header + "\n" + tables + "\n"
+    click.echo("\n" + report)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "device": device_name, "card": card, "torch": torch.__version__, "triton": triton.__version__,
+        "python": platform.python_version(), "shape": {"B": 1, "HQ": HQ, "H": H, "D": D, "dtype": "bfloat16"},
+        "copy_bandwidth_bytes_per_s": copy_bw,
+        "checks": [{"name": c.name, "error": c.error, "bound": c.bound, "ok": c.error < c.bound} for c in CHECKS],
+        "rows": rows,
+        "tile_sweep": sweep_rows,
+    }
+    (out / f"kernels-{card}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (out / f"kernels-{card}.md").write_text(report)
+    click.echo(f"wrote {out / f'kernels-{card}.json'} and .md")
+    if not all(c.error < c.bound for c in CHECKS):
+        sys.exit(1)
+
+
+def _finish_rows(rows: list[dict], copy_bw: float) -> None:
+    """Bandwidth columns for rows with a byte count, and the ratio columns."""
+    for r in rows:
+        if "ms" in r and r.get("bytes_read"):
+            r["gbps"] = r["bytes_read"] / (r["ms"] * 1e-3) / 1e9
+            r["copy_fraction"] = r["bytes_read"] / (r["ms"] * 1e-3) / copy_bw
+    _add_ratios(rows)
+
+
+if __name__ == "__main__":
+    bench()

@@ -203,11 +203,13 @@ def _describe(spec: Any) -> str:
 
 
 def _from_csv_cell(text: str, spec: Any) -> Any:
-    """A CSV cell as the schema wants it: int for int, a parsed JSON array for list; else unchanged."""
+    """A CSV cell as the schema wants it: empty for null, int for int, a parsed JSON array for list."""
     options = spec if isinstance(spec, tuple) else (spec,)
+    stripped = text.strip()
+    if (None in options or types.NoneType in options) and stripped == "":
+        return None
     if str in options:
         return text
-    stripped = text.strip()
     if int in options and stripped.lstrip("-").isdigit():
         return int(stripped)
     if any(typing.get_origin(o) is list for o in options) and stripped.startswith("["):
@@ -215,6 +217,4 @@ def _from_csv_cell(text: str, spec: Any) -> Any:
             return json.loads(stripped)
         except json.JSONDecodeError:
             return text
-    if (None in options or types.NoneType in options) and stripped == "":
-        return None
     return text

@@ -1,0 +1,143 @@
+"""MMLU on real rows: lm-eval's prompt, letter log-likelihoods, the generative letter filter, micro/macro accuracy."""
+
+import json
+
+import pytest
+
+from nsa_eval.tasks.base import DataError, TaskContext
+from nsa_eval.tasks.mmlu import MMLU, extract_letter
+
+
+def context(chat=False, limit=None, seed=0):
+    return TaskContext(count_tokens=lambda prompt: len(str(prompt)), chat=chat, max_length=4096, seed=seed, limit=limit)
+
+
+@pytest.fixture
+def mmlu_rows(shared_data):
+    path = shared_data / "mmlu_stem" / "test.jsonl"
+    return path, [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def split_folder(tmp_path, test_rows, dev_rows):
+    for name, rows in (("test", test_rows), ("dev", dev_rows)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(tmp_path)
+
+
+def test_prompt_is_lm_eval_default_mmlu_with_dev_shots(tmp_path, mmlu_rows):
+    _, rows = mmlu_rows
+    biology = [r for r in rows if r["type"] == "college_biology"]
+    task = MMLU(data_path=split_folder(tmp_path, biology[:1], biology[1:3]), num_fewshot=2)
+    (sample,) = task.samples(context())
+    assert sample.prompt == (
+        "The following are multiple choice questions (with answers) about college biology.\n\n"
+        "A frameshift mutation is created when\n"
+        "A. telomeric sequences are removed from DNA\n"
+        "B. a codon's nucleotide sequence changes so that it calls for production of a different amino acid than "
+        "the original one\n"
+        "C. a base pair is either inserted or deleted in a gene\n"
+        "D. a codon's nucleotide sequence is changed so that instead of coding for a given amino acid it acts to "
+        "terminate translation\n"
+        "Answer: C\n\n"
+        "To prevent desiccation and injury, the embryos of terrestrial vertebrates are encased within a fluid "
+        "secreted by the\n"
+        "A. amnion\nB. chorion\nC. allantois\nD. yolk sac\n"
+        "Answer: A\n\n"
+        "Based on the characteristic population curves that result from plotting population growth of a species, "
+        "the most effective means of controlling the mosquito population is to\n"
+        "A. maintain the population at a point corresponding to the midpoint of its logistic curve\n"
+        "B. opt for zero population control once the K value of the curve has been reached\n"
+        "C. reduce the carrying capacity cif the environment to lower the K value\n"
+        "D. increase the mortality rate\n"
+        "Answer:"
+    )
+    assert sample.continuations == [" A", " B", " C", " D"]
+    assert sample.target == "C" and sample.breakdown == {"subject": "college_biology"}
+    assert task.config()["shots_from"] == "dev"
+
+
+def test_chat_prompt_is_multiturn_and_letters_lose_the_space(tmp_path, mmlu_rows):
+    _, rows = mmlu_rows
+    biology = [r for r in rows if r["type"] == "college_biology"]
+    task = MMLU(data_path=split_folder(tmp_path, biology[:1], biology[1:3]), num_fewshot=2)
+    (sample,) = task.samples(context(chat=True))
+    roles = [m["role"] for m in sample.prompt]
+    assert roles == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert sample.prompt[0]["content"] == "The following are multiple choice questions (with answers) about college biology.\n\n"
+    assert sample.prompt[2]["content"] == "C" and sample.prompt[4]["content"] == "A"
+    assert sample.prompt[-1]["content"].endswith("D. increase the mortality rate\nAnswer:")
+    assert sample.continuations == ["A", "B", "C", "D"]
+    assert task.config()["chat"] is True
+
+
+def test_gold_letter_scores_one_and_others_zero_on_every_real_row(mmlu_rows):
+    path, rows = mmlu_rows
+    task = MMLU(data_path=str(path))
+    samples = task.samples(context())
+    assert len(samples) == len(rows) == 3018
+    for sample in samples:
+        gold = "ABCD".index(sample.target)
+        likes_gold = [(-5.0, False)] * 4
+        likes_gold[gold] = (-0.1, True)
+        likes_other = [(-5.0, False)] * 4
+        likes_other[(gold + 1) % 4] = (-0.1, True)
+        assert task.score(sample, likes_gold) == {"accuracy": 1.0}
+        assert task.score(sample, likes_other) == {"accuracy": 0.0}
+
+
+def test_test_only_shots_come_from_the_same_subject_without_the_item_and_follow_the_seed(mmlu_rows):
+    path, rows = mmlu_rows
+    biology_questions = {r["question"].strip() for r in rows if r["type"] == "college_biology"}
+    first = MMLU(data_path=str(path), subjects="college_biology").samples(context(limit=20))
+    again = MMLU(data_path=str(path), subjects="college_biology").samples(context(limit=20))
+    other_seed = MMLU(data_path=str(path), subjects="college_biology", seed=1).samples(context(limit=20))
+    assert [s.prompt for s in first] == [s.prompt for s in again]
+    assert [s.prompt for s in first] != [s.prompt for s in other_seed]
+    for sample in first:
+        blocks = sample.prompt.split("\n\n")[1:]  # the description, then 5 shots, then the item
+        assert len(blocks) == 6
+        item = blocks[-1].split("\nA. ")[0]
+        shots = [b.split("\nA. ")[0] for b in blocks[:-1]]
+        assert item not in shots and set(shots) <= biology_questions
+
+
+def test_generative_variant_reads_the_letter_as_lm_eval_mmlu_generative(tmp_path, mmlu_rows):
+    _, rows = mmlu_rows
+    biology = [r for r in rows if r["type"] == "college_biology"]
+    task = MMLU(data_path=split_folder(tmp_path, biology[:1], biology[1:6]), variant="generative")
+    (sample,) = task.samples(context(chat=True))
+    assert sample.continuations is None and sample.stop == ["\n"]
+    for right in [" C", "C", "(C)", "c)", "The answer is C.", "Answer: C", "option C"]:
+        assert task.score(sample, [right]) == {"accuracy": 1.0}, right
+    # a wrong letter, no letter, and lm-eval's filter rejecting a letter followed by more words
+    for wrong in [" B", "I think so", "C. reduce the carrying capacity", "", "\nC"]:
+        assert task.score(sample, [wrong]) == {"accuracy": 0.0}, wrong
+    assert task.details(sample, ["The answer is (C)"]) == {"chosen": "C"}
+    assert extract_letter("D\nbecause A is wrong") == "D"
+
+
+def test_aggregate_gives_micro_and_macro_accuracy():
+    task = MMLU()
+    records = [{"scores": {"accuracy": a}, "breakdown": {"subject": s}} for s, a in
+               [("algebra", 1.0), ("algebra", 1.0), ("algebra", 1.0), ("algebra", 0.0), ("biology", 0.0), ("biology", 1.0)]]
+    result = task.aggregate(records)
+    assert result["metrics"]["accuracy"]["mean"] == pytest.approx(4 / 6)
+    assert result["metrics"]["accuracy_macro"]["mean"] == pytest.approx((0.75 + 0.5) / 2)
+    assert result["breakdowns"]["subject"]["algebra"]["accuracy"]["mean"] == pytest.approx(0.75)
+
+
+def test_bad_options_and_rows_are_one_line_errors(tmp_path, mmlu_rows):
+    path, rows = mmlu_rows
+    with pytest.raises(ValueError, match="variant 'cloze' is unknown"):
+        MMLU(variant="cloze")
+    with pytest.raises(ValueError, match="subjects not in the data: astrology"):
+        MMLU(data_path=str(path), subjects="astrology").samples(context())
+    three_choices = dict(rows[0], choices=rows[0]["choices"][:3])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[1]) + "\n" + json.dumps(three_choices) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.jsonl \[test\]: row 2: MMLU needs 4 choices"):
+        MMLU(data_path=str(bad)).samples(context())
+    missing_subject = {k: v for k, v in rows[0].items() if k != "type"}
+    bad.write_text(json.dumps(missing_subject) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.jsonl: row 1: field 'subject' is missing"):
+        MMLU(data_path=str(bad)).samples(context())

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from nsa_eval.kernels.attention.checks import check_decode_args
 from nsa_eval.kernels.attention import parallel
-from nsa_eval.kernels.attention.parallel import LOG2E, _precision, check_triton_device, interpreting
+from nsa_eval.kernels.attention.parallel import LOG2E, _load_rows, _precision, check_triton_device, interpreting
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -63,16 +63,14 @@ def _decode_split_kernel(
         valid = offs_n < hi
         if HAS_WINDOW:
             valid = valid & (offs_n >= first)
-        k = tl.load(K_head + offs_n[:, None] * stride_kt + offs_dk[None, :],
-                    mask=valid[:, None] & (offs_dk[None, :] < HEAD_DK), other=0.0)
+        k = _load_rows(K_head, offs_n, offs_dk, stride_kt, hi, HEAD_DK, BLOCK_DK, True)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_head + offs_n[:, None] * stride_vt + offs_dv[None, :],
-                    mask=valid[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+        v = _load_rows(V_head, offs_n, offs_dv, stride_vt, hi, HEAD_DV, BLOCK_DV, True)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
 
@@ -127,13 +125,14 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNTS[index]
 
 
-def decode_tiles(block_dk: int, block_dv: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of the split kernel (Hopper-tuned; small in the interpreter)."""
+def decode_tiles(block_dk: int, block_dv: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the split kernel (Hopper-tuned for 16-bit inputs; small in
+    the interpreter)."""
     if interpreting():
         return 32, 4, 1
-    if max(block_dk, block_dv) <= 128:
-        return 64, 4, 3
-    return 32, 4, 2
+    if dtype == torch.float32 or max(block_dk, block_dv) > 128:
+        return 32, 4, 2
+    return 64, 4, 3
 
 
 def num_splits_for(batch: int, kv_heads: int, s_max: int, block_n: int, device: torch.device) -> int:
@@ -151,7 +150,7 @@ def attention_decode_fwd(q, k_cache, v_cache, cache_seqlens, window, scale, tile
     B, HQ, Dk = q.shape
     S_max, H, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     BDK, BDV = triton.next_power_of_2(max(Dk, 16)), triton.next_power_of_2(max(Dv, 16))
-    block_n, num_warps, num_stages = tiles or decode_tiles(BDK, BDV)
+    block_n, num_warps, num_stages = tiles or decode_tiles(BDK, BDV, q.dtype)
     group = HQ // H
     num_splits = num_splits or num_splits_for(B, H, S_max, block_n, q.device)
     split_len = triton.cdiv(triton.cdiv(S_max, num_splits), block_n) * block_n

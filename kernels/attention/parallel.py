@@ -365,26 +365,35 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def forward_tiles(block_dk: int, block_dv: int) -> Tiles:
-    """Tiles of the forward kernel for padded head dims (Hopper-tuned; small in the interpreter)."""
+def forward_tiles(block_dk: int, block_dv: int, dtype: torch.dtype) -> Tiles:
+    """Tiles of the forward kernel for padded head dims (Hopper-tuned for 16-bit inputs; float32 tiles
+    are smaller to fit shared memory; small in the interpreter)."""
     if interpreting():
         return Tiles(32, 32, 4, 1)
-    if max(block_dk, block_dv) <= 64:
+    wide = max(block_dk, block_dv)
+    if dtype == torch.float32:
+        return Tiles(64, 32, 4, 2) if wide <= 128 else Tiles(32, 32, 4, 2)
+    if wide <= 64:
         return Tiles(128, 64, 4, 3)
-    if max(block_dk, block_dv) <= 128:
+    if wide <= 128:
         return Tiles(128, 64, 8, 3)
     return Tiles(64, 32, 4, 2)
 
 
-def backward_tiles(block_dk: int, block_dv: int) -> tuple[Tiles, Tiles]:
+def backward_tiles(block_dk: int, block_dv: int, dtype: torch.dtype) -> tuple[Tiles, Tiles]:
     """(dk/dv kernel, dq kernel) tiles for padded head dims."""
     if interpreting():
         return Tiles(32, 32, 4, 1), Tiles(32, 32, 4, 1)
-    if max(block_dk, block_dv) <= 64:
-        return Tiles(64, 64, 4, 3), Tiles(64, 64, 4, 3)
-    if max(block_dk, block_dv) <= 128:
-        return Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 2)
-    return Tiles(32, 32, 4, 2), Tiles(32, 32, 4, 2)
+    wide = max(block_dk, block_dv)
+    if dtype == torch.float32:
+        tiles = Tiles(32, 32, 4, 2) if wide <= 128 else Tiles(32, 32, 4, 1)
+    elif wide <= 64:
+        tiles = Tiles(64, 64, 4, 3)
+    elif wide <= 128:
+        tiles = Tiles(64, 64, 4, 2)
+    else:
+        tiles = Tiles(32, 32, 4, 2)
+    return tiles, tiles
 
 
 def _block_table(lengths: list[int], block: int, device, heavy_last: bool) -> torch.Tensor:
@@ -410,7 +419,7 @@ def attention_fwd(q, k, v, causal, window, cu_seqlens, lengths, scale, tiles: Ti
     o [B, T, HQ, Dv] (q's dtype), lse [B, HQ, T] float32 (natural log). `lengths`: the sequence lengths
     from cu_seqlens (a host list) or None."""
     B, T, HQ, Dk, S, H, Dv, BDK, BDV = _common(q, k, v)
-    tiles = tiles or forward_tiles(BDK, BDV)
+    tiles = tiles or forward_tiles(BDK, BDV, q.dtype)
     o = new_output((B, T, HQ, Dv), q.dtype, q.device)
     lse = new_output((B, HQ, T), torch.float32, q.device)
     if cu_seqlens is None:
@@ -436,7 +445,7 @@ def attention_bwd(q, k, v, o, lse, do, causal, window, cu_seqlens, lengths, scal
                   tiles: tuple[Tiles, Tiles] | None = None):
     """Gradients of attention_fwd: do [B, T, HQ, Dv] -> dq [B, T, HQ, Dk], dk [B, S, H, Dk], dv [B, S, H, Dv]."""
     B, T, HQ, Dk, S, H, Dv, BDK, BDV = _common(q, k, v)
-    dkdv_tiles, dq_tiles = tiles or backward_tiles(BDK, BDV)
+    dkdv_tiles, dq_tiles = tiles or backward_tiles(BDK, BDV, q.dtype)
     delta = new_output((B, HQ, T), torch.float32, q.device)
     pre_block = 64
     _attention_bwd_preprocess_kernel[(triton.cdiv(T, pre_block), HQ, B)](

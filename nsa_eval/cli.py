@@ -164,6 +164,12 @@ def list_things(what: str) -> None:
             click.echo(f"{spec:<18} {what_it_is}")
 
 
+from nsa_eval.report.commands import publish, report  # noqa: E402  (the report commands live with the reporter)
+
+main.add_command(report)
+main.add_command(publish)
+
+
 main.add_command(bench)
 
 if __name__ == "__main__":

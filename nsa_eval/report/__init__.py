@@ -2,9 +2,13 @@
 
 runs.py reads run directories; tables.py builds every table (and the paired comparisons) and renders
 Markdown, LaTeX and CSV; figures.py draws the PNGs; speed.py reads kernel bench files; html.py renders the
-HTML report; build.py puts a report folder together and publishes it; commands.py is the CLI.
+HTML report; build.py puts a report folder together and publishes it (`build_report`, `publish`);
+commands.py is the CLI. Importing this package is cheap: matplotlib and pandas load with build.py.
 """
 
-from nsa_eval.report.build import build_report, publish
+from pathlib import Path
 
-__all__ = ["build_report", "publish"]
+FORMATS = ("md", "html", "latex", "csv")
+RESULTS_DIR = Path("results")  # published result sets, committed
+RUNS_ROOT = RESULTS_DIR / "runs"  # run directories (ignored by git)
+BENCH_DIR = RESULTS_DIR / "bench"  # kernels-<card>.json from `nsa-eval bench kernels`

@@ -23,17 +23,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from nsa_eval.report import figures, html, speed
+from nsa_eval.report import BENCH_DIR, FORMATS, RESULTS_DIR, figures, html, speed
 from nsa_eval.report.reference import PAPER_NAME
 from nsa_eval.report.runs import Run, load_runs
 from nsa_eval.report.tables import (Cell, Table, breakdown_table, compare, cross_table, efficiency_table,
-                                    long_records, mismatch, model_table, report_tasks, subset_table, task_table,
-                                    to_frame, to_latex, to_markdown)
+                                    long_records, mismatch, model_table, report_tasks, slug, subset_table,
+                                    task_table, to_frame, to_latex, to_markdown)
 
-FORMATS = ("md", "html", "latex", "csv")
 SUBSET_KEYS = ("subset", "dataset")
-BENCH_DIR = Path("results") / "bench"
-RESULTS_DIR = Path("results")
 
 
 @dataclass
@@ -59,6 +56,7 @@ class Section:
     tables: list[Table] = field(default_factory=list)
     figures: list[FigureFile] = field(default_factory=list)
     details: list[Details] = field(default_factory=list)  # HTML only (folded): per-run grids for drill-down
+    notes: list[str] = field(default_factory=list)  # lines about the section as a whole (e.g. a skipped file)
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -106,7 +104,7 @@ def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: 
         for index in holders:
             run = runs[index]
             section.figures.append(FigureFile(
-                _slug(f"{task}-{cross_key}-{run.run_id}"), f"{run.label}: {task} by {cross_key}",
+                slug(f"{task}-{cross_key}-{run.run_id}"), f"{run.label}: {task} by {cross_key}",
                 figures.breakdown_heatmap(run, task, cross_key)))
         reference_index = baseline if baseline in holders else (holders[0] if holders else None)
         for index in holders:
@@ -115,14 +113,14 @@ def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: 
             base, run = runs[reference_index], runs[index]
             if mismatch(base.results[task], run.results[task]) is None:
                 section.figures.append(FigureFile(
-                    _slug(f"{task}-{cross_key}-{run.run_id}-minus-{base.run_id}"),
+                    slug(f"{task}-{cross_key}-{run.run_id}-minus-{base.run_id}"),
                     f"{run.label} \u2212 {base.label}: {task} by {cross_key}",
                     figures.difference_map(run, base, task, cross_key)))
         section.details.append(Details(f"{task} by {cross_key}, per run (click a cell for its samples)",
                                        [cross_table(runs, index, task, cross_key) for index in holders]))
     length_keys = [k for k in keys if " x " not in k and "length" in k]
     if length_keys:
-        section.figures.append(FigureFile(_slug(f"{task}-by-{length_keys[0]}"), f"{task} by {length_keys[0]}",
+        section.figures.append(FigureFile(slug(f"{task}-by-{length_keys[0]}"), f"{task} by {length_keys[0]}",
                                           figures.score_by_key(runs, task, length_keys[0])))
     return section
 
@@ -132,22 +130,16 @@ def _speed_section(runs: list[Run], bench_dir: Path, with_paper: bool) -> Sectio
     efficiency = efficiency_table(runs)
     if efficiency:
         section.tables.append(efficiency)
-    bench_files, problems = speed.read_bench(bench_dir)
+    bench_files, skipped = speed.read_bench(bench_dir)
+    section.notes += skipped
     for bench in bench_files:
-        table = speed.bench_table(bench)
-        for problem in problems:
-            table.note(problem)
-        section.tables.append(table)
+        section.tables += speed.bench_tables(bench)
         png = speed.speedup_figure(bench, with_paper)
         if png:
-            section.figures.append(FigureFile(f"kernels-{_slug(bench.card)}", f"Kernel speedup on {bench.card}", png))
+            section.figures.append(FigureFile(f"kernels-{slug(bench.card)}", f"Kernel speedup on {bench.device}", png))
     if with_paper and bench_files:
         section.tables.append(speed.paper_speed_table())
-    return section if section.tables else None
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    return section if section.tables or section.notes else None
 
 
 def build_report(
@@ -229,6 +221,7 @@ def _markdown(title: str, header: Table, sections: list[Section]) -> str:
     parts = [f"# {title}\n", to_markdown(header)]
     for section in sections:
         parts.append(f"## {section.title}\n")
+        parts += [f"Note: {note}\n" for note in section.notes]
         parts += [to_markdown(table) for table in section.tables]
         parts += [f"![{figure.title}](figures/{figure.slug}.png)\n" for figure in section.figures]
     return "\n".join(parts)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from nsa_eval.report.build import BENCH_DIR, FORMATS, RESULTS_DIR, build_report, parse_formats, publish as publish_report
+from nsa_eval.report import BENCH_DIR, FORMATS, RESULTS_DIR
 from nsa_eval.report.reference import PAPER_NAME
 from nsa_eval.report.runs import resolve_run_dir
 
@@ -33,6 +33,8 @@ from nsa_eval.report.runs import resolve_run_dir
 def report(runs: tuple[str, ...], out_dir: Path | None, baseline: str | None, reference: str | None, formats: str,
            bench_dir: Path, seed: int) -> None:
     """Tables, heatmaps and an HTML report from one or more run directories (or run ids under results/runs/)."""
+    from nsa_eval.report.build import build_report, parse_formats  # matplotlib and pandas: only when reporting
+
     out = out_dir or resolve_run_dir(runs[0]) / "report"
     written = build_report(list(runs), out, baseline=baseline, reference=reference, formats=parse_formats(formats),
                            bench_dir=bench_dir, seed=seed)
@@ -50,5 +52,7 @@ def report(runs: tuple[str, ...], out_dir: Path | None, baseline: str | None, re
 @click.option("--force", is_flag=True, help="Replace results/NAME if it exists.")
 def publish(report_dir: Path, name: str, results_dir: Path, force: bool) -> None:
     """Copy a report folder into results/NAME/ (README.md with tables and figures, CSV, each run's run.json)."""
+    from nsa_eval.report.build import publish as publish_report
+
     target = publish_report(report_dir, name, results_dir=results_dir, force=force)
     click.echo(f"published {target}; commit it with `git add {target}`")

@@ -21,7 +21,11 @@ from nsa_eval.report.runs import Run, value_order
 def _order(values: set[str]) -> list[str]:
     return sorted(values, key=value_order)
 
-AXIS_LABELS = {"length": "context length (tokens)", "depth": "needle depth (% of the context)"}
+def _axis_label(key: str, values: list[str]) -> str:
+    """NIAH's numeric lengths are tokens; LongBench's length buckets ("0-4k") count words, so say only "bucket"."""
+    if key == "length":
+        return "context length (tokens)" if all(_is_number(v) for v in values) else "length bucket"
+    return {"depth": "needle depth (% of the context)"}.get(key, key)
 SCORE_COLOURS = "RdYlGn"
 DIFFERENCE_COLOURS = "RdBu"
 
@@ -53,8 +57,8 @@ def _draw_grid(axes, columns: list[str], rows: list[str], grid: np.ndarray, cros
     axes.set_facecolor("#d9d9d9")  # cells without samples
     axes.set_xticks(range(len(columns)), columns, rotation=45 if len(columns) > 8 else 0)
     axes.set_yticks(range(len(rows)), rows)
-    axes.set_xlabel(AXIS_LABELS.get(first, first))
-    axes.set_ylabel(AXIS_LABELS.get(second, second))
+    axes.set_xlabel(_axis_label(first, columns))
+    axes.set_ylabel(_axis_label(second, rows))
     if grid.size <= 200:
         for (r, c), value in np.ndenumerate(grid):
             if not math.isnan(value):
@@ -142,7 +146,7 @@ def score_by_key(runs: list[Run], task: str, key: str) -> bytes:
     else:
         axes.set_xticks(range(len(values)), values)
     axes.set_ylim(-0.05, 1.05)
-    axes.set_xlabel(AXIS_LABELS.get(key, key))
+    axes.set_xlabel(_axis_label(key, values))
     axes.set_ylabel(headline)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
@@ -169,7 +173,7 @@ def speed_lines(title: str, series: dict[str, dict[int, float]], ylabel: str,
     axes.set_xlabel("sequence length (tokens)")
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes.set_title(title)
     return _png(figure)
 

@@ -80,7 +80,7 @@ def render(title: str, runs: list[Run], runs_table: Table, sections: list[Sectio
         filters = dict(target.filters)
         where = ", ".join(f"{k}={v}" for k, v in filters.items())
         return {"panel": panel_id(target.run, target.task), "filters": json.dumps(filters, ensure_ascii=False),
-                "caption": f"{runs[target.run].label} / {target.task}" + (f" / {where}" if where else "")}
+                "caption": where or "all samples"}
 
     panels = [{"id": panel_id(index, task), "label": run.label, "task": task,
                "samples": [_sample_row(record) for record in run.samples(task)]}

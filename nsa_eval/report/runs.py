@@ -8,7 +8,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-RUNS_ROOT = Path("results") / "runs"
+from nsa_eval.report import RUNS_ROOT
+
 
 
 @dataclass

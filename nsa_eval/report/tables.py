@@ -145,9 +145,11 @@ def fmt_delta(delta: PairedDelta) -> str:
 
 
 def setting(result: TaskResult) -> str:
-    """A benchmark's setting as the paper's column heads print it, e.g. "5-shot accuracy"."""
+    """A benchmark's setting as the paper's column heads print it, e.g. "5-shot acc" or "accuracy, 16 samples"."""
     shots = next((result.config[k] for k in SHOT_KEYS if isinstance(result.config.get(k), int)), None)
-    return f"{shots}-shot {result.headline}" if shots is not None else result.headline
+    text = f"{shots}-shot {result.headline}" if shots is not None else result.headline
+    samples = result.config.get("n_samples")
+    return f"{text}, {samples} samples" if isinstance(samples, int) and samples > 1 else text
 
 
 def _missing(table: Table, run: Run, task: str) -> Cell:
@@ -275,7 +277,7 @@ def _delta_cell(table: Table, comparison: Comparison | None) -> Cell:
 
 def breakdown_table(runs: list[Run], task: str, key: str) -> Table:
     """One breakdown key of a task: a row per value, a column per run (headline metric, each cell with its n)."""
-    table = Table(_slug(f"{task}-by-{key}"), f"{task} by {key}", [key, *(run.label for run in runs)])
+    table = Table(slug(f"{task}-by-{key}"), f"{task} by {key}", [key, *(run.label for run in runs)])
     values = sorted({v for run in runs if task in run.results
                      for v in run.results[task].breakdowns.get(key, {})}, key=value_order)
     for value in values:
@@ -298,7 +300,7 @@ def subset_table(runs: list[Run], task: str, key: str, with_paper: bool) -> Tabl
     """A task split by subset in the paper's Table 2 form: a row per model, a column per subset, an average."""
     values = sorted({v for run in runs if task in run.results
                      for v in run.results[task].breakdowns.get(key, {})}, key=value_order)
-    table = Table(_slug(f"{task}-by-{key}"), f"{task} by {key}", ["Model", *values, "Avg"])
+    table = Table(slug(f"{task}-by-{key}"), f"{task} by {key}", ["Model", *values, "Avg"])
     for index, run in enumerate(runs):
         result = run.results.get(task)
         if result is None:
@@ -331,7 +333,7 @@ def cross_table(runs: list[Run], index: int, task: str, cross_key: str) -> Table
     cells = result.breakdowns[cross_key]
     firsts = sorted({k.split("|")[0] for k in cells}, key=value_order)
     seconds = sorted({k.split("|")[1] for k in cells}, key=value_order)
-    table = Table(_slug(f"{task}-{cross_key}-{run.run_id}"), f"{run.label}: {task} by {second} (rows) and {first} (columns)",
+    table = Table(slug(f"{task}-{cross_key}-{run.run_id}"), f"{run.label}: {task} by {second} (rows) and {first} (columns)",
                   [f"{second} \\ {first}", *firsts])
     for value in seconds:
         row = [Cell(value, _number(value))]
@@ -380,7 +382,7 @@ def _number(text: str) -> float | None:
         return None
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 

@@ -104,3 +104,41 @@ def write_run(root: Path, run_id: str, model_name: str, tasks: dict[str, TaskDat
         }
     (path / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return path
+
+
+def write_bench(directory: Path, card: str = "nvidia-h100", lengths=(8192, 16384, 32768, 65536)) -> Path:
+    """A kernels-<card>.json as `nsa-eval bench kernels` writes it (nsa_eval/bench.py): rows of op, impl, T,
+    median ms and "vs <baseline>" ratios (baseline ms / row ms), one failed row, the correctness checks."""
+    cost = {("prefill fwd", "ours full"): 1.0, ("prefill fwd", "sdpa flash"): 1.1,
+            ("prefill fwd+bwd", "ours full"): 3.4, ("prefill fwd+bwd", "sdpa flash"): 3.0,
+            ("decode b=1", "ours full"): 0.9, ("decode b=1", "sdpa"): 1.5}
+    rows = []
+    for (op, impl), scale in cost.items():
+        for T in lengths:
+            rows.append({"op": op, "impl": impl, "T": T, "ms": scale * (T / 8192) ** (1 if "decode" in op else 2)})
+    for row in rows:
+        for base in ("sdpa flash", "sdpa"):
+            same = [r for r in rows if (r["op"], r["impl"], r["T"]) == (row["op"], base, row["T"])]
+            if same and row["impl"] != base:
+                row[f"vs {base}"] = same[0]["ms"] / row["ms"]
+    rows.append({"op": "prefill fwd", "impl": "sdpa cudnn", "T": 65536, "error": "OutOfMemoryError: CUDA out of memory"})
+    payload = {"device": "NVIDIA H100 80GB HBM3", "card": card, "torch": "2.13.0", "triton": "3.9",
+               "checks": [{"name": "full attention vs reference", "error": 2e-3, "bound": 1e-2, "ok": True}],
+               "rows": rows, "tile_sweep": []}
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"kernels-{card}.json"
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
+def longbench(quality: float, *, subsets=("hotpotqa", "qasper", "lcc"), per_cell: int = 3, seed: int = 0) -> TaskData:
+    """LongBench-like records: a 0..1 score per sample, broken down by subset and length bucket."""
+    rng = random.Random(seed)
+    records = []
+    for subset in subsets:
+        for bucket in ("0-4k", "4-8k", "8k+"):
+            for k in range(per_cell):
+                score = min(1.0, max(0.0, rng.gauss(quality, 0.2)))
+                records.append(record(f"{subset}/{bucket}/{k}", f"{subset} document {bucket} {k}", {"answers": ["x"]},
+                                      "an answer", {"score": score}, {"subset": subset, "length": bucket}, rng))
+    return TaskData(records, "score", ("subset", "length"), config={"subsets": list(subsets)})

@@ -1,0 +1,236 @@
+"""Report tables: values equal the runs' metrics.json, partial and mismatched runs are marked, deltas are
+paired, the paper's numbers appear when asked, and LaTeX and CSV read back through pandas."""
+
+import io
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from nsa_eval.report.build import build_report, publish
+from nsa_eval.report.tables import DASH
+from nsa_eval.stats import paired_bootstrap
+from report_runs import choice_task, longbench, niah, write_bench, write_run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    return {
+        "full": write_run(root, "full-1", "Llama-Full", {
+            "niah": niah(lambda length, depth: 0.95 if length <= 2048 else 0.6),
+            "mmlu": choice_task(0.5, n=200, seed=1), "gsm8k": choice_task(0.4, seed=2, shots=8)}),
+        # same needles and questions; better on mmlu (0.5 -> 0.7 on the same draws), no gsm8k results
+        "nsa": write_run(root, "nsa-1", "Llama-NSA", {
+            "niah": niah(lambda length, depth: 0.95 if length <= 2048 else 0.6, seed=3),
+            "mmlu": choice_task(0.7, n=200, seed=1)}, planned_only=("gsm8k",)),
+        # a different NIAH version: must be flagged, never compared
+        "other": write_run(root, "nsa-v2", "Llama-NSA-v2", {
+            "niah": replace(niah(lambda length, depth: 0.9, seed=4), version="2")}),
+    }
+
+
+@pytest.fixture(scope="module")
+def report(runs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report")
+    build_report([runs["full"], runs["nsa"], runs["other"]], out, baseline="full-1", reference="nsa-paper",
+                 bench_dir=out / "no-bench")
+    return out
+
+
+def metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())["tasks"]
+
+
+def section(text: str, title: str) -> str:
+    """The Markdown under '### title': the table and its notes."""
+    return re.split(r"\n#", text.split(f"### {title}\n\n", 1)[1], maxsplit=1)[0]
+
+
+def markdown_table(text: str, title: str) -> pd.DataFrame:
+    """The Markdown table under '### title' as strings."""
+    block = section(text, title).split("\n\n", 1)[0]
+    lines = [line for line in block.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines]
+    return pd.DataFrame(cells[2:], columns=cells[0])
+
+
+def test_table_values_equal_metrics_json(runs, report):
+    long = pd.read_csv(report / "results.csv", keep_default_na=False)
+    checked = 0
+    for run in runs.values():
+        for task, entry in metrics(run).items():
+            for metric, value in entry["metrics"].items():
+                row = long[(long.run_id == run.name) & (long.task == task) & (long.metric == metric) & (long.breakdown == "")]
+                assert len(row) == 1
+                assert row["mean"].item() == pytest.approx(value["mean"], abs=1e-12)
+                assert row["stderr"].item() == pytest.approx(value["stderr"], abs=1e-12)
+                assert row["n"].item() == entry["n"]
+                checked += 1
+            for key, cells in entry["breakdowns"].items():
+                for value, by_metric in cells.items():
+                    row = long[(long.run_id == run.name) & (long.task == task) & (long.breakdown == key)
+                               & (long.value.astype(str) == value) & (long.metric == entry["headline"])]
+                    assert row["mean"].item() == pytest.approx(by_metric[entry["headline"]]["mean"], abs=1e-12)
+                    assert row["n"].item() == by_metric[entry["headline"]]["n"]
+    assert checked == 6
+
+    md = (report / "report.md").read_text()
+    by_model = markdown_table(md, "Scores by model (headline metric of each task)")
+    full = by_model[by_model.Model == "Llama-Full (baseline)"].iloc[0]
+    for task, entry in metrics(runs["full"]).items():
+        column = next(c for c in by_model.columns if c.startswith(f"{task} ("))
+        assert full[column] == f"{entry['metrics'][entry['headline']]['mean']:.3f} (n={entry['n']})"
+    by_task = markdown_table(md, "Scores by task and metric (mean \u00b1 standard error)")
+    mmlu = metrics(runs["nsa"])["mmlu"]["metrics"]["acc"]
+    row = by_task[(by_task.Task == "mmlu") & (by_task.Metric == "acc")].iloc[0]
+    assert row["Llama-NSA"] == f"{mmlu['mean']:.3f} \u00b1 {mmlu['stderr']:.3f} (n=200)"
+    assert by_model.columns[-1] == "Avg"
+    expected_avg = sum(e["metrics"][e["headline"]]["mean"] for e in metrics(runs["full"]).values()) / 3
+    assert full["Avg"] == f"{expected_avg:.3f}"
+
+
+def test_partial_runs_show_a_dash_with_a_footnote(report):
+    md = (report / "report.md").read_text()
+    by_model = markdown_table(md, "Scores by model (headline metric of each task)")
+    nsa = by_model[by_model.Model == "Llama-NSA"].iloc[0]
+    notes = section(md, "Scores by model (headline metric of each task)")
+    mark = re.fullmatch(f"{DASH}\\[(\\d+)\\]", nsa["gsm8k (8-shot acc)"])
+    assert mark, nsa["gsm8k (8-shot acc)"]
+    assert f"[{mark.group(1)}] Llama-NSA: gsm8k is listed in run.json but has no results in metrics.json (partial run)" in notes
+    v2 = by_model[by_model.Model == "Llama-NSA-v2"].iloc[0]
+    mark = re.fullmatch(f"{DASH}\\[(\\d+)\\]", v2["mmlu (5-shot acc)"])
+    assert f"[{mark.group(1)}] Llama-NSA-v2: mmlu was not run" in notes
+    assert nsa["Avg"].startswith(DASH)  # no average over a partial row
+
+
+def test_different_task_versions_are_flagged_and_not_compared(report):
+    md = (report / "report.md").read_text()
+    by_task = markdown_table(md, "Scores by task and metric (mean \u00b1 standard error)")
+    niah_row = by_task[by_task.Task == "niah"].iloc[0]
+    notes = section(md, "Scores by task and metric (mean \u00b1 standard error)")
+    note = re.search(r"\[(\d+)\] Llama-NSA-v2: niah is not comparable with Llama-Full \(task version 2 vs 1\)", notes)
+    assert note
+    assert niah_row["Llama-NSA-v2"].endswith(f"[{note.group(1)}]")
+    assert niah_row["\u0394 Llama-NSA-v2 vs Llama-Full"].startswith("n/a[")
+    figures = {p.name for p in (report / "figures").iterdir()}
+    assert "niah-length-x-depth-nsa-1-minus-full-1.png" in figures
+    assert not any("nsa-v2-minus" in name for name in figures)  # no difference map across versions
+    long = pd.read_csv(report / "results.csv", keep_default_na=False)
+    row = long[(long.run_id == "nsa-v2") & (long.task == "niah") & (long.breakdown == "")]
+    assert row["delta"].item() == "" and "task version 2 vs 1" in row["delta_note"].item()
+
+
+def test_deltas_are_paired_bootstrap_intervals(runs, report):
+    def scores(run, task, metric):
+        lines = (run / "samples" / f"{task}.jsonl").read_text().splitlines()
+        return {r["id"]: r["scores"][metric] for r in map(json.loads, lines)}
+
+    md = (report / "report.md").read_text()
+    by_task = markdown_table(md, "Scores by task and metric (mean \u00b1 standard error)")
+    seen = set()
+    for task, metric in (("mmlu", "acc"), ("niah", "accuracy")):
+        expected = paired_bootstrap(scores(runs["nsa"], task, metric), scores(runs["full"], task, metric), seed=0)
+        mark = "*" if expected.excludes_zero else ""
+        cell = by_task[by_task.Task == task].iloc[0]["\u0394 Llama-NSA vs Llama-Full"]
+        assert cell == f"{expected.delta:+.3f} [{expected.low:+.3f}, {expected.high:+.3f}]{mark} (n={expected.n})"
+        seen.add(expected.excludes_zero)
+    assert seen == {True, False}  # one significant difference (mmlu +0.2), one not (niah)
+
+
+def test_paper_reference_rows_only_when_asked(runs, report, tmp_path):
+    md = (report / "report.md").read_text()
+    by_model = markdown_table(md, "Scores by model (headline metric of each task)")
+    paper = by_model[by_model.Model.str.startswith("NSA (paper)")].iloc[0]
+    assert paper["mmlu (5-shot acc)"] == "0.565" and paper["gsm8k (8-shot acc)"] == "0.520"
+    assert paper["niah (accuracy)"].startswith(DASH)
+    plain = tmp_path / "plain"
+    build_report([runs["full"]], plain, formats=("md",), bench_dir=tmp_path / "none")
+    assert "(paper)" not in (plain / "report.md").read_text()
+
+
+def parse_latex_tabular(tex: str, label: str) -> pd.DataFrame:
+    """The tabular of the table labelled tab:<label>, read back through pandas (cells separated by &)."""
+    block = tex.split(f"\\label{{tab:{label}}}", 1)[1].split("\\end{tabular}", 1)[0]
+    head = block.split("\\toprule\n", 1)[1].split("\\midrule\n", 1)
+    body = head[1].split("\\bottomrule", 1)[0]
+    text = "\n".join(line.removesuffix(" \\\\") for line in [head[0].strip(), *body.strip().splitlines()])
+    frame = pd.read_csv(io.StringIO(text), sep=" & ", engine="python", dtype=str, keep_default_na=False)
+    unescape = [("$\\pm$", "\u00b1"), ("$\\Delta$", "\u0394"), ("---", DASH), ("\\_", "_"), ("\\%", "%"),
+                ("\\&", "&"), ("\\#", "#")]
+    def plain(value: str) -> str:
+        for escaped, char in unescape:
+            value = value.replace(escaped, char)
+        return value
+    frame.columns = [plain(c) for c in frame.columns]
+    return frame.map(plain)
+
+
+def test_latex_and_csv_round_trip_through_pandas(runs, report):
+    tex = (report / "tables.tex").read_text()
+    slugs = [p.stem for p in (report / "tables").glob("*.csv")]
+    assert {"by-model", "by-task", "niah-by-length", "niah-by-depth", "efficiency"} <= set(slugs)
+    for slug in slugs:
+        from_csv = pd.read_csv(report / "tables" / f"{slug}.csv", dtype=str, keep_default_na=False)
+        from_tex = parse_latex_tabular(tex, slug)
+        pd.testing.assert_frame_equal(from_tex, from_csv, check_names=False)
+    by_task = pd.read_csv(report / "tables" / "by-task.csv", dtype=str, keep_default_na=False)
+    mean = metrics(runs["full"])["niah"]["metrics"]["accuracy"]["mean"]
+    assert by_task[by_task.Task == "niah"]["Llama-Full"].item().startswith(f"{mean:.3f} \u00b1 ")
+
+
+def test_publish_writes_a_committable_folder(report, tmp_path):
+    target = publish(report, "nsa-vs-full", results_dir=tmp_path)
+    readme = (target / "README.md").read_text()
+    assert readme == (report / "report.md").read_text()
+    for link in re.findall(r"\]\((figures/[^)]+\.png)\)", readme):
+        assert (target / link).is_file(), link
+    assert (target / "results.csv").is_file() and (target / "report.html").is_file()
+    for run_id in ("full-1", "nsa-1", "nsa-v2"):
+        assert json.loads((target / "runs" / run_id / "run.json").read_text())["run_id"] == run_id
+    with pytest.raises(ValueError, match="already exists"):
+        publish(report, "nsa-vs-full", results_dir=tmp_path)
+
+
+def test_longbench_in_the_papers_table2_form_with_a_subset_by_length_heatmap(tmp_path):
+    runs = [write_run(tmp_path, "a", "Full", {"longbench": longbench(0.4)}),
+            write_run(tmp_path, "b", "NSA", {"longbench": longbench(0.5, seed=1)})]
+    build_report(runs, tmp_path / "out", reference="nsa-paper", formats=("md",), bench_dir=tmp_path / "none")
+    md = (tmp_path / "out" / "report.md").read_text()
+    table = markdown_table(md, "longbench by subset")
+    assert list(table.columns) == ["Model", "hotpotqa", "lcc", "qasper", "Avg"]
+    subsets = metrics(runs[1])["longbench"]["breakdowns"]["subset"]
+    nsa = table[table.Model == "NSA"].iloc[0]
+    for subset, cell in subsets.items():
+        assert nsa[subset] == f"{cell['score']['mean']:.3f} (n={cell['score']['n']})"
+    assert nsa["Avg"] == f"{sum(c['score']['mean'] for c in subsets.values()) / 3:.3f}"
+    paper = table[table.Model.str.startswith("NSA (paper)")].iloc[0]
+    assert (paper["hotpotqa"], paper["qasper"], paper["lcc"]) == ("0.437", "0.432", "0.232")
+    assert "![NSA: longbench by subset x length](figures/longbench-subset-x-length-b.png)" in md
+    assert (tmp_path / "out" / "figures" / "longbench-subset-x-length-b-minus-a.png").is_file()
+
+
+def test_kernel_speed_from_bench_files(runs, tmp_path):
+    bench = tmp_path / "bench"
+    write_bench(bench)
+    (bench / "kernels-broken.json").write_text("{")
+    build_report([runs["full"]], tmp_path / "out", reference="nsa-paper", formats=("md", "csv"), bench_dir=bench)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"Note: {bench / 'kernels-broken.json'} skipped:" in md
+    fwd = markdown_table(md, "prefill fwd on NVIDIA H100 80GB HBM3: median ms, and speedup (baseline time / time)")
+    assert list(fwd.columns) == ["Implementation", "8192", "16384", "32768", "65536"]
+    assert fwd[fwd.Implementation == "ours full (ms)"].iloc[0]["16384"] == "4.000"
+    assert fwd[fwd.Implementation == "ours full vs sdpa flash"].iloc[0]["65536"] == "1.10x"
+    notes = section(md, "prefill fwd on NVIDIA H100 80GB HBM3: median ms, and speedup (baseline time / time)")
+    assert "sdpa cudnn T=65536: OutOfMemoryError" in notes
+    decode = markdown_table(md, "decode b=1 on NVIDIA H100 80GB HBM3: median ms, and speedup (baseline time / time)")
+    assert decode[decode.Implementation == "ours full vs sdpa"].iloc[0]["8192"] == "1.67x"
+    paper = markdown_table(md, "NSA paper: NSA speedup over full attention (Figure 6 on A100; Table 4 expected decode)")
+    assert paper[paper.Quantity == "forward (kernel)"].iloc[0]["65536"] == "9.0x"
+    assert "![Kernel speedup on NVIDIA H100 80GB HBM3](figures/kernels-nvidia-h100.png)" in md
+    # without bench files the report has no kernel section, and says nothing is wrong
+    build_report([runs["full"]], tmp_path / "plain", formats=("md",), bench_dir=tmp_path / "missing")
+    assert "Kernel speedup" not in (tmp_path / "plain" / "report.md").read_text()

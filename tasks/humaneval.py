@@ -169,6 +169,7 @@ class HumanEval:
         self.ks = ks
         self.max_new_tokens = max_new_tokens
         self.limits = Limits(timeout_s=timeout_s)
+        sandbox_protections()  # finds the sandbox's isolation now: a machine where it cannot run fails before the model loads
         self._chat: bool | None = None
         self._executions: dict[tuple[str, tuple[str, ...]], list[ExecutionResult]] = {}
 

@@ -25,6 +25,8 @@ Without namespaces ("process" isolation) the program's cwd is a fresh temporary 
 afterwards), sockets are refused by patching `socket` before the program starts (a program importing
 `_socket` on its own gets past that), and, as root, every process left to the sandbox user is killed.
 
+Where the sandbox cannot run a simple program at all, `run_programs` raises ValueError saying why.
+
 Not protected against: a program written to forge a pass (it shares its interpreter with the code that
 reports the result), and, without namespaces, reading files that are readable by everyone.
 
@@ -101,11 +103,21 @@ def sandbox_protections() -> dict[str, object]:
     }
 
 
+PROBE = "import collections, math, re, typing"  # a program every HumanEval solution's imports resemble
+
+
 @functools.cache
 def _isolation() -> str:
-    """"namespaces" when a trivial program runs through `unshare` on this machine, else "process"."""
-    if _unshare_command() is not None and _run("pass", Limits(timeout_s=30), "namespaces").passed:
+    """"namespaces" when the probe program runs through `unshare` on this machine, else "process" when it
+    runs without; ValueError when it runs in neither (e.g. the sandbox user cannot read the standard library)."""
+    if _unshare_command() is not None and _run(PROBE, Limits(timeout_s=30), "namespaces").passed:
         return "namespaces"
+    probe = _run(PROBE, Limits(timeout_s=30), "process")
+    if not probe.passed:
+        raise ValueError(
+            f"the code sandbox cannot run Python here ({probe.reason} without namespaces); allow util-linux "
+            f"`unshare` (namespaces) on this machine, or use a Python whose standard library every user can read"
+        )
     return "process"
 
 
@@ -166,11 +178,11 @@ def _run(program: str, limits: Limits, isolation: str) -> ExecutionResult:
             timed_out = False
         except subprocess.TimeoutExpired:
             timed_out = True
-        _kill_group(process.pid)  # before reaping it, so the group id cannot have been reused
-        if timed_out:
-            stdout, stderr = process.communicate()
-        if root and not namespaces:
-            _kill_user_processes(uid)
+            stdout, stderr = _kill(process, namespaces)
+        if not namespaces:  # with namespaces, unshare has exited only after the whole tree was gone
+            _kill_group(process.pid)
+            if root:
+                _kill_user_processes(uid)
         if timed_out:
             return ExecutionResult(False, "timed out")
         return _verdict(stdout, stderr, process.returncode)
@@ -179,6 +191,36 @@ def _run(program: str, limits: Limits, isolation: str) -> ExecutionResult:
             shutil.rmtree(workdir, ignore_errors=True)
         with _slot_lock:
             _slots_in_use.discard(slot)
+
+
+def _kill(process: subprocess.Popen, namespaces: bool) -> tuple[bytes, bytes]:
+    """Kill a sandbox that ran out of time; return once all of its processes are gone.
+
+    With namespaces only the namespace's init (unshare's child) is killed: the kernel then kills every
+    process in the namespace and lets unshare's wait return only when all are gone, so unshare exiting
+    (which ends its output) means the sandbox is empty. Killing unshare itself would not wait for that.
+    """
+    init_pids = _children(process.pid) if namespaces else []
+    for pid in init_pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if not init_pids:
+        _kill_group(process.pid)
+    try:
+        return process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # not seen in practice; never leave the harness waiting
+        _kill_group(process.pid)
+        return process.communicate()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            return [int(child) for child in children.read().split()]
+    except OSError:
+        return []
 
 
 def _kill_group(pgid: int) -> None:

@@ -132,7 +132,7 @@ def decode_tiles(block_dk: int, block_dv: int, dtype: torch.dtype) -> tuple[int,
         return 32, 4, 1
     if dtype == torch.float32 or max(block_dk, block_dv) > 128:
         return 32, 4, 2
-    return 64, 4, 3
+    return 128, 4, 3  # H200, 64k, batch 16, bf16: 0.53 ms vs 0.58 for (64, 4, 3)
 
 
 def num_splits_for(batch: int, kv_heads: int, s_max: int, block_n: int, device: torch.device) -> int:

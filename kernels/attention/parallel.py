@@ -376,7 +376,7 @@ def forward_tiles(block_dk: int, block_dv: int, dtype: torch.dtype) -> Tiles:
     if wide <= 64:
         return Tiles(128, 64, 4, 3)
     if wide <= 128:
-        return Tiles(128, 64, 8, 3)
+        return Tiles(128, 128, 8, 3)  # H200, 16k, bf16: 8.7 ms vs 9.1 for (128, 64, 8, 3)
     return Tiles(64, 32, 4, 2)
 
 
@@ -389,8 +389,8 @@ def backward_tiles(block_dk: int, block_dv: int, dtype: torch.dtype) -> tuple[Ti
         tiles = Tiles(32, 32, 4, 2) if wide <= 128 else Tiles(32, 32, 4, 1)
     elif wide <= 64:
         tiles = Tiles(64, 64, 4, 3)
-    elif wide <= 128:
-        tiles = Tiles(64, 64, 4, 2)
+    elif wide <= 128:  # H200, 16k, bf16: 28.7 ms vs 29.8 for (64, 64, 4, 2) in both
+        return Tiles(64, 128, 8, 2), Tiles(128, 64, 8, 2)
     else:
         tiles = Tiles(32, 32, 4, 2)
     return tiles, tiles

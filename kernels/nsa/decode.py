@@ -1,0 +1,157 @@
+"""One NSA decode step in Triton, over an NSA cache (raw K/V, compressed K/V, window). Spec: reference.nsa_decode.
+
+1. compressed_decode_kernel, split along the compressed blocks (flash-decoding): per split, partial
+   softmax statistics and output of all G heads of a KV head, and the scaled scores kept in a float32
+   scratch [B, HQ, Tc_max] so that the selection reads G*4 bytes per block instead of the block's keys again;
+2. select_decode_kernel: merges the splits into o_cmp and lse, then ranks the selection blocks from the
+   stored scores with the prefill's eq. 9 weights and running top-n (selection.py);
+3. selected attention of the new token (selected.py's kernel, DECODE) and the window branch
+   (nsa_eval.kernels.attention.attention_decode); the gated sum in PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa_eval.kernels.attention import attention_decode
+from nsa_eval.kernels.nsa.compression import LOG2E, num_visible_blocks
+from nsa_eval.kernels.nsa.selected import selected_fwd
+from nsa_eval.kernels.nsa.selection import block_of_key, chunk_blocks, merge_top, overlap_weights, ranking_keys
+from nsa_eval.kernels.nsa.utils import check_decode
+
+
+@triton.jit
+def compressed_decode_kernel(q, k_cmp, v_cmp, cache_seqlens, scores, part_m, part_l, part_o, TC, qk_scale,
+                             HQ: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                             BDK: tl.constexpr, BDV: tl.constexpr, GP: tl.constexpr, BLOCK_LEN: tl.constexpr,
+                             BLOCK_STRIDE: tl.constexpr, BC: tl.constexpr, SPLIT_LEN: tl.constexpr,
+                             NSPLIT: tl.constexpr):
+    """Grid (B * H, NSPLIT). q [B, HQ, DK]; k_cmp/v_cmp [B, TC, H, D]; cache_seqlens [B] int32
+    -> scores [B, HQ, TC] (log2 units), part_m/part_l [B, HQ, NSPLIT], part_o [B, HQ, NSPLIT, DV] float32."""
+    G: tl.constexpr = HQ // H
+    pid_bh, split = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    g = tl.arange(0, GP)
+    g_ok = g < G
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    hq = b * HQ + h * G + g
+    q_blk = tl.load(q + hq[:, None] * DK + dk[None, :], mask=g_ok[:, None] & (dk[None, :] < DK), other=0.)
+    n_vis = num_visible_blocks(tl.load(cache_seqlens + b) - 1, BLOCK_LEN, BLOCK_STRIDE)
+    lo = split * SPLIT_LEN
+    hi = tl.minimum(lo + SPLIT_LEN, n_vis)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, BDV], tl.float32)
+    for i0 in range(lo, hi, BC):
+        i = i0 + tl.arange(0, BC)
+        i_ok = i < hi
+        kb = tl.load(k_cmp + ((b * TC + i[:, None]) * H + h) * DK + dk[None, :], mask=i_ok[:, None] & (dk[None, :] < DK),
+                     other=0.)
+        vb = tl.load(v_cmp + ((b * TC + i[:, None]) * H + h) * DV + dv[None, :], mask=i_ok[:, None] & (dv[None, :] < DV),
+                     other=0.)
+        s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
+        s = tl.where(i_ok[None, :], s, float("-inf"))
+        tl.store(scores + hq[:, None] * TC + i[None, :], s, mask=g_ok[:, None] & i_ok[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+        m_i = m_new
+    tl.store(part_m + hq * NSPLIT + split, m_i, mask=g_ok)
+    tl.store(part_l + hq * NSPLIT + split, l_i, mask=g_ok)
+    tl.store(part_o + (hq[:, None] * NSPLIT + split) * DV + dv[None, :], acc, mask=g_ok[:, None] & (dv[None, :] < DV))
+
+
+@triton.jit
+def select_decode_kernel(cache_seqlens, scores, part_m, part_l, part_o, o_cmp, block_indices, TC,
+                         HQ: tl.constexpr, H: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, GP: tl.constexpr,
+                         BLOCK_LEN: tl.constexpr, BLOCK_STRIDE: tl.constexpr, SELECT_LEN: tl.constexpr,
+                         NUM_SELECTED: tl.constexpr, NP: tl.constexpr, NSPLIT: tl.constexpr):
+    """Grid (B * H). Merges the splits -> o_cmp [B, HQ, DV]; ranks blocks -> block_indices [B, 1, H, n] int32."""
+    G: tl.constexpr = HQ // H
+    BC: tl.constexpr = NP * (SELECT_LEN // BLOCK_STRIDE)
+    pid_bh = tl.program_id(0)
+    b, h = pid_bh // H, pid_bh % H
+    g = tl.arange(0, GP)
+    g_ok = g < G
+    sp = tl.arange(0, NSPLIT)
+    dv = tl.arange(0, BDV)
+    hq = b * HQ + h * G + g
+    m_s = tl.load(part_m + hq[:, None] * NSPLIT + sp[None, :], mask=g_ok[:, None], other=float("-inf"))
+    l_s = tl.load(part_l + hq[:, None] * NSPLIT + sp[None, :], mask=g_ok[:, None], other=0.)
+    m = tl.max(m_s, 1)
+    m_safe = tl.where(m == float("-inf"), 0., m)
+    w = tl.math.exp2(m_s - m_safe[:, None])  # [GP, NSPLIT]
+    l_i = tl.sum(l_s * w, 1)
+    o_s = tl.load(part_o + (hq[:, None, None] * NSPLIT + sp[None, :, None]) * DV + dv[None, None, :],
+                  mask=g_ok[:, None, None] & (dv[None, None, :] < DV), other=0.)
+    seen = l_i > 0
+    out = tl.sum(o_s * w[:, :, None], 1) / tl.where(seen, l_i, 1.)[:, None]
+    tl.store(o_cmp + hq[:, None] * DV + dv[None, :], out.to(o_cmp.dtype.element_ty), mask=g_ok[:, None] & (dv[None, :] < DV))
+    lse2 = m_safe + tl.math.log2(tl.where(seen, l_i, 1.))
+
+    pos = tl.load(cache_seqlens + b) - 1
+    n_vis = num_visible_blocks(pos, BLOCK_LEN, BLOCK_STRIDE)
+    current = tl.full([1], 0, tl.int32) + pos // SELECT_LEN
+    a = tl.arange(0, BC)
+    jj = tl.arange(0, NP)
+    weights = overlap_weights(a[:, None], jj[None, :], BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)
+    spill = overlap_weights(a, NP, BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)
+    top = tl.full([1, NP], -1, tl.int64)
+    carry = tl.zeros([1], tl.float32)
+    for c in range(0, (pos // SELECT_LEN) // NP + 1):
+        i = c * BC + a
+        visible = g_ok[:, None] & (i[None, :] < n_vis)
+        s = tl.load(scores + hq[:, None] * TC + i[None, :], mask=visible, other=0.)
+        p_group = tl.sum(tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.), 0)  # [BC]
+        importance = tl.sum(p_group[:, None] * weights, 0)[None, :]
+        importance += tl.where(jj[None, :] == 0, carry[:, None], 0.)
+        carry = tl.sum(p_group * spill, 0) + tl.zeros([1], tl.float32)
+        top = merge_top(top, ranking_keys(importance, c * NP + jj, current), 1, NP)
+    r = tl.arange(0, NP)
+    tl.store(block_indices + (b * H + h) * NUM_SELECTED + r[None, :], block_of_key(top), mask=r[None, :] < NUM_SELECTED)
+
+
+# ------------------------------------------------------------------------------------------- launcher
+def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win=None, *,
+               block_len=32, block_stride=16, select_len=64, num_selected=16, window=512, scale=None):
+    """Triton NSA decode step; spec and shapes: reference.nsa_decode. cache_seqlens' values are not checked
+    here (that would cost a device-to-host copy per step): each must lie in [1, S_max]."""
+    check_decode("nsa_decode", q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens,
+                 {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, block_len, block_stride, select_len, num_selected,
+                 window, scale, triton=True)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+    k_cmp_cache, v_cmp_cache = k_cmp_cache.contiguous(), v_cmp_cache.contiguous()
+    B, HQ, DK = q.shape
+    TC, H, DV = k_cmp_cache.shape[1], k_cmp_cache.shape[2], v_cmp_cache.shape[3]
+    bdk, bdv = triton.next_power_of_2(DK), triton.next_power_of_2(DV)
+    gp = max(16, triton.next_power_of_2(HQ // H))
+    bc = 64
+    nsplit = max(1, min(triton.next_power_of_2(triton.cdiv(max(TC, 1), bc)), triton.next_power_of_2(
+        triton.cdiv(264, B * H))))
+    split_len = triton.cdiv(triton.cdiv(max(TC, 1), nsplit), bc) * bc
+    f32 = dict(dtype=torch.float32, device=q.device)
+    scores = torch.empty(B, HQ, max(TC, 1), **f32)
+    part_m, part_l = torch.empty(B, HQ, nsplit, **f32), torch.empty(B, HQ, nsplit, **f32)
+    part_o = torch.empty(B, HQ, nsplit, DV, **f32)
+    compressed_decode_kernel[(B * H, nsplit)](
+        q, k_cmp_cache, v_cmp_cache, cache_seqlens, scores, part_m, part_l, part_o, TC, scale * LOG2E, HQ, H, DK, DV,
+        bdk, bdv, gp, block_len, block_stride, bc, split_len, nsplit, num_warps=4, num_stages=2)
+    o_cmp = torch.empty(B, HQ, DV, dtype=q.dtype, device=q.device)
+    block_indices = torch.empty(B, 1, H, num_selected, dtype=torch.int32, device=q.device)
+    select_decode_kernel[(B * H,)](
+        cache_seqlens, scores, part_m, part_l, part_o, o_cmp, block_indices, max(TC, 1), HQ, H, DV, bdv, gp,
+        block_len, block_stride, select_len, num_selected, chunk_blocks(num_selected, select_len, block_stride),
+        nsplit, num_warps=4)
+    o_slc, _ = selected_fwd(q[:, None], k_cache, v_cache, block_indices, select_len, scale, cache_seqlens)
+    o = g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc[:, 0]
+    if window:
+        o = o + g_win.unsqueeze(-1) * attention_decode(q, k_cache, v_cache, cache_seqlens, window=window, scale=scale)
+    return o.to(q.dtype)

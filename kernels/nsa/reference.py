@@ -1,0 +1,284 @@
+"""Native Sparse Attention (arXiv:2502.11089, section 3) in plain PyTorch: dense masks, float32 math.
+
+The oracle for the Triton kernels and the CPU path; the Triton files (compression.py, selection.py,
+selected.py, parallel.py, decode.py) have the same public signatures and follow these docstrings.
+
+Layouts (B batch, T queries, S keys, HQ query heads, H KV heads, G = HQ // H query heads per KV head):
+    q [B, T, HQ, Dk]; k [B, S, H, Dk]; v [B, S, H, Dv] (the raw keys/values, shared by selection and window);
+    k_cmp [B, Tc, H, Dk], v_cmp [B, Tc, H, Dv]: compressed block i summarises tokens
+        [i*block_stride, i*block_stride + block_len) (the model's phi makes them: an MLP, or `mean_pool`);
+    gates g_cmp, g_slc, g_win [B, T, HQ]; block_indices [B, T, H, n] int32 (-1 = unused slot); lse float32.
+
+Hyperparameters (arguments everywhere, defaults from the paper): block_len l=32, block_stride d=16,
+select_len l'=64, num_selected n=16, window w=512. flash-linear-attention's layout is l = d = l' (e.g. 64)
+with mean pooling and no window (window=0).
+
+Masks, query at position t:
+    compressed: block i visible iff t >= i*d + l - 1; a query with no complete block gets output 0, lse -inf;
+    selected:   key s visible iff s // l' is one of the query's n selected blocks and s <= t;
+    window:     key s visible iff t - w < s <= t.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nsa_eval.kernels.attention.checks import _fail
+from nsa_eval.kernels.nsa.utils import (
+    check_block_indices,
+    check_block_sizes,
+    check_compressed,
+    check_decode,
+    check_lse,
+    check_nsa,
+    check_prefill_length,
+    check_qkv,
+    visible_compressed_blocks,
+)
+
+
+def _scores(q, k, scale):
+    """q [B, Tq, HQ, Dk], k [B, S, H, Dk] -> scaled float32 scores [B, Tq, H, G, S]."""
+    B, Tq, HQ, Dk = q.shape
+    H = k.shape[2]
+    qg = q.float().reshape(B, Tq, H, HQ // H, Dk)
+    return torch.einsum("bthgd,bshd->bthgs", qg, k.float()) * scale
+
+
+def _masked_attention(q, k, v, visible, scale):
+    """Softmax attention where visible [B, Tq, H or 1, S] (bool) says which keys each query row sees.
+
+    Returns o [B, Tq, HQ, Dv] float32 (0 for a row that sees nothing) and lse [B, Tq, HQ] float32 (-inf there).
+    """
+    B, Tq, HQ, _ = q.shape
+    s = _scores(q, k, scale).masked_fill(~visible[:, :, :, None, :], float("-inf"))
+    m = s.amax(-1, keepdim=True).detach() if s.shape[-1] else s.new_zeros(*s.shape[:-1], 1)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    denom = e.sum(-1, keepdim=True)
+    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    o = torch.einsum("bthgs,bshd->bthgd", p, v.float()).reshape(B, Tq, HQ, v.shape[-1])
+    lse = (m + torch.log(denom)).reshape(B, Tq, HQ)
+    return o, lse
+
+
+def _default_scale(q, scale):
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+
+# ---------------------------------------------------------------------------------------------- branches
+def _compressed(q, k_cmp, v_cmp, positions, block_len, block_stride, scale):
+    n_visible = visible_compressed_blocks(positions, block_len, block_stride)  # [B, Tq]
+    i = torch.arange(k_cmp.shape[1], device=q.device)
+    visible = (i < n_visible[..., None])[:, :, None, :]
+    return _masked_attention(q, k_cmp, v_cmp, visible, scale)
+
+
+def compressed_attention(q, k_cmp, v_cmp, *, block_len=32, block_stride=16, scale=None):
+    """Attention of every query over the compressed blocks it may see (eq. 7 of the paper).
+
+    Args:
+        q: [B, T, HQ, Dk] queries at positions 0..T-1.
+        k_cmp, v_cmp: [B, Tc, H, Dk] / [B, Tc, H, Dv], Tc >= num_compressed_blocks(T) (extra blocks are never
+            visible). Block i is visible to query t iff t >= i*block_stride + block_len - 1.
+        scale: softmax scale, default 1/sqrt(Dk).
+    Returns:
+        o [B, T, HQ, Dv] in q's dtype (0 for t < block_len - 1), lse [B, T, HQ] float32 (natural log; -inf there).
+    """
+    check_compressed("compressed_attention", q, k_cmp, v_cmp, block_len, block_stride, scale, triton=False)
+    positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)
+    o, lse = _compressed(q, k_cmp, v_cmp, positions, block_len, block_stride, _default_scale(q, scale))
+    return o.to(q.dtype), lse
+
+
+def compressed_to_selection_weights(num_cmp, num_slc, block_len, block_stride, select_len, device=None):
+    """Weights W [num_cmp, num_slc] of eq. 9: p_slc[j] = sum_i W[i, j] * p_cmp[i].
+
+    W[i, j] = (tokens shared by compressed block i = [i*d, i*d + l) and selection block j = [j*l', (j+1)*l')) / d,
+    i.e. eq. 9 read as p_slc[j] = sum_{m=0}^{l'/d-1} sum_{n=0}^{l/d-1} p_cmp[(l'/d)*j + m - n]: each of the l'/d
+    stride-d pieces of selection block j collects the probability of every compressed block that covers it.
+    (As printed, eq. 9's index (l'/d)*j - m - n would count blocks 4j-4..4j, which end before block j begins.)
+
+    Worked example, l=32, d=16, l'=64 (l'/d = 4, l/d = 2): selection block j covers tokens [64j, 64j+64) and gets
+        1 * p_cmp[4j-1]  (tokens [64j-16, 64j+16): 16 shared)
+      + 2 * p_cmp[4j]    ([64j,    64j+32): 32 shared)
+      + 2 * p_cmp[4j+1]  ([64j+16, 64j+48))
+      + 2 * p_cmp[4j+2]  ([64j+32, 64j+64))
+      + 1 * p_cmp[4j+3]  ([64j+48, 64j+80): 16 shared)
+    so block 0 gets 2*p[0] + 2*p[1] + 2*p[2] + p[3]. With l = d = l' (flash-linear-attention) W is the identity.
+    """
+    start = torch.arange(num_cmp, device=device)[:, None] * block_stride
+    j0 = torch.arange(num_slc, device=device)[None, :] * select_len
+    shared = (torch.minimum(start + block_len, j0 + select_len) - torch.maximum(start, j0)).clamp_min(0)
+    return shared.float() / block_stride
+
+
+def block_importance(q, k_cmp, lse, positions, num_keys, block_len, block_stride, select_len, scale):
+    """Importance of each selection block for each query and KV head, float32 [B, Tq, H, NJ], NJ = cdiv(S, l').
+
+    Eq. 8 p_cmp = exp(q k_cmp^T * scale - lse) over the visible compressed blocks, summed over the G query heads
+    of each KV head (eq. 10), mapped by `compressed_to_selection_weights` (eq. 9); then the forced blocks (0 and
+    the two local blocks, positions // l' and positions // l' - 1) get +inf and blocks after the query's own -1.
+    q [B, Tq, HQ, Dk]; k_cmp [B, Tc, H, Dk]; lse [B, Tq, HQ]; positions [B, Tq] of the queries; S = num_keys.
+    """
+    B, Tq, HQ, _ = q.shape
+    H = k_cmp.shape[2]
+    n_visible = visible_compressed_blocks(positions, block_len, block_stride)  # [B, Tq]
+    s = _scores(q, k_cmp, scale)  # [B, Tq, H, G, Tc]
+    visible = (torch.arange(k_cmp.shape[1], device=q.device) < n_visible[..., None])[:, :, None, None, :]
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).reshape(B, Tq, H, HQ // H, 1)
+    p_cmp = torch.where(visible, torch.exp(s - lse_safe), torch.zeros_like(s))  # eq. 8
+    num_slc = -(-num_keys // select_len)
+    weights = compressed_to_selection_weights(k_cmp.shape[1], num_slc, block_len, block_stride, select_len, q.device)
+    importance = p_cmp.sum(3) @ weights  # eq. 10 (sum over the group's heads), then eq. 9 -> [B, Tq, H, NJ]
+    j = torch.arange(num_slc, device=q.device)
+    current = (positions // select_len)[:, :, None, None]  # [B, Tq, 1, 1]
+    forced = (j == 0) | (j == current) | (j == current - 1)  # the initial block and the 2 local blocks
+    importance = torch.where(forced, torch.full_like(importance, float("inf")), importance)
+    return torch.where(j <= current, importance, torch.full_like(importance, -1.0))  # future blocks
+
+
+def _select(q, k_cmp, lse, positions, num_keys, block_len, block_stride, select_len, num_selected, scale):
+    """Top-n selection blocks per query and KV head -> int32 [B, Tq, H, n], most important first, -1 padded."""
+    importance = block_importance(q, k_cmp, lse, positions, num_keys, block_len, block_stride, select_len, scale)
+    if importance.shape[-1] < num_selected:
+        importance = torch.nn.functional.pad(importance, (0, num_selected - importance.shape[-1]), value=-1.0)
+    order = torch.sort(importance, dim=-1, descending=True, stable=True)  # ties: the lower block index first
+    chosen = order.indices[..., :num_selected]
+    chosen = torch.where(order.values[..., :num_selected] >= 0, chosen, torch.full_like(chosen, -1))
+    return chosen.to(torch.int32)
+
+
+def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64, num_selected=16, scale=None):
+    """The n selection blocks of length l' each query attends to (eq. 8-10 and top-n, eq. 11).
+
+    Importance of selection block j for query t and KV head h: the compressed branch's probabilities
+    p_cmp = exp(q k_cmp^T * scale - lse) (eq. 8) summed over the G query heads of h (eq. 10) and mapped onto
+    selection blocks by `compressed_to_selection_weights` (eq. 9). Blocks after t's own block are never chosen;
+    block 0 and the two local blocks (t // l' and t // l' - 1) are always chosen; the rest by importance, ties
+    going to the lower block index.
+
+    Args:
+        q: [B, T, HQ, Dk]; k_cmp: [B, Tc, H, Dk]; lse: [B, T, HQ] float32 from `compressed_attention`.
+    Returns:
+        block_indices [B, T, H, n] int32, most important first (forced blocks first, ascending), -1 where fewer
+        than n blocks exist (t // l' + 1 < n).
+    """
+    op = "select_blocks"
+    check_block_sizes(op, block_len, block_stride, select_len, num_selected)
+    check_compressed(op, q, k_cmp, k_cmp, block_len, block_stride, scale, triton=False)
+    check_lse(op, lse, q)
+    positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)
+    return _select(q, k_cmp, lse, positions, q.shape[1], block_len, block_stride, select_len, num_selected,
+                   _default_scale(q, scale))
+
+
+def _selected(q, k, v, block_indices, positions, select_len, scale):
+    num_slc = -(-k.shape[1] // select_len)
+    slots = torch.where(block_indices >= 0, block_indices, num_slc).long()  # unused slots -> a dummy column
+    chosen = torch.zeros(*block_indices.shape[:3], num_slc + 1, dtype=torch.bool, device=q.device)
+    chosen.scatter_(-1, slots, True)
+    s = torch.arange(k.shape[1], device=q.device)
+    visible = chosen[..., s // select_len] & (s <= positions[:, :, None, None])  # [B, Tq, H, S]
+    return _masked_attention(q, k, v, visible, scale)
+
+
+def selected_attention(q, k, v, block_indices, *, select_len=64, scale=None):
+    """Attention of every query over the tokens of its selected blocks (eq. 11-12), tokens after t masked.
+
+    Args:
+        q: [B, T, HQ, Dk]; k: [B, T, H, Dk]; v: [B, T, H, Dv];
+        block_indices: [B, T, H, n] int32 selection-block indices (block j = tokens [j*l', (j+1)*l')), -1 unused.
+    Returns:
+        o [B, T, HQ, Dv] in q's dtype.
+    """
+    op = "selected_attention"
+    check_qkv(op, q, k, v, triton=False)
+    check_block_sizes(op, 1, 1, select_len)
+    check_block_indices(op, block_indices, q, k.shape[2])
+    check_prefill_length(op, q, k)
+    positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)
+    o, _ = _selected(q, k, v, block_indices, positions, select_len, _default_scale(q, scale))
+    return o.to(q.dtype)
+
+
+def _window(q, k, v, positions, window, scale):
+    s = torch.arange(k.shape[1], device=q.device)
+    t = positions[:, :, None, None]
+    return _masked_attention(q, k, v, (s <= t) & (s > t - window), scale)
+
+
+# ------------------------------------------------------------------------------------------------ whole
+def _gated_sum(outputs_and_gates):
+    return sum(g.float().unsqueeze(-1) * o for o, g in outputs_and_gates)
+
+
+def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block_len=32, block_stride=16,
+                  select_len=64, num_selected=16, window=512, scale=None, block_indices=None,
+                  return_block_indices=False):
+    """Native Sparse Attention (eq. 5): o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win.
+
+    Args:
+        q: [B, T, HQ, Dk]; k, v: [B, T, H, Dk] / [B, T, H, Dv] raw keys/values (selection and window branches);
+        k_cmp, v_cmp: [B, Tc, H, Dk] / [B, Tc, H, Dv] compressed blocks (see module docstring);
+        g_cmp, g_slc, g_win: [B, T, HQ] gates (g_win may be None when window=0);
+        window: w > 0 adds the sliding-window branch over the last w tokens; 0 leaves it out;
+        block_indices: [B, T, H, n] int32 to use instead of selecting (n = num_selected is then ignored).
+    Returns:
+        o [B, T, HQ, Dv] in q's dtype; with return_block_indices, (o, block_indices). Gradients reach q, k, v,
+        k_cmp, v_cmp and the gates; the block selection carries none.
+    """
+    op = "nsa_attention"
+    check_nsa(op, q, k, v, k_cmp, v_cmp, {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, block_len,
+              block_stride, select_len, num_selected, window, scale, triton=False)
+    scale = _default_scale(q, scale)
+    positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)
+    o_cmp, lse = _compressed(q, k_cmp, v_cmp, positions, block_len, block_stride, scale)
+    if block_indices is None:
+        block_indices = _select(q.detach(), k_cmp.detach(), lse.detach(), positions, k.shape[1], block_len,
+                                block_stride, select_len, num_selected, scale)
+    else:
+        check_block_indices(op, block_indices, q, k.shape[2])
+    o_slc, _ = _selected(q, k, v, block_indices, positions, select_len, scale)
+    branches = [(o_cmp, g_cmp), (o_slc, g_slc)]
+    if window:
+        branches.append((_window(q, k, v, positions, window, scale)[0], g_win))
+    o = _gated_sum(branches).to(q.dtype)
+    return (o, block_indices) if return_block_indices else o
+
+
+def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win=None, *,
+               block_len=32, block_stride=16, select_len=64, num_selected=16, window=512, scale=None):
+    """One NSA decode step: the new token's output from an NSA cache; equals the last row of `nsa_attention`.
+
+    Args:
+        q: [B, HQ, Dk] the new token's queries (at position cache_seqlens[b] - 1 of sequence b);
+        k_cache, v_cache: [B, S_max, H, Dk] / [B, S_max, H, Dv] raw keys/values, the new token's included;
+        k_cmp_cache, v_cmp_cache: [B, Tc_max, H, Dk] / [B, Tc_max, H, Dv] compressed blocks, one appended every
+            block_stride tokens once block_len tokens exist (the first num_compressed_blocks(cache_seqlens[b])
+            rows are read);
+        cache_seqlens: [B] int32 tokens in the cache per sequence, the new one included (>= 1);
+        g_cmp, g_slc, g_win: [B, HQ] gates.
+    Returns:
+        o [B, HQ, Dv] in q's dtype.
+    """
+    op = "nsa_decode"
+    check_decode(op, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens,
+                 {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, block_len, block_stride, select_len,
+                 num_selected, window, scale, triton=False)
+    lengths = cache_seqlens.tolist()
+    if min(lengths) < 1 or max(lengths) > k_cache.shape[1]:
+        _fail(op, f"cache_seqlens must lie in [1, S_max={k_cache.shape[1]}], got {lengths}")
+    scale = _default_scale(q, scale)
+    q1 = q[:, None]
+    positions = (cache_seqlens.long() - 1)[:, None]  # [B, 1]
+    o_cmp, lse = _compressed(q1, k_cmp_cache, v_cmp_cache, positions, block_len, block_stride, scale)
+    block_indices = _select(q1, k_cmp_cache, lse, positions, k_cache.shape[1], block_len, block_stride, select_len,
+                            num_selected, scale)
+    o_slc, _ = _selected(q1, k_cache, v_cache, block_indices, positions, select_len, scale)
+    branches = [(o_cmp[:, 0], g_cmp), (o_slc[:, 0], g_slc)]
+    if window:
+        branches.append((_window(q1, k_cache, v_cache, positions, window, scale)[0][:, 0], g_win))
+    return _gated_sum(branches).to(q.dtype)

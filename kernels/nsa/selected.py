@@ -1,0 +1,258 @@
+"""Selected attention (eq. 11-12) in Triton, group-centric as the paper's Figure 3.
+
+Forward and dq: one program per (query position, KV head) loads all G query heads of the group at that
+position (the rows of one tensor-core tile) and streams only the n chosen KV blocks of length l', masking
+the tokens after the query. dk/dv: the (query, block) pairs are sorted by block on the device (an inverted
+index, no host sync); each program takes one block and a segment of at most SEGMENT queries that chose it,
+gathers their G heads as rows and adds its block's dk/dv with float32 atomics, so a block every query chose
+(block 0) spreads over many programs.
+
+Kernels -> launchers -> autograd Function -> public `selected_attention` (spec: reference.selected_attention).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa_eval.kernels.nsa.compression import LOG2E
+from nsa_eval.kernels.nsa.utils import check_block_indices, check_block_sizes, check_prefill_length, check_qkv
+
+
+@triton.jit
+def selected_fwd_kernel(q, k, v, block_indices, cache_seqlens, o, lse, T, S, qk_scale, HQ: tl.constexpr,
+                        H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                        GP: tl.constexpr, SELECT_LEN: tl.constexpr, BS: tl.constexpr, NUM_SELECTED: tl.constexpr,
+                        DECODE: tl.constexpr):
+    """Grid (T, B * H). q [B, T, HQ, DK], k [B, S, H, DK], v [B, S, H, DV], block_indices [B, T, H, n] int32
+    -> o [B, T, HQ, DV], lse [B, T, HQ] float32. Prefill: the query at row t stands at position t (S == T).
+    DECODE: T == 1 and the query of batch b stands at position cache_seqlens[b] - 1."""
+    G: tl.constexpr = HQ // H
+    pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    if DECODE:
+        pos = tl.load(cache_seqlens + b) - 1
+    else:
+        pos = pid_t
+    g = tl.arange(0, GP)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    qrow = (b * T + pid_t) * HQ + h * G + g
+    q_blk = tl.load(q + qrow[:, None] * DK + dk[None, :], mask=(g[:, None] < G) & (dk[None, :] < DK), other=0.)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, BDV], tl.float32)
+    offs = tl.arange(0, BS)
+    for n in range(NUM_SELECTED):
+        j = tl.load(block_indices + ((b * T + pid_t) * H + h) * NUM_SELECTED + n)
+        if j >= 0:
+            s_pos = j * SELECT_LEN + offs
+            key_ok = (s_pos <= pos) & (offs < SELECT_LEN)
+            kv_row = (b * S + s_pos) * H + h
+            kb = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.)
+            vb = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.)
+            s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0., m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+            m_i = m_new
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.)[:, None]
+    tl.store(o + qrow[:, None] * DV + dv[None, :], out.to(o.dtype.element_ty), mask=(g[:, None] < G) & (dv[None, :] < DV))
+    lse_row = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.))) / 1.4426950408889634, float("-inf"))
+    tl.store(lse + qrow, lse_row, mask=g < G)
+
+
+@triton.jit
+def selected_bwd_dq_kernel(q, k, v, block_indices, do, lse, delta, dq, T, qk_scale, HQ: tl.constexpr,
+                           H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
+                           BDV: tl.constexpr, GP: tl.constexpr, SELECT_LEN: tl.constexpr, BS: tl.constexpr,
+                           NUM_SELECTED: tl.constexpr):
+    """Grid (T, B * H). dq [B, T, HQ, DK]; do [B, T, HQ, DV]; lse, delta = rowsum(o * do): [B, T, HQ] float32."""
+    G: tl.constexpr = HQ // H
+    t, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    g = tl.arange(0, GP)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    g_ok = g < G
+    qrow = (b * T + t) * HQ + h * G + g
+    q_blk = tl.load(q + qrow[:, None] * DK + dk[None, :], mask=g_ok[:, None] & (dk[None, :] < DK), other=0.)
+    do_blk = tl.load(do + qrow[:, None] * DV + dv[None, :], mask=g_ok[:, None] & (dv[None, :] < DV), other=0.)
+    lse2 = tl.load(lse + qrow, mask=g_ok, other=0.) * 1.4426950408889634
+    dlt = tl.load(delta + qrow, mask=g_ok, other=0.)
+    acc = tl.zeros([GP, BDK], tl.float32)
+    offs = tl.arange(0, BS)
+    for n in range(NUM_SELECTED):
+        j = tl.load(block_indices + ((b * T + t) * H + h) * NUM_SELECTED + n)
+        if j >= 0:
+            s_pos = j * SELECT_LEN + offs
+            key_ok = (s_pos <= t) & (offs < SELECT_LEN)
+            kv_row = (b * T + s_pos) * H + h
+            kb = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.)
+            vb = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.)
+            s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
+            p = tl.where(key_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.)
+            dp = tl.dot(do_blk, tl.trans(vb))
+            ds = p * (dp - dlt[:, None])
+            acc += tl.dot(ds.to(kb.dtype), kb)
+    tl.store(dq + qrow[:, None] * DK + dk[None, :], (acc * (qk_scale / 1.4426950408889634)).to(dq.dtype.element_ty),
+             mask=g_ok[:, None] & (dk[None, :] < DK))
+
+
+@triton.jit
+def selected_bwd_dkv_kernel(q, k, v, do, lse, delta, pair_tokens, pair_offsets, segment_keys, segment_first, dk32,
+                            dv32, T, qk_scale, NUM_KEYS, HQ: tl.constexpr, H: tl.constexpr, DK: tl.constexpr,
+                            DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, GP: tl.constexpr,
+                            SELECT_LEN: tl.constexpr, BS: tl.constexpr, NJ: tl.constexpr, BTQ: tl.constexpr,
+                            SEGMENT: tl.constexpr):
+    """Grid (number of segments, an upper bound). Segment p belongs to key = segment_keys[p] = (b*H + h)*NJ + j
+    (>= NUM_KEYS: nothing to do) and covers pair_tokens[pair_offsets[key] + (p - segment_first[key]) * SEGMENT:]
+    (at most SEGMENT queries that chose block j). Adds into dk32 [B, T, H, DK], dv32 [B, T, H, DV] float32."""
+    G: tl.constexpr = HQ // H
+    R: tl.constexpr = BTQ * GP
+    pid = tl.program_id(0)
+    key = tl.load(segment_keys + pid)
+    if key < NUM_KEYS:
+        bh = key // NJ
+        j = key % NJ
+        b, h = bh // H, bh % H
+        start = tl.load(pair_offsets + key) + (pid - tl.load(segment_first + key)) * SEGMENT
+        end = tl.minimum(start + SEGMENT, tl.load(pair_offsets + key + 1))
+        dk = tl.arange(0, BDK)
+        dv = tl.arange(0, BDV)
+        offs = tl.arange(0, BS)
+        s_pos = j * SELECT_LEN + offs
+        key_ok = (offs < SELECT_LEN) & (s_pos < T)
+        kv_row = (b * T + s_pos) * H + h
+        kb = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.)
+        vb = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.)
+        dk_acc = tl.zeros([BS, BDK], tl.float32)
+        dv_acc = tl.zeros([BS, BDV], tl.float32)
+        rows = tl.arange(0, R)
+        g = rows % GP
+        for p0 in range(start, end, BTQ):
+            pair = p0 + rows // GP
+            row_ok = (pair < end) & (g < G)
+            t = tl.load(pair_tokens + pair, mask=row_ok, other=0)
+            qrow = (b * T + t) * HQ + h * G + g
+            q_blk = tl.load(q + qrow[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.)
+            do_blk = tl.load(do + qrow[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV),
+                             other=0.)
+            lse2 = tl.load(lse + qrow, mask=row_ok, other=0.) * 1.4426950408889634
+            dlt = tl.load(delta + qrow, mask=row_ok, other=0.)
+            s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
+            visible = row_ok[:, None] & key_ok[None, :] & (s_pos[None, :] <= t[:, None])
+            p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.)
+            dv_acc += tl.dot(tl.trans(p.to(do_blk.dtype)), do_blk)
+            dp = tl.dot(do_blk, tl.trans(vb))
+            ds = p * (dp - dlt[:, None])
+            dk_acc += tl.dot(tl.trans(ds.to(q_blk.dtype)), q_blk)
+        scale = qk_scale / 1.4426950408889634
+        tl.atomic_add(dk32 + kv_row[:, None] * DK + dk[None, :], dk_acc * scale, mask=key_ok[:, None] & (dk[None, :] < DK),
+                      sem="relaxed")
+        tl.atomic_add(dv32 + kv_row[:, None] * DV + dv[None, :], dv_acc, mask=key_ok[:, None] & (dv[None, :] < DV),
+                      sem="relaxed")
+
+
+# ------------------------------------------------------------------------------------------- launchers
+def _tile_sizes(q, v, H, select_len):
+    return (triton.next_power_of_2(q.shape[3]), triton.next_power_of_2(v.shape[3]),
+            max(16, triton.next_power_of_2(q.shape[2] // H)), max(16, triton.next_power_of_2(select_len)))
+
+
+def selected_fwd(q, k, v, block_indices, select_len, scale, cache_seqlens=None):
+    """q [B, T, HQ, Dk], k/v [B, S, H, D], block_indices [B, T, H, n] (contiguous) -> o, lse [B, T, HQ] float32.
+    With cache_seqlens [B] int32 (decode, T == 1) the query of batch b stands at position cache_seqlens[b] - 1."""
+    B, T, HQ, DK = q.shape
+    S, H, DV = k.shape[1], k.shape[2], v.shape[3]
+    o = torch.empty(B, T, HQ, DV, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
+    bdk, bdv, gp, bs = _tile_sizes(q, v, H, select_len)
+    decode = cache_seqlens is not None
+    selected_fwd_kernel[(T, B * H)](
+        q, k, v, block_indices, cache_seqlens if decode else block_indices, o, lse, T, S, scale * LOG2E, HQ, H, DK,
+        DV, bdk, bdv, gp, select_len, bs, block_indices.shape[3], decode, num_warps=4, num_stages=2)
+    return o, lse
+
+
+def inverted_index(block_indices, num_blocks: int, segment: int):
+    """Queries per selection block, cut in segments, built on the device without a host sync.
+
+    block_indices [B, T, H, n] -> (pair_tokens [P] int32 query positions sorted by key = (b*H + h)*NJ + j,
+    pair_offsets [NK + 1] where key's queries start, segment_keys [grid] key of each segment (NK past the last),
+    segment_first [NK] first segment of each key, grid); NK = B*H*NJ, grid an upper bound on the segments.
+    """
+    B, T, H, n = block_indices.shape
+    num_keys = B * H * num_blocks
+    dev = block_indices.device
+    bh = (torch.arange(B, device=dev)[:, None, None, None] * H + torch.arange(H, device=dev)[None, None, :, None])
+    keys = torch.where(block_indices >= 0, bh * num_blocks + block_indices, num_keys).flatten()
+    tokens = torch.arange(T, device=dev, dtype=torch.int32)[None, :, None, None].expand(B, T, H, n).flatten()
+    sorted_keys, order = torch.sort(keys, stable=True)
+    pair_tokens = tokens[order].contiguous()
+    pair_offsets = torch.searchsorted(sorted_keys, torch.arange(num_keys + 1, device=dev)).to(torch.int32)
+    segments = (pair_offsets[1:] - pair_offsets[:-1] + segment - 1) // segment
+    segment_end = torch.cumsum(segments, 0)
+    segment_first = (segment_end - segments).to(torch.int32)
+    grid = triton.cdiv(keys.numel(), segment) + num_keys
+    segment_keys = torch.searchsorted(segment_end, torch.arange(grid, device=dev), right=True).to(torch.int32)
+    return pair_tokens, pair_offsets, segment_keys, segment_first, grid
+
+
+def selected_bwd(q, k, v, block_indices, o, lse, do, select_len, scale, segment=256):
+    """Gradients (dq, dk, dv) of selected attention for output gradient do [B, T, HQ, Dv]."""
+    B, T, HQ, DK = q.shape
+    H, DV = k.shape[2], v.shape[3]
+    delta = (o.float() * do.float()).sum(-1)
+    bdk, bdv, gp, bs = _tile_sizes(q, v, H, select_len)
+    dq = torch.empty_like(q)
+    selected_bwd_dq_kernel[(T, B * H)](
+        q, k, v, block_indices, do, lse, delta, dq, T, scale * LOG2E, HQ, H, DK, DV, bdk, bdv, gp, select_len, bs,
+        block_indices.shape[3], num_warps=4, num_stages=2)
+    num_blocks = triton.cdiv(T, select_len)
+    pair_tokens, pair_offsets, segment_keys, segment_first, grid = inverted_index(block_indices, num_blocks, segment)
+    dk32 = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv32 = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    gq = triton.next_power_of_2(HQ // H)
+    selected_bwd_dkv_kernel[(grid,)](
+        q, k, v, do, lse, delta, pair_tokens, pair_offsets, segment_keys, segment_first, dk32, dv32, T,
+        scale * LOG2E, B * H * num_blocks, HQ, H, DK, DV, bdk, bdv, gq, select_len, bs, num_blocks,
+        max(1, 64 // gq), segment, num_warps=4, num_stages=2)
+    return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+
+
+class SelectedAttention(torch.autograd.Function):
+    """(q, k, v) -> o for fixed block_indices (which carry no gradient)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_indices, select_len, scale):
+        q, k, v, block_indices = q.contiguous(), k.contiguous(), v.contiguous(), block_indices.contiguous()
+        o, lse = selected_fwd(q, k, v, block_indices, select_len, scale)
+        ctx.save_for_backward(q, k, v, block_indices, o, lse)
+        ctx.args = (select_len, scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, block_indices, o, lse = ctx.saved_tensors
+        dq, dk, dv = selected_bwd(q, k, v, block_indices, o, lse, do.contiguous(), *ctx.args)
+        return dq, dk, dv, None, None, None
+
+
+def selected_attention(q, k, v, block_indices, *, select_len=64, scale=None):
+    """Triton selected attention; spec and shapes: reference.selected_attention."""
+    op = "selected_attention"
+    check_qkv(op, q, k, v, triton=True)
+    check_block_sizes(op, 1, 1, select_len)
+    check_block_indices(op, block_indices, q, k.shape[2])
+    check_prefill_length(op, q, k)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return SelectedAttention.apply(q, k, v, block_indices, select_len, scale)

@@ -1,0 +1,133 @@
+"""Block selection (eq. 8-10 and top-n) in Triton, without the T x Tc probability matrix.
+
+One program takes BT queries of one KV head with all G query heads of its group, walks the selection blocks
+in chunks of NP (with the NP * l'/d compressed blocks that start inside them), recomputes the compressed
+probabilities exp(q k_cmp^T * scale - lse), sums them over the group's heads (eq. 10), maps them onto
+selection blocks with reference.compressed_to_selection_weights (eq. 9; a compressed block that runs past the
+chunk carries its share into the next chunk) and keeps a running top-NP per query. Ranking keys are int64:
+(float32 bits of the importance << 32) | (2^31 - 1 - j), so ties go to the lower block index as in the
+reference; forced blocks (0 and the two local blocks) get importance +inf, blocks after the query's own -1.
+
+Kernel -> launcher -> public `select_blocks` (no autograd: the indices carry no gradient).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa_eval.kernels.nsa.compression import LOG2E, num_visible_blocks
+from nsa_eval.kernels.nsa.utils import check_block_sizes, check_compressed, check_lse
+
+
+@triton.jit
+def overlap_weights(i, j, BLOCK_LEN: tl.constexpr, BLOCK_STRIDE: tl.constexpr, SELECT_LEN: tl.constexpr):
+    """Eq. 9 weight of compressed block i for selection block j: shared tokens / stride (broadcasting)."""
+    lo = tl.maximum(i * BLOCK_STRIDE, j * SELECT_LEN)
+    hi = tl.minimum(i * BLOCK_STRIDE + BLOCK_LEN, j * SELECT_LEN + SELECT_LEN)
+    return tl.maximum(hi - lo, 0).to(tl.float32) / BLOCK_STRIDE
+
+
+@triton.jit
+def ranking_keys(importance, j, current):
+    """int64 keys [R, NP] for selection blocks j [NP] of queries whose own block is current [R]; -1 = never."""
+    forced = (j[None, :] == 0) | (j[None, :] == current[:, None]) | (j[None, :] == current[:, None] - 1)
+    importance = tl.where(forced, float("inf"), importance)
+    key = (importance.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - j[None, :]).to(tl.int64)
+    return tl.where(j[None, :] <= current[:, None], key, -1)
+
+
+@triton.jit
+def merge_top(top, cand, R: tl.constexpr, NP: tl.constexpr):
+    """The NP largest keys of top [R, NP] and cand [R, NP], in descending order (keys unique except -1)."""
+    both = tl.reshape(tl.join(top, cand), (R, 2 * NP))
+    rank = tl.sum((both[:, None, :] > both[:, :, None]).to(tl.int32), 2)  # [R, 2NP]: keys larger than each
+    r = tl.arange(0, NP)
+    return tl.max(tl.where(rank[:, :, None] == r[None, None, :], both[:, :, None], -1), 1)
+
+
+@triton.jit
+def block_of_key(top):
+    """Selection-block index of each ranking key (-1 for empty slots), int32."""
+    return tl.where(top >= 0, 2147483647 - (top & 4294967295), -1).to(tl.int32)
+
+
+@triton.jit
+def select_kernel(q, k_cmp, lse, block_indices, T, TC, qk_scale, HQ: tl.constexpr, H: tl.constexpr,
+                  DK: tl.constexpr, BDK: tl.constexpr, GP: tl.constexpr, BLOCK_LEN: tl.constexpr,
+                  BLOCK_STRIDE: tl.constexpr, SELECT_LEN: tl.constexpr, NUM_SELECTED: tl.constexpr,
+                  NP: tl.constexpr, BT: tl.constexpr):
+    """Grid (cdiv(T, BT), B * H). q [B, T, HQ, DK], k_cmp [B, TC, H, DK], lse [B, T, HQ] float32
+    -> block_indices [B, T, H, NUM_SELECTED] int32, most important first, -1 padded."""
+    G: tl.constexpr = HQ // H
+    R: tl.constexpr = BT * GP
+    BC: tl.constexpr = NP * (SELECT_LEN // BLOCK_STRIDE)
+    pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    rows = tl.arange(0, R)
+    tok = pid_t * BT + rows // GP
+    g = rows % GP
+    row_ok = (tok < T) & (g < G)
+    dk = tl.arange(0, BDK)
+    qrow = (b * T + tok) * HQ + h * G + g
+    q_blk = tl.load(q + qrow[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.)
+    lse2 = tl.load(lse + qrow, mask=row_ok, other=0.) * 1.4426950408889634
+    n_vis = tl.where(row_ok, num_visible_blocks(tok, BLOCK_LEN, BLOCK_STRIDE), 0)
+    toks = pid_t * BT + tl.arange(0, BT)
+    current = toks // SELECT_LEN
+    a = tl.arange(0, BC)
+    jj = tl.arange(0, NP)
+    weights = overlap_weights(a[:, None], jj[None, :], BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)  # same in every chunk
+    spill = overlap_weights(a, NP, BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)  # share of the next chunk's first block
+    top = tl.full([BT, NP], -1, tl.int64)
+    carry = tl.zeros([BT], tl.float32)
+    last_block = (tl.minimum(pid_t * BT + BT, T) - 1) // SELECT_LEN
+    k_ptr = k_cmp + (b * TC * H + h) * DK
+    for c in range(0, last_block // NP + 1):
+        i = c * BC + a
+        kb = tl.load(k_ptr + i[:, None] * (H * DK) + dk[None, :], mask=(i[:, None] < TC) & (dk[None, :] < DK),
+                     other=0.)
+        s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
+        p = tl.where(i[None, :] < n_vis[:, None], tl.math.exp2(s - lse2[:, None]), 0.)
+        p_group = tl.sum(tl.reshape(p, (BT, GP, BC)), 1)  # eq. 10: [BT, BC]
+        importance = tl.sum(p_group[:, :, None] * weights[None, :, :], 1)  # eq. 9: [BT, NP]
+        importance += tl.where(jj[None, :] == 0, carry[:, None], 0.)
+        carry = tl.sum(p_group * spill[None, :], 1)
+        top = merge_top(top, ranking_keys(importance, c * NP + jj, current), BT, NP)
+    r = tl.arange(0, NP)
+    out = block_indices + ((b * T + toks[:, None]) * H + h) * NUM_SELECTED + r[None, :]
+    tl.store(out, block_of_key(top), mask=(toks[:, None] < T) & (r[None, :] < NUM_SELECTED))
+
+
+# ------------------------------------------------------------------------------------------- launcher
+def chunk_blocks(num_selected: int, select_len: int, block_stride: int) -> int:
+    """NP: selection blocks per chunk, a power of 2 >= n whose compressed blocks fill a >= 16-wide dot."""
+    return max(triton.next_power_of_2(num_selected), triton.next_power_of_2(-(-16 // (select_len // block_stride))))
+
+
+def select_fwd(q, k_cmp, lse, block_len, block_stride, select_len, num_selected, scale, bt=None):
+    """q [B, T, HQ, Dk], k_cmp [B, Tc, H, Dk], lse [B, T, HQ] (contiguous) -> block_indices [B, T, H, n] int32."""
+    B, T, HQ, DK = q.shape
+    TC, H = k_cmp.shape[1], k_cmp.shape[2]
+    gp = triton.next_power_of_2(HQ // H)
+    bt = bt or max(1, 64 // gp)
+    block_indices = torch.empty(B, T, H, num_selected, dtype=torch.int32, device=q.device)
+    select_kernel[(triton.cdiv(T, bt), B * H)](
+        q, k_cmp, lse, block_indices, T, TC, scale * LOG2E, HQ, H, DK, triton.next_power_of_2(DK), gp, block_len,
+        block_stride, select_len, num_selected, chunk_blocks(num_selected, select_len, block_stride), bt,
+        num_warps=4, num_stages=2)
+    return block_indices
+
+
+def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64, num_selected=16, scale=None):
+    """Triton block selection; spec and shapes: reference.select_blocks."""
+    op = "select_blocks"
+    check_block_sizes(op, block_len, block_stride, select_len, num_selected)
+    check_compressed(op, q, k_cmp, k_cmp, block_len, block_stride, scale, triton=True)
+    check_lse(op, lse, q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return select_fwd(q.detach().contiguous(), k_cmp.detach().contiguous(), lse.contiguous(), block_len, block_stride,
+                      select_len, num_selected, scale)

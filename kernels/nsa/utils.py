@@ -1,0 +1,193 @@
+"""NSA helpers shared by the reference and the Triton paths: block arithmetic, mean pooling, argument checks.
+
+Every check failure is a ValueError whose message names the argument and says what would fix it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nsa_eval.kernels.attention.checks import (
+    REFERENCE_DTYPES,
+    TRITON_DTYPES,
+    _check_head_dims,
+    _check_same,
+    _check_scale,
+    _check_tensor,
+    _fail,
+)
+
+
+def num_compressed_blocks(seq_len: int, block_len: int, block_stride: int) -> int:
+    """Complete compressed blocks in `seq_len` tokens: block i covers tokens [i*stride, i*stride + block_len)."""
+    return 0 if seq_len < block_len else (seq_len - block_len) // block_stride + 1
+
+
+def visible_compressed_blocks(positions: torch.Tensor, block_len: int, block_stride: int) -> torch.Tensor:
+    """Compressed blocks a query at each position sees (block i when t >= i*stride + block_len - 1)."""
+    return (positions + 1 - block_len + block_stride).clamp_min(0) // block_stride
+
+
+def mean_pool(x: torch.Tensor, block_len: int = 64, block_stride: int | None = None) -> torch.Tensor:
+    """Mean over each complete block of tokens: x [B, T, H, D] -> [B, Tc, H, D], Tc = num_compressed_blocks.
+
+    Block i averages tokens [i*block_stride, i*block_stride + block_len); block_stride defaults to block_len
+    (flash-linear-attention's layout, non-overlapping blocks). A trailing partial block is left out: no query
+    may see it before it is complete. Float32 accumulation, result in x's dtype.
+    """
+    block_stride = block_len if block_stride is None else block_stride
+    _check_tensor("mean_pool", "x", x, 4, "[B, T, H, D]")
+    check_block_sizes("mean_pool", block_len, block_stride)
+    if x.shape[1] < block_len:
+        return x.new_zeros(x.shape[0], 0, *x.shape[2:])
+    windows = x.float().unfold(1, block_len, block_stride)  # [B, Tc, H, D, block_len]
+    return windows.mean(-1).to(x.dtype)
+
+
+def _check_positive_int(op: str, name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(op, f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_block_sizes(op: str, block_len, block_stride, select_len=None, num_selected=None, window=None) -> None:
+    """Block sizes: stride d divides block length l; selection length l' is a multiple of d and >= l."""
+    _check_positive_int(op, "block_len", block_len)
+    _check_positive_int(op, "block_stride", block_stride)
+    if block_len % block_stride:
+        _fail(op, f"block_stride={block_stride} must divide block_len={block_len} (e.g. l=32, d=16)")
+    if select_len is not None:
+        _check_positive_int(op, "select_len", select_len)
+        if select_len % block_stride:
+            _fail(op, f"select_len={select_len} must be a multiple of block_stride={block_stride} (e.g. 64 and 16)")
+        if select_len < block_len:
+            _fail(op, f"select_len={select_len} must be >= block_len={block_len}: a compressed block may span "
+                      "at most two selection blocks")
+    if num_selected is not None:
+        _check_positive_int(op, "num_selected", num_selected)
+    if window is not None:
+        _check_positive_int(op, "window", window, minimum=0)
+
+
+def _dtypes(triton: bool):
+    return TRITON_DTYPES if triton else REFERENCE_DTYPES
+
+
+def check_qkv(op: str, q, k, v, triton: bool, names=("k", "v")) -> None:
+    """q [B, T, HQ, Dk], k [B, S, H, Dk], v [B, S, H, Dv] with HQ a multiple of H (names: how k, v are called)."""
+    kn, vn = names
+    _check_tensor(op, "q", q, 4, "[B, T, HQ, Dk]")
+    _check_tensor(op, kn, k, 4, "[B, S, H, Dk]")
+    _check_tensor(op, vn, v, 4, "[B, S, H, Dv]")
+    _check_same(op, {"q": q, kn: k, vn: v}, _dtypes(triton))
+    if k.shape[:3] != v.shape[:3]:
+        _fail(op, f"{kn} {tuple(k.shape)} and {vn} {tuple(v.shape)} must agree on [B, S, H]")
+    if k.shape[0] != q.shape[0]:
+        _fail(op, f"q has B={q.shape[0]} but {kn} has B={k.shape[0]}")
+    if k.shape[3] != q.shape[3]:
+        _fail(op, f"{kn} head dim {k.shape[3]} differs from q head dim {q.shape[3]}")
+    if min(q.shape) < 1 or min(k.shape) < 1 or v.shape[3] < 1:
+        _fail(op, f"empty dimension in q {tuple(q.shape)}, {kn} {tuple(k.shape)} or {vn} {tuple(v.shape)}")
+    if q.shape[2] % k.shape[2]:
+        _fail(op, f"q has HQ={q.shape[2]} heads, not a multiple of the H={k.shape[2]} KV heads of {kn} and {vn}")
+    if triton:
+        _check_head_dims(op, q.shape[3], v.shape[3])
+
+
+def check_compressed(op: str, q, k_cmp, v_cmp, block_len, block_stride, scale, triton: bool, seq_len=None,
+                     names=("k_cmp", "v_cmp")) -> None:
+    """k_cmp [B, Tc, H, Dk], v_cmp [B, Tc, H, Dv] with at least the complete blocks of seq_len (default T) tokens."""
+    kn, vn = names
+    check_block_sizes(op, block_len, block_stride)
+    _check_tensor(op, kn, k_cmp, 4, "[B, Tc, H, Dk]")
+    _check_tensor(op, vn, v_cmp, 4, "[B, Tc, H, Dv]")
+    _check_same(op, {"q": q, kn: k_cmp, vn: v_cmp}, _dtypes(triton))
+    if k_cmp.shape[:3] != v_cmp.shape[:3]:
+        _fail(op, f"{kn} {tuple(k_cmp.shape)} and {vn} {tuple(v_cmp.shape)} must agree on [B, Tc, H]")
+    if k_cmp.shape[0] != q.shape[0] or k_cmp.shape[3] != q.shape[3]:
+        _fail(op, f"{kn} {tuple(k_cmp.shape)} must match q {tuple(q.shape)} on batch and head dim")
+    if k_cmp.shape[2] < 1 or q.shape[2] % k_cmp.shape[2]:
+        _fail(op, f"q has HQ={q.shape[2]} heads, not a multiple of the H={k_cmp.shape[2]} heads of {kn}")
+    seq_len = q.shape[1] if seq_len is None else seq_len
+    needed = num_compressed_blocks(seq_len, block_len, block_stride)
+    if k_cmp.shape[1] < needed:
+        _fail(op, f"{kn} has {k_cmp.shape[1]} blocks but {seq_len} tokens make {needed} complete blocks of "
+                  f"length {block_len}, stride {block_stride}; pass them all (e.g. mean_pool(k, {block_len}, "
+                  f"{block_stride}))")
+    _check_scale(op, scale)
+    if triton:
+        _check_head_dims(op, q.shape[3], v_cmp.shape[3])
+
+
+def check_lse(op: str, lse, q) -> None:
+    """lse [B, T, HQ] float32, the compressed branch's log-sum-exp."""
+    _check_tensor(op, "lse", lse, 3, "[B, T, HQ] float32")
+    if tuple(lse.shape) != tuple(q.shape[:3]) or lse.dtype != torch.float32:
+        _fail(op, f"lse must be float32 {tuple(q.shape[:3])} (the compressed branch's), got {lse.dtype} "
+                  f"{tuple(lse.shape)}")
+
+
+def check_block_indices(op: str, block_indices, q, num_kv_heads: int) -> None:
+    """block_indices [B, T, H, n] int32: selection blocks per query and KV head, -1 for an unused slot."""
+    _check_tensor(op, "block_indices", block_indices, 4, "[B, T, H, n] int32")
+    B, T = q.shape[:2]
+    if block_indices.dtype != torch.int32 or tuple(block_indices.shape[:3]) != (B, T, num_kv_heads):
+        _fail(op, f"block_indices must be int32 [B, T, H, n] = [{B}, {T}, {num_kv_heads}, n], got "
+                  f"{block_indices.dtype} {tuple(block_indices.shape)}")
+    if block_indices.shape[3] < 1:
+        _fail(op, "block_indices needs at least one slot per query (n >= 1)")
+
+
+def check_gates(op: str, gates: dict, q, shape: tuple, needed: dict) -> None:
+    """Gates of `shape` ([B, T, HQ], or [B, HQ] at decode), floating point, on q's device; None where not needed."""
+    for name, g in gates.items():
+        if g is None:
+            if needed[name]:
+                _fail(op, f"{name} is required (a {list(shape)} gate tensor)")
+            continue
+        if not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(shape):
+            got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+            _fail(op, f"{name} must be a tensor of shape {list(shape)}, got {got}")
+        if not g.is_floating_point() or g.device != q.device:
+            _fail(op, f"{name} must be a floating-point tensor on {q.device}, got {g.dtype} on {g.device}")
+
+
+def check_nsa(op, q, k, v, k_cmp, v_cmp, gates: dict, block_len, block_stride, select_len, num_selected, window,
+              scale, triton: bool) -> None:
+    """All arguments of `nsa_attention` (see reference.nsa_attention for the layouts)."""
+    check_qkv(op, q, k, v, triton)
+    _check_nsa_rest(op, q, k, v, k_cmp, v_cmp, gates, q.shape[:3], block_len, block_stride, select_len,
+                    num_selected, window, scale, triton, seq_len=q.shape[1], names=("k_cmp", "v_cmp"))
+    check_prefill_length(op, q, k)
+
+
+def check_prefill_length(op, q, k) -> None:
+    """Prefill: one key per query position (S == T)."""
+    if k.shape[1] != q.shape[1]:
+        _fail(op, f"k has S={k.shape[1]} tokens but q has T={q.shape[1]}; prefill needs S == T (decode: nsa_decode)")
+
+
+def check_decode(op, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, gates: dict, block_len,
+                 block_stride, select_len, num_selected, window, scale, triton: bool) -> None:
+    """All arguments of `nsa_decode` except the values of cache_seqlens (a device-to-host copy on CUDA)."""
+    _check_tensor(op, "q", q, 3, "[B, HQ, Dk]")
+    check_qkv(op, q[:, None], k_cache, v_cache, triton, names=("k_cache", "v_cache"))
+    _check_nsa_rest(op, q[:, None], k_cache, v_cache, k_cmp_cache, v_cmp_cache, gates, q.shape[:2], block_len,
+                    block_stride, select_len, num_selected, window, scale, triton,
+                    seq_len=k_cache.shape[1], names=("k_cmp_cache", "v_cmp_cache"))
+    B = q.shape[0]
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 or \
+            tuple(cache_seqlens.shape) != (B,):
+        _fail(op, f"cache_seqlens must be an int32 tensor [B]=[{B}] of cached tokens per sequence (new one included)")
+    if cache_seqlens.device != q.device:
+        _fail(op, f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+
+
+def _check_nsa_rest(op, q, k, v, k_cmp, v_cmp, gates, gate_shape, block_len, block_stride, select_len,
+                    num_selected, window, scale, triton, seq_len, names):
+    check_block_sizes(op, block_len, block_stride, select_len, num_selected, window)
+    check_compressed(op, q, k_cmp, v_cmp, block_len, block_stride, scale, triton, seq_len, names)
+    kn, vn = names
+    if k_cmp.shape[2] != k.shape[2] or k_cmp.shape[3] != k.shape[3] or v_cmp.shape[3] != v.shape[3]:
+        _fail(op, f"{kn} {tuple(k_cmp.shape)} / {vn} {tuple(v_cmp.shape)} must match the raw keys "
+                  f"{tuple(k.shape)} / values {tuple(v.shape)} on H and the head dims")
+    check_gates(op, gates, q, tuple(gate_shape), {"g_cmp": True, "g_slc": True, "g_win": bool(window)})

@@ -272,14 +272,9 @@ class HFModel:
         the continuation. Over-long inputs lose tokens from the left."""
         encoded = []
         for request in requests:
-            context, continuation = self.render(request.context), request.continuation
-            spaces = len(context) - len(context.rstrip(" "))
-            if spaces:
-                context, continuation = context[:-spaces], context[-spaces:] + continuation
-            special = isinstance(request.context, str)
-            whole = self.tokenizer(context + continuation, add_special_tokens=special)["input_ids"]
-            context_ids = self.tokenizer(context, add_special_tokens=special)["input_ids"]
-            n_cont = max(1, len(whole) - len(context_ids))
+            whole, n_cont = loglikelihood_tokens(
+                self.tokenizer, self.render(request.context), request.continuation, isinstance(request.context, str)
+            )
             cut = len(whole) > self.max_length
             encoded.append((whole[-self.max_length :], n_cont, cut))
         results: list[Loglikelihood] = []
@@ -300,6 +295,33 @@ class HFModel:
                 greedy = bool((logprobs[r, positions].argmax(-1) == targets).all())
                 results.append(Loglikelihood(float(token_lp.sum()), greedy, n_cont, cut))
         return results
+
+    @torch.no_grad()
+    def token_logprobs(self, ids: list[int], top: int = 1) -> list[tuple[float, list[tuple[int, float]]]]:
+        """For each token after the first: (log P(ids[i] | ids[:i]) in nats, the `top` most likely tokens at that
+        position as (id, logprob)), from one forward pass. What a server needs for OpenAI's echo + logprobs."""
+        if len(ids) > self.max_length:
+            raise ValueError(f"{len(ids)} tokens exceed {self.name}'s --max-length {self.max_length}; send a shorter prompt")
+        logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0, :-1]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(ids[1:], device=self.device).unsqueeze(1)).squeeze(1).tolist()
+        best_lp, best_ids = logprobs.topk(max(1, top), dim=-1)
+        return [
+            (lp, list(zip(row_ids, row_lp))[:top])
+            for lp, row_ids, row_lp in zip(chosen, best_ids.tolist(), best_lp.tolist())
+        ]
+
+
+def loglikelihood_tokens(tokenizer: Any, context: str, continuation: str, special: bool) -> tuple[list[int], int]:
+    """Token ids of context + continuation and how many of them belong to the continuation, split as
+    lm-evaluation-harness does: the whole string is encoded once and split where the context's own encoding
+    ends; trailing spaces of the context move to the continuation. special: add the tokenizer's special tokens."""
+    spaces = len(context) - len(context.rstrip(" "))
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=special)["input_ids"]
+    context_ids = tokenizer(context, add_special_tokens=special)["input_ids"]
+    return whole, max(1, len(whole) - len(context_ids))
 
 
 def truncate_middle(ids: list[int], budget: int) -> tuple[list[int], bool]:

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from nsa_eval.bench import bench
-from nsa_eval.registry import MODEL_KINDS, TASKS, make_task
+from nsa_eval.registry import MODEL_KINDS, TASKS, task_factory
 
 
 class _Commands(click.Group):
@@ -65,11 +65,10 @@ def build_tasks(task_names: list[str], options: dict[str, Any], per_task: dict[s
     """Each task built with the options its constructor accepts (common ones, then its own)."""
     tasks = {}
     for name in task_names:
-        if name not in TASKS:
-            make_task(name)  # raises the "unknown task ... did you mean" line
-        accepted = inspect.signature(TASKS[name]).parameters
+        factory = task_factory(name)  # raises the "unknown task ... did you mean" line
+        accepted = inspect.signature(factory).parameters
         wanted = {**options, **per_task.get(name, {})}
-        tasks[name] = make_task(name, **{k: v for k, v in wanted.items() if k in accepted})
+        tasks[name] = factory(**{k: v for k, v in wanted.items() if k in accepted})
     return tasks
 
 
@@ -111,15 +110,17 @@ def default_run_dir(model_name: str, task_names: list[str]) -> Path:
               help="Needle samples per (length, depth) cell, each with its own random value.")
 @click.option("--haystack", type=click.Path(path_type=Path),
               help="Folder of .txt files to use as haystack (default: generated filler text).")
+@click.option("--include-path", type=click.Path(path_type=Path),
+              help="A folder of lm-evaluation-harness task YAML files, for --tasks lm-eval:TASK.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(model_spec: str, task_list: str, limit: int | None, output: Path | None, seed: int, batch_size: int,
         max_length: int | None, device: str, dtype: str, chat: bool | None, data_pairs: tuple[str, ...],
         allow_code_execution: bool, niah_lengths: str, niah_depths: str, niah_samples: int, haystack: Path | None,
-        quiet: bool) -> None:
+        include_path: Path | None, quiet: bool) -> None:
     """Evaluate a model on tasks; writes run.json, samples/<task>.jsonl and metrics.json to the run directory."""
+    from nsa_eval import distributed
     from nsa_eval.models import load_model
     from nsa_eval.runner import run as run_tasks
-    from nsa_eval.store import RunStore
 
     task_names = [t.strip() for t in task_list.split(",") if t.strip()]
     if not task_names:
@@ -132,23 +133,31 @@ def run(model_spec: str, task_list: str, limit: int | None, output: Path | None,
         samples_per_cell=niah_samples,
         haystack_dir=str(haystack) if haystack else None,
     )
-    tasks = build_tasks(task_names, {"seed": seed, "allow_code_execution": allow_code_execution}, per_task)
+    common = {"seed": seed, "allow_code_execution": allow_code_execution,
+              "include_path": str(include_path) if include_path else None}
+    tasks = build_tasks(task_names, common, per_task)
     if output is not None and output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is a file; give a directory for the run")
 
+    shard = distributed.start(device)  # None unless torchrun started several processes
     click.echo(f"loading {model_spec} ...", err=True)
-    model = load_model(model_spec, device=device, dtype=dtype, max_length=max_length, batch_size=batch_size)
+    model = load_model(model_spec, device=shard.device(device) if shard else device, dtype=dtype,
+                       max_length=max_length, batch_size=batch_size)
     run_dir = output or default_run_dir(model.name, task_names)
+    store = distributed.run_store(run_dir, shard)
+    device_type = str(getattr(model, "device", device)).split(":")[0]  # which GPU does not change the results
     metrics = run_tasks(
-        model, model_spec, tasks, RunStore(run_dir), seed=seed, limit=limit, chat=chat, batch_size=batch_size,
-        extra_config={"device": str(getattr(model, "device", device)), "dtype": str(getattr(model, "dtype", dtype))},
-        argv=sys.argv, show_progress=not quiet,
+        model, model_spec, tasks, store, seed=seed, limit=limit, chat=chat, batch_size=batch_size,
+        extra_config={"device": device_type, "dtype": str(getattr(model, "dtype", dtype))},
+        argv=sys.argv, show_progress=not quiet and (shard is None or shard.rank == 0),
     )
+    if metrics is None:  # a data-parallel process other than rank 0
+        return
     for name, result in metrics["tasks"].items():
         headline = result["metrics"].get(result["headline"], {})
         click.echo(f"{name}: {result['headline']} = {headline.get('mean', float('nan')):.4f} "
                    f"± {headline.get('stderr', float('nan')):.4f} (n={result['n']})")
-    click.echo(f"run directory: {run_dir}")
+    click.echo(f"run directory: {store.root}")
 
 
 @main.command(name="list")
@@ -171,6 +180,21 @@ main.add_command(publish)
 
 
 main.add_command(bench)
+
+from nsa_eval.serve import serve  # noqa: E402  (the OpenAI-compatible server lives in nsa_eval/serve.py)
+
+main.add_command(serve)
+
+
+@main.command(name="lm-eval", add_help_option=False,
+              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("lm_eval_args", nargs=-1, type=click.UNPROCESSED)
+def lm_eval_command(lm_eval_args: tuple[str, ...]) -> None:
+    """lm-evaluation-harness's own CLI with our backends registered as `--model nsa-eval`, e.g.
+    `nsa-eval lm-eval --model nsa-eval --model_args model=SPEC --tasks hellaswag`."""
+    from nsa_eval.lm_eval_bridge import run_lm_eval_cli
+
+    run_lm_eval_cli(list(lm_eval_args))
 
 if __name__ == "__main__":
     main()

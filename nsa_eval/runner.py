@@ -86,8 +86,9 @@ def run(
     extra_config: dict[str, Any] | None = None,
     argv: list[str] | None = None,
     show_progress: bool = True,
-) -> dict[str, Any]:
-    """Evaluate `tasks` on `model` into `store`; resumes a run with the same config. Returns metrics.json."""
+) -> dict[str, Any] | None:
+    """Evaluate `tasks` on `model` into `store`; resumes a run with the same config. Returns metrics.json (None in
+    the processes of a data-parallel run other than the one that writes it)."""
     use_chat = getattr(model, "chat", False) if chat is None else chat
     ctx = TaskContext(count_tokens=model.count_tokens, chat=use_chat, max_length=model.max_length, seed=seed, limit=limit)
     samples = {name: task.samples(ctx) for name, task in tasks.items()}  # bad grids fail here, before any write
@@ -135,8 +136,9 @@ def run(
     ) as progress:
         for name, task in tasks.items():
             done = store.finished_ids(name)
-            pending = [s for s in samples[name] if s.id not in done]
-            bar = progress.add_task(name, total=len(samples[name]), completed=len(samples[name]) - len(pending), rate="")
+            mine = [s for i, s in enumerate(samples[name]) if store.owns(i)]  # a data-parallel process: its shard
+            pending = [s for s in mine if s.id not in done]
+            bar = progress.add_task(name, total=len(mine), completed=len(mine) - len(pending), rate="")
             started = None
             finished_here = 0
             for start in range(0, len(pending), batch_size):
@@ -160,6 +162,8 @@ def run(
                 rate = finished_here / (time.perf_counter() - started)
                 progress.update(bar, advance=len(chunk), rate=f"{rate:.2f} samples/s")
 
+    if not store.gather({name: [s.id for s in items] for name, items in samples.items()}):
+        return None  # a data-parallel run: process 0 writes the metrics
     metrics = {"model": model.name, "spec": model_spec, "tasks": {}}
     for name, task in tasks.items():
         wanted = {s.id for s in samples[name]}

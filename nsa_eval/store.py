@@ -32,7 +32,7 @@ def prompts_digest(prompt_hashes: list[str]) -> str:
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for package in ("nsa-eval", "torch", "triton", "transformers", "tokenizers"):
+    for package in ("nsa-eval", "torch", "triton", "transformers", "tokenizers", "lm-eval"):
         try:
             out[package.replace("-", "_")] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -123,6 +123,16 @@ class RunStore:
             with path.open("r+b") as handle:
                 handle.truncate(good_bytes)
         return ids
+
+    def owns(self, index: int) -> bool:
+        """Whether this process answers a task's sample number `index`: always, except in a data-parallel run
+        (nsa_eval/distributed.py)."""
+        return True
+
+    def gather(self, order: dict[str, list[str]]) -> bool:
+        """Bring the samples of every process together (a data-parallel run merges its shards); returns whether
+        this process writes metrics.json. order: task -> sample ids in task order."""
+        return True
 
     def append(self, task: str, record: dict[str, Any]) -> None:
         with self.samples_path(task).open("a", encoding="utf-8") as handle:

@@ -1,0 +1,308 @@
+"""lm-evaluation-harness, both ways.
+
+Our backends in lm-eval: `NSAEvalLM` is an `lm_eval.api.model.LM` registered as `nsa-eval` when this module is
+imported. lm-eval 0.4.13 finds models only in its own registry (it has no plugin entry point for models), so
+its CLI is run through ours, which imports this module first:
+
+    nsa-eval lm-eval --model nsa-eval --model_args model=nsa:./ckpt,max_length=8192 --tasks hellaswag
+
+and from Python: `import nsa_eval.lm_eval_bridge` then `lm_eval.simple_evaluate(model="nsa-eval", ...)`.
+model_args: model (any spec of `nsa-eval run`), device, dtype, max_length, batch_size, seed.
+
+lm-eval tasks in our runner: `nsa-eval run --tasks lm-eval:TASK [--include-path DIR]` builds `LmEvalTask`, which
+takes lm-eval's own requests (its prompts, few-shot examples with lm-eval's default few-shot seed 1234, stop
+sequences) as our Samples, and scores each sample with the task's own filters and process_results and the
+task's own aggregation, so the numbers are lm-eval's. Chat: when the run sends chat messages (the model has a chat
+template and --no-chat-template is not given) the task's messages go to the backend as messages, as lm-eval's
+`--apply_chat_template --fewshot_as_multiturn` does. Not supported, each with a clear line: groups (name their
+tasks), perplexity tasks (loglikelihood_rolling), tasks whose choices change the context (multiple inputs,
+acc_mutual_info), assistant prefill (gen_prefix) with chat, multimodal tasks, and lm-eval's code-executing tasks
+(they run model code without a sandbox: use our `humaneval`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import defaultdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+try:
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.metrics import mean, stderr_for_metric
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError:
+    raise ValueError("lm-eval tasks and `nsa-eval lm-eval` need lm-evaluation-harness: pip install 'nsa-eval[lm-eval]'") from None
+
+from nsa_eval.model_adapters.base import GenerationRequest, LanguageModel, LoglikelihoodRequest, Prompt
+from nsa_eval.registry import did_you_mean
+from nsa_eval.tasks.base import Sample, TaskContext
+
+LM_EVAL_VERSION = metadata.version("lm-eval")
+FEWSHOT_SEED = 1234  # lm-eval's default few-shot seed (simple_evaluate's fewshot_random_seed)
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default when a task's generation_kwargs give no max_gen_toks
+CHAT_MARK = "\x00nsa-eval-chat:"  # chat messages travel through lm-eval's string contexts as CHAT_MARK + JSON
+SMALL_BOOTSTRAP = ("bleu", "chrf", "chrf++", "ter")  # lm-eval bootstraps these with 100 draws, others with 100000
+
+
+def chat_context(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """lm-eval's chat_template hook: keep the messages (the backend applies its own template)."""
+    if not add_generation_prompt:
+        raise ValueError("lm-eval tasks with an assistant prefill (gen_prefix) cannot run with chat messages; "
+                         "use --no-chat-template (nsa-eval run) or drop --apply_chat_template (lm-eval)")
+    return CHAT_MARK + json.dumps(messages, ensure_ascii=False)
+
+
+def prompt_of(context: str) -> Prompt:
+    """An lm-eval context string -> our prompt: chat messages when chat_context made it, else the text."""
+    return json.loads(context[len(CHAT_MARK):]) if context.startswith(CHAT_MARK) else context
+
+
+def generation_settings(gen_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval's generation_kwargs -> GenerationRequest fields (greedy unless do_sample or a temperature > 0)."""
+    until = gen_kwargs.get("until") or []
+    sampled = bool(gen_kwargs.get("do_sample")) or float(gen_kwargs.get("temperature") or 0) > 0
+    return {
+        "max_new_tokens": int(gen_kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)),
+        "stop": [until] if isinstance(until, str) else list(until),
+        "temperature": float(gen_kwargs.get("temperature", 1.0)) if sampled else 0.0,
+        "top_p": float(gen_kwargs.get("top_p", 1.0)),
+    }
+
+
+# ---- our backends inside lm-eval -------------------------------------------------------------------------
+
+
+@register_model("nsa-eval")
+class NSAEvalLM(LM):
+    """Any nsa-eval backend as an lm-eval model. model: a spec (`smollm2`, `hf:PATH`, `nsa:PATH`, `openai:...`) or
+    a LanguageModel already loaded. Sampling seeds follow ours (run seed and doc id), so lm-eval and
+    `nsa-eval run --tasks lm-eval:TASK` ask the model the same things."""
+
+    def __init__(self, model: str | LanguageModel = "smollm2", device: str | None = None, dtype: str | None = None,
+                 max_length: int | str | None = None, batch_size: int | str | None = None, seed: int | str = 0,
+                 max_batch_size: Any = None, **unknown: Any):
+        super().__init__()
+        if unknown:
+            raise ValueError(f"--model_args {', '.join(sorted(unknown))}: not an nsa-eval option; "
+                             "use model, device, dtype, max_length, batch_size, seed")
+        if isinstance(model, str):
+            from nsa_eval.models import load_model
+
+            size = int(batch_size) if str(batch_size or "").isdigit() else 1  # lm-eval's "auto" sizes: one at a time
+            model = load_model(model, device=device or "auto", dtype=dtype or "auto",
+                               max_length=int(max_length) if max_length else None, batch_size=size)
+        self.model = model
+        self.seed = int(seed)
+
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        if any(r.args[0] == "" for r in requests):
+            raise ValueError("an lm-eval request with an empty context (acc_mutual_info, perplexity) cannot be scored "
+                             "by nsa-eval backends; they score a continuation given a context")
+        answers = self.model.loglikelihood([LoglikelihoodRequest(prompt_of(r.args[0]), r.args[1]) for r in requests])
+        results = [(a.logprob, a.is_greedy) for a in answers]
+        for request, result in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood", request.args[:2], result)
+        return results
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        raise ValueError("perplexity tasks (loglikelihood_rolling) are not supported by nsa-eval backends")
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        """lm-eval repeats an instance `repeats` times in a row; those become one request with n samples."""
+        from nsa_eval.runner import request_seed
+
+        runs: list[tuple[Instance, int]] = []
+        for request in requests:
+            if runs and runs[-1][0] is request:
+                runs[-1] = (request, runs[-1][1] + 1)
+            else:
+                runs.append((request, 1))
+        asks = [
+            GenerationRequest(prompt=prompt_of(r.args[0]), n=n, seed=request_seed(self.seed, str(r.doc_id)),
+                              **generation_settings(r.args[1]))
+            for r, n in runs
+        ]
+        texts = [text for generation in self.model.generate(asks) for text in generation.texts]
+        for request, text in zip(requests, texts):
+            self.cache_hook.add_partial("generate_until", request.args[:2], text)
+        return texts
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return chat_context(chat_history, add_generation_prompt)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.model.name
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return getattr(getattr(self.model, "tokenizer", None), "chat_template", None) or ""
+
+
+def run_lm_eval_cli(args: list[str]) -> None:
+    """lm-eval's command line (`lm-eval ARGS`), with `nsa-eval` registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm-eval", *args]
+    cli_evaluate()
+
+
+# ---- lm-eval tasks inside our runner ----------------------------------------------------------------------
+
+
+def load_task(name: str, include_path: str | None = None) -> Any:
+    """One lm-eval task (a ConfigurableTask) by name; lm-eval's built-in tasks are indexed only when the name is
+    not in include_path (indexing them takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not Path(include_path).is_dir():
+        raise ValueError(f"--include-path {include_path} is not a folder; give the folder holding the task YAML files")
+    manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
+    if manager is None or name not in manager.all_tasks:
+        manager = TaskManager(include_path=include_path)
+    if name not in manager.all_tasks:
+        where = f" in {include_path} or" if include_path else ""
+        raise ValueError(f"unknown lm-eval task '{name}'{where} among lm-eval's tasks.{did_you_mean(name, manager.all_tasks)} "
+                         "`lm-eval ls tasks` lists them; --include-path DIR adds your own YAML files")
+    loaded = manager.load([name])
+    if loaded["groups"] or len(loaded["tasks"]) != 1:
+        members = sorted(loaded["tasks"])
+        shown = ",".join(f"lm-eval:{m}" for m in members[:3]) + (",..." if len(members) > 3 else "")
+        raise ValueError(f"lm-eval:{name} is a group of {len(members)} tasks; name them one by one: --tasks {shown}")
+    task = next(iter(loaded["tasks"].values()))
+    if task.OUTPUT_TYPE == "loglikelihood_rolling":
+        raise ValueError(f"lm-eval:{name} is a perplexity task (loglikelihood_rolling), which nsa-eval backends do not score")
+    if getattr(task, "UNSAFE_CODE", False) or task.config.unsafe_code:
+        raise ValueError(f"lm-eval:{name} runs model-written code without a sandbox; use nsa-eval's sandboxed humaneval task")
+    if getattr(task, "MULTIMODAL", False):
+        raise ValueError(f"lm-eval:{name} is multimodal; nsa-eval backends take text")
+    if task.get_config("num_fewshot") is None:  # as simple_evaluate does
+        task.set_config(key="num_fewshot", value=0)
+    task.set_fewshot_seed(seed=FEWSHOT_SEED)
+    return task
+
+
+class LmEvalTask:
+    """An lm-eval task as one of our tasks (name `lm-eval:TASK`); see the module docstring."""
+
+    headline: str
+    breakdown_keys: tuple[str, ...] = ()
+
+    def __init__(self, task: str, include_path: str | None = None):
+        self.task_name = task
+        self.name = f"lm-eval:{task}"
+        self.include_path = str(Path(include_path).resolve()) if include_path else None
+        self._task = load_task(task, include_path)
+        self.version = str((self._task.config.metadata or {}).get("version", self._task.VERSION))
+        self._instances: dict[str, tuple[dict, list[Instance]]] = {}
+        self._scored: dict[str, dict[str, Any]] = {}
+        filters = [f.name for f in getattr(self._task, "_filters", [])] or ["none"]
+        self.headline = metric_key(next(iter(self._task.aggregation()), "acc"), filters[0])
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "lm_eval_task": self.task_name,
+            "lm_eval_version": LM_EVAL_VERSION,
+            "include_path": self.include_path,
+            "fewshot_seed": FEWSHOT_SEED,
+            "task_config": json_safe(self._task.dump_config()),
+        }
+
+    def samples(self, ctx: TaskContext) -> list[Sample]:
+        self._task.build_all_requests(
+            limit=ctx.limit, rank=0, world_size=1, apply_chat_template=ctx.chat, fewshot_as_multiturn=ctx.chat,
+            chat_template=chat_context if ctx.chat else None, tokenizer_name="nsa-eval" if ctx.chat else "",
+        )
+        by_doc: dict[int, list[Instance]] = defaultdict(list)
+        for instance in self._task.instances:
+            by_doc[instance.doc_id].append(instance)
+        samples = []
+        for doc_id, instances in by_doc.items():
+            instances.sort(key=lambda i: i.idx)
+            sample_id = str(doc_id)
+            doc = instances[0].doc
+            self._instances[sample_id] = (doc, instances)
+            target = json_safe(self._task.doc_to_target(doc))
+            first = instances[0]
+            if first.request_type == "generate_until":
+                samples.append(Sample(id=sample_id, prompt=prompt_of(first.args[0]), target=target,
+                                      n=first.repeats or 1, **generation_settings(first.args[1])))
+            else:
+                contexts = {i.args[0] for i in instances}
+                if len(contexts) != 1:
+                    raise ValueError(f"{self.name} scores choices under different contexts (multiple inputs or "
+                                     "acc_mutual_info), which nsa-eval samples cannot express; run it with `nsa-eval lm-eval`")
+                samples.append(Sample(id=sample_id, prompt=prompt_of(first.args[0]), target=target,
+                                      continuations=[i.args[1] for i in instances]))
+        return samples
+
+    def score(self, sample: Sample, output: list[Any]) -> dict[str, float]:
+        """lm-eval's filters and process_results on this sample's answers. Numbers become our scores; every value
+        (numbers, and the pairs corpus metrics such as BLEU aggregate) goes to the record's details."""
+        doc, instances = self._instances[sample.id]
+        for instance in instances:
+            instance.resps, instance.filtered_resps = [], {}
+        if sample.continuations is None:
+            instances[0].resps = list(output)
+        else:
+            for instance, pair in zip(instances, output):
+                instance.resps = [tuple(pair)]
+        for ensemble in getattr(self._task, "_filters", []):
+            ensemble.apply(instances)
+        values = {}
+        for filter_name in instances[0].filtered_resps:
+            results = self._task.process_results(doc, [i.filtered_resps[filter_name] for i in instances])
+            for metric, value in results.items():
+                values[metric_key(metric, filter_name)] = json_safe(value)
+        self._scored[sample.id] = values
+        return {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
+
+    def details(self, sample: Sample, output: list[Any]) -> dict[str, Any]:
+        if sample.id not in self._scored:
+            self.score(sample, output)
+        return {"lm_eval": self._scored.pop(sample.id)}
+
+    def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """lm-eval's aggregation of each metric over the records (the value is under "mean", as reports read it),
+        with lm-eval's standard errors (closed form for means, bootstrap for corpus metrics)."""
+        raw: dict[str, list[Any]] = defaultdict(list)
+        for record in records:
+            for key, value in record["details"]["lm_eval"].items():
+                raw[key].append(value)
+        aggregations = self._task.aggregation()
+        metrics = {}
+        for key, items in raw.items():
+            metric = key.split(",")[0]
+            aggregate = aggregations.get(metric, mean)
+            stderr = stderr_for_metric(aggregate, bootstrap_iters=100 if metric in SMALL_BOOTSTRAP else 100_000)
+            metrics[key] = {
+                "mean": float(aggregate(items)),
+                "stderr": float(stderr(items)) if stderr is not None and len(items) > 1 else math.nan,
+            }
+        return {"n": len(records), "metrics": metrics, "breakdowns": {},
+                "higher_is_better": dict(self._task.higher_is_better())}
+
+
+def metric_key(metric: str, filter_name: str) -> str:
+    """lm-eval's "metric,filter" result key, shortened to the metric when the filter is lm-eval's default "none"."""
+    return metric if filter_name in ("none", "") else f"{metric},{filter_name}"
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON values, stable across runs: numpy scalars as numbers, tuples as lists, functions by name."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return value.item()
+    if callable(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    text = str(value)
+    return type(value).__name__ if " at 0x" in text else text  # no memory addresses: the config hash must be stable

@@ -1,0 +1,373 @@
+"""`nsa-eval serve`: an OpenAI-compatible HTTP server for any of our backends (NSA checkpoints included, which
+vLLM cannot serve), so any OpenAI-API client (lm-eval's local-completions, the `openai` package, our own
+`openai:` backend) can evaluate them.
+
+Endpoints: GET /v1/models; POST /v1/completions (text or token-id prompts, n, stop, seed, echo, logprobs,
+streaming) and POST /v1/chat/completions (chat template applied by the backend, streaming). Every answer carries
+`usage` token counts, and an `nsa_eval` field with the backend's own timings (prefill ms, decode tokens/s), which
+our `openai:` backend reads. Loopback only by default; `--api-key` makes every request need
+`Authorization: Bearer KEY`.
+
+The standard library's ThreadingHTTPServer answers each connection in a thread; the model answers one request at a
+time (a lock), so requests queue rather than run together. Streaming uses server-sent events, sent once the backend
+has finished the completion (the LanguageModel interface returns whole texts): clients that stream work, but see
+the text arrive at once.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterator
+
+import click
+
+from nsa_eval.model_adapters.base import Generation, GenerationRequest, LanguageModel
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+UNSUPPORTED = ("best_of", "logit_bias", "presence_penalty", "frequency_penalty", "suffix", "tools", "functions")
+
+
+class RequestError(ValueError):
+    """A request the server refuses: an HTTP status and an OpenAI-style error message."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+class OpenAIServer(ThreadingHTTPServer):
+    """Serves one LanguageModel under `served_name`. `url` is the API base (…/v1) once bound (port 0 picks one)."""
+
+    daemon_threads = True
+
+    def __init__(self, model: LanguageModel, served_name: str, host: str = "127.0.0.1", port: int = 0,
+                 api_key: str | None = None, quiet: bool = False):
+        self.address_family = _family(host)
+        super().__init__((host, port), _Handler)
+        self.model, self.served_name, self.api_key, self.quiet = model, served_name, api_key, quiet
+        self.model_lock = threading.Lock()
+        self.created = int(time.time())
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+    # ---- endpoints (body in, JSON-able answer or an iterator of SSE events out) -------------------------
+
+    def models(self) -> dict[str, Any]:
+        entry = {"id": self.served_name, "object": "model", "created": self.created, "owned_by": "nsa-eval",
+                 "max_model_len": self.model.max_length, "chat": bool(getattr(self.model, "chat", False))}
+        return {"object": "list", "data": [entry]}
+
+    def completions(self, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        self._check(body)
+        prompts = _prompts(body.get("prompt"))
+        echo, logprobs = bool(body.get("echo", False)), body.get("logprobs")
+        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or not 0 <= logprobs <= 20):
+            raise RequestError(400, "logprobs must be a whole number from 0 to 20")
+        settings = _settings(body, default_max_tokens=16)
+        choices, usage, timings = [], {"prompt_tokens": 0, "completion_tokens": 0}, []
+        for prompt in prompts:
+            text = prompt if isinstance(prompt, str) else self._decode(prompt)
+            if settings["max_new_tokens"] == 0:  # echo only: the prompt's log-probabilities, nothing generated
+                if not echo:
+                    raise RequestError(400, "max_tokens 0 is only meaningful with echo; ask for at least 1 token")
+                n = settings["n"]
+                size = len(prompt) if isinstance(prompt, list) else self.model.count_tokens(prompt)
+                generation = Generation([""] * n, [0] * n, ["length"] * n, prompt_tokens=size)
+            else:
+                generation = self._generate(text, settings)
+            for j, completion in enumerate(generation.texts):
+                choice = {"index": len(choices), "text": (text if echo else "") + completion, "logprobs": None,
+                          "finish_reason": generation.finish_reasons[j]}
+                if logprobs is not None:
+                    choice["logprobs"] = self._logprobs(prompt, completion, logprobs, echo)
+                choices.append(choice)
+            usage["prompt_tokens"] += generation.prompt_tokens
+            usage["completion_tokens"] += sum(generation.new_tokens)
+            timings.append(generation)
+        answer = self._answer("cmpl", "text_completion", choices, usage, timings)
+        return _stream_completion(answer, body) if body.get("stream") else answer
+
+    def chat_completions(self, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        self._check(body)
+        messages = _messages(body.get("messages"))
+        if body.get("logprobs"):
+            raise RequestError(400, "logprobs on chat completions are not supported; use /v1/completions with echo")
+        if "max_completion_tokens" in body and "max_tokens" not in body:
+            body = {**body, "max_tokens": body["max_completion_tokens"]}
+        generation = self._generate(messages, _settings(body, default_max_tokens=None))
+        choices = [
+            {"index": j, "message": {"role": "assistant", "content": text}, "logprobs": None,
+             "finish_reason": generation.finish_reasons[j]}
+            for j, text in enumerate(generation.texts)
+        ]
+        usage = {"prompt_tokens": generation.prompt_tokens, "completion_tokens": sum(generation.new_tokens)}
+        answer = self._answer("chatcmpl", "chat.completion", choices, usage, [generation])
+        return _stream_chat(answer, body) if body.get("stream") else answer
+
+    # ---- helpers ----------------------------------------------------------------------------------------------
+
+    def _check(self, body: dict[str, Any]) -> None:
+        if body.get("model") not in (None, self.served_name):
+            raise RequestError(404, f"model '{body.get('model')}' is not served here; this server serves '{self.served_name}'",
+                               "not_found_error")
+        used = [key for key in UNSUPPORTED if body.get(key) not in (None, 0, 1, {}, [], "")]
+        if used:
+            raise RequestError(400, f"nsa-eval serve does not support {', '.join(used)}")
+
+    def _generate(self, prompt: Any, settings: dict[str, Any]):
+        if settings["max_new_tokens"] is None:  # chat without max_tokens: whatever the budget leaves
+            settings = {**settings, "max_new_tokens": max(1, self.model.max_length - self.model.count_tokens(prompt) - 1)}
+        if settings["max_new_tokens"] == 0:
+            raise RequestError(400, "max_tokens must be at least 1")
+        with self.model_lock:
+            return self.model.generate([GenerationRequest(prompt=prompt, **settings)])[0]
+
+    def _tokenizer(self) -> Any:
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if tokenizer is None or not hasattr(self.model, "token_logprobs"):
+            raise RequestError(400, f"{self.model.name} gives no token log-probabilities or token ids (a remote backend); "
+                                    "logprobs, echo of logprobs and token-id prompts need a local one (hf:, smollm2, nsa:)")
+        return tokenizer
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer().decode(ids, skip_special_tokens=False)
+
+    def _logprobs(self, prompt: str | list[int], completion: str, top: int, echo: bool) -> dict[str, Any]:
+        """OpenAI's `logprobs` object for the prompt (when echoed) and the completion, from one forward pass."""
+        tokenizer = self._tokenizer()
+        if isinstance(prompt, str):
+            encoded = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+            prompt_ids, prompt_offsets = encoded["input_ids"], [start for start, _ in encoded["offset_mapping"]]
+            prompt_chars = len(prompt)
+        else:
+            prompt_ids, prompt_offsets, prompt_chars = prompt, _cumulative_offsets(tokenizer, prompt), len(self._decode(prompt))
+        encoded = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)
+        ids = prompt_ids + encoded["input_ids"]
+        offsets = prompt_offsets + [prompt_chars + start for start, _ in encoded["offset_mapping"]]
+        with self.model_lock:
+            scored = self.model.token_logprobs(ids, top=max(top, 1))
+        tokens = [tokenizer.decode([i]) for i in ids]
+        token_logprobs: list[float | None] = [None] + [lp for lp, _ in scored]
+        top_logprobs: list[dict[str, float] | None] = [None]
+        for i, (lp, best) in enumerate(scored, start=1):
+            entry = {tokenizer.decode([t]): value for t, value in best[:top]}
+            entry.setdefault(tokens[i], lp)
+            top_logprobs.append(entry)
+        keep = slice(0, len(ids)) if echo else slice(len(prompt_ids), len(ids))
+        shift = 0 if echo else prompt_chars
+        return {"tokens": tokens[keep], "token_logprobs": token_logprobs[keep], "top_logprobs": top_logprobs[keep],
+                "text_offset": [o - shift for o in offsets[keep]]}
+
+    def _answer(self, prefix: str, kind: str, choices: list, usage: dict, generations: list) -> dict[str, Any]:
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {
+            "id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()),
+            "model": self.served_name, "choices": choices, "usage": usage,
+            "nsa_eval": {  # our backend's timings (ignored by other clients)
+                "prefill_ms": sum(g.prefill_ms for g in generations) / len(generations),
+                "decode_tokens_per_s": sum(g.decode_tokens_per_s for g in generations) / len(generations),
+                "new_tokens": [n for g in generations for n in g.new_tokens],
+                "truncated": any(g.truncated for g in generations),
+            },
+        }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: OpenAIServer
+    protocol_version = "HTTP/1.1"  # keep-alive: the openai client reuses its connection
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._dispatch({"/v1/models": lambda _: self.server.models(), "/health": lambda _: {"status": "ok"}}, body=False)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch({"/v1/completions": self.server.completions, "/v1/chat/completions": self.server.chat_completions})
+
+    def _dispatch(self, routes: dict[str, Any], body: bool = True) -> None:
+        try:
+            request = self._body() if body else {}  # read before any answer, so the connection stays usable
+            if self.server.api_key and self.headers.get("Authorization") != f"Bearer {self.server.api_key}":
+                raise RequestError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error")
+            route = routes.get(self.path.split("?")[0].rstrip("/"))
+            if route is None:
+                raise RequestError(404, f"no endpoint {self.command} {self.path}; this server has "
+                                        "/v1/models, /v1/completions and /v1/chat/completions", "not_found_error")
+            answer = route(request)
+        except RequestError as error:
+            return self._json(error.status, {"error": {"message": str(error), "type": error.kind, "param": None, "code": None}})
+        except ValueError as error:  # the backend's one-line refusals (prompt too long, no chat template, ...)
+            return self._json(400, {"error": {"message": str(error), "type": "invalid_request_error", "param": None, "code": None}})
+        except Exception as error:  # noqa: BLE001 - a server answers 500 and keeps serving
+            traceback.print_exc(file=sys.stderr)
+            return self._json(500, {"error": {"message": f"{type(error).__name__}: {error}", "type": "server_error",
+                                              "param": None, "code": None}})
+        if isinstance(answer, dict):
+            self._json(200, answer)
+        else:
+            self._events(answer)
+
+    def _body(self) -> dict[str, Any]:
+        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise RequestError(400, "the request body is not JSON") from None
+        if not isinstance(body, dict):
+            raise RequestError(400, "the request body must be a JSON object")
+        return body
+
+    def _json(self, status: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _events(self, events: Iterator[dict[str, Any]]) -> None:
+        """Server-sent events, then `data: [DONE]`; the connection closes after them."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for event in events:
+            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+        if not self.server.quiet:
+            sys.stderr.write(f"{self.address_string()} {format % args}\n")
+
+
+def _stream_completion(answer: dict[str, Any], body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    head = {k: answer[k] for k in ("id", "object", "created", "model")}
+    for choice in answer["choices"]:
+        yield {**head, "choices": [{**choice, "finish_reason": None}]}
+        yield {**head, "choices": [{"index": choice["index"], "text": "", "logprobs": None, "finish_reason": choice["finish_reason"]}]}
+    if (body.get("stream_options") or {}).get("include_usage"):
+        yield {**head, "choices": [], "usage": answer["usage"]}
+
+
+def _stream_chat(answer: dict[str, Any], body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    head = {**{k: answer[k] for k in ("id", "created", "model")}, "object": "chat.completion.chunk"}
+    for choice in answer["choices"]:
+        index = choice["index"]
+        yield {**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        yield {**head, "choices": [{"index": index, "delta": {"content": choice["message"]["content"]}, "finish_reason": None}]}
+        yield {**head, "choices": [{"index": index, "delta": {}, "finish_reason": choice["finish_reason"]}]}
+    if (body.get("stream_options") or {}).get("include_usage"):
+        yield {**head, "choices": [], "usage": answer["usage"]}
+
+
+def _settings(body: dict[str, Any], default_max_tokens: int | None) -> dict[str, Any]:
+    """The GenerationRequest fields of an OpenAI request (OpenAI's defaults: temperature 1, top_p 1, n 1)."""
+    def given(key: str, default: Any) -> Any:
+        return default if body.get(key) is None else body[key]
+
+    stop = given("stop", [])
+    stop = [stop] if isinstance(stop, str) else stop
+    try:
+        max_tokens = given("max_tokens", default_max_tokens)
+        settings = {
+            "max_new_tokens": None if max_tokens is None else int(max_tokens),
+            "temperature": float(given("temperature", 1.0)),
+            "top_p": float(given("top_p", 1.0)),
+            "n": int(given("n", 1)),
+            "seed": int(given("seed", int.from_bytes(uuid.uuid4().bytes[:6], "big"))),
+            "stop": [str(s) for s in stop],
+        }
+    except (TypeError, ValueError):
+        raise RequestError(400, "max_tokens, temperature, top_p, n and seed must be numbers") from None
+    if settings["n"] < 1 or (settings["max_new_tokens"] is not None and settings["max_new_tokens"] < 0):
+        raise RequestError(400, "n must be at least 1 and max_tokens at least 0")
+    return settings
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    """OpenAI's prompt forms: a string, a list of strings, a list of token ids, or a list of those lists."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            return [prompt]
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+            return list(prompt)
+    raise RequestError(400, "prompt must be a string, a list of strings, or token ids")
+
+
+def _messages(messages: Any) -> list[dict[str, str]]:
+    """Chat messages with text content (a list of text parts is joined)."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "messages must be a non-empty list of {role, content}")
+    out = []
+    for message in messages:
+        if not isinstance(message, dict) or "role" not in message:
+            raise RequestError(400, "each message needs a role and content")
+        content = message.get("content") or ""
+        if isinstance(content, list):
+            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+                raise RequestError(400, "only text content parts are supported")
+            content = "".join(p.get("text", "") for p in content)
+        out.append({"role": str(message["role"]), "content": str(content)})
+    return out
+
+
+def _cumulative_offsets(tokenizer: Any, ids: list[int]) -> list[int]:
+    """Character offsets of token-id prompts: where each token's text starts in the decoded prompt."""
+    offsets, position = [], 0
+    for token in ids:
+        offsets.append(position)
+        position += len(tokenizer.decode([token]))
+    return offsets
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+@click.command()
+@click.option("--model", "model_spec", default="smollm2", show_default=True,
+              help="What to serve: any model spec of `nsa-eval run` (`nsa-eval list models`).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port (0 picks a free one).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Loopback by default; another address exposes the model to the network.")
+@click.option("--api-key", envvar="NSA_EVAL_API_KEY", help="Require `Authorization: Bearer KEY` (or set NSA_EVAL_API_KEY).")
+@click.option("--served-model-name", help="The model id clients send (default: the --model spec).")
+@click.option("--max-length", type=click.IntRange(min=16), help="Prompt + generation budget in tokens.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No line per request.")
+def serve(model_spec: str, port: int, host: str, api_key: str | None, served_model_name: str | None,
+          max_length: int | None, device: str, dtype: str, quiet: bool) -> None:
+    """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models) until Ctrl-C."""
+    from nsa_eval.models import load_model
+
+    if host not in LOOPBACK and not api_key:
+        click.echo(f"warning: --host {host} without --api-key lets anyone who reaches this machine use the model", err=True)
+    click.echo(f"loading {model_spec} ...", err=True)
+    model = load_model(model_spec, device=device, dtype=dtype, max_length=max_length)
+    try:
+        server = OpenAIServer(model, served_model_name or model_spec, host, port, api_key, quiet)
+    except OSError as error:
+        raise ValueError(f"cannot listen on {host}:{port} ({error.strerror or error}); choose another --port (0 picks a free one)") from None
+    click.echo(f"serving '{server.served_name}' at {server.url} (Ctrl-C stops)", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

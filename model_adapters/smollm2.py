@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from nsa_eval.model_adapters.base import ModelLoadError
@@ -54,10 +56,14 @@ def plain_checkpoint() -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantised.state_dict())
-    partial = target.with_name(target.name + ".partial")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.replace(target) if not target.exists() else None
+    try:
+        partial.rename(target)  # atomic: a concurrent loader sees the whole checkpoint or none
+    except OSError:  # another process finished first
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 

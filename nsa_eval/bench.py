@@ -190,6 +190,82 @@ def sdpa_decode(batch: int) -> Callable[[int], Run]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# NSA (kernels/nsa): the paper's layout with the window, and flash-linear-attention's beside fla-core
+# ----------------------------------------------------------------------------------------------------
+
+NSA_PAPER = dict(block_len=32, block_stride=16, select_len=64, num_selected=16, window=512)
+NSA_FLA = dict(block_len=64, block_stride=64, select_len=64, num_selected=16, window=0)
+
+
+def _nsa_inputs(T: int, hp: dict, grad: bool):
+    """q, k, v, k_cmp, v_cmp (mean pooling: a stand-in for the model's phi), three gates; bf16 on the GPU."""
+    import torch
+
+    from nsa_eval.kernels import mean_pool
+
+    q, k, v = _randn(1, T, HQ, D, grad=grad), _randn(1, T, H, D, grad=grad), _randn(1, T, H, D, grad=grad)
+    k_cmp = mean_pool(k.detach(), hp["block_len"], hp["block_stride"]).requires_grad_(grad)
+    v_cmp = mean_pool(v.detach(), hp["block_len"], hp["block_stride"]).requires_grad_(grad)
+    gates = [torch.rand(1, T, HQ, device="cuda", dtype=torch.bfloat16).requires_grad_(grad) for _ in range(3)]
+    return [q, k, v, k_cmp, v_cmp, *gates]
+
+
+def ours_nsa(hp: dict, backward: bool) -> Callable[[int], Run]:
+    def setup(T: int) -> Run:
+        import torch
+
+        from nsa_eval.kernels import nsa_attention
+
+        inputs = _nsa_inputs(T, hp, backward)
+        if not backward:
+            return Run(lambda: nsa_attention(*inputs, **hp))
+        do = torch.randn_like(nsa_attention(*inputs, **hp))
+        return Run(lambda: torch.autograd.grad(nsa_attention(*inputs, **hp), inputs, do))
+
+    return setup
+
+
+def fla_nsa(backward: bool) -> Callable[[int], Run]:
+    """fla-core's parallel_nsa at its own layout (block 64, 16 blocks, no window; it mean-pools k, v itself)."""
+
+    def setup(T: int) -> Run:
+        import torch
+        from fla.ops.nsa import parallel_nsa
+
+        q, k, v, _, _, g_cmp, g_slc, _ = _nsa_inputs(T, NSA_FLA, backward)
+
+        def call():
+            return parallel_nsa(q, k, v, g_cmp, g_slc, None, block_counts=16, block_size=64, window_size=0)
+
+        if not backward:
+            return Run(call)
+        do = torch.randn_like(call())
+        return Run(lambda: torch.autograd.grad(call(), (q, k, v, g_cmp, g_slc), do))
+
+    return setup
+
+
+def ours_nsa_decode(batch: int) -> Callable[[int], Run]:
+    """One NSA step (paper layout) at T cached tokens: reads the compressed cache, 16 blocks and the window."""
+
+    def setup(T: int) -> Run:
+        import torch
+
+        from nsa_eval.kernels import mean_pool, nsa_decode
+
+        hp = NSA_PAPER
+        q, k_cache, v_cache = _randn(batch, HQ, D), _randn(batch, T, H, D), _randn(batch, T, H, D)
+        k_cmp, v_cmp = (mean_pool(x, hp["block_len"], hp["block_stride"]) for x in (k_cache, v_cache))
+        gates = [torch.rand(batch, HQ, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        lengths = torch.full((batch,), T, dtype=torch.int32, device="cuda")
+        step = graphed(lambda: nsa_decode(q, k_cache, v_cache, k_cmp, v_cmp, lengths, *gates, **hp))
+        tokens = k_cmp.shape[1] + hp["num_selected"] * hp["select_len"] + hp["window"]  # K/V rows it must read
+        return Run(step, kv_cache_bytes(batch, tokens), note="CUDA graph; bytes: compressed cache + 16 blocks + window")
+
+    return setup
+
+
+# ----------------------------------------------------------------------------------------------------
 # what runs
 # ----------------------------------------------------------------------------------------------------
 
@@ -201,12 +277,22 @@ CASES: list[Case] = [
     Case("prefill fwd+bwd", "sdpa flash", sdpa_prefill("FLASH_ATTENTION", backward=True), lambda T: 3.5 * causal_flops(T)),
     Case("prefill fwd+bwd", "sdpa cudnn", sdpa_prefill("CUDNN_ATTENTION", backward=True), lambda T: 3.5 * causal_flops(T)),
 ]
+CASES += [
+    Case("prefill fwd", "ours nsa", ours_nsa(NSA_PAPER, backward=False)),
+    Case("prefill fwd+bwd", "ours nsa", ours_nsa(NSA_PAPER, backward=True)),
+    Case("nsa fla-layout fwd", "ours nsa", ours_nsa(NSA_FLA, backward=False)),
+    Case("nsa fla-layout fwd", "fla parallel_nsa", fla_nsa(backward=False)),
+    Case("nsa fla-layout fwd+bwd", "ours nsa", ours_nsa(NSA_FLA, backward=True)),
+    Case("nsa fla-layout fwd+bwd", "fla parallel_nsa", fla_nsa(backward=True)),
+]
 for _batch in DECODE_BATCHES:
     CASES += [
         Case(f"decode b={_batch}", "ours full", ours_decode(_batch)),
         Case(f"decode b={_batch}", "sdpa", sdpa_decode(_batch)),
+        Case(f"decode b={_batch}", "ours nsa", ours_nsa_decode(_batch)),
     ]
-BASELINES = ("sdpa flash", "sdpa cudnn", "sdpa")  # ratio columns: time of these / time of the row
+BASELINES = ("sdpa flash", "sdpa cudnn", "sdpa", "fla parallel_nsa")  # ratio columns: their time / the row's
+NSA_BASELINES = ("ours full",)  # NSA rows (impl "ours nsa") also get a ratio against our full attention
 
 
 def check_full_attention(T: int = 1024) -> float:
@@ -247,8 +333,47 @@ def check_decode(batch: int = 4, s_max: int = 4096) -> float:
     return rel_err(ours, ref)
 
 
+def check_nsa(T: int = 2048) -> float:
+    """NSA (paper layout) forward and every gradient against the float32 reference, both on the kernel's
+    block selection (bf16 rounding may flip near-ties); the selection itself must agree on >= 99% of rows."""
+    import torch
+
+    from nsa_eval.kernels.nsa import parallel, reference
+
+    inputs = _nsa_inputs(T, NSA_PAPER, grad=True)
+    o, idx = parallel.nsa_attention(*inputs, **NSA_PAPER, return_block_indices=True)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, inputs, do)
+    inputs32 = [x.detach().float().requires_grad_() for x in inputs]
+    o_ref, idx_ref = reference.nsa_attention(*inputs32, **NSA_PAPER, return_block_indices=True)
+    same_rows = (torch.sort(idx, -1).values == torch.sort(idx_ref, -1).values).all(-1).float().mean().item()
+    o_ref = reference.nsa_attention(*inputs32, **NSA_PAPER, block_indices=idx)
+    grads_ref = torch.autograd.grad(o_ref, inputs32, do.float())
+    error = max(rel_err(o, o_ref), *(rel_err(g, r) for g, r in zip(grads, grads_ref)))
+    return error if same_rows >= 0.99 else float("inf")
+
+
+def check_nsa_decode(batch: int = 3, s_max: int = 3000) -> float:
+    """NSA decode over caches of different lengths against the float32 reference step."""
+    import torch
+
+    from nsa_eval.kernels import mean_pool
+    from nsa_eval.kernels.nsa import decode, reference
+
+    hp = NSA_PAPER
+    q, k_cache, v_cache = _randn(batch, HQ, D), _randn(batch, s_max, H, D), _randn(batch, s_max, H, D)
+    k_cmp, v_cmp = (mean_pool(x, hp["block_len"], hp["block_stride"]) for x in (k_cache, v_cache))
+    gates = [torch.rand(batch, HQ, device="cuda") for _ in range(3)]
+    lengths = torch.tensor([s_max, s_max // 3, 700], dtype=torch.int32, device="cuda")[:batch]
+    ours = decode.nsa_decode(q, k_cache, v_cache, k_cmp, v_cmp, lengths, *gates, **hp)
+    ref = reference.nsa_decode(*(x.float() for x in (q, k_cache, v_cache, k_cmp, v_cmp)), lengths, *gates, **hp)
+    return rel_err(ours, ref)
+
+
 CHECKS: list[Check] = [
     Check("full attention fwd+bwd vs reference, T=1024 (max of o, dq, dk, dv)", check_full_attention, 3e-2),
+    Check("NSA fwd+bwd vs reference, T=2048, paper layout (max of o and 8 gradients)", check_nsa, 3e-2),
+    Check("NSA decode vs reference, mixed cache lengths", check_nsa_decode, 1.5e-2),
     Check("full attention fwd vs SDPA flash, T=8192", check_against_sdpa, 1.5e-2),
     Check("full attention decode vs reference, mixed cache lengths", check_decode, 1.5e-2),
 ]
@@ -408,7 +533,7 @@ def _format_table(rows: list[dict], op: str, lengths: list[int]) -> str:
 def _add_ratios(rows: list[dict]) -> None:
     base = {(r["op"], r["impl"], r["T"]): r["ms"] for r in rows if "ms" in r}
     for r in rows:
-        for b in BASELINES:
+        for b in BASELINES + (NSA_BASELINES if r["impl"] == "ours nsa" else ()):
             if "ms" in r and (r["op"], b, r["T"]) in base and r["impl"] != b:
                 r[f"vs {b}"] = base[(r["op"], b, r["T"])] / r["ms"]
 

@@ -27,6 +27,25 @@ def num_visible_blocks(t, BLOCK_LEN: tl.constexpr, BLOCK_STRIDE: tl.constexpr):
 
 
 @triton.jit
+def row_dot_kernel(a, b, out, ROWS, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    """Grid (cdiv(ROWS, BR)). out[r] = sum_d a[r, d] * b[r, d] in float32 (a, b [ROWS, D] row-major)."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    d = tl.arange(0, BD)
+    mask = (r[:, None] < ROWS) & (d[None, :] < D)
+    x = tl.load(a + r[:, None] * D + d[None, :], mask=mask, other=0.).to(tl.float32)
+    y = tl.load(b + r[:, None] * D + d[None, :], mask=mask, other=0.).to(tl.float32)
+    tl.store(out + r, tl.sum(x * y, 1), mask=r < ROWS)
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(a * b).sum(-1) in float32 for contiguous a, b [..., D], without float32 temporaries."""
+    rows, D = a.numel() // a.shape[-1], a.shape[-1]
+    out = torch.empty(a.shape[:-1], dtype=torch.float32, device=a.device)
+    row_dot_kernel[(triton.cdiv(rows, 32),)](a, b, out, rows, D, 32, triton.next_power_of_2(D), num_warps=4)
+    return out
+
+
+@triton.jit
 def _fwd_step(q, k_ptr, v_ptr, i, i_end, n_vis, m_i, l_i, acc, qk_scale, H: tl.constexpr, DK: tl.constexpr,
               DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr):
     """One tile of compressed keys i [BC] for query rows [BT]: online-softmax update (log2 domain)."""
@@ -124,10 +143,11 @@ def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk_out, dv_out, T, TC, qk
                               H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_LEN: tl.constexpr,
                               BLOCK_STRIDE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                               BDK: tl.constexpr, BDV: tl.constexpr):
-    """Grid (cdiv(TC, BC), B * H). dk [B, TC, H, DK], dv [B, TC, H, DV], summed over the group's G query heads."""
+    """Grid (cdiv(TC, BC), B * HQ). Per query head: dk_out [B, TC, HQ, DK], dv_out [B, TC, HQ, DV] float32
+    (the launcher sums the G heads of each group)."""
     pid_c, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
-    G: tl.constexpr = HQ // H
+    b, hq = pid_bh // HQ, pid_bh % HQ
+    h = hq // (HQ // H)
     i = pid_c * BC + tl.arange(0, BC)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
@@ -139,66 +159,81 @@ def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk_out, dv_out, T, TC, qk
     dk_acc = tl.zeros([BC, BDK], tl.float32)
     dv_acc = tl.zeros([BC, BDV], tl.float32)
     t_first = pid_c * BC * BLOCK_STRIDE + BLOCK_LEN - 1  # first query that sees block pid_c * BC
-    for g in range(G):
-        hq = h * G + g
-        for t0 in range((t_first // BT) * BT, T, BT):
-            t = t0 + tl.arange(0, BT)
-            t_ok = t < T
-            row = (b * T + t) * HQ + hq
-            q_blk = tl.load(q + row[:, None] * DK + dk[None, :], mask=t_ok[:, None] & (dk[None, :] < DK), other=0.)
-            do_blk = tl.load(do + row[:, None] * DV + dv[None, :], mask=t_ok[:, None] & (dv[None, :] < DV), other=0.)
-            lse2 = tl.load(lse + row, mask=t_ok, other=0.) * 1.4426950408889634
-            dlt = tl.load(delta + row, mask=t_ok, other=0.)
+    t_full = (pid_c * BC + BC - 1) * BLOCK_STRIDE + BLOCK_LEN - 1  # from here on every query sees the whole tile
+    for t0 in range((t_first // BT) * BT, T, BT):
+        t = t0 + tl.arange(0, BT)
+        t_ok = t < T
+        row = (b * T + t) * HQ + hq
+        q_blk = tl.load(q + row[:, None] * DK + dk[None, :], mask=t_ok[:, None] & (dk[None, :] < DK), other=0.)
+        do_blk = tl.load(do + row[:, None] * DV + dv[None, :], mask=t_ok[:, None] & (dv[None, :] < DV), other=0.)
+        lse2 = tl.load(lse + row, mask=t_ok, other=0.) * 1.4426950408889634
+        dlt = tl.load(delta + row, mask=t_ok, other=0.)
+        s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
+        if t0 < t_full:
             n_vis = num_visible_blocks(t, BLOCK_LEN, BLOCK_STRIDE)
-            s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
             p = tl.where((i[None, :] < n_vis[:, None]) & t_ok[:, None], tl.math.exp2(s - lse2[:, None]), 0.)
-            dv_acc += tl.dot(tl.trans(p.to(do_blk.dtype)), do_blk)
-            dp = tl.dot(do_blk, tl.trans(vb))
-            ds = p * (dp - dlt[:, None])
-            dk_acc += tl.dot(tl.trans(ds.to(q_blk.dtype)), q_blk)
+        else:  # rows past T load zeros: q = do = 0 and delta = 0 make their terms vanish
+            p = tl.math.exp2(s - lse2[:, None])
+        dv_acc += tl.dot(tl.trans(p.to(do_blk.dtype)), do_blk)
+        dp = tl.dot(do_blk, tl.trans(vb))
+        ds = p * (dp - dlt[:, None])
+        dk_acc += tl.dot(tl.trans(ds.to(q_blk.dtype)), q_blk)
     scale = qk_scale / 1.4426950408889634
-    tl.store(dk_out + ((b * TC + i[:, None]) * H + h) * DK + dk[None, :], (dk_acc * scale).to(dk_out.dtype.element_ty),
+    tl.store(dk_out + ((b * TC + i[:, None]) * HQ + hq) * DK + dk[None, :], dk_acc * scale,
              mask=i_ok[:, None] & (dk[None, :] < DK))
-    tl.store(dv_out + ((b * TC + i[:, None]) * H + h) * DV + dv[None, :], dv_acc.to(dv_out.dtype.element_ty),
+    tl.store(dv_out + ((b * TC + i[:, None]) * HQ + hq) * DV + dv[None, :], dv_acc,
              mask=i_ok[:, None] & (dv[None, :] < DV))
 
 
 # ------------------------------------------------------------------------------------------- launchers
+# (query rows BT, compressed keys BC, warps, stages) per kernel; halved rows and 2 stages for float32 inputs
+TILES = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkv": (64, 64, 4, 2)}
+
+
+def tiles_for(tiles: tuple, dtype: torch.dtype) -> tuple:
+    """Tiles that fit shared memory at this dtype: 4-byte elements take half the rows and 2 stages."""
+    bt, bc, warps, stages = tiles
+    return (bt // 2, bc, warps, min(stages, 2)) if dtype == torch.float32 else tiles
+
+
 def _tiles(dk: int, dv: int):
     return triton.next_power_of_2(dk), triton.next_power_of_2(dv)
 
 
-def compressed_fwd(q, k_cmp, v_cmp, block_len, block_stride, scale, bt=64, bc=64):
+def compressed_fwd(q, k_cmp, v_cmp, block_len, block_stride, scale):
     """q [B, T, HQ, Dk], k_cmp/v_cmp [B, Tc, H, D] (contiguous) -> o [B, T, HQ, Dv], lse [B, T, HQ] float32."""
     B, T, HQ, DK = q.shape
     TC, H, DV = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
     o = torch.empty(B, T, HQ, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
     bdk, bdv = _tiles(DK, DV)
+    bt, bc, warps, stages = tiles_for(TILES["fwd"], q.dtype)
     compressed_fwd_kernel[(triton.cdiv(T, bt), B * HQ)](
         q, k_cmp, v_cmp, o, lse, T, TC, scale * LOG2E, HQ, H, DK, DV, block_len, block_stride, bt, bc, bdk, bdv,
-        num_warps=4 if max(bdk, bdv) <= 64 else 8, num_stages=2)
+        num_warps=warps, num_stages=stages)
     return o, lse
 
 
-def compressed_bwd(q, k_cmp, v_cmp, o, lse, do, block_len, block_stride, scale, bt=64, bc=64):
+def compressed_bwd(q, k_cmp, v_cmp, o, lse, do, block_len, block_stride, scale):
     """Gradients (dq, dk_cmp, dv_cmp) of compressed attention for output gradient do [B, T, HQ, Dv]."""
     B, T, HQ, DK = q.shape
     TC, H, DV = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
-    delta = (o.float() * do.float()).sum(-1)
+    delta = row_dot(o, do)
     dq = torch.empty_like(q)
-    dk = torch.empty_like(k_cmp)
-    dv = torch.empty_like(v_cmp)
+    dk = torch.empty(B, TC, HQ, DK, dtype=torch.float32, device=q.device)  # per query head, summed below
+    dv = torch.empty(B, TC, HQ, DV, dtype=torch.float32, device=q.device)
     bdk, bdv = _tiles(DK, DV)
-    warps = 4 if max(bdk, bdv) <= 64 else 8
+    bt, bc, warps, stages = tiles_for(TILES["dq"], q.dtype)
     compressed_bwd_dq_kernel[(triton.cdiv(T, bt), B * HQ)](
         q, k_cmp, v_cmp, do, lse, delta, dq, T, TC, scale * LOG2E, HQ, H, DK, DV, block_len, block_stride,
-        bt, bc, bdk, bdv, num_warps=warps, num_stages=2)
+        bt, bc, bdk, bdv, num_warps=warps, num_stages=stages)
     if TC:
-        compressed_bwd_dkv_kernel[(triton.cdiv(TC, bc), B * H)](
+        bt, bc, warps, stages = tiles_for(TILES["dkv"], q.dtype)
+        compressed_bwd_dkv_kernel[(triton.cdiv(TC, bc), B * HQ)](
             q, k_cmp, v_cmp, do, lse, delta, dk, dv, T, TC, scale * LOG2E, HQ, H, DK, DV, block_len, block_stride,
-            bt, bc, bdk, bdv, num_warps=warps, num_stages=2)
-    return dq, dk, dv
+            bt, bc, bdk, bdv, num_warps=warps, num_stages=stages)
+    group = (B, TC, H, HQ // H)
+    return dq, dk.view(*group, DK).sum(3).to(k_cmp.dtype), dv.view(*group, DV).sum(3).to(v_cmp.dtype)
 
 
 class CompressedAttention(torch.autograd.Function):

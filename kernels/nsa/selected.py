@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_eval.kernels.nsa.compression import LOG2E
+from nsa_eval.kernels.nsa.compression import LOG2E, row_dot
 from nsa_eval.kernels.nsa.utils import check_block_indices, check_block_sizes, check_prefill_length, check_qkv
 
 
@@ -48,21 +48,20 @@ def selected_fwd_kernel(q, k, v, block_indices, cache_seqlens, o, lse, T, S, qk_
     offs = tl.arange(0, BS)
     for n in range(NUM_SELECTED):
         j = tl.load(block_indices + ((b * T + pid_t) * H + h) * NUM_SELECTED + n)
-        if j >= 0:
-            s_pos = j * SELECT_LEN + offs
-            key_ok = (s_pos <= pos) & (offs < SELECT_LEN)
-            kv_row = (b * S + s_pos) * H + h
-            kb = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.)
-            vb = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.)
-            s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
-            s = tl.where(key_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0., m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
-            m_i = m_new
+        s_pos = tl.maximum(j, 0) * SELECT_LEN + offs
+        key_ok = (s_pos <= pos) & (offs < tl.where(j >= 0, SELECT_LEN, 0))  # an unused slot (-1) loads nothing
+        kv_row = (b * S + s_pos) * H + h
+        kb = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.)
+        vb = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.)
+        s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0., m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+        m_i = m_new
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.)[:, None]
     tl.store(o + qrow[:, None] * DV + dv[None, :], out.to(o.dtype.element_ty), mask=(g[:, None] < G) & (dv[None, :] < DV))
@@ -92,17 +91,16 @@ def selected_bwd_dq_kernel(q, k, v, block_indices, do, lse, delta, dq, T, qk_sca
     offs = tl.arange(0, BS)
     for n in range(NUM_SELECTED):
         j = tl.load(block_indices + ((b * T + t) * H + h) * NUM_SELECTED + n)
-        if j >= 0:
-            s_pos = j * SELECT_LEN + offs
-            key_ok = (s_pos <= t) & (offs < SELECT_LEN)
-            kv_row = (b * T + s_pos) * H + h
-            kb = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.)
-            vb = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.)
-            s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
-            p = tl.where(key_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.)
-            dp = tl.dot(do_blk, tl.trans(vb))
-            ds = p * (dp - dlt[:, None])
-            acc += tl.dot(ds.to(kb.dtype), kb)
+        s_pos = tl.maximum(j, 0) * SELECT_LEN + offs
+        key_ok = (s_pos <= t) & (offs < tl.where(j >= 0, SELECT_LEN, 0))
+        kv_row = (b * T + s_pos) * H + h
+        kb = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.)
+        vb = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.)
+        s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
+        p = tl.where(key_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.)
+        dp = tl.dot(do_blk, tl.trans(vb))
+        ds = p * (dp - dlt[:, None])
+        acc += tl.dot(ds.to(kb.dtype), kb)
     tl.store(dq + qrow[:, None] * DK + dk[None, :], (acc * (qk_scale / 1.4426950408889634)).to(dq.dtype.element_ty),
              mask=g_ok[:, None] & (dk[None, :] < DK))
 
@@ -163,6 +161,10 @@ def selected_bwd_dkv_kernel(q, k, v, do, lse, delta, pair_tokens, pair_offsets, 
 
 
 # ------------------------------------------------------------------------------------------- launchers
+# fwd/dq: (warps, stages); dkv: (query rows per step = tokens x padded group, queries per segment, warps, stages)
+TILES = {"fwd": (4, 2), "dq": (4, 2), "dkv": (64, 256, 4, 2)}
+
+
 def _tile_sizes(q, v, H, select_len):
     return (triton.next_power_of_2(q.shape[3]), triton.next_power_of_2(v.shape[3]),
             max(16, triton.next_power_of_2(q.shape[2] // H)), max(16, triton.next_power_of_2(select_len)))
@@ -179,7 +181,8 @@ def selected_fwd(q, k, v, block_indices, select_len, scale, cache_seqlens=None):
     decode = cache_seqlens is not None
     selected_fwd_kernel[(T, B * H)](
         q, k, v, block_indices, cache_seqlens if decode else block_indices, o, lse, T, S, scale * LOG2E, HQ, H, DK,
-        DV, bdk, bdv, gp, select_len, bs, block_indices.shape[3], decode, num_warps=4, num_stages=2)
+        DV, bdk, bdv, gp, select_len, bs, block_indices.shape[3], decode, num_warps=TILES["fwd"][0],
+        num_stages=TILES["fwd"][1])
     return o, lse
 
 
@@ -207,16 +210,17 @@ def inverted_index(block_indices, num_blocks: int, segment: int):
     return pair_tokens, pair_offsets, segment_keys, segment_first, grid
 
 
-def selected_bwd(q, k, v, block_indices, o, lse, do, select_len, scale, segment=256):
+def selected_bwd(q, k, v, block_indices, o, lse, do, select_len, scale):
     """Gradients (dq, dk, dv) of selected attention for output gradient do [B, T, HQ, Dv]."""
     B, T, HQ, DK = q.shape
     H, DV = k.shape[2], v.shape[3]
-    delta = (o.float() * do.float()).sum(-1)
+    delta = row_dot(o, do)
     bdk, bdv, gp, bs = _tile_sizes(q, v, H, select_len)
     dq = torch.empty_like(q)
     selected_bwd_dq_kernel[(T, B * H)](
         q, k, v, block_indices, do, lse, delta, dq, T, scale * LOG2E, HQ, H, DK, DV, bdk, bdv, gp, select_len, bs,
-        block_indices.shape[3], num_warps=4, num_stages=2)
+        block_indices.shape[3], num_warps=TILES["dq"][0], num_stages=TILES["dq"][1])
+    rows, segment, warps, stages = TILES["dkv"]
     num_blocks = triton.cdiv(T, select_len)
     pair_tokens, pair_offsets, segment_keys, segment_first, grid = inverted_index(block_indices, num_blocks, segment)
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
@@ -225,7 +229,7 @@ def selected_bwd(q, k, v, block_indices, o, lse, do, select_len, scale, segment=
     selected_bwd_dkv_kernel[(grid,)](
         q, k, v, do, lse, delta, pair_tokens, pair_offsets, segment_keys, segment_first, dk32, dv32, T,
         scale * LOG2E, B * H * num_blocks, HQ, H, DK, DV, bdk, bdv, gq, select_len, bs, num_blocks,
-        max(1, 64 // gq), segment, num_warps=4, num_stages=2)
+        max(1, rows // gq), segment, num_warps=warps, num_stages=stages)
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
 
 

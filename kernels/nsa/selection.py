@@ -103,22 +103,26 @@ def select_kernel(q, k_cmp, lse, block_indices, T, TC, qk_scale, HQ: tl.constexp
 
 
 # ------------------------------------------------------------------------------------------- launcher
+TILES = {"select": (64, 4, 2)}  # (query rows per program = tokens x padded group, warps, stages)
+
+
 def chunk_blocks(num_selected: int, select_len: int, block_stride: int) -> int:
     """NP: selection blocks per chunk, a power of 2 >= n whose compressed blocks fill a >= 16-wide dot."""
     return max(triton.next_power_of_2(num_selected), triton.next_power_of_2(-(-16 // (select_len // block_stride))))
 
 
-def select_fwd(q, k_cmp, lse, block_len, block_stride, select_len, num_selected, scale, bt=None):
+def select_fwd(q, k_cmp, lse, block_len, block_stride, select_len, num_selected, scale):
     """q [B, T, HQ, Dk], k_cmp [B, Tc, H, Dk], lse [B, T, HQ] (contiguous) -> block_indices [B, T, H, n] int32."""
     B, T, HQ, DK = q.shape
     TC, H = k_cmp.shape[1], k_cmp.shape[2]
     gp = triton.next_power_of_2(HQ // H)
-    bt = bt or max(1, 64 // gp)
+    rows, warps, stages = TILES["select"]
+    bt = max(1, rows // gp)
     block_indices = torch.empty(B, T, H, num_selected, dtype=torch.int32, device=q.device)
     select_kernel[(triton.cdiv(T, bt), B * H)](
         q, k_cmp, lse, block_indices, T, TC, scale * LOG2E, HQ, H, DK, triton.next_power_of_2(DK), gp, block_len,
         block_stride, select_len, num_selected, chunk_blocks(num_selected, select_len, block_stride), bt,
-        num_warps=4, num_stages=2)
+        num_warps=warps, num_stages=stages)
     return block_indices
 
 

@@ -188,10 +188,12 @@ class OpenAIModel:
         answer = self._post(path, payload, lambda a: _parse_generation(a, request.n, chat))
         elapsed = time.perf_counter() - started
         texts, finish, usage, timings = answer
-        if self.tokenizer is not None:
+        # tokens per completion: exact from `nsa-eval serve` or when n=1; else re-tokenised, or the average
+        new_tokens = timings.get("new_tokens") or ([usage["completion_tokens"]] if request.n == 1 else None)
+        if new_tokens is None and self.tokenizer is not None:
             new_tokens = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        else:
-            new_tokens = timings.get("new_tokens") or [usage["completion_tokens"] // request.n] * request.n
+        if new_tokens is None:
+            new_tokens = [usage["completion_tokens"] // request.n] * request.n
         return Generation(
             texts=texts,
             new_tokens=new_tokens,

@@ -157,8 +157,10 @@ def run_lm_eval_cli(args: list[str]) -> None:
 def load_task(name: str, include_path: str | None = None) -> Any:
     """One lm-eval task (a ConfigurableTask) by name; lm-eval's built-in tasks are indexed only when the name is
     not in include_path (indexing them takes seconds)."""
+    import datasets
     from lm_eval.tasks import TaskManager
 
+    datasets.disable_progress_bars()  # our runner's progress bar is the one a user watches
     if include_path is not None and not Path(include_path).is_dir():
         raise ValueError(f"--include-path {include_path} is not a folder; give the folder holding the task YAML files")
     manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None

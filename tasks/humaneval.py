@@ -253,7 +253,7 @@ def bench(workers: int | None = None) -> str:
     failed = [f"{p['task_id']} ({r.reason})" for p, r in zip(problems, results) if not r.passed]
     return (
         f"HumanEval canonical solutions: {len(problems) - len(failed)}/{len(problems)} passed in {seconds:.1f} s "
-        f"({workers} workers, {os.cpu_count()} cores, isolation: {protections['isolation']})"
+        f"({workers} worker{'s' if workers != 1 else ''}, {os.cpu_count()} cores, isolation: {protections['isolation']})"
         + (f"; failed: {', '.join(failed)}" if failed else "")
     )
 

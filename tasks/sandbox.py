@@ -110,6 +110,8 @@ PROBE = "import collections, math, re, typing"  # a program every HumanEval solu
 def _isolation() -> str:
     """"namespaces" when the probe program runs through `unshare` on this machine, else "process" when it
     runs without; ValueError when it runs in neither (e.g. the sandbox user cannot read the standard library)."""
+    if not sys.platform.startswith("linux"):
+        raise ValueError("the code sandbox runs on Linux only (it uses namespaces, /proc and prctl); run this task on Linux")
     if _unshare_command() is not None and _run(PROBE, Limits(timeout_s=30), "namespaces").passed:
         return "namespaces"
     probe = _run(PROBE, Limits(timeout_s=30), "process")
@@ -123,7 +125,7 @@ def _isolation() -> str:
 
 def _unshare_command() -> list[str] | None:
     unshare = shutil.which("unshare") or next((p for p in ("/usr/bin/unshare", "/bin/unshare") if os.path.exists(p)), None)
-    if unshare is None or not sys.platform.startswith("linux"):
+    if unshare is None:
         return None
     command = [unshare, "--pid", "--fork", "--kill-child", "--net", "--ipc", "--mount", "--mount-proc"]
     if os.geteuid() != 0:

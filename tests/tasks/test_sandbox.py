@@ -283,3 +283,15 @@ def test_the_bootstrap_refuses_to_mount_in_the_harness_namespace():
     done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], capture_output=True, text=True)
     assert "refusing to mount" in done.stderr
     assert done.stdout.strip().splitlines()[-1] == str(sum(" /tmp " in line for line in open("/proc/self/mountinfo")))
+
+
+def test_a_machine_where_the_sandbox_cannot_run_python_is_one_clear_line(monkeypatch):
+    """E.g. no namespaces and a standard library the sandbox user may not read: refuse, never score zeros."""
+    monkeypatch.setattr(sandbox, "_unshare_command", lambda: None)
+    monkeypatch.setattr(sandbox, "PROBE", "raise ImportError('stdlib unreadable')")
+    sandbox._isolation.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"^the code sandbox cannot run Python here \(failed: ImportError: stdlib unreadable"):
+            run_programs(["pass"])
+    finally:
+        sandbox._isolation.cache_clear()

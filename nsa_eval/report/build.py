@@ -27,8 +27,8 @@ from nsa_eval.report import BENCH_DIR, FORMATS, RESULTS_DIR, figures, html, spee
 from nsa_eval.report.reference import PAPER_NAME
 from nsa_eval.report.runs import Run, load_runs
 from nsa_eval.report.tables import (Cell, Table, breakdown_table, compare, cross_table, efficiency_table,
-                                    long_records, mismatch, model_table, report_tasks, slug, subset_table,
-                                    task_table, to_frame, to_latex, to_markdown)
+                                    hardware_text, long_records, mismatch, model_table, reference_run,
+                                    report_tasks, slug, subset_table, task_table, to_frame, to_latex, to_markdown)
 
 SUBSET_KEYS = ("subset", "dataset")
 
@@ -80,11 +80,10 @@ def runs_table(runs: list[Run], baseline: int | None) -> Table:
     table = Table("runs", "Runs", ["Column", "Run id", "Model spec", "Created", "Tasks", "git", "Hardware", "torch"])
     for index, run in enumerate(runs):
         info = run.info
-        hardware = info.get("hardware") or {}
         table.rows.append([Cell(run.label + (" (baseline)" if index == baseline else "")), Cell(run.run_id),
                            Cell(str(info["model"].get("spec", ""))), Cell(str(info.get("created", ""))),
                            Cell(", ".join(run.results) or "\u2014"), Cell(str(info.get("git_sha", ""))[:12]),
-                           Cell(str(hardware.get("gpu") or hardware.get("platform") or "")),
+                           Cell(hardware_text(run)),
                            Cell(str((info.get("versions") or {}).get("torch", "")))])
     return table
 
@@ -96,9 +95,9 @@ def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: 
         if " x " in key:
             continue
         if key in SUBSET_KEYS:
-            section.tables.append(subset_table(runs, task, key, with_paper))
+            section.tables.append(subset_table(runs, task, key, baseline, with_paper))
         else:
-            section.tables.append(breakdown_table(runs, task, key))
+            section.tables.append(breakdown_table(runs, task, key, baseline))
     for cross_key in (k for k in keys if " x " in k):
         holders = [i for i, run in enumerate(runs) if task in run.results and cross_key in run.results[task].breakdowns]
         for index in holders:
@@ -106,9 +105,9 @@ def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: 
             section.figures.append(FigureFile(
                 slug(f"{task}-{cross_key}-{run.run_id}"), f"{run.label}: {task} by {cross_key}",
                 figures.breakdown_heatmap(run, task, cross_key)))
-        reference_index = baseline if baseline in holders else (holders[0] if holders else None)
+        reference_index = reference_run(runs, task, baseline)
         for index in holders:
-            if index == reference_index:
+            if index == reference_index or reference_index not in holders:
                 continue
             base, run = runs[reference_index], runs[index]
             if mismatch(base.results[task], run.results[task]) is None:
@@ -120,8 +119,11 @@ def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: 
                                        [cross_table(runs, index, task, cross_key) for index in holders]))
     length_keys = [k for k in keys if " x " not in k and "length" in k]
     if length_keys:
+        reference_index = reference_run(runs, task, baseline)
+        apart = {run.run_id: f" (not comparable: {reason})" for run in runs if task in run.results
+                 and (reason := mismatch(runs[reference_index].results[task], run.results[task]))}
         section.figures.append(FigureFile(slug(f"{task}-by-{length_keys[0]}"), f"{task} by {length_keys[0]}",
-                                          figures.score_by_key(runs, task, length_keys[0])))
+                                          figures.score_by_key(runs, task, length_keys[0], apart)))
     return section
 
 

@@ -120,8 +120,9 @@ def difference_map(run: Run, base: Run, task: str, cross_key: str) -> bytes:
     return _png(figure)
 
 
-def score_by_key(runs: list[Run], task: str, key: str) -> bytes:
-    """Headline score (mean, stderr bars) against a breakdown key, one line per run that has it."""
+def score_by_key(runs: list[Run], task: str, key: str, apart: dict[str, str] | None = None) -> bytes:
+    """Headline score (mean, stderr bars) against a breakdown key, one line per run that has it.
+    apart: run id -> why that run is not comparable with the others, printed in its legend entry."""
     values = _order({v for run in runs if task in run.results for v in run.results[task].breakdowns.get(key, {})})
     numeric = all(_is_number(v) for v in values)
     figure = Figure(figsize=(7.0, 4.0))
@@ -137,7 +138,8 @@ def score_by_key(runs: list[Run], task: str, key: str) -> bytes:
         xs = [float(v) for v in present] if numeric else [values.index(v) for v in present]
         means = [cells[v][result.headline]["mean"] for v in present]
         errors = [cells[v][result.headline].get("stderr", 0.0) for v in present]
-        axes.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=run.label)
+        axes.errorbar(xs, means, yerr=errors, marker="o", capsize=3,
+                      label=run.label + (apart or {}).get(run.run_id, ""))
     if numeric and values and float(values[-1]) / max(float(values[0]), 1e-9) >= 4:
         axes.set_xscale("log", base=2)
     if numeric:

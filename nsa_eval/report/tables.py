@@ -103,13 +103,14 @@ def compare(runs: list[Run], baseline: int, *, seed: int = 0, resamples: int = 2
             if index == baseline or result is None:
                 continue
             reason = mismatch(base_result, result)
+            run_scores = {} if reason else _scores_by_id(run, task)
             for metric in result.metrics:
                 if metric not in base_result.metrics:
                     continue
                 if reason:
                     out[index, task, metric] = Comparison(None, f"not compared: {reason}")
                     continue
-                candidate = _scores_by_id(run, task).get(metric, {})
+                candidate = run_scores.get(metric, {})
                 paired = base_scores.get(metric, {})
                 if not candidate.keys() & paired.keys():
                     out[index, task, metric] = Comparison(None, "no per-sample scores to pair by id")
@@ -168,7 +169,7 @@ def _flags(table: Table, runs: list[Run], index: int, task: str, baseline: int |
     if reason is None:
         return ()
     return (table.note(f"{runs[index].label}: {task} is not comparable with {runs[ref].label} ({reason}); "
-                       "shown apart, never averaged or compared"),)
+                       "no delta or difference map is computed between them"),)
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -215,7 +216,7 @@ def _paper_rows(table: Table, tasks: list[str], with_avg: bool) -> None:
     rows = reference.general_rows(tasks)
     settings = reference.general_settings(tasks)
     if not settings:
-        table.note(f"the NSA paper reports none of these tasks in its Table 1 (no reference rows)")
+        table.note("the NSA paper reports none of these tasks in its Table 1 (no reference rows)")
         return
     described = ", ".join(f"{task}: {s}" for task, s in settings.items())
     source = table.note(f"reference rows: the NSA paper (arXiv:2502.11089) Table 1, a {reference.PAPER_MODEL} model; "
@@ -259,7 +260,10 @@ def task_table(runs: list[Run], baseline: int | None, comparisons: dict[tuple[in
                     row.append(Cell(f"{fmt(value['mean'])} \u00b1 {fmt(value['stderr'])} (n={result.n})",
                                     value["mean"], Drill(index, task), _flags(table, runs, index, task, baseline)))
             for index in others:
-                row.append(_delta_cell(table, comparisons.get((index, task, metric))))
+                comparison = comparisons.get((index, task, metric))
+                if comparison is None and metric in getattr(runs[index].results.get(task), "metrics", {}):
+                    comparison = Comparison(None, f"the baseline has no {task} {metric} to compare with")
+                row.append(_delta_cell(table, comparison))
             table.rows.append(row)
     if others:
         table.note(f"\u0394: mean over samples matched by id of (run \u2212 baseline), with a paired bootstrap "
@@ -275,7 +279,7 @@ def _delta_cell(table: Table, comparison: Comparison | None) -> Cell:
     return Cell(fmt_delta(comparison.delta), comparison.delta.delta)
 
 
-def breakdown_table(runs: list[Run], task: str, key: str) -> Table:
+def breakdown_table(runs: list[Run], task: str, key: str, baseline: int | None) -> Table:
     """One breakdown key of a task: a row per value, a column per run (headline metric, each cell with its n)."""
     table = Table(slug(f"{task}-by-{key}"), f"{task} by {key}", [key, *(run.label for run in runs)])
     values = sorted({v for run in runs if task in run.results
@@ -291,12 +295,12 @@ def breakdown_table(runs: list[Run], task: str, key: str) -> Table:
                 row.append(Cell(DASH, notes=(table.note(f"{run.label}: no samples with {key} {value}"),)))
             else:
                 row.append(Cell(f"{fmt(cell['mean'])} (n={cell['n']})", cell["mean"],
-                                Drill(index, task, ((key, value),))))
+                                Drill(index, task, ((key, value),)), _flags(table, runs, index, task, baseline)))
         table.rows.append(row)
     return table
 
 
-def subset_table(runs: list[Run], task: str, key: str, with_paper: bool) -> Table:
+def subset_table(runs: list[Run], task: str, key: str, baseline: int | None, with_paper: bool) -> Table:
     """A task split by subset in the paper's Table 2 form: a row per model, a column per subset, an average."""
     values = sorted({v for run in runs if task in run.results
                      for v in run.results[task].breakdowns.get(key, {})}, key=value_order)
@@ -305,7 +309,7 @@ def subset_table(runs: list[Run], task: str, key: str, with_paper: bool) -> Tabl
         result = run.results.get(task)
         if result is None:
             continue
-        row, scores = [Cell(run.label)], []
+        row, scores = [Cell(run.label, notes=_flags(table, runs, index, task, baseline))], []
         for value in values:
             cell = result.breakdowns.get(key, {}).get(value, {}).get(result.headline)
             if cell is None:
@@ -353,7 +357,7 @@ EFFICIENCY = (("prefill_ms_mean", "prefill ms (mean)"), ("decode_tokens_per_s_me
 def efficiency_table(runs: list[Run]) -> Table | None:
     """Model speed as the runs measured it: a row per task and quantity, a column per run."""
     table = Table("efficiency", "Model speed measured during the runs", ["Task", "Quantity", *(r.label for r in runs)])
-    hardware = {run.label: _hardware(run) for run in runs}
+    hardware = {run.label: hardware_text(run) for run in runs}
     for task in report_tasks(runs):
         if not any(task in run.results and run.results[task].efficiency for run in runs):
             continue
@@ -370,9 +374,14 @@ def efficiency_table(runs: list[Run]) -> Table | None:
     return table
 
 
-def _hardware(run: Run) -> str:
+def hardware_text(run: Run) -> str:
+    """The run's GPU, else its CPU count and architecture, from run.json's hardware record."""
     hw = run.info.get("hardware") or {}
-    return str(hw.get("gpu") or hw.get("cpu") or hw.get("platform") or "unknown hardware")
+    if hw.get("gpu"):
+        return f"{hw['gpu']}" + (f" x{hw['gpu_count']}" if hw.get("gpu_count", 1) > 1 else "")
+    if hw.get("cpu_count"):
+        return f"CPU, {hw['cpu_count']} cores" + (f" ({hw['machine']})" if hw.get("machine") else "")
+    return str(hw.get("platform") or "unknown hardware")
 
 
 def _number(text: str) -> float | None:
@@ -447,6 +456,11 @@ def latex_escape(text: str) -> str:
     return LATEX_PATTERN.sub(lambda m: _LATEX_SPECIAL[m.group()], text)
 
 
+def _latex_mark(number: int) -> str:
+    """A note mark; never a bare "[n]", which LaTeX would read as the optional argument of a preceding \\\\."""
+    return rf"\textsuperscript{{[{number}]}}"
+
+
 def to_latex(table: Table) -> str:
     """A booktabs table (needs \\usepackage{booktabs}); notes follow the tabular in small type."""
     spec = "l" * min(2, len(table.columns)) if table.columns[:2] == ["Task", "Metric"] else "l"
@@ -454,10 +468,11 @@ def to_latex(table: Table) -> str:
     lines = [r"\begin{table}[ht]", r"\centering", rf"\caption{{{latex_escape(table.title)}}}",
              rf"\label{{tab:{table.slug}}}", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
              " & ".join(latex_escape(c) for c in table.columns) + r" \\", r"\midrule"]
-    lines += [" & ".join(latex_escape(cell.plain) for cell in row) + r" \\" for row in table.rows]
+    lines += [" & ".join(latex_escape(cell.text) + "".join(map(_latex_mark, cell.notes)) for cell in row) + r" \\"
+              for row in table.rows]
     lines += [r"\bottomrule", r"\end{tabular}"]
     if table.notes:
         lines.append(r"\par\footnotesize")
-        lines += [rf"[{n}] {latex_escape(text)}\\" for n, text in enumerate(table.notes, 1)]
+        lines += [rf"{_latex_mark(n)} {latex_escape(text)}\\" for n, text in enumerate(table.notes, 1)]
     lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"

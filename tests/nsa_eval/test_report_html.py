@@ -29,18 +29,20 @@ class Chromium:
 
     def __init__(self):
         self.profile = tempfile.mkdtemp(prefix="chromium-profile-")
-        self.process = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={self.profile}",
-             "--remote-debugging-port=0", "--window-size=1400,1000", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        log = Path(self.profile) / "stderr.log"  # a file, not a pipe: nobody reads chromium's chatter later
+        with log.open("w") as stderr:
+            self.process = subprocess.Popen(
+                [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={self.profile}",
+                 "--remote-debugging-port=0", "--window-size=1400,1000", "about:blank"],
+                stdout=subprocess.DEVNULL, stderr=stderr)
         port = None
         deadline = time.monotonic() + 30
-        while port is None and time.monotonic() < deadline:
-            line = self.process.stderr.readline()
-            match = re.search(r"DevTools listening on ws://[^:]+:(\d+)/", line)
+        while port is None and time.monotonic() < deadline and self.process.poll() is None:
+            match = re.search(r"DevTools listening on ws://[^:]+:(\d+)/", log.read_text(errors="replace"))
             port = match and match.group(1)
-        assert port, "chromium did not open its DevTools port"
+            time.sleep(0.05)
+        assert port, f"chromium did not open its DevTools port: {log.read_text(errors='replace')[-2000:]}"
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
             page = next(t for t in json.load(response) if t["type"] == "page")
         self.socket = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=30, suppress_origin=True)

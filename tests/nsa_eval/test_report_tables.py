@@ -162,6 +162,7 @@ def parse_latex_tabular(tex: str, label: str) -> pd.DataFrame:
     unescape = [("$\\pm$", "\u00b1"), ("$\\Delta$", "\u0394"), ("---", DASH), ("\\_", "_"), ("\\%", "%"),
                 ("\\&", "&"), ("\\#", "#")]
     def plain(value: str) -> str:
+        value = re.sub(r"\\textsuperscript\{(\[\d+\])\}", r"\1", value)
         for escaped, char in unescape:
             value = value.replace(escaped, char)
         return value
@@ -234,3 +235,17 @@ def test_kernel_speed_from_bench_files(runs, tmp_path):
     # without bench files the report has no kernel section, and says nothing is wrong
     build_report([runs["full"]], tmp_path / "plain", formats=("md",), bench_dir=tmp_path / "missing")
     assert "Kernel speedup" not in (tmp_path / "plain" / "report.md").read_text()
+
+
+def test_different_prompts_are_flagged_and_not_compared(tmp_path):
+    """Same task version, another grid: the prompts digests differ, so the runs are shown apart."""
+    runs = [write_run(tmp_path, "a", "Full", {"niah": niah(lambda length, depth: 0.9, lengths=(1024, 2048))}),
+            write_run(tmp_path, "b", "NSA", {"niah": niah(lambda length, depth: 0.9, lengths=(1024, 4096))})]
+    build_report(runs, tmp_path / "out", baseline="a", formats=("md",), bench_dir=tmp_path / "none")
+    md = (tmp_path / "out" / "report.md").read_text()
+    by_task = markdown_table(md, "Scores by task and metric (mean \u00b1 standard error)")
+    row = by_task[by_task.Task == "niah"].iloc[0]
+    assert row["\u0394 NSA vs Full"].startswith("n/a[")
+    notes = section(md, "Scores by task and metric (mean \u00b1 standard error)")
+    assert re.search(r"NSA: niah is not comparable with Full \(prompts differ \(digest \w+ vs \w+\)\)", notes)
+    assert not list((tmp_path / "out" / "figures").glob("*-minus-*"))

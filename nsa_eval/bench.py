@@ -198,7 +198,8 @@ NSA_FLA = dict(block_len=64, block_stride=64, select_len=64, num_selected=16, wi
 
 
 def _nsa_inputs(T: int, hp: dict, grad: bool):
-    """q, k, v, k_cmp, v_cmp (mean pooling: a stand-in for the model's phi), three gates; bf16 on the GPU."""
+    """q, k, v, k_cmp, v_cmp (mean pooling: a stand-in for the model's phi), three gates (g_win None without a
+    window); bf16 on the GPU."""
     import torch
 
     from nsa_eval.kernels import mean_pool
@@ -207,7 +208,7 @@ def _nsa_inputs(T: int, hp: dict, grad: bool):
     k_cmp = mean_pool(k.detach(), hp["block_len"], hp["block_stride"]).requires_grad_(grad)
     v_cmp = mean_pool(v.detach(), hp["block_len"], hp["block_stride"]).requires_grad_(grad)
     gates = [torch.rand(1, T, HQ, device="cuda", dtype=torch.bfloat16).requires_grad_(grad) for _ in range(3)]
-    return [q, k, v, k_cmp, v_cmp, *gates]
+    return [q, k, v, k_cmp, v_cmp, *gates[:2], gates[2] if hp["window"] else None]
 
 
 def ours_nsa(hp: dict, backward: bool) -> Callable[[int], Run]:
@@ -220,7 +221,8 @@ def ours_nsa(hp: dict, backward: bool) -> Callable[[int], Run]:
         if not backward:
             return Run(lambda: nsa_attention(*inputs, **hp))
         do = torch.randn_like(nsa_attention(*inputs, **hp))
-        return Run(lambda: torch.autograd.grad(nsa_attention(*inputs, **hp), inputs, do))
+        leaves = [x for x in inputs if x is not None]
+        return Run(lambda: torch.autograd.grad(nsa_attention(*inputs, **hp), leaves, do))
 
     return setup
 
@@ -343,7 +345,7 @@ def check_nsa(T: int = 2048) -> float:
     inputs = _nsa_inputs(T, NSA_PAPER, grad=True)
     o, idx = parallel.nsa_attention(*inputs, **NSA_PAPER, return_block_indices=True)
     do = torch.randn_like(o)
-    grads = torch.autograd.grad(o, inputs, do)
+    grads = torch.autograd.grad(o, inputs, do)  # the paper layout has a window: every input is used
     inputs32 = [x.detach().float().requires_grad_() for x in inputs]
     o_ref, idx_ref = reference.nsa_attention(*inputs32, **NSA_PAPER, return_block_indices=True)
     same_rows = (torch.sort(idx, -1).values == torch.sort(idx_ref, -1).values).all(-1).float().mean().item()

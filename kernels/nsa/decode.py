@@ -21,7 +21,7 @@ from nsa_eval.kernels.attention import attention_decode
 from nsa_eval.kernels.nsa.compression import LOG2E, num_visible_blocks
 from nsa_eval.kernels.nsa.selected import selected_fwd
 from nsa_eval.kernels.nsa.selection import block_of_key, chunk_blocks, merge_top, overlap_weights, ranking_keys
-from nsa_eval.kernels.nsa.utils import check_decode
+from nsa_eval.kernels.nsa.utils import check_decode, index_bits
 
 
 @triton.jit
@@ -72,7 +72,8 @@ def compressed_decode_kernel(q, k_cmp, v_cmp, cache_seqlens, scores, part_m, par
 def select_decode_kernel(cache_seqlens, scores, part_m, part_l, part_o, o_cmp, block_indices, TC,
                          HQ: tl.constexpr, H: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, GP: tl.constexpr,
                          BLOCK_LEN: tl.constexpr, BLOCK_STRIDE: tl.constexpr, SELECT_LEN: tl.constexpr,
-                         NUM_SELECTED: tl.constexpr, NP: tl.constexpr, NSPLIT: tl.constexpr):
+                         NUM_SELECTED: tl.constexpr, NP: tl.constexpr, NSPLIT: tl.constexpr,
+                         IDX_BITS: tl.constexpr):
     """Grid (B * H). Merges the splits -> o_cmp [B, HQ, DV]; ranks blocks -> block_indices [B, 1, H, n] int32."""
     G: tl.constexpr = HQ // H
     BC: tl.constexpr = NP * (SELECT_LEN // BLOCK_STRIDE)
@@ -103,7 +104,7 @@ def select_decode_kernel(cache_seqlens, scores, part_m, part_l, part_o, o_cmp, b
     jj = tl.arange(0, NP)
     weights = overlap_weights(a[:, None], jj[None, :], BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)
     spill = overlap_weights(a, NP, BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)
-    top = tl.full([1, NP], -1, tl.int64)
+    top = tl.full([1, NP], -1, tl.int32)
     carry = tl.zeros([1], tl.float32)
     for c in range(0, (pos // SELECT_LEN) // NP + 1):
         i = c * BC + a
@@ -113,9 +114,9 @@ def select_decode_kernel(cache_seqlens, scores, part_m, part_l, part_o, o_cmp, b
         importance = tl.sum(p_group[:, None] * weights, 0)[None, :]
         importance += tl.where(jj[None, :] == 0, carry[:, None], 0.)
         carry = tl.sum(p_group * spill, 0) + tl.zeros([1], tl.float32)
-        top = merge_top(top, ranking_keys(importance, c * NP + jj, current), 1, NP)
+        top = merge_top(top, ranking_keys(importance, c * NP + jj, current, IDX_BITS), 1, NP)
     r = tl.arange(0, NP)
-    tl.store(block_indices + (b * H + h) * NUM_SELECTED + r[None, :], block_of_key(top), mask=r[None, :] < NUM_SELECTED)
+    tl.store(block_indices + (b * H + h) * NUM_SELECTED + r[None, :], block_of_key(top, IDX_BITS), mask=r[None, :] < NUM_SELECTED)
 
 
 # ------------------------------------------------------------------------------------------- launcher
@@ -149,7 +150,7 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
     select_decode_kernel[(B * H,)](
         cache_seqlens, scores, part_m, part_l, part_o, o_cmp, block_indices, max(TC, 1), HQ, H, DV, bdv, gp,
         block_len, block_stride, select_len, num_selected, chunk_blocks(num_selected, select_len, block_stride),
-        nsplit, num_warps=4)
+        nsplit, index_bits(triton.cdiv(k_cache.shape[1], select_len)), num_warps=4)
     o_slc, _ = selected_fwd(q[:, None], k_cache, v_cache, block_indices, select_len, scale, cache_seqlens)
     o = g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc[:, 0]
     if window:

@@ -34,6 +34,7 @@ from nsa_eval.kernels.nsa.utils import (
     check_lse,
     check_nsa,
     check_prefill_length,
+    index_bits,
     check_qkv,
     visible_compressed_blocks,
 )
@@ -143,12 +144,15 @@ def block_importance(q, k_cmp, lse, positions, num_keys, block_len, block_stride
 def _select(q, k_cmp, lse, positions, num_keys, block_len, block_stride, select_len, num_selected, scale):
     """Top-n selection blocks per query and KV head -> int32 [B, Tq, H, n], most important first, -1 padded."""
     importance = block_importance(q, k_cmp, lse, positions, num_keys, block_len, block_stride, select_len, scale)
-    if importance.shape[-1] < num_selected:
-        importance = torch.nn.functional.pad(importance, (0, num_selected - importance.shape[-1]), value=-1.0)
-    order = torch.sort(importance, dim=-1, descending=True, stable=True)  # ties: the lower block index first
-    chosen = order.indices[..., :num_selected]
-    chosen = torch.where(order.values[..., :num_selected] >= 0, chosen, torch.full_like(chosen, -1))
-    return chosen.to(torch.int32)
+    num_slc = importance.shape[-1]
+    mask = (1 << index_bits(num_slc)) - 1
+    j = torch.arange(num_slc, device=q.device, dtype=torch.int32)
+    keys = (importance.clamp_min(0).view(torch.int32) & ~mask) | (mask - j)  # see utils.index_bits
+    keys = torch.where(importance >= 0, keys, torch.full_like(keys, -1))
+    if num_slc < num_selected:
+        keys = torch.nn.functional.pad(keys, (0, num_selected - num_slc), value=-1)
+    top = torch.sort(keys, dim=-1, descending=True).values[..., :num_selected]
+    return torch.where(top >= 0, mask - (top & mask), torch.full_like(top, -1)).to(torch.int32)
 
 
 def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64, num_selected=16, scale=None):
@@ -157,8 +161,10 @@ def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64
     Importance of selection block j for query t and KV head h: the compressed branch's probabilities
     p_cmp = exp(q k_cmp^T * scale - lse) (eq. 8) summed over the G query heads of h (eq. 10) and mapped onto
     selection blocks by `compressed_to_selection_weights` (eq. 9). Blocks after t's own block are never chosen;
-    block 0 and the two local blocks (t // l' and t // l' - 1) are always chosen; the rest by importance, ties
-    going to the lower block index.
+    block 0 and the two local blocks (t // l' and t // l' - 1) are always chosen; the rest by importance. Ranking
+    compares importances at 31 - b bits of their float32 pattern (b = utils.index_bits(NJ) low bits carry the
+    block index: 10 bits up to 1024 blocks, a relative resolution of 2^-13); ties at that resolution go to the
+    lower block index.
 
     Args:
         q: [B, T, HQ, Dk]; k_cmp: [B, Tc, H, Dk]; lse: [B, T, HQ] float32 from `compressed_attention`.

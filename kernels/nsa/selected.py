@@ -26,83 +26,88 @@ from nsa_eval.kernels.nsa.utils import check_block_indices, check_block_sizes, c
 def selected_fwd_kernel(q, k, v, block_indices, cache_seqlens, o, lse, T, S, qk_scale, HQ: tl.constexpr,
                         H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                         GP: tl.constexpr, SELECT_LEN: tl.constexpr, BS: tl.constexpr, NUM_SELECTED: tl.constexpr,
-                        DECODE: tl.constexpr):
-    """Grid (T, B * H). q [B, T, HQ, DK], k [B, S, H, DK], v [B, S, H, DV], block_indices [B, T, H, n] int32
-    -> o [B, T, HQ, DV], lse [B, T, HQ] float32. Prefill: the query at row t stands at position t (S == T).
-    DECODE: T == 1 and the query of batch b stands at position cache_seqlens[b] - 1."""
+                        TPP: tl.constexpr, DECODE: tl.constexpr):
+    """Grid (cdiv(T, TPP), B * H): TPP consecutive queries per program, one after the other (their shared
+    blocks, 0 and the local ones, then come from L1). q [B, T, HQ, DK], k [B, S, H, DK], v [B, S, H, DV],
+    block_indices [B, T, H, n] int32 -> o [B, T, HQ, DV], lse [B, T, HQ] float32. Prefill: the query at row t
+    stands at position t (S == T). DECODE: T == 1 and batch b's query stands at position cache_seqlens[b] - 1."""
     G: tl.constexpr = HQ // H
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
-    if DECODE:
-        pos = tl.load(cache_seqlens + b) - 1
-    else:
-        pos = pid_t
     g = tl.arange(0, GP)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
-    qrow = (b * T + pid_t) * HQ + h * G + g
-    q_blk = tl.load(q + qrow[:, None] * DK + dk[None, :], mask=(g[:, None] < G) & (dk[None, :] < DK), other=0.)
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, BDV], tl.float32)
     offs = tl.arange(0, BS)
-    for n in range(NUM_SELECTED):
-        j = tl.load(block_indices + ((b * T + pid_t) * H + h) * NUM_SELECTED + n)
-        s_pos = tl.maximum(j, 0) * SELECT_LEN + offs
-        key_ok = (s_pos <= pos) & (offs < tl.where(j >= 0, SELECT_LEN, 0))  # an unused slot (-1) loads nothing
-        kv_row = (b * S + s_pos) * H + h
-        kb = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.)
-        vb = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.)
-        s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0., m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
-        m_i = m_new
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.)[:, None]
-    tl.store(o + qrow[:, None] * DV + dv[None, :], out.to(o.dtype.element_ty), mask=(g[:, None] < G) & (dv[None, :] < DV))
-    lse_row = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.))) / 1.4426950408889634, float("-inf"))
-    tl.store(lse + qrow, lse_row, mask=g < G)
+    for t in range(pid_t * TPP, tl.minimum(pid_t * TPP + TPP, T)):
+        if DECODE:
+            pos = tl.load(cache_seqlens + b) - 1
+        else:
+            pos = t
+        qrow = (b * T + t) * HQ + h * G + g
+        q_blk = tl.load(q + qrow[:, None] * DK + dk[None, :], mask=(g[:, None] < G) & (dk[None, :] < DK), other=0.)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, BDV], tl.float32)
+        for n in range(NUM_SELECTED):
+            j = tl.load(block_indices + ((b * T + t) * H + h) * NUM_SELECTED + n)
+            s_pos = tl.maximum(j, 0) * SELECT_LEN + offs
+            key_ok = (s_pos <= pos) & (offs < tl.where(j >= 0, SELECT_LEN, 0))  # an unused slot (-1) loads nothing
+            kv_row = (b * S + s_pos) * H + h
+            kb = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.)
+            vb = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.)
+            s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0., m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+            m_i = m_new
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.)[:, None]
+        tl.store(o + qrow[:, None] * DV + dv[None, :], out.to(o.dtype.element_ty),
+                 mask=(g[:, None] < G) & (dv[None, :] < DV))
+        lse_row = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.))) / 1.4426950408889634, float("-inf"))
+        tl.store(lse + qrow, lse_row, mask=g < G)
 
 
 @triton.jit
 def selected_bwd_dq_kernel(q, k, v, block_indices, do, lse, delta, dq, T, qk_scale, HQ: tl.constexpr,
                            H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
                            BDV: tl.constexpr, GP: tl.constexpr, SELECT_LEN: tl.constexpr, BS: tl.constexpr,
-                           NUM_SELECTED: tl.constexpr):
-    """Grid (T, B * H). dq [B, T, HQ, DK]; do [B, T, HQ, DV]; lse, delta = rowsum(o * do): [B, T, HQ] float32."""
+                           NUM_SELECTED: tl.constexpr, TPP: tl.constexpr):
+    """Grid (cdiv(T, TPP), B * H). dq [B, T, HQ, DK]; do [B, T, HQ, DV]; lse, delta = rowsum(o * do): [B, T, HQ]
+    float32."""
     G: tl.constexpr = HQ // H
-    t, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     g = tl.arange(0, GP)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     g_ok = g < G
-    qrow = (b * T + t) * HQ + h * G + g
-    q_blk = tl.load(q + qrow[:, None] * DK + dk[None, :], mask=g_ok[:, None] & (dk[None, :] < DK), other=0.)
-    do_blk = tl.load(do + qrow[:, None] * DV + dv[None, :], mask=g_ok[:, None] & (dv[None, :] < DV), other=0.)
-    lse2 = tl.load(lse + qrow, mask=g_ok, other=0.) * 1.4426950408889634
-    dlt = tl.load(delta + qrow, mask=g_ok, other=0.)
-    acc = tl.zeros([GP, BDK], tl.float32)
     offs = tl.arange(0, BS)
-    for n in range(NUM_SELECTED):
-        j = tl.load(block_indices + ((b * T + t) * H + h) * NUM_SELECTED + n)
-        s_pos = tl.maximum(j, 0) * SELECT_LEN + offs
-        key_ok = (s_pos <= t) & (offs < tl.where(j >= 0, SELECT_LEN, 0))
-        kv_row = (b * T + s_pos) * H + h
-        kb = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.)
-        vb = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.)
-        s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
-        p = tl.where(key_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.)
-        dp = tl.dot(do_blk, tl.trans(vb))
-        ds = p * (dp - dlt[:, None])
-        acc += tl.dot(ds.to(kb.dtype), kb)
-    tl.store(dq + qrow[:, None] * DK + dk[None, :], (acc * (qk_scale / 1.4426950408889634)).to(dq.dtype.element_ty),
-             mask=g_ok[:, None] & (dk[None, :] < DK))
+    for t in range(pid_t * TPP, tl.minimum(pid_t * TPP + TPP, T)):
+        qrow = (b * T + t) * HQ + h * G + g
+        q_blk = tl.load(q + qrow[:, None] * DK + dk[None, :], mask=g_ok[:, None] & (dk[None, :] < DK), other=0.)
+        do_blk = tl.load(do + qrow[:, None] * DV + dv[None, :], mask=g_ok[:, None] & (dv[None, :] < DV), other=0.)
+        lse2 = tl.load(lse + qrow, mask=g_ok, other=0.) * 1.4426950408889634
+        dlt = tl.load(delta + qrow, mask=g_ok, other=0.)
+        acc = tl.zeros([GP, BDK], tl.float32)
+        for n in range(NUM_SELECTED):
+            j = tl.load(block_indices + ((b * T + t) * H + h) * NUM_SELECTED + n)
+            s_pos = tl.maximum(j, 0) * SELECT_LEN + offs
+            key_ok = (s_pos <= t) & (offs < tl.where(j >= 0, SELECT_LEN, 0))
+            kv_row = (b * T + s_pos) * H + h
+            kb = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.)
+            vb = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.)
+            s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
+            p = tl.where(key_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.)
+            dp = tl.dot(do_blk, tl.trans(vb))
+            ds = p * (dp - dlt[:, None])
+            acc += tl.dot(ds.to(kb.dtype), kb)
+        tl.store(dq + qrow[:, None] * DK + dk[None, :], (acc * (qk_scale / 1.4426950408889634)).to(dq.dtype.element_ty),
+                 mask=g_ok[:, None] & (dk[None, :] < DK))
 
 
 @triton.jit
@@ -161,8 +166,8 @@ def selected_bwd_dkv_kernel(q, k, v, do, lse, delta, pair_tokens, pair_offsets, 
 
 
 # ------------------------------------------------------------------------------------------- launchers
-# fwd/dq: (warps, stages); dkv: (query rows per step = tokens x padded group, queries per segment, warps, stages)
-TILES = {"fwd": (4, 2), "dq": (4, 2), "dkv": (64, 256, 4, 2)}
+# dkv: (query rows per step = tokens x padded group, queries per segment, warps, stages)
+TILES = {"fwd": (4, 2, 4), "dq": (4, 2, 4), "dkv": (64, 256, 4, 2)}  # fwd/dq: (warps, stages, queries per program)
 
 
 def _tile_sizes(q, v, H, select_len):
@@ -179,10 +184,10 @@ def selected_fwd(q, k, v, block_indices, select_len, scale, cache_seqlens=None):
     lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
     bdk, bdv, gp, bs = _tile_sizes(q, v, H, select_len)
     decode = cache_seqlens is not None
-    selected_fwd_kernel[(T, B * H)](
+    warps, stages, tpp = TILES["fwd"]
+    selected_fwd_kernel[(triton.cdiv(T, tpp), B * H)](
         q, k, v, block_indices, cache_seqlens if decode else block_indices, o, lse, T, S, scale * LOG2E, HQ, H, DK,
-        DV, bdk, bdv, gp, select_len, bs, block_indices.shape[3], decode, num_warps=TILES["fwd"][0],
-        num_stages=TILES["fwd"][1])
+        DV, bdk, bdv, gp, select_len, bs, block_indices.shape[3], tpp, decode, num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -217,9 +222,10 @@ def selected_bwd(q, k, v, block_indices, o, lse, do, select_len, scale):
     delta = row_dot(o, do)
     bdk, bdv, gp, bs = _tile_sizes(q, v, H, select_len)
     dq = torch.empty_like(q)
-    selected_bwd_dq_kernel[(T, B * H)](
+    warps, stages, tpp = TILES["dq"]
+    selected_bwd_dq_kernel[(triton.cdiv(T, tpp), B * H)](
         q, k, v, block_indices, do, lse, delta, dq, T, scale * LOG2E, HQ, H, DK, DV, bdk, bdv, gp, select_len, bs,
-        block_indices.shape[3], num_warps=TILES["dq"][0], num_stages=TILES["dq"][1])
+        block_indices.shape[3], tpp, num_warps=warps, num_stages=stages)
     rows, segment, warps, stages = TILES["dkv"]
     num_blocks = triton.cdiv(T, select_len)
     pair_tokens, pair_offsets, segment_keys, segment_first, grid = inverted_index(block_indices, num_blocks, segment)

@@ -4,9 +4,11 @@ One program takes BT queries of one KV head with all G query heads of its group,
 in chunks of NP (with the NP * l'/d compressed blocks that start inside them), recomputes the compressed
 probabilities exp(q k_cmp^T * scale - lse), sums them over the group's heads (eq. 10), maps them onto
 selection blocks with reference.compressed_to_selection_weights (eq. 9; a compressed block that runs past the
-chunk carries its share into the next chunk) and keeps a running top-NP per query. Ranking keys are int64:
-(float32 bits of the importance << 32) | (2^31 - 1 - j), so ties go to the lower block index as in the
-reference; forced blocks (0 and the two local blocks) get importance +inf, blocks after the query's own -1.
+chunk carries its share into the next chunk) and keeps a running top-NP per query, merging a chunk only when
+one of its candidates beats a query's current n-th. Ranking keys are int32: the float32 bits of the
+importance with the low IDX_BITS bits replaced by (2^IDX_BITS - 1 - j) (utils.index_bits), so ties go to the
+lower block index exactly as in the reference; forced blocks (0 and the two local blocks) get importance
++inf, blocks after the query's own -1.
 
 Kernel -> launcher -> public `select_blocks` (no autograd: the indices carry no gradient).
 """
@@ -20,7 +22,7 @@ import triton
 import triton.language as tl
 
 from nsa_eval.kernels.nsa.compression import LOG2E, num_visible_blocks
-from nsa_eval.kernels.nsa.utils import check_block_sizes, check_compressed, check_lse
+from nsa_eval.kernels.nsa.utils import check_block_sizes, check_compressed, check_lse, index_bits
 
 
 @triton.jit
@@ -32,34 +34,39 @@ def overlap_weights(i, j, BLOCK_LEN: tl.constexpr, BLOCK_STRIDE: tl.constexpr, S
 
 
 @triton.jit
-def ranking_keys(importance, j, current):
-    """int64 keys [R, NP] for selection blocks j [NP] of queries whose own block is current [R]; -1 = never."""
+def ranking_keys(importance, j, current, IDX_BITS: tl.constexpr):
+    """int32 keys [R, NP] for selection blocks j [NP] of queries whose own block is current [R]; -1 = never."""
+    MASK: tl.constexpr = (1 << IDX_BITS) - 1
     forced = (j[None, :] == 0) | (j[None, :] == current[:, None]) | (j[None, :] == current[:, None] - 1)
     importance = tl.where(forced, float("inf"), importance)
-    key = (importance.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - j[None, :]).to(tl.int64)
+    key = (importance.to(tl.int32, bitcast=True) & ~MASK) | (MASK - j[None, :])
     return tl.where(j[None, :] <= current[:, None], key, -1)
 
 
 @triton.jit
 def merge_top(top, cand, R: tl.constexpr, NP: tl.constexpr):
-    """The NP largest keys of top [R, NP] and cand [R, NP], in descending order (keys unique except -1)."""
-    both = tl.reshape(tl.join(top, cand), (R, 2 * NP))
-    rank = tl.sum((both[:, None, :] > both[:, :, None]).to(tl.int32), 2)  # [R, 2NP]: keys larger than each
-    r = tl.arange(0, NP)
-    return tl.max(tl.where(rank[:, :, None] == r[None, None, :], both[:, :, None], -1), 1)
+    """The NP largest keys of top [R, NP] and cand [R, NP], in descending order (keys unique except -1);
+    top unchanged when no query has a candidate above its smallest key."""
+    if tl.max((tl.max(cand, 1) > tl.min(top, 1)).to(tl.int32), 0) > 0:
+        both = tl.reshape(tl.join(top, cand), (R, 2 * NP))
+        rank = tl.sum((both[:, None, :] > both[:, :, None]).to(tl.int32), 2)  # [R, 2NP]: keys larger than each
+        r = tl.arange(0, NP)
+        top = tl.max(tl.where(rank[:, :, None] == r[None, None, :], both[:, :, None], -1), 1)
+    return top
 
 
 @triton.jit
-def block_of_key(top):
+def block_of_key(top, IDX_BITS: tl.constexpr):
     """Selection-block index of each ranking key (-1 for empty slots), int32."""
-    return tl.where(top >= 0, 2147483647 - (top & 4294967295), -1).to(tl.int32)
+    MASK: tl.constexpr = (1 << IDX_BITS) - 1
+    return tl.where(top >= 0, MASK - (top & MASK), -1)
 
 
 @triton.jit
 def select_kernel(q, k_cmp, lse, block_indices, T, TC, qk_scale, HQ: tl.constexpr, H: tl.constexpr,
                   DK: tl.constexpr, BDK: tl.constexpr, GP: tl.constexpr, BLOCK_LEN: tl.constexpr,
                   BLOCK_STRIDE: tl.constexpr, SELECT_LEN: tl.constexpr, NUM_SELECTED: tl.constexpr,
-                  NP: tl.constexpr, BT: tl.constexpr):
+                  NP: tl.constexpr, BT: tl.constexpr, IDX_BITS: tl.constexpr):
     """Grid (cdiv(T, BT), B * H). q [B, T, HQ, DK], k_cmp [B, TC, H, DK], lse [B, T, HQ] float32
     -> block_indices [B, T, H, NUM_SELECTED] int32, most important first, -1 padded."""
     G: tl.constexpr = HQ // H
@@ -82,7 +89,7 @@ def select_kernel(q, k_cmp, lse, block_indices, T, TC, qk_scale, HQ: tl.constexp
     jj = tl.arange(0, NP)
     weights = overlap_weights(a[:, None], jj[None, :], BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)  # same in every chunk
     spill = overlap_weights(a, NP, BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)  # share of the next chunk's first block
-    top = tl.full([BT, NP], -1, tl.int64)
+    top = tl.full([BT, NP], -1, tl.int32)
     carry = tl.zeros([BT], tl.float32)
     last_block = (tl.minimum(pid_t * BT + BT, T) - 1) // SELECT_LEN
     k_ptr = k_cmp + (b * TC * H + h) * DK
@@ -96,10 +103,10 @@ def select_kernel(q, k_cmp, lse, block_indices, T, TC, qk_scale, HQ: tl.constexp
         importance = tl.sum(p_group[:, :, None] * weights[None, :, :], 1)  # eq. 9: [BT, NP]
         importance += tl.where(jj[None, :] == 0, carry[:, None], 0.)
         carry = tl.sum(p_group * spill[None, :], 1)
-        top = merge_top(top, ranking_keys(importance, c * NP + jj, current), BT, NP)
+        top = merge_top(top, ranking_keys(importance, c * NP + jj, current, IDX_BITS), BT, NP)
     r = tl.arange(0, NP)
     out = block_indices + ((b * T + toks[:, None]) * H + h) * NUM_SELECTED + r[None, :]
-    tl.store(out, block_of_key(top), mask=(toks[:, None] < T) & (r[None, :] < NUM_SELECTED))
+    tl.store(out, block_of_key(top, IDX_BITS), mask=(toks[:, None] < T) & (r[None, :] < NUM_SELECTED))
 
 
 # ------------------------------------------------------------------------------------------- launcher
@@ -122,7 +129,7 @@ def select_fwd(q, k_cmp, lse, block_len, block_stride, select_len, num_selected,
     select_kernel[(triton.cdiv(T, bt), B * H)](
         q, k_cmp, lse, block_indices, T, TC, scale * LOG2E, HQ, H, DK, triton.next_power_of_2(DK), gp, block_len,
         block_stride, select_len, num_selected, chunk_blocks(num_selected, select_len, block_stride), bt,
-        num_warps=warps, num_stages=stages)
+        index_bits(triton.cdiv(T, select_len)), num_warps=warps, num_stages=stages)
     return block_indices
 
 

@@ -23,6 +23,15 @@ def num_compressed_blocks(seq_len: int, block_len: int, block_stride: int) -> in
     return 0 if seq_len < block_len else (seq_len - block_len) // block_stride + 1
 
 
+def index_bits(num_blocks: int) -> int:
+    """Low bits of a selection ranking key that hold the block index (enough for num_blocks blocks).
+
+    Blocks are ranked by int32 keys: the float32 bits of the importance with these low bits replaced by
+    (2^b - 1 - j); importances equal in the remaining 31 - b bits go to the lower block index j.
+    """
+    return max(1, (num_blocks - 1).bit_length())
+
+
 def visible_compressed_blocks(positions: torch.Tensor, block_len: int, block_stride: int) -> torch.Tensor:
     """Compressed blocks a query at each position sees (block i when t >= i*stride + block_len - 1)."""
     return (positions + 1 - block_len + block_stride).clamp_min(0) // block_stride

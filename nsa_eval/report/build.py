@@ -38,6 +38,7 @@ class FigureFile:
     slug: str
     title: str
     png: bytes
+    wide: bool = False  # HTML: a full-width figure (several panels) rather than one of a pair
 
     @property
     def base64(self) -> str:
@@ -138,7 +139,8 @@ def _speed_section(runs: list[Run], bench_dir: Path, with_paper: bool) -> Sectio
         section.tables += speed.bench_tables(bench)
         png = speed.speedup_figure(bench, with_paper)
         if png:
-            section.figures.append(FigureFile(f"kernels-{slug(bench.card)}", f"Kernel speedup on {bench.device}", png))
+            section.figures.append(FigureFile(f"kernels-{slug(bench.card)}", f"Kernel speedup on {bench.device}", png,
+                                              wide=True))
     if with_paper and bench_files:
         section.tables.append(speed.paper_speed_table())
     return section if section.tables or section.notes else None

@@ -4,13 +4,14 @@
   Figure 5; LongBench: subset x length bucket) on a fixed 0..1 colour scale, the mean per column drawn over it;
 - `difference_map`: the same grid, one run minus another, on a fixed -1..1 scale;
 - `score_by_key`: the headline score against a breakdown key (context length), one line per run;
-- `speed_lines`: speedup against sequence length, one line per series (the paper's Figure 6).
+- `speed_panels`: speedup against sequence length in side-by-side panels (the paper's Figure 6).
 """
 
 from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -96,7 +97,7 @@ def breakdown_heatmap(run: Run, task: str, cross_key: str) -> bytes:
     mean_axes.grid(alpha=0.3)
     mean_axes.tick_params(labelbottom=False)
     figure.colorbar(image, ax=[mean_axes, axes], label=result.headline)
-    mean_axes.set_title(f"{run.model_name}: {task} {result.headline} {result.score:.3f} (n={result.n})")
+    mean_axes.set_title(f"{run.label}\n{task} {result.headline} {result.score:.3f} (n={result.n})")
     return _png(figure)
 
 
@@ -116,7 +117,7 @@ def difference_map(run: Run, base: Run, task: str, cross_key: str) -> bytes:
     headline = run.results[task].headline
     figure.colorbar(image, ax=axes, label=f"\u0394 {headline}")
     overall = run.results[task].score - base.results[task].score
-    axes.set_title(f"{run.model_name} \u2212 {base.model_name}: {task} {headline} (overall {overall:+.3f})")
+    axes.set_title(f"{run.label} \u2212 {base.label}\n{task} {headline} (overall {overall:+.3f})")
     return _png(figure)
 
 
@@ -156,27 +157,36 @@ def score_by_key(runs: list[Run], task: str, key: str, apart: dict[str, str] | N
     return _png(figure)
 
 
-def speed_lines(title: str, series: dict[str, dict[int, float]], ylabel: str,
-                dashed: dict[str, dict[int, float]] | None = None) -> bytes:
-    """Lines of value against sequence length: `series` solid (ours), `dashed` (e.g. the paper's), a 1x guide."""
-    figure = Figure(figsize=(7.0, 4.0))
-    axes = figure.add_subplot()
-    lengths = sorted({t for points in [*series.values(), *(dashed or {}).values()] for t in points})
-    for label, points in series.items():
-        ts = sorted(points)
-        axes.plot(ts, [points[t] for t in ts], marker="o", label=label)
-    for label, points in (dashed or {}).items():
-        ts = sorted(points)
-        axes.plot(ts, [points[t] for t in ts], linestyle="--", marker="x", alpha=0.7, label=label)
-    axes.axhline(1.0, color="grey", linewidth=0.8)
-    axes.set_xscale("log", base=2)
-    axes.set_xticks(lengths, [str(t) for t in lengths], rotation=45 if len(lengths) > 6 else 0)
-    axes.minorticks_off()
-    axes.set_xlabel("sequence length (tokens)")
-    axes.set_ylabel(ylabel)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    axes.set_title(title)
+@dataclass
+class SpeedPanel:
+    """One panel of a speed figure: `ours` drawn solid, `dashed` (e.g. the paper's) dashed; {label: {T: value}}."""
+
+    title: str
+    ours: dict[str, dict[int, float]]
+    dashed: dict[str, dict[int, float]] = field(default_factory=dict)
+
+
+def speed_panels(title: str, panels: list[SpeedPanel], ylabel: str) -> bytes:
+    """Side-by-side panels of speedup against sequence length (log2 axis) with a 1x guide, as the paper's Figure 6."""
+    figure = Figure(figsize=(4.6 * len(panels), 4.4), layout="constrained")
+    for axes, panel in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        lengths = sorted({t for points in [*panel.ours.values(), *panel.dashed.values()] for t in points})
+        for label, points in panel.ours.items():
+            ts = sorted(points)
+            axes.plot(ts, [points[t] for t in ts], marker="o", label=label)
+        for label, points in panel.dashed.items():
+            ts = sorted(points)
+            axes.plot(ts, [points[t] for t in ts], linestyle="--", marker="x", color="grey", label=label)
+        axes.axhline(1.0, color="black", linewidth=0.8)
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(lengths, [f"{t // 1024}k" if t % 1024 == 0 else str(t) for t in lengths])
+        axes.minorticks_off()
+        axes.set_xlabel("sequence length (tokens)")
+        axes.set_ylabel(ylabel)
+        axes.grid(alpha=0.3)
+        axes.set_title(panel.title, fontsize=10)
+        axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1, frameon=False)
+    figure.suptitle(title)
     return _png(figure)
 
 

@@ -111,7 +111,12 @@ def bench_tables(bench: BenchFile) -> list[Table]:
     return tables
 
 
-def _paper_direction(op: str) -> str | None:
+PANELS = (("forward", "forward (prefill fwd)"), ("backward", "forward + backward"), ("decode", "decode"),
+          (None, "other"))
+
+
+def _direction(op: str) -> str | None:
+    """Which of the paper's speed results an op compares with: forward, backward (fwd+bwd) or decode."""
     name = op.lower()
     if "decode" in name:
         return "decode"
@@ -123,25 +128,22 @@ def _paper_direction(op: str) -> str | None:
 
 
 def speedup_figure(bench: BenchFile, with_paper: bool) -> bytes | None:
-    """Speedup against length, a line per op and pair of implementations (the paper's Figure 6 and
-    Table 4 as dashed lines when asked)."""
-    series: dict[str, dict[int, float]] = {}
+    """Speedup against length: a panel per direction (forward, forward+backward, decode), a line per op and
+    pair of implementations; the paper's Figure 6 and Table 4 as dashed lines when asked."""
+    panels = {direction: figures.SpeedPanel(title, {}) for direction, title in PANELS}
     for row in bench.rows:
         if row["impl"] in bench.baselines():
             continue
         for base, value in row["ratios"].items():
-            series.setdefault(f"{row['op']}: {row['impl']} vs {base}", {})[row["T"]] = value
-    if not series:
-        return None
-    dashed = {}
+            panels[_direction(row["op"])].ours.setdefault(f"{row['op']}: {row['impl']} vs {base}", {})[row["T"]] = value
     if with_paper:
-        directions = {_paper_direction(op) for op in bench.ops()}
         for direction, points in reference.kernel_speedups().items():
-            if direction in directions:
-                dashed[f"paper: NSA vs FlashAttention-2, {direction} (A100, Fig. 6)"] = points
-        if "decode" in directions:
-            dashed["paper: NSA vs full attention, decode, expected (Table 4)"] = reference.decode_speedups()
-    return figures.speed_lines(f"Kernel speedup on {bench.device}", series, "speedup (x)", dashed)
+            panels[direction].dashed[f"paper: NSA vs FlashAttention-2 {direction} (A100, Fig. 6)"] = points
+        panels["decode"].dashed["paper: NSA vs full attention, expected (Table 4)"] = reference.decode_speedups()
+    shown = [panel for panel in panels.values() if panel.ours]
+    if not shown:
+        return None
+    return figures.speed_panels(f"Kernel speedup on {bench.device}", shown, "speedup (x)")
 
 
 def paper_speed_table() -> Table:

@@ -79,6 +79,8 @@ class HFModel:
         self.eos_ids = _eos_ids(model, tokenizer)
         # transformers 5.2x renamed `past_key_values` to `cache`; support both spellings
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        # prefill computes the last position's logits only, where the model can (a 64k prompt's full logits are GBs)
+        self._prefill_args = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
     @classmethod
     def from_pretrained(
@@ -176,7 +178,8 @@ class HFModel:
         t0 = time.perf_counter()
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+            **self._prefill_args,
         )
         logits = out.logits[:, -1, :].float()
         _sync(self.device)

@@ -1,0 +1,224 @@
+"""Our attention inside transformers models, through its AttentionInterface (`attn_implementation=...`).
+
+- "nsa_eval_triton": causal attention (GQA, sliding window) on nsa_eval.kernels: Triton on CUDA tensors, the
+  PyTorch reference elsewhere. `hf:` checkpoints use it on CUDA; on the CPU they keep transformers' sdpa.
+- "nsa_eval_sparse": training-free NSA-style sparse attention for any full-attention checkpoint (the paper's
+  Exact-Top / Quest-like baselines, `--attention sparse`). Per query and KV head: keys mean-pooled over blocks of
+  `block` tokens; block importance = the compressed-attention probabilities of the query over those block means,
+  summed over the KV head's query heads (NSA eq. 8-10 with l = d = l'); the leading `leading` tokens and the blocks
+  covering the last `local` tokens are always kept, then the most important blocks up to `budget` tokens; one
+  softmax over the kept tokens. A prompt (queries 0..T-1) runs on the NSA kernels (compressed attention for the
+  scores, block selection, selected attention); queries after cached tokens (decode) run the same rule on the
+  NSA reference, which takes query positions.
+
+Both take transformers' padding mask as the 2D [B, S] key mask that its flash-attention path gets (or None), and run
+padded rows one at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nsa_eval.kernels import (
+    attention,
+    attention_decode,
+    compressed_attention,
+    mean_pool,
+    select_blocks,
+    selected_attention,
+)
+
+TRITON_ATTENTION = "nsa_eval_triton"
+SPARSE_ATTENTION = "nsa_eval_sparse"
+
+
+@dataclass(frozen=True)
+class SparseSettings:
+    """Token budget per query (the paper's 2560 = 128 leading + 512 local + the selected blocks), block length."""
+
+    budget: int = 2560
+    leading: int = 128
+    local: int = 512
+    block: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("budget", "leading", "local", "block"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--sparse-{name} must be a positive integer, got {value!r}")
+        if self.local <= self.block:
+            raise ValueError(f"--sparse-local {self.local} must exceed --sparse-block {self.block} (the local tokens "
+                             "cover the current block and the one before it)")
+        forced = self.leading_blocks + self.local_blocks
+        if self.num_blocks < forced:
+            raise ValueError(f"--sparse-budget {self.budget} holds {self.num_blocks} blocks of {self.block} tokens, "
+                             f"fewer than the {forced} that the leading and local tokens may take; raise it to at "
+                             f"least {forced * self.block}")
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks per query (n)."""
+        return self.budget // self.block
+
+    @property
+    def leading_blocks(self) -> int:
+        return math.ceil(self.leading / self.block)
+
+    @property
+    def local_blocks(self) -> int:
+        """At most this many blocks cover the last `local` tokens (the current, partial, block included)."""
+        return math.ceil(self.local / self.block) + 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# registration
+# ------------------------------------------------------------------------------------------------------------
+
+
+def register() -> None:
+    """Register both implementations (and transformers' 2D padding mask for them); safe to call again."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(TRITON_ATTENTION, full_attention_forward)
+    AttentionInterface.register(SPARSE_ATTENTION, sparse_attention_forward)
+    AttentionMaskInterface.register(TRITON_ATTENTION, flash_attention_mask)
+    AttentionMaskInterface.register(SPARSE_ATTENTION, flash_attention_mask)
+
+
+def attn_implementation(attention_kind: str, device: torch.device) -> str | None:
+    """The attn_implementation to load an `hf:` model with: ours on CUDA ('full'), transformers' default (sdpa) on
+    the CPU, the sparse one anywhere ('sparse'). Registers ours first."""
+    if attention_kind not in ("full", "sparse"):
+        raise ValueError(f"--attention must be 'full' or 'sparse', got {attention_kind!r}")
+    register()
+    if attention_kind == "sparse":
+        return SPARSE_ATTENTION
+    return TRITON_ATTENTION if device.type == "cuda" else None
+
+
+def enable_sparse(lm: Any, settings: SparseSettings) -> None:
+    """Give an HFModel loaded with the sparse implementation its settings; its name says it is sparse."""
+    lm.model.config.nsa_eval_sparse = settings
+    lm.name = f"{lm.name}+sparse{settings.budget}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the attention functions transformers calls
+# ------------------------------------------------------------------------------------------------------------
+
+
+def full_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query [B, HQ, T, D], key/value [B, H, S, D] (the cache included, T <= S) -> ([B, T, HQ, D], None)."""
+    _check_supported(module, kwargs)
+    window = kwargs.get("sliding_window")
+
+    def causal(q, k, v):
+        if q.shape[1] == 1:  # a decode step: the split-K kernel over the whole cache
+            lengths = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
+            return attention_decode(q[:, 0], k, v, lengths, window=window, scale=scaling)[:, None]
+        return attention(q, k, v, causal=True, window=window, scale=scaling)
+
+    return _rows(causal, query, key, value, attention_mask), None
+
+
+def sparse_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """As full_attention_forward, each query seeing only its budget of tokens (module docstring)."""
+    _check_supported(module, kwargs)
+    if kwargs.get("sliding_window"):
+        raise ValueError("--attention sparse does not apply to sliding-window layers; use --attention full")
+    settings = getattr(module.config, "nsa_eval_sparse", None) or SparseSettings()
+    return _rows(lambda q, k, v: sparse_attention(q, k, v, settings, scaling), query, key, value, attention_mask), None
+
+
+def _check_supported(module, kwargs) -> None:
+    if not getattr(module, "is_causal", True):
+        raise ValueError("nsa_eval attention runs causal decoder layers only; load this model with its own attention")
+    if kwargs.get("softcap") is not None:
+        raise ValueError("nsa_eval attention has no logit soft-capping; load this model with attn_implementation eager")
+
+
+def _rows(core, query, key, value, attention_mask):
+    """core(q [b, T', HQ, D], k [b, S', H, D], v) over the unpadded part of each row -> [B, T, HQ, Dv] (zeros for
+    padded queries). Queries are the last T of the S key positions (bottom-right causal alignment)."""
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    B, T, S = q.shape[0], q.shape[1], k.shape[1]
+    if attention_mask is None:
+        return core(q, k, v)
+    if attention_mask.ndim != 2:
+        raise ValueError(f"nsa_eval attention takes a 2D padding mask [B, S], got shape {tuple(attention_mask.shape)}")
+    mask = attention_mask[:, -S:].bool()
+    counts = mask.sum(-1)
+    starts = (mask.int().cumsum(-1) == 0).sum(-1)
+    if bool((counts == S).all()):
+        return core(q, k, v)
+    out = q.new_zeros(B, T, q.shape[2], v.shape[3])
+    first_query = S - T  # key position of query 0
+    for b, (start, count) in enumerate(zip(starts.tolist(), counts.tolist())):
+        if not bool(mask[b, start:start + count].all()):
+            raise ValueError(f"row {b} of the attention mask has a gap; pad on one side only")
+        lo, hi = max(start, first_query), min(start + count, S)
+        if lo < hi:
+            out[b, lo - first_query:hi - first_query] = core(q[b:b + 1, lo - first_query:hi - first_query],
+                                                             k[b:b + 1, start:hi], v[b:b + 1, start:hi])[0]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# training-free sparse attention
+# ------------------------------------------------------------------------------------------------------------
+
+
+def sparse_attention(q, k, v, settings: SparseSettings, scale: float | None = None) -> torch.Tensor:
+    """q [B, T, HQ, D] at key positions S-T..S-1, k [B, S, H, D], v [B, S, H, Dv] -> [B, T, HQ, Dv] (module
+    docstring). T == S on the NSA kernels (Triton on CUDA); T < S on the NSA reference with query positions."""
+    from nsa_eval.kernels.nsa import reference
+
+    block, n = settings.block, settings.num_blocks
+    B, T, S = q.shape[0], q.shape[1], k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    k_mean, v_mean = mean_pool(k, block), mean_pool(v, block)
+    if T == S:
+        _, lse = compressed_attention(q, k_mean, v_mean, block_len=block, block_stride=block, scale=scale)
+        indices = select_blocks(q, k_mean, lse, block_len=block, block_stride=block, select_len=block,
+                                num_selected=n, scale=scale)
+        positions = torch.arange(T, device=q.device).expand(B, T)
+        indices = keep_leading_and_local(indices, positions, settings)
+        return selected_attention(q, k, v, indices, select_len=block, scale=scale)
+    positions = torch.arange(S - T, S, device=q.device).expand(B, T)
+    _, lse = reference._compressed(q, k_mean, v_mean, positions, block, block, scale)
+    indices = reference._select(q, k_mean, lse, positions, S, block, block, block, n, scale)
+    indices = keep_leading_and_local(indices, positions, settings)
+    out, _ = reference._selected(q, k, v, indices, positions, block, scale)
+    return out.to(q.dtype)
+
+
+def keep_leading_and_local(indices: torch.Tensor, positions: torch.Tensor, settings: SparseSettings) -> torch.Tensor:
+    """The n = budget / block blocks each query keeps: the leading blocks and the blocks covering its last `local`
+    tokens (never after its own block), then the most important others in the order of `indices`.
+
+    indices [B, T, H, n] int32 from select_blocks (most important first, -1 unused; its forced blocks 0, current and
+    current - 1 are among ours); positions [B, T] of the queries. Returns int32 [B, T, H, n], -1 padded.
+    """
+    block, n = settings.block, indices.shape[-1]
+    pos = positions.long()[:, :, None, None]  # [B, T, 1, 1]
+    current = pos // block
+    first_local = (pos - settings.local + 1).clamp(min=0) // block
+    lead = settings.leading_blocks
+    leading = torch.arange(lead, device=indices.device)
+    local = first_local + torch.arange(settings.local_blocks, device=indices.device)
+    forced = torch.cat([torch.where(leading <= current, leading, -1),
+                        torch.where((local <= current) & (local >= lead), local, -1)], dim=-1)
+    forced = forced.expand(*indices.shape[:3], forced.shape[-1])
+    chosen = indices.long()
+    is_forced = (chosen < lead) | ((chosen >= first_local) & (chosen <= current))
+    others = (chosen >= 0) & ~is_forced
+    room = n - (forced >= 0).sum(-1, keepdim=True)
+    taken = torch.where(others & (others.cumsum(-1) <= room), chosen, -1)
+    merged = torch.cat([forced, taken], dim=-1)
+    order = torch.sort((merged < 0).to(torch.int8), dim=-1, stable=True).indices
+    return merged.gather(-1, order)[..., :n].to(torch.int32)

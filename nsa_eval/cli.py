@@ -79,8 +79,19 @@ def default_run_dir(model_name: str, task_names: list[str]) -> Path:
 
 @main.command()
 @click.option("--model", "model_spec", default="smollm2", show_default=True,
-              help="What to evaluate: 'smollm2' (embedded SmolLM2-135M-Instruct) or 'hf:PATH_OR_ID' (a transformers "
-                   "causal LM folder). `nsa-eval list models` shows every kind.")
+              help="What to evaluate: 'smollm2' (embedded SmolLM2-135M-Instruct), 'hf:PATH_OR_ID' (a transformers "
+                   "causal LM folder) or 'nsa:PATH' (an NSA checkpoint). `nsa-eval list models` shows every kind.")
+@click.option("--attention", type=click.Choice(["full", "sparse"]), default="full", show_default=True,
+              help="For smollm2 and hf: checkpoints: full attention (our kernels on CUDA), or training-free NSA-style "
+                   "sparse attention (top blocks by mean-pooled keys, leading and local tokens always kept).")
+@click.option("--sparse-budget", default=2560, show_default=True, type=click.IntRange(min=1),
+              help="Sparse attention: tokens each query sees (leading + local + selected blocks).")
+@click.option("--sparse-leading", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Sparse attention: leading tokens always kept.")
+@click.option("--sparse-local", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Sparse attention: most recent tokens always kept.")
+@click.option("--sparse-block", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Sparse attention: block length of the selection.")
 @click.option("--tasks", "task_list", required=True, help="Comma-separated task names; `nsa-eval list tasks` shows them.")
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N samples of each task.")
 @click.option("--output", type=click.Path(path_type=Path),
@@ -113,7 +124,8 @@ def default_run_dir(model_name: str, task_names: list[str]) -> Path:
 @click.option("--include-path", type=click.Path(path_type=Path),
               help="A folder of lm-evaluation-harness task YAML files, for --tasks lm-eval:TASK.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(model_spec: str, task_list: str, limit: int | None, output: Path | None, seed: int, batch_size: int,
+def run(model_spec: str, attention: str, sparse_budget: int, sparse_leading: int, sparse_local: int,
+        sparse_block: int, task_list: str, limit: int | None, output: Path | None, seed: int, batch_size: int,
         max_length: int | None, device: str, dtype: str, chat: bool | None, data_pairs: tuple[str, ...],
         allow_code_execution: bool, niah_lengths: str, niah_depths: str, niah_samples: int, haystack: Path | None,
         include_path: Path | None, quiet: bool) -> None:
@@ -141,14 +153,20 @@ def run(model_spec: str, task_list: str, limit: int | None, output: Path | None,
 
     shard = distributed.start(device)  # None unless torchrun started several processes
     click.echo(f"loading {model_spec} ...", err=True)
+    sparse = None
+    if attention == "sparse":
+        from nsa_eval.model_adapters.hf_attention import SparseSettings
+
+        sparse = SparseSettings(sparse_budget, sparse_leading, sparse_local, sparse_block)
     model = load_model(model_spec, device=shard.device(device) if shard else device, dtype=dtype,
-                       max_length=max_length, batch_size=batch_size)
+                       max_length=max_length, batch_size=batch_size, attention=attention, sparse=sparse)
     run_dir = output or default_run_dir(model.name, task_names)
     store = distributed.run_store(run_dir, shard)
     device_type = str(getattr(model, "device", device)).split(":")[0]  # which GPU does not change the results
     metrics = run_tasks(
         model, model_spec, tasks, store, seed=seed, limit=limit, chat=chat, batch_size=batch_size,
-        extra_config={"device": device_type, "dtype": str(getattr(model, "dtype", dtype))},
+        extra_config={"device": device_type, "dtype": str(getattr(model, "dtype", dtype)),
+                      **({"attention": "sparse", "sparse": vars(sparse)} if sparse else {})},
         argv=sys.argv, show_progress=not quiet and (shard is None or shard.rank == 0),
     )
     if metrics is None:  # a data-parallel process other than rank 0
@@ -158,6 +176,23 @@ def run(model_spec: str, task_list: str, limit: int | None, output: Path | None,
         click.echo(f"{name}: {result['headline']} = {headline.get('mean', float('nan')):.4f} "
                    f"± {headline.get('stderr', float('nan')):.4f} (n={result['n']})")
     click.echo(f"run directory: {store.root}")
+
+
+QUICKSTART_RUN = Path("results") / "runs" / "quickstart-smollm2"
+
+
+@main.command()
+@click.option("--output", type=click.Path(path_type=Path), default=QUICKSTART_RUN, show_default=True,
+              help="Run directory (rerunning resumes; the report goes to <output>/report).")
+@click.pass_context
+def quickstart(ctx: click.Context, output: Path) -> None:
+    """The README's first job: the embedded SmolLM2 on a CPU-sized needle-in-a-haystack grid (512 to 2048
+    tokens x 5 depths, a few minutes on 2 cores), then its report (Markdown table, heatmap, HTML)."""
+    from nsa_eval.report.commands import report
+
+    ctx.invoke(run, model_spec="smollm2", task_list="niah", niah_lengths="512,1k,1536,2k",
+               niah_depths="0,25,50,75,100", output=output)
+    ctx.invoke(report, runs=(str(output),), out_dir=output / "report")
 
 
 @main.command(name="list")
@@ -180,6 +215,10 @@ main.add_command(publish)
 
 
 main.add_command(bench)
+
+from nsa_eval.bench_model import model_command  # noqa: E402  (`nsa-eval bench model` lives in nsa_eval/bench_model.py)
+
+bench.add_command(model_command)
 
 from nsa_eval.serve import serve  # noqa: E402  (the OpenAI-compatible server lives in nsa_eval/serve.py)
 

@@ -84,16 +84,17 @@ def select_decode_kernel(cache_seqlens, scores, part_m, part_l, part_o, o_cmp, b
     sp = tl.arange(0, NSPLIT)
     dv = tl.arange(0, BDV)
     hq = b * HQ + h * G + g
-    m_s = tl.load(part_m + hq[:, None] * NSPLIT + sp[None, :], mask=g_ok[:, None], other=float("-inf"))
-    l_s = tl.load(part_l + hq[:, None] * NSPLIT + sp[None, :], mask=g_ok[:, None], other=0.)
-    m = tl.max(m_s, 1)
+    m = tl.max(tl.load(part_m + hq[:, None] * NSPLIT + sp[None, :], mask=g_ok[:, None], other=float("-inf")), 1)
     m_safe = tl.where(m == float("-inf"), 0., m)
-    w = tl.math.exp2(m_s - m_safe[:, None])  # [GP, NSPLIT]
-    l_i = tl.sum(l_s * w, 1)
-    o_s = tl.load(part_o + (hq[:, None, None] * NSPLIT + sp[None, :, None]) * DV + dv[None, None, :],
-                  mask=g_ok[:, None, None] & (dv[None, None, :] < DV), other=0.)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, BDV], tl.float32)
+    for split in range(NSPLIT):  # one split at a time: a [GP, NSPLIT, BDV] tile would not fit in registers
+        w = tl.math.exp2(tl.load(part_m + hq * NSPLIT + split, mask=g_ok, other=float("-inf")) - m_safe)
+        l_i += w * tl.load(part_l + hq * NSPLIT + split, mask=g_ok, other=0.)
+        acc += w[:, None] * tl.load(part_o + (hq[:, None] * NSPLIT + split) * DV + dv[None, :],
+                                    mask=g_ok[:, None] & (dv[None, :] < DV), other=0.)
     seen = l_i > 0
-    out = tl.sum(o_s * w[:, :, None], 1) / tl.where(seen, l_i, 1.)[:, None]
+    out = acc / tl.where(seen, l_i, 1.)[:, None]
     tl.store(o_cmp + hq[:, None] * DV + dv[None, :], out.to(o_cmp.dtype.element_ty), mask=g_ok[:, None] & (dv[None, :] < DV))
     lse2 = m_safe + tl.math.log2(tl.where(seen, l_i, 1.))
 

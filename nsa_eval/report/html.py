@@ -63,6 +63,8 @@ def _sample_row(record: dict[str, Any]) -> dict[str, str]:
         "scores": ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
                             for k, v in (record.get("scores") or {}).items()),
         "tokens": ", ".join(t for t in tokens if t),
+        # what the task adds per sample (HumanEval: each completion's outcome; LongBench: prompt cut)
+        "details": _clip(json.dumps(record["details"], ensure_ascii=False, indent=1)) if record.get("details") else "",
     }
 
 

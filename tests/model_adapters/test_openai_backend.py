@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from interop_helpers import serving, write_lm_eval_tasks
 
 from nsa_eval.cli import main
-from nsa_eval.model_adapters.base import GenerationRequest
+from nsa_eval.model_adapters.base import GenerationRequest, LoglikelihoodRequest
 from nsa_eval.model_adapters.hf import HFModel
 from nsa_eval.models import load_model
 
@@ -193,3 +193,19 @@ def test_a_run_that_fails_midway_keeps_what_it_wrote_and_resumes(tiny, tiny_llam
             assert server.posts == 3 + 3 + 5
         finally:
             server.close()
+
+
+def test_a_server_without_prompt_logprobs_cannot_score_loglikelihood():
+    """OpenAI's own API ignores echo for logprobs: one clear line at once, no retries."""
+    completion = {"choices": [{"index": 0, "text": " x", "logprobs": None, "finish_reason": "length"}],
+                  "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+    server = ScriptedServer(lambda n, path, body: (200, {}, json.dumps(completion).encode()))
+    try:
+        model = load_model(f"openai:{server.url}?{FAST}#m")
+        with pytest.raises(ValueError, match="does not return the prompt's log-probabilities") as error:
+            model.loglikelihood([LoglikelihoodRequest("The sky is", " blue")])
+        one_line_error(error.value)
+        assert server.posts == 1
+        assert model.generate([GenerationRequest("hi", max_new_tokens=1)])[0].texts == [" x"]  # generation still works
+    finally:
+        server.close()

@@ -92,8 +92,12 @@ def test_missing_path_and_unknown_suffix_are_value_errors(tmp_path):
 
 
 def test_unreachable_hub_says_which_dataset_and_how_to_give_a_local_copy(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    import huggingface_hub
+
+    # offline mode (read by `datasets` at import, hence set on its config) fails at once, as no network would
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError) as caught:
         load_rows(None, task="demo", hub_id="org/surely-not-cached-demo", hub_config=None, split="test", schema=SCHEMA)
     assert "org/surely-not-cached-demo" in str(caught.value) and "--data demo=PATH" in str(caught.value)

@@ -121,11 +121,10 @@ class GSM8K:
 
     def score(self, sample: Sample, output: list[str]) -> dict[str, float]:
         gold = normalise(sample.target, self._ignore())
-        scores = {"strict_match": 0.0, "flexible_extract": 0.0}
-        for text in output[:1]:  # one greedy response
-            for metric, extract in (("strict_match", strict_answer), ("flexible_extract", flexible_answer)):
-                answer = extract(text)
-                scores[metric] = float(answer is not None and normalise(answer, self._ignore()) == gold)
+        scores = {}
+        for metric, extract in (("strict_match", strict_answer), ("flexible_extract", flexible_answer)):
+            answer = extract(output[0])  # the one greedy response
+            scores[metric] = float(answer is not None and normalise(answer, self._ignore()) == gold)
         return scores
 
     def details(self, sample: Sample, output: list[str]) -> dict[str, Any]:

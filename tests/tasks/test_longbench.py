@@ -186,3 +186,10 @@ def test_the_hub_path_reads_the_subset_file_inside_data_zip(tmp_path, rows, monk
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # a local zip needs no network either way
     samples = LongBench(subsets="qasper").samples(context())
     assert [s.target["answers"][0] for s in samples] == ["64", "32"]
+
+
+def test_table2_group_is_the_papers(shared_data):
+    from nsa_eval.tasks.longbench import TABLE2_SUBSETS
+
+    paper = json.loads((shared_data.parent / "reference" / "nsa_paper.json").read_text(encoding="utf-8"))
+    assert TABLE2_SUBSETS == paper["table2_longbench"]["subsets"]

@@ -389,43 +389,40 @@ class NSAAttention(nn.Module):
     def prefill(self, x, cos, sin, ops: Kernels, sdpa_backend: str | None, chunk: int, cache: dict | None, rows: slice):
         """x [B, T, hidden] (normed) -> attention output after o_proj [B, T, hidden]; fills cache[rows]. The
         projections run `chunk` tokens at a time, the attention over all T at once."""
+        c = self.config
         B, T, _ = x.shape
         q, branch_kv, gates = self.unpack(in_chunks(lambda s, e: self.project(x[:, s:e], cos[:, s:e], sin[:, s:e]),
                                                     T, chunk))
-        if self.config.attention == "full":
-            k, v = branch_kv["slc"]
-            o = sdpa(q, k, v, sdpa_backend) if sdpa_backend else ops.attention(q, k, v, causal=True)
-            if cache is not None:
-                cache["k"][rows, :T], cache["v"][rows, :T] = k, v
-        else:
-            o = self.nsa_prefill(q, branch_kv, gates, ops, cache, rows)
+        k_cmp = v_cmp = None
+        if c.attention == "nsa":
+            k_cmp, v_cmp = self.compress(*(_blocks(t, c.block_len, c.block_stride) for t in branch_kv["cmp"]))
+        o = self.attend_prefill(q, branch_kv, k_cmp, v_cmp, gates, ops, sdpa_backend)
+        if cache is not None:
+            cache["k"][rows, :T], cache["v"][rows, :T] = branch_kv["slc"]
+            if c.attention == "nsa":
+                cache["k_cmp"][rows, :k_cmp.shape[1]], cache["v_cmp"][rows, :k_cmp.shape[1]] = k_cmp, v_cmp
+                _fill_ring(cache["k_ring"], cache["v_ring"], rows, *branch_kv["cmp"])
+                if "k_win" in cache:
+                    _fill_ring(cache["k_win"], cache["v_win"], rows, *branch_kv["win"])
         o = o.reshape(B, T, self.hq * self.dv)
         return in_chunks(lambda s, e: self.o_proj(o[:, s:e]), T, chunk)
 
-    def nsa_prefill(self, q, branch_kv, gates, ops: Kernels, cache: dict | None, rows: slice) -> torch.Tensor:
-        """The three gated branches over q [B, T, HQ, Dk] -> o [B, T, HQ, Dv]; fills cache[rows]."""
+    def attend_prefill(self, q, branch_kv, k_cmp, v_cmp, gates, ops: Kernels, sdpa_backend: str | None):
+        """The attention of a prompt: q [B, T, HQ, Dk] -> o [B, T, HQ, Dv]; NSA's three gated branches, or causal
+        attention (our kernel, or SDPA on `sdpa_backend`)."""
         c = self.config
-        T = q.shape[1]
-        k_raw, v_raw = branch_kv["cmp"]
-        n_blocks = 0 if T < c.block_len else (T - c.block_len) // c.block_stride + 1
-        k_cmp, v_cmp = self.compress(_blocks(k_raw, c.block_len, c.block_stride),
-                                     _blocks(v_raw, c.block_len, c.block_stride))
+        k_slc, v_slc = branch_kv["slc"]
+        if c.attention == "full":
+            return sdpa(q, k_slc, v_slc, sdpa_backend) if sdpa_backend else ops.attention(q, k_slc, v_slc, causal=True)
         g_cmp, g_slc, g_win = gates.unbind(-1)
         o_cmp, lse = ops.compressed_attention(q, k_cmp, v_cmp, block_len=c.block_len, block_stride=c.block_stride)
         indices = ops.select_blocks(q, k_cmp, lse, block_len=c.block_len, block_stride=c.block_stride,
                                     select_len=c.select_len, num_selected=c.num_selected)
-        k_slc, v_slc = branch_kv["slc"]
-        o_slc = ops.selected_attention(q, k_slc, v_slc, indices, select_len=c.select_len)
-        o = g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc
+        o = g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * ops.selected_attention(
+            q, k_slc, v_slc, indices, select_len=c.select_len)
         if c.window:
             k_win, v_win = branch_kv["win"]
             o = o + g_win.unsqueeze(-1) * ops.attention(q, k_win, v_win, causal=True, window=c.window)
-        if cache is not None:
-            cache["k"][rows, :T], cache["v"][rows, :T] = k_slc, v_slc
-            cache["k_cmp"][rows, :n_blocks], cache["v_cmp"][rows, :n_blocks] = k_cmp, v_cmp
-            _fill_ring(cache["k_ring"], cache["v_ring"], rows, k_raw, v_raw)
-            if "k_win" in cache:
-                _fill_ring(cache["k_win"], cache["v_win"], rows, *branch_kv["win"])
         return o.to(q.dtype)
 
     # ---- decode (one token per sequence) -------------------------------------------------------------------
@@ -438,34 +435,38 @@ class NSAAttention(nn.Module):
         c = self.config
         B = x.shape[0]
         q, branch_kv, gates = self.unpack(self.project(x, cos, sin))
-        q = q[:, 0]
         rows = torch.arange(B, device=x.device)
         k_slc, v_slc = branch_kv["slc"]
         cache["k"][rows, positions], cache["v"][rows, positions] = k_slc[:, 0], v_slc[:, 0]
+        if c.attention == "nsa":
+            k_raw, v_raw = branch_kv["cmp"]
+            slot = positions % c.block_len
+            cache["k_ring"][rows, slot], cache["v_ring"][rows, slot] = k_raw[:, 0], v_raw[:, 0]
+            self._append_block(cache, lengths, rows)
+            if "k_win" in cache:
+                k_win, v_win = branch_kv["win"]
+                slot = positions % c.window
+                cache["k_win"][rows, slot], cache["v_win"][rows, slot] = k_win[:, 0], v_win[:, 0]
+        o = self.attend_decode(q[:, 0], gates, cache, lengths, ops, sdpa_backend, sdpa_length)
+        return self.o_proj(o.to(x.dtype).reshape(B, 1, self.hq * self.dv))
+
+    def attend_decode(self, q, gates, cache: dict, lengths, ops: Kernels, sdpa_backend: str | None,
+                      sdpa_length: int) -> torch.Tensor:
+        """The attention of one new token per sequence over the cache: q [B, HQ, Dk] -> o [B, HQ, Dv]."""
+        c = self.config
         if c.attention == "full":
             if sdpa_backend:
-                o = sdpa(q[:, None], cache["k"][:, :sdpa_length], cache["v"][:, :sdpa_length], sdpa_backend)[:, 0]
-            else:
-                o = ops.attention_decode(q, cache["k"], cache["v"], lengths)
-            return self.o_proj(o.reshape(B, 1, self.hq * self.dv))
-        k_raw, v_raw = branch_kv["cmp"]
-        slot = positions % c.block_len
-        cache["k_ring"][rows, slot], cache["v_ring"][rows, slot] = k_raw[:, 0], v_raw[:, 0]
-        self._append_block(cache, lengths, rows)
+                return sdpa(q[:, None], cache["k"][:, :sdpa_length], cache["v"][:, :sdpa_length], sdpa_backend)[:, 0]
+            return ops.attention_decode(q, cache["k"], cache["v"], lengths)
         g_cmp, g_slc, g_win = gates[:, 0].unbind(-1)
         if "k_win" not in cache:  # one shared K/V (or no window): one kernel call
-            o = ops.nsa_decode(q, cache["k"], cache["v"], cache["k_cmp"], cache["v_cmp"], lengths, g_cmp, g_slc,
-                               g_win if c.window else None, **c.nsa)
-        else:
-            k_win, v_win = branch_kv["win"]
-            slot = positions % c.window
-            cache["k_win"][rows, slot], cache["v_win"][rows, slot] = k_win[:, 0], v_win[:, 0]
-            o = ops.nsa_decode(q, cache["k"], cache["v"], cache["k_cmp"], cache["v_cmp"], lengths, g_cmp, g_slc,
-                               None, **{**c.nsa, "window": 0})
-            # the ring holds exactly the last min(length, w) keys; attention does not care about their order
-            window_len = torch.clamp(lengths, max=c.window)
-            o = o + g_win.unsqueeze(-1) * ops.attention_decode(q, cache["k_win"], cache["v_win"], window_len)
-        return self.o_proj(o.to(x.dtype).reshape(B, 1, self.hq * self.dv))
+            return ops.nsa_decode(q, cache["k"], cache["v"], cache["k_cmp"], cache["v_cmp"], lengths, g_cmp, g_slc,
+                                  g_win if c.window else None, **c.nsa)
+        o = ops.nsa_decode(q, cache["k"], cache["v"], cache["k_cmp"], cache["v_cmp"], lengths, g_cmp, g_slc, None,
+                           **{**c.nsa, "window": 0})
+        # the ring holds exactly the last min(length, w) keys, and attention does not depend on their order
+        window_len = torch.clamp(lengths, max=c.window)
+        return o + g_win.unsqueeze(-1) * ops.attention_decode(q, cache["k_win"], cache["v_win"], window_len)
 
     def _append_block(self, cache: dict, lengths: torch.Tensor, rows: torch.Tensor) -> None:
         """Write the compressed block that the newest token completes (where it completes one), from the ring."""
@@ -499,7 +500,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> tor
     """PyTorch SDPA on one backend ('flash', 'cudnn', 'efficient', 'math') in our layout: q [B, T, HQ, Dk],
     k [B, S, H, Dk], v [B, S, H, Dv] -> [B, T, HQ, Dv]; causal when T == S, else the T queries see every key.
     A backend that refuses GQA gets the KV heads expanded, one that refuses Dv != Dk gets V zero-padded: the
-    first way that works is remembered per backend (SDPA_WAYS), so the call is graph-safe after its first use."""
+    first way that works is remembered per backend and kind of call (SDPA_WAYS), so the call is graph-safe after
+    its first use."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     enum = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -519,7 +521,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> tor
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, **gqa)
         return o[..., :dv].transpose(1, 2)
 
-    known = SDPA_WAYS.get(backend)
+    key = (backend, q.shape[1] == 1)
+    known = SDPA_WAYS.get(key)
     if known:
         return call(known)
     errors = []
@@ -529,12 +532,12 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> tor
         except RuntimeError as error:
             errors.append(f"{way}: {str(error).splitlines()[0][:100]}")
             continue
-        SDPA_WAYS[backend] = way
+        SDPA_WAYS[key] = way
         return out
     raise ValueError(f"SDPA backend {backend} refuses these shapes ({'; '.join(errors)})")
 
 
-SDPA_WAYS: dict[str, str] = {}  # backend -> the first way of calling it that worked ("native", "pad", ...)
+SDPA_WAYS: dict[tuple[str, bool], str] = {}  # (backend, decode) -> the first way of calling it that worked
 
 
 # ----------------------------------------------------------------------------------------------------------------

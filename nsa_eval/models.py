@@ -9,21 +9,38 @@ from nsa_eval.registry import MODEL_KINDS, did_you_mean
 
 
 def load_model(spec: str, **options: Any) -> LanguageModel:
-    """Load the backend a spec names: `smollm2`, `hf:PATH_OR_ID`, `openai:URL#MODEL`, `vllm:PATH`.
+    """Load the backend a spec names: `smollm2`, `hf:PATH_OR_ID`, `nsa:PATH`, `openai:URL#MODEL`, `vllm:PATH`.
 
-    options: device, dtype, max_length, batch_size (as HFModel.from_pretrained).
+    options: device, dtype, max_length, batch_size (as HFModel.from_pretrained); attention ('full' or 'sparse')
+    and sparse (SparseSettings) for `smollm2` and `hf:` (our attention kernels through transformers).
     """
     kind, _, target = spec.partition(":")
-    if spec == "smollm2":
-        from nsa_eval.model_adapters.smollm2 import load_smollm2
+    attention = options.pop("attention", None) or "full"
+    sparse = options.pop("sparse", None)
+    if attention != "full" and not (spec == "smollm2" or kind == "hf"):
+        raise ValueError(f"--attention {attention} applies to smollm2 and hf: checkpoints, not to '{spec}'")
+    if spec == "smollm2" or kind == "hf":
+        from nsa_eval.model_adapters.hf import HFModel, resolve_device
+        from nsa_eval.model_adapters.hf_attention import SparseSettings, attn_implementation, enable_sparse
 
-        return load_smollm2(**options)
-    if kind == "hf":
-        if not target:
+        if kind == "hf" and not target:
             raise ValueError("model spec 'hf:' needs a path or hub id, e.g. hf:./my-checkpoint")
-        from nsa_eval.model_adapters.hf import HFModel
+        implementation = attn_implementation(attention, resolve_device(options.get("device")))
+        if spec == "smollm2":
+            from nsa_eval.model_adapters.smollm2 import load_smollm2
 
-        return HFModel.from_pretrained(target, **options)
+            model = load_smollm2(attn_implementation=implementation, **options)
+        else:
+            model = HFModel.from_pretrained(target, attn_implementation=implementation, **options)
+        if attention == "sparse":
+            enable_sparse(model, sparse or SparseSettings())
+        return model
+    if kind == "nsa":
+        if not target:
+            raise ValueError("model spec 'nsa:' needs a checkpoint folder, e.g. nsa:./my-nsa-checkpoint")
+        from nsa_eval.model_adapters.nsa_adapter import load_nsa
+
+        return load_nsa(target, **options)
     if kind == "openai":
         from nsa_eval.model_adapters.openai_backend import OpenAIModel
 

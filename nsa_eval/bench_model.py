@@ -1,0 +1,276 @@
+"""`nsa-eval bench model`: whole-model speed of an NSA transformer against the same transformer with full attention
+through PyTorch SDPA (each backend asked for; the best is the baseline), on a GPU.
+
+Per context length: prefill latency of one prompt, decode tokens/s of a batch of B sequences at that context (the
+prompt's cache copied to B rows; each step a CUDA-graph replay through the model's forward, as generation runs it),
+peak GPU memory of each, and the share of time in attention (the time that goes away when the attention of every
+layer returns zeros, all else equal). Random weights: speed does not depend on them. The default model is the
+paper's attention shape (hidden 2560, 64 query heads in 4 KV groups, d_k 192, d_v 128) with 12 layers.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from nsa_eval.bench import card_slug
+
+PAPER_SHAPE = dict(vocab_size=32000, hidden_size=2560, num_hidden_layers=12, num_attention_heads=64,
+                   num_key_value_heads=4, head_dim=192, v_head_dim=128, intermediate_size=6912,
+                   max_position_embeddings=131072, block_len=32, block_stride=16, select_len=64, num_selected=16,
+                   window=512, compression="mlp", compress_hidden_size=256, shared_kv=False)
+TARGETS = {"prefill": 3.0, "decode": 4.0}  # issue 4: at the longest length, NSA vs the best SDPA
+DEVICE = "cuda"
+
+
+def build_models(spec: str, layers: int | None) -> tuple[object, dict]:
+    """(NSA config, {variant: sdpa backend or None}); spec 'paper' or nsa:PATH (its config, random weights)."""
+    from nsa_eval.model_adapters.nsa_model import NSAConfig, read_checkpoint
+
+    if spec == "paper":
+        fields = dict(PAPER_SHAPE)
+    elif spec.startswith("nsa:"):
+        config, _ = read_checkpoint(Path(spec[4:]).expanduser())
+        fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
+    else:
+        raise ValueError(f"--model {spec}: give 'paper' or nsa:PATH")
+    if layers:
+        fields["num_hidden_layers"] = layers
+    return NSAConfig(**fields), fields
+
+
+def make_model(fields: dict, attention: str, sdpa_backend: str | None):
+    import torch
+
+    from nsa_eval.model_adapters.nsa_model import NSAConfig, NSAForCausalLM
+
+    with torch.device(DEVICE):
+        model = NSAForCausalLM(NSAConfig(**{**fields, "attention": attention}))
+    model = model.to(torch.bfloat16).eval()
+    model.sdpa_backend = sdpa_backend
+    return model
+
+
+@contextmanager
+def attention_removed():
+    """Every layer's attention returns zeros (projections, cache writes, MLP and the rest unchanged)."""
+    from unittest import mock
+
+    from nsa_eval.model_adapters.nsa_model import NSAAttention
+
+    def prefill_zeros(self, q, *args, **kwargs):
+        return q.new_zeros(*q.shape[:3], self.dv)
+
+    def decode_zeros(self, q, *args, **kwargs):
+        return q.new_zeros(*q.shape[:2], self.dv)
+
+    with mock.patch.object(NSAAttention, "attend_prefill", prefill_zeros), \
+            mock.patch.object(NSAAttention, "attend_decode", decode_zeros):
+        yield
+
+
+def time_prefill(model, T: int, repeats: int = 2, use_cache: bool = True) -> tuple[float, object]:
+    """Fastest of `repeats` prefills of one T-token prompt (after a warm-up) in ms, and the last one's cache."""
+    import torch
+
+    ids = torch.randint(0, model.config.vocab_size, (1, T), device=DEVICE)
+    model(ids, use_cache=use_cache, logits_to_keep=1)  # warm-up (compiles kernels on first use)
+    best, cache = float("inf"), None
+    for _ in range(repeats):
+        cache = None
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model(ids, use_cache=use_cache, logits_to_keep=1)
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) * 1e3)
+        cache = out.past_key_values
+    return best, cache
+
+
+def repeat_rows(model, cache, batch: int):
+    """A cache of `batch` copies of a one-sequence cache (same tokens: the same work per row as different ones)."""
+    import torch
+
+    from nsa_eval.model_adapters.nsa_model import NSACache
+
+    layers = [{k: v.repeat(batch, *([1] * (v.ndim - 1))) for k, v in layer.items()} for layer in cache.layers]
+    copy = NSACache(layers, cache.lengths.repeat(batch), cache.capacity)
+    copy.host_lengths = cache.host_lengths * batch
+    torch.cuda.synchronize()
+    return copy
+
+
+def time_decode(model, cache, steps: int) -> float:
+    """Tokens/s over `steps` decode steps of every sequence (after the eager first step, its capture and 3 replays)."""
+    import torch
+
+    batch = len(cache.host_lengths)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=DEVICE)
+    for _ in range(4):
+        model(ids, past_key_values=cache, use_cache=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        model(ids, past_key_values=cache, use_cache=True)
+    torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - start)
+
+
+def bench_variant(name: str, fields: dict, attention: str, backend: str | None, T: int, batch: int, steps: int) -> dict:
+    """One row: prefill, decode and their attention shares at one length; an error becomes a field."""
+    import torch
+
+    row: dict = {"impl": name, "T": T, "batch": batch}
+    model = cache = rows = None
+    try:
+        model = make_model(fields, attention, backend)
+        model.decode_reserve = 2 * steps + 16  # both timed decodes fit
+        torch.cuda.reset_peak_memory_stats()
+        row["prefill_ms"], cache = time_prefill(model, T)
+        row["prefill_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        rows = repeat_rows(model, cache, batch)
+        cache = None
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        row["decode_tokens_per_s"] = time_decode(model, rows, steps)
+        row["decode_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        with attention_removed():
+            rows.graph = None  # capture the step again, without attention
+            no_attention_tps = time_decode(model, rows, steps)
+            rows = None
+            torch.cuda.empty_cache()
+            no_attention_ms, _ = time_prefill(model, T, use_cache=False)
+        row["prefill_attention_share"] = max(0.0, 1 - no_attention_ms / row["prefill_ms"])
+        row["decode_attention_share"] = max(0.0, 1 - row["decode_tokens_per_s"] / no_attention_tps)
+    except Exception as error:  # one failing row (out of memory, a backend refusing) must not end the run
+        message = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        row["error"] = f"{type(error).__name__}: {message}"
+    from nsa_eval.model_adapters.nsa_model import SDPA_WAYS
+
+    if backend:
+        row["sdpa_ways"] = {f"{'decode' if decode else 'prefill'}": way for (b, decode), way in SDPA_WAYS.items()
+                            if b == backend}
+    del model, cache, rows
+    torch.cuda.empty_cache()
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """NSA rows get prefill and decode speed-ups over the best full-attention row at the same length."""
+    for r in rows:
+        if r["impl"] != "nsa" or "error" in r:
+            continue
+        full = [f for f in rows if f["T"] == r["T"] and f["impl"] != "nsa" and "error" not in f]
+        if full:
+            best_prefill = min(full, key=lambda f: f["prefill_ms"])
+            best_decode = max(full, key=lambda f: f["decode_tokens_per_s"])
+            r["prefill_speedup"] = best_prefill["prefill_ms"] / r["prefill_ms"]
+            r["prefill_baseline"] = best_prefill["impl"]
+            r["decode_speedup"] = r["decode_tokens_per_s"] / best_decode["decode_tokens_per_s"]
+            r["decode_baseline"] = best_decode["impl"]
+
+
+def format_report(rows: list[dict], lengths: list[int], header: str) -> str:
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    cell = {(r["impl"], r["T"]): r for r in rows}
+    tables = []
+    for title, fmt in (
+        ("prefill of one prompt: ms (share in attention; peak GiB)",
+         lambda r: f"{r['prefill_ms']:.1f} ({100 * r['prefill_attention_share']:.0f}%; {r['prefill_peak_gb']:.1f})"
+                   + (f", {r['prefill_speedup']:.2f}x vs {r['prefill_baseline']}" if "prefill_speedup" in r else "")),
+        (f"decode, batch {rows[0]['batch']}: tokens/s (share in attention; peak GiB)",
+         lambda r: f"{r['decode_tokens_per_s']:.0f} ({100 * r['decode_attention_share']:.0f}%; {r['decode_peak_gb']:.1f})"
+                   + (f", {r['decode_speedup']:.2f}x vs {r['decode_baseline']}" if "decode_speedup" in r else "")),
+    ):
+        lines = [f"**{title}**", "", "| impl | " + " | ".join(f"T={t // 1024}k" for t in lengths) + " |",
+                 "|" + " --- |" * (len(lengths) + 1)]
+        for impl in impls:
+            cells = []
+            for t in lengths:
+                r = cell.get((impl, t))
+                cells.append("" if r is None else "error" if "error" in r else fmt(r))
+            lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines))
+    notes = sorted({f"- {r['impl']} T={r['T']}: {r['error']}" for r in rows if "error" in r})
+    notes += sorted({f"- {r['impl']}: SDPA called as {r['sdpa_ways']}" for r in rows if r.get("sdpa_ways")})
+    longest = max(lengths)
+    verdict = []
+    for r in rows:
+        if r["impl"] == "nsa" and r["T"] == longest and "prefill_speedup" in r:
+            for what, target in TARGETS.items():
+                got = r[f"{what}_speedup"]
+                verdict.append(f"- target {what} >= {target:.0f}x at T={longest // 1024}k: {got:.2f}x "
+                               f"({'met' if got >= target else 'NOT met'})")
+    return header + "\n\n" + "\n\n".join(tables) + "\n\n" + "\n".join(verdict + notes) + "\n"
+
+
+@click.command("model")
+@click.option("--model", "model_spec", default="paper", show_default=True,
+              help="'paper' (the paper's attention shape, random weights) or nsa:PATH (that checkpoint's config, "
+                   "random weights); the baseline is the same config with full attention.")
+@click.option("--lengths", default="8k,16k,32k,64k", show_default=True, help="Context lengths.")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Sequences per decode step.")
+@click.option("--layers", type=click.IntRange(min=1), help="Override the number of layers.")
+@click.option("--steps", default=32, show_default=True, type=click.IntRange(min=1), help="Timed decode steps.")
+@click.option("--baselines", default="flash,cudnn", show_default=True,
+              help="SDPA backends for the full-attention model (flash, cudnn, efficient, math).")
+@click.option("--out", "out_dir", default="results/bench", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for model-<card>.json and .md.")
+def model_command(model_spec: str, lengths: str, batch: int, layers: int | None, steps: int, baselines: str,
+                  out_dir: str) -> None:
+    """Prefill latency, decode tokens/s, peak memory and attention share: NSA model vs full attention (SDPA)."""
+    import torch
+    import triton
+
+    from nsa_eval.cli import parse_int_list
+
+    if not torch.cuda.is_available():
+        raise ValueError("bench model needs a CUDA GPU; none is visible to torch here")
+    lengths_list = parse_int_list(lengths, "--lengths")
+    backends = [b.strip() for b in baselines.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in ("flash", "cudnn", "efficient", "math")]
+    if unknown:
+        raise ValueError(f"--baselines: unknown SDPA backend {unknown[0]}; use flash, cudnn, efficient or math")
+    config, fields = build_models(model_spec, layers)
+    device_name = torch.cuda.get_device_name()
+    card = card_slug(device_name)
+    click.echo(f"device: {device_name} | torch {torch.__version__} | triton {triton.__version__}")
+
+    variants = [("nsa", "nsa", None)] + [(f"full sdpa {b}", "full", b) for b in backends]
+    rows = []
+    for T in lengths_list:
+        for name, attention, backend in variants:
+            row = bench_variant(name, fields, attention, backend, T, batch, steps)
+            rows.append(row)
+            click.echo(f"  {name:18s} T={T:6d} " + (row["error"] if "error" in row else
+                       f"prefill {row['prefill_ms']:9.1f} ms ({100 * row['prefill_attention_share']:.0f}% attn)  "
+                       f"decode {row['decode_tokens_per_s']:8.0f} tok/s ({100 * row['decode_attention_share']:.0f}% attn)"))
+    add_ratios(rows)
+    shape = (f"hidden {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} query "
+             f"heads / {config.num_key_value_heads} KV heads, d_k {config.head_dim}, d_v {config.v_head_dim}, MLP "
+             f"{config.intermediate_size}, vocab {config.vocab_size}; NSA l={config.block_len}, d={config.block_stride}, "
+             f"l'={config.select_len}, n={config.num_selected}, w={config.window}, compression {config.compression}, "
+             f"{'shared' if config.shared_kv else 'independent'} K/V")
+    header = (f"# Model speed on {device_name}\n\n`nsa-eval bench model --model {model_spec}`: {shape}. bfloat16, "
+              f"random weights. torch {torch.__version__}, triton {triton.__version__}. Prefill: one prompt, fastest "
+              f"of 2 after a warm-up. Decode: {steps} steps of batch {batch} at the given context (CUDA-graph "
+              f"replays through the model's forward; the SDPA rows attend over a fixed T+1 keys per step). Attention "
+              f"share: 1 - time without attention / time with it.")
+    report = format_report(rows, lengths_list, header)
+    click.echo("\n" + report)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"device": device_name, "card": card, "torch": torch.__version__, "triton": triton.__version__,
+               "python": platform.python_version(), "model": model_spec, "config": fields, "batch": batch,
+               "steps": steps, "rows": rows}
+    (out / f"model-{card}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (out / f"model-{card}.md").write_text(report)
+    click.echo(f"wrote {out / f'model-{card}.json'} and .md")
+    if any("error" in r for r in rows if r["impl"] == "nsa"):
+        sys.exit(1)

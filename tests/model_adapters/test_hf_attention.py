@@ -1,0 +1,152 @@
+"""Our attention inside transformers models (model_adapters/hf_attention.py): full attention equals transformers'
+sdpa, and the training-free sparse mode (budget covering the prompt = full; cache = recompute; the kept blocks)."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from nsa_eval.model_adapters import hf_attention
+from nsa_eval.model_adapters.hf_attention import SPARSE_ATTENTION, TRITON_ATTENTION, SparseSettings
+
+
+def tiny_llama(seed=0, head_dim=16, dtype=torch.float32, device="cpu"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=300, hidden_size=4 * head_dim, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def logits(model, implementation, ids, mask, settings=None):
+    hf_attention.register()
+    model.set_attn_implementation(implementation)
+    model.config.nsa_eval_sparse = settings
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def padded_batch(T=300, pad=37, device="cpu"):
+    ids = torch.randint(0, 300, (2, T), generator=torch.Generator().manual_seed(1)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    return ids, mask
+
+
+def close_on_tokens(ours, reference, pad, **tolerance):
+    torch.testing.assert_close(ours[0], reference[0], **tolerance)
+    torch.testing.assert_close(ours[1, pad:], reference[1, pad:], **tolerance)
+
+
+def test_full_attention_equals_transformers_sdpa():
+    model = tiny_llama()
+    ids, mask = padded_batch()
+    reference = logits(model, "sdpa", ids, mask)
+    close_on_tokens(logits(model, TRITON_ATTENTION, ids, mask), reference, 37, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_path_equals_transformers_sdpa(monkeypatch):
+    """Our Triton kernels (interpreter on the CPU), prefill with padding and a decode step over the cache."""
+    from nsa_eval.kernels.attention import decode, parallel
+
+    monkeypatch.setattr(hf_attention, "attention", parallel.attention)
+    monkeypatch.setattr(hf_attention, "attention_decode", decode.attention_decode)
+    model = tiny_llama()
+    ids, mask = padded_batch(T=40, pad=9)
+    reference = logits(model, "sdpa", ids, mask)
+    close_on_tokens(logits(model, TRITON_ATTENTION, ids, mask), reference, 9, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # a decode step over the cache of the first 39 tokens
+        out = model(input_ids=ids[:, :39], attention_mask=mask[:, :39], use_cache=True)
+        step = model(input_ids=ids[:, 39:], attention_mask=mask, cache=out.past_key_values).logits[:, 0]
+    torch.testing.assert_close(step, reference[:, 39], rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_with_a_budget_covering_the_prompt_equals_full_attention():
+    model = tiny_llama()
+    ids, mask = padded_batch()
+    reference = logits(model, "sdpa", ids, mask)
+    covering = SparseSettings(budget=320, leading=16, local=48, block=16)  # 20 blocks of 16 >= 300 tokens
+    close_on_tokens(logits(model, SPARSE_ATTENTION, ids, mask, covering), reference, 37, rtol=1e-5, atol=1e-5)
+    small = SparseSettings(budget=96, leading=16, local=33, block=16)  # 6 blocks of 16 of the up to 19
+    assert (logits(model, SPARSE_ATTENTION, ids, mask, small) - reference)[0].abs().max() > 1e-2
+
+
+def test_sparse_decode_over_the_cache_equals_the_prompt_pass():
+    """Queries after cached tokens (the reference with query positions) choose as the prompt pass (the kernels)."""
+    model = tiny_llama()
+    ids, _ = padded_batch()
+    settings = SparseSettings(budget=96, leading=16, local=33, block=16)
+    whole = logits(model, SPARSE_ATTENTION, ids[:1], None, settings)
+    with torch.no_grad():
+        out = model(input_ids=ids[:1, :290], use_cache=True)
+        cache = out.past_key_values
+        for t in range(290, 300):
+            out = model(input_ids=ids[:1, t:t + 1], cache=cache)
+            cache = out.past_key_values
+            torch.testing.assert_close(out.logits[0, -1], whole[0, t], rtol=1e-5, atol=1e-5)
+
+
+def test_kept_blocks_are_leading_local_then_most_important():
+    settings = SparseSettings(budget=64, leading=8, local=9, block=8)  # 8 blocks: 1 leading, up to 3 local
+    # a query at position 60 (block 7): leading block 0; local tokens 52..60 -> blocks 6, 7; then 5 more by importance.
+    # select_blocks gives its own forced blocks 0, 7, 6 first, then the others by importance: 3, 1, 5, 2, 4
+    indices = torch.tensor([0, 7, 6, 3, 1, 5, 2, 4], dtype=torch.int32).view(1, 1, 1, 8)
+    kept = hf_attention.keep_leading_and_local(indices, torch.tensor([[60]]), settings)
+    assert kept.flatten().tolist() == [0, 6, 7, 3, 1, 5, 2, 4]
+    # a query at 20 (block 2): blocks 0..2 exist; forced 0, 1, 2 (local 12..20), nothing else
+    indices = torch.tensor([0, 2, 1, -1, -1, -1, -1, -1], dtype=torch.int32).view(1, 1, 1, 8)
+    kept = hf_attention.keep_leading_and_local(indices, torch.tensor([[20]]), settings)
+    assert kept.flatten().tolist() == [0, 1, 2, -1, -1, -1, -1, -1]
+    # a smaller budget: 4 blocks, forced 0, 6, 7, one more by importance (3)
+    small = SparseSettings(budget=32, leading=8, local=9, block=8)
+    indices = torch.tensor([0, 7, 6, 3], dtype=torch.int32).view(1, 1, 1, 4)
+    assert hf_attention.keep_leading_and_local(indices, torch.tensor([[60]]), small).flatten().tolist() == [0, 6, 7, 3]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(budget=256, local=64, block=64), "--sparse-local 64 must exceed --sparse-block 64"),
+    (dict(budget=256), "--sparse-budget 256 holds 4 blocks of 64 tokens, fewer than the 11"),
+    (dict(block=0), "--sparse-block must be a positive integer"),
+])
+def test_sparse_settings_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SparseSettings(**kwargs)
+
+
+def test_cli_sparse_run_on_a_tiny_llama(tiny_llama_dir, tmp_path):
+    import json
+
+    from nsa_eval.cli import main
+
+    out = tmp_path / "run"
+    args = ["run", "--model", f"hf:{tiny_llama_dir}", "--tasks", "niah", "--niah-lengths", "512", "--niah-depths", "50",
+            "--quiet", "--attention", "sparse", "--sparse-budget", "256", "--sparse-leading", "16", "--sparse-local",
+            "48", "--sparse-block", "16", "--output", str(out)]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["model"]["name"].endswith("+sparse256")
+    assert run["attention"] == "sparse" and run["sparse"] == {"budget": 256, "leading": 16, "local": 48, "block": 16}
+    bad = CliRunner().invoke(main, args[:-2] + ["--sparse-budget", "32", "--output", str(tmp_path / "bad")])
+    assert bad.exit_code == 1 and bad.output.strip().splitlines()[-1].startswith("Error: --sparse-budget 32")
+
+
+# ---- GPU (bfloat16) -------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@gpu
+def test_gpu_triton_attention_matches_sdpa_in_bf16():
+    model = tiny_llama(head_dim=64, dtype=torch.bfloat16, device="cuda")
+    ids, mask = padded_batch(T=2000, pad=300, device="cuda")
+    reference = logits(model, "sdpa", ids, mask)
+    ours = logits(model, TRITON_ATTENTION, ids, mask)
+    assert rel_err(ours[0], reference[0]) < 2e-2 and rel_err(ours[1, 300:], reference[1, 300:]) < 2e-2
+    covering = SparseSettings(budget=2048, leading=64, local=128, block=64)
+    sparse = logits(model, SPARSE_ATTENTION, ids, mask, covering)
+    assert rel_err(sparse[0], ours[0]) < 2e-2 and rel_err(sparse[1, 300:], ours[1, 300:]) < 2e-2

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 import re
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
-from nsa_eval.tasks.base import DataError, Sample, TaskContext, aggregate_scores
+from nsa_eval.tasks.base import DataError, Sample, TaskContext, aggregate_scores, pass_at_k
 from nsa_eval.tasks.data import check_rows, local_rows
 from nsa_eval.tasks.sandbox import ExecutionResult, Limits, run_programs, sandbox_protections
 
@@ -45,13 +44,6 @@ CHAT_INSTRUCTION = (
     "in a single ```python code block.\n\n```python\n{prompt}\n```"
 )
 _CODE_BLOCK = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased estimate of P(at least one of k samples passes) from c passing samples of n (k <= n)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def truncate_at_stop(completion: str, stop: list[str] = STOP) -> str:

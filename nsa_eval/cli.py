@@ -61,13 +61,46 @@ def parse_data_paths(pairs: tuple[str, ...], task_names: list[str]) -> dict[str,
     return paths
 
 
+def parse_option_value(text: str) -> Any:
+    """'true' -> True, '3' -> 3, '0.7' -> 0.7, 'a,b' -> ['a', 'b'], anything else stays text."""
+    if "," in text:
+        return [parse_option_value(part.strip()) for part in text.split(",") if part.strip()]
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_task_options(pairs: tuple[str, ...], task_names: list[str]) -> dict[str, dict[str, Any]]:
+    """('mmlu.variant=generative', ...) -> {'mmlu': {'variant': 'generative'}}."""
+    options: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        task, dot, option = key.partition(".")
+        if not sep or not dot or not option:
+            raise ValueError(f"--task-option {pair}: write TASK.KEY=VALUE, e.g. mmlu.num_fewshot=0")
+        if task not in task_names:
+            raise ValueError(f"--task-option {pair}: task '{task}' is not among --tasks {','.join(task_names)}")
+        options.setdefault(task, {})[option.replace("-", "_")] = parse_option_value(value)
+    return options
+
+
 def build_tasks(task_names: list[str], options: dict[str, Any], per_task: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Each task built with the options its constructor accepts (common ones, then its own)."""
     tasks = {}
     for name in task_names:
         factory = task_factory(name)  # raises the "unknown task ... did you mean" line
         accepted = inspect.signature(factory).parameters
-        wanted = {**options, **per_task.get(name, {})}
+        explicit = per_task.get(name, {})
+        unknown = sorted(set(explicit) - set(accepted))
+        if unknown and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+            known = ", ".join(k for k, p in accepted.items() if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY)
+            raise ValueError(f"task '{name}' has no option '{unknown[0]}'; its options: {known}")
+        wanted = {**options, **explicit}
         tasks[name] = factory(**{k: v for k, v in wanted.items() if k in accepted})
     return tasks
 
@@ -121,6 +154,9 @@ def default_run_dir(model_name: str, task_names: list[str]) -> Path:
               help="Needle samples per (length, depth) cell, each with its own random value.")
 @click.option("--haystack", type=click.Path(path_type=Path),
               help="Folder of .txt files to use as haystack (default: generated filler text).")
+@click.option("--task-option", "task_options", multiple=True, metavar="TASK.KEY=VALUE",
+              help="A task's own option, e.g. mmlu.variant=generative, gsm8k.num_fewshot=0, longbench.subsets=table2, "
+                   "aime.n_samples=4 (lists with commas). Repeatable; an unknown key lists the task's options.")
 @click.option("--include-path", type=click.Path(path_type=Path),
               help="A folder of lm-evaluation-harness task YAML files, for --tasks lm-eval:TASK.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -128,7 +164,7 @@ def run(model_spec: str, attention: str, sparse_budget: int, sparse_leading: int
         sparse_block: int, task_list: str, limit: int | None, output: Path | None, seed: int, batch_size: int,
         max_length: int | None, device: str, dtype: str, chat: bool | None, data_pairs: tuple[str, ...],
         allow_code_execution: bool, niah_lengths: str, niah_depths: str, niah_samples: int, haystack: Path | None,
-        include_path: Path | None, quiet: bool) -> None:
+        task_options: tuple[str, ...], include_path: Path | None, quiet: bool) -> None:
     """Evaluate a model on tasks; writes run.json, samples/<task>.jsonl and metrics.json to the run directory."""
     from nsa_eval import distributed
     from nsa_eval.models import load_model
@@ -145,6 +181,8 @@ def run(model_spec: str, attention: str, sparse_budget: int, sparse_leading: int
         samples_per_cell=niah_samples,
         haystack_dir=str(haystack) if haystack else None,
     )
+    for name, options in parse_task_options(task_options, task_names).items():
+        per_task.setdefault(name, {}).update(options)
     common = {"seed": seed, "allow_code_execution": allow_code_execution,
               "include_path": str(include_path) if include_path else None}
     tasks = build_tasks(task_names, common, per_task)

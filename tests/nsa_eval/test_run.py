@@ -181,3 +181,16 @@ def test_list_commands():
     assert "niah" in invoke("list", "tasks").output
     models = invoke("list", "models").output
     assert "smollm2" in models and "hf:PATH_OR_ID" in models
+
+
+def test_task_options_reach_the_task_and_unknown_ones_are_refused(tiny_llama_dir, tmp_path):
+    out = tmp_path / "run"
+    result = invoke("run", "--model", f"hf:{tiny_llama_dir}", "--tasks", "niah", "--niah-lengths", "256",
+                    "--niah-depths", "50", "--task-option", "niah.samples_per_cell=2", "--output", str(out), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["tasks"]["niah"]["config"]["samples_per_cell"] == 2
+    assert len(read_samples(out)) == 2
+    assert_one_line_error(invoke("run", "--tasks", "niah", "--task-option", "niah.needles=3"),
+                          "task 'niah' has no option 'needles'", "samples_per_cell")
+    assert_one_line_error(invoke("run", "--tasks", "niah", "--task-option", "niah"), "write TASK.KEY=VALUE")
+    assert_one_line_error(invoke("run", "--tasks", "niah", "--task-option", "mmlu.x=1"), "not among --tasks")

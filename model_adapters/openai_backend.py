@@ -152,7 +152,7 @@ class OpenAIModel:
             rendered = self.tokenizer.apply_chat_template(text, add_generation_prompt=True, tokenize=False)
             return len(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
         path, payload = self._generation_payload(GenerationRequest(prompt=text, max_new_tokens=1))
-        return self._post(path, payload, lambda answer: int(answer["usage"]["prompt_tokens"]))
+        return self._request("POST", path, payload, lambda answer: int(answer["usage"]["prompt_tokens"]))
 
     # ---- requests -----------------------------------------------------------------------------------------
 
@@ -185,7 +185,7 @@ class OpenAIModel:
                 payload["prompt"] = ids
         started = time.perf_counter()
         chat = path == "/chat/completions"
-        answer = self._post(path, payload, lambda a: _parse_generation(a, request.n, chat))
+        answer = self._request("POST", path, payload, lambda a: _parse_generation(a, request.n, chat))
         elapsed = time.perf_counter() - started
         texts, finish, usage, timings = answer
         # tokens per completion: exact from `nsa-eval serve` or when n=1; else re-tokenised, or the average
@@ -226,7 +226,7 @@ class OpenAIModel:
         else:
             payload["prompt"] = context + request.continuation
             pick = lambda logprobs: _continuation_positions(logprobs, len(context), len(request.continuation))  # noqa: E731
-        logprob, greedy, count = self._post("/completions", payload, lambda a: self._parse_echo(a, pick))
+        logprob, greedy, count = self._request("POST", "/completions", payload, lambda a: self._parse_echo(a, pick))
         return Loglikelihood(logprob, greedy, count, truncated)
 
     def _parse_echo(self, answer: dict, pick: Callable[[dict], list[int]]) -> tuple[float, bool, int]:
@@ -276,9 +276,6 @@ class OpenAIModel:
             )
         return listing[self.served_model]
 
-    def _post(self, path: str, payload: dict[str, Any], parse: Callable[[dict], Any]) -> Any:
-        return self._request("POST", path, payload, parse)
-
     def _request(self, method: str, path: str, payload: dict | None, parse: Callable[[dict], Any]) -> Any:
         """One API call with retries on connection errors, timeouts, 429, 5xx and malformed answers."""
         url = self.base_url + path
@@ -286,14 +283,14 @@ class OpenAIModel:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         data = None if payload is None else json.dumps(payload).encode()
-        started, failure, kind, retry_after = time.monotonic(), "", "", None
+        started, failure, kind, retry_after, tries = time.monotonic(), "", "", None, 0
         for attempt in range(self.retries + 1):
             if attempt:
                 if self._abort.is_set():
                     break
                 backoff = min(self.backoff * 2 ** (attempt - 1), MAX_BACKOFF_S) * (0.5 + random.random() / 2)
                 time.sleep(min(retry_after, MAX_BACKOFF_S) if retry_after is not None else backoff)
-            retry_after = None
+            retry_after, tries = None, tries + 1
             try:
                 with urllib.request.urlopen(urllib.request.Request(url, data, headers, method=method), timeout=self.timeout) as response:
                     body = response.read()
@@ -315,7 +312,6 @@ class OpenAIModel:
             except (_Malformed, ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
                 failure, kind = f"malformed answer: {_short(error) or 'unexpected JSON'}; body {_short(body)}", "malformed"
         seconds = time.monotonic() - started
-        tries = attempt + 1
         hint = {
             "connection": f"is the server running and is {self.base_url} its address?",
             "server": "the server keeps failing; see its log",

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nsa_eval.model_adapters.base import ModelLoadError
 
@@ -398,7 +399,8 @@ class NSAAttention(nn.Module):
             k_cmp, v_cmp = self.compress(*(_blocks(t, c.block_len, c.block_stride) for t in branch_kv["cmp"]))
         o = self.attend_prefill(q, branch_kv, k_cmp, v_cmp, gates, ops, sdpa_backend)
         if cache is not None:
-            cache["k"][rows, :T], cache["v"][rows, :T] = branch_kv["slc"]
+            k_slc, v_slc = branch_kv["slc"]
+            cache["k"][rows, :T], cache["v"][rows, :T, :, :self.dv] = k_slc, v_slc
             if c.attention == "nsa":
                 cache["k_cmp"][rows, :k_cmp.shape[1]], cache["v_cmp"][rows, :k_cmp.shape[1]] = k_cmp, v_cmp
                 _fill_ring(cache["k_ring"], cache["v_ring"], rows, *branch_kv["cmp"])
@@ -413,7 +415,10 @@ class NSAAttention(nn.Module):
         c = self.config
         k_slc, v_slc = branch_kv["slc"]
         if c.attention == "full":
-            return sdpa(q, k_slc, v_slc, sdpa_backend) if sdpa_backend else ops.attention(q, k_slc, v_slc, causal=True)
+            if not sdpa_backend:
+                return ops.attention(q, k_slc, v_slc, causal=True)
+            width = sdpa_value_width(sdpa_backend, self.dk, self.dv, q.device, q.dtype)
+            return sdpa(q, k_slc, F.pad(v_slc, (0, width - self.dv)), sdpa_backend)[..., :self.dv]
         g_cmp, g_slc, g_win = gates.unbind(-1)
         o_cmp, lse = ops.compressed_attention(q, k_cmp, v_cmp, block_len=c.block_len, block_stride=c.block_stride)
         indices = ops.select_blocks(q, k_cmp, lse, block_len=c.block_len, block_stride=c.block_stride,
@@ -437,7 +442,7 @@ class NSAAttention(nn.Module):
         q, branch_kv, gates = self.unpack(self.project(x, cos, sin))
         rows = torch.arange(B, device=x.device)
         k_slc, v_slc = branch_kv["slc"]
-        cache["k"][rows, positions], cache["v"][rows, positions] = k_slc[:, 0], v_slc[:, 0]
+        cache["k"][rows, positions], cache["v"][rows, positions, :, :self.dv] = k_slc[:, 0], v_slc[:, 0]
         if c.attention == "nsa":
             k_raw, v_raw = branch_kv["cmp"]
             slot = positions % c.block_len
@@ -456,7 +461,8 @@ class NSAAttention(nn.Module):
         c = self.config
         if c.attention == "full":
             if sdpa_backend:
-                return sdpa(q[:, None], cache["k"][:, :sdpa_length], cache["v"][:, :sdpa_length], sdpa_backend)[:, 0]
+                keys, values = cache["k"][:, :sdpa_length], cache["v"][:, :sdpa_length]  # values maybe padded
+                return sdpa(q[:, None], keys, values, sdpa_backend)[:, 0, :, :self.dv]
             return ops.attention_decode(q, cache["k"], cache["v"], lengths)
         g_cmp, g_slc, g_win = gates[:, 0].unbind(-1)
         if "k_win" not in cache:  # one shared K/V (or no window): one kernel call
@@ -499,45 +505,55 @@ def _fill_ring(k_ring: torch.Tensor, v_ring: torch.Tensor, rows: slice, k: torch
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
     """PyTorch SDPA on one backend ('flash', 'cudnn', 'efficient', 'math') in our layout: q [B, T, HQ, Dk],
     k [B, S, H, Dk], v [B, S, H, Dv] -> [B, T, HQ, Dv]; causal when T == S, else the T queries see every key.
-    A backend that refuses GQA gets the KV heads expanded, one that refuses Dv != Dk gets V zero-padded: the
-    first way that works is remembered per backend and kind of call (SDPA_WAYS), so the call is graph-safe after
-    its first use."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    enum = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]
+    GQA through enable_gqa, or the KV heads expanded where the backend refuses it: the first way that works is
+    remembered per backend and kind of call (SDPA_WAYS), so the call is graph-safe after its first use. A backend
+    that needs Dv == Dk gets V zero-padded by the caller (sdpa_value_width), in the cache itself."""
     causal = q.shape[1] == k.shape[1] and q.shape[1] > 1
-    dv = v.shape[-1]
 
     def call(way: str):
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if "pad" in way and dv < q.shape[-1]:
-            vt = F.pad(vt, (0, q.shape[-1] - dv))
         gqa = {"enable_gqa": True}
-        if "expand" in way:
+        if way == "expand":
             group = q.shape[2] // k.shape[2]
             kt, vt, gqa = kt.repeat_interleave(group, 1), vt.repeat_interleave(group, 1), {}
-        with sdpa_kernel(enum):
-            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, **gqa)
-        return o[..., :dv].transpose(1, 2)
+        with sdpa_kernel(SDPA_BACKENDS[backend]):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, **gqa).transpose(1, 2)
 
     key = (backend, q.shape[1] == 1)
-    known = SDPA_WAYS.get(key)
-    if known:
-        return call(known)
+    if key in SDPA_WAYS:
+        return call(SDPA_WAYS[key])
     errors = []
-    for way in ("native", "pad", "expand", "expand+pad"):
+    for way in ("native", "expand"):
         try:
             out = call(way)
         except RuntimeError as error:
-            errors.append(f"{way}: {str(error).splitlines()[0][:100]}")
+            errors.append(f"{way}: {str(error).strip().splitlines()[0][:100]}")
             continue
         SDPA_WAYS[key] = way
         return out
     raise ValueError(f"SDPA backend {backend} refuses these shapes ({'; '.join(errors)})")
 
 
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 SDPA_WAYS: dict[tuple[str, bool], str] = {}  # (backend, decode) -> the first way of calling it that worked
+_VALUE_WIDTHS: dict[tuple, int] = {}
+
+
+def sdpa_value_width(backend: str, dk: int, dv: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Dv where the backend takes V of another head dim than Q and K (tried on tiny tensors, prompt and decode
+    shapes), else Dk: V is then stored zero-padded to Dk (the outputs' extra columns are zeros, and dropped)."""
+    key = (backend, dk, dv, str(device), dtype)
+    if key not in _VALUE_WIDTHS:
+        q, k, v = (torch.randn(1, 2, 2, d, device=device, dtype=dtype) for d in (dk, dk, dv))
+        try:
+            for T in (2, 1):  # a prompt (causal) and a decode step
+                sdpa(q[:, :T], k, v, backend)
+            _VALUE_WIDTHS[key] = dv
+        except (RuntimeError, ValueError):
+            _VALUE_WIDTHS[key] = dk
+        SDPA_WAYS.pop((backend, False), None), SDPA_WAYS.pop((backend, True), None)  # decided again on real shapes
+    return _VALUE_WIDTHS[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -718,9 +734,12 @@ class NSAForCausalLM(nn.Module):
         capacity = max(capacity, c.block_len)
         kw = dict(device=self.device, dtype=self.dtype)
         H, dk, dv = c.num_key_value_heads, c.head_dim, c.v_head_dim
+        # SDPA backends that need Dv == Dk read V zero-padded from the cache (no copy per step)
+        v_width = sdpa_value_width(self.sdpa_backend, dk, dv, self.device, self.dtype) \
+            if c.attention == "full" and self.sdpa_backend else dv
         layers = []
         for _ in range(c.num_hidden_layers):
-            layer = {"k": torch.zeros(batch, capacity, H, dk, **kw), "v": torch.zeros(batch, capacity, H, dv, **kw)}
+            layer = {"k": torch.zeros(batch, capacity, H, dk, **kw), "v": torch.zeros(batch, capacity, H, v_width, **kw)}
             if c.attention == "nsa":
                 blocks = (capacity - c.block_len) // c.block_stride + 1
                 layer.update(k_cmp=torch.zeros(batch, blocks, H, dk, **kw), v_cmp=torch.zeros(batch, blocks, H, dv, **kw),

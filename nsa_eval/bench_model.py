@@ -123,17 +123,23 @@ def time_decode(model, cache, steps: int) -> float:
 
 
 def bench_variant(name: str, fields: dict, attention: str, backend: str | None, T: int, batch: int, steps: int) -> dict:
-    """One row: prefill, decode and their attention shares at one length; an error becomes a field."""
+    """One row: prefill, decode and their attention shares at one length. An error (out of memory, a backend
+    refusing) becomes a field of the stage it stopped; what was measured before it stays."""
     import torch
 
     row: dict = {"impl": name, "T": T, "batch": batch}
     model = cache = rows = None
+    stage = "prefill"
     try:
         model = make_model(fields, attention, backend)
-        model.decode_reserve = 2 * steps + 16  # both timed decodes fit
+        model.decode_reserve = 2 * steps + 16  # both timed decodes fit without growing the cache
         torch.cuda.reset_peak_memory_stats()
         row["prefill_ms"], cache = time_prefill(model, T)
         row["prefill_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        with attention_removed():
+            no_attention_ms, _ = time_prefill(model, T, use_cache=False)
+        row["prefill_attention_share"] = max(0.0, 1 - no_attention_ms / row["prefill_ms"])
+        stage = "decode"
         rows = repeat_rows(model, cache, batch)
         cache = None
         torch.cuda.empty_cache()
@@ -143,19 +149,18 @@ def bench_variant(name: str, fields: dict, attention: str, backend: str | None, 
         with attention_removed():
             rows.graph = None  # capture the step again, without attention
             no_attention_tps = time_decode(model, rows, steps)
-            rows = None
-            torch.cuda.empty_cache()
-            no_attention_ms, _ = time_prefill(model, T, use_cache=False)
-        row["prefill_attention_share"] = max(0.0, 1 - no_attention_ms / row["prefill_ms"])
         row["decode_attention_share"] = max(0.0, 1 - row["decode_tokens_per_s"] / no_attention_tps)
-    except Exception as error:  # one failing row (out of memory, a backend refusing) must not end the run
+    except Exception as error:  # one failing row must not end the run
         message = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-        row["error"] = f"{type(error).__name__}: {message}"
-    from nsa_eval.model_adapters.nsa_model import SDPA_WAYS
-
+        row["error"] = f"{stage}: {type(error).__name__}: {message}"
     if backend:
-        row["sdpa_ways"] = {f"{'decode' if decode else 'prefill'}": way for (b, decode), way in SDPA_WAYS.items()
-                            if b == backend}
+        from nsa_eval.model_adapters.nsa_model import SDPA_WAYS, sdpa_value_width
+
+        ways = {("decode" if decode else "prefill"): way for (b, decode), way in SDPA_WAYS.items() if b == backend}
+        width = sdpa_value_width(backend, fields["head_dim"], fields["v_head_dim"], torch.device(DEVICE), torch.bfloat16)
+        if width != fields["v_head_dim"]:
+            ways["V"] = f"zero-padded to {width} (cache and prompt)"
+        row["sdpa_ways"] = ways
     del model, cache, rows
     torch.cuda.empty_cache()
     return row
@@ -164,16 +169,14 @@ def bench_variant(name: str, fields: dict, attention: str, backend: str | None, 
 def add_ratios(rows: list[dict]) -> None:
     """NSA rows get prefill and decode speed-ups over the best full-attention row at the same length."""
     for r in rows:
-        if r["impl"] != "nsa" or "error" in r:
+        if r["impl"] != "nsa":
             continue
-        full = [f for f in rows if f["T"] == r["T"] and f["impl"] != "nsa" and "error" not in f]
-        if full:
-            best_prefill = min(full, key=lambda f: f["prefill_ms"])
-            best_decode = max(full, key=lambda f: f["decode_tokens_per_s"])
-            r["prefill_speedup"] = best_prefill["prefill_ms"] / r["prefill_ms"]
-            r["prefill_baseline"] = best_prefill["impl"]
-            r["decode_speedup"] = r["decode_tokens_per_s"] / best_decode["decode_tokens_per_s"]
-            r["decode_baseline"] = best_decode["impl"]
+        for key, better, what in (("prefill_ms", min, "prefill"), ("decode_tokens_per_s", max, "decode")):
+            full = [f for f in rows if f["T"] == r["T"] and f["impl"] != "nsa" and key in f]
+            if key in r and full:
+                best = better(full, key=lambda f: f[key])
+                ratio = best[key] / r[key] if what == "prefill" else r[key] / best[key]
+                r[f"{what}_speedup"], r[f"{what}_baseline"] = ratio, best["impl"]
 
 
 def format_report(rows: list[dict], lengths: list[int], header: str) -> str:
@@ -194,7 +197,10 @@ def format_report(rows: list[dict], lengths: list[int], header: str) -> str:
             cells = []
             for t in lengths:
                 r = cell.get((impl, t))
-                cells.append("" if r is None else "error" if "error" in r else fmt(r))
+                try:
+                    cells.append("" if r is None else fmt(r))
+                except KeyError:  # the stage this table shows did not finish
+                    cells.append("error")
             lines.append(f"| {impl} | " + " | ".join(cells) + " |")
         tables.append("\n".join(lines))
     notes = sorted({f"- {r['impl']} T={r['T']}: {r['error']}" for r in rows if "error" in r})
@@ -202,8 +208,10 @@ def format_report(rows: list[dict], lengths: list[int], header: str) -> str:
     longest = max(lengths)
     verdict = []
     for r in rows:
-        if r["impl"] == "nsa" and r["T"] == longest and "prefill_speedup" in r:
-            for what, target in TARGETS.items():
+        if r["impl"] != "nsa" or r["T"] != longest:
+            continue
+        for what, target in TARGETS.items():
+            if f"{what}_speedup" in r:
                 got = r[f"{what}_speedup"]
                 verdict.append(f"- target {what} >= {target:.0f}x at T={longest // 1024}k: {got:.2f}x "
                                f"({'met' if got >= target else 'NOT met'})")
@@ -243,14 +251,30 @@ def model_command(model_spec: str, lengths: str, batch: int, layers: int | None,
     click.echo(f"device: {device_name} | torch {torch.__version__} | triton {triton.__version__}")
 
     variants = [("nsa", "nsa", None)] + [(f"full sdpa {b}", "full", b) for b in backends]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for T in lengths_list:
-        for name, attention, backend in variants:
+    for name, attention, backend in variants:  # NSA first: its rows matter most if a baseline row fails
+        for T in lengths_list:
             row = bench_variant(name, fields, attention, backend, T, batch, steps)
             rows.append(row)
-            click.echo(f"  {name:18s} T={T:6d} " + (row["error"] if "error" in row else
-                       f"prefill {row['prefill_ms']:9.1f} ms ({100 * row['prefill_attention_share']:.0f}% attn)  "
-                       f"decode {row['decode_tokens_per_s']:8.0f} tok/s ({100 * row['decode_attention_share']:.0f}% attn)"))
+            click.echo(f"  {name:18s} T={T:6d} " + "  ".join(
+                f"{k} {row[k]:.4g}" for k in ("prefill_ms", "prefill_attention_share", "decode_tokens_per_s",
+                                                "decode_attention_share") if k in row) + f"  {row.get('error', '')}")
+            write_results(out, card, rows, lengths_list, model_spec, fields, config, batch, steps, device_name)
+    report = write_results(out, card, rows, lengths_list, model_spec, fields, config, batch, steps, device_name)
+    click.echo("\n" + report)
+    click.echo(f"wrote {out / f'model-{card}.json'} and .md")
+    if any("error" in r for r in rows if r["impl"] == "nsa"):
+        sys.exit(1)
+
+
+def write_results(out: Path, card: str, rows: list[dict], lengths_list: list[int], model_spec: str, fields: dict,
+                  config, batch: int, steps: int, device_name: str) -> str:
+    """model-<card>.json and .md from the rows so far (rewritten after every row: a cut run keeps what it has)."""
+    import torch
+    import triton
+
     add_ratios(rows)
     shape = (f"hidden {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} query "
              f"heads / {config.num_key_value_heads} KV heads, d_k {config.head_dim}, d_v {config.v_head_dim}, MLP "
@@ -263,14 +287,9 @@ def model_command(model_spec: str, lengths: str, batch: int, layers: int | None,
               f"replays through the model's forward; the SDPA rows attend over a fixed T+1 keys per step). Attention "
               f"share: 1 - time without attention / time with it.")
     report = format_report(rows, lengths_list, header)
-    click.echo("\n" + report)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     payload = {"device": device_name, "card": card, "torch": torch.__version__, "triton": triton.__version__,
                "python": platform.python_version(), "model": model_spec, "config": fields, "batch": batch,
                "steps": steps, "rows": rows}
     (out / f"model-{card}.json").write_text(json.dumps(payload, indent=1) + "\n")
     (out / f"model-{card}.md").write_text(report)
-    click.echo(f"wrote {out / f'model-{card}.json'} and .md")
-    if any("error" in r for r in rows if r["impl"] == "nsa"):
-        sys.exit(1)
+    return report

@@ -3,10 +3,11 @@
 1. compressed_decode_kernel, split along the compressed blocks (flash-decoding): per split, partial
    softmax statistics and output of all G heads of a KV head, and the scaled scores kept in a float32
    scratch [B, HQ, Tc_max] so that the selection reads G*4 bytes per block instead of the block's keys again;
-2. select_decode_kernel: merges the splits into o_cmp and lse, then ranks the selection blocks from the
-   stored scores with the prefill's eq. 9 weights and running top-n (selection.py);
+2. select_decode_kernel, split along the selection blocks: each part merges the splits into lse (the first
+   also into o_cmp) and ranks its chunks from the stored scores with the prefill's eq. 9 weights and running
+   top-n (selection.py); merge_decode_kernel merges the parts' top-n lists;
 3. selected attention of the new token (selected.py's kernel, DECODE) and the window branch
-   (nsa_eval.kernels.attention.attention_decode); the gated sum in PyTorch.
+   (nsa_eval.kernels.attention.attention_decode); the gated sum (parallel.py's kernel).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import triton.language as tl
 
 from nsa_eval.kernels.attention import attention_decode
 from nsa_eval.kernels.nsa.compression import LOG2E, num_visible_blocks
+from nsa_eval.kernels.nsa.parallel import GatedSum
 from nsa_eval.kernels.nsa.selected import selected_fwd
 from nsa_eval.kernels.nsa.selection import block_of_key, chunk_blocks, merge_top, overlap_weights, ranking_keys
 from nsa_eval.kernels.nsa.utils import check_decode, index_bits
@@ -69,34 +71,46 @@ def compressed_decode_kernel(q, k_cmp, v_cmp, cache_seqlens, scores, part_m, par
 
 
 @triton.jit
-def select_decode_kernel(cache_seqlens, scores, part_m, part_l, part_o, o_cmp, block_indices, TC,
+def _decode_group_probs(scores, hq, g_ok, lse2, n_vis, c, TC, BC: tl.constexpr):
+    """Eq. 8 and 10 for the new token: compressed blocks [c*BC, c*BC + BC) -> group-summed probabilities [BC]."""
+    i = c * BC + tl.arange(0, BC)
+    visible = g_ok[:, None] & (i[None, :] < n_vis)
+    s = tl.load(scores + hq[:, None] * TC + i[None, :], mask=visible, other=0.)
+    return tl.sum(tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.), 0)
+
+
+@triton.jit
+def select_decode_kernel(cache_seqlens, scores, part_m, part_l, part_o, o_cmp, part_top, TC, CHUNKS_PER_PART,
                          HQ: tl.constexpr, H: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, GP: tl.constexpr,
                          BLOCK_LEN: tl.constexpr, BLOCK_STRIDE: tl.constexpr, SELECT_LEN: tl.constexpr,
-                         NUM_SELECTED: tl.constexpr, NP: tl.constexpr, NSPLIT: tl.constexpr,
-                         IDX_BITS: tl.constexpr):
-    """Grid (B * H). Merges the splits -> o_cmp [B, HQ, DV]; ranks blocks -> block_indices [B, 1, H, n] int32."""
+                         NP: tl.constexpr, NSPLIT: tl.constexpr, NPART: tl.constexpr, IDX_BITS: tl.constexpr):
+    """Grid (B * H, NPART). Every program merges the splits' statistics into lse (part 0 also writes
+    o_cmp [B, HQ, DV]), then ranks its CHUNKS_PER_PART chunks of NP selection blocks from the stored scores
+    -> part_top [B * H, NPART, NP] int32 ranking keys, best first."""
     G: tl.constexpr = HQ // H
     BC: tl.constexpr = NP * (SELECT_LEN // BLOCK_STRIDE)
-    pid_bh = tl.program_id(0)
+    pid_bh, part = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     g = tl.arange(0, GP)
     g_ok = g < G
     sp = tl.arange(0, NSPLIT)
     dv = tl.arange(0, BDV)
     hq = b * HQ + h * G + g
-    m = tl.max(tl.load(part_m + hq[:, None] * NSPLIT + sp[None, :], mask=g_ok[:, None], other=float("-inf")), 1)
+    m_s = tl.load(part_m + hq[:, None] * NSPLIT + sp[None, :], mask=g_ok[:, None], other=float("-inf"))
+    m = tl.max(m_s, 1)
     m_safe = tl.where(m == float("-inf"), 0., m)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, BDV], tl.float32)
-    for split in range(NSPLIT):  # one split at a time: a [GP, NSPLIT, BDV] tile would not fit in registers
-        w = tl.math.exp2(tl.load(part_m + hq * NSPLIT + split, mask=g_ok, other=float("-inf")) - m_safe)
-        l_i += w * tl.load(part_l + hq * NSPLIT + split, mask=g_ok, other=0.)
-        acc += w[:, None] * tl.load(part_o + (hq[:, None] * NSPLIT + split) * DV + dv[None, :],
-                                    mask=g_ok[:, None] & (dv[None, :] < DV), other=0.)
+    l_i = tl.sum(tl.load(part_l + hq[:, None] * NSPLIT + sp[None, :], mask=g_ok[:, None], other=0.) *
+                 tl.math.exp2(m_s - m_safe[:, None]), 1)
     seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.)[:, None]
-    tl.store(o_cmp + hq[:, None] * DV + dv[None, :], out.to(o_cmp.dtype.element_ty), mask=g_ok[:, None] & (dv[None, :] < DV))
     lse2 = m_safe + tl.math.log2(tl.where(seen, l_i, 1.))
+    if part == 0:
+        acc = tl.zeros([GP, BDV], tl.float32)
+        for split in range(NSPLIT):  # one split at a time: a [GP, NSPLIT, BDV] tile would not fit in registers
+            w = tl.math.exp2(tl.load(part_m + hq * NSPLIT + split, mask=g_ok, other=float("-inf")) - m_safe)
+            acc += w[:, None] * tl.load(part_o + (hq[:, None] * NSPLIT + split) * DV + dv[None, :],
+                                        mask=g_ok[:, None] & (dv[None, :] < DV), other=0.)
+        tl.store(o_cmp + hq[:, None] * DV + dv[None, :], (acc / tl.where(seen, l_i, 1.)[:, None]).to(o_cmp.dtype.element_ty),
+                 mask=g_ok[:, None] & (dv[None, :] < DV))
 
     pos = tl.load(cache_seqlens + b) - 1
     n_vis = num_visible_blocks(pos, BLOCK_LEN, BLOCK_STRIDE)
@@ -106,18 +120,30 @@ def select_decode_kernel(cache_seqlens, scores, part_m, part_l, part_o, o_cmp, b
     weights = overlap_weights(a[:, None], jj[None, :], BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)
     spill = overlap_weights(a, NP, BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)
     top = tl.full([1, NP], -1, tl.int32)
+    c_first = part * CHUNKS_PER_PART
     carry = tl.zeros([1], tl.float32)
-    for c in range(0, (pos // SELECT_LEN) // NP + 1):
-        i = c * BC + a
-        visible = g_ok[:, None] & (i[None, :] < n_vis)
-        s = tl.load(scores + hq[:, None] * TC + i[None, :], mask=visible, other=0.)
-        p_group = tl.sum(tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.), 0)  # [BC]
+    if c_first > 0:  # the previous chunk's last compressed blocks spill into this part's first block
+        carry += tl.sum(_decode_group_probs(scores, hq, g_ok, lse2, n_vis, c_first - 1, TC, BC) * spill, 0)
+    for c in range(c_first, tl.minimum(c_first + CHUNKS_PER_PART, (pos // SELECT_LEN) // NP + 1)):
+        p_group = _decode_group_probs(scores, hq, g_ok, lse2, n_vis, c, TC, BC)
         importance = tl.sum(p_group[:, None] * weights, 0)[None, :]
         importance += tl.where(jj[None, :] == 0, carry[:, None], 0.)
         carry = tl.sum(p_group * spill, 0) + tl.zeros([1], tl.float32)
         top = merge_top(top, ranking_keys(importance, c * NP + jj, current, IDX_BITS), 1, NP)
-    r = tl.arange(0, NP)
-    tl.store(block_indices + (b * H + h) * NUM_SELECTED + r[None, :], block_of_key(top, IDX_BITS), mask=r[None, :] < NUM_SELECTED)
+    tl.store(part_top + (pid_bh * NPART + part) * NP + jj[None, :], top)
+
+
+@triton.jit
+def merge_decode_kernel(part_top, block_indices, NUM_SELECTED: tl.constexpr, NP: tl.constexpr, NPART: tl.constexpr,
+                        IDX_BITS: tl.constexpr):
+    """Grid (B * H). The parts' top-NP keys -> block_indices [B, 1, H, n] int32, most important first."""
+    pid_bh = tl.program_id(0)
+    jj = tl.arange(0, NP)
+    top = tl.full([1, NP], -1, tl.int32)
+    for part in range(NPART):
+        top = merge_top(top, tl.load(part_top + (pid_bh * NPART + part) * NP + jj[None, :]), 1, NP)
+    tl.store(block_indices + pid_bh * NUM_SELECTED + jj[None, :], block_of_key(top, IDX_BITS),
+             mask=jj[None, :] < NUM_SELECTED)
 
 
 # ------------------------------------------------------------------------------------------- launcher
@@ -147,13 +173,20 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
         q, k_cmp_cache, v_cmp_cache, cache_seqlens, scores, part_m, part_l, part_o, TC, scale * LOG2E, HQ, H, DK, DV,
         bdk, bdv, gp, block_len, block_stride, bc, split_len, nsplit, num_warps=4, num_stages=2)
     o_cmp = torch.empty(B, HQ, DV, dtype=q.dtype, device=q.device)
+    np_ = chunk_blocks(num_selected, select_len, block_stride)
+    num_chunks = triton.cdiv(triton.cdiv(k_cache.shape[1], select_len), np_)  # chunks of the longest cache
+    nparts = max(1, min(num_chunks, triton.cdiv(264, B * H)))
+    chunks_per_part = triton.cdiv(num_chunks, nparts)
+    nparts = triton.cdiv(num_chunks, chunks_per_part)
+    part_top = torch.empty(B * H, nparts, np_, dtype=torch.int32, device=q.device)
+    bits = index_bits(triton.cdiv(k_cache.shape[1], select_len))
+    select_decode_kernel[(B * H, nparts)](
+        cache_seqlens, scores, part_m, part_l, part_o, o_cmp, part_top, max(TC, 1), chunks_per_part, HQ, H, DV, bdv,
+        gp, block_len, block_stride, select_len, np_, nsplit, nparts, bits, num_warps=4)
     block_indices = torch.empty(B, 1, H, num_selected, dtype=torch.int32, device=q.device)
-    select_decode_kernel[(B * H,)](
-        cache_seqlens, scores, part_m, part_l, part_o, o_cmp, block_indices, max(TC, 1), HQ, H, DV, bdv, gp,
-        block_len, block_stride, select_len, num_selected, chunk_blocks(num_selected, select_len, block_stride),
-        nsplit, index_bits(triton.cdiv(k_cache.shape[1], select_len)), num_warps=4)
+    merge_decode_kernel[(B * H,)](part_top, block_indices, num_selected, np_, nparts, bits, num_warps=1)
     o_slc, _ = selected_fwd(q[:, None], k_cache, v_cache, block_indices, select_len, scale, cache_seqlens)
-    o = g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc[:, 0]
+    branches = [o_cmp, g_cmp, o_slc[:, 0], g_slc]
     if window:
-        o = o + g_win.unsqueeze(-1) * attention_decode(q, k_cache, v_cache, cache_seqlens, window=window, scale=scale)
-    return o.to(q.dtype)
+        branches += [attention_decode(q, k_cache, v_cache, cache_seqlens, window=window, scale=scale), g_win]
+    return GatedSum.apply(*branches)

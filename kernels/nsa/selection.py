@@ -63,18 +63,16 @@ def block_of_key(top, IDX_BITS: tl.constexpr):
 
 
 @triton.jit
-def _select_chunk(q_blk, k_ptr, lse2, n_vis, row_ok, c, top, carry, weights, spill, current, qk_scale, TC,
+def _select_chunk(q_blk, k_ptr, lse2, n_vis, c, top, carry, weights, spill, current, qk_scale, TC,
                   H: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
-                  BC: tl.constexpr, NP: tl.constexpr, IDX_BITS: tl.constexpr, MASKED: tl.constexpr):
+                  BC: tl.constexpr, NP: tl.constexpr, IDX_BITS: tl.constexpr):
     """Selection blocks [c*NP, c*NP + NP) for BT queries: importance (eq. 8-10) and the running top-NP."""
     a = tl.arange(0, BC)
     jj = tl.arange(0, NP)
     dk = tl.arange(0, BDK)
     i = c * BC + a
     kb = tl.load(k_ptr + i[:, None] * (H * DK) + dk[None, :], mask=(i[:, None] < TC) & (dk[None, :] < DK), other=0.)
-    p = tl.math.exp2(tl.dot(q_blk, tl.trans(kb)) * qk_scale - lse2[:, None])
-    if MASKED:
-        p = tl.where(i[None, :] < n_vis[:, None], p, 0.)
+    p = tl.where(i[None, :] < n_vis[:, None], tl.math.exp2(tl.dot(q_blk, tl.trans(kb)) * qk_scale - lse2[:, None]), 0.)
     p_group = tl.sum(tl.reshape(p, (BT, GP, BC)), 1)  # eq. 10: [BT, BC]
     importance = tl.sum(p_group[:, :, None] * weights[None, :, :], 1)  # eq. 9: [BT, NP]
     importance += tl.where(jj[None, :] == 0, carry[:, None], 0.)
@@ -102,8 +100,7 @@ def select_kernel(q, k_cmp, lse, block_indices, T, TC, qk_scale, HQ: tl.constexp
     dk = tl.arange(0, BDK)
     qrow = (b * T + tok) * HQ + h * G + g
     q_blk = tl.load(q + qrow[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.)
-    # rows of padded heads (g >= G) or past T: lse = +inf, so their probabilities are 0 even unmasked
-    lse2 = tl.where(row_ok, tl.load(lse + qrow, mask=row_ok, other=0.) * 1.4426950408889634, float("inf"))
+    lse2 = tl.load(lse + qrow, mask=row_ok, other=0.) * 1.4426950408889634
     n_vis = tl.where(row_ok, num_visible_blocks(tok, BLOCK_LEN, BLOCK_STRIDE), 0)
     toks = pid_t * BT + tl.arange(0, BT)
     current = toks // SELECT_LEN
@@ -115,15 +112,9 @@ def select_kernel(q, k_cmp, lse, block_indices, T, TC, qk_scale, HQ: tl.constexp
     carry = tl.zeros([BT], tl.float32)
     last_block = (tl.minimum(pid_t * BT + BT, T) - 1) // SELECT_LEN
     k_ptr = k_cmp + (b * TC * H + h) * DK
-    n_chunks = last_block // NP + 1
-    # chunks whose compressed blocks every query of the tile sees need no visibility mask (most of them)
-    n_vis_min = tl.min(tl.where(row_ok, n_vis, 2147483647), 0)
-    for c in range(0, tl.minimum(n_vis_min // BC, n_chunks)):
-        top, carry = _select_chunk(q_blk, k_ptr, lse2, n_vis, row_ok, c, top, carry, weights, spill, current,
-                                   qk_scale, TC, H, DK, BDK, GP, BT, BC, NP, IDX_BITS, False)
-    for c in range(tl.minimum(n_vis_min // BC, n_chunks), n_chunks):
-        top, carry = _select_chunk(q_blk, k_ptr, lse2, n_vis, row_ok, c, top, carry, weights, spill, current,
-                                   qk_scale, TC, H, DK, BDK, GP, BT, BC, NP, IDX_BITS, True)
+    for c in range(0, last_block // NP + 1):  # (an unmasked loop for the chunks every query sees ran slower)
+        top, carry = _select_chunk(q_blk, k_ptr, lse2, n_vis, c, top, carry, weights, spill, current, qk_scale, TC,
+                                   H, DK, BDK, GP, BT, BC, NP, IDX_BITS)
     r = tl.arange(0, NP)
     out = block_indices + ((b * T + toks[:, None]) * H + h) * NUM_SELECTED + r[None, :]
     tl.store(out, block_of_key(top, IDX_BITS), mask=(toks[:, None] < T) & (r[None, :] < NUM_SELECTED))

@@ -24,9 +24,13 @@ def load_nsa(path: str, *, device: str | None = None, dtype: str | None = None, 
     folder = Path(path).expanduser()
     torch_device = resolve_device(device)
     model = NSAForCausalLM.from_pretrained(folder, device=torch_device, dtype=resolve_dtype(dtype, torch_device))
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers does not know model_type nsa_eval and says so while it reads
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except Exception as error:  # transformers raises many types; the user needs one line
         raise ModelLoadError(f"no usable tokenizer in {folder} ({_first_line(error)}); save one beside the weights: "
                              "tokenizer.save_pretrained(FOLDER)") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return HFModel(model, tokenizer, name or folder.name, max_length=max_length, batch_size=batch_size)

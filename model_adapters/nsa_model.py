@@ -26,7 +26,6 @@ the decode step is replayed from a CUDA graph after its first call.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -638,9 +637,10 @@ class NSAForCausalLM(nn.Module):
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         with torch.no_grad():
             if past_key_values is not None:
-                if input_ids.shape[1] != 1 or input_ids.shape[0] != len(past_key_values.host_lengths):
-                    raise ValueError(f"a decode step takes one token per cached sequence ([{len(past_key_values.host_lengths)}, 1]), "
-                                     f"got input_ids {tuple(input_ids.shape)}")
+                batch = len(past_key_values.host_lengths)
+                if tuple(input_ids.shape) != (batch, 1):
+                    raise ValueError(f"a decode step takes one token per cached sequence ([{batch}, 1]), got "
+                                     f"input_ids {tuple(input_ids.shape)}")
                 return CausalLMOutput(self._decode(input_ids[:, 0], past_key_values)[:, None], past_key_values)
             return self._prompt(input_ids, attention_mask, use_cache, logits_to_keep)
 
@@ -739,10 +739,12 @@ class NSAForCausalLM(nn.Module):
             if c.attention == "full" and self.sdpa_backend else dv
         layers = []
         for _ in range(c.num_hidden_layers):
-            layer = {"k": torch.zeros(batch, capacity, H, dk, **kw), "v": torch.zeros(batch, capacity, H, v_width, **kw)}
+            layer = {"k": torch.zeros(batch, capacity, H, dk, **kw),
+                     "v": torch.zeros(batch, capacity, H, v_width, **kw)}
             if c.attention == "nsa":
                 blocks = (capacity - c.block_len) // c.block_stride + 1
-                layer.update(k_cmp=torch.zeros(batch, blocks, H, dk, **kw), v_cmp=torch.zeros(batch, blocks, H, dv, **kw),
+                layer.update(k_cmp=torch.zeros(batch, blocks, H, dk, **kw),
+                             v_cmp=torch.zeros(batch, blocks, H, dv, **kw),
                              k_ring=torch.zeros(batch, c.block_len, H, dk, **kw),
                              v_ring=torch.zeros(batch, c.block_len, H, dv, **kw))
                 if c.window and not c.shared_kv:

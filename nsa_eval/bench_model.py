@@ -157,7 +157,8 @@ def bench_variant(name: str, fields: dict, attention: str, backend: str | None, 
         from nsa_eval.model_adapters.nsa_model import SDPA_WAYS, sdpa_value_width
 
         ways = {("decode" if decode else "prefill"): way for (b, decode), way in SDPA_WAYS.items() if b == backend}
-        width = sdpa_value_width(backend, fields["head_dim"], fields["v_head_dim"], torch.device(DEVICE), torch.bfloat16)
+        width = sdpa_value_width(backend, fields["head_dim"], fields["v_head_dim"], torch.device(DEVICE),
+                                 torch.bfloat16)
         if width != fields["v_head_dim"]:
             ways["V"] = f"zero-padded to {width} (cache and prompt)"
         row["sdpa_ways"] = ways
@@ -188,7 +189,8 @@ def format_report(rows: list[dict], lengths: list[int], header: str) -> str:
          lambda r: f"{r['prefill_ms']:.1f} ({100 * r['prefill_attention_share']:.0f}%; {r['prefill_peak_gb']:.1f})"
                    + (f", {r['prefill_speedup']:.2f}x vs {r['prefill_baseline']}" if "prefill_speedup" in r else "")),
         (f"decode, batch {rows[0]['batch']}: tokens/s (share in attention; peak GiB)",
-         lambda r: f"{r['decode_tokens_per_s']:.0f} ({100 * r['decode_attention_share']:.0f}%; {r['decode_peak_gb']:.1f})"
+         lambda r: f"{r['decode_tokens_per_s']:.0f} ({100 * r['decode_attention_share']:.0f}%; "
+                   f"{r['decode_peak_gb']:.1f})"
                    + (f", {r['decode_speedup']:.2f}x vs {r['decode_baseline']}" if "decode_speedup" in r else "")),
     ):
         lines = [f"**{title}**", "", "| impl | " + " | ".join(f"T={t // 1024}k" for t in lengths) + " |",
@@ -278,7 +280,8 @@ def write_results(out: Path, card: str, rows: list[dict], lengths_list: list[int
     add_ratios(rows)
     shape = (f"hidden {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} query "
              f"heads / {config.num_key_value_heads} KV heads, d_k {config.head_dim}, d_v {config.v_head_dim}, MLP "
-             f"{config.intermediate_size}, vocab {config.vocab_size}; NSA l={config.block_len}, d={config.block_stride}, "
+             f"{config.intermediate_size}, vocab {config.vocab_size}; NSA l={config.block_len}, "
+             f"d={config.block_stride}, "
              f"l'={config.select_len}, n={config.num_selected}, w={config.window}, compression {config.compression}, "
              f"{'shared' if config.shared_kv else 'independent'} K/V")
     header = (f"# Model speed on {device_name}\n\n`nsa-eval bench model --model {model_spec}`: {shape}. bfloat16, "

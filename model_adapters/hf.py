@@ -44,7 +44,31 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-class HFModel:
+class PromptTokens:
+    """How a backend holding a transformers tokenizer turns prompts into tokens (`hf:`, `vllm:`, `nsa:`).
+
+    Needs `self.tokenizer`, `self.chat` (the tokenizer has a chat template) and `self.name`.
+    """
+
+    def render(self, prompt: Prompt) -> str:
+        """Chat messages through the chat template (with the assistant cue); text as is."""
+        if isinstance(prompt, str):
+            return prompt
+        if not self.chat:
+            raise ValueError(f"{self.name} has no chat template; give the task plain-text prompts (--no-chat-template)")
+        return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: special tokens from the chat template, or the tokenizer's own for text."""
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
+
+    def count_tokens(self, text: Prompt) -> int:
+        return len(self.encode(text))
+
+
+class HFModel(PromptTokens):
     """A transformers causal LM and its tokenizer.
 
     max_length: prompt + generation budget in tokens (defaults to the model's max_position_embeddings).
@@ -127,23 +151,6 @@ class HFModel:
         return cls(model, tokenizer, name or Path(source).name, max_length=max_length, batch_size=batch_size)
 
     # ---- tokens -------------------------------------------------------------------------------------
-
-    def render(self, prompt: Prompt) -> str:
-        """Chat messages through the chat template (with the assistant cue); text as is."""
-        if isinstance(prompt, str):
-            return prompt
-        if not self.chat:
-            raise ValueError(f"{self.name} has no chat template; give the task plain-text prompts (--no-chat-template)")
-        return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt: special tokens from the chat template, or the tokenizer's own for text."""
-        if isinstance(prompt, str):
-            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        return self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
-
-    def count_tokens(self, text: Prompt) -> int:
-        return len(self.encode(text))
 
     # ---- generation ---------------------------------------------------------------------------------
 

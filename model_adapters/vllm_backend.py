@@ -26,12 +26,12 @@ from nsa_eval.model_adapters.base import (
     ModelLoadError,
     Prompt,
 )
-from nsa_eval.model_adapters.hf import _first_line, loglikelihood_tokens, truncate_middle
+from nsa_eval.model_adapters.hf import PromptTokens, _first_line, loglikelihood_tokens, truncate_middle
 
 INSTALL_HINT = "pip install 'nsa-eval[vllm]' on a machine with a CUDA GPU"
 
 
-class VLLMModel:
+class VLLMModel(PromptTokens):
     """A vLLM engine (`vllm.LLM`) behind the LanguageModel interface."""
 
     def __init__(self, llm: Any, name: str):
@@ -61,21 +61,6 @@ class VLLMModel:
         except Exception as error:  # vLLM raises many types; the user needs one line
             raise ModelLoadError(f"vLLM could not load {folder}: {_first_line(error)}") from None
         return cls(llm, name or folder.name)
-
-    def render(self, messages: list[dict[str, str]]) -> str:
-        """Chat messages through the chat template, with the assistant cue."""
-        if not self.chat:
-            raise ValueError(f"{self.name} has no chat template; give the task plain-text prompts (--no-chat-template)")
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids as `hf:` makes them: the chat template for messages, the tokenizer's specials for text."""
-        if isinstance(prompt, str):
-            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        return self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
-
-    def count_tokens(self, text: Prompt) -> int:
-        return len(self.encode(text))
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         from vllm import SamplingParams, TokensPrompt

@@ -157,10 +157,11 @@ def aggregate_scores(records: list[dict[str, Any]], breakdown_keys: tuple[str, .
 def _sort_key(value: Any) -> tuple:
     """Numbers before strings, numbers numerically ("2048|50" sorts by its parts)."""
     parts = str(value).split("|")
-    return tuple((0, float(p), "") if _is_number(p) else (1, 0.0, p) for p in parts)
+    return tuple((0, float(p), "") if is_number(p) else (1, 0.0, p) for p in parts)
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """Whether a breakdown value reads as a number ("2048", "0.5")."""
     try:
         float(text)
         return True

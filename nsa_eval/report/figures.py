@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from nsa_eval.report.runs import Run, value_order
+from nsa_eval.tasks.base import is_number
 
 
 def _order(values: set[str]) -> list[str]:
@@ -25,7 +26,7 @@ def _order(values: set[str]) -> list[str]:
 def _axis_label(key: str, values: list[str]) -> str:
     """NIAH's numeric lengths are tokens; LongBench's length buckets ("0-4k") count words, so say only "bucket"."""
     if key == "length":
-        return "context length (tokens)" if all(_is_number(v) for v in values) else "length bucket"
+        return "context length (tokens)" if all(is_number(v) for v in values) else "length bucket"
     return {"depth": "needle depth (% of the context)"}.get(key, key)
 SCORE_COLOURS = "RdYlGn"
 DIFFERENCE_COLOURS = "RdBu"
@@ -125,7 +126,7 @@ def score_by_key(runs: list[Run], task: str, key: str, apart: dict[str, str] | N
     """Headline score (mean, stderr bars) against a breakdown key, one line per run that has it.
     apart: run id -> why that run is not comparable with the others, printed in its legend entry."""
     values = _order({v for run in runs if task in run.results for v in run.results[task].breakdowns.get(key, {})})
-    numeric = all(_is_number(v) for v in values)
+    numeric = all(is_number(v) for v in values)
     figure = Figure(figsize=(7.0, 4.0))
     axes = figure.add_subplot()
     headline = ""
@@ -188,11 +189,3 @@ def speed_panels(title: str, panels: list[SpeedPanel], ylabel: str) -> bytes:
         axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1, frameon=False)
     figure.suptitle(title)
     return _png(figure)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False

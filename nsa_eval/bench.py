@@ -542,7 +542,7 @@ def _add_ratios(rows: list[dict]) -> None:
 
 @click.group()
 def bench() -> None:
-    """Speed benchmarks (need a CUDA GPU)."""
+    """Speed benchmarks: kernels and model need a CUDA GPU; tasks (scoring speed) runs on the CPU."""
 
 
 @bench.command("kernels")

@@ -258,6 +258,10 @@ from nsa_eval.bench_model import model_command  # noqa: E402  (`nsa-eval bench m
 
 bench.add_command(model_command)
 
+from nsa_eval.bench_tasks import tasks_command  # noqa: E402  (`nsa-eval bench tasks`: scoring speed on the CPU)
+
+bench.add_command(tasks_command)
+
 from nsa_eval.serve import serve  # noqa: E402  (the OpenAI-compatible server lives in nsa_eval/serve.py)
 
 main.add_command(serve)

@@ -1,6 +1,8 @@
-"""Times LongBench scoring: 10,000 synthetic predictions over the 21 subsets, in LongBench's proportions.
+"""`nsa-eval bench tasks`: how fast the harness scores, on the CPU (no model involved).
 
-    .venv/bin/python scripts/bench_longbench_scoring.py [N]
+- LongBench scoring: 10,000 synthetic predictions over the 21 subsets, in LongBench's proportions (target: < 10 s
+  on 2 cores).
+- HumanEval: the 164 canonical solutions through the sandbox (target: < 60 s on 2 cores).
 
 Predictions and answers are random text of the lengths LongBench produces: summaries of a few hundred
 words against references of similar size (gov_report, qmsum, multi_news, samsum; Chinese vcsum and
@@ -11,9 +13,10 @@ wall time in total and per subset; the target is under 10 s for 10,000 predictio
 from __future__ import annotations
 
 import random
-import sys
 import time
 from collections import defaultdict
+
+import click
 
 from nsa_eval.tasks.longbench_metrics import score_prediction
 
@@ -100,8 +103,8 @@ def make_cases(n: int, seed: int = 0) -> list[tuple[str, str, list[str], list[st
     return cases
 
 
-def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
+def longbench_scoring(n: int) -> tuple[int, float, dict[str, float]]:
+    """(predictions scored, seconds, seconds per subset) for n synthetic LongBench predictions."""
     cases = make_cases(n)
     score_prediction("vcsum", "预热", ["预热"], None)  # jieba loads its dictionary once (~1 s), not timed
     per_subset: dict[str, float] = defaultdict(float)
@@ -110,11 +113,23 @@ def main() -> None:
         t0 = time.perf_counter()
         score_prediction(subset, prediction, answers, classes)
         per_subset[subset] += time.perf_counter() - t0
-    elapsed = time.perf_counter() - started
-    print(f"scored {len(cases)} LongBench predictions in {elapsed:.2f} s ({len(cases) / elapsed:,.0f}/s)")
-    for subset, seconds in sorted(per_subset.items(), key=lambda item: -item[1])[:8]:
-        print(f"  {subset:22s} {seconds:6.2f} s")
+    return len(cases), time.perf_counter() - started, dict(per_subset)
 
 
-if __name__ == "__main__":
-    main()
+@click.command("tasks")
+@click.option("--predictions", default=10_000, show_default=True, type=click.IntRange(min=21),
+              help="Synthetic LongBench predictions to score.")
+@click.option("--workers", type=click.IntRange(min=1), help="HumanEval programs run at a time (default: one per core).")
+@click.option("--skip-humaneval", is_flag=True, help="Only time LongBench scoring.")
+def tasks_command(predictions: int, workers: int | None, skip_humaneval: bool) -> None:
+    """Time task scoring on the CPU: LongBench metrics over synthetic predictions, HumanEval's canonical
+    solutions through the sandbox."""
+    count, seconds, per_subset = longbench_scoring(predictions)
+    click.echo(f"LongBench: scored {count} predictions in {seconds:.2f} s ({count / seconds:,.0f}/s; target < 10 s "
+               f"for 10,000 on 2 cores)")
+    click.echo("  slowest subsets: " + ", ".join(
+        f"{subset} {s:.2f} s" for subset, s in sorted(per_subset.items(), key=lambda item: -item[1])[:5]))
+    if not skip_humaneval:
+        from nsa_eval.tasks.humaneval import bench as humaneval_bench
+
+        click.echo(humaneval_bench(workers) + " (target < 60 s on 2 cores)")

@@ -179,3 +179,17 @@ def test_sample_score_is_first_line_for_few_shot_subsets_and_max_over_answers():
     assert score_prediction("narrativeqa", prediction, answers, None) < 1.0  # whole text counts there
     assert score_prediction("trec", "City\nQuestion: x\nType: Country", ["City"], ["City", "Country"]) == 1.0
     assert score_prediction("lcc", "0", ["    return x"], None) == 0.0
+
+
+def test_bench_tasks_command_scores_every_subset():
+    """`nsa-eval bench tasks` runs on the CPU and covers all 21 subsets (its timing is printed, never asserted)."""
+    from click.testing import CliRunner
+
+    from nsa_eval.bench_tasks import longbench_scoring
+    from nsa_eval.cli import main
+
+    count, _, per_subset = longbench_scoring(210)
+    assert count >= 200 and len(per_subset) == 21
+    result = CliRunner().invoke(main, ["bench", "tasks", "--predictions", "210", "--skip-humaneval"])
+    assert result.exit_code == 0, result.output
+    assert "LongBench: scored" in result.output

@@ -24,7 +24,6 @@ from nsa_eval.model_adapters.base import (
     Loglikelihood,
     LoglikelihoodRequest,
     ModelLoadError,
-    Prompt,
 )
 from nsa_eval.model_adapters.hf import PromptTokens, _first_line, loglikelihood_tokens, truncate_middle
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -105,7 +104,6 @@ def compiler_reports() -> list[dict]:
 
 def sweep(T: int) -> list[dict]:
     """Time each tile candidate of the paper-layout kernels at length T (the first of each list: the default)."""
-    hp = PAPER
     bf = torch.bfloat16
     q, k, v = (torch.randn(1, T, h, D, device="cuda", dtype=bf) for h in (HQ, H, H))
     k_cmp, v_cmp = mean_pool(k, 32, 16), mean_pool(v, 32, 16)

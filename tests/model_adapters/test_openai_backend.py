@@ -106,7 +106,7 @@ def test_a_server_that_is_down(tmp_path):
     result = CliRunner().invoke(main, ["run", "--model", spec, "--tasks", "niah", "--output", str(tmp_path / "run")])
     last = result.output.strip().splitlines()[-1]
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert last.startswith(f"Error: openai:http://127.0.0.1:") and "connection refused" in last
+    assert last.startswith("Error: openai:http://127.0.0.1:") and "connection refused" in last
 
 
 def test_a_wrong_url_or_model_name(tiny):

@@ -81,6 +81,13 @@ def check_attention_args(q, k, v, causal, window, cu_seqlens, scale, *, triton: 
         if causal and T > S:
             _fail(op, f"causal with T={T} queries > S={S} keys leaves queries without keys; pass T <= S")
         return
+    check_cu_seqlens(op, cu_seqlens, q, S)
+
+
+def check_cu_seqlens(op: str, cu_seqlens, q, S: int) -> list[int]:
+    """cu_seqlens int32 [N+1] on q's device, rising from 0 to T without decreasing, with B == 1 and S == T keys.
+    Returns the offsets as a host list."""
+    B, T = q.shape[:2]
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.ndim != 1 or cu_seqlens.dtype != torch.int32:
         _fail(op, "cu_seqlens must be a 1-D int32 tensor [N+1] of sequence offsets")
     if cu_seqlens.device != q.device:
@@ -94,6 +101,7 @@ def check_attention_args(q, k, v, causal, window, cu_seqlens, scale, *, triton: 
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0 or offsets[-1] != T or any(b < a for a, b in zip(offsets, offsets[1:])):
         _fail(op, f"cu_seqlens must rise from 0 to T={T} without decreasing, got {offsets[:4]}...{offsets[-1:]}")
+    return offsets
 
 
 def check_decode_args(q, k_cache, v_cache, cache_seqlens, window, scale, *, triton: bool = False) -> None:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_eval.kernels.nsa.utils import check_compressed
+from nsa_eval.kernels.nsa.utils import check_compressed, check_reference_only
 
 LOG2E = 1.4426950408889634
 
@@ -255,8 +255,10 @@ class CompressedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def compressed_attention(q, k_cmp, v_cmp, *, block_len=32, block_stride=16, scale=None):
-    """Triton compressed attention; spec and shapes: reference.compressed_attention. Returns (o, lse)."""
+def compressed_attention(q, k_cmp, v_cmp, *, block_len=32, block_stride=16, scale=None, cu_seqlens=None):
+    """Triton compressed attention; spec and shapes: reference.compressed_attention. Returns (o, lse).
+    cu_seqlens (packed batches) is not supported here yet: ValueError."""
+    check_reference_only("compressed_attention", cu_seqlens)
     check_compressed("compressed_attention", q, k_cmp, v_cmp, block_len, block_stride, scale, triton=True)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return CompressedAttention.apply(q, k_cmp, v_cmp, block_len, block_stride, scale)

@@ -19,7 +19,7 @@ from nsa_eval.kernels.attention import attention
 from nsa_eval.kernels.nsa.compression import CompressedAttention
 from nsa_eval.kernels.nsa.selected import SelectedAttention
 from nsa_eval.kernels.nsa.selection import select_fwd
-from nsa_eval.kernels.nsa.utils import check_block_indices, check_nsa
+from nsa_eval.kernels.nsa.utils import check_block_indices, check_nsa, check_reference_only
 
 
 @triton.jit
@@ -100,9 +100,11 @@ class GatedSum(torch.autograd.Function):
 
 def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block_len=32, block_stride=16,
                   select_len=64, num_selected=16, window=512, scale=None, block_indices=None,
-                  return_block_indices=False):
-    """Triton NSA prefill, forward and backward; spec and shapes: reference.nsa_attention."""
+                  return_block_indices=False, cu_seqlens=None):
+    """Triton NSA prefill, forward and backward; spec and shapes: reference.nsa_attention (cu_seqlens, packed
+    batches, is not supported here yet: ValueError)."""
     op = "nsa_attention"
+    check_reference_only(op, cu_seqlens)
     check_nsa(op, q, k, v, k_cmp, v_cmp, {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, block_len, block_stride,
               select_len, num_selected, window, scale, triton=True)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale

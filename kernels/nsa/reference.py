@@ -9,6 +9,14 @@ Layouts (B batch, T queries, S keys, HQ query heads, H KV heads, G = HQ // H que
         [i*block_stride, i*block_stride + block_len) (the model's phi makes them: an MLP, or `mean_pool`);
     gates g_cmp, g_slc, g_win [B, T, HQ]; block_indices [B, T, H, n] int32 (-1 = unused slot); lse float32.
 
+Packed variable-length batches (cu_seqlens, as in full attention): B == 1, T == total tokens, cu_seqlens int32
+[N+1] rising from 0 to T; sequence n is rows cu_seqlens[n]:cu_seqlens[n+1] and its masks start at its own
+position 0. The compressed K/V are packed per sequence in the same order: sequence n owns the next
+num_compressed_blocks(len_n) = floor((len_n - l)/d) + 1 blocks (0 when len_n < l), its block 0 first, no block
+crossing into the next sequence; k_cmp/v_cmp then hold exactly that sum of blocks (utils.compressed_offsets
+gives the block offsets, `mean_pool(..., cu_seqlens=)` makes them). Block indices are per sequence (block j =
+that sequence's tokens [j*l', (j+1)*l')). Every sequence gives the same result as a call on it alone.
+
 Hyperparameters (arguments everywhere, defaults from the paper): block_len l=32, block_stride d=16,
 select_len l'=64, num_selected n=16, window w=512. flash-linear-attention's layout is l = d = l' (e.g. 64)
 with mean pooling and no window (window=0).
@@ -27,6 +35,7 @@ import torch
 
 from nsa_eval.kernels.attention.checks import _fail
 from nsa_eval.kernels.nsa.utils import (
+    by_sequence,
     check_block_indices,
     check_block_sizes,
     check_compressed,
@@ -36,6 +45,7 @@ from nsa_eval.kernels.nsa.utils import (
     check_prefill_length,
     index_bits,
     check_qkv,
+    check_varlen,
     visible_compressed_blocks,
 )
 
@@ -77,7 +87,7 @@ def _compressed(q, k_cmp, v_cmp, positions, block_len, block_stride, scale):
     return _masked_attention(q, k_cmp, v_cmp, visible, scale)
 
 
-def compressed_attention(q, k_cmp, v_cmp, *, block_len=32, block_stride=16, scale=None):
+def compressed_attention(q, k_cmp, v_cmp, *, block_len=32, block_stride=16, scale=None, cu_seqlens=None):
     """Attention of every query over the compressed blocks it may see (eq. 7 of the paper).
 
     Args:
@@ -85,10 +95,18 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_len=32, block_stride=16, scal
         k_cmp, v_cmp: [B, Tc, H, Dk] / [B, Tc, H, Dv], Tc >= num_compressed_blocks(T) (extra blocks are never
             visible). Block i is visible to query t iff t >= i*block_stride + block_len - 1.
         scale: softmax scale, default 1/sqrt(Dk).
+        cu_seqlens: None, or int32 [N+1] packed sequences (B == 1); k_cmp/v_cmp then packed per sequence with
+            exactly sum_n num_compressed_blocks(len_n) blocks (module docstring); t counts from each sequence's 0.
     Returns:
         o [B, T, HQ, Dv] in q's dtype (0 for t < block_len - 1), lse [B, T, HQ] float32 (natural log; -inf there).
     """
-    check_compressed("compressed_attention", q, k_cmp, v_cmp, block_len, block_stride, scale, triton=False)
+    op = "compressed_attention"
+    check_compressed(op, q, k_cmp, v_cmp, block_len, block_stride, scale, triton=False,
+                     seq_len=None if cu_seqlens is None else 0)
+    if cu_seqlens is not None:
+        offsets, blocks = check_varlen(op, cu_seqlens, q, block_len, block_stride, {"k_cmp": k_cmp, "v_cmp": v_cmp})
+        return by_sequence(lambda *x: compressed_attention(*x, block_len=block_len, block_stride=block_stride,
+                                                           scale=scale), [q, k_cmp, v_cmp], "tcc", offsets, blocks)
     positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)
     o, lse = _compressed(q, k_cmp, v_cmp, positions, block_len, block_stride, _default_scale(q, scale))
     return o.to(q.dtype), lse
@@ -155,7 +173,8 @@ def _select(q, k_cmp, lse, positions, num_keys, block_len, block_stride, select_
     return torch.where(top >= 0, mask - (top & mask), torch.full_like(top, -1)).to(torch.int32)
 
 
-def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64, num_selected=16, scale=None):
+def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64, num_selected=16, scale=None,
+                  cu_seqlens=None):
     """The n selection blocks of length l' each query attends to (eq. 8-10 and top-n, eq. 11).
 
     Importance of selection block j for query t and KV head h: the compressed branch's probabilities
@@ -167,15 +186,22 @@ def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64
     lower block index.
 
     Args:
-        q: [B, T, HQ, Dk]; k_cmp: [B, Tc, H, Dk]; lse: [B, T, HQ] float32 from `compressed_attention`.
+        q: [B, T, HQ, Dk]; k_cmp: [B, Tc, H, Dk]; lse: [B, T, HQ] float32 from `compressed_attention`;
+        cu_seqlens: None, or int32 [N+1] packed sequences (B == 1), k_cmp packed per sequence (module docstring).
     Returns:
         block_indices [B, T, H, n] int32, most important first (forced blocks first, ascending), -1 where fewer
-        than n blocks exist (t // l' + 1 < n).
+        than n blocks exist (t // l' + 1 < n); with cu_seqlens, blocks and t count from each sequence's start.
     """
     op = "select_blocks"
     check_block_sizes(op, block_len, block_stride, select_len, num_selected)
-    check_compressed(op, q, k_cmp, k_cmp, block_len, block_stride, scale, triton=False)
+    check_compressed(op, q, k_cmp, k_cmp, block_len, block_stride, scale, triton=False,
+                     seq_len=None if cu_seqlens is None else 0)
     check_lse(op, lse, q)
+    if cu_seqlens is not None:
+        offsets, blocks = check_varlen(op, cu_seqlens, q, block_len, block_stride, {"k_cmp": k_cmp})
+        return by_sequence(lambda *x: select_blocks(*x, block_len=block_len, block_stride=block_stride,
+                                                    select_len=select_len, num_selected=num_selected, scale=scale),
+                           [q, k_cmp, lse], "tct", offsets, blocks)
     positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)
     return _select(q, k_cmp, lse, positions, q.shape[1], block_len, block_stride, select_len, num_selected,
                    _default_scale(q, scale))
@@ -191,12 +217,13 @@ def _selected(q, k, v, block_indices, positions, select_len, scale):
     return _masked_attention(q, k, v, visible, scale)
 
 
-def selected_attention(q, k, v, block_indices, *, select_len=64, scale=None):
+def selected_attention(q, k, v, block_indices, *, select_len=64, scale=None, cu_seqlens=None):
     """Attention of every query over the tokens of its selected blocks (eq. 11-12), tokens after t masked.
 
     Args:
         q: [B, T, HQ, Dk]; k: [B, T, H, Dk]; v: [B, T, H, Dv];
-        block_indices: [B, T, H, n] int32 selection-block indices (block j = tokens [j*l', (j+1)*l')), -1 unused.
+        block_indices: [B, T, H, n] int32 selection-block indices (block j = tokens [j*l', (j+1)*l')), -1 unused;
+        cu_seqlens: None, or int32 [N+1] packed sequences (B == 1); block indices and t per sequence.
     Returns:
         o [B, T, HQ, Dv] in q's dtype.
     """
@@ -204,6 +231,10 @@ def selected_attention(q, k, v, block_indices, *, select_len=64, scale=None):
     check_qkv(op, q, k, v, triton=False)
     check_block_sizes(op, 1, 1, select_len)
     check_block_indices(op, block_indices, q, k.shape[2])
+    if cu_seqlens is not None:
+        offsets, blocks = check_varlen(op, cu_seqlens, q, 1, 1, num_keys=k.shape[1])
+        return by_sequence(lambda *x: selected_attention(*x, select_len=select_len, scale=scale),
+                           [q, k, v, block_indices], "tttt", offsets, blocks)
     check_prefill_length(op, q, k)
     positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)
     o, _ = _selected(q, k, v, block_indices, positions, select_len, _default_scale(q, scale))
@@ -223,7 +254,7 @@ def _gated_sum(outputs_and_gates):
 
 def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block_len=32, block_stride=16,
                   select_len=64, num_selected=16, window=512, scale=None, block_indices=None,
-                  return_block_indices=False):
+                  return_block_indices=False, cu_seqlens=None):
     """Native Sparse Attention (eq. 5): o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win.
 
     Args:
@@ -231,14 +262,32 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block_len=
         k_cmp, v_cmp: [B, Tc, H, Dk] / [B, Tc, H, Dv] compressed blocks (see module docstring);
         g_cmp, g_slc, g_win: [B, T, HQ] gates (g_win may be None when window=0);
         window: w > 0 adds the sliding-window branch over the last w tokens; 0 leaves it out;
-        block_indices: [B, T, H, n] int32 to use instead of selecting (n = num_selected is then ignored).
+        block_indices: [B, T, H, n] int32 to use instead of selecting (n = num_selected is then ignored);
+        cu_seqlens: None, or int32 [N+1] offsets of N sequences packed along T (B == 1, S == T), each attending
+            only to itself from its own position 0. k_cmp/v_cmp are then [1, Tc, H, D] packed per sequence:
+            sequence n's floor((len_n - l)/d) + 1 blocks (0 if len_n < l) follow sequence n-1's, so Tc is their
+            sum (`mean_pool(k, l, d, cu_seqlens=cu_seqlens)` gives this layout); block indices (given or
+            returned) count selection blocks from each sequence's own start.
     Returns:
         o [B, T, HQ, Dv] in q's dtype; with return_block_indices, (o, block_indices). Gradients reach q, k, v,
         k_cmp, v_cmp and the gates; the block selection carries none.
     """
     op = "nsa_attention"
     check_nsa(op, q, k, v, k_cmp, v_cmp, {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, block_len,
-              block_stride, select_len, num_selected, window, scale, triton=False)
+              block_stride, select_len, num_selected, window, scale, triton=False, varlen=cu_seqlens is not None)
+    if cu_seqlens is not None:
+        offsets, blocks = check_varlen(op, cu_seqlens, q, block_len, block_stride, {"k_cmp": k_cmp, "v_cmp": v_cmp},
+                                       num_keys=k.shape[1])
+        if block_indices is not None:
+            check_block_indices(op, block_indices, q, k.shape[2])
+
+        def one_sequence(*x):
+            return nsa_attention(*x[:8], block_len=block_len, block_stride=block_stride, select_len=select_len,
+                                 num_selected=num_selected, window=window, scale=scale, block_indices=x[8],
+                                 return_block_indices=return_block_indices)
+
+        return by_sequence(one_sequence, [q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_indices], "tttcctttt",
+                           offsets, blocks)
     scale = _default_scale(q, scale)
     positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)
     o_cmp, lse = _compressed(q, k_cmp, v_cmp, positions, block_len, block_stride, scale)

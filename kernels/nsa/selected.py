@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from nsa_eval.kernels.nsa.compression import LOG2E, row_dot
-from nsa_eval.kernels.nsa.utils import check_block_indices, check_block_sizes, check_prefill_length, check_qkv
+from nsa_eval.kernels.nsa.utils import (check_block_indices, check_block_sizes, check_prefill_length, check_qkv,
+                                        check_reference_only)
 
 
 @triton.jit
@@ -257,9 +258,10 @@ class SelectedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def selected_attention(q, k, v, block_indices, *, select_len=64, scale=None):
-    """Triton selected attention; spec and shapes: reference.selected_attention."""
+def selected_attention(q, k, v, block_indices, *, select_len=64, scale=None, cu_seqlens=None):
+    """Triton selected attention; spec and shapes: reference.selected_attention (cu_seqlens not supported yet)."""
     op = "selected_attention"
+    check_reference_only(op, cu_seqlens)
     check_qkv(op, q, k, v, triton=True)
     check_block_sizes(op, 1, 1, select_len)
     check_block_indices(op, block_indices, q, k.shape[2])

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from nsa_eval.kernels.nsa.compression import LOG2E, num_visible_blocks
-from nsa_eval.kernels.nsa.utils import check_block_sizes, check_compressed, check_lse, index_bits
+from nsa_eval.kernels.nsa.utils import (check_block_sizes, check_compressed, check_lse, check_reference_only,
+                                        index_bits)
 
 
 @triton.jit
@@ -144,9 +145,11 @@ def select_fwd(q, k_cmp, lse, block_len, block_stride, select_len, num_selected,
     return block_indices
 
 
-def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64, num_selected=16, scale=None):
-    """Triton block selection; spec and shapes: reference.select_blocks."""
+def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64, num_selected=16, scale=None,
+                  cu_seqlens=None):
+    """Triton block selection; spec and shapes: reference.select_blocks (cu_seqlens not supported yet)."""
     op = "select_blocks"
+    check_reference_only(op, cu_seqlens)
     check_block_sizes(op, block_len, block_stride, select_len, num_selected)
     check_compressed(op, q, k_cmp, k_cmp, block_len, block_stride, scale, triton=True)
     check_lse(op, lse, q)

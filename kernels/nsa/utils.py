@@ -15,6 +15,7 @@ from nsa_eval.kernels.attention.checks import (
     _check_scale,
     _check_tensor,
     _fail,
+    check_cu_seqlens,
 )
 
 
@@ -37,16 +38,66 @@ def visible_compressed_blocks(positions: torch.Tensor, block_len: int, block_str
     return (positions + 1 - block_len + block_stride).clamp_min(0) // block_stride
 
 
-def mean_pool(x: torch.Tensor, block_len: int = 64, block_stride: int | None = None) -> torch.Tensor:
+def compressed_offsets(offsets: list[int], block_len: int, block_stride: int) -> list[int]:
+    """Packed compressed blocks: token offsets cu_seqlens [N+1] -> block offsets [N+1] (cu_seqlens_cmp), where
+    sequence n owns num_compressed_blocks(len_n) blocks, each within the sequence, numbered from its own 0."""
+    blocks = [0]
+    for a, b in zip(offsets, offsets[1:]):
+        blocks.append(blocks[-1] + num_compressed_blocks(b - a, block_len, block_stride))
+    return blocks
+
+
+def check_varlen(op: str, cu_seqlens, q, block_len, block_stride, compressed=None, num_keys=None) -> tuple:
+    """Packed inputs: cu_seqlens as in full attention (B == 1, int32 [N+1] from 0 to T, not decreasing) and each
+    compressed tensor in `compressed` ({name: tensor}) holding exactly the blocks `compressed_offsets` counts.
+    Returns (token offsets, compressed-block offsets) as host lists."""
+    check_block_sizes(op, block_len, block_stride)
+    offsets = check_cu_seqlens(op, cu_seqlens, q, q.shape[1] if num_keys is None else num_keys)
+    blocks = compressed_offsets(offsets, block_len, block_stride)
+    for name, x in (compressed or {}).items():
+        if isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] != blocks[-1]:
+            _fail(op, f"{name} has {x.shape[1]} blocks but the packed sequences make {blocks[-1]} (sequence n has "
+                      f"floor((len_n - {block_len}) / {block_stride}) + 1 blocks, 0 when shorter than {block_len}); "
+                      f"pack them per sequence, e.g. mean_pool(k, {block_len}, {block_stride}, cu_seqlens=cu_seqlens)")
+    return offsets, blocks
+
+
+def by_sequence(fn, args, kinds, offsets, blocks):
+    """fn over each non-empty packed sequence, outputs concatenated along dim 1 (each output, for a tuple).
+
+    args: positional arguments of fn; kinds: per argument "t" (sliced along dim 1 by the token offsets),
+    "c" (by the compressed-block offsets) or None (passed as is); None arguments stay None.
+    """
+    parts = []
+    for n in range(len(offsets) - 1):
+        if offsets[n + 1] == offsets[n]:
+            continue
+        spans = {"t": slice(offsets[n], offsets[n + 1]), "c": slice(blocks[n], blocks[n + 1])}
+        parts.append(fn(*[x if kind is None or x is None else x[:, spans[kind]] for x, kind in zip(args, kinds)]))
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p, 1) for p in zip(*parts))
+    return torch.cat(parts, 1)
+
+
+def mean_pool(x: torch.Tensor, block_len: int = 64, block_stride: int | None = None, *,
+              cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over each complete block of tokens: x [B, T, H, D] -> [B, Tc, H, D], Tc = num_compressed_blocks.
 
     Block i averages tokens [i*block_stride, i*block_stride + block_len); block_stride defaults to block_len
     (flash-linear-attention's layout, non-overlapping blocks). A trailing partial block is left out: no query
     may see it before it is complete. Float32 accumulation, result in x's dtype.
+    cu_seqlens: None, or int32 [N+1] offsets of sequences packed along T (B == 1): each sequence is pooled on its
+    own (no block crosses into the next) and the result packs the blocks per sequence, [1, Tc, H, D] with
+    Tc = sum_n num_compressed_blocks(len_n), in the layout `nsa_attention` takes with cu_seqlens.
     """
     block_stride = block_len if block_stride is None else block_stride
     _check_tensor("mean_pool", "x", x, 4, "[B, T, H, D]")
     check_block_sizes("mean_pool", block_len, block_stride)
+    if cu_seqlens is not None:
+        offsets, blocks = check_varlen("mean_pool", cu_seqlens, x, block_len, block_stride)
+        if blocks[-1] == 0:
+            return x.new_zeros(1, 0, *x.shape[2:])
+        return by_sequence(lambda seq: mean_pool(seq, block_len, block_stride), [x], ["t"], offsets, blocks)
     if x.shape[1] < block_len:
         return x.new_zeros(x.shape[0], 0, *x.shape[2:])
     windows = x.float().unfold(1, block_len, block_stride)  # [B, Tc, H, D, block_len]
@@ -161,12 +212,21 @@ def check_gates(op: str, gates: dict, q, shape: tuple, needed: dict) -> None:
 
 
 def check_nsa(op, q, k, v, k_cmp, v_cmp, gates: dict, block_len, block_stride, select_len, num_selected, window,
-              scale, triton: bool) -> None:
-    """All arguments of `nsa_attention` (see reference.nsa_attention for the layouts)."""
+              scale, triton: bool, varlen: bool = False) -> None:
+    """All arguments of `nsa_attention` (see reference.nsa_attention for the layouts); with varlen, all but the
+    packing (cu_seqlens and the compressed block count: check_varlen)."""
     check_qkv(op, q, k, v, triton)
     _check_nsa_rest(op, q, k, v, k_cmp, v_cmp, gates, q.shape[:3], block_len, block_stride, select_len,
-                    num_selected, window, scale, triton, seq_len=q.shape[1], names=("k_cmp", "v_cmp"))
-    check_prefill_length(op, q, k)
+                    num_selected, window, scale, triton, seq_len=0 if varlen else q.shape[1], names=("k_cmp", "v_cmp"))
+    if not varlen:
+        check_prefill_length(op, q, k)
+
+
+def check_reference_only(op: str, cu_seqlens) -> None:
+    """The Triton kernels take no packed batches yet: cu_seqlens must be None there."""
+    if cu_seqlens is not None:
+        _fail(op, "cu_seqlens is supported by the reference path only (CPU tensors); on the GPU call each "
+                  "sequence separately")
 
 
 def check_prefill_length(op, q, k) -> None:

@@ -4,6 +4,8 @@ The public functions run the Triton kernels on CUDA tensors and the PyTorch refe
 To run the Triton path elsewhere (interpreter mode, TRITON_INTERPRET=1), call the module's own function:
 compression.compressed_attention, selection.select_blocks, selected.selected_attention,
 parallel.nsa_attention, decode.nsa_decode. The reference's docstrings are the spec of both paths.
+Packed variable-length batches: `cu_seqlens` on nsa_attention, compressed_attention, select_blocks,
+selected_attention and mean_pool, on both paths (layout of the packed compressed K/V: reference's module docstring).
 """
 
 import functools

@@ -9,13 +9,15 @@ n(t) = max(t + 1 - l + d, 0) // d blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from nsa_eval.kernels.nsa.utils import check_compressed, check_reference_only
+from nsa_eval.kernels.attention.parallel import _block_table
+from nsa_eval.kernels.nsa.utils import check_compressed, check_varlen
 
 LOG2E = 1.4426950408889634
 
@@ -24,6 +26,58 @@ LOG2E = 1.4426950408889634
 def num_visible_blocks(t, BLOCK_LEN: tl.constexpr, BLOCK_STRIDE: tl.constexpr):
     """Compressed blocks a query at position t sees (0 before the first block is complete)."""
     return tl.maximum(t + 1 - BLOCK_LEN + BLOCK_STRIDE, 0) // BLOCK_STRIDE
+
+
+@dataclasses.dataclass
+class Packing:
+    """Packed sequences (cu_seqlens, B == 1) as the kernels read them; layout: reference's module docstring."""
+
+    cu: torch.Tensor  # int32 [N+1] token offsets
+    cu_cmp: torch.Tensor  # int32 [N+1] compressed-block offsets
+    lengths: list[int]  # tokens per sequence
+    cmp_lengths: list[int]  # compressed blocks per sequence
+
+    @classmethod
+    def of(cls, offsets: list[int], blocks: list[int], device) -> "Packing":
+        return cls(torch.tensor(offsets, dtype=torch.int32, device=device),
+                   torch.tensor(blocks, dtype=torch.int32, device=device),
+                   [b - a for a, b in zip(offsets, offsets[1:])], [b - a for a, b in zip(blocks, blocks[1:])])
+
+    def tiles(self, rows: int, compressed: bool = False) -> torch.Tensor:
+        """int32 [programs, 2]: (sequence, tile) for tiles of `rows` tokens (or compressed blocks) per sequence."""
+        return _block_table(self.cmp_lengths if compressed else self.lengths, rows, self.cu.device, False)
+
+    def token_starts(self) -> torch.Tensor:
+        """int32 [T]: the first token of each token's sequence."""
+        return torch.repeat_interleave(self.cu[:-1], torch.tensor(self.lengths, device=self.cu.device))
+
+
+def _kernel_packing(packing: Packing | None, rows: int, compressed: bool, dummy: torch.Tensor, programs: int):
+    """(cu, cu_cmp, tile table, number of programs along the tiles) for a launch; dummies when not packed."""
+    if packing is None:
+        return dummy, dummy, dummy, programs
+    table = packing.tiles(rows, compressed)
+    return packing.cu, packing.cu_cmp, table, table.shape[0]
+
+
+@triton.jit
+def sequence_tile(pid, b, table, cu, cu_cmp, T, TC, VARLEN: tl.constexpr):
+    """(tile, first token row, tokens, first compressed row, compressed blocks) of program pid's sequence:
+    batch row b unpacked, the table's (sequence, tile) entry when packed (B == 1)."""
+    if VARLEN:
+        n = tl.load(table + 2 * pid)
+        tile = tl.load(table + 2 * pid + 1)
+        bos = tl.load(cu + n)
+        n_tok = tl.load(cu + n + 1) - bos
+        bos_c = tl.load(cu_cmp + n)
+        n_cmp = tl.load(cu_cmp + n + 1) - bos_c
+    else:
+        tile = pid
+        bos = b * T
+        n_tok = T + 0
+        bos_c = b * TC
+        n_cmp = TC + 0
+    return tile, bos, n_tok, bos_c, n_cmp
 
 
 @triton.jit
@@ -66,24 +120,27 @@ def _fwd_step(q, k_ptr, v_ptr, i, i_end, n_vis, m_i, l_i, acc, qk_scale, H: tl.c
 
 
 @triton.jit
-def compressed_fwd_kernel(q, k, v, o, lse, T, TC, qk_scale, HQ: tl.constexpr, H: tl.constexpr, DK: tl.constexpr,
-                          DV: tl.constexpr, BLOCK_LEN: tl.constexpr, BLOCK_STRIDE: tl.constexpr, BT: tl.constexpr,
-                          BC: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
-    """Grid (cdiv(T, BT), B * HQ). q [B, T, HQ, DK], k [B, TC, H, DK], v [B, TC, H, DV] -> o [B, T, HQ, DV],
-    lse [B, T, HQ] float32 (natural log, -inf for a query that sees no block)."""
+def compressed_fwd_kernel(q, k, v, o, lse, cu, cu_cmp, table, T, TC, qk_scale, HQ: tl.constexpr, H: tl.constexpr,
+                          DK: tl.constexpr, DV: tl.constexpr, BLOCK_LEN: tl.constexpr, BLOCK_STRIDE: tl.constexpr,
+                          BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                          VARLEN: tl.constexpr):
+    """Grid (cdiv(T, BT) or the table's tiles, B * HQ). q [B, T, HQ, DK], k [B, TC, H, DK], v [B, TC, H, DV]
+    -> o [B, T, HQ, DV], lse [B, T, HQ] float32 (natural log, -inf for a query that sees no block).
+    VARLEN: B == 1, sequence n is tokens cu[n]:cu[n+1] and blocks cu_cmp[n]:cu_cmp[n+1]; t counts from its 0."""
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hq = pid_bh // HQ, pid_bh % HQ
     h = hq // (HQ // H)
-    t = pid_t * BT + tl.arange(0, BT)
+    tile, bos, T, bos_c, TC = sequence_tile(pid_t, b, table, cu, cu_cmp, T, TC, VARLEN)
+    t = tile * BT + tl.arange(0, BT)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
-    row = (b * T + t) * HQ + hq
+    row = (bos + t) * HQ + hq
     q_blk = tl.load(q + row[:, None] * DK + dk[None, :], mask=(t[:, None] < T) & (dk[None, :] < DK), other=0.)
     n_vis = num_visible_blocks(t, BLOCK_LEN, BLOCK_STRIDE)
-    n_lo = num_visible_blocks(pid_t * BT, BLOCK_LEN, BLOCK_STRIDE)  # every row of the tile sees these
-    n_hi = tl.minimum(num_visible_blocks(tl.minimum(pid_t * BT + BT, T) - 1, BLOCK_LEN, BLOCK_STRIDE), TC)
-    k_ptr = k + (b * TC * H + h) * DK
-    v_ptr = v + (b * TC * H + h) * DV
+    n_lo = num_visible_blocks(tile * BT, BLOCK_LEN, BLOCK_STRIDE)  # every row of the tile sees these
+    n_hi = tl.minimum(num_visible_blocks(tl.minimum(tile * BT + BT, T) - 1, BLOCK_LEN, BLOCK_STRIDE), TC)
+    k_ptr = k + (bos_c * H + h) * DK
+    v_ptr = v + (bos_c * H + h) * DV
     m_i = tl.full([BT], float("-inf"), tl.float32)
     l_i = tl.zeros([BT], tl.float32)
     acc = tl.zeros([BT, BDV], tl.float32)
@@ -102,31 +159,32 @@ def compressed_fwd_kernel(q, k, v, o, lse, T, TC, qk_scale, HQ: tl.constexpr, H:
 
 
 @triton.jit
-def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, T, TC, qk_scale, HQ: tl.constexpr, H: tl.constexpr,
-                             DK: tl.constexpr, DV: tl.constexpr, BLOCK_LEN: tl.constexpr,
+def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu, cu_cmp, table, T, TC, qk_scale, HQ: tl.constexpr,
+                             H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_LEN: tl.constexpr,
                              BLOCK_STRIDE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
-                             BDV: tl.constexpr):
-    """Grid (cdiv(T, BT), B * HQ). dq [B, T, HQ, DK] (scaled); delta [B, T, HQ] = rowsum(o * do) float32."""
+                             BDV: tl.constexpr, VARLEN: tl.constexpr):
+    """Grid as the forward's. dq [B, T, HQ, DK] (scaled); delta [B, T, HQ] = rowsum(o * do) float32."""
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hq = pid_bh // HQ, pid_bh % HQ
     h = hq // (HQ // H)
-    t = pid_t * BT + tl.arange(0, BT)
+    tile, bos, T, bos_c, TC = sequence_tile(pid_t, b, table, cu, cu_cmp, T, TC, VARLEN)
+    t = tile * BT + tl.arange(0, BT)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
-    row = (b * T + t) * HQ + hq
+    row = (bos + t) * HQ + hq
     t_ok = t < T
     q_blk = tl.load(q + row[:, None] * DK + dk[None, :], mask=t_ok[:, None] & (dk[None, :] < DK), other=0.)
     do_blk = tl.load(do + row[:, None] * DV + dv[None, :], mask=t_ok[:, None] & (dv[None, :] < DV), other=0.)
     lse2 = tl.load(lse + row, mask=t_ok, other=0.) * 1.4426950408889634
     dlt = tl.load(delta + row, mask=t_ok, other=0.)
     n_vis = num_visible_blocks(t, BLOCK_LEN, BLOCK_STRIDE)
-    n_hi = tl.minimum(num_visible_blocks(tl.minimum(pid_t * BT + BT, T) - 1, BLOCK_LEN, BLOCK_STRIDE), TC)
+    n_hi = tl.minimum(num_visible_blocks(tl.minimum(tile * BT + BT, T) - 1, BLOCK_LEN, BLOCK_STRIDE), TC)
     acc = tl.zeros([BT, BDK], tl.float32)
     for i0 in range(0, n_hi, BC):
         i = i0 + tl.arange(0, BC)
-        kb = tl.load(k + ((b * TC + i[:, None]) * H + h) * DK + dk[None, :],
+        kb = tl.load(k + ((bos_c + i[:, None]) * H + h) * DK + dk[None, :],
                      mask=(i[:, None] < n_hi) & (dk[None, :] < DK), other=0.)
-        vb = tl.load(v + ((b * TC + i[:, None]) * H + h) * DV + dv[None, :],
+        vb = tl.load(v + ((bos_c + i[:, None]) * H + h) * DV + dv[None, :],
                      mask=(i[:, None] < n_hi) & (dv[None, :] < DV), other=0.)
         s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
         p = tl.where(i[None, :] < n_vis[:, None], tl.math.exp2(s - lse2[:, None]), 0.)
@@ -139,22 +197,23 @@ def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, T, TC, qk_scale, HQ: t
 
 
 @triton.jit
-def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk_out, dv_out, T, TC, qk_scale, HQ: tl.constexpr,
-                              H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_LEN: tl.constexpr,
-                              BLOCK_STRIDE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                              BDK: tl.constexpr, BDV: tl.constexpr):
-    """Grid (cdiv(TC, BC), B * HQ). Per query head: dk_out [B, TC, HQ, DK], dv_out [B, TC, HQ, DV] float32
-    (the launcher sums the G heads of each group)."""
+def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk_out, dv_out, cu, cu_cmp, table, T, TC, qk_scale,
+                              HQ: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                              BLOCK_LEN: tl.constexpr, BLOCK_STRIDE: tl.constexpr, BT: tl.constexpr,
+                              BC: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, VARLEN: tl.constexpr):
+    """Grid (cdiv(TC, BC) or the table's tiles of compressed blocks, B * HQ). Per query head:
+    dk_out [B, TC, HQ, DK], dv_out [B, TC, HQ, DV] float32 (the launcher sums the G heads of each group)."""
     pid_c, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hq = pid_bh // HQ, pid_bh % HQ
     h = hq // (HQ // H)
+    pid_c, bos, T, bos_c, TC = sequence_tile(pid_c, b, table, cu, cu_cmp, T, TC, VARLEN)
     i = pid_c * BC + tl.arange(0, BC)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     i_ok = i < TC
-    kb = tl.load(k + ((b * TC + i[:, None]) * H + h) * DK + dk[None, :], mask=i_ok[:, None] & (dk[None, :] < DK),
+    kb = tl.load(k + ((bos_c + i[:, None]) * H + h) * DK + dk[None, :], mask=i_ok[:, None] & (dk[None, :] < DK),
                  other=0.)
-    vb = tl.load(v + ((b * TC + i[:, None]) * H + h) * DV + dv[None, :], mask=i_ok[:, None] & (dv[None, :] < DV),
+    vb = tl.load(v + ((bos_c + i[:, None]) * H + h) * DV + dv[None, :], mask=i_ok[:, None] & (dv[None, :] < DV),
                  other=0.)
     dk_acc = tl.zeros([BC, BDK], tl.float32)
     dv_acc = tl.zeros([BC, BDV], tl.float32)
@@ -163,7 +222,7 @@ def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk_out, dv_out, T, TC, qk
     for t0 in range((t_first // BT) * BT, T, BT):
         t = t0 + tl.arange(0, BT)
         t_ok = t < T
-        row = (b * T + t) * HQ + hq
+        row = (bos + t) * HQ + hq
         q_blk = tl.load(q + row[:, None] * DK + dk[None, :], mask=t_ok[:, None] & (dk[None, :] < DK), other=0.)
         do_blk = tl.load(do + row[:, None] * DV + dv[None, :], mask=t_ok[:, None] & (dv[None, :] < DV), other=0.)
         lse2 = tl.load(lse + row, mask=t_ok, other=0.) * 1.4426950408889634
@@ -179,9 +238,9 @@ def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk_out, dv_out, T, TC, qk
         ds = p * (dp - dlt[:, None])
         dk_acc += tl.dot(tl.trans(ds.to(q_blk.dtype)), q_blk)
     scale = qk_scale / 1.4426950408889634
-    tl.store(dk_out + ((b * TC + i[:, None]) * HQ + hq) * DK + dk[None, :], dk_acc * scale,
+    tl.store(dk_out + ((bos_c + i[:, None]) * HQ + hq) * DK + dk[None, :], dk_acc * scale,
              mask=i_ok[:, None] & (dk[None, :] < DK))
-    tl.store(dv_out + ((b * TC + i[:, None]) * HQ + hq) * DV + dv[None, :], dv_acc,
+    tl.store(dv_out + ((bos_c + i[:, None]) * HQ + hq) * DV + dv[None, :], dv_acc,
              mask=i_ok[:, None] & (dv[None, :] < DV))
 
 
@@ -200,21 +259,23 @@ def _tiles(dk: int, dv: int):
     return triton.next_power_of_2(dk), triton.next_power_of_2(dv)
 
 
-def compressed_fwd(q, k_cmp, v_cmp, block_len, block_stride, scale):
-    """q [B, T, HQ, Dk], k_cmp/v_cmp [B, Tc, H, D] (contiguous) -> o [B, T, HQ, Dv], lse [B, T, HQ] float32."""
+def compressed_fwd(q, k_cmp, v_cmp, block_len, block_stride, scale, packing: Packing | None = None):
+    """q [B, T, HQ, Dk], k_cmp/v_cmp [B, Tc, H, D] (contiguous) -> o [B, T, HQ, Dv], lse [B, T, HQ] float32.
+    packing: packed sequences (B == 1) or None."""
     B, T, HQ, DK = q.shape
     TC, H, DV = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
     o = torch.empty(B, T, HQ, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
     bdk, bdv = _tiles(DK, DV)
     bt, bc, warps, stages = tiles_for(TILES["fwd"], q.dtype)
-    compressed_fwd_kernel[(triton.cdiv(T, bt), B * HQ)](
-        q, k_cmp, v_cmp, o, lse, T, TC, scale * LOG2E, HQ, H, DK, DV, block_len, block_stride, bt, bc, bdk, bdv,
-        num_warps=warps, num_stages=stages)
+    cu, cu_cmp, table, programs = _kernel_packing(packing, bt, False, lse, triton.cdiv(T, bt))
+    compressed_fwd_kernel[(programs, B * HQ)](
+        q, k_cmp, v_cmp, o, lse, cu, cu_cmp, table, T, TC, scale * LOG2E, HQ, H, DK, DV, block_len, block_stride,
+        bt, bc, bdk, bdv, packing is not None, num_warps=warps, num_stages=stages)
     return o, lse
 
 
-def compressed_bwd(q, k_cmp, v_cmp, o, lse, do, block_len, block_stride, scale):
+def compressed_bwd(q, k_cmp, v_cmp, o, lse, do, block_len, block_stride, scale, packing: Packing | None = None):
     """Gradients (dq, dk_cmp, dv_cmp) of compressed attention for output gradient do [B, T, HQ, Dv]."""
     B, T, HQ, DK = q.shape
     TC, H, DV = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
@@ -224,14 +285,16 @@ def compressed_bwd(q, k_cmp, v_cmp, o, lse, do, block_len, block_stride, scale):
     dv = torch.empty(B, TC, HQ, DV, dtype=torch.float32, device=q.device)
     bdk, bdv = _tiles(DK, DV)
     bt, bc, warps, stages = tiles_for(TILES["dq"], q.dtype)
-    compressed_bwd_dq_kernel[(triton.cdiv(T, bt), B * HQ)](
-        q, k_cmp, v_cmp, do, lse, delta, dq, T, TC, scale * LOG2E, HQ, H, DK, DV, block_len, block_stride,
-        bt, bc, bdk, bdv, num_warps=warps, num_stages=stages)
+    cu, cu_cmp, table, programs = _kernel_packing(packing, bt, False, lse, triton.cdiv(T, bt))
+    compressed_bwd_dq_kernel[(programs, B * HQ)](
+        q, k_cmp, v_cmp, do, lse, delta, dq, cu, cu_cmp, table, T, TC, scale * LOG2E, HQ, H, DK, DV, block_len,
+        block_stride, bt, bc, bdk, bdv, packing is not None, num_warps=warps, num_stages=stages)
     if TC:
         bt, bc, warps, stages = tiles_for(TILES["dkv"], q.dtype)
-        compressed_bwd_dkv_kernel[(triton.cdiv(TC, bc), B * HQ)](
-            q, k_cmp, v_cmp, do, lse, delta, dk, dv, T, TC, scale * LOG2E, HQ, H, DK, DV, block_len, block_stride,
-            bt, bc, bdk, bdv, num_warps=warps, num_stages=stages)
+        cu, cu_cmp, table, programs = _kernel_packing(packing, bc, True, lse, triton.cdiv(TC, bc))
+        compressed_bwd_dkv_kernel[(programs, B * HQ)](
+            q, k_cmp, v_cmp, do, lse, delta, dk, dv, cu, cu_cmp, table, T, TC, scale * LOG2E, HQ, H, DK, DV,
+            block_len, block_stride, bt, bc, bdk, bdv, packing is not None, num_warps=warps, num_stages=stages)
     group = (B, TC, H, HQ // H)
     return dq, dk.view(*group, DK).sum(3).to(k_cmp.dtype), dv.view(*group, DV).sum(3).to(v_cmp.dtype)
 
@@ -240,11 +303,11 @@ class CompressedAttention(torch.autograd.Function):
     """(q, k_cmp, v_cmp) -> (o, lse); lse carries no gradient (it feeds only the block selection)."""
 
     @staticmethod
-    def forward(ctx, q, k_cmp, v_cmp, block_len, block_stride, scale):
+    def forward(ctx, q, k_cmp, v_cmp, block_len, block_stride, scale, packing=None):
         q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
-        o, lse = compressed_fwd(q, k_cmp, v_cmp, block_len, block_stride, scale)
+        o, lse = compressed_fwd(q, k_cmp, v_cmp, block_len, block_stride, scale, packing)
         ctx.save_for_backward(q, k_cmp, v_cmp, o, lse)
-        ctx.args = (block_len, block_stride, scale)
+        ctx.args = (block_len, block_stride, scale, packing)
         ctx.mark_non_differentiable(lse)
         return o, lse
 
@@ -252,13 +315,17 @@ class CompressedAttention(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
         dq, dk, dv = compressed_bwd(q, k_cmp, v_cmp, o, lse, do.contiguous(), *ctx.args)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, block_len=32, block_stride=16, scale=None, cu_seqlens=None):
-    """Triton compressed attention; spec and shapes: reference.compressed_attention. Returns (o, lse).
-    cu_seqlens (packed batches) is not supported here yet: ValueError."""
-    check_reference_only("compressed_attention", cu_seqlens)
-    check_compressed("compressed_attention", q, k_cmp, v_cmp, block_len, block_stride, scale, triton=True)
+    """Triton compressed attention; spec and shapes: reference.compressed_attention. Returns (o, lse)."""
+    op = "compressed_attention"
+    check_compressed(op, q, k_cmp, v_cmp, block_len, block_stride, scale, triton=True,
+                     seq_len=None if cu_seqlens is None else 0)
+    packing = None
+    if cu_seqlens is not None:
+        packing = Packing.of(*check_varlen(op, cu_seqlens, q, block_len, block_stride,
+                                           {"k_cmp": k_cmp, "v_cmp": v_cmp}), q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return CompressedAttention.apply(q, k_cmp, v_cmp, block_len, block_stride, scale)
+    return CompressedAttention.apply(q, k_cmp, v_cmp, block_len, block_stride, scale, packing)

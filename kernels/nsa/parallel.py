@@ -16,10 +16,10 @@ import triton
 import triton.language as tl
 
 from nsa_eval.kernels.attention import attention
-from nsa_eval.kernels.nsa.compression import CompressedAttention
+from nsa_eval.kernels.nsa.compression import CompressedAttention, Packing
 from nsa_eval.kernels.nsa.selected import SelectedAttention
 from nsa_eval.kernels.nsa.selection import select_fwd
-from nsa_eval.kernels.nsa.utils import check_block_indices, check_nsa, check_reference_only
+from nsa_eval.kernels.nsa.utils import check_block_indices, check_nsa, check_varlen
 
 
 @triton.jit
@@ -101,22 +101,25 @@ class GatedSum(torch.autograd.Function):
 def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block_len=32, block_stride=16,
                   select_len=64, num_selected=16, window=512, scale=None, block_indices=None,
                   return_block_indices=False, cu_seqlens=None):
-    """Triton NSA prefill, forward and backward; spec and shapes: reference.nsa_attention (cu_seqlens, packed
-    batches, is not supported here yet: ValueError)."""
+    """Triton NSA prefill, forward and backward; spec and shapes: reference.nsa_attention. With cu_seqlens every
+    kernel maps its programs to (sequence, position within it) through the packing's offsets."""
     op = "nsa_attention"
-    check_reference_only(op, cu_seqlens)
     check_nsa(op, q, k, v, k_cmp, v_cmp, {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, block_len, block_stride,
-              select_len, num_selected, window, scale, triton=True)
+              select_len, num_selected, window, scale, triton=True, varlen=cu_seqlens is not None)
+    packing = None
+    if cu_seqlens is not None:
+        packing = Packing.of(*check_varlen(op, cu_seqlens, q, block_len, block_stride,
+                                           {"k_cmp": k_cmp, "v_cmp": v_cmp}, num_keys=k.shape[1]), q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    o_cmp, lse = CompressedAttention.apply(q, k_cmp, v_cmp, block_len, block_stride, scale)
+    o_cmp, lse = CompressedAttention.apply(q, k_cmp, v_cmp, block_len, block_stride, scale, packing)
     if block_indices is None:
         block_indices = select_fwd(q.detach().contiguous(), k_cmp.detach().contiguous(), lse, block_len,
-                                   block_stride, select_len, num_selected, scale)
+                                   block_stride, select_len, num_selected, scale, packing)
     else:
         check_block_indices(op, block_indices, q, k.shape[2])
-    o_slc = SelectedAttention.apply(q, k, v, block_indices, select_len, scale)
+    o_slc = SelectedAttention.apply(q, k, v, block_indices, select_len, scale, packing)
     branches = [o_cmp, g_cmp, o_slc, g_slc]
     if window:
-        branches += [attention(q, k, v, causal=True, window=window, scale=scale), g_win]
+        branches += [attention(q, k, v, causal=True, window=window, scale=scale, cu_seqlens=cu_seqlens), g_win]
     o = GatedSum.apply(*branches)
     return (o, block_indices) if return_block_indices else o

@@ -18,20 +18,21 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_eval.kernels.nsa.compression import LOG2E, row_dot
+from nsa_eval.kernels.nsa.compression import LOG2E, Packing, row_dot
 from nsa_eval.kernels.nsa.utils import (check_block_indices, check_block_sizes, check_prefill_length, check_qkv,
-                                        check_reference_only)
+                                        check_varlen)
 
 
 @triton.jit
-def selected_fwd_kernel(q, k, v, block_indices, cache_seqlens, o, lse, T, S, qk_scale, HQ: tl.constexpr,
-                        H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-                        GP: tl.constexpr, SELECT_LEN: tl.constexpr, BS: tl.constexpr, NUM_SELECTED: tl.constexpr,
-                        TPP: tl.constexpr, DECODE: tl.constexpr):
+def selected_fwd_kernel(q, k, v, block_indices, cache_seqlens, token_starts, o, lse, T, S, qk_scale,
+                        HQ: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
+                        BDV: tl.constexpr, GP: tl.constexpr, SELECT_LEN: tl.constexpr, BS: tl.constexpr,
+                        NUM_SELECTED: tl.constexpr, TPP: tl.constexpr, DECODE: tl.constexpr, VARLEN: tl.constexpr):
     """Grid (cdiv(T, TPP), B * H): TPP consecutive queries per program, one after the other (their shared
     blocks, 0 and the local ones, then come from L1). q [B, T, HQ, DK], k [B, S, H, DK], v [B, S, H, DV],
     block_indices [B, T, H, n] int32 -> o [B, T, HQ, DV], lse [B, T, HQ] float32. Prefill: the query at row t
-    stands at position t (S == T). DECODE: T == 1 and batch b's query stands at position cache_seqlens[b] - 1."""
+    stands at position t (S == T). DECODE: T == 1 and batch b's query stands at position cache_seqlens[b] - 1.
+    VARLEN: B == 1, row t's sequence starts at row token_starts[t]; positions and blocks count from there."""
     G: tl.constexpr = HQ // H
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
@@ -40,8 +41,12 @@ def selected_fwd_kernel(q, k, v, block_indices, cache_seqlens, o, lse, T, S, qk_
     dv = tl.arange(0, BDV)
     offs = tl.arange(0, BS)
     for t in range(pid_t * TPP, tl.minimum(pid_t * TPP + TPP, T)):
+        kv_start = b * S
         if DECODE:
             pos = tl.load(cache_seqlens + b) - 1
+        elif VARLEN:
+            kv_start = tl.load(token_starts + t)
+            pos = t - kv_start
         else:
             pos = t
         qrow = (b * T + t) * HQ + h * G + g
@@ -53,7 +58,7 @@ def selected_fwd_kernel(q, k, v, block_indices, cache_seqlens, o, lse, T, S, qk_
             j = tl.load(block_indices + ((b * T + t) * H + h) * NUM_SELECTED + n)
             s_pos = tl.maximum(j, 0) * SELECT_LEN + offs
             key_ok = (s_pos <= pos) & (offs < tl.where(j >= 0, SELECT_LEN, 0))  # an unused slot (-1) loads nothing
-            kv_row = (b * S + s_pos) * H + h
+            kv_row = (kv_start + s_pos) * H + h
             kb = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.)
             vb = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.)
             s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
@@ -74,12 +79,12 @@ def selected_fwd_kernel(q, k, v, block_indices, cache_seqlens, o, lse, T, S, qk_
 
 
 @triton.jit
-def selected_bwd_dq_kernel(q, k, v, block_indices, do, lse, delta, dq, T, qk_scale, HQ: tl.constexpr,
-                           H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
+def selected_bwd_dq_kernel(q, k, v, block_indices, token_starts, do, lse, delta, dq, T, qk_scale,
+                           HQ: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
                            BDV: tl.constexpr, GP: tl.constexpr, SELECT_LEN: tl.constexpr, BS: tl.constexpr,
-                           NUM_SELECTED: tl.constexpr, TPP: tl.constexpr):
+                           NUM_SELECTED: tl.constexpr, TPP: tl.constexpr, VARLEN: tl.constexpr):
     """Grid (cdiv(T, TPP), B * H). dq [B, T, HQ, DK]; do [B, T, HQ, DV]; lse, delta = rowsum(o * do): [B, T, HQ]
-    float32."""
+    float32. VARLEN as in the forward."""
     G: tl.constexpr = HQ // H
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
@@ -89,6 +94,11 @@ def selected_bwd_dq_kernel(q, k, v, block_indices, do, lse, delta, dq, T, qk_sca
     g_ok = g < G
     offs = tl.arange(0, BS)
     for t in range(pid_t * TPP, tl.minimum(pid_t * TPP + TPP, T)):
+        if VARLEN:
+            kv_start = tl.load(token_starts + t)
+        else:
+            kv_start = b * T
+        pos = b * T + t - kv_start
         qrow = (b * T + t) * HQ + h * G + g
         q_blk = tl.load(q + qrow[:, None] * DK + dk[None, :], mask=g_ok[:, None] & (dk[None, :] < DK), other=0.)
         do_blk = tl.load(do + qrow[:, None] * DV + dv[None, :], mask=g_ok[:, None] & (dv[None, :] < DV), other=0.)
@@ -98,8 +108,8 @@ def selected_bwd_dq_kernel(q, k, v, block_indices, do, lse, delta, dq, T, qk_sca
         for n in range(NUM_SELECTED):
             j = tl.load(block_indices + ((b * T + t) * H + h) * NUM_SELECTED + n)
             s_pos = tl.maximum(j, 0) * SELECT_LEN + offs
-            key_ok = (s_pos <= t) & (offs < tl.where(j >= 0, SELECT_LEN, 0))
-            kv_row = (b * T + s_pos) * H + h
+            key_ok = (s_pos <= pos) & (offs < tl.where(j >= 0, SELECT_LEN, 0))
+            kv_row = (kv_start + s_pos) * H + h
             kb = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.)
             vb = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.)
             s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
@@ -112,14 +122,16 @@ def selected_bwd_dq_kernel(q, k, v, block_indices, do, lse, delta, dq, T, qk_sca
 
 
 @triton.jit
-def selected_bwd_dkv_kernel(q, k, v, do, lse, delta, pair_tokens, pair_offsets, segment_keys, segment_first, dk32,
-                            dv32, T, qk_scale, NUM_KEYS, HQ: tl.constexpr, H: tl.constexpr, DK: tl.constexpr,
-                            DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, GP: tl.constexpr,
-                            SELECT_LEN: tl.constexpr, BS: tl.constexpr, NJ: tl.constexpr, BTQ: tl.constexpr,
-                            SEGMENT: tl.constexpr):
+def selected_bwd_dkv_kernel(q, k, v, do, lse, delta, pair_tokens, pair_offsets, segment_keys, segment_first,
+                            block_starts, block_ends, dk32, dv32, T, qk_scale, NUM_KEYS, HQ: tl.constexpr,
+                            H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                            GP: tl.constexpr, SELECT_LEN: tl.constexpr, BS: tl.constexpr, NJ: tl.constexpr,
+                            BTQ: tl.constexpr, SEGMENT: tl.constexpr, VARLEN: tl.constexpr):
     """Grid (number of segments, an upper bound). Segment p belongs to key = segment_keys[p] = (b*H + h)*NJ + j
     (>= NUM_KEYS: nothing to do) and covers pair_tokens[pair_offsets[key] + (p - segment_first[key]) * SEGMENT:]
-    (at most SEGMENT queries that chose block j). Adds into dk32 [B, T, H, DK], dv32 [B, T, H, DV] float32."""
+    (at most SEGMENT queries that chose block j). Adds into dk32 [B, T, H, DK], dv32 [B, T, H, DV] float32.
+    VARLEN: B == 1, j numbers the blocks of all sequences one after the other; block j is rows
+    [block_starts[j], min(block_starts[j] + SELECT_LEN, block_ends[j])) and pair_tokens are rows too."""
     G: tl.constexpr = HQ // H
     R: tl.constexpr = BTQ * GP
     pid = tl.program_id(0)
@@ -133,8 +145,13 @@ def selected_bwd_dkv_kernel(q, k, v, do, lse, delta, pair_tokens, pair_offsets, 
         dk = tl.arange(0, BDK)
         dv = tl.arange(0, BDV)
         offs = tl.arange(0, BS)
-        s_pos = j * SELECT_LEN + offs
-        key_ok = (offs < SELECT_LEN) & (s_pos < T)
+        if VARLEN:  # rows of the packed tensor (b == 0); a query sees a block only within its sequence
+            s_pos = tl.load(block_starts + j) + offs
+            s_end = tl.load(block_ends + j)
+        else:
+            s_pos = j * SELECT_LEN + offs
+            s_end = T
+        key_ok = (offs < SELECT_LEN) & (s_pos < s_end)
         kv_row = (b * T + s_pos) * H + h
         kb = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.)
         vb = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.)
@@ -176,9 +193,10 @@ def _tile_sizes(q, v, H, select_len):
             max(16, triton.next_power_of_2(q.shape[2] // H)), max(16, triton.next_power_of_2(select_len)))
 
 
-def selected_fwd(q, k, v, block_indices, select_len, scale, cache_seqlens=None):
+def selected_fwd(q, k, v, block_indices, select_len, scale, cache_seqlens=None, packing: Packing | None = None):
     """q [B, T, HQ, Dk], k/v [B, S, H, D], block_indices [B, T, H, n] (contiguous) -> o, lse [B, T, HQ] float32.
-    With cache_seqlens [B] int32 (decode, T == 1) the query of batch b stands at position cache_seqlens[b] - 1."""
+    With cache_seqlens [B] int32 (decode, T == 1) the query of batch b stands at position cache_seqlens[b] - 1;
+    with packing (B == 1), each query at its position within its sequence."""
     B, T, HQ, DK = q.shape
     S, H, DV = k.shape[1], k.shape[2], v.shape[3]
     o = torch.empty(B, T, HQ, DV, dtype=q.dtype, device=q.device)
@@ -186,24 +204,28 @@ def selected_fwd(q, k, v, block_indices, select_len, scale, cache_seqlens=None):
     bdk, bdv, gp, bs = _tile_sizes(q, v, H, select_len)
     decode = cache_seqlens is not None
     warps, stages, tpp = TILES["fwd"]
+    token_starts = block_indices if packing is None else packing.token_starts()
     selected_fwd_kernel[(triton.cdiv(T, tpp), B * H)](
-        q, k, v, block_indices, cache_seqlens if decode else block_indices, o, lse, T, S, scale * LOG2E, HQ, H, DK,
-        DV, bdk, bdv, gp, select_len, bs, block_indices.shape[3], tpp, decode, num_warps=warps, num_stages=stages)
+        q, k, v, block_indices, cache_seqlens if decode else block_indices, token_starts, o, lse, T, S, scale * LOG2E,
+        HQ, H, DK, DV, bdk, bdv, gp, select_len, bs, block_indices.shape[3], tpp, decode, packing is not None,
+        num_warps=warps, num_stages=stages)
     return o, lse
 
 
-def inverted_index(block_indices, num_blocks: int, segment: int):
+def inverted_index(block_indices, num_blocks: int, segment: int, first_blocks=None):
     """Queries per selection block, cut in segments, built on the device without a host sync.
 
     block_indices [B, T, H, n] -> (pair_tokens [P] int32 query positions sorted by key = (b*H + h)*NJ + j,
     pair_offsets [NK + 1] where key's queries start, segment_keys [grid] key of each segment (NK past the last),
     segment_first [NK] first segment of each key, grid); NK = B*H*NJ, grid an upper bound on the segments.
+    first_blocks [T] (packed, B == 1): added to each query's block indices, so j numbers all sequences' blocks.
     """
     B, T, H, n = block_indices.shape
     num_keys = B * H * num_blocks
     dev = block_indices.device
     bh = (torch.arange(B, device=dev)[:, None, None, None] * H + torch.arange(H, device=dev)[None, None, :, None])
-    keys = torch.where(block_indices >= 0, bh * num_blocks + block_indices, num_keys).flatten()
+    first = 0 if first_blocks is None else first_blocks[None, :, None, None]
+    keys = torch.where(block_indices >= 0, bh * num_blocks + first + block_indices, num_keys).flatten()
     tokens = torch.arange(T, device=dev, dtype=torch.int32)[None, :, None, None].expand(B, T, H, n).flatten()
     sorted_keys, order = torch.sort(keys, stable=True)
     pair_tokens = tokens[order].contiguous()
@@ -216,7 +238,23 @@ def inverted_index(block_indices, num_blocks: int, segment: int):
     return pair_tokens, pair_offsets, segment_keys, segment_first, grid
 
 
-def selected_bwd(q, k, v, block_indices, o, lse, do, select_len, scale):
+def packed_blocks(packing: Packing, select_len: int):
+    """Selection blocks of all packed sequences numbered one after the other: (first block of each token's
+    sequence [T], first row of each block [NJ], end row of its sequence [NJ]) int32, and NJ."""
+    dev = packing.cu.device
+    starts, ends, firsts = [], [], []
+    for bos, length in zip(packing.cu.tolist(), packing.lengths):
+        count = triton.cdiv(length, select_len)
+        firsts.append(len(starts))
+        starts += [bos + j * select_len for j in range(count)]
+        ends += [bos + length] * count
+    first_blocks = torch.repeat_interleave(torch.tensor(firsts, dtype=torch.int32, device=dev),
+                                           torch.tensor(packing.lengths, device=dev))
+    as_tensor = (lambda x: torch.tensor(x, dtype=torch.int32, device=dev))
+    return first_blocks, as_tensor(starts), as_tensor(ends), len(starts)
+
+
+def selected_bwd(q, k, v, block_indices, o, lse, do, select_len, scale, packing: Packing | None = None):
     """Gradients (dq, dk, dv) of selected attention for output gradient do [B, T, HQ, Dv]."""
     B, T, HQ, DK = q.shape
     H, DV = k.shape[2], v.shape[3]
@@ -224,19 +262,24 @@ def selected_bwd(q, k, v, block_indices, o, lse, do, select_len, scale):
     bdk, bdv, gp, bs = _tile_sizes(q, v, H, select_len)
     dq = torch.empty_like(q)
     warps, stages, tpp = TILES["dq"]
+    token_starts = block_indices if packing is None else packing.token_starts()
     selected_bwd_dq_kernel[(triton.cdiv(T, tpp), B * H)](
-        q, k, v, block_indices, do, lse, delta, dq, T, scale * LOG2E, HQ, H, DK, DV, bdk, bdv, gp, select_len, bs,
-        block_indices.shape[3], tpp, num_warps=warps, num_stages=stages)
+        q, k, v, block_indices, token_starts, do, lse, delta, dq, T, scale * LOG2E, HQ, H, DK, DV, bdk, bdv, gp,
+        select_len, bs, block_indices.shape[3], tpp, packing is not None, num_warps=warps, num_stages=stages)
     rows, segment, warps, stages = TILES["dkv"]
-    num_blocks = triton.cdiv(T, select_len)
-    pair_tokens, pair_offsets, segment_keys, segment_first, grid = inverted_index(block_indices, num_blocks, segment)
+    if packing is None:
+        first_blocks, block_starts, block_ends, num_blocks = None, block_indices, block_indices, triton.cdiv(T, select_len)
+    else:
+        first_blocks, block_starts, block_ends, num_blocks = packed_blocks(packing, select_len)
+    pair_tokens, pair_offsets, segment_keys, segment_first, grid = inverted_index(block_indices, num_blocks, segment,
+                                                                                  first_blocks)
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     gq = triton.next_power_of_2(HQ // H)
     selected_bwd_dkv_kernel[(grid,)](
-        q, k, v, do, lse, delta, pair_tokens, pair_offsets, segment_keys, segment_first, dk32, dv32, T,
-        scale * LOG2E, B * H * num_blocks, HQ, H, DK, DV, bdk, bdv, gq, select_len, bs, num_blocks,
-        max(1, rows // gq), segment, num_warps=warps, num_stages=stages)
+        q, k, v, do, lse, delta, pair_tokens, pair_offsets, segment_keys, segment_first, block_starts, block_ends,
+        dk32, dv32, T, scale * LOG2E, B * H * num_blocks, HQ, H, DK, DV, bdk, bdv, gq, select_len, bs, num_blocks,
+        max(1, rows // gq), segment, packing is not None, num_warps=warps, num_stages=stages)
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
 
 
@@ -244,27 +287,30 @@ class SelectedAttention(torch.autograd.Function):
     """(q, k, v) -> o for fixed block_indices (which carry no gradient)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_indices, select_len, scale):
+    def forward(ctx, q, k, v, block_indices, select_len, scale, packing=None):
         q, k, v, block_indices = q.contiguous(), k.contiguous(), v.contiguous(), block_indices.contiguous()
-        o, lse = selected_fwd(q, k, v, block_indices, select_len, scale)
+        o, lse = selected_fwd(q, k, v, block_indices, select_len, scale, packing=packing)
         ctx.save_for_backward(q, k, v, block_indices, o, lse)
-        ctx.args = (select_len, scale)
+        ctx.args = (select_len, scale, packing)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, block_indices, o, lse = ctx.saved_tensors
         dq, dk, dv = selected_bwd(q, k, v, block_indices, o, lse, do.contiguous(), *ctx.args)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def selected_attention(q, k, v, block_indices, *, select_len=64, scale=None, cu_seqlens=None):
-    """Triton selected attention; spec and shapes: reference.selected_attention (cu_seqlens not supported yet)."""
+    """Triton selected attention; spec and shapes: reference.selected_attention."""
     op = "selected_attention"
-    check_reference_only(op, cu_seqlens)
     check_qkv(op, q, k, v, triton=True)
     check_block_sizes(op, 1, 1, select_len)
     check_block_indices(op, block_indices, q, k.shape[2])
-    check_prefill_length(op, q, k)
+    packing = None
+    if cu_seqlens is None:
+        check_prefill_length(op, q, k)
+    else:
+        packing = Packing.of(*check_varlen(op, cu_seqlens, q, 1, 1, num_keys=k.shape[1]), q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return SelectedAttention.apply(q, k, v, block_indices, select_len, scale)
+    return SelectedAttention.apply(q, k, v, block_indices, select_len, scale, packing)

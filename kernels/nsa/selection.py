@@ -21,9 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_eval.kernels.nsa.compression import LOG2E, num_visible_blocks
-from nsa_eval.kernels.nsa.utils import (check_block_sizes, check_compressed, check_lse, check_reference_only,
-                                        index_bits)
+from nsa_eval.kernels.nsa.compression import LOG2E, Packing, _kernel_packing, num_visible_blocks, sequence_tile
+from nsa_eval.kernels.nsa.utils import check_block_sizes, check_compressed, check_lse, check_varlen, index_bits
 
 
 @triton.jit
@@ -83,27 +82,29 @@ def _select_chunk(q_blk, k_ptr, lse2, n_vis, c, top, carry, weights, spill, curr
 
 
 @triton.jit
-def select_kernel(q, k_cmp, lse, block_indices, T, TC, qk_scale, HQ: tl.constexpr, H: tl.constexpr,
-                  DK: tl.constexpr, BDK: tl.constexpr, GP: tl.constexpr, BLOCK_LEN: tl.constexpr,
+def select_kernel(q, k_cmp, lse, block_indices, cu, cu_cmp, table, T, TC, qk_scale, HQ: tl.constexpr,
+                  H: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, GP: tl.constexpr, BLOCK_LEN: tl.constexpr,
                   BLOCK_STRIDE: tl.constexpr, SELECT_LEN: tl.constexpr, NUM_SELECTED: tl.constexpr,
-                  NP: tl.constexpr, BT: tl.constexpr, IDX_BITS: tl.constexpr):
-    """Grid (cdiv(T, BT), B * H). q [B, T, HQ, DK], k_cmp [B, TC, H, DK], lse [B, T, HQ] float32
-    -> block_indices [B, T, H, NUM_SELECTED] int32, most important first, -1 padded."""
+                  NP: tl.constexpr, BT: tl.constexpr, IDX_BITS: tl.constexpr, VARLEN: tl.constexpr):
+    """Grid (cdiv(T, BT) or the table's tiles, B * H). q [B, T, HQ, DK], k_cmp [B, TC, H, DK], lse [B, T, HQ]
+    float32 -> block_indices [B, T, H, NUM_SELECTED] int32, most important first, -1 padded. VARLEN: B == 1,
+    sequences cu / cu_cmp (compression.sequence_tile), positions and block indices from each sequence's 0."""
     G: tl.constexpr = HQ // H
     R: tl.constexpr = BT * GP
     BC: tl.constexpr = NP * (SELECT_LEN // BLOCK_STRIDE)
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
+    tile, bos, T, bos_c, TC = sequence_tile(pid_t, b, table, cu, cu_cmp, T, TC, VARLEN)
     rows = tl.arange(0, R)
-    tok = pid_t * BT + rows // GP
+    tok = tile * BT + rows // GP
     g = rows % GP
     row_ok = (tok < T) & (g < G)
     dk = tl.arange(0, BDK)
-    qrow = (b * T + tok) * HQ + h * G + g
+    qrow = (bos + tok) * HQ + h * G + g
     q_blk = tl.load(q + qrow[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.)
     lse2 = tl.load(lse + qrow, mask=row_ok, other=0.) * 1.4426950408889634
     n_vis = tl.where(row_ok, num_visible_blocks(tok, BLOCK_LEN, BLOCK_STRIDE), 0)
-    toks = pid_t * BT + tl.arange(0, BT)
+    toks = tile * BT + tl.arange(0, BT)
     current = toks // SELECT_LEN
     a = tl.arange(0, BC)
     jj = tl.arange(0, NP)
@@ -111,13 +112,13 @@ def select_kernel(q, k_cmp, lse, block_indices, T, TC, qk_scale, HQ: tl.constexp
     spill = overlap_weights(a, NP, BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)  # share of the next chunk's first block
     top = tl.full([BT, NP], -1, tl.int32)
     carry = tl.zeros([BT], tl.float32)
-    last_block = (tl.minimum(pid_t * BT + BT, T) - 1) // SELECT_LEN
-    k_ptr = k_cmp + (b * TC * H + h) * DK
+    last_block = (tl.minimum(tile * BT + BT, T) - 1) // SELECT_LEN
+    k_ptr = k_cmp + (bos_c * H + h) * DK
     for c in range(0, last_block // NP + 1):  # (an unmasked loop for the chunks every query sees ran slower)
         top, carry = _select_chunk(q_blk, k_ptr, lse2, n_vis, c, top, carry, weights, spill, current, qk_scale, TC,
                                    H, DK, BDK, GP, BT, BC, NP, IDX_BITS)
     r = tl.arange(0, NP)
-    out = block_indices + ((b * T + toks[:, None]) * H + h) * NUM_SELECTED + r[None, :]
+    out = block_indices + ((bos + toks[:, None]) * H + h) * NUM_SELECTED + r[None, :]
     tl.store(out, block_of_key(top, IDX_BITS), mask=(toks[:, None] < T) & (r[None, :] < NUM_SELECTED))
 
 
@@ -130,29 +131,35 @@ def chunk_blocks(num_selected: int, select_len: int, block_stride: int) -> int:
     return max(triton.next_power_of_2(num_selected), triton.next_power_of_2(-(-16 // (select_len // block_stride))))
 
 
-def select_fwd(q, k_cmp, lse, block_len, block_stride, select_len, num_selected, scale):
-    """q [B, T, HQ, Dk], k_cmp [B, Tc, H, Dk], lse [B, T, HQ] (contiguous) -> block_indices [B, T, H, n] int32."""
+def select_fwd(q, k_cmp, lse, block_len, block_stride, select_len, num_selected, scale, packing: Packing | None = None):
+    """q [B, T, HQ, Dk], k_cmp [B, Tc, H, Dk], lse [B, T, HQ] (contiguous) -> block_indices [B, T, H, n] int32.
+    packing: packed sequences (B == 1) or None."""
     B, T, HQ, DK = q.shape
     TC, H = k_cmp.shape[1], k_cmp.shape[2]
     gp = triton.next_power_of_2(HQ // H)
     rows, warps, stages = TILES["select"]
     bt = max(1, rows // gp)
     block_indices = torch.empty(B, T, H, num_selected, dtype=torch.int32, device=q.device)
-    select_kernel[(triton.cdiv(T, bt), B * H)](
-        q, k_cmp, lse, block_indices, T, TC, scale * LOG2E, HQ, H, DK, triton.next_power_of_2(DK), gp, block_len,
-        block_stride, select_len, num_selected, chunk_blocks(num_selected, select_len, block_stride), bt,
-        index_bits(triton.cdiv(T, select_len)), num_warps=warps, num_stages=stages)
+    cu, cu_cmp, table, programs = _kernel_packing(packing, bt, False, lse, triton.cdiv(T, bt))
+    longest = T if packing is None else max(packing.lengths)
+    select_kernel[(programs, B * H)](
+        q, k_cmp, lse, block_indices, cu, cu_cmp, table, T, TC, scale * LOG2E, HQ, H, DK, triton.next_power_of_2(DK),
+        gp, block_len, block_stride, select_len, num_selected, chunk_blocks(num_selected, select_len, block_stride),
+        bt, index_bits(triton.cdiv(longest, select_len)), packing is not None, num_warps=warps, num_stages=stages)
     return block_indices
 
 
 def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64, num_selected=16, scale=None,
                   cu_seqlens=None):
-    """Triton block selection; spec and shapes: reference.select_blocks (cu_seqlens not supported yet)."""
+    """Triton block selection; spec and shapes: reference.select_blocks."""
     op = "select_blocks"
-    check_reference_only(op, cu_seqlens)
     check_block_sizes(op, block_len, block_stride, select_len, num_selected)
-    check_compressed(op, q, k_cmp, k_cmp, block_len, block_stride, scale, triton=True)
+    check_compressed(op, q, k_cmp, k_cmp, block_len, block_stride, scale, triton=True,
+                     seq_len=None if cu_seqlens is None else 0)
     check_lse(op, lse, q)
+    packing = None
+    if cu_seqlens is not None:
+        packing = Packing.of(*check_varlen(op, cu_seqlens, q, block_len, block_stride, {"k_cmp": k_cmp}), q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return select_fwd(q.detach().contiguous(), k_cmp.detach().contiguous(), lse.contiguous(), block_len, block_stride,
-                      select_len, num_selected, scale)
+                      select_len, num_selected, scale, packing)

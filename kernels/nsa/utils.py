@@ -222,12 +222,6 @@ def check_nsa(op, q, k, v, k_cmp, v_cmp, gates: dict, block_len, block_stride, s
         check_prefill_length(op, q, k)
 
 
-def check_reference_only(op: str, cu_seqlens) -> None:
-    """The Triton kernels take no packed batches yet: cu_seqlens must be None there."""
-    if cu_seqlens is not None:
-        _fail(op, "cu_seqlens is supported by the reference path only (CPU tensors); on the GPU call each "
-                  "sequence separately")
-
 
 def check_prefill_length(op, q, k) -> None:
     """Prefill: one key per query position (S == T)."""

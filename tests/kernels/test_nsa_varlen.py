@@ -2,8 +2,9 @@
 
 The packed inputs are one tensor [1, T, ...] of several sequences; the separate calls see each sequence alone,
 [1, len_n, ...], with its compressed K/V pooled from that sequence alone. Lengths cover a sequence shorter than
-l (no compressed block), one no multiple of any block size, and a one-token sequence. Errors relative to the
-float32 reference as in test_nsa.py.
+l (no compressed block), one no multiple of any block size, and a one-token sequence. The Triton kernels
+(interpreter mode on the CPU, outputs NaN-poisoned) are compared with the packed reference; errors and bounds
+as in test_nsa.py.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from test_nsa import BOUND, check_grads, leaves, poisoned_allocations, rel_err
+
 from nsa_eval.kernels import nsa
-from nsa_eval.kernels.nsa import compression, parallel, selected, selection
+from nsa_eval.kernels.nsa import compression, parallel, reference, selected, selection
 from nsa_eval.kernels.nsa.utils import compressed_offsets, num_compressed_blocks
 
 LENGTHS = [70, 20, 1, 45]  # 70: no multiple of l, d or l'; 20 < l; a one-token sequence
@@ -20,17 +23,10 @@ CASES = {
     "paper": dict(block_len=32, block_stride=16, select_len=32, num_selected=3, window=24),
     "fla": dict(block_len=16, block_stride=16, select_len=16, num_selected=3, window=0),
 }
-BOUND = {torch.float32: 1e-5, torch.float16: 3e-3}
 
 
 def cu(lengths):
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def packed_inputs(lengths, HQ, H, D, dtype, hp):
@@ -107,22 +103,54 @@ def test_packed_branches_equal_separate_calls():
     assert (lse[0, 70:90] == float("-inf")).all() and (o[0, 70:90] == 0).all()  # 20 < l: no block at all
 
 
-def test_triton_path_rejects_cu_seqlens():
-    """The Triton kernels take no packed batches yet: a clear ValueError instead of a wrong result."""
+@pytest.mark.parametrize("layout, HQ, H, dtype", [("paper", 4, 2, torch.float32), ("fla", 16, 1, torch.float16)])
+def test_triton_packed_nsa_equals_reference(layout, HQ, H, dtype):
+    """The whole packed NSA on the Triton kernels: forward, block indices and every gradient."""
+    torch.manual_seed(2)
+    hp = CASES[layout]
+    triton_leaves, ref_leaves = leaves(*packed_inputs(LENGTHS, HQ, H, 16, dtype, hp))
+    with poisoned_allocations():
+        o, idx = parallel.nsa_attention(*triton_leaves, **hp, cu_seqlens=cu(LENGTHS), return_block_indices=True)
+        do = torch.randn(o.shape).to(dtype)
+        (o.float() * do.float()).sum().backward()
+    ro, ridx = reference.nsa_attention(*ref_leaves, **hp, cu_seqlens=cu(LENGTHS), return_block_indices=True)
+    (ro * do.float()).sum().backward()
+    assert torch.equal(idx, ridx)
+    assert rel_err(o, ro) < BOUND[dtype]
+    check_grads(triton_leaves, ref_leaves, BOUND[dtype], ["q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc", "g_win"])
+
+
+def test_triton_packed_branches_equal_reference():
+    """Each branch kernel on its own, with a selected block that holds the end of a sequence."""
+    torch.manual_seed(3)
     hp = CASES["paper"]
-    q, k, v, k_cmp, v_cmp, *gates = packed_inputs(LENGTHS, 4, 2, 16, torch.float32, hp)
+    l, d, ls, n = hp["block_len"], hp["block_stride"], hp["select_len"], hp["num_selected"]
     c = cu(LENGTHS)
-    lse = torch.zeros(q.shape[:3])
-    idx = torch.zeros(1, q.shape[1], 2, 3, dtype=torch.int32)
-    calls = [
-        lambda: parallel.nsa_attention(q, k, v, k_cmp, v_cmp, *gates, **hp, cu_seqlens=c),
-        lambda: compression.compressed_attention(q, k_cmp, v_cmp, cu_seqlens=c),
-        lambda: selection.select_blocks(q, k_cmp, lse, cu_seqlens=c),
-        lambda: selected.selected_attention(q, k, v, idx, select_len=32, cu_seqlens=c),
-    ]
-    for call in calls:
-        with pytest.raises(ValueError, match="cu_seqlens is supported by the reference path only"):
-            call()
+    q, k, v, k_cmp, v_cmp = packed_inputs(LENGTHS, 8, 2, 32, torch.float32, hp)[:5]
+    (tq, tkc, tvc), (rq, rkc, rvc) = leaves(q, k_cmp, v_cmp)
+    with poisoned_allocations():
+        o, lse = compression.compressed_attention(tq, tkc, tvc, block_len=l, block_stride=d, cu_seqlens=c)
+        do = torch.randn(o.shape)
+        (o * do).sum().backward()
+    ro, rlse = reference.compressed_attention(rq, rkc, rvc, block_len=l, block_stride=d, cu_seqlens=c)
+    (ro * do).sum().backward()
+    assert rel_err(o, ro) < BOUND[torch.float32] and torch.equal(lse.isinf(), rlse.isinf())
+    assert (lse - rlse).nan_to_num(0.0, 0.0, 0.0).abs().max() < 1e-4
+    check_grads([tq, tkc, tvc], [rq, rkc, rvc], BOUND[torch.float32], ["q", "k_cmp", "v_cmp"])
+    with poisoned_allocations():
+        idx = selection.select_blocks(q, k_cmp, rlse, block_len=l, block_stride=d, select_len=ls, num_selected=n,
+                                      cu_seqlens=c)
+    assert torch.equal(idx, reference.select_blocks(q, k_cmp, rlse, block_len=l, block_stride=d, select_len=ls,
+                                                    num_selected=n, cu_seqlens=c))
+    (tq, tk, tv), (rq, rk, rv) = leaves(q, k, v)
+    with poisoned_allocations():
+        o = selected.selected_attention(tq, tk, tv, idx, select_len=ls, cu_seqlens=c)
+        do = torch.randn(o.shape)
+        (o * do).sum().backward()
+    ro = reference.selected_attention(rq, rk, rv, idx, select_len=ls, cu_seqlens=c)
+    (ro * do).sum().backward()
+    assert rel_err(o, ro) < BOUND[torch.float32]
+    check_grads([tq, tk, tv], [rq, rk, rv], BOUND[torch.float32], ["q", "k", "v"])
 
 
 BAD_CU_SEQLENS = [
@@ -139,13 +167,14 @@ def test_bad_cu_seqlens_raise(bad, message):
     q, k, v, k_cmp, v_cmp, *gates = packed_inputs(LENGTHS, 4, 2, 16, torch.float32, hp)
     lse = torch.zeros(q.shape[:3])
     idx = torch.zeros(1, q.shape[1], 2, 3, dtype=torch.int32)
-    calls = [
-        lambda c: nsa.nsa_attention(q, k, v, k_cmp, v_cmp, *gates, **hp, cu_seqlens=c),
-        lambda c: nsa.compressed_attention(q, k_cmp, v_cmp, cu_seqlens=c),
-        lambda c: nsa.select_blocks(q, k_cmp, lse, cu_seqlens=c),
-        lambda c: nsa.selected_attention(q, k, v, idx, select_len=32, cu_seqlens=c),
-        lambda c: nsa.mean_pool(k, 32, 16, cu_seqlens=c),
+    branches = [  # (reference, Triton, arguments)
+        (reference.nsa_attention, parallel.nsa_attention, (q, k, v, k_cmp, v_cmp, *gates)),
+        (reference.compressed_attention, compression.compressed_attention, (q, k_cmp, v_cmp)),
+        (reference.select_blocks, selection.select_blocks, (q, k_cmp, lse)),
+        (reference.selected_attention, selected.selected_attention, (q, k, v, idx)),
     ]
+    calls = [lambda c: nsa.mean_pool(k, 32, 16, cu_seqlens=c)]
+    calls += [lambda c, f=f, a=args: f(*a, cu_seqlens=c) for *impls, args in branches for f in impls]
     for call in calls:
         with pytest.raises(ValueError, match=message):
             call(bad)
@@ -156,11 +185,13 @@ def test_cu_seqlens_with_batch_or_wrong_block_count_raise():
     q, k, v, k_cmp, v_cmp, *gates = packed_inputs(LENGTHS, 4, 2, 16, torch.float32, hp)
     c = cu(LENGTHS)
     two = [torch.cat([x, x]) for x in (q, k, v, k_cmp, v_cmp, *gates)]
-    with pytest.raises(ValueError, match="cu_seqlens needs packed inputs with B == 1, got B=2"):
-        nsa.nsa_attention(*two, **hp, cu_seqlens=c)
     # blocks pooled over the whole packed tensor cross from one sequence into the next: 7 blocks, not 4
     crossing = nsa.mean_pool(k, 32, 16)
-    with pytest.raises(ValueError, match="k_cmp has 7 blocks but the packed sequences make 4"):
-        nsa.nsa_attention(q, k, v, crossing, nsa.mean_pool(v, 32, 16), *gates, **hp, cu_seqlens=c)
-    with pytest.raises(ValueError, match="k_cmp has 7 blocks"):
-        nsa.compressed_attention(q, crossing, crossing, cu_seqlens=c)
+    for impl in (reference.nsa_attention, parallel.nsa_attention):
+        with pytest.raises(ValueError, match="cu_seqlens needs packed inputs with B == 1, got B=2"):
+            impl(*two, **hp, cu_seqlens=c)
+        with pytest.raises(ValueError, match="k_cmp has 7 blocks but the packed sequences make 4"):
+            impl(q, k, v, crossing, nsa.mean_pool(v, 32, 16), *gates, **hp, cu_seqlens=c)
+    for impl in (reference.compressed_attention, compression.compressed_attention):
+        with pytest.raises(ValueError, match="k_cmp has 7 blocks"):
+            impl(q, crossing, crossing, cu_seqlens=c)

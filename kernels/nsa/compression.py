@@ -38,7 +38,7 @@ class Packing:
     cmp_lengths: list[int]  # compressed blocks per sequence
 
     @classmethod
-    def of(cls, offsets: list[int], blocks: list[int], device) -> "Packing":
+    def of(cls, offsets: list[int], blocks: list[int], device) -> Packing:
         return cls(torch.tensor(offsets, dtype=torch.int32, device=device),
                    torch.tensor(blocks, dtype=torch.int32, device=device),
                    [b - a for a, b in zip(offsets, offsets[1:])], [b - a for a, b in zip(blocks, blocks[1:])])

@@ -73,6 +73,9 @@ class HFModel(PromptTokens):
 
     max_length: prompt + generation budget in tokens (defaults to the model's max_position_embeddings).
     batch_size: requests per forward pass; prompts are left-padded within a batch.
+    prefill_chunk: prompt tokens per forward pass during prefill, so that activation memory is bounded by the chunk
+        rather than the prompt (a 64k-token prompt fits in GPU memory). None: DEFAULT_PREFILL_CHUNK on CUDA, the
+        whole prompt in one pass elsewhere; 0: one pass. Applies where `chunked_prefill_supported(model)`.
     chat: whether the tokenizer has a chat template (tasks then send chat messages).
     """
 
@@ -83,6 +86,7 @@ class HFModel(PromptTokens):
         name: str,
         max_length: int | None = None,
         batch_size: int = 1,
+        prefill_chunk: int | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -97,6 +101,7 @@ class HFModel(PromptTokens):
             )
         self.max_length = max_length or model_max
         self.batch_size = max(1, batch_size)
+        self.prefill_chunk = _resolve_prefill_chunk(prefill_chunk, model, self.device)
         self.chat = getattr(tokenizer, "chat_template", None) is not None
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -115,6 +120,7 @@ class HFModel(PromptTokens):
         dtype: str | None = None,
         max_length: int | None = None,
         batch_size: int = 1,
+        prefill_chunk: int | None = None,
         name: str | None = None,
         attn_implementation: str | None = None,
         **load_kwargs: Any,
@@ -148,7 +154,8 @@ class HFModel(PromptTokens):
         except Exception as error:
             raise ModelLoadError(f"could not load model weights from {source}: {_first_line(error)}") from None
         model.to(torch_device)
-        return cls(model, tokenizer, name or Path(source).name, max_length=max_length, batch_size=batch_size)
+        return cls(model, tokenizer, name or Path(source).name, max_length=max_length, batch_size=batch_size,
+                   prefill_chunk=prefill_chunk)
 
     # ---- tokens -------------------------------------------------------------------------------------
 
@@ -184,15 +191,10 @@ class HFModel(PromptTokens):
         _sync(self.device)
         t0 = time.perf_counter()
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-            **self._prefill_args,
-        )
-        logits = out.logits[:, -1, :].float()
+        logits, past = self._prefill(input_ids, attention_mask, position_ids)
         _sync(self.device)
         prefill_ms = (time.perf_counter() - t0) * 1e3
 
-        past = getattr(out, self._cache_arg)
         n_rows = len(rows)
         new_tokens: list[list[int]] = [[] for _ in range(n_rows)]
         done = [False] * n_rows
@@ -263,6 +265,24 @@ class HFModel(PromptTokens):
             )
         return generations
 
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Left-padded prompts input_ids [B, T] (mask and positions alike) -> (the last position's logits [B, V]
+        float32, the KV cache). With prefill_chunk, slices of that many tokens go through the model one after the
+        other over the growing cache; each slice's attention mask covers every token so far."""
+        width = input_ids.shape[1]
+        step = self.prefill_chunk or width
+        past = None
+        for start in range(0, width, step):
+            end = min(start + step, width)
+            out = self.model(
+                input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end],
+                position_ids=position_ids[:, start:end], use_cache=True,
+                **({self._cache_arg: past} if past is not None else {}), **self._prefill_args,
+            )
+            past = getattr(out, self._cache_arg)
+        return out.logits[:, -1, :].float(), past
+
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
@@ -320,6 +340,38 @@ class HFModel(PromptTokens):
             (lp, list(zip(row_ids, row_lp))[:top])
             for lp, row_ids, row_lp in zip(chosen, best_ids.tolist(), best_lp.tolist())
         ]
+
+
+DEFAULT_PREFILL_CHUNK = 8192  # tokens per prefill pass on CUDA unless told otherwise
+
+
+def chunked_prefill_supported(model: Any) -> bool:
+    """Whether a prompt can be prefilled in slices over the model's cache: transformers models, except under
+    training-free sparse attention (a slice after cached tokens takes its dense reference path, whose memory grows
+    with slice x prompt). Not the NSA model: its prefill kernels start every sequence at position 0 (it bounds its
+    own prefill memory with its `prefill_chunk`)."""
+    from transformers import PreTrainedModel
+
+    from nsa_eval.model_adapters.hf_attention import SPARSE_ATTENTION
+
+    return isinstance(model, PreTrainedModel) and getattr(model.config, "_attn_implementation", None) != SPARSE_ATTENTION
+
+
+def _resolve_prefill_chunk(prefill_chunk: int | None, model: Any, device: torch.device) -> int | None:
+    """Tokens per prefill pass, or None for one pass (see HFModel); ValueError for a bad or inapplicable value."""
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                      or prefill_chunk < 0):
+        raise ValueError(f"--prefill-chunk must be 0 (one pass) or a positive number of tokens, got {prefill_chunk!r}")
+    if not chunked_prefill_supported(model):
+        if prefill_chunk:
+            sparse = getattr(getattr(model, "config", None), "_attn_implementation", None) is not None
+            what = "--attention sparse" if sparse else f"{type(model).__name__} (it chunks its prompt itself)"
+            raise ValueError(f"--prefill-chunk applies to transformers models with full attention, not to {what}; "
+                             "leave --prefill-chunk out")
+        return None
+    if prefill_chunk is None:
+        return DEFAULT_PREFILL_CHUNK if device.type == "cuda" else None
+    return prefill_chunk or None
 
 
 def loglikelihood_tokens(tokenizer: Any, context: str, continuation: str, special: bool) -> tuple[list[int], int]:

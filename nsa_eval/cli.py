@@ -136,6 +136,9 @@ def default_run_dir(model_name: str, task_names: list[str]) -> Path:
 @click.option("--max-length", type=click.IntRange(min=16),
               help="Prompt + generation budget in tokens (default: the model's context length). Longer prompts are "
                    "cut in the middle and the sample records it.")
+@click.option("--prefill-chunk", type=click.IntRange(min=0),
+              help="For smollm2 and hf: checkpoints: prompt tokens per forward pass during prefill, so a long prompt's "
+                   "activations fit in memory (0: the whole prompt at once). Default: 8192 on cuda, 0 on the CPU.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the model runs; auto picks cuda when present.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
@@ -162,9 +165,10 @@ def default_run_dir(model_name: str, task_names: list[str]) -> Path:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(model_spec: str, attention: str, sparse_budget: int, sparse_leading: int, sparse_local: int,
         sparse_block: int, task_list: str, limit: int | None, output: Path | None, seed: int, batch_size: int,
-        max_length: int | None, device: str, dtype: str, chat: bool | None, data_pairs: tuple[str, ...],
-        allow_code_execution: bool, niah_lengths: str, niah_depths: str, niah_samples: int, haystack: Path | None,
-        task_options: tuple[str, ...], include_path: Path | None, quiet: bool) -> None:
+        max_length: int | None, prefill_chunk: int | None, device: str, dtype: str, chat: bool | None,
+        data_pairs: tuple[str, ...], allow_code_execution: bool, niah_lengths: str, niah_depths: str,
+        niah_samples: int, haystack: Path | None, task_options: tuple[str, ...], include_path: Path | None,
+        quiet: bool) -> None:
     """Evaluate a model on tasks; writes run.json, samples/<task>.jsonl and metrics.json to the run directory."""
     from nsa_eval import distributed
     from nsa_eval.models import load_model
@@ -197,7 +201,8 @@ def run(model_spec: str, attention: str, sparse_budget: int, sparse_leading: int
 
         sparse = SparseSettings(sparse_budget, sparse_leading, sparse_local, sparse_block)
     model = load_model(model_spec, device=shard.device(device) if shard else device, dtype=dtype,
-                       max_length=max_length, batch_size=batch_size, attention=attention, sparse=sparse)
+                       max_length=max_length, batch_size=batch_size, attention=attention, sparse=sparse,
+                       prefill_chunk=prefill_chunk)
     run_dir = output or default_run_dir(model.name, task_names)
     store = distributed.run_store(run_dir, shard)
     device_type = str(getattr(model, "device", device)).split(":")[0]  # which GPU does not change the results

@@ -12,13 +12,17 @@ def load_model(spec: str, **options: Any) -> LanguageModel:
     """Load the backend a spec names: `smollm2`, `hf:PATH_OR_ID`, `nsa:PATH`, `openai:URL#MODEL`, `vllm:PATH`.
 
     options: device, dtype, max_length, batch_size (as HFModel.from_pretrained); attention ('full' or 'sparse')
-    and sparse (SparseSettings) for `smollm2` and `hf:` (our attention kernels through transformers).
+    and sparse (SparseSettings) for `smollm2` and `hf:` (our attention kernels through transformers); prefill_chunk
+    (None: the backend's default) for `smollm2` and `hf:`.
     """
     kind, _, target = spec.partition(":")
     attention = options.pop("attention", None) or "full"
     sparse = options.pop("sparse", None)
+    prefill_chunk = options.pop("prefill_chunk", None)
     if attention != "full" and not (spec == "smollm2" or kind == "hf"):
         raise ValueError(f"--attention {attention} applies to smollm2 and hf: checkpoints, not to '{spec}'")
+    if prefill_chunk is not None and not (spec == "smollm2" or kind == "hf"):
+        raise ValueError(f"--prefill-chunk applies to smollm2 and hf: checkpoints, not to '{spec}'; leave it out")
     if spec == "smollm2" or kind == "hf":
         from nsa_eval.model_adapters.hf import HFModel, resolve_device
         from nsa_eval.model_adapters.hf_attention import SparseSettings, attn_implementation, enable_sparse
@@ -29,9 +33,10 @@ def load_model(spec: str, **options: Any) -> LanguageModel:
         if spec == "smollm2":
             from nsa_eval.model_adapters.smollm2 import load_smollm2
 
-            model = load_smollm2(attn_implementation=implementation, **options)
+            model = load_smollm2(attn_implementation=implementation, prefill_chunk=prefill_chunk, **options)
         else:
-            model = HFModel.from_pretrained(target, attn_implementation=implementation, **options)
+            model = HFModel.from_pretrained(target, attn_implementation=implementation, prefill_chunk=prefill_chunk,
+                                            **options)
         if attention == "sparse":
             enable_sparse(model, sparse or SparseSettings())
         return model

@@ -117,7 +117,10 @@ def run(
         "created": run_store.now(),
         **config,
         "config_hash": run_store.config_hash(config),
+        # outside the hash, as batch_size: prompt tokens per prefill pass change results by float rounding only, and
+        # a run resumed with another --prefill-chunk must still resume
         "batch_size": batch_size,
+        "prefill_chunk": getattr(model, "prefill_chunk", None),
         "versions": run_store.versions(),
         "git_sha": run_store.git_sha(),
         "hardware": run_store.hardware(),

@@ -4,7 +4,8 @@ Kernels (forward with log-sum-exp; backward as two kernels, dq per query tile an
 tile summed over the query heads of its GQA group), host launchers, the autograd Function, and the public
 `compressed_attention` with the reference's signature (see reference.compressed_attention for the spec).
 Block i (tokens [i*d, i*d + l)) is visible to query t iff t >= i*d + l - 1, so query t sees its first
-n(t) = max(t + 1 - l + d, 0) // d blocks.
+n(t) = max(t + 1 - l + d, 0) // d blocks. Queries may be the last T of S tokens (forward only): row i at
+t = i + OFFSET, OFFSET = S - T.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import triton
 import triton.language as tl
 
 from nsa_eval.kernels.attention.parallel import _block_table
-from nsa_eval.kernels.nsa.utils import check_compressed, check_varlen
+from nsa_eval.kernels.nsa.utils import check_compressed, check_offset_backward, check_seq_len, check_varlen
 
 LOG2E = 1.4426950408889634
 
@@ -120,13 +121,15 @@ def _fwd_step(q, k_ptr, v_ptr, i, i_end, n_vis, m_i, l_i, acc, qk_scale, H: tl.c
 
 
 @triton.jit
-def compressed_fwd_kernel(q, k, v, o, lse, cu, cu_cmp, table, T, TC, qk_scale, HQ: tl.constexpr, H: tl.constexpr,
+def compressed_fwd_kernel(q, k, v, o, lse, cu, cu_cmp, table, T, TC, OFFSET, qk_scale, HQ: tl.constexpr,
+                          H: tl.constexpr,
                           DK: tl.constexpr, DV: tl.constexpr, BLOCK_LEN: tl.constexpr, BLOCK_STRIDE: tl.constexpr,
                           BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                           VARLEN: tl.constexpr):
     """Grid (cdiv(T, BT) or the table's tiles, B * HQ). q [B, T, HQ, DK], k [B, TC, H, DK], v [B, TC, H, DV]
     -> o [B, T, HQ, DV], lse [B, T, HQ] float32 (natural log, -inf for a query that sees no block).
-    VARLEN: B == 1, sequence n is tokens cu[n]:cu[n+1] and blocks cu_cmp[n]:cu_cmp[n+1]; t counts from its 0."""
+    VARLEN: B == 1, sequence n is tokens cu[n]:cu[n+1] and blocks cu_cmp[n]:cu_cmp[n+1]; t counts from its 0.
+    Query row t stands at position t + OFFSET (OFFSET = S - T >= 0: a chunk after OFFSET cached tokens; 0 packed)."""
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hq = pid_bh // HQ, pid_bh % HQ
     h = hq // (HQ // H)
@@ -136,9 +139,9 @@ def compressed_fwd_kernel(q, k, v, o, lse, cu, cu_cmp, table, T, TC, qk_scale, H
     dv = tl.arange(0, BDV)
     row = (bos + t) * HQ + hq
     q_blk = tl.load(q + row[:, None] * DK + dk[None, :], mask=(t[:, None] < T) & (dk[None, :] < DK), other=0.)
-    n_vis = num_visible_blocks(t, BLOCK_LEN, BLOCK_STRIDE)
-    n_lo = num_visible_blocks(tile * BT, BLOCK_LEN, BLOCK_STRIDE)  # every row of the tile sees these
-    n_hi = tl.minimum(num_visible_blocks(tl.minimum(tile * BT + BT, T) - 1, BLOCK_LEN, BLOCK_STRIDE), TC)
+    n_vis = num_visible_blocks(t + OFFSET, BLOCK_LEN, BLOCK_STRIDE)
+    n_lo = num_visible_blocks(tile * BT + OFFSET, BLOCK_LEN, BLOCK_STRIDE)  # every row of the tile sees these
+    n_hi = tl.minimum(num_visible_blocks(tl.minimum(tile * BT + BT, T) - 1 + OFFSET, BLOCK_LEN, BLOCK_STRIDE), TC)
     k_ptr = k + (bos_c * H + h) * DK
     v_ptr = v + (bos_c * H + h) * DV
     m_i = tl.full([BT], float("-inf"), tl.float32)
@@ -259,9 +262,9 @@ def _tiles(dk: int, dv: int):
     return triton.next_power_of_2(dk), triton.next_power_of_2(dv)
 
 
-def compressed_fwd(q, k_cmp, v_cmp, block_len, block_stride, scale, packing: Packing | None = None):
+def compressed_fwd(q, k_cmp, v_cmp, block_len, block_stride, scale, packing: Packing | None = None, offset: int = 0):
     """q [B, T, HQ, Dk], k_cmp/v_cmp [B, Tc, H, D] (contiguous) -> o [B, T, HQ, Dv], lse [B, T, HQ] float32.
-    packing: packed sequences (B == 1) or None."""
+    packing: packed sequences (B == 1) or None; offset: position of query row 0 (S - T)."""
     B, T, HQ, DK = q.shape
     TC, H, DV = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
     o = torch.empty(B, T, HQ, DV, dtype=q.dtype, device=q.device)
@@ -270,7 +273,7 @@ def compressed_fwd(q, k_cmp, v_cmp, block_len, block_stride, scale, packing: Pac
     bt, bc, warps, stages = tiles_for(TILES["fwd"], q.dtype)
     cu, cu_cmp, table, programs = _kernel_packing(packing, bt, False, lse, triton.cdiv(T, bt))
     compressed_fwd_kernel[(programs, B * HQ)](
-        q, k_cmp, v_cmp, o, lse, cu, cu_cmp, table, T, TC, scale * LOG2E, HQ, H, DK, DV, block_len, block_stride,
+        q, k_cmp, v_cmp, o, lse, cu, cu_cmp, table, T, TC, offset, scale * LOG2E, HQ, H, DK, DV, block_len, block_stride,
         bt, bc, bdk, bdv, packing is not None, num_warps=warps, num_stages=stages)
     return o, lse
 
@@ -300,12 +303,13 @@ def compressed_bwd(q, k_cmp, v_cmp, o, lse, do, block_len, block_stride, scale, 
 
 
 class CompressedAttention(torch.autograd.Function):
-    """(q, k_cmp, v_cmp) -> (o, lse); lse carries no gradient (it feeds only the block selection)."""
+    """(q, k_cmp, v_cmp) -> (o, lse); lse carries no gradient (it feeds only the block selection). Backward only
+    for offset 0 (callers refuse a graph otherwise: utils.check_offset_backward)."""
 
     @staticmethod
-    def forward(ctx, q, k_cmp, v_cmp, block_len, block_stride, scale, packing=None):
+    def forward(ctx, q, k_cmp, v_cmp, block_len, block_stride, scale, packing=None, offset=0):
         q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
-        o, lse = compressed_fwd(q, k_cmp, v_cmp, block_len, block_stride, scale, packing)
+        o, lse = compressed_fwd(q, k_cmp, v_cmp, block_len, block_stride, scale, packing, offset)
         ctx.save_for_backward(q, k_cmp, v_cmp, o, lse)
         ctx.args = (block_len, block_stride, scale, packing)
         ctx.mark_non_differentiable(lse)
@@ -315,17 +319,22 @@ class CompressedAttention(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
         dq, dk, dv = compressed_bwd(q, k_cmp, v_cmp, o, lse, do.contiguous(), *ctx.args)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
-def compressed_attention(q, k_cmp, v_cmp, *, block_len=32, block_stride=16, scale=None, cu_seqlens=None):
-    """Triton compressed attention; spec and shapes: reference.compressed_attention. Returns (o, lse)."""
+def compressed_attention(q, k_cmp, v_cmp, *, block_len=32, block_stride=16, scale=None, seq_len=None,
+                         cu_seqlens=None):
+    """Triton compressed attention; spec and shapes: reference.compressed_attention. Returns (o, lse).
+    seq_len > T (queries offset into the sequence) runs forward only: ValueError if a gradient is needed."""
     op = "compressed_attention"
+    seq_len = check_seq_len(op, q, seq_len, cu_seqlens is not None)
     check_compressed(op, q, k_cmp, v_cmp, block_len, block_stride, scale, triton=True,
-                     seq_len=None if cu_seqlens is None else 0)
+                     seq_len=seq_len if cu_seqlens is None else 0)
+    offset = seq_len - q.shape[1]
+    check_offset_backward(op, offset, q, k_cmp, v_cmp)
     packing = None
     if cu_seqlens is not None:
         packing = Packing.of(*check_varlen(op, cu_seqlens, q, block_len, block_stride,
                                            {"k_cmp": k_cmp, "v_cmp": v_cmp}), q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return CompressedAttention.apply(q, k_cmp, v_cmp, block_len, block_stride, scale, packing)
+    return CompressedAttention.apply(q, k_cmp, v_cmp, block_len, block_stride, scale, packing, offset)

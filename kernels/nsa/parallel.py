@@ -19,7 +19,7 @@ from nsa_eval.kernels.attention import attention
 from nsa_eval.kernels.nsa.compression import CompressedAttention, Packing
 from nsa_eval.kernels.nsa.selected import SelectedAttention
 from nsa_eval.kernels.nsa.selection import select_fwd
-from nsa_eval.kernels.nsa.utils import check_block_indices, check_nsa, check_varlen
+from nsa_eval.kernels.nsa.utils import check_block_indices, check_nsa, check_offset_backward, check_varlen
 
 
 @triton.jit
@@ -102,7 +102,8 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block_len=
                   select_len=64, num_selected=16, window=512, scale=None, block_indices=None,
                   return_block_indices=False, cu_seqlens=None):
     """Triton NSA prefill, forward and backward; spec and shapes: reference.nsa_attention. With cu_seqlens every
-    kernel maps its programs to (sequence, position within it) through the packing's offsets."""
+    kernel maps its programs to (sequence, position within it) through the packing's offsets. S > T (the queries
+    are the last T of the S keys, a chunk over a cache) runs forward only: ValueError if a gradient is needed."""
     op = "nsa_attention"
     check_nsa(op, q, k, v, k_cmp, v_cmp, {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, block_len, block_stride,
               select_len, num_selected, window, scale, triton=True, varlen=cu_seqlens is not None)
@@ -110,11 +111,13 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block_len=
     if cu_seqlens is not None:
         packing = Packing.of(*check_varlen(op, cu_seqlens, q, block_len, block_stride,
                                            {"k_cmp": k_cmp, "v_cmp": v_cmp}, num_keys=k.shape[1]), q.device)
+    offset = k.shape[1] - q.shape[1]
+    check_offset_backward(op, offset, q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    o_cmp, lse = CompressedAttention.apply(q, k_cmp, v_cmp, block_len, block_stride, scale, packing)
+    o_cmp, lse = CompressedAttention.apply(q, k_cmp, v_cmp, block_len, block_stride, scale, packing, offset)
     if block_indices is None:
         block_indices = select_fwd(q.detach().contiguous(), k_cmp.detach().contiguous(), lse, block_len,
-                                   block_stride, select_len, num_selected, scale, packing)
+                                   block_stride, select_len, num_selected, scale, packing, offset)
     else:
         check_block_indices(op, block_indices, q, k.shape[2])
     o_slc = SelectedAttention.apply(q, k, v, block_indices, select_len, scale, packing)

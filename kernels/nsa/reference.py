@@ -21,6 +21,10 @@ Hyperparameters (arguments everywhere, defaults from the paper): block_len l=32,
 select_len l'=64, num_selected n=16, window w=512. flash-linear-attention's layout is l = d = l' (e.g. 64)
 with mean pooling and no window (window=0).
 
+Queries offset into the keys (a prompt chunk over a cache, T < S): the T queries are the LAST T of the S tokens,
+query row i at position t = i + S - T (bottom-right alignment, as full attention and flash-attn); S comes from k
+(or `seq_len` where only compressed blocks are passed) and must be >= T. Not with cu_seqlens (S == T there).
+
 Masks, query at position t:
     compressed: block i visible iff t >= i*d + l - 1; a query with no complete block gets output 0, lse -inf;
     selected:   key s visible iff s // l' is one of the query's n selected blocks and s <= t;
@@ -43,9 +47,11 @@ from nsa_eval.kernels.nsa.utils import (
     check_lse,
     check_nsa,
     check_prefill_length,
-    index_bits,
     check_qkv,
+    check_seq_len,
     check_varlen,
+    index_bits,
+    query_positions,
     visible_compressed_blocks,
 )
 
@@ -87,28 +93,31 @@ def _compressed(q, k_cmp, v_cmp, positions, block_len, block_stride, scale):
     return _masked_attention(q, k_cmp, v_cmp, visible, scale)
 
 
-def compressed_attention(q, k_cmp, v_cmp, *, block_len=32, block_stride=16, scale=None, cu_seqlens=None):
+def compressed_attention(q, k_cmp, v_cmp, *, block_len=32, block_stride=16, scale=None, seq_len=None,
+                         cu_seqlens=None):
     """Attention of every query over the compressed blocks it may see (eq. 7 of the paper).
 
     Args:
-        q: [B, T, HQ, Dk] queries at positions 0..T-1.
-        k_cmp, v_cmp: [B, Tc, H, Dk] / [B, Tc, H, Dv], Tc >= num_compressed_blocks(T) (extra blocks are never
+        q: [B, T, HQ, Dk] queries at positions S-T..S-1 of a sequence of S = seq_len tokens (default T: 0..T-1).
+        k_cmp, v_cmp: [B, Tc, H, Dk] / [B, Tc, H, Dv], Tc >= num_compressed_blocks(S) (extra blocks are never
             visible). Block i is visible to query t iff t >= i*block_stride + block_len - 1.
         scale: softmax scale, default 1/sqrt(Dk).
+        seq_len: S >= T, tokens of the sequence the queries end (a chunk after S - T cached tokens); None: T.
         cu_seqlens: None, or int32 [N+1] packed sequences (B == 1); k_cmp/v_cmp then packed per sequence with
             exactly sum_n num_compressed_blocks(len_n) blocks (module docstring); t counts from each sequence's 0.
     Returns:
         o [B, T, HQ, Dv] in q's dtype (0 for t < block_len - 1), lse [B, T, HQ] float32 (natural log; -inf there).
     """
     op = "compressed_attention"
+    seq_len = check_seq_len(op, q, seq_len, cu_seqlens is not None)
     check_compressed(op, q, k_cmp, v_cmp, block_len, block_stride, scale, triton=False,
-                     seq_len=None if cu_seqlens is None else 0)
+                     seq_len=seq_len if cu_seqlens is None else 0)
     if cu_seqlens is not None:
         offsets, blocks = check_varlen(op, cu_seqlens, q, block_len, block_stride, {"k_cmp": k_cmp, "v_cmp": v_cmp})
         return by_sequence(lambda *x: compressed_attention(*x, block_len=block_len, block_stride=block_stride,
                                                            scale=scale), [q, k_cmp, v_cmp], "tcc", offsets, blocks)
-    positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)
-    o, lse = _compressed(q, k_cmp, v_cmp, positions, block_len, block_stride, _default_scale(q, scale))
+    o, lse = _compressed(q, k_cmp, v_cmp, query_positions(q, seq_len), block_len, block_stride,
+                         _default_scale(q, scale))
     return o.to(q.dtype), lse
 
 
@@ -174,7 +183,7 @@ def _select(q, k_cmp, lse, positions, num_keys, block_len, block_stride, select_
 
 
 def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64, num_selected=16, scale=None,
-                  cu_seqlens=None):
+                  seq_len=None, cu_seqlens=None):
     """The n selection blocks of length l' each query attends to (eq. 8-10 and top-n, eq. 11).
 
     Importance of selection block j for query t and KV head h: the compressed branch's probabilities
@@ -187,6 +196,7 @@ def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64
 
     Args:
         q: [B, T, HQ, Dk]; k_cmp: [B, Tc, H, Dk]; lse: [B, T, HQ] float32 from `compressed_attention`;
+        seq_len: S >= T: the queries are positions S-T..S-1 (module docstring); None: T (positions 0..T-1);
         cu_seqlens: None, or int32 [N+1] packed sequences (B == 1), k_cmp packed per sequence (module docstring).
     Returns:
         block_indices [B, T, H, n] int32, most important first (forced blocks first, ascending), -1 where fewer
@@ -194,17 +204,17 @@ def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64
     """
     op = "select_blocks"
     check_block_sizes(op, block_len, block_stride, select_len, num_selected)
+    seq_len = check_seq_len(op, q, seq_len, cu_seqlens is not None)
     check_compressed(op, q, k_cmp, k_cmp, block_len, block_stride, scale, triton=False,
-                     seq_len=None if cu_seqlens is None else 0)
+                     seq_len=seq_len if cu_seqlens is None else 0)
     check_lse(op, lse, q)
     if cu_seqlens is not None:
         offsets, blocks = check_varlen(op, cu_seqlens, q, block_len, block_stride, {"k_cmp": k_cmp})
         return by_sequence(lambda *x: select_blocks(*x, block_len=block_len, block_stride=block_stride,
                                                     select_len=select_len, num_selected=num_selected, scale=scale),
                            [q, k_cmp, lse], "tct", offsets, blocks)
-    positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)
-    return _select(q, k_cmp, lse, positions, q.shape[1], block_len, block_stride, select_len, num_selected,
-                   _default_scale(q, scale))
+    return _select(q, k_cmp, lse, query_positions(q, seq_len), seq_len, block_len, block_stride, select_len,
+                   num_selected, _default_scale(q, scale))
 
 
 def _selected(q, k, v, block_indices, positions, select_len, scale):
@@ -221,7 +231,7 @@ def selected_attention(q, k, v, block_indices, *, select_len=64, scale=None, cu_
     """Attention of every query over the tokens of its selected blocks (eq. 11-12), tokens after t masked.
 
     Args:
-        q: [B, T, HQ, Dk]; k: [B, T, H, Dk]; v: [B, T, H, Dv];
+        q: [B, T, HQ, Dk]; k: [B, S, H, Dk]; v: [B, S, H, Dv], S >= T: query row i stands at position i + S - T;
         block_indices: [B, T, H, n] int32 selection-block indices (block j = tokens [j*l', (j+1)*l')), -1 unused;
         cu_seqlens: None, or int32 [N+1] packed sequences (B == 1); block indices and t per sequence.
     Returns:
@@ -236,8 +246,7 @@ def selected_attention(q, k, v, block_indices, *, select_len=64, scale=None, cu_
         return by_sequence(lambda *x: selected_attention(*x, select_len=select_len, scale=scale),
                            [q, k, v, block_indices], "tttt", offsets, blocks)
     check_prefill_length(op, q, k)
-    positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)
-    o, _ = _selected(q, k, v, block_indices, positions, select_len, _default_scale(q, scale))
+    o, _ = _selected(q, k, v, block_indices, query_positions(q, k.shape[1]), select_len, _default_scale(q, scale))
     return o.to(q.dtype)
 
 
@@ -258,8 +267,9 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block_len=
     """Native Sparse Attention (eq. 5): o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win.
 
     Args:
-        q: [B, T, HQ, Dk]; k, v: [B, T, H, Dk] / [B, T, H, Dv] raw keys/values (selection and window branches);
-        k_cmp, v_cmp: [B, Tc, H, Dk] / [B, Tc, H, Dv] compressed blocks (see module docstring);
+        q: [B, T, HQ, Dk]; k, v: [B, S, H, Dk] / [B, S, H, Dv] raw keys/values (selection and window branches),
+            S >= T: query row i stands at position i + S - T (a prompt chunk after S - T cached tokens);
+        k_cmp, v_cmp: [B, Tc, H, Dk] / [B, Tc, H, Dv] compressed blocks of the S tokens (see module docstring);
         g_cmp, g_slc, g_win: [B, T, HQ] gates (g_win may be None when window=0);
         window: w > 0 adds the sliding-window branch over the last w tokens; 0 leaves it out;
         block_indices: [B, T, H, n] int32 to use instead of selecting (n = num_selected is then ignored);
@@ -289,7 +299,7 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block_len=
         return by_sequence(one_sequence, [q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_indices], "tttcctttt",
                            offsets, blocks)
     scale = _default_scale(q, scale)
-    positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)
+    positions = query_positions(q, k.shape[1])
     o_cmp, lse = _compressed(q, k_cmp, v_cmp, positions, block_len, block_stride, scale)
     if block_indices is None:
         block_indices = _select(q.detach(), k_cmp.detach(), lse.detach(), positions, k.shape[1], block_len,

@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from nsa_eval.kernels.nsa.compression import LOG2E, Packing, row_dot
-from nsa_eval.kernels.nsa.utils import (check_block_indices, check_block_sizes, check_prefill_length, check_qkv,
-                                        check_varlen)
+from nsa_eval.kernels.nsa.utils import (check_block_indices, check_block_sizes, check_offset_backward,
+                                        check_prefill_length, check_qkv, check_varlen)
 
 
 @triton.jit
@@ -31,7 +31,7 @@ def selected_fwd_kernel(q, k, v, block_indices, cache_seqlens, token_starts, o, 
     """Grid (cdiv(T, TPP), B * H): TPP consecutive queries per program, one after the other (their shared
     blocks, 0 and the local ones, then come from L1). q [B, T, HQ, DK], k [B, S, H, DK], v [B, S, H, DV],
     block_indices [B, T, H, n] int32 -> o [B, T, HQ, DV], lse [B, T, HQ] float32. Prefill: the query at row t
-    stands at position t (S == T). DECODE: T == 1 and batch b's query stands at position cache_seqlens[b] - 1.
+    stands at position t + S - T (S >= T: the queries are the last T of the S keys). DECODE: T == 1 and batch b's query stands at position cache_seqlens[b] - 1.
     VARLEN: B == 1, row t's sequence starts at row token_starts[t]; positions and blocks count from there."""
     G: tl.constexpr = HQ // H
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -48,7 +48,7 @@ def selected_fwd_kernel(q, k, v, block_indices, cache_seqlens, token_starts, o, 
             kv_start = tl.load(token_starts + t)
             pos = t - kv_start
         else:
-            pos = t
+            pos = t + S - T
         qrow = (b * T + t) * HQ + h * G + g
         q_blk = tl.load(q + qrow[:, None] * DK + dk[None, :], mask=(g[:, None] < G) & (dk[None, :] < DK), other=0.)
         m_i = tl.full([GP], float("-inf"), tl.float32)
@@ -284,7 +284,8 @@ def selected_bwd(q, k, v, block_indices, o, lse, do, select_len, scale, packing:
 
 
 class SelectedAttention(torch.autograd.Function):
-    """(q, k, v) -> o for fixed block_indices (which carry no gradient)."""
+    """(q, k, v) -> o for fixed block_indices (which carry no gradient). Backward for S == T (or packed) only
+    (callers refuse a graph otherwise: utils.check_offset_backward)."""
 
     @staticmethod
     def forward(ctx, q, k, v, block_indices, select_len, scale, packing=None):
@@ -302,7 +303,8 @@ class SelectedAttention(torch.autograd.Function):
 
 
 def selected_attention(q, k, v, block_indices, *, select_len=64, scale=None, cu_seqlens=None):
-    """Triton selected attention; spec and shapes: reference.selected_attention."""
+    """Triton selected attention; spec and shapes: reference.selected_attention. S > T (queries offset into the
+    keys) runs forward only: ValueError if a gradient is needed."""
     op = "selected_attention"
     check_qkv(op, q, k, v, triton=True)
     check_block_sizes(op, 1, 1, select_len)
@@ -310,6 +312,7 @@ def selected_attention(q, k, v, block_indices, *, select_len=64, scale=None, cu_
     packing = None
     if cu_seqlens is None:
         check_prefill_length(op, q, k)
+        check_offset_backward(op, k.shape[1] - q.shape[1], q, k, v)
     else:
         packing = Packing.of(*check_varlen(op, cu_seqlens, q, 1, 1, num_keys=k.shape[1]), q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from nsa_eval.kernels.nsa.compression import LOG2E, Packing, _kernel_packing, num_visible_blocks, sequence_tile
-from nsa_eval.kernels.nsa.utils import check_block_sizes, check_compressed, check_lse, check_varlen, index_bits
+from nsa_eval.kernels.nsa.utils import (check_block_sizes, check_compressed, check_lse, check_seq_len, check_varlen,
+                                        index_bits)
 
 
 @triton.jit
@@ -82,13 +83,14 @@ def _select_chunk(q_blk, k_ptr, lse2, n_vis, c, top, carry, weights, spill, curr
 
 
 @triton.jit
-def select_kernel(q, k_cmp, lse, block_indices, cu, cu_cmp, table, T, TC, qk_scale, HQ: tl.constexpr,
+def select_kernel(q, k_cmp, lse, block_indices, cu, cu_cmp, table, T, TC, OFFSET, qk_scale, HQ: tl.constexpr,
                   H: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, GP: tl.constexpr, BLOCK_LEN: tl.constexpr,
                   BLOCK_STRIDE: tl.constexpr, SELECT_LEN: tl.constexpr, NUM_SELECTED: tl.constexpr,
                   NP: tl.constexpr, BT: tl.constexpr, IDX_BITS: tl.constexpr, VARLEN: tl.constexpr):
     """Grid (cdiv(T, BT) or the table's tiles, B * H). q [B, T, HQ, DK], k_cmp [B, TC, H, DK], lse [B, T, HQ]
     float32 -> block_indices [B, T, H, NUM_SELECTED] int32, most important first, -1 padded. VARLEN: B == 1,
-    sequences cu / cu_cmp (compression.sequence_tile), positions and block indices from each sequence's 0."""
+    sequences cu / cu_cmp (compression.sequence_tile), positions and block indices from each sequence's 0.
+    Query row t stands at position t + OFFSET (OFFSET = S - T: a chunk after cached tokens; 0 when packed)."""
     G: tl.constexpr = HQ // H
     R: tl.constexpr = BT * GP
     BC: tl.constexpr = NP * (SELECT_LEN // BLOCK_STRIDE)
@@ -103,16 +105,16 @@ def select_kernel(q, k_cmp, lse, block_indices, cu, cu_cmp, table, T, TC, qk_sca
     qrow = (bos + tok) * HQ + h * G + g
     q_blk = tl.load(q + qrow[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.)
     lse2 = tl.load(lse + qrow, mask=row_ok, other=0.) * 1.4426950408889634
-    n_vis = tl.where(row_ok, num_visible_blocks(tok, BLOCK_LEN, BLOCK_STRIDE), 0)
+    n_vis = tl.where(row_ok, num_visible_blocks(tok + OFFSET, BLOCK_LEN, BLOCK_STRIDE), 0)
     toks = tile * BT + tl.arange(0, BT)
-    current = toks // SELECT_LEN
+    current = (toks + OFFSET) // SELECT_LEN
     a = tl.arange(0, BC)
     jj = tl.arange(0, NP)
     weights = overlap_weights(a[:, None], jj[None, :], BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)  # same in every chunk
     spill = overlap_weights(a, NP, BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)  # share of the next chunk's first block
     top = tl.full([BT, NP], -1, tl.int32)
     carry = tl.zeros([BT], tl.float32)
-    last_block = (tl.minimum(tile * BT + BT, T) - 1) // SELECT_LEN
+    last_block = (tl.minimum(tile * BT + BT, T) - 1 + OFFSET) // SELECT_LEN
     k_ptr = k_cmp + (bos_c * H + h) * DK
     for c in range(0, last_block // NP + 1):  # (an unmasked loop for the chunks every query sees ran slower)
         top, carry = _select_chunk(q_blk, k_ptr, lse2, n_vis, c, top, carry, weights, spill, current, qk_scale, TC,
@@ -131,9 +133,10 @@ def chunk_blocks(num_selected: int, select_len: int, block_stride: int) -> int:
     return max(triton.next_power_of_2(num_selected), triton.next_power_of_2(-(-16 // (select_len // block_stride))))
 
 
-def select_fwd(q, k_cmp, lse, block_len, block_stride, select_len, num_selected, scale, packing: Packing | None = None):
+def select_fwd(q, k_cmp, lse, block_len, block_stride, select_len, num_selected, scale, packing: Packing | None = None,
+               offset: int = 0):
     """q [B, T, HQ, Dk], k_cmp [B, Tc, H, Dk], lse [B, T, HQ] (contiguous) -> block_indices [B, T, H, n] int32.
-    packing: packed sequences (B == 1) or None."""
+    packing: packed sequences (B == 1) or None; offset: position of query row 0 (S - T)."""
     B, T, HQ, DK = q.shape
     TC, H = k_cmp.shape[1], k_cmp.shape[2]
     gp = triton.next_power_of_2(HQ // H)
@@ -141,25 +144,26 @@ def select_fwd(q, k_cmp, lse, block_len, block_stride, select_len, num_selected,
     bt = max(1, rows // gp)
     block_indices = torch.empty(B, T, H, num_selected, dtype=torch.int32, device=q.device)
     cu, cu_cmp, table, programs = _kernel_packing(packing, bt, False, lse, triton.cdiv(T, bt))
-    longest = T if packing is None else max(packing.lengths)
+    longest = T + offset if packing is None else max(packing.lengths)
     select_kernel[(programs, B * H)](
-        q, k_cmp, lse, block_indices, cu, cu_cmp, table, T, TC, scale * LOG2E, HQ, H, DK, triton.next_power_of_2(DK),
+        q, k_cmp, lse, block_indices, cu, cu_cmp, table, T, TC, offset, scale * LOG2E, HQ, H, DK, triton.next_power_of_2(DK),
         gp, block_len, block_stride, select_len, num_selected, chunk_blocks(num_selected, select_len, block_stride),
         bt, index_bits(triton.cdiv(longest, select_len)), packing is not None, num_warps=warps, num_stages=stages)
     return block_indices
 
 
 def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64, num_selected=16, scale=None,
-                  cu_seqlens=None):
+                  seq_len=None, cu_seqlens=None):
     """Triton block selection; spec and shapes: reference.select_blocks."""
     op = "select_blocks"
     check_block_sizes(op, block_len, block_stride, select_len, num_selected)
+    seq_len = check_seq_len(op, q, seq_len, cu_seqlens is not None)
     check_compressed(op, q, k_cmp, k_cmp, block_len, block_stride, scale, triton=True,
-                     seq_len=None if cu_seqlens is None else 0)
+                     seq_len=seq_len if cu_seqlens is None else 0)
     check_lse(op, lse, q)
     packing = None
     if cu_seqlens is not None:
         packing = Packing.of(*check_varlen(op, cu_seqlens, q, block_len, block_stride, {"k_cmp": k_cmp}), q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return select_fwd(q.detach().contiguous(), k_cmp.detach().contiguous(), lse.contiguous(), block_len, block_stride,
-                      select_len, num_selected, scale, packing)
+                      select_len, num_selected, scale, packing, seq_len - q.shape[1])

@@ -217,16 +217,42 @@ def check_nsa(op, q, k, v, k_cmp, v_cmp, gates: dict, block_len, block_stride, s
     packing (cu_seqlens and the compressed block count: check_varlen)."""
     check_qkv(op, q, k, v, triton)
     _check_nsa_rest(op, q, k, v, k_cmp, v_cmp, gates, q.shape[:3], block_len, block_stride, select_len,
-                    num_selected, window, scale, triton, seq_len=0 if varlen else q.shape[1], names=("k_cmp", "v_cmp"))
+                    num_selected, window, scale, triton, seq_len=0 if varlen else k.shape[1], names=("k_cmp", "v_cmp"))
     if not varlen:
         check_prefill_length(op, q, k)
 
 
 
 def check_prefill_length(op, q, k) -> None:
-    """Prefill: one key per query position (S == T)."""
-    if k.shape[1] != q.shape[1]:
-        _fail(op, f"k has S={k.shape[1]} tokens but q has T={q.shape[1]}; prefill needs S == T (decode: nsa_decode)")
+    """Prefill: the T queries are the last T of the S keys (bottom-right alignment), so S >= T."""
+    if k.shape[1] < q.shape[1]:
+        _fail(op, f"k has S={k.shape[1]} tokens but q has T={q.shape[1]}; the queries are the last T of the S keys, "
+                  "so pass S >= T keys (the cached ones included)")
+
+
+def check_seq_len(op: str, q, seq_len, varlen: bool) -> int:
+    """seq_len: tokens of the sequence whose last T positions the queries are (None -> T). Returns it."""
+    T = q.shape[1]
+    if seq_len is None:
+        return T
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < T:
+        _fail(op, f"seq_len must be an int >= T={T} (the queries are the last T of seq_len tokens), got {seq_len!r}")
+    if varlen and seq_len != T:
+        _fail(op, f"seq_len={seq_len} with cu_seqlens: packed sequences start at position 0; leave seq_len out")
+    return seq_len
+
+
+def query_positions(q, seq_len: int) -> torch.Tensor:
+    """Positions [B, T] of the queries: the last T of seq_len tokens (bottom-right alignment)."""
+    B, T = q.shape[:2]
+    return torch.arange(seq_len - T, seq_len, device=q.device).expand(B, T)
+
+
+def check_offset_backward(op: str, offset: int, *tensors) -> None:
+    """The Triton kernels' backward covers T == S only: refuse a graph through queries offset into the keys."""
+    if offset and torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tensors):
+        _fail(op, f"backward with queries offset by {offset} (T < S) is not implemented on the Triton kernels; run "
+                  "under torch.no_grad() or pass S == T")
 
 
 def check_decode(op, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, gates: dict, block_len,

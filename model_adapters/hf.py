@@ -348,8 +348,7 @@ DEFAULT_PREFILL_CHUNK = 8192  # tokens per prefill pass on CUDA unless told othe
 def chunked_prefill_supported(model: Any) -> bool:
     """Whether a prompt can be prefilled in slices over the model's cache: transformers models, except under
     training-free sparse attention (a slice after cached tokens takes its dense reference path, whose memory grows
-    with slice x prompt). Not the NSA model: its prefill kernels start every sequence at position 0 (it bounds its
-    own prefill memory with its `prefill_chunk`)."""
+    with slice x prompt). Not the NSA model: it slices its prompt over its own cache itself (its `prefill_chunk`)."""
     from transformers import PreTrainedModel
 
     from nsa_eval.model_adapters.hf_attention import SPARSE_ATTENTION

@@ -17,8 +17,10 @@ them. flash-linear-attention's NSA checkpoints (`model_type: nsa`) load through 
 
 The forward pass looks enough like a transformers causal LM for HFModel's decode loop (model_adapters/hf.py):
 `model(input_ids, attention_mask, position_ids, past_key_values, use_cache, logits_to_keep)` returns `.logits` and
-`.past_key_values` (an NSACache). A prompt (no cache) is run row by row where `attention_mask` pads it (the NSA
-prefill kernels start every sequence at position 0), each row into its own slot of a right-padded cache; a decode
+`.past_key_values` (an NSACache). A prompt (no cache) is run row by row where `attention_mask` pads it (every row
+starts at its own position 0), each row into its own slot of a right-padded cache, in slices of `prefill_chunk`
+tokens: each slice's queries attend to the cache so far plus the slice (the kernels take queries that are the last
+T of S keys), so a long prompt's attention working set is bounded by the slice; sliced equals one pass. A decode
 step appends one token per row at that row's own length (`position_ids` and the mask are then not needed). On CUDA
 the decode step is replayed from a CUDA graph after its first call.
 """
@@ -35,8 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
+from nsa_eval.kernels.nsa.utils import num_compressed_blocks
 from nsa_eval.model_adapters.base import ModelLoadError
+from nsa_eval.model_adapters.hf import DEFAULT_PREFILL_CHUNK
 
 MODEL_TYPE = "nsa_eval"
 FLA_MODEL_TYPE = "nsa"
@@ -278,16 +283,6 @@ class BlockCompression(nn.Module):
         return self.fc2(F.silu(self.fc1(x)))
 
 
-def in_chunks(fn, length: int, chunk: int):
-    """fn(start, end) -> tensor or tuple of tensors [B, end - start, ...], joined along dim 1 over [0, length)."""
-    parts = [fn(s, min(s + chunk, length)) for s in range(0, length, chunk)]
-    if len(parts) == 1:
-        return parts[0]
-    if isinstance(parts[0], tuple):
-        return tuple(torch.cat(p, 1) for p in zip(*parts))
-    return torch.cat(parts, 1)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the cache
 # ----------------------------------------------------------------------------------------------------------------
@@ -384,49 +379,91 @@ class NSAAttention(nn.Module):
             return (k_blocks.float().mean(2).to(k_blocks.dtype), v_blocks.float().mean(2).to(v_blocks.dtype))
         return self.k_compress(k_blocks), self.v_compress(v_blocks)
 
-    # ---- prefill (positions 0..T-1) ------------------------------------------------------------------------
+    # ---- prefill (a slice of the prompt at positions start..start+T-1) -------------------------------------------
 
-    def prefill(self, x, cos, sin, ops: Kernels, sdpa_backend: str | None, chunk: int, cache: dict | None, rows: slice):
-        """x [B, T, hidden] (normed) -> attention output after o_proj [B, T, hidden]; fills cache[rows]. The
-        projections run `chunk` tokens at a time, the attention over all T at once."""
+    def prefill(self, x, cos, sin, ops: Kernels, sdpa_backend: str | None, cache: dict | None, rows: slice,
+                start: int = 0):
+        """x [B, T, hidden] (normed) of the prompt tokens at positions start..start+T-1 -> attention output after
+        o_proj [B, T, hidden]. The queries see cache[rows]'s first `start` tokens and the slice's own; the slice is
+        written into cache[rows] (cache None: a whole prompt, start 0, nothing kept)."""
         c = self.config
         B, T, _ = x.shape
-        q, branch_kv, gates = self.unpack(in_chunks(lambda s, e: self.project(x[:, s:e], cos[:, s:e], sin[:, s:e]),
-                                                    T, chunk))
-        k_cmp = v_cmp = None
+        q, branch_kv, gates = self.unpack(self.project(x, cos, sin))
+        slc_kv = self._keys_so_far(*branch_kv["slc"], cache, rows, start)
+        k_cmp = v_cmp = win_kv = None
         if c.attention == "nsa":
-            k_cmp, v_cmp = self.compress(*(_blocks(t, c.block_len, c.block_stride) for t in branch_kv["cmp"]))
-        o = self.attend_prefill(q, branch_kv, k_cmp, v_cmp, gates, ops, sdpa_backend)
-        if cache is not None:
-            k_slc, v_slc = branch_kv["slc"]
-            cache["k"][rows, :T], cache["v"][rows, :T, :, :self.dv] = k_slc, v_slc
-            if c.attention == "nsa":
-                cache["k_cmp"][rows, :k_cmp.shape[1]], cache["v_cmp"][rows, :k_cmp.shape[1]] = k_cmp, v_cmp
-                _fill_ring(cache["k_ring"], cache["v_ring"], rows, *branch_kv["cmp"])
-                if "k_win" in cache:
-                    _fill_ring(cache["k_win"], cache["v_win"], rows, *branch_kv["win"])
-        o = o.reshape(B, T, self.hq * self.dv)
-        return in_chunks(lambda s, e: self.o_proj(o[:, s:e]), T, chunk)
+            k_cmp, v_cmp = self._compressed_so_far(*branch_kv["cmp"], cache, rows, start)
+            if c.window:
+                win_kv = self._window_so_far(*branch_kv["win"], slc_kv, cache, rows, start)
+        o = self.attend_prefill(q, slc_kv, k_cmp, v_cmp, win_kv, gates, ops, sdpa_backend)
+        return self.o_proj(o.reshape(B, T, self.hq * self.dv))
 
-    def attend_prefill(self, q, branch_kv, k_cmp, v_cmp, gates, ops: Kernels, sdpa_backend: str | None):
-        """The attention of a prompt: q [B, T, HQ, Dk] -> o [B, T, HQ, Dv]; NSA's three gated branches, or causal
-        attention (our kernel, or SDPA on `sdpa_backend`)."""
+    def _keys_so_far(self, k, v, cache: dict | None, rows: slice, start: int):
+        """The slice's selection keys/values [B, T, H, D] into cache[rows] at [start, start+T) -> those of every
+        token so far, [B, start+T, H, D]."""
+        if cache is None:
+            return k, v
+        end = start + k.shape[1]
+        cache["k"][rows, start:end], cache["v"][rows, start:end, :, :self.dv] = k, v
+        return (k, v) if not start else (cache["k"][rows, :end], cache["v"][rows, :end, :, :self.dv])
+
+    def _compressed_so_far(self, k, v, cache: dict | None, rows: slice, start: int):
+        """Compressed blocks of every token so far [B, Tc, H, D] from the slice's compression-branch keys/values
+        [B, T, H, D]: the blocks it completes (reaching back into the ring's last block_len tokens) are made and
+        written into cache[rows], with the ring; the earlier ones come from the cache."""
         c = self.config
-        k_slc, v_slc = branch_kv["slc"]
+        first = num_compressed_blocks(start, c.block_len, c.block_stride)  # blocks complete before the slice
+        k_from, v_from = k, v
+        if start:  # block `first` starts at most block_len - 1 tokens before the slice
+            slots = torch.arange(first * c.block_stride, start, device=k.device) % c.block_len
+            k_from = torch.cat([cache["k_ring"][rows][:, slots], k], 1)
+            v_from = torch.cat([cache["v_ring"][rows][:, slots], v], 1)
+        k_new, v_new = self.compress(_blocks(k_from, c.block_len, c.block_stride),
+                                     _blocks(v_from, c.block_len, c.block_stride))
+        if cache is None:
+            return k_new, v_new
+        _fill_ring(cache["k_ring"], cache["v_ring"], rows, k, v, start)
+        last = first + k_new.shape[1]
+        cache["k_cmp"][rows, first:last], cache["v_cmp"][rows, first:last] = k_new, v_new
+        return (k_new, v_new) if not start else (cache["k_cmp"][rows, :last], cache["v_cmp"][rows, :last])
+
+    def _window_so_far(self, k, v, slc_kv, cache: dict | None, rows: slice, start: int):
+        """Window-branch keys/values the slice's queries may see: tokens [max(0, start - w), start + T) (shared
+        K/V: from the selection keys so far; else the window ring's last w tokens, then the slice's own, which
+        go into the ring)."""
+        lo = max(0, start - self.config.window)
+        if self.config.shared_kv:
+            return slc_kv[0][:, lo:], slc_kv[1][:, lo:]
+        k_from, v_from = k, v
+        if start:
+            slots = torch.arange(lo, start, device=k.device) % self.config.window
+            k_from = torch.cat([cache["k_win"][rows][:, slots], k], 1)
+            v_from = torch.cat([cache["v_win"][rows][:, slots], v], 1)
+        if cache is not None:
+            _fill_ring(cache["k_win"], cache["v_win"], rows, k, v, start)
+        return k_from, v_from
+
+    def attend_prefill(self, q, slc_kv, k_cmp, v_cmp, win_kv, gates, ops: Kernels, sdpa_backend: str | None):
+        """The attention of a prompt slice: q [B, T, HQ, Dk], the last T positions of the S = slc_kv[0].shape[1]
+        tokens so far (keys [B, S, H, Dk]; compressed blocks of the S tokens; window keys ending at S) -> o [B, T,
+        HQ, Dv]; NSA's three gated branches, or causal attention (our kernel, or SDPA on `sdpa_backend`)."""
+        c = self.config
+        k_slc, v_slc = slc_kv
+        seq_len = k_slc.shape[1]
         if c.attention == "full":
             if not sdpa_backend:
                 return ops.attention(q, k_slc, v_slc, causal=True)
             width = sdpa_value_width(sdpa_backend, self.dk, self.dv, q.device, q.dtype)
             return sdpa(q, k_slc, F.pad(v_slc, (0, width - self.dv)), sdpa_backend)[..., :self.dv]
         g_cmp, g_slc, g_win = gates.unbind(-1)
-        o_cmp, lse = ops.compressed_attention(q, k_cmp, v_cmp, block_len=c.block_len, block_stride=c.block_stride)
+        o_cmp, lse = ops.compressed_attention(q, k_cmp, v_cmp, block_len=c.block_len, block_stride=c.block_stride,
+                                              seq_len=seq_len)
         indices = ops.select_blocks(q, k_cmp, lse, block_len=c.block_len, block_stride=c.block_stride,
-                                    select_len=c.select_len, num_selected=c.num_selected)
+                                    select_len=c.select_len, num_selected=c.num_selected, seq_len=seq_len)
         o = g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * ops.selected_attention(
             q, k_slc, v_slc, indices, select_len=c.select_len)
         if c.window:
-            k_win, v_win = branch_kv["win"]
-            o = o + g_win.unsqueeze(-1) * ops.attention(q, k_win, v_win, causal=True, window=c.window)
+            o = o + g_win.unsqueeze(-1) * ops.attention(q, *win_kv, causal=True, window=c.window)
         return o.to(q.dtype)
 
     # ---- decode (one token per sequence) -------------------------------------------------------------------
@@ -494,20 +531,26 @@ def _blocks(x: torch.Tensor, block_len: int, stride: int) -> torch.Tensor:
     return x.unfold(1, block_len, stride).permute(0, 1, 4, 2, 3)
 
 
-def _fill_ring(k_ring: torch.Tensor, v_ring: torch.Tensor, rows: slice, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Put the last `slots` tokens of k, v [B, T, H, D] (positions 0..T-1) into rings [B, slots, H, D] at p % slots."""
+def _fill_ring(k_ring: torch.Tensor, v_ring: torch.Tensor, rows: slice, k: torch.Tensor, v: torch.Tensor,
+               start: int = 0) -> None:
+    """Put the last `slots` tokens of k, v [B, T, H, D] (positions start..start+T-1) into rings [B, slots, H, D]
+    at p % slots."""
     slots, T = k_ring.shape[1], k.shape[1]
-    positions = torch.arange(max(0, T - slots), T, device=k.device)
-    k_ring[rows, positions % slots], v_ring[rows, positions % slots] = k[:, positions], v[:, positions]
+    index = torch.arange(max(0, T - slots), T, device=k.device)
+    k_ring[rows, (start + index) % slots], v_ring[rows, (start + index) % slots] = k[:, index], v[:, index]
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
     """PyTorch SDPA on one backend ('flash', 'cudnn', 'efficient', 'math') in our layout: q [B, T, HQ, Dk],
-    k [B, S, H, Dk], v [B, S, H, Dv] -> [B, T, HQ, Dv]; causal when T == S, else the T queries see every key.
+    k [B, S, H, Dk], v [B, S, H, Dv] -> [B, T, HQ, Dv]; causal, aligned bottom-right when T < S (query i at key
+    position i + S - T: a prompt slice after cached tokens); a single query (decode) sees every key.
     GQA through enable_gqa, or the KV heads expanded where the backend refuses it: the first way that works is
     remembered per backend and kind of call (SDPA_WAYS), so the call is graph-safe after its first use. A backend
     that needs Dv == Dk gets V zero-padded by the caller (sdpa_value_width), in the cache itself."""
-    causal = q.shape[1] == k.shape[1] and q.shape[1] > 1
+    T, S = q.shape[1], k.shape[1]
+    causal = {"is_causal": T == S and T > 1}
+    if 1 < T < S:
+        causal = {"attn_mask": causal_lower_right(T, S)}
 
     def call(way: str):
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -516,7 +559,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> tor
             group = q.shape[2] // k.shape[2]
             kt, vt, gqa = kt.repeat_interleave(group, 1), vt.repeat_interleave(group, 1), {}
         with sdpa_kernel(SDPA_BACKENDS[backend]):
-            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, **gqa).transpose(1, 2)
+            return F.scaled_dot_product_attention(qt, kt, vt, **causal, **gqa).transpose(1, 2)
 
     key = (backend, q.shape[1] == 1)
     if key in SDPA_WAYS:
@@ -578,8 +621,10 @@ class CausalLMOutput:
 class NSAForCausalLM(nn.Module):
     """The NSA transformer. Attributes a caller may set: `kernels` ('auto': Triton on CUDA tensors, the reference
     elsewhere; 'triton'; 'reference'), `sdpa_backend` (None, or 'flash' / 'cudnn' / 'efficient' / 'math' for
-    attention 'full' through PyTorch SDPA), `prefill_chunk` (tokens per projection / MLP call during a prompt, so
-    a 64k-token prompt fits in memory), `decode_reserve` (cache slots allocated beyond a prompt), `cuda_graphs`."""
+    attention 'full' through PyTorch SDPA), `prefill_chunk` (prompt tokens per slice over the cache, so a 64k-token
+    prompt's working set is bounded by the slice; None: DEFAULT_PREFILL_CHUNK on CUDA, one pass elsewhere; 0: one
+    pass),
+    `decode_reserve` (cache slots allocated beyond a prompt), `cuda_graphs`."""
 
     def __init__(self, config: NSAConfig):
         super().__init__()
@@ -592,7 +637,7 @@ class NSAForCausalLM(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.kernels = "auto"
         self.sdpa_backend: str | None = None
-        self.prefill_chunk = 8192
+        self.prefill_chunk: int | None = None
         self.decode_reserve = 256
         self.cuda_graphs = True
 
@@ -662,23 +707,37 @@ class NSAForCausalLM(nn.Module):
     # ---- prefill and decode --------------------------------------------------------------------------------
 
     def _prefill(self, ids: torch.Tensor, cache: NSACache | None, rows: slice) -> torch.Tensor:
-        """Tokens ids [b, T] at positions 0..T-1 through every layer -> last hidden states [b, T, hidden] (before
-        the final norm); fills cache[rows]."""
+        """Tokens ids [b, T] at positions 0..T-1 through every layer, in slices of `prefill_chunk` tokens over the
+        cache -> last hidden states [b, T, hidden] (before the final norm); fills cache[rows] (a cache of its own
+        when sliced without one)."""
         b, T = ids.shape
-        c = self.config
-        ops, chunk = self._ops(), self.prefill_chunk
-        positions = torch.arange(T, device=ids.device).expand(b, T)
-        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
-        h = self.embed(ids)
-        for i, layer in enumerate(self.layers):
-            layer_cache = cache.layers[i] if cache is not None else None
-            a = in_chunks(lambda s, e: layer.attn_norm(h[:, s:e]), T, chunk)
-            h = h + layer.attn.prefill(a, cos, sin, ops, self.sdpa_backend, chunk, layer_cache, rows)
-            h = in_chunks(lambda s, e: h[:, s:e] + layer.mlp(layer.mlp_norm(h[:, s:e])), T, chunk)
+        step = self.prefill_chunk
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+            raise ValueError(f"prefill_chunk must be None, 0 (one pass) or a positive number of tokens, got {step!r}")
+        if step is None:
+            step = DEFAULT_PREFILL_CHUNK if self.device.type == "cuda" else T
+        step = step or T
+        if cache is None and step < T:
+            cache, rows = self.new_cache(b, T), slice(None)
+        hidden = [self._prefill_slice(ids[:, start:start + step], start, cache, rows) for start in range(0, T, step)]
         if cache is not None:
             cache.lengths[rows] = T
             for r in range(*rows.indices(len(cache.host_lengths))):
                 cache.host_lengths[r] = T
+        return hidden[0] if len(hidden) == 1 else torch.cat(hidden, 1)
+
+    def _prefill_slice(self, ids: torch.Tensor, start: int, cache: NSACache | None, rows: slice) -> torch.Tensor:
+        """Tokens ids [b, T] at positions start..start+T-1 (the cache holds the earlier ones) -> hidden [b, T, hidden]."""
+        b, T = ids.shape
+        c = self.config
+        ops = self._ops()
+        positions = torch.arange(start, start + T, device=ids.device).expand(b, T)
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+        h = self.embed(ids)
+        for i, layer in enumerate(self.layers):
+            layer_cache = cache.layers[i] if cache is not None else None
+            h = h + layer.attn.prefill(layer.attn_norm(h), cos, sin, ops, self.sdpa_backend, layer_cache, rows, start)
+            h = h + layer.mlp(layer.mlp_norm(h))
         return h
 
     def _decode_step(self, ids: torch.Tensor, cache: NSACache, sdpa_length: int) -> torch.Tensor:

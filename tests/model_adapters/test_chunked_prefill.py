@@ -74,7 +74,7 @@ def test_chunked_prefill_gives_the_one_pass_generations_and_loglikelihoods(one_p
 
 
 def test_models_that_cannot_be_chunked_keep_one_pass(tiny_llama_dir, smollm2):
-    # the NSA model: its prefill kernels start every sequence at position 0, so a slice cannot follow cached tokens
+    # the NSA model slices its prompt itself (NSAForCausalLM.prefill_chunk), so HFModel passes it whole
     config = NSAConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1,
                        head_dim=16, v_head_dim=16, intermediate_size=48, max_position_embeddings=256)
     nsa = NSAForCausalLM(config).init_weights(seed=0)

@@ -174,6 +174,46 @@ def test_fla_checkpoint_gives_fla_logits(tmp_path, monkeypatch):
     torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 
+SHARED_KV_WINDOW = {**FLA, "window": 32, "block_stride": 8, "select_len": 32}
+
+
+@pytest.mark.parametrize("layout", [PAPER, FLA, SHARED_KV_WINDOW], ids=["paper", "fla", "shared-kv-window"])
+def test_chunked_prefill_equals_one_pass(layout):
+    """Slices of 7 and 16 tokens over the cache (compressed blocks, selection blocks and the window cross the slice
+    boundaries): the logits of one pass, with and without use_cache, also for a left-padded row; the decode steps
+    after a sliced prompt continue as after one pass."""
+    model = tiny(layout)
+    ids = torch.randint(0, 97, (2, 53), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    one_pass = model(ids, attention_mask=mask, use_cache=True).logits
+    continuation = greedy_with_cache(model, ids, 12)
+    for chunk in (7, 16):
+        model.prefill_chunk = chunk
+        # float32 rounding only (other matmul shapes): 1e-4, as the decode steps against the prompt's logits
+        torch.testing.assert_close(model(ids, attention_mask=mask, use_cache=True).logits, one_pass, rtol=1e-4,
+                                   atol=1e-4)
+        torch.testing.assert_close(model(ids[:1]).logits, one_pass[:1], rtol=1e-4, atol=1e-4)
+        assert torch.equal(greedy_with_cache(model, ids, 12), continuation)
+
+
+def test_chunked_prefill_on_triton_kernels_and_sdpa():
+    """Slices after cached tokens on the Triton NSA kernels (interpreter on the CPU) and on the SDPA baseline."""
+    model = tiny(PAPER, layers=1)
+    ids = torch.randint(0, 97, (1, 45), generator=torch.Generator().manual_seed(7))
+    reference = model(ids).logits
+    model.kernels, model.prefill_chunk = "triton", 16
+    torch.testing.assert_close(model(ids).logits, reference, rtol=1e-4, atol=1e-4)
+    full = tiny(PAPER, attention="full", v_head_dim=8)
+    ours = full(ids).logits
+    full.sdpa_backend, full.prefill_chunk = "math", 7
+    torch.testing.assert_close(full(ids).logits, ours, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prefill_chunk must be None, 0"):
+        full.prefill_chunk = -1
+        full(ids)
+
+
+
 # ---- the nsa: backend ---------------------------------------------------------------------------------------
 
 
@@ -208,6 +248,8 @@ def test_nsa_backend_batches_stops_and_samples(nsa_dir):
     scores = lm.loglikelihood([LoglikelihoodRequest("The capital of France is", " Paris"),
                                LoglikelihoodRequest("Hello", " world")])
     assert all(s.logprob < 0 for s in scores)
+    lm.model.prefill_chunk = 7  # HFModel's generation loop over a prompt prefilled in slices
+    assert [g.texts for g in lm.generate(requests[:2])] == [g.texts for g in alone[:2]]
 
 
 def test_cli_runs_niah_on_an_nsa_checkpoint(nsa_dir, tmp_path):

@@ -346,14 +346,12 @@ DEFAULT_PREFILL_CHUNK = 8192  # tokens per prefill pass on CUDA unless told othe
 
 
 def chunked_prefill_supported(model: Any) -> bool:
-    """Whether a prompt can be prefilled in slices over the model's cache: transformers models, except under
-    training-free sparse attention (a slice after cached tokens takes its dense reference path, whose memory grows
-    with slice x prompt). Not the NSA model: it slices its prompt over its own cache itself (its `prefill_chunk`)."""
+    """Whether a prompt can be prefilled in slices over the model's cache: transformers models (training-free sparse
+    attention included: a slice after cached tokens runs on the NSA kernels' query offset). Not the NSA model: it
+    slices its prompt over its own cache itself (its `prefill_chunk`)."""
     from transformers import PreTrainedModel
 
-    from nsa_eval.model_adapters.hf_attention import SPARSE_ATTENTION
-
-    return isinstance(model, PreTrainedModel) and getattr(model.config, "_attn_implementation", None) != SPARSE_ATTENTION
+    return isinstance(model, PreTrainedModel)
 
 
 def _resolve_prefill_chunk(prefill_chunk: int | None, model: Any, device: torch.device) -> int | None:
@@ -363,10 +361,8 @@ def _resolve_prefill_chunk(prefill_chunk: int | None, model: Any, device: torch.
         raise ValueError(f"--prefill-chunk must be 0 (one pass) or a positive number of tokens, got {prefill_chunk!r}")
     if not chunked_prefill_supported(model):
         if prefill_chunk:
-            sparse = getattr(getattr(model, "config", None), "_attn_implementation", None) is not None
-            what = "--attention sparse" if sparse else f"{type(model).__name__} (it chunks its prompt itself)"
-            raise ValueError(f"--prefill-chunk applies to transformers models with full attention, not to {what}; "
-                             "leave --prefill-chunk out")
+            raise ValueError(f"--prefill-chunk applies to transformers models, not to {type(model).__name__} (it "
+                             "chunks its prompt itself); leave --prefill-chunk out")
         return None
     if prefill_chunk is None:
         return DEFAULT_PREFILL_CHUNK if device.type == "cuda" else None

@@ -7,9 +7,9 @@
   `block` tokens; block importance = the compressed-attention probabilities of the query over those block means,
   summed over the KV head's query heads (NSA eq. 8-10 with l = d = l'); the leading `leading` tokens and the blocks
   covering the last `local` tokens are always kept, then the most important blocks up to `budget` tokens; one
-  softmax over the kept tokens. A prompt (queries 0..T-1) runs on the NSA kernels (compressed attention for the
-  scores, block selection, selected attention); queries after cached tokens (decode) run the same rule on the
-  NSA reference, which takes query positions.
+  softmax over the kept tokens. Queries run on the NSA kernels (compressed attention for the scores, block
+  selection, selected attention): Triton on CUDA tensors, the PyTorch reference elsewhere; queries after cached
+  tokens (decode steps, prompt slices) are the last T of the S keys, which the kernels take as a query offset.
 
 Both take transformers' padding mask as the 2D [B, S] key mask that its flash-attention path gets (or None), and run
 padded rows one at a time.
@@ -175,26 +175,17 @@ def _rows(core, query, key, value, attention_mask):
 
 def sparse_attention(q, k, v, settings: SparseSettings, scale: float | None = None) -> torch.Tensor:
     """q [B, T, HQ, D] at key positions S-T..S-1, k [B, S, H, D], v [B, S, H, Dv] -> [B, T, HQ, Dv] (module
-    docstring). T == S on the NSA kernels (Triton on CUDA); T < S on the NSA reference with query positions."""
-    from nsa_eval.kernels.nsa import reference
-
+    docstring), on the NSA kernels (Triton on CUDA, the reference elsewhere) with the queries offset by S - T."""
     block, n = settings.block, settings.num_blocks
     B, T, S = q.shape[0], q.shape[1], k.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     k_mean, v_mean = mean_pool(k, block), mean_pool(v, block)
-    if T == S:
-        _, lse = compressed_attention(q, k_mean, v_mean, block_len=block, block_stride=block, scale=scale)
-        indices = select_blocks(q, k_mean, lse, block_len=block, block_stride=block, select_len=block,
-                                num_selected=n, scale=scale)
-        positions = torch.arange(T, device=q.device).expand(B, T)
-        indices = keep_leading_and_local(indices, positions, settings)
-        return selected_attention(q, k, v, indices, select_len=block, scale=scale)
+    _, lse = compressed_attention(q, k_mean, v_mean, block_len=block, block_stride=block, scale=scale, seq_len=S)
+    indices = select_blocks(q, k_mean, lse, block_len=block, block_stride=block, select_len=block, num_selected=n,
+                            scale=scale, seq_len=S)
     positions = torch.arange(S - T, S, device=q.device).expand(B, T)
-    _, lse = reference._compressed(q, k_mean, v_mean, positions, block, block, scale)
-    indices = reference._select(q, k_mean, lse, positions, S, block, block, block, n, scale)
     indices = keep_leading_and_local(indices, positions, settings)
-    out, _ = reference._selected(q, k, v, indices, positions, block, scale)
-    return out.to(q.dtype)
+    return selected_attention(q, k, v, indices, select_len=block, scale=scale)
 
 
 def keep_leading_and_local(indices: torch.Tensor, positions: torch.Tensor, settings: SparseSettings) -> torch.Tensor:

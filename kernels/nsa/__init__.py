@@ -6,6 +6,9 @@ compression.compressed_attention, selection.select_blocks, selected.selected_att
 parallel.nsa_attention, decode.nsa_decode. The reference's docstrings are the spec of both paths.
 Packed variable-length batches: `cu_seqlens` on nsa_attention, compressed_attention, select_blocks,
 selected_attention and mean_pool, on both paths (layout of the packed compressed K/V: reference's module docstring).
+Queries offset into the keys (a prompt slice over a cache): the T queries are the last T of S >= T tokens, query i
+at position i + S - T (bottom-right, as full attention); S from k, or `seq_len=` for compressed_attention and
+select_blocks. Triton: forward only for T < S (a gradient request raises ValueError).
 """
 
 import functools

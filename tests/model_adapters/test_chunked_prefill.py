@@ -80,13 +80,11 @@ def test_models_that_cannot_be_chunked_keep_one_pass(tiny_llama_dir, smollm2):
     nsa = NSAForCausalLM(config).init_weights(seed=0)
     assert HFModel(nsa, smollm2.tokenizer, "nsa").prefill_chunk is None
     assert _resolve_prefill_chunk(None, nsa, torch.device("cuda")) is None
-    with pytest.raises(ValueError, match="--prefill-chunk applies to transformers models with full attention"):
+    with pytest.raises(ValueError, match="--prefill-chunk applies to transformers models, not to NSAForCausalLM"):
         HFModel(nsa, smollm2.tokenizer, "nsa", prefill_chunk=7)
-    # training-free sparse attention: a slice after cached tokens would take its dense reference path
-    sparse = load_model(f"hf:{tiny_llama_dir}", device="cpu", attention="sparse")
-    assert sparse.prefill_chunk is None
-    with pytest.raises(ValueError, match="not to --attention sparse"):
-        load_model(f"hf:{tiny_llama_dir}", device="cpu", attention="sparse", prefill_chunk=7)
+    # training-free sparse attention chunks (test_hf_attention: sliced generation equals one pass)
+    assert load_model(f"hf:{tiny_llama_dir}", device="cpu", attention="sparse").prefill_chunk is None
+    assert load_model(f"hf:{tiny_llama_dir}", device="cpu", attention="sparse", prefill_chunk=7).prefill_chunk == 7
 
 
 def test_default_and_bad_chunk_sizes(smollm2):

@@ -86,6 +86,51 @@ def test_sparse_decode_over_the_cache_equals_the_prompt_pass():
             torch.testing.assert_close(out.logits[0, -1], whole[0, t], rtol=1e-5, atol=1e-5)
 
 
+def test_sparse_triton_path_equals_the_reference_path(monkeypatch):
+    """A prompt slice and decode steps after cached tokens on the Triton NSA kernels (interpreter on the CPU, the
+    queries offset into the cache) choose and attend as the reference path, which equals the one-pass prompt."""
+    from nsa_eval.kernels.nsa import compression, selected, selection
+
+    model = tiny_llama()
+    ids, _ = padded_batch(T=60)
+    settings = SparseSettings(budget=40, leading=8, local=9, block=8)  # 5 of up to 8 blocks of 8 tokens
+    whole = logits(model, SPARSE_ATTENTION, ids[:1], None, settings)[0, 40:]
+
+    def cached_passes():
+        with torch.no_grad():
+            out = model(input_ids=ids[:1, :40], use_cache=True)
+            out = model(input_ids=ids[:1, 40:56], cache=out.past_key_values)  # a 16-token slice after 40 tokens
+            rows = [out.logits[0]]
+            for t in range(56, 60):
+                out = model(input_ids=ids[:1, t:t + 1], cache=out.past_key_values)
+                rows.append(out.logits[0])
+        return torch.cat(rows)
+
+    reference = cached_passes()
+    torch.testing.assert_close(reference, whole, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(hf_attention, "compressed_attention", compression.compressed_attention)
+    monkeypatch.setattr(hf_attention, "select_blocks", selection.select_blocks)
+    monkeypatch.setattr(hf_attention, "selected_attention", selected.selected_attention)
+    torch.testing.assert_close(cached_passes(), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_generation_with_a_sliced_prompt_equals_one_pass(tiny_llama_dir):
+    """--attention sparse with --prefill-chunk: HFModel's loop prefills 7-token slices over the cache (left-padded
+    batch) and generates what one pass does."""
+    from nsa_eval.model_adapters.base import GenerationRequest
+    from nsa_eval.models import load_model
+
+    settings = SparseSettings(budget=40, leading=8, local=9, block=8)  # 5 blocks of 8: fewer than the prompt's
+    requests = [GenerationRequest(" ".join(str(i) for i in range(40)), max_new_tokens=6),
+                GenerationRequest("a b c", max_new_tokens=6)]
+    texts = {}
+    for chunk in (None, 7):
+        lm = load_model(f"hf:{tiny_llama_dir}", device="cpu", attention="sparse", sparse=settings, batch_size=2,
+                        prefill_chunk=chunk)
+        texts[chunk] = [g.texts for g in lm.generate(requests)]
+    assert texts[7] == texts[None]
+
+
 def test_kept_blocks_are_leading_local_then_most_important():
     settings = SparseSettings(budget=64, leading=8, local=9, block=8)  # 8 blocks: 1 leading, up to 3 local
     # a query at position 60 (block 7): leading block 0; local tokens 52..60 -> blocks 6, 7; then 5 more by importance.

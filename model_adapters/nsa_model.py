@@ -561,7 +561,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> tor
         with sdpa_kernel(SDPA_BACKENDS[backend]):
             return F.scaled_dot_product_attention(qt, kt, vt, **causal, **gqa).transpose(1, 2)
 
-    key = (backend, q.shape[1] == 1)
+    key = (backend, "decode" if T == 1 else "slice" if T < S else "prompt")  # a slice takes a lower-right mask
     if key in SDPA_WAYS:
         return call(SDPA_WAYS[key])
     errors = []
@@ -578,23 +578,24 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> tor
 
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-SDPA_WAYS: dict[tuple[str, bool], str] = {}  # (backend, decode) -> the first way of calling it that worked
+SDPA_WAYS: dict[tuple[str, str], str] = {}  # (backend, kind of call) -> the first way of calling it that worked
 _VALUE_WIDTHS: dict[tuple, int] = {}
 
 
 def sdpa_value_width(backend: str, dk: int, dv: int, device: torch.device, dtype: torch.dtype) -> int:
-    """Dv where the backend takes V of another head dim than Q and K (tried on tiny tensors, prompt and decode
-    shapes), else Dk: V is then stored zero-padded to Dk (the outputs' extra columns are zeros, and dropped)."""
+    """Dv where the backend takes V of another head dim than Q and K (tried on tiny tensors, prompt, slice and
+    decode shapes), else Dk: V is then stored zero-padded to Dk (the outputs' extra columns are zeros, and dropped)."""
     key = (backend, dk, dv, str(device), dtype)
     if key not in _VALUE_WIDTHS:
-        q, k, v = (torch.randn(1, 2, 2, d, device=device, dtype=dtype) for d in (dk, dk, dv))
+        q, k, v = (torch.randn(1, 3, 2, d, device=device, dtype=dtype) for d in (dk, dk, dv))
         try:
-            for T in (2, 1):  # a prompt (causal) and a decode step
+            for T in (3, 2, 1):  # a prompt (causal), a slice after a cached token and a decode step
                 sdpa(q[:, :T], k, v, backend)
             _VALUE_WIDTHS[key] = dv
         except (RuntimeError, ValueError):
             _VALUE_WIDTHS[key] = dk
-        SDPA_WAYS.pop((backend, False), None), SDPA_WAYS.pop((backend, True), None)  # decided again on real shapes
+        for kind in ("prompt", "slice", "decode"):  # decided again on real shapes
+            SDPA_WAYS.pop((backend, kind), None)
     return _VALUE_WIDTHS[key]
 
 

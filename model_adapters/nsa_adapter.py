@@ -14,9 +14,10 @@ from nsa_eval.model_adapters.nsa_model import NSAForCausalLM
 
 
 def load_nsa(path: str, *, device: str | None = None, dtype: str | None = None, max_length: int | None = None,
-             batch_size: int = 1, name: str | None = None) -> HFModel:
+             batch_size: int = 1, name: str | None = None, prefill_chunk: int | None = None) -> HFModel:
     """The checkpoint folder's model and the tokenizer saved beside it; ModelLoadError (one line) where either is
-    missing or broken."""
+    missing or broken. prefill_chunk: prompt tokens per slice over the NSA cache (None: 8192 on CUDA, one pass on
+    the CPU; 0: one pass)."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -24,6 +25,7 @@ def load_nsa(path: str, *, device: str | None = None, dtype: str | None = None, 
     folder = Path(path).expanduser()
     torch_device = resolve_device(device)
     model = NSAForCausalLM.from_pretrained(folder, device=torch_device, dtype=resolve_dtype(dtype, torch_device))
+    model.prefill_chunk = prefill_chunk
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # transformers does not know model_type nsa_eval and says so while it reads
     try:

@@ -21,8 +21,8 @@ def load_model(spec: str, **options: Any) -> LanguageModel:
     prefill_chunk = options.pop("prefill_chunk", None)
     if attention != "full" and not (spec == "smollm2" or kind == "hf"):
         raise ValueError(f"--attention {attention} applies to smollm2 and hf: checkpoints, not to '{spec}'")
-    if prefill_chunk is not None and not (spec == "smollm2" or kind == "hf"):
-        raise ValueError(f"--prefill-chunk applies to smollm2 and hf: checkpoints, not to '{spec}'; leave it out")
+    if prefill_chunk is not None and not (spec == "smollm2" or kind in ("hf", "nsa")):
+        raise ValueError(f"--prefill-chunk applies to smollm2, hf: and nsa: checkpoints, not to '{spec}'; leave it out")
     if spec == "smollm2" or kind == "hf":
         from nsa_eval.model_adapters.hf import HFModel, resolve_device
         from nsa_eval.model_adapters.hf_attention import SparseSettings, attn_implementation, enable_sparse
@@ -45,7 +45,7 @@ def load_model(spec: str, **options: Any) -> LanguageModel:
             raise ValueError("model spec 'nsa:' needs a checkpoint folder, e.g. nsa:./my-nsa-checkpoint")
         from nsa_eval.model_adapters.nsa_adapter import load_nsa
 
-        return load_nsa(target, **options)
+        return load_nsa(target, prefill_chunk=prefill_chunk, **options)
     if kind == "openai":
         from nsa_eval.model_adapters.openai_backend import OpenAIModel
 

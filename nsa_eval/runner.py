@@ -120,7 +120,8 @@ def run(
         # outside the hash, as batch_size: prompt tokens per prefill pass change results by float rounding only, and
         # a run resumed with another --prefill-chunk must still resume
         "batch_size": batch_size,
-        "prefill_chunk": getattr(model, "prefill_chunk", None),
+        # hf: models are sliced by HFModel; the NSA model (HFModel.model) slices its prompt over its own cache
+        "prefill_chunk": getattr(model, "prefill_chunk", None) or getattr(getattr(model, "model", None), "prefill_chunk", None),
         "versions": run_store.versions(),
         "git_sha": run_store.git_sha(),
         "hardware": run_store.hardware(),

@@ -113,7 +113,7 @@ def test_cli_prefill_chunk_is_recorded_and_resumes_across_chunks(tiny_llama_dir,
         return [json.loads(line)["responses"] for line in (out / "samples" / "niah.jsonl").read_text().splitlines()]
 
     assert responses(sliced) == responses(one_pass)
-    bad = CliRunner().invoke(main, ["run", "--model", "nsa:/absent", "--prefill-chunk", "8", *niah,
+    bad = CliRunner().invoke(main, ["run", "--model", "openai:http://127.0.0.1:9/v1#m", "--prefill-chunk", "8", *niah,
                                     "--output", str(tmp_path / "bad")])
-    assert bad.exit_code == 1 and "--prefill-chunk applies to smollm2 and hf: checkpoints" in bad.output, bad.output
+    assert bad.exit_code == 1 and "--prefill-chunk applies to smollm2, hf: and nsa: checkpoints" in bad.output, bad.output
     assert "Traceback" not in bad.output

@@ -263,6 +263,18 @@ def test_cli_runs_niah_on_an_nsa_checkpoint(nsa_dir, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tasks"]["niah"]["n"] == 2 and metrics["tasks"]["niah"]["efficiency"]["prefill_ms_mean"] > 0
     assert json.loads((out / "run.json").read_text())["model"]["spec"] == f"nsa:{nsa_dir}"
+    # --prefill-chunk reaches the NSA model, which slices its prompt over its own cache: same answers
+    sliced = tmp_path / "sliced"
+    result = CliRunner().invoke(main, ["run", "--model", f"nsa:{nsa_dir}", "--tasks", "niah", "--niah-lengths", "256",
+                                       "--niah-depths", "0,100", "--quiet", "--prefill-chunk", "50", "--output",
+                                       str(sliced)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads((sliced / "run.json").read_text())["prefill_chunk"] == 50
+    responses = lambda run: [json.loads(line)["responses"] for line in (run / "samples" / "niah.jsonl").open()]  # noqa: E731
+    assert responses(sliced) == responses(out)
+    from nsa_eval.models import load_model
+
+    assert load_model(f"nsa:{nsa_dir}", device="cpu", prefill_chunk=50).model.prefill_chunk == 50
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------

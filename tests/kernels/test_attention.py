@@ -12,26 +12,15 @@ import torch
 
 import nsa_eval.kernels as kernels
 from nsa_eval.kernels.attention import parallel, reference
+from kernel_checks import rel_err
+
+pytestmark = pytest.mark.usefixtures("nan_outputs")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 # ||out - ref|| / ||ref|| bounds (output, gradients): float32 is exact up to rounding; 16-bit inputs
 # round P to 16 bits before P @ V and dS before dS @ K / dS^T @ Q.
 BOUNDS = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 5e-3), torch.bfloat16: (1.5e-2, 3e-2)}
-
-
-@pytest.fixture(autouse=True)
-def nan_outputs(monkeypatch):
-    """Every buffer the kernels write starts as NaN."""
-
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(parallel, "new_output", poisoned)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def check_against_reference(B, T, S, HQ, H, Dk, Dv, dtype, *, causal=True, window=None, cu_seqlens=None, scale=None):

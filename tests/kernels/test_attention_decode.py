@@ -10,22 +10,13 @@ import pytest
 import torch
 
 from nsa_eval.kernels.attention import decode, parallel, reference
+from kernel_checks import rel_err
+
+pytestmark = pytest.mark.usefixtures("nan_outputs")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 BOUNDS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
-
-
-@pytest.fixture(autouse=True)
-def nan_outputs(monkeypatch):
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(parallel, "new_output", poisoned)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def make_cache(B, S_max, HQ, H, Dk, Dv, dtype, seed=0):

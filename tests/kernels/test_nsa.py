@@ -15,14 +15,9 @@ import torch
 
 from nsa_eval.kernels.nsa import compression, decode, parallel, reference, selected, selection
 from nsa_eval.kernels.nsa.utils import mean_pool, num_compressed_blocks
+from kernel_checks import rel_err
 
 BOUND = {torch.float32: 1e-5, torch.float16: 3e-3}
-
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), "non-finite (unwritten) elements"
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 @contextlib.contextmanager

@@ -520,11 +520,11 @@ class AttentionFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 
 
-def check_triton_device(op: str, x: torch.Tensor) -> None:
+def check_triton_device(op: str, x: torch.Tensor, name: str = "q") -> None:
     """The Triton path needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
     if not x.is_cuda and not interpreting():
         raise ValueError(
-            f"{op}: q is on {x.device}; the Triton path needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)"
+            f"{op}: {name} is on {x.device}; the Triton path needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)"
         )
 
 

@@ -1,0 +1,139 @@
+"""A transformer's pointwise parts in plain PyTorch (the oracle and the CPU path), and the argument checks that
+both paths share.
+
+Inference only: every function refuses inputs that require grad while grad is enabled (run under
+torch.no_grad() or torch.inference_mode()). Dtypes: float16, bfloat16 or float32 on both paths.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nsa_eval.kernels.attention.checks import TRITON_DTYPES, _check_same, _check_tensor, _fail
+
+
+# ----------------------------------------------------------------------------------------------------
+# checks (shared with the Triton files)
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_inference(op: str, tensors: dict) -> None:
+    """Refuse a graph: these kernels have no backward."""
+    if torch.is_grad_enabled():
+        for name, x in tensors.items():
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                _fail(op, f"{name} requires grad, but these are inference kernels (forward only); run under "
+                          "torch.no_grad()")
+
+
+def _check_last_dim(op: str, name: str, x: torch.Tensor, layout: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        _fail(op, f"{name} must be a torch.Tensor {layout}, got {type(x).__name__}")
+    if x.ndim < 1 or x.shape[-1] < 1:
+        _fail(op, f"{name} must be {layout} with a non-empty last dim, got shape {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        _fail(op, f"{name}'s last dim has stride {x.stride(-1)}; it must be contiguous (call .contiguous())")
+
+
+def check_add_rms_norm(x, weight, eps, residual) -> None:
+    op = "add_rms_norm"
+    _check_last_dim(op, "x", x, "[..., D]")
+    D = x.shape[-1]
+    _check_tensor(op, "weight", weight, 1, f"[D] = [{D}]")
+    if weight.shape[0] != D:
+        _fail(op, f"weight has {weight.shape[0]} elements but x's last dim is D={D}")
+    tensors = {"x": x, "weight": weight}
+    if residual is not None:
+        _check_last_dim(op, "residual", residual, "[..., D]")
+        if residual.shape != x.shape:
+            _fail(op, f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
+        tensors["residual"] = residual
+    _check_same(op, tensors, TRITON_DTYPES)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        _fail(op, f"eps must be a number >= 0 (e.g. 1e-6), got {eps!r}")
+    check_inference(op, tensors)
+
+
+def check_rotary(x, cos, sin) -> None:
+    op = "rotary_"
+    _check_tensor(op, "x", x, 4, "[B, T, R, D]")
+    B, T, R, D = x.shape
+    if D % 2:
+        _fail(op, f"x has head dim D={D}; rotate-half RoPE needs an even D")
+    if x.stride(-1) != 1:
+        _fail(op, f"x's last dim has stride {x.stride(-1)}; it must be contiguous (a column slice of a row-major "
+                  "projection output is fine)")
+    if x.dtype not in TRITON_DTYPES:
+        _fail(op, f"x has dtype {x.dtype}; use one of float16, bfloat16, float32")
+    for name, table in (("cos", cos), ("sin", sin)):
+        if not isinstance(table, torch.Tensor):
+            _fail(op, f"{name} must be a torch.Tensor [B, T, 1, D/2] or [B, T, D/2], got {type(table).__name__}")
+        if tuple(table.shape) not in ((B, T, 1, D // 2), (B, T, D // 2)):
+            _fail(op, f"{name} has shape {tuple(table.shape)}; x {tuple(x.shape)} needs [{B}, {T}, 1, {D // 2}] or "
+                      f"[{B}, {T}, {D // 2}] (rope_tables)")
+        if table.dtype != torch.float32:
+            _fail(op, f"{name} has dtype {table.dtype}; the RoPE tables must be float32")
+        if table.device != x.device:
+            _fail(op, f"{name} is on {table.device} but x is on {x.device}; move them to one device")
+        if table.stride(-1) != 1:
+            _fail(op, f"{name}'s last dim has stride {table.stride(-1)}; it must be contiguous")
+    check_inference(op, {"x": x, "cos": cos, "sin": sin})
+
+
+def check_silu_mul(gate_up) -> None:
+    op = "silu_mul"
+    _check_last_dim(op, "gate_up", gate_up, "[..., 2*I]")
+    if gate_up.shape[-1] % 2:
+        _fail(op, f"gate_up's last dim {gate_up.shape[-1]} is odd; it must be 2*I (gate columns, then up columns)")
+    _check_same(op, {"gate_up": gate_up}, TRITON_DTYPES)
+    check_inference(op, {"gate_up": gate_up})
+
+
+# ----------------------------------------------------------------------------------------------------
+# reference functions
+# ----------------------------------------------------------------------------------------------------
+
+
+def add_rms_norm(x, weight, eps, residual=None):
+    """Residual add, then RMSNorm: -> (normed, summed).
+
+    Args:
+        x: [..., D] float16, bfloat16 or float32, last dim contiguous.
+        weight: [D], x's dtype.
+        eps: added to the mean square (float).
+        residual: None or [..., D] like x.
+    Returns:
+        normed: [..., D] x's dtype, (s * rsqrt(mean(s^2) + eps)) in float32, rounded to x's dtype, times weight.
+        summed: s = x itself when residual is None, else x + residual in x's dtype (a new tensor).
+    """
+    check_add_rms_norm(x, weight, eps, residual)
+    summed = x if residual is None else x + residual
+    s32 = summed.float()
+    normed = (s32 * torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    return normed, summed
+
+
+def rotary_(x, cos, sin):
+    """Rotate-half RoPE in place: x1, x2 = halves of the last dim; x <- (x1 cos - x2 sin, x2 cos + x1 sin), float32
+    math rounded to x's dtype. Returns x.
+
+    Args:
+        x: [B, T, R, D] float16, bfloat16 or float32 (R heads of even width D), last dim contiguous, other
+            strides arbitrary (e.g. a column slice of a fused projection output).
+        cos, sin: [B, T, 1, D/2] or [B, T, D/2] float32 (model_adapters.nsa_model.rope_tables).
+    """
+    check_rotary(x, cos, sin)
+    if cos.ndim == 3:
+        cos, sin = cos[:, :, None], sin[:, :, None]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return x.copy_(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1))
+
+
+def silu_mul(gate_up):
+    """SwiGLU's pointwise part: gate_up [..., 2*I] (gate columns, then up columns; float16, bfloat16 or float32,
+    last dim contiguous) -> silu(gate) * up [..., I] contiguous, in gate_up's dtype (silu rounded to it, then the
+    product)."""
+    check_silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -25,7 +25,8 @@ from kernel_checks import rel_err
 pytestmark = pytest.mark.usefixtures("nan_outputs")
 
 BOUNDS = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 5e-3}
-DTYPES = [torch.float32, torch.float16]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
 def check_close(out, ref):
@@ -36,7 +37,7 @@ def check_close(out, ref):
         assert (out != ref).float().mean().item() < 0.01, "16-bit roundings differ from the reference's"
 
 
-def randn(*shape, dtype=torch.float32, seed=0, device="cpu"):
+def randn(*shape, dtype=torch.float32, seed=0, device=DEVICE):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=gen).to(device, dtype)
 
@@ -111,7 +112,7 @@ def test_rotary_on_a_column_slice_matches_reference(dtype, B, T, R, D, table_ran
     """x is the first R*D columns of a [B, T, R*D + 13] projection output; the other columns stay untouched."""
     wide = randn(B, T, R * D + 13, dtype=dtype, seed=R + D)
     expected = wide.clone()
-    cos, sin = rope_tables(B, T, D, table_rank)
+    cos, sin = (t.to(DEVICE) for t in rope_tables(B, T, D, table_rank))
     x = wide[..., : R * D].view(B, T, R, D)
     assert not x.is_contiguous()
     out = rotary.rotary_(x, cos, sin)
@@ -165,7 +166,7 @@ def test_reference_silu_mul_is_silu_of_gate_times_up():
 
 
 def f32(*shape):
-    return torch.zeros(shape)
+    return torch.zeros(shape, device=DEVICE)
 
 
 BAD_INPUTS = [
@@ -181,7 +182,7 @@ BAD_INPUTS = [
     ("rotary_", lambda: (f32(1, 2, 3, 8), f32(1, 2, 4), f32(1, 2, 4).half()), "sin has dtype torch.float16; the RoPE"),
     ("rotary_", lambda: (f32(1, 2, 8, 3).transpose(2, 3), f32(1, 2, 4), f32(1, 2, 4)), "x's last dim has stride 3"),
     ("silu_mul", lambda: (f32(3, 9),), "gate_up's last dim 9 is odd"),
-    ("silu_mul", lambda: (torch.zeros(3, 8, dtype=torch.int32),), "gate_up has dtype torch.int32"),
+    ("silu_mul", lambda: (f32(3, 8).int(),), "gate_up has dtype torch.int32"),
 ]
 MODULES = {"triton": {"add_rms_norm": norm.add_rms_norm, "rotary_": rotary.rotary_, "silu_mul": swiglu.silu_mul},
            "reference": {"add_rms_norm": reference.add_rms_norm, "rotary_": reference.rotary_,
@@ -211,7 +212,7 @@ def test_inputs_requiring_grad_are_refused_outside_no_grad(path, op):
 def test_triton_path_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="^silu_mul: gate_up is on cpu; the Triton path needs CUDA tensors"):
-        swiglu.silu_mul(f32(3, 8))
+        swiglu.silu_mul(torch.zeros(3, 8))
 
 
 def test_norm_refuses_rows_wider_than_the_kernel():

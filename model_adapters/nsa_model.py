@@ -22,7 +22,9 @@ starts at its own position 0), each row into its own slot of a right-padded cach
 tokens: each slice's queries attend to the cache so far plus the slice (the kernels take queries that are the last
 T of S keys), so a long prompt's attention working set is bounded by the slice; sliced equals one pass. A decode
 step appends one token per row at that row's own length (`position_ids` and the mask are then not needed). On CUDA
-the decode step is replayed from a CUDA graph after its first call.
+the decode step is replayed from a CUDA graph after its first call (two graphs: phi runs only on the steps where a
+row completes a compressed block). The pointwise parts (RMSNorm fused with the residual add, RoPE, SwiGLU's
+silu * up) run on nsa_eval.kernels.layers; the attention's input projections (q, every K/V, the gates) are one GEMM.
 """
 
 from __future__ import annotations
@@ -207,22 +209,29 @@ class Kernels(NamedTuple):
     nsa_decode: Any
     attention: Any
     attention_decode: Any
+    add_rms_norm: Any
+    rotary_: Any
+    silu_mul: Any
 
 
 def kernels(name: str) -> Kernels:
     """'triton' or 'reference' (the same signatures; nsa_eval.kernels picks between them by device)."""
     if name == "triton":
         from nsa_eval.kernels.attention import decode as attention_decode_mod, parallel
+        from nsa_eval.kernels.layers import norm, rotary, swiglu
         from nsa_eval.kernels.nsa import compression, decode, selected, selection
 
         return Kernels(compression.compressed_attention, selection.select_blocks, selected.selected_attention,
-                       decode.nsa_decode, parallel.attention, attention_decode_mod.attention_decode)
+                       decode.nsa_decode, parallel.attention, attention_decode_mod.attention_decode,
+                       norm.add_rms_norm, rotary.rotary_, swiglu.silu_mul)
     if name == "reference":
         from nsa_eval.kernels.attention import reference as full_ref
+        from nsa_eval.kernels.layers import reference as layers_ref
         from nsa_eval.kernels.nsa import reference
 
         return Kernels(reference.compressed_attention, reference.select_blocks, reference.selected_attention,
-                       reference.nsa_decode, full_ref.attention, full_ref.attention_decode)
+                       reference.nsa_decode, full_ref.attention, full_ref.attention_decode,
+                       layers_ref.add_rms_norm, layers_ref.rotary_, layers_ref.silu_mul)
     raise ValueError(f"kernels must be 'auto', 'triton' or 'reference', got {name!r}")
 
 
@@ -232,14 +241,12 @@ def kernels(name: str) -> Kernels:
 
 
 class RMSNorm(nn.Module):
+    """The weight and eps of an RMSNorm; the model applies it with ops.add_rms_norm (fused with the residual add)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
 def rope_tables(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,10 +256,31 @@ def rope_tables(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.
     return angles.cos()[:, :, None], angles.sin()[:, :, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, D] rotated by the tables of rope_tables, in float32, returned in x's dtype."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+def fused_linear(owner: nn.Module, linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight [sum of out_features, in_features] (and bias, zeros where a layer has none) for Linear layers of
+    the same input, so they run as one GEMM whose output columns are theirs in order. Built on first use and again
+    whenever a weight or bias is replaced (loading, .to()) or a bias changed in place; the layers' weights are then
+    re-pointed at row slices of it, so the model holds each weight once and in-place changes reach both."""
+    def key():
+        return tuple((x.data_ptr(), x._version) if x is not None else None
+                     for linear in linears for x in (linear.weight, linear.bias))
+
+    cached = owner.__dict__.get("_fused_linear")
+    if cached is not None and cached[0] == key():
+        return cached[1], cached[2]
+    with torch.no_grad():
+        weight = torch.cat([linear.weight for linear in linears])
+        bias = None
+        if any(linear.bias is not None for linear in linears):
+            bias = torch.cat([linear.bias if linear.bias is not None else weight.new_zeros(linear.out_features)
+                              for linear in linears])
+        offset = 0
+        for linear in linears:
+            rows = weight[offset:offset + linear.out_features]
+            linear.weight = nn.Parameter(rows, requires_grad=linear.weight.requires_grad)
+            offset += linear.out_features
+    owner.__dict__["_fused_linear"] = (key(), weight, bias)
+    return weight, bias
 
 
 class SwiGLU(nn.Module):
@@ -262,8 +290,9 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, silu_mul) -> torch.Tensor:
+        """x [..., hidden] -> [..., hidden]: gate and up as one GEMM, silu(gate) * up by `silu_mul` (an ops kernel)."""
+        return self.down_proj(silu_mul(F.linear(x, *fused_linear(self, [self.gate_proj, self.up_proj]))))
 
 
 class BlockCompression(nn.Module):
@@ -303,9 +332,14 @@ class NSACache:
         self.lengths = lengths
         self.host_lengths = [0] * lengths.shape[0]
         self.capacity = capacity
-        self.graph: Any = None  # CUDA graph of a decode step over these tensors, with its input and output
+        # CUDA graphs of a decode step over these tensors, one per `compress` (whether the step makes a compressed
+        # block): {compress: (graph or "off" where capture failed, its logits [B, V])}, fed from graph_ids [B]
+        self.graphs: dict[bool, tuple[Any, torch.Tensor | None]] = {}
         self.graph_ids: torch.Tensor | None = None
-        self.graph_logits: torch.Tensor | None = None
+
+    def drop_graphs(self) -> None:
+        """Forget the captured decode steps (after the tensors they read were replaced)."""
+        self.graphs, self.graph_ids = {}, None
 
 
 SEQUENCE_KEYS = ("k", "v")  # grow with the capacity
@@ -352,20 +386,35 @@ class NSAAttention(nn.Module):
             return {branch: 0 for branch in self.branches}
         return {branch: i for i, branch in enumerate(self.branches)}
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """x [B, T, hidden] -> (q, k_0, v_0, k_1, v_1, ..., gates): q [B, T, HQ, Dk] and keys [B, T, H, Dk] rotated,
-        values [B, T, H, Dv], one pair per distinct K/V source (kv_sources), NSA gates [B, T, HQ, 3] last."""
-        B, T, _ = x.shape
-        out = [apply_rope(self.q_proj(x).view(B, T, self.hq, self.dk), cos, sin)]
+    def input_projections(self) -> list[nn.Linear]:
+        """The Linear layers of the attention's input, in the column order of project()'s one GEMM: q, every
+        distinct key projection, every value projection, then the NSA gates."""
         if self.config.attention == "full" or self.config.shared_kv:
-            projections = [(self.k_proj, self.v_proj)]
+            keys, values = [self.k_proj], [self.v_proj]
         else:
-            projections = [(getattr(self, f"k_{b}_proj"), getattr(self, f"v_{b}_proj")) for b in self.branches]
-        for k_proj, v_proj in projections:
-            out += [apply_rope(k_proj(x).view(B, T, self.h, self.dk), cos, sin), v_proj(x).view(B, T, self.h, self.dv)]
+            keys = [getattr(self, f"k_{b}_proj") for b in self.branches]
+            values = [getattr(self, f"v_{b}_proj") for b in self.branches]
+        return [self.q_proj, *keys, *values] + ([self.g_proj] if self.config.attention == "nsa" else [])
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ops: "Kernels") -> tuple[torch.Tensor, ...]:
+        """x [B, T, hidden] -> (q, k_0, v_0, k_1, v_1, ..., gates): q [B, T, HQ, Dk] and keys [B, T, H, Dk] rotated,
+        values [B, T, H, Dv], one pair per distinct K/V source (kv_sources), NSA gates [B, T, HQ, 3] last. One GEMM
+        (fused_linear) and one RoPE call over q and every key; q, keys and values are views of its output."""
+        B, T, _ = x.shape
+        out = F.linear(x, *fused_linear(self, self.input_projections()))
+        pairs = len(set(self.kv_sources().values()))
+        rotated = self.hq + pairs * self.h
+        ops.rotary_(out[..., :rotated * self.dk].view(B, T, rotated, self.dk), cos, sin)
+        q = out[..., :self.hq * self.dk].view(B, T, self.hq, self.dk)
+        k_at, v_at = self.hq * self.dk, rotated * self.dk
+        kv = []
+        for i in range(pairs):
+            kv += [out[..., k_at + i * self.h * self.dk:k_at + (i + 1) * self.h * self.dk].view(B, T, self.h, self.dk),
+                   out[..., v_at + i * self.h * self.dv:v_at + (i + 1) * self.h * self.dv].view(B, T, self.h, self.dv)]
+        gates = []
         if self.config.attention == "nsa":
-            out.append(torch.sigmoid(self.g_proj(x)).view(B, T, self.hq, 3))
-        return tuple(out)
+            gates = [torch.sigmoid(out[..., v_at + pairs * self.h * self.dv:]).view(B, T, self.hq, 3)]
+        return (q, *kv, *gates)
 
     def unpack(self, projected: tuple[torch.Tensor, ...]):
         """project()'s outputs -> q, {branch: (k, v)}, gates (None for attention 'full')."""
@@ -388,7 +437,7 @@ class NSAAttention(nn.Module):
         written into cache[rows] (cache None: a whole prompt, start 0, nothing kept)."""
         c = self.config
         B, T, _ = x.shape
-        q, branch_kv, gates = self.unpack(self.project(x, cos, sin))
+        q, branch_kv, gates = self.unpack(self.project(x, cos, sin, ops))
         slc_kv = self._keys_so_far(*branch_kv["slc"], cache, rows, start)
         k_cmp = v_cmp = win_kv = None
         if c.attention == "nsa":
@@ -456,6 +505,7 @@ class NSAAttention(nn.Module):
             width = sdpa_value_width(sdpa_backend, self.dk, self.dv, q.device, q.dtype)
             return sdpa(q, k_slc, F.pad(v_slc, (0, width - self.dv)), sdpa_backend)[..., :self.dv]
         g_cmp, g_slc, g_win = gates.unbind(-1)
+        q = q.contiguous()  # a view of the projection; the three NSA kernels would each copy it
         o_cmp, lse = ops.compressed_attention(q, k_cmp, v_cmp, block_len=c.block_len, block_stride=c.block_stride,
                                               seq_len=seq_len)
         indices = ops.select_blocks(q, k_cmp, lse, block_len=c.block_len, block_stride=c.block_stride,
@@ -468,33 +518,35 @@ class NSAAttention(nn.Module):
 
     # ---- decode (one token per sequence) -------------------------------------------------------------------
 
-    def decode(self, x, positions, lengths, cos, sin, ops: Kernels, sdpa_backend: str | None, cache: dict,
-               sdpa_length: int) -> torch.Tensor:
-        """x [B, 1, hidden] (normed) of the tokens at `positions` [B] (long); lengths = positions + 1 (int32).
-        Writes their K/V into the cache and returns the attention output after o_proj [B, 1, hidden]. Graph-safe:
-        no host synchronisation. sdpa_length: keys SDPA reads (the full-attention baseline only)."""
+    def decode(self, x, step: "DecodeIndex", cos, sin, ops: Kernels, sdpa_backend: str | None, cache: dict,
+               sdpa_length: int, compress: bool) -> torch.Tensor:
+        """x [B, 1, hidden] (normed) of the tokens at step.positions. Writes their K/V into the cache and returns the
+        attention output after o_proj [B, 1, hidden]. Graph-safe: no host synchronisation. compress: some row
+        completes a compressed block with this token (else phi is skipped). sdpa_length: keys SDPA reads (the
+        full-attention baseline only)."""
         c = self.config
         B = x.shape[0]
-        q, branch_kv, gates = self.unpack(self.project(x, cos, sin))
-        rows = torch.arange(B, device=x.device)
+        q, branch_kv, gates = self.unpack(self.project(x, cos, sin, ops))
+        rows, positions = step.rows, step.positions
         k_slc, v_slc = branch_kv["slc"]
         cache["k"][rows, positions], cache["v"][rows, positions, :, :self.dv] = k_slc[:, 0], v_slc[:, 0]
         if c.attention == "nsa":
             k_raw, v_raw = branch_kv["cmp"]
-            slot = positions % c.block_len
-            cache["k_ring"][rows, slot], cache["v_ring"][rows, slot] = k_raw[:, 0], v_raw[:, 0]
-            self._append_block(cache, lengths, rows)
+            cache["k_ring"][rows, step.ring_slot], cache["v_ring"][rows, step.ring_slot] = k_raw[:, 0], v_raw[:, 0]
+            if compress:
+                self._append_block(cache, step)
             if "k_win" in cache:
                 k_win, v_win = branch_kv["win"]
-                slot = positions % c.window
+                slot = step.window_slot
                 cache["k_win"][rows, slot], cache["v_win"][rows, slot] = k_win[:, 0], v_win[:, 0]
-        o = self.attend_decode(q[:, 0], gates, cache, lengths, ops, sdpa_backend, sdpa_length)
+        o = self.attend_decode(q[:, 0], gates, cache, step, ops, sdpa_backend, sdpa_length)
         return self.o_proj(o.to(x.dtype).reshape(B, 1, self.hq * self.dv))
 
-    def attend_decode(self, q, gates, cache: dict, lengths, ops: Kernels, sdpa_backend: str | None,
+    def attend_decode(self, q, gates, cache: dict, step: "DecodeIndex", ops: Kernels, sdpa_backend: str | None,
                       sdpa_length: int) -> torch.Tensor:
         """The attention of one new token per sequence over the cache: q [B, HQ, Dk] -> o [B, HQ, Dv]."""
         c = self.config
+        lengths = step.lengths
         if c.attention == "full":
             if sdpa_backend:
                 keys, values = cache["k"][:, :sdpa_length], cache["v"][:, :sdpa_length]  # values maybe padded
@@ -507,13 +559,13 @@ class NSAAttention(nn.Module):
         o = ops.nsa_decode(q, cache["k"], cache["v"], cache["k_cmp"], cache["v_cmp"], lengths, g_cmp, g_slc, None,
                            **{**c.nsa, "window": 0})
         # the ring holds exactly the last min(length, w) keys, and attention does not depend on their order
-        window_len = torch.clamp(lengths, max=c.window)
-        return o + g_win.unsqueeze(-1) * ops.attention_decode(q, cache["k_win"], cache["v_win"], window_len)
+        return o + g_win.unsqueeze(-1) * ops.attention_decode(q, cache["k_win"], cache["v_win"], step.window_len)
 
-    def _append_block(self, cache: dict, lengths: torch.Tensor, rows: torch.Tensor) -> None:
-        """Write the compressed block that the newest token completes (where it completes one), from the ring."""
+    def _append_block(self, cache: dict, step: "DecodeIndex") -> None:
+        """Write the compressed block that the newest token completes (in rows where it completes one), from the
+        ring."""
         c = self.config
-        length = lengths.long()
+        rows, length = step.rows, step.lengths.long()
         complete = (length >= c.block_len) & ((length - c.block_len) % c.block_stride == 0)
         block = (length - c.block_len).clamp(min=0) // c.block_stride
         order = (length[:, None] - c.block_len + torch.arange(c.block_len, device=length.device)) % c.block_len
@@ -522,6 +574,25 @@ class NSAAttention(nn.Module):
         for key, new in (("k_cmp", k_new[:, 0]), ("v_cmp", v_new[:, 0])):
             old = cache[key][rows, block]
             cache[key][rows, block] = torch.where(complete[:, None, None], new.to(old.dtype), old)
+
+
+class DecodeIndex(NamedTuple):
+    """Where a decode step writes and reads, computed once per step for every layer: rows [B] (arange), positions
+    [B] long (the new tokens'), lengths [B] int32 (positions + 1), ring_slot (positions % block_len), window_slot
+    (positions % window) and window_len (min(lengths, window)); the last three None where the model has no use."""
+    rows: torch.Tensor
+    positions: torch.Tensor
+    lengths: torch.Tensor
+    ring_slot: torch.Tensor | None
+    window_slot: torch.Tensor | None
+    window_len: torch.Tensor | None
+
+
+def block_completes(config: NSAConfig, lengths: list[int]) -> bool:
+    """Whether a decode step that brings some row to one of these lengths (tokens after the step) completes a
+    compressed block in that row."""
+    return config.attention == "nsa" and any(
+        n >= config.block_len and (n - config.block_len) % config.block_stride == 0 for n in lengths)
 
 
 def _blocks(x: torch.Tensor, block_len: int, stride: int) -> torch.Tensor:
@@ -702,7 +773,8 @@ class NSAForCausalLM(nn.Module):
             hidden = self._prefill(input_ids[rows, start:end], cache, rows)
             first = max(start, keep_from)
             if first < end:
-                logits[rows, first - keep_from:end - keep_from] = self.lm_head(self.norm(hidden[:, first - start:]))
+                normed, _ = self._ops().add_rms_norm(hidden[:, first - start:], self.norm.weight, self.config.rms_norm_eps)
+                logits[rows, first - keep_from:end - keep_from] = self.lm_head(normed)
         return CausalLMOutput(logits, cache)
 
     # ---- prefill and decode --------------------------------------------------------------------------------
@@ -734,55 +806,72 @@ class NSAForCausalLM(nn.Module):
         ops = self._ops()
         positions = torch.arange(start, start + T, device=ids.device).expand(b, T)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
-        h = self.embed(ids)
+        h, delta = self.embed(ids), None
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
-            h = h + layer.attn.prefill(layer.attn_norm(h), cos, sin, ops, self.sdpa_backend, layer_cache, rows, start)
-            h = h + layer.mlp(layer.mlp_norm(h))
-        return h
+            normed, h = ops.add_rms_norm(h if delta is None else delta, layer.attn_norm.weight, c.rms_norm_eps,
+                                         None if delta is None else h)
+            delta = layer.attn.prefill(normed, cos, sin, ops, self.sdpa_backend, layer_cache, rows, start)
+            normed, h = ops.add_rms_norm(delta, layer.mlp_norm.weight, c.rms_norm_eps, h)
+            delta = layer.mlp(normed, ops.silu_mul)
+        return h + delta
 
-    def _decode_step(self, ids: torch.Tensor, cache: NSACache, sdpa_length: int) -> torch.Tensor:
-        """One token per sequence, ids [B] -> logits [B, V]; advances cache.lengths on the device (graph-safe)."""
+    def _decode_step(self, ids: torch.Tensor, cache: NSACache, sdpa_length: int, compress: bool) -> torch.Tensor:
+        """One token per sequence, ids [B] -> logits [B, V]; advances cache.lengths on the device (graph-safe).
+        compress: some row completes a compressed block with this token (block_completes)."""
         c = self.config
         ops = self._ops()
         positions = cache.lengths.long()
         lengths = cache.lengths + 1
+        nsa = c.attention == "nsa"
+        step = DecodeIndex(torch.arange(ids.shape[0], device=ids.device), positions, lengths,
+                           positions % c.block_len if nsa else None,
+                           positions % c.window if nsa and c.window else None,
+                           torch.clamp(lengths, max=c.window) if nsa and c.window else None)
         cos, sin = rope_tables(positions[:, None], c.head_dim, c.rope_theta)
-        h = self.embed(ids)[:, None]
+        h, delta = self.embed(ids)[:, None], None
         for layer, layer_cache in zip(self.layers, cache.layers):
-            h = h + layer.attn.decode(layer.attn_norm(h), positions, lengths, cos, sin, ops, self.sdpa_backend,
-                                      layer_cache, sdpa_length)
-            h = h + layer.mlp(layer.mlp_norm(h))
+            normed, h = ops.add_rms_norm(h if delta is None else delta, layer.attn_norm.weight, c.rms_norm_eps,
+                                         None if delta is None else h)
+            delta = layer.attn.decode(normed, step, cos, sin, ops, self.sdpa_backend, layer_cache, sdpa_length,
+                                      compress)
+            normed, h = ops.add_rms_norm(delta, layer.mlp_norm.weight, c.rms_norm_eps, h)
+            delta = layer.mlp(normed, ops.silu_mul)
         cache.lengths.copy_(lengths)
-        return self.lm_head(self.norm(h))[:, 0]
+        normed, _ = ops.add_rms_norm(delta, self.norm.weight, c.rms_norm_eps, h)
+        return self.lm_head(normed)[:, 0]
 
     def _decode(self, ids: torch.Tensor, cache: NSACache) -> torch.Tensor:
-        """A decode step, replayed from a CUDA graph on CUDA after its first (eager) call."""
+        """A decode step, replayed on CUDA from one of two CUDA graphs (with or without making a compressed block:
+        phi runs only on the steps where some row completes one) after its first (eager) call."""
         self.grow_cache(cache, max(cache.host_lengths) + 1)
         sdpa_length = max(cache.host_lengths) + 1  # SDPA (the baseline) reads this many keys; frozen in a graph
-        if ids.device.type != "cuda" or not self.cuda_graphs or cache.graph == "off":
-            logits = self._decode_step(ids, cache, sdpa_length)
-        elif cache.graph is None:
+        compress = block_completes(self.config, [n + 1 for n in cache.host_lengths])
+        graph, logits = cache.graphs.get(compress, (None, None))
+        if ids.device.type != "cuda" or not self.cuda_graphs or graph == "off":
+            logits = self._decode_step(ids, cache, sdpa_length, compress)
+        elif graph is None:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # this token's step, eager: also compiles the kernels before capture
-                logits = self._decode_step(ids, cache, sdpa_length)
+                logits = self._decode_step(ids, cache, sdpa_length, compress)
             torch.cuda.current_stream().wait_stream(stream)
-            cache.graph_ids = ids.clone()
-            graph = torch.cuda.CUDAGraph()
+            if cache.graph_ids is None:
+                cache.graph_ids = ids.clone()
+            graph = torch.cuda.CUDAGraph()  # capture records the step's kernels without running them
             try:
                 with torch.cuda.graph(graph):
-                    cache.graph_logits = self._decode_step(cache.graph_ids, cache, sdpa_length)
-                cache.graph = graph
+                    graph_logits = self._decode_step(cache.graph_ids, cache, sdpa_length, compress)
+                cache.graphs[compress] = (graph, graph_logits)
             except RuntimeError as error:  # leave this cache eager rather than fail the generation
                 import warnings
 
                 warnings.warn(f"CUDA graph capture of the decode step failed, decoding eagerly: {error}")
-                cache.graph = "off"
+                cache.graphs[compress] = ("off", None)
         else:
             cache.graph_ids.copy_(ids)
-            cache.graph.replay()
-            logits = cache.graph_logits.clone()
+            graph.replay()
+            logits = logits.clone()
         cache.host_lengths = [n + 1 for n in cache.host_lengths]
         return logits
 
@@ -814,7 +903,7 @@ class NSAForCausalLM(nn.Module):
         return NSACache(layers, torch.zeros(batch, dtype=torch.int32, device=self.device), capacity)
 
     def grow_cache(self, cache: NSACache, needed: int) -> None:
-        """Make room for `needed` tokens per sequence (a new allocation drops the cache's CUDA graph)."""
+        """Make room for `needed` tokens per sequence (a new allocation drops the cache's CUDA graphs)."""
         if needed <= cache.capacity:
             return
         c = self.config
@@ -826,7 +915,7 @@ class NSAForCausalLM(nn.Module):
                 layer[key] = old.new_zeros(old.shape[0], size, *old.shape[2:])
                 layer[key][:, :old.shape[1]] = old
         cache.capacity = capacity
-        cache.graph = cache.graph_ids = cache.graph_logits = None
+        cache.drop_graphs()
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
 
@@ -837,7 +926,8 @@ class NSAForCausalLM(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        # copies: the attention's and MLP's input weights are row slices of one tensor (fused_linear)
+        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.state_dict().items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight")
         save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})

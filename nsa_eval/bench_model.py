@@ -45,7 +45,7 @@ def build_models(spec: str, layers: int | None) -> tuple[object, dict]:
     return NSAConfig(**fields), fields
 
 
-def make_model(fields: dict, attention: str, sdpa_backend: str | None):
+def make_model(fields: dict, attention: str, sdpa_backend: str | None, prefill_chunk: int | None = None):
     import torch
 
     from nsa_eval.model_adapters.nsa_model import NSAConfig, NSAForCausalLM
@@ -54,6 +54,7 @@ def make_model(fields: dict, attention: str, sdpa_backend: str | None):
         model = NSAForCausalLM(NSAConfig(**{**fields, "attention": attention}))
     model = model.to(torch.bfloat16).eval()
     model.sdpa_backend = sdpa_backend
+    model.prefill_chunk = prefill_chunk
     return model
 
 
@@ -106,13 +107,19 @@ def repeat_rows(model, cache, batch: int):
     return copy
 
 
+def warmup_steps(config) -> int:
+    """Decode steps before timing: both CUDA graphs (with and without a compressed block) captured, and replayed."""
+    return config.block_stride + 4 if config.attention == "nsa" else 4
+
+
 def time_decode(model, cache, steps: int) -> float:
-    """Tokens/s over `steps` decode steps of every sequence (after the eager first step, its capture and 3 replays)."""
+    """Tokens/s over `steps` decode steps of every sequence (after warmup_steps: eager first steps, captures and
+    replays)."""
     import torch
 
     batch = len(cache.host_lengths)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=DEVICE)
-    for _ in range(4):
+    for _ in range(warmup_steps(model.config)):
         model(ids, past_key_values=cache, use_cache=True)
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -122,7 +129,8 @@ def time_decode(model, cache, steps: int) -> float:
     return batch * steps / (time.perf_counter() - start)
 
 
-def bench_variant(name: str, fields: dict, attention: str, backend: str | None, T: int, batch: int, steps: int) -> dict:
+def bench_variant(name: str, fields: dict, attention: str, backend: str | None, T: int, batch: int, steps: int,
+                  prefill_chunk: int | None = None) -> dict:
     """One row: prefill, decode and their attention shares at one length. An error (out of memory, a backend
     refusing) becomes a field of the stage it stopped; what was measured before it stays."""
     import torch
@@ -131,8 +139,8 @@ def bench_variant(name: str, fields: dict, attention: str, backend: str | None, 
     model = cache = rows = None
     stage = "prefill"
     try:
-        model = make_model(fields, attention, backend)
-        model.decode_reserve = 2 * steps + 16  # both timed decodes fit without growing the cache
+        model = make_model(fields, attention, backend, prefill_chunk)
+        model.decode_reserve = 2 * (steps + warmup_steps(model.config)) + 16  # both decodes fit without growing
         torch.cuda.reset_peak_memory_stats()
         row["prefill_ms"], cache = time_prefill(model, T)
         row["prefill_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -147,7 +155,7 @@ def bench_variant(name: str, fields: dict, attention: str, backend: str | None, 
         row["decode_tokens_per_s"] = time_decode(model, rows, steps)
         row["decode_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
         with attention_removed():
-            rows.graph = None  # capture the step again, without attention
+            rows.drop_graphs()  # capture the steps again, without attention
             no_attention_tps = time_decode(model, rows, steps)
         row["decode_attention_share"] = max(0.0, 1 - row["decode_tokens_per_s"] / no_attention_tps)
     except Exception as error:  # one failing row must not end the run
@@ -230,10 +238,12 @@ def format_report(rows: list[dict], lengths: list[int], header: str) -> str:
 @click.option("--steps", default=32, show_default=True, type=click.IntRange(min=1), help="Timed decode steps.")
 @click.option("--baselines", default="flash,cudnn", show_default=True,
               help="SDPA backends for the full-attention model (flash, cudnn, efficient, math).")
+@click.option("--prefill-chunk", type=click.IntRange(min=0),
+              help="Prompt tokens per prefill slice over the cache (0: one pass); default: the model's (8192 on CUDA).")
 @click.option("--out", "out_dir", default="results/bench", show_default=True, type=click.Path(file_okay=False),
               help="Folder for model-<card>.json and .md.")
 def model_command(model_spec: str, lengths: str, batch: int, layers: int | None, steps: int, baselines: str,
-                  out_dir: str) -> None:
+                  prefill_chunk: int | None, out_dir: str) -> None:
     """Prefill latency, decode tokens/s, peak memory and attention share: NSA model vs full attention (SDPA)."""
     import torch
     import triton
@@ -258,13 +268,15 @@ def model_command(model_spec: str, lengths: str, batch: int, layers: int | None,
     rows = []
     for name, attention, backend in variants:  # NSA first: its rows matter most if a baseline row fails
         for T in lengths_list:
-            row = bench_variant(name, fields, attention, backend, T, batch, steps)
+            row = bench_variant(name, fields, attention, backend, T, batch, steps, prefill_chunk)
             rows.append(row)
             click.echo(f"  {name:18s} T={T:6d} " + "  ".join(
                 f"{k} {row[k]:.4g}" for k in ("prefill_ms", "prefill_attention_share", "decode_tokens_per_s",
                                                 "decode_attention_share") if k in row) + f"  {row.get('error', '')}")
-            write_results(out, card, rows, lengths_list, model_spec, fields, config, batch, steps, device_name)
-    report = write_results(out, card, rows, lengths_list, model_spec, fields, config, batch, steps, device_name)
+            write_results(out, card, rows, lengths_list, model_spec, fields, config, batch, steps, device_name,
+                          prefill_chunk)
+    report = write_results(out, card, rows, lengths_list, model_spec, fields, config, batch, steps, device_name,
+                           prefill_chunk)
     click.echo("\n" + report)
     click.echo(f"wrote {out / f'model-{card}.json'} and .md")
     if any("error" in r for r in rows if r["impl"] == "nsa"):
@@ -272,12 +284,16 @@ def model_command(model_spec: str, lengths: str, batch: int, layers: int | None,
 
 
 def write_results(out: Path, card: str, rows: list[dict], lengths_list: list[int], model_spec: str, fields: dict,
-                  config, batch: int, steps: int, device_name: str) -> str:
+                  config, batch: int, steps: int, device_name: str, prefill_chunk: int | None = None) -> str:
     """model-<card>.json and .md from the rows so far (rewritten after every row: a cut run keeps what it has)."""
     import torch
     import triton
 
+    from nsa_eval.model_adapters.hf import DEFAULT_PREFILL_CHUNK
+    from nsa_eval.store import git_sha
+
     add_ratios(rows)
+    chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
     shape = (f"hidden {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} query "
              f"heads / {config.num_key_value_heads} KV heads, d_k {config.head_dim}, d_v {config.v_head_dim}, MLP "
              f"{config.intermediate_size}, vocab {config.vocab_size}; NSA l={config.block_len}, "
@@ -285,14 +301,15 @@ def write_results(out: Path, card: str, rows: list[dict], lengths_list: list[int
              f"l'={config.select_len}, n={config.num_selected}, w={config.window}, compression {config.compression}, "
              f"{'shared' if config.shared_kv else 'independent'} K/V")
     header = (f"# Model speed on {device_name}\n\n`nsa-eval bench model --model {model_spec}`: {shape}. bfloat16, "
-              f"random weights. torch {torch.__version__}, triton {triton.__version__}. Prefill: one prompt, fastest "
-              f"of 2 after a warm-up. Decode: {steps} steps of batch {batch} at the given context (CUDA-graph "
+              f"random weights. torch {torch.__version__}, triton {triton.__version__}, commit {git_sha()[:10]}. "
+              f"Prefill: one prompt, {f'in slices of {chunk} tokens over the cache' if chunk else 'one pass'}, "
+              f"fastest of 2 after a warm-up. Decode: {steps} steps of batch {batch} at the given context (CUDA-graph "
               f"replays through the model's forward; the SDPA rows attend over a fixed T+1 keys per step). Attention "
               f"share: 1 - time without attention / time with it.")
     report = format_report(rows, lengths_list, header)
     payload = {"device": device_name, "card": card, "torch": torch.__version__, "triton": triton.__version__,
                "python": platform.python_version(), "model": model_spec, "config": fields, "batch": batch,
-               "steps": steps, "rows": rows}
+               "steps": steps, "prefill_chunk": chunk, "git_sha": git_sha(), "rows": rows}
     (out / f"model-{card}.json").write_text(json.dumps(payload, indent=1) + "\n")
     (out / f"model-{card}.md").write_text(report)
     return report

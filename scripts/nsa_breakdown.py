@@ -3,6 +3,7 @@ timed alone at one length, the compiler's register / spill / shared-memory repor
 optionally a sweep of the tile choices (kernels/nsa/*.py TILES). Prints a table, writes JSON.
 
     python scripts/nsa_breakdown.py --T 65536 --sweep --out results/bench/nsa-breakdown.json
+    python scripts/nsa_breakdown.py --dk 192 --dv 128 ...   (the paper model's head dims)
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import triton
 from nsa_eval.kernels import attention, attention_decode, mean_pool
 from nsa_eval.kernels.nsa import compression, decode, parallel, selected, selection
 
-HQ, H, D = 64, 4, 128
+HQ, H = 64, 4
+DK = DV = 128  # query-key and value head dims (--dk, --dv)
 PAPER = dict(block_len=32, block_stride=16, select_len=64, num_selected=16, window=512)
 FLA = dict(block_len=64, block_stride=64, select_len=64, num_selected=16, window=0)
 
@@ -31,10 +33,10 @@ def ms(fn) -> float:
 def parts(T: int, hp: dict) -> list[tuple[str, float]]:
     """Median ms of every piece of one NSA prefill (forward and backward) at length T."""
     bf = torch.bfloat16
-    q, k, v = (torch.randn(1, T, h, D, device="cuda", dtype=bf) for h in (HQ, H, H))
+    q, k, v = (torch.randn(1, T, h, d, device="cuda", dtype=bf) for h, d in ((HQ, DK), (H, DK), (H, DV)))
     k_cmp, v_cmp = mean_pool(k, hp["block_len"], hp["block_stride"]), mean_pool(v, hp["block_len"], hp["block_stride"])
     gates = [torch.rand(1, T, HQ, device="cuda", dtype=bf) for _ in range(3)]
-    scale = D ** -0.5
+    scale = DK ** -0.5
     args = (hp["block_len"], hp["block_stride"])
     o_cmp, lse = compression.compressed_fwd(q, k_cmp, v_cmp, *args, scale)
     idx = selection.select_fwd(q, k_cmp, lse, *args, hp["select_len"], hp["num_selected"], scale)
@@ -70,8 +72,8 @@ def parts(T: int, hp: dict) -> list[tuple[str, float]]:
 def decode_parts(T: int, batch: int) -> list[tuple[str, float]]:
     hp = PAPER
     bf = torch.bfloat16
-    q = torch.randn(batch, HQ, D, device="cuda", dtype=bf)
-    k, v = (torch.randn(batch, T, H, D, device="cuda", dtype=bf) for _ in range(2))
+    q = torch.randn(batch, HQ, DK, device="cuda", dtype=bf)
+    k, v = (torch.randn(batch, T, H, d, device="cuda", dtype=bf) for d in (DK, DV))
     k_cmp, v_cmp = mean_pool(k, 32, 16), mean_pool(v, 32, 16)
     gates = [torch.rand(batch, HQ, device="cuda", dtype=bf) for _ in range(3)]
     lengths = torch.full((batch,), T, dtype=torch.int32, device="cuda")
@@ -105,9 +107,9 @@ def compiler_reports() -> list[dict]:
 def sweep(T: int) -> list[dict]:
     """Time each tile candidate of the paper-layout kernels at length T (the first of each list: the default)."""
     bf = torch.bfloat16
-    q, k, v = (torch.randn(1, T, h, D, device="cuda", dtype=bf) for h in (HQ, H, H))
+    q, k, v = (torch.randn(1, T, h, d, device="cuda", dtype=bf) for h, d in ((HQ, DK), (H, DK), (H, DV)))
     k_cmp, v_cmp = mean_pool(k, 32, 16), mean_pool(v, 32, 16)
-    scale = D ** -0.5
+    scale = DK ** -0.5
     o_cmp, lse = compression.compressed_fwd(q, k_cmp, v_cmp, 32, 16, scale)
     idx = selection.select_fwd(q, k_cmp, lse, 32, 16, 64, 16, scale)
     o_slc, lse_slc = selected.selected_fwd(q, k, v, idx, 64, scale)
@@ -158,9 +160,13 @@ def main() -> None:
     parser.add_argument("--T", type=int, default=65536)
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-T", type=int, default=32768)
+    parser.add_argument("--dk", type=int, default=128, help="query-key head dim")
+    parser.add_argument("--dv", type=int, default=128, help="value head dim")
     parser.add_argument("--out", default="nsa-breakdown.json")
     a = parser.parse_args()
-    result = {"device": torch.cuda.get_device_name(), "T": a.T}
+    global DK, DV
+    DK, DV = a.dk, a.dv
+    result = {"device": torch.cuda.get_device_name(), "T": a.T, "dk": DK, "dv": DV}
 
     def save():
         Path(a.out).write_text(json.dumps(result, indent=1, default=str) + "\n")

@@ -209,6 +209,7 @@ class Kernels(NamedTuple):
     nsa_decode: Any
     attention: Any
     attention_decode: Any
+    gated_sum: Any
     add_rms_norm: Any
     rotary_: Any
     silu_mul: Any
@@ -219,18 +220,18 @@ def kernels(name: str) -> Kernels:
     if name == "triton":
         from nsa_eval.kernels.attention import decode as attention_decode_mod, parallel
         from nsa_eval.kernels.layers import norm, rotary, swiglu
-        from nsa_eval.kernels.nsa import compression, decode, selected, selection
+        from nsa_eval.kernels.nsa import compression, decode, parallel as nsa_parallel, selected, selection
 
         return Kernels(compression.compressed_attention, selection.select_blocks, selected.selected_attention,
                        decode.nsa_decode, parallel.attention, attention_decode_mod.attention_decode,
-                       norm.add_rms_norm, rotary.rotary_, swiglu.silu_mul)
+                       nsa_parallel.gated_sum, norm.add_rms_norm, rotary.rotary_, swiglu.silu_mul)
     if name == "reference":
         from nsa_eval.kernels.attention import reference as full_ref
         from nsa_eval.kernels.layers import reference as layers_ref
         from nsa_eval.kernels.nsa import reference
 
         return Kernels(reference.compressed_attention, reference.select_blocks, reference.selected_attention,
-                       reference.nsa_decode, full_ref.attention, full_ref.attention_decode,
+                       reference.nsa_decode, full_ref.attention, full_ref.attention_decode, reference.gated_sum,
                        layers_ref.add_rms_norm, layers_ref.rotary_, layers_ref.silu_mul)
     raise ValueError(f"kernels must be 'auto', 'triton' or 'reference', got {name!r}")
 
@@ -510,11 +511,10 @@ class NSAAttention(nn.Module):
                                               seq_len=seq_len)
         indices = ops.select_blocks(q, k_cmp, lse, block_len=c.block_len, block_stride=c.block_stride,
                                     select_len=c.select_len, num_selected=c.num_selected, seq_len=seq_len)
-        o = g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * ops.selected_attention(
-            q, k_slc, v_slc, indices, select_len=c.select_len)
+        branches = [o_cmp, g_cmp, ops.selected_attention(q, k_slc, v_slc, indices, select_len=c.select_len), g_slc]
         if c.window:
-            o = o + g_win.unsqueeze(-1) * ops.attention(q, *win_kv, causal=True, window=c.window)
-        return o.to(q.dtype)
+            branches += [ops.attention(q, *win_kv, causal=True, window=c.window), g_win]
+        return ops.gated_sum(*branches)
 
     # ---- decode (one token per sequence) -------------------------------------------------------------------
 
@@ -556,10 +556,8 @@ class NSAAttention(nn.Module):
         if "k_win" not in cache:  # one shared K/V (or no window): one kernel call
             return ops.nsa_decode(q, cache["k"], cache["v"], cache["k_cmp"], cache["v_cmp"], lengths, g_cmp, g_slc,
                                   g_win if c.window else None, **c.nsa)
-        o = ops.nsa_decode(q, cache["k"], cache["v"], cache["k_cmp"], cache["v_cmp"], lengths, g_cmp, g_slc, None,
-                           **{**c.nsa, "window": 0})
-        # the ring holds exactly the last min(length, w) keys, and attention does not depend on their order
-        return o + g_win.unsqueeze(-1) * ops.attention_decode(q, cache["k_win"], cache["v_win"], step.window_len)
+        return ops.nsa_decode(q, cache["k"], cache["v"], cache["k_cmp"], cache["v_cmp"], lengths, g_cmp, g_slc, g_win,
+                              **c.nsa, k_window=cache["k_win"], v_window=cache["v_win"])
 
     def _append_block(self, cache: dict, step: "DecodeIndex") -> None:
         """Write the compressed block that the newest token completes (in rows where it completes one), from the
@@ -578,14 +576,13 @@ class NSAAttention(nn.Module):
 
 class DecodeIndex(NamedTuple):
     """Where a decode step writes and reads, computed once per step for every layer: rows [B] (arange), positions
-    [B] long (the new tokens'), lengths [B] int32 (positions + 1), ring_slot (positions % block_len), window_slot
-    (positions % window) and window_len (min(lengths, window)); the last three None where the model has no use."""
+    [B] long (the new tokens'), lengths [B] int32 (positions + 1), ring_slot (positions % block_len) and
+    window_slot (positions % window); the last two None where the model has no use for them."""
     rows: torch.Tensor
     positions: torch.Tensor
     lengths: torch.Tensor
     ring_slot: torch.Tensor | None
     window_slot: torch.Tensor | None
-    window_len: torch.Tensor | None
 
 
 def block_completes(config: NSAConfig, lengths: list[int]) -> bool:
@@ -826,8 +823,7 @@ class NSAForCausalLM(nn.Module):
         nsa = c.attention == "nsa"
         step = DecodeIndex(torch.arange(ids.shape[0], device=ids.device), positions, lengths,
                            positions % c.block_len if nsa else None,
-                           positions % c.window if nsa and c.window else None,
-                           torch.clamp(lengths, max=c.window) if nsa and c.window else None)
+                           positions % c.window if nsa and c.window else None)
         cos, sin = rope_tables(positions[:, None], c.head_dim, c.rope_theta)
         h, delta = self.embed(ids)[:, None], None
         for layer, layer_cache in zip(self.layers, cache.layers):

@@ -3,7 +3,7 @@
 The public functions run the Triton kernels on CUDA tensors and the PyTorch reference on CPU tensors.
 To run the Triton path elsewhere (interpreter mode, TRITON_INTERPRET=1), call the module's own function:
 compression.compressed_attention, selection.select_blocks, selected.selected_attention,
-parallel.nsa_attention, decode.nsa_decode. The reference's docstrings are the spec of both paths.
+parallel.nsa_attention, parallel.gated_sum, decode.nsa_decode. The reference's docstrings are the spec of both paths.
 Packed variable-length batches: `cu_seqlens` on nsa_attention, compressed_attention, select_blocks,
 selected_attention and mean_pool, on both paths (layout of the packed compressed K/V: reference's module docstring).
 Queries offset into the keys (a prompt slice over a cache): the T queries are the last T of S >= T tokens, query i
@@ -32,9 +32,11 @@ select_blocks = _by_device(selection.select_blocks, reference.select_blocks)
 selected_attention = _by_device(selected.selected_attention, reference.selected_attention)
 nsa_attention = _by_device(parallel.nsa_attention, reference.nsa_attention)
 nsa_decode = _by_device(decode.nsa_decode, reference.nsa_decode)
+gated_sum = _by_device(parallel.gated_sum, reference.gated_sum)
 
 __all__ = [
     "compressed_attention",
+    "gated_sum",
     "mean_pool",
     "nsa_attention",
     "nsa_decode",

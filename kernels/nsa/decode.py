@@ -6,8 +6,11 @@
 2. select_decode_kernel, split along the selection blocks: each part merges the splits into lse (the first
    also into o_cmp) and ranks its chunks from the stored scores with the prefill's eq. 9 weights and running
    top-n (selection.py); merge_decode_kernel merges the parts' top-n lists;
-3. selected attention of the new token (selected.py's kernel, DECODE) and the window branch
-   (nsa_eval.kernels.attention.attention_decode); the gated sum (parallel.py's kernel).
+3. sparse_decode_kernel: the selected blocks and the window's keys, cut in splits (a few selected blocks, or a
+   chunk of the window, per program) so that the step's programs cover the GPU at any batch size; partial
+   softmax statistics per split;
+4. combine_decode_kernel merges the splits of each branch and writes the gated sum of the three branches.
+Five launches per step; q and the gates may be strided views (of the model's projection output).
 """
 
 from __future__ import annotations
@@ -18,22 +21,19 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_eval.kernels.attention import attention_decode
 from nsa_eval.kernels.nsa.compression import LOG2E, num_visible_blocks
-from nsa_eval.kernels.nsa.parallel import GatedSum
-from nsa_eval.kernels.nsa.selected import selected_fwd
 from nsa_eval.kernels.nsa.selection import block_of_key, chunk_blocks, merge_top, overlap_weights, ranking_keys
 from nsa_eval.kernels.nsa.utils import check_decode, index_bits
 
 
 @triton.jit
-def compressed_decode_kernel(q, k_cmp, v_cmp, cache_seqlens, scores, part_m, part_l, part_o, TC, qk_scale,
+def compressed_decode_kernel(q, stride_qb, k_cmp, v_cmp, cache_seqlens, scores, part_m, part_l, part_o, TC, qk_scale,
                              HQ: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                              BDK: tl.constexpr, BDV: tl.constexpr, GP: tl.constexpr, BLOCK_LEN: tl.constexpr,
                              BLOCK_STRIDE: tl.constexpr, BC: tl.constexpr, SPLIT_LEN: tl.constexpr,
                              NSPLIT: tl.constexpr):
-    """Grid (B * H, NSPLIT). q [B, HQ, DK]; k_cmp/v_cmp [B, TC, H, D]; cache_seqlens [B] int32
-    -> scores [B, HQ, TC] (log2 units), part_m/part_l [B, HQ, NSPLIT], part_o [B, HQ, NSPLIT, DV] float32."""
+    """Grid (B * H, NSPLIT). q [B, HQ, DK] (batch stride stride_qb); k_cmp/v_cmp [B, TC, H, D]; cache_seqlens [B]
+    int32 -> scores [B, HQ, TC] (log2 units), part_m/part_l [B, HQ, NSPLIT], part_o [B, HQ, NSPLIT, DV] float32."""
     G: tl.constexpr = HQ // H
     pid_bh, split = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
@@ -42,7 +42,8 @@ def compressed_decode_kernel(q, k_cmp, v_cmp, cache_seqlens, scores, part_m, par
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     hq = b * HQ + h * G + g
-    q_blk = tl.load(q + hq[:, None] * DK + dk[None, :], mask=g_ok[:, None] & (dk[None, :] < DK), other=0.)
+    q_blk = tl.load(q + b * stride_qb + (h * G + g)[:, None] * DK + dk[None, :], mask=g_ok[:, None] & (dk[None, :] < DK),
+                    other=0.)
     n_vis = num_visible_blocks(tl.load(cache_seqlens + b) - 1, BLOCK_LEN, BLOCK_STRIDE)
     lo = split * SPLIT_LEN
     hi = tl.minimum(lo + SPLIT_LEN, n_vis)
@@ -146,19 +147,153 @@ def merge_decode_kernel(part_top, block_indices, NUM_SELECTED: tl.constexpr, NP:
              mask=jj[None, :] < NUM_SELECTED)
 
 
+@triton.jit
+def _attend_keys(q_blk, k, v, rows, key_ok, dk, dv, DK: tl.constexpr, DV: tl.constexpr, qk_scale, m_i, l_i, acc):
+    """Online softmax over one tile of keys for a group's query heads: rows [BS] of k [*, DK] / v [*, DV] (key_ok
+    masks them) -> the updated running max m_i [GP] (log2 units), sum l_i [GP] and unnormalised output acc [GP, BDV]."""
+    kb = tl.load(k + rows[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.)
+    vb = tl.load(v + rows[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.)
+    s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
+    s = tl.where(key_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0., m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def sparse_decode_kernel(q, stride_qb, k, v, k_win, v_win, cache_seqlens, block_indices, part_m, part_l, part_o, S,
+                         qk_scale, HQ: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                         BDK: tl.constexpr, BDV: tl.constexpr, GP: tl.constexpr, SELECT_LEN: tl.constexpr,
+                         BS: tl.constexpr, NUM_SELECTED: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
+                         SEL_SPLITS: tl.constexpr, WINDOW: tl.constexpr, WIN_CHUNK: tl.constexpr, NSPLIT: tl.constexpr,
+                         RING: tl.constexpr):
+    """Grid (B * H, NSPLIT). Split s < SEL_SPLITS: selected blocks [s * BLOCKS_PER_SPLIT, +BLOCKS_PER_SPLIT) of
+    block_indices [B, 1, H, n] over k/v [B, S, H, D] (tokens after the query masked); split s >= SEL_SPLITS: chunk
+    s - SEL_SPLITS (WIN_CHUNK keys) of the window: the last WINDOW positions of k/v, or (RING) the filled slots
+    [0, min(length, WINDOW)) of k_win/v_win [B, WINDOW, H, D]. -> part_m, part_l [B, HQ, NSPLIT] (log2 units),
+    part_o [B, HQ, NSPLIT, DV] (unnormalised) float32."""
+    G: tl.constexpr = HQ // H
+    pid_bh, split = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    g = tl.arange(0, GP)
+    g_ok = g < G
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    offs = tl.arange(0, BS)
+    hq = b * HQ + h * G + g
+    q_blk = tl.load(q + b * stride_qb + (h * G + g)[:, None] * DK + dk[None, :], mask=g_ok[:, None] & (dk[None, :] < DK),
+                    other=0.)
+    length = tl.load(cache_seqlens + b)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, BDV], tl.float32)
+    if split < SEL_SPLITS:
+        first = split * BLOCKS_PER_SPLIT
+        for n in range(first, tl.minimum(first + BLOCKS_PER_SPLIT, NUM_SELECTED)):
+            j = tl.load(block_indices + (b * H + h) * NUM_SELECTED + n)
+            s_pos = tl.maximum(j, 0) * SELECT_LEN + offs
+            key_ok = (s_pos < length) & (offs < tl.where(j >= 0, SELECT_LEN, 0))  # an unused slot (-1) loads nothing
+            m_i, l_i, acc = _attend_keys(q_blk, k, v, (b * S + s_pos) * H + h, key_ok, dk, dv, DK, DV, qk_scale, m_i,
+                                         l_i, acc)
+    else:
+        if RING:
+            lo = (split - SEL_SPLITS) * WIN_CHUNK
+            hi = tl.minimum(lo + WIN_CHUNK, tl.minimum(length, WINDOW))
+            base = b * WINDOW
+        else:
+            lo = tl.maximum(length - WINDOW, 0) + (split - SEL_SPLITS) * WIN_CHUNK
+            hi = tl.minimum(lo + WIN_CHUNK, length)
+            base = b * S
+        for i0 in range(lo, hi, BS):
+            key = i0 + offs
+            if RING:
+                m_i, l_i, acc = _attend_keys(q_blk, k_win, v_win, (base + key) * H + h, key < hi, dk, dv, DK, DV,
+                                             qk_scale, m_i, l_i, acc)
+            else:
+                m_i, l_i, acc = _attend_keys(q_blk, k, v, (base + key) * H + h, key < hi, dk, dv, DK, DV, qk_scale,
+                                             m_i, l_i, acc)
+    tl.store(part_m + hq * NSPLIT + split, m_i, mask=g_ok)
+    tl.store(part_l + hq * NSPLIT + split, l_i, mask=g_ok)
+    tl.store(part_o + (hq[:, None] * NSPLIT + split) * DV + dv[None, :], acc, mask=g_ok[:, None] & (dv[None, :] < DV))
+
+
+@triton.jit
+def _merge_splits(part_m, part_l, part_o, hq, g_ok, dv, DV: tl.constexpr, GP: tl.constexpr, BDV: tl.constexpr,
+                  FIRST: tl.constexpr, LAST: tl.constexpr, NSPLIT: tl.constexpr):
+    """Splits [FIRST, LAST) of one branch -> its normalised output [GP, BDV] float32 (0 where nothing was seen)."""
+    m = tl.full([GP], float("-inf"), tl.float32)
+    for split in range(FIRST, LAST):
+        m = tl.maximum(m, tl.load(part_m + hq * NSPLIT + split, mask=g_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0., m)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, BDV], tl.float32)
+    for split in range(FIRST, LAST):
+        w = tl.math.exp2(tl.load(part_m + hq * NSPLIT + split, mask=g_ok, other=float("-inf")) - m_safe)
+        l_i += w * tl.load(part_l + hq * NSPLIT + split, mask=g_ok, other=0.)
+        acc += w[:, None] * tl.load(part_o + (hq[:, None] * NSPLIT + split) * DV + dv[None, :],
+                                    mask=g_ok[:, None] & (dv[None, :] < DV), other=0.)
+    return acc / tl.where(l_i > 0, l_i, 1.)[:, None]
+
+
+@triton.jit
+def combine_decode_kernel(o_cmp, g_cmp, g_slc, g_win, stride_gb, stride_gh, part_m, part_l, part_o, out,
+                          HQ: tl.constexpr, H: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, GP: tl.constexpr,
+                          SEL_SPLITS: tl.constexpr, NSPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Grid (B * H). out [B, HQ, DV] = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win, the selected (splits
+    [0, SEL_SPLITS)) and window (the rest) outputs merged from sparse_decode_kernel's splits; gates [B, HQ] with
+    strides (stride_gb, stride_gh), float32 math."""
+    G: tl.constexpr = HQ // H
+    pid_bh = tl.program_id(0)
+    b, h = pid_bh // H, pid_bh % H
+    g = tl.arange(0, GP)
+    g_ok = g < G
+    dv = tl.arange(0, BDV)
+    hq = b * HQ + h * G + g
+    gate_at = b * stride_gb + (h * G + g) * stride_gh
+    mask = g_ok[:, None] & (dv[None, :] < DV)
+    o = tl.load(o_cmp + hq[:, None] * DV + dv[None, :], mask=mask, other=0.).to(tl.float32) * \
+        tl.load(g_cmp + gate_at, mask=g_ok, other=0.).to(tl.float32)[:, None]
+    o += tl.load(g_slc + gate_at, mask=g_ok, other=0.).to(tl.float32)[:, None] * \
+        _merge_splits(part_m, part_l, part_o, hq, g_ok, dv, DV, GP, BDV, 0, SEL_SPLITS, NSPLIT)
+    if HAS_WINDOW:
+        o += tl.load(g_win + gate_at, mask=g_ok, other=0.).to(tl.float32)[:, None] * \
+            _merge_splits(part_m, part_l, part_o, hq, g_ok, dv, DV, GP, BDV, SEL_SPLITS, NSPLIT, NSPLIT)
+    tl.store(out + hq[:, None] * DV + dv[None, :], o.to(out.dtype.element_ty), mask=mask)
+
+
 # ------------------------------------------------------------------------------------------- launcher
+def _splits(programs_per_split: int, work: int) -> int:
+    """Splits of `work` units (blocks, or key tiles) so that the step launches about 2 programs per SM of an H100."""
+    return max(1, min(work, triton.next_power_of_2(triton.cdiv(264, 2 * programs_per_split))))
+
+
+def _rows_view(x):
+    """x [B, R, D] -> (x, its batch stride) when each batch element's rows are packed (strides (any, D, 1): a column
+    slice of a wider row), else (a contiguous copy, R * D)."""
+    if x.stride(2) == 1 and x.stride(1) == x.shape[2]:
+        return x, x.stride(0)
+    return x.contiguous(), x.shape[1] * x.shape[2]
+
+
 def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win=None, *,
-               block_len=32, block_stride=16, select_len=64, num_selected=16, window=512, scale=None):
+               block_len=32, block_stride=16, select_len=64, num_selected=16, window=512, scale=None,
+               k_window=None, v_window=None):
     """Triton NSA decode step; spec and shapes: reference.nsa_decode. cache_seqlens' values are not checked
-    here (that would cost a device-to-host copy per step): each must lie in [1, S_max]."""
+    here (that would cost a device-to-host copy per step): each must lie in [1, S_max]. q may be a view whose batch
+    stride is not HQ * Dk (a slice of a wider projection output), gates views with any strides."""
     check_decode("nsa_decode", q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens,
                  {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, block_len, block_stride, select_len, num_selected,
-                 window, scale, triton=True)
+                 window, scale, triton=True, k_window=k_window, v_window=v_window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+    q, stride_qb = _rows_view(q)
+    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
     k_cmp_cache, v_cmp_cache = k_cmp_cache.contiguous(), v_cmp_cache.contiguous()
     B, HQ, DK = q.shape
-    TC, H, DV = k_cmp_cache.shape[1], k_cmp_cache.shape[2], v_cmp_cache.shape[3]
+    S, TC, H, DV = k_cache.shape[1], k_cmp_cache.shape[1], k_cmp_cache.shape[2], v_cmp_cache.shape[3]
     bdk, bdv = triton.next_power_of_2(DK), triton.next_power_of_2(DV)
     gp = max(16, triton.next_power_of_2(HQ // H))
     bc = 64
@@ -170,23 +305,42 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
     part_m, part_l = torch.empty(B, HQ, nsplit, **f32), torch.empty(B, HQ, nsplit, **f32)
     part_o = torch.empty(B, HQ, nsplit, DV, **f32)
     compressed_decode_kernel[(B * H, nsplit)](
-        q, k_cmp_cache, v_cmp_cache, cache_seqlens, scores, part_m, part_l, part_o, TC, scale * LOG2E, HQ, H, DK, DV,
-        bdk, bdv, gp, block_len, block_stride, bc, split_len, nsplit, num_warps=4, num_stages=2)
+        q, stride_qb, k_cmp_cache, v_cmp_cache, cache_seqlens, scores, part_m, part_l, part_o, TC, scale * LOG2E, HQ,
+        H, DK, DV, bdk, bdv, gp, block_len, block_stride, bc, split_len, nsplit, num_warps=4, num_stages=2)
     o_cmp = torch.empty(B, HQ, DV, dtype=q.dtype, device=q.device)
     np_ = chunk_blocks(num_selected, select_len, block_stride)
-    num_chunks = triton.cdiv(triton.cdiv(k_cache.shape[1], select_len), np_)  # chunks of the longest cache
+    num_chunks = triton.cdiv(triton.cdiv(S, select_len), np_)  # chunks of the longest cache
     nparts = max(1, min(num_chunks, triton.cdiv(264, B * H)))
     chunks_per_part = triton.cdiv(num_chunks, nparts)
     nparts = triton.cdiv(num_chunks, chunks_per_part)
     part_top = torch.empty(B * H, nparts, np_, dtype=torch.int32, device=q.device)
-    bits = index_bits(triton.cdiv(k_cache.shape[1], select_len))
+    bits = index_bits(triton.cdiv(S, select_len))
     select_decode_kernel[(B * H, nparts)](
         cache_seqlens, scores, part_m, part_l, part_o, o_cmp, part_top, max(TC, 1), chunks_per_part, HQ, H, DV, bdv,
         gp, block_len, block_stride, select_len, np_, nsplit, nparts, bits, num_warps=4)
     block_indices = torch.empty(B, 1, H, num_selected, dtype=torch.int32, device=q.device)
     merge_decode_kernel[(B * H,)](part_top, block_indices, num_selected, np_, nparts, bits, num_warps=1)
-    o_slc, _ = selected_fwd(q[:, None], k_cache, v_cache, block_indices, select_len, scale, cache_seqlens)
-    branches = [o_cmp, g_cmp, o_slc[:, 0], g_slc]
-    if window:
-        branches += [attention_decode(q, k_cache, v_cache, cache_seqlens, window=window, scale=scale), g_win]
-    return GatedSum.apply(*branches)
+
+    bs = max(16, triton.next_power_of_2(select_len))
+    sel_splits = _splits(B * H, num_selected)
+    blocks_per_split = triton.cdiv(num_selected, sel_splits)
+    sel_splits = triton.cdiv(num_selected, blocks_per_split)
+    win_splits = _splits(B * H, triton.cdiv(window, bs)) if window else 0
+    win_chunk = triton.cdiv(triton.cdiv(window, win_splits), bs) * bs if window else bs
+    splits = sel_splits + win_splits
+    part_m, part_l = torch.empty(B, HQ, splits, **f32), torch.empty(B, HQ, splits, **f32)
+    part_o = torch.empty(B, HQ, splits, DV, **f32)
+    ring = k_window is not None
+    k_win, v_win = (k_window.contiguous(), v_window.contiguous()) if ring else (k_cache, v_cache)
+    sparse_decode_kernel[(B * H, splits)](
+        q, stride_qb, k_cache, v_cache, k_win, v_win, cache_seqlens, block_indices, part_m, part_l, part_o, S,
+        scale * LOG2E, HQ, H, DK, DV, bdk, bdv, gp, select_len, bs, num_selected, blocks_per_split, sel_splits,
+        window, win_chunk, splits, ring, num_warps=4, num_stages=2)
+    out = torch.empty(B, HQ, DV, dtype=q.dtype, device=q.device)
+    gates = [g_cmp, g_slc] + ([g_win] if window else [])
+    if len({g.stride() for g in gates}) > 1:  # the kernel takes one pair of strides for all gates
+        gates = [g.contiguous() for g in gates]
+    combine_decode_kernel[(B * H,)](
+        o_cmp, *gates[:2], gates[-1], gates[0].stride(0), gates[0].stride(1), part_m, part_l, part_o, out, HQ, H, DV, bdv,
+        gp, sel_splits, splits, bool(window), num_warps=4)
+    return out

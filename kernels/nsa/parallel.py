@@ -98,6 +98,13 @@ class GatedSum(torch.autograd.Function):
         return tuple(x for pair in zip(d_outputs, d_gates) for x in pair)
 
 
+def gated_sum(o_1, g_1, o_2, g_2, o_3=None, g_3=None):
+    """Eq. 5's sum of branch outputs: o_i [..., Dv] (one shape and dtype), gates g_i [...] -> sum_i g_i * o_i
+    [..., Dv] in o_1's dtype, float32 math; one fused kernel (and one backward). The third pair is optional."""
+    pairs = [o_1, g_1, o_2, g_2] + ([o_3, g_3] if o_3 is not None else [])
+    return GatedSum.apply(*pairs)
+
+
 def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block_len=32, block_stride=16,
                   select_len=64, num_selected=16, window=512, scale=None, block_indices=None,
                   return_block_indices=False, cu_seqlens=None):

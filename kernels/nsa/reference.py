@@ -261,6 +261,13 @@ def _gated_sum(outputs_and_gates):
     return sum(g.float().unsqueeze(-1) * o for o, g in outputs_and_gates)
 
 
+def gated_sum(o_1, g_1, o_2, g_2, o_3=None, g_3=None):
+    """Eq. 5's sum of branch outputs: o_i [..., Dv] (one shape and dtype), gates g_i [...] -> sum_i g_i * o_i
+    [..., Dv] in o_1's dtype, float32 math."""
+    pairs = [(o_1, g_1), (o_2, g_2)] + ([(o_3, g_3)] if o_3 is not None else [])
+    return _gated_sum(pairs).to(o_1.dtype)
+
+
 def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block_len=32, block_stride=16,
                   select_len=64, num_selected=16, window=512, scale=None, block_indices=None,
                   return_block_indices=False, cu_seqlens=None):
@@ -315,7 +322,8 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block_len=
 
 
 def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win=None, *,
-               block_len=32, block_stride=16, select_len=64, num_selected=16, window=512, scale=None):
+               block_len=32, block_stride=16, select_len=64, num_selected=16, window=512, scale=None,
+               k_window=None, v_window=None):
     """One NSA decode step: the new token's output from an NSA cache; equals the last row of `nsa_attention`.
 
     Args:
@@ -325,14 +333,17 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
             block_stride tokens once block_len tokens exist (the first num_compressed_blocks(cache_seqlens[b])
             rows are read);
         cache_seqlens: [B] int32 tokens in the cache per sequence, the new one included (>= 1);
-        g_cmp, g_slc, g_win: [B, HQ] gates.
+        g_cmp, g_slc, g_win: [B, HQ] gates;
+        k_window, v_window: None (the window branch reads the last `window` keys of k_cache/v_cache), or the window
+            branch's own keys/values (the paper's independent K/V): rings [B, window, H, Dk] / [B, window, H, Dv]
+            holding token p in slot p % window, so slots [0, min(cache_seqlens[b], window)) are row b's last tokens.
     Returns:
         o [B, HQ, Dv] in q's dtype.
     """
     op = "nsa_decode"
     check_decode(op, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens,
                  {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, block_len, block_stride, select_len,
-                 num_selected, window, scale, triton=False)
+                 num_selected, window, scale, triton=False, k_window=k_window, v_window=v_window)
     lengths = cache_seqlens.tolist()
     if min(lengths) < 1 or max(lengths) > k_cache.shape[1]:
         _fail(op, f"cache_seqlens must lie in [1, S_max={k_cache.shape[1]}], got {lengths}")
@@ -344,6 +355,9 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
                             num_selected, scale)
     o_slc, _ = _selected(q1, k_cache, v_cache, block_indices, positions, select_len, scale)
     branches = [(o_cmp[:, 0], g_cmp), (o_slc[:, 0], g_slc)]
-    if window:
+    if window and k_window is None:
         branches.append((_window(q1, k_cache, v_cache, positions, window, scale)[0][:, 0], g_win))
+    elif window:  # attention does not depend on the keys' order: the ring's filled slots are the window
+        filled = torch.arange(window, device=q.device)[None, :] < cache_seqlens.long()[:, None]
+        branches.append((_masked_attention(q1, k_window, v_window, filled[:, None, None, :], scale)[0][:, 0], g_win))
     return _gated_sum(branches).to(q.dtype)

@@ -24,14 +24,14 @@ from nsa_eval.kernels.nsa.utils import (check_block_indices, check_block_sizes, 
 
 
 @triton.jit
-def selected_fwd_kernel(q, k, v, block_indices, cache_seqlens, token_starts, o, lse, T, S, qk_scale,
+def selected_fwd_kernel(q, k, v, block_indices, token_starts, o, lse, T, S, qk_scale,
                         HQ: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
                         BDV: tl.constexpr, GP: tl.constexpr, SELECT_LEN: tl.constexpr, BS: tl.constexpr,
-                        NUM_SELECTED: tl.constexpr, TPP: tl.constexpr, DECODE: tl.constexpr, VARLEN: tl.constexpr):
+                        NUM_SELECTED: tl.constexpr, TPP: tl.constexpr, VARLEN: tl.constexpr):
     """Grid (cdiv(T, TPP), B * H): TPP consecutive queries per program, one after the other (their shared
     blocks, 0 and the local ones, then come from L1). q [B, T, HQ, DK], k [B, S, H, DK], v [B, S, H, DV],
     block_indices [B, T, H, n] int32 -> o [B, T, HQ, DV], lse [B, T, HQ] float32. Prefill: the query at row t
-    stands at position t + S - T (S >= T: the queries are the last T of the S keys). DECODE: T == 1 and batch b's query stands at position cache_seqlens[b] - 1.
+    stands at position t + S - T (S >= T: the queries are the last T of the S keys).
     VARLEN: B == 1, row t's sequence starts at row token_starts[t]; positions and blocks count from there."""
     G: tl.constexpr = HQ // H
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -42,9 +42,7 @@ def selected_fwd_kernel(q, k, v, block_indices, cache_seqlens, token_starts, o, 
     offs = tl.arange(0, BS)
     for t in range(pid_t * TPP, tl.minimum(pid_t * TPP + TPP, T)):
         kv_start = b * S
-        if DECODE:
-            pos = tl.load(cache_seqlens + b) - 1
-        elif VARLEN:
+        if VARLEN:
             kv_start = tl.load(token_starts + t)
             pos = t - kv_start
         else:
@@ -193,21 +191,19 @@ def _tile_sizes(q, v, H, select_len):
             max(16, triton.next_power_of_2(q.shape[2] // H)), max(16, triton.next_power_of_2(select_len)))
 
 
-def selected_fwd(q, k, v, block_indices, select_len, scale, cache_seqlens=None, packing: Packing | None = None):
+def selected_fwd(q, k, v, block_indices, select_len, scale, packing: Packing | None = None):
     """q [B, T, HQ, Dk], k/v [B, S, H, D], block_indices [B, T, H, n] (contiguous) -> o, lse [B, T, HQ] float32.
-    With cache_seqlens [B] int32 (decode, T == 1) the query of batch b stands at position cache_seqlens[b] - 1;
-    with packing (B == 1), each query at its position within its sequence."""
+    With packing (B == 1), each query at its position within its sequence."""
     B, T, HQ, DK = q.shape
     S, H, DV = k.shape[1], k.shape[2], v.shape[3]
     o = torch.empty(B, T, HQ, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
     bdk, bdv, gp, bs = _tile_sizes(q, v, H, select_len)
-    decode = cache_seqlens is not None
     warps, stages, tpp = TILES["fwd"]
     token_starts = block_indices if packing is None else packing.token_starts()
     selected_fwd_kernel[(triton.cdiv(T, tpp), B * H)](
-        q, k, v, block_indices, cache_seqlens if decode else block_indices, token_starts, o, lse, T, S, scale * LOG2E,
-        HQ, H, DK, DV, bdk, bdv, gp, select_len, bs, block_indices.shape[3], tpp, decode, packing is not None,
+        q, k, v, block_indices, token_starts, o, lse, T, S, scale * LOG2E,
+        HQ, H, DK, DV, bdk, bdv, gp, select_len, bs, block_indices.shape[3], tpp, packing is not None,
         num_warps=warps, num_stages=stages)
     return o, lse
 

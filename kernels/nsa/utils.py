@@ -256,8 +256,23 @@ def check_offset_backward(op: str, offset: int, *tensors) -> None:
 
 
 def check_decode(op, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, gates: dict, block_len,
-                 block_stride, select_len, num_selected, window, scale, triton: bool) -> None:
+                 block_stride, select_len, num_selected, window, scale, triton: bool, k_window=None,
+                 v_window=None) -> None:
     """All arguments of `nsa_decode` except the values of cache_seqlens (a device-to-host copy on CUDA)."""
+    if (k_window is None) != (v_window is None):
+        _fail(op, "give k_window and v_window together (the window branch's own ring of keys and values), or neither")
+    if k_window is not None:
+        if not window:
+            _fail(op, "k_window/v_window need window > 0 (they hold the window branch's last `window` tokens)")
+        B, H, dk, dv = q.shape[0], k_cache.shape[2], k_cache.shape[3], v_cache.shape[3]
+        for name, ring, d in (("k_window", k_window, dk), ("v_window", v_window, dv)):
+            _check_tensor(op, name, ring, 4, f"[B, window, H, D] = [{B}, {window}, {H}, {d}]")
+            if tuple(ring.shape) != (B, window, H, d):
+                _fail(op, f"{name} has shape {tuple(ring.shape)}; the window ring must be [B, window, H, D] = "
+                          f"[{B}, {window}, {H}, {d}] (token p in slot p % window)")
+            if ring.dtype != k_cache.dtype or ring.device != k_cache.device:
+                _fail(op, f"{name} must have k_cache's dtype and device ({k_cache.dtype} on {k_cache.device}), got "
+                          f"{ring.dtype} on {ring.device}")
     _check_tensor(op, "q", q, 3, "[B, HQ, Dk]")
     check_qkv(op, q[:, None], k_cache, v_cache, triton, names=("k_cache", "v_cache"))
     _check_nsa_rest(op, q[:, None], k_cache, v_cache, k_cmp_cache, v_cmp_cache, gates, q.shape[:2], block_len,

@@ -249,6 +249,53 @@ def test_decode_equals_last_prefill_row(layout, dtype):
         assert rel_err(out[b], prefill[0, -1]) < BOUND[dtype]
 
 
+def test_decode_with_a_window_ring_and_strided_views():
+    """The paper's independent window K/V as a ring (token p in slot p % w): the step equals compressed + selected
+    from the cache plus the window branch over the window keys' last w tokens; q a column slice of a wider
+    projection output and the gates views of one [B, HQ, 3] tensor, as the model passes them."""
+    torch.manual_seed(6)
+    hp = {**NSA_CASES["paper"], "window": 40}
+    B, S, HQ, H, D, w = 3, 200, 8, 2, 32, hp["window"]
+    lengths = torch.tensor([200, 90, 23], dtype=torch.int32)  # full ring, full ring, ring filled to 23
+    k, v, k_win, v_win = (randn(B, S, H, D, dtype=torch.float32) for _ in range(4))
+    k_cmp = mean_pool(k, hp["block_len"], hp["block_stride"]) * 3
+    v_cmp = mean_pool(v, hp["block_len"], hp["block_stride"])
+    ring_k, ring_v = torch.zeros(B, w, H, D), torch.zeros(B, w, H, D)
+    for b, L in enumerate(lengths.tolist()):
+        for p in range(max(0, L - w), L):
+            ring_k[b, p % w], ring_v[b, p % w] = k_win[b, p], v_win[b, p]
+    projection = randn(B, HQ * D + 24, dtype=torch.float32)
+    q = projection[:, :HQ * D].view(B, HQ, D)
+    g_cmp, g_slc, g_win = torch.rand(B, HQ, 3).unbind(-1)
+    with poisoned_allocations():
+        out = decode.nsa_decode(q, k, v, k_cmp, v_cmp, lengths, g_cmp, g_slc, g_win, **hp, k_window=ring_k,
+                                v_window=ring_v)
+    ref = reference.nsa_decode(q, k, v, k_cmp, v_cmp, lengths, g_cmp, g_slc, g_win, **hp, k_window=ring_k,
+                               v_window=ring_v)
+    from nsa_eval.kernels.attention import reference as full_reference
+
+    expected = reference.nsa_decode(q, k, v, k_cmp, v_cmp, lengths, g_cmp, g_slc, None, **{**hp, "window": 0}) + \
+        g_win[..., None] * full_reference.attention_decode(q, k_win, v_win, lengths, window=w)
+    assert rel_err(ref, expected) < 1e-6
+    assert rel_err(out, ref) < BOUND[torch.float32]
+    for impl in (decode.nsa_decode, reference.nsa_decode):
+        with pytest.raises(ValueError, match="k_window and v_window together"):
+            impl(q, k, v, k_cmp, v_cmp, lengths, g_cmp, g_slc, g_win, **hp, k_window=ring_k)
+        with pytest.raises(ValueError, match="window ring must be"):
+            impl(q, k, v, k_cmp, v_cmp, lengths, g_cmp, g_slc, g_win, **hp, k_window=ring_k[:, :8],
+                 v_window=ring_v[:, :8])
+
+
+def test_gated_sum_equals_the_reference():
+    o = [randn(2, 5, 4, 24, dtype=torch.float16) for _ in range(3)]
+    g = torch.rand(2, 5, 4, 3).to(torch.float16).unbind(-1)  # strided views, as the model's gates
+    for n in (2, 3):
+        pairs = [x for pair in zip(o[:n], g[:n]) for x in pair]
+        with poisoned_allocations():
+            out = parallel.gated_sum(*pairs)
+        assert out.dtype == torch.float16 and rel_err(out, reference.gated_sum(*pairs)) < BOUND[torch.float16]
+
+
 # -------------------------------------------------------------------------------------- bad input
 def _inputs(**change):
     B, T, HQ, H, D = 1, 40, 4, 2, 16

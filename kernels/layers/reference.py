@@ -1,5 +1,5 @@
-"""A transformer's pointwise parts in plain PyTorch (the oracle and the CPU path), and the argument checks that
-both paths share.
+"""A transformer's pointwise parts and the decode step's KV-cache write in plain PyTorch (the oracle and the CPU
+path), and the argument checks that both paths share.
 
 Inference only: every function refuses inputs that require grad while grad is enabled (run under
 torch.no_grad() or torch.inference_mode()). Dtypes: float16, bfloat16 or float32 on both paths.
@@ -90,6 +90,48 @@ def check_silu_mul(gate_up) -> None:
     check_inference(op, {"gate_up": gate_up})
 
 
+MAX_CACHE_PAIRS = 6
+
+
+def check_cache_write(dests, sources, slots) -> None:
+    """Shapes, dtypes and devices of cache_write_'s (dest, source, slots) pairs; the slot values are not read."""
+    op = "cache_write_"
+    for name, group in (("dests", dests), ("sources", sources), ("slots", slots)):
+        if not isinstance(group, (list, tuple)):
+            _fail(op, f"{name} must be a list or tuple of 1 to {MAX_CACHE_PAIRS} tensors, got {type(group).__name__}")
+    if not len(dests) == len(sources) == len(slots):
+        _fail(op, f"got {len(dests)} dests, {len(sources)} sources and {len(slots)} slots; pass one source and one "
+                  "slots tensor per dest")
+    if not 1 <= len(dests) <= MAX_CACHE_PAIRS:
+        _fail(op, f"got {len(dests)} dests; one call writes 1 to {MAX_CACHE_PAIRS} (split the call)")
+    for i, (dest, source, slot) in enumerate(zip(dests, sources, slots)):
+        _check_tensor(op, f"dests[{i}]", dest, 4, "[B, S, H, D]")
+        _check_last_dim(op, f"dests[{i}]", dest, "[B, S, H, D]")
+        _check_tensor(op, f"sources[{i}]", source, 3, "[B, H, D]")
+        _check_last_dim(op, f"sources[{i}]", source, "[B, H, D]")
+        B, _, H, D = dest.shape
+        if tuple(source.shape) != (B, H, D):
+            _fail(op, f"sources[{i}] has shape {tuple(source.shape)} but dests[{i}] {tuple(dest.shape)} needs "
+                      f"[B, H, D] = [{B}, {H}, {D}]")
+        _check_same(op, {f"dests[{i}]": dest, f"sources[{i}]": source}, TRITON_DTYPES)
+        if dest.device != dests[0].device:
+            _fail(op, f"dests[{i}] is on {dest.device} but dests[0] is on {dests[0].device}; one launch writes one "
+                      "device")
+        if B != dests[0].shape[0]:
+            _fail(op, f"dests[{i}] has B={B} rows but dests[0] has {dests[0].shape[0]}; every pair writes the same "
+                      "B rows")
+        if (not isinstance(slot, torch.Tensor) or slot.dtype not in (torch.int32, torch.int64)
+                or tuple(slot.shape) != (B,)):
+            got = f"{slot.dtype} {tuple(slot.shape)}" if isinstance(slot, torch.Tensor) else type(slot).__name__
+            _fail(op, f"slots[{i}] must be an int64 or int32 tensor [B] = [{B}] (row b's slot in dests[{i}]), "
+                      f"got {got}")
+        if slot.device != dest.device:
+            _fail(op, f"slots[{i}] is on {slot.device} but dests[{i}] is on {dest.device}; move it to the cache's "
+                      "device")
+    check_inference(op, {**{f"dests[{i}]": dest for i, dest in enumerate(dests)},
+                         **{f"sources[{i}]": source for i, source in enumerate(sources)}})
+
+
 # ----------------------------------------------------------------------------------------------------
 # reference functions
 # ----------------------------------------------------------------------------------------------------
@@ -137,3 +179,24 @@ def silu_mul(gate_up):
     check_silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def cache_write_(dests, sources, slots):
+    """Write each row's new token into its cache slot, in place: dests[i][b, slots[i][b]] = sources[i][b] for every
+    pair i and row b. Returns None.
+
+    Args:
+        dests: list or tuple of 1 to 6 caches [B, S_i, H_i, D_i] (float16, bfloat16 or float32), last dim
+            contiguous, other strides arbitrary (e.g. cache[..., :D] of a zero-padded wider cache: only the first
+            D_i columns are written).
+        sources: as many [B, H_i, D_i] tensors of their dest's dtype, last dim contiguous, other strides arbitrary
+            (e.g. column slices of one fused projection output).
+        slots: as many int64 or int32 tensors [B] on the caches' device, each in [0, S_i) (checked here: a host
+            sync; the Triton path does not check); one tensor may serve several pairs.
+    """
+    check_cache_write(dests, sources, slots)
+    for i, (dest, source, slot) in enumerate(zip(dests, sources, slots)):
+        if slot.numel() and not (0 <= slot.min().item() and slot.max().item() < dest.shape[1]):
+            _fail("cache_write_", f"slots[{i}] holds values in [{slot.min().item()}, {slot.max().item()}]; each must "
+                                  f"be in [0, S) = [0, {dest.shape[1]}) of dests[{i}]")
+        dest[torch.arange(dest.shape[0], device=dest.device), slot.long()] = source

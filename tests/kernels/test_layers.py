@@ -1,7 +1,9 @@
-"""The pointwise layer kernels (add_rms_norm, rotary_, silu_mul) against their PyTorch references.
+"""The pointwise layer kernels (add_rms_norm, rotary_, silu_mul) and the KV-cache write (cache_write_) against their
+PyTorch references.
 
-Without a GPU the Triton kernels run in interpreter mode (tests/conftest.py) on float32 and float16; the last test
-runs bfloat16 on a GPU at the paper's shapes. Every buffer a kernel writes starts as NaN (nan_outputs), so an
+Without a GPU the Triton kernels run in interpreter mode (tests/conftest.py) on float32 and float16; the last two
+tests run bfloat16 on a GPU at the paper's shapes. cache_write_ only copies, so it must equal its reference bit for
+bit and leave every other cache element as it was. Every buffer a kernel writes starts as NaN (nan_outputs), so an
 element a kernel fails to write shows up. Bounds on ||out - ref|| / ||ref||: the kernels do the reference's float32
 math and roundings, so only the order of the mean-square sum (and fused multiply-adds on a GPU) differ: float32
 1e-6; 16-bit outputs may flip an element's last bit (float16 2^-11, bfloat16 2^-8 relative), which stays well
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from nsa_eval.kernels import layers
-from nsa_eval.kernels.layers import norm, reference, rotary, swiglu
+from nsa_eval.kernels.layers import cache_write, norm, reference, rotary, swiglu
 from kernel_checks import rel_err
 
 pytestmark = pytest.mark.usefixtures("nan_outputs")
@@ -161,12 +163,91 @@ def test_reference_silu_mul_is_silu_of_gate_times_up():
 
 
 # ----------------------------------------------------------------------------------------------------
+# cache_write_
+# ----------------------------------------------------------------------------------------------------
+
+# (S, H, D, cache width): a cache [B, S, H, width] written through its [..., :D] view, as the model's values
+# (zero-padded to the key width). The six: the model's k, v, k_ring, v_ring, k_win, v_win with Dk = 96, Dv = 64.
+CACHE_PAIRS = {
+    1: [(7, 3, 96, 96)],
+    3: [(9, 2, 64, 64), (5, 3, 48, 80), (6, 1, 96, 96)],
+    6: [(11, 2, 96, 96), (11, 2, 64, 96), (4, 2, 96, 96), (4, 2, 64, 64), (8, 2, 96, 96), (8, 2, 64, 64)],
+}
+
+
+def cache_write_inputs(pairs, dtype, B=3, seed=0, device=DEVICE):
+    """(caches, dests, sources, slots) for pairs of (S, H, D, width): random caches [B, S, H, width] and their
+    [..., :D] views; sources are column slices of one fused projection output [B, 1, sum(H*D) + 5], except the
+    first, x[:, 0] of a [B, 1, H, D] view; slots alternate int64 and int32, the last two pairs share one tensor."""
+    caches = [randn(B, S, H, width, dtype=dtype, seed=seed + i, device=device) for i, (S, H, _, width) in
+              enumerate(pairs)]
+    dests = [cache[..., :D] for cache, (_, _, D, _) in zip(caches, pairs)]
+    projection = randn(B, 1, sum(H * D for _, H, D, _ in pairs) + 5, dtype=dtype, seed=seed + 10, device=device)
+    sources, offset = [], 0
+    for _, H, D, _ in pairs:
+        sources.append(projection[:, 0, offset:offset + H * D].view(B, H, D))
+        offset += H * D
+    _, H0, D0, _ = pairs[0]
+    sources[0] = randn(B, 1, H0 * D0 + 3, dtype=dtype, seed=seed + 11, device=device)[..., :H0 * D0]
+    sources[0] = sources[0].view(B, 1, H0, D0)[:, 0]
+    gen = torch.Generator().manual_seed(seed)
+    slots = [torch.randint(0, S, (B,), generator=gen).to(device, torch.int64 if i % 2 else torch.int32)
+             for i, (S, _, _, _) in enumerate(pairs)]
+    if len(pairs) > 1:
+        slots[-1] = slots[-2] = torch.randint(0, min(S for S, *_ in pairs[-2:]), (B,), generator=gen).to(device)
+    return caches, dests, sources, slots
+
+
+def check_cache_written(caches, before, dests, sources, slots):
+    """Each dest's row b at slots[b] holds sources[b]; every other element of the caches (other slots, the padding
+    columns past D) is as before."""
+    for cache, old, dest, source, slot in zip(caches, before, dests, sources, slots):
+        rows, slot = torch.arange(cache.shape[0], device=cache.device), slot.long()
+        assert torch.equal(dest[rows, slot], source)
+        restored = cache.clone()
+        restored[rows, slot, :, :dest.shape[3]] = old[rows, slot, :, :dest.shape[3]]
+        assert torch.equal(restored, old), "an element outside the written slots changed"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("count", [1, 3, 6])
+def test_cache_write_matches_reference(dtype, count):
+    caches, dests, sources, slots = cache_write_inputs(CACHE_PAIRS[count], dtype, seed=count)
+    before = [cache.clone() for cache in caches]
+    expected = [cache.clone() for cache in caches]
+    assert not sources[0].is_contiguous()
+    assert cache_write.cache_write_(dests, tuple(sources), slots) is None
+    reference.cache_write_([e[..., :d.shape[3]] for e, d in zip(expected, dests)], sources, slots)
+    for cache, ref in zip(caches, expected):
+        assert torch.equal(cache, ref)
+    check_cache_written(caches, before, dests, sources, slots)
+
+
+def test_public_cache_write_on_the_cpu_runs_the_reference_which_checks_slot_values():
+    caches, dests, sources, slots = cache_write_inputs(CACHE_PAIRS[3], torch.float32, B=2, device="cpu")
+    before = [cache.clone() for cache in caches]
+    layers.cache_write_(dests, sources, slots)
+    check_cache_written(caches, before, dests, sources, slots)
+    slots[1] = torch.tensor([0, 5])
+    with pytest.raises(ValueError, match=r"^cache_write_: slots\[1\] holds values in \[0, 5\]; each must be in "
+                                         r"\[0, S\) = \[0, 5\) of dests\[1\]"):
+        layers.cache_write_(dests, sources, slots)
+    slots[1] = torch.tensor([-1, 0])
+    with pytest.raises(ValueError, match=r"slots\[1\] holds values in \[-1, 0\]"):
+        layers.cache_write_(dests, sources, slots)
+
+
+# ----------------------------------------------------------------------------------------------------
 # bad input
 # ----------------------------------------------------------------------------------------------------
 
 
 def f32(*shape):
     return torch.zeros(shape, device=DEVICE)
+
+
+def slot_ids(B):
+    return torch.zeros(B, dtype=torch.int64, device=DEVICE)
 
 
 BAD_INPUTS = [
@@ -183,10 +264,38 @@ BAD_INPUTS = [
     ("rotary_", lambda: (f32(1, 2, 8, 3).transpose(2, 3), f32(1, 2, 4), f32(1, 2, 4)), "x's last dim has stride 3"),
     ("silu_mul", lambda: (f32(3, 9),), "gate_up's last dim 9 is odd"),
     ("silu_mul", lambda: (f32(3, 8).int(),), "gate_up has dtype torch.int32"),
+    ("cache_write_", lambda: (f32(2, 4, 1, 8), [f32(2, 1, 8)], [slot_ids(2)]),
+     "dests must be a list or tuple of 1 to 6 tensors, got Tensor"),
+    ("cache_write_", lambda: ([f32(2, 4, 1, 8)] * 2, [f32(2, 1, 8)], [slot_ids(2)] * 2),
+     "got 2 dests, 1 sources and 2 slots; pass one source"),
+    ("cache_write_", lambda: ([f32(2, 4, 1, 8)] * 7, [f32(2, 1, 8)] * 7, [slot_ids(2)] * 7),
+     "got 7 dests; one call writes 1 to 6"),
+    ("cache_write_", lambda: ([], [], []), "got 0 dests; one call writes 1 to 6"),
+    ("cache_write_", lambda: ([f32(2, 4, 8)], [f32(2, 1, 8)], [slot_ids(2)]), r"dests\[0\] must be 4-D \[B, S, H, D\]"),
+    ("cache_write_", lambda: ([f32(2, 4, 1, 16)[..., ::2]], [f32(2, 1, 8)], [slot_ids(2)]),
+     r"dests\[0\]'s last dim has stride 2; it must be contiguous"),
+    ("cache_write_", lambda: ([f32(2, 4, 1, 8)], [f32(2, 1, 16)[..., ::2]], [slot_ids(2)]),
+     r"sources\[0\]'s last dim has stride 2; it must be contiguous"),
+    ("cache_write_", lambda: ([f32(2, 4, 1, 8)], [f32(2, 1, 6)], [slot_ids(2)]),
+     r"sources\[0\] has shape \(2, 1, 6\) but dests\[0\] \(2, 4, 1, 8\) needs \[B, H, D\] = \[2, 1, 8\]"),
+    ("cache_write_", lambda: ([f32(2, 4, 1, 8)], [f32(2, 1, 8).half()], [slot_ids(2)]),
+     r"sources\[0\] has dtype torch.float16 but dests\[0\] has torch.float32"),
+    ("cache_write_", lambda: ([f32(2, 4, 1, 8).double()], [f32(2, 1, 8).double()], [slot_ids(2)]),
+     r"dests\[0\] has dtype torch.float64; use one of"),
+    ("cache_write_", lambda: ([f32(2, 4, 1, 8), f32(3, 4, 1, 8)], [f32(2, 1, 8), f32(3, 1, 8)], [slot_ids(2)] * 2),
+     r"dests\[1\] has B=3 rows but dests\[0\] has 2; every pair writes the same B rows"),
+    ("cache_write_", lambda: ([f32(2, 4, 1, 8)], [f32(2, 1, 8)], [f32(2)]),
+     r"slots\[0\] must be an int64 or int32 tensor \[B\] = \[2\] .*, got torch.float32 \(2,\)"),
+    ("cache_write_", lambda: ([f32(2, 4, 1, 8)], [f32(2, 1, 8)], [slot_ids(3)]),
+     r"slots\[0\] must be an int64 or int32 tensor \[B\] = \[2\] .*, got torch.int64 \(3,\)"),
+    ("cache_write_", lambda: ([f32(2, 4, 1, 8)], [f32(2, 1, 8)], [[0, 1]]), r"slots\[0\] must be .*, got list"),
+    ("cache_write_", lambda: ([f32(2, 4, 1, 8)], [f32(2, 1, 8)], [slot_ids(2).to("meta")]),
+     r"slots\[0\] is on meta but dests\[0\] is on .*; move it to the cache's device"),
 ]
-MODULES = {"triton": {"add_rms_norm": norm.add_rms_norm, "rotary_": rotary.rotary_, "silu_mul": swiglu.silu_mul},
+MODULES = {"triton": {"add_rms_norm": norm.add_rms_norm, "rotary_": rotary.rotary_, "silu_mul": swiglu.silu_mul,
+                      "cache_write_": cache_write.cache_write_},
            "reference": {"add_rms_norm": reference.add_rms_norm, "rotary_": reference.rotary_,
-                         "silu_mul": reference.silu_mul}}
+                         "silu_mul": reference.silu_mul, "cache_write_": reference.cache_write_}}
 
 
 @pytest.mark.parametrize("path", ["triton", "reference"])
@@ -197,11 +306,12 @@ def test_bad_input_raises_value_error(path, op, make_args, message):
 
 
 @pytest.mark.parametrize("path", ["triton", "reference"])
-@pytest.mark.parametrize("op", ["add_rms_norm", "rotary_", "silu_mul"])
+@pytest.mark.parametrize("op", ["add_rms_norm", "rotary_", "silu_mul", "cache_write_"])
 def test_inputs_requiring_grad_are_refused_outside_no_grad(path, op):
     args = {"add_rms_norm": (f32(3, 8), f32(8).requires_grad_(), 1e-6),
             "rotary_": (f32(1, 2, 3, 8).requires_grad_(), f32(1, 2, 4), f32(1, 2, 4)),
-            "silu_mul": (f32(3, 8).requires_grad_(),)}[op]
+            "silu_mul": (f32(3, 8).requires_grad_(),),
+            "cache_write_": ([f32(2, 4, 1, 8)], [f32(2, 1, 8).requires_grad_()], [slot_ids(2)])}[op]
     fn = MODULES[path][op]
     with pytest.raises(ValueError, match="requires grad, but these are inference kernels .* torch.no_grad()"):
         fn(*args)
@@ -248,3 +358,30 @@ def test_bfloat16_paper_shapes_on_gpu(tokens):
 
     gate_up = randn(tokens, 2 * I, dtype=bf, seed=5, device=dev) * 3
     check_close(layers.silu_mul(gate_up), reference.silu_mul(gate_up))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA-graph capture of the Triton kernel)")
+@torch.no_grad()
+def test_cache_write_replays_in_a_cuda_graph_with_new_slots_and_tokens():
+    """The decode step's six writes (bfloat16, the paper's Dk = 192, Dv = 128, values padded to 192) captured once;
+    each replay writes the tokens now in the sources at the slots now in the slot tensors."""
+    pairs = [(64, 4, 192, 192), (64, 4, 128, 192), (32, 4, 192, 192), (32, 4, 128, 128), (16, 4, 192, 192),
+             (16, 4, 128, 128)]
+    caches, dests, sources, slots = cache_write_inputs(pairs, torch.bfloat16, B=8, seed=20)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layers.cache_write_(dests, sources, slots)  # compiles and loads the kernel outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layers.cache_write_(dests, sources, slots)
+    for step in range(1, 3):
+        for slot in {id(slot): slot for slot in slots}.values():  # the last two pairs share one tensor
+            slot.add_(1).remainder_(16)  # every slot moves: a replay of the captured values would miss them all
+        for i, source in enumerate(sources):
+            source.copy_(randn(*source.shape, dtype=torch.bfloat16, seed=100 * step + i, device="cuda"))
+        before = [cache.clone() for cache in caches]
+        graph.replay()
+        torch.cuda.synchronize()
+        check_cache_written(caches, before, dests, sources, slots)

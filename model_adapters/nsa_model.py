@@ -213,18 +213,20 @@ class Kernels(NamedTuple):
     add_rms_norm: Any
     rotary_: Any
     silu_mul: Any
+    cache_write_: Any
 
 
 def kernels(name: str) -> Kernels:
     """'triton' or 'reference' (the same signatures; nsa_eval.kernels picks between them by device)."""
     if name == "triton":
         from nsa_eval.kernels.attention import decode as attention_decode_mod, parallel
-        from nsa_eval.kernels.layers import norm, rotary, swiglu
+        from nsa_eval.kernels.layers import cache_write, norm, rotary, swiglu
         from nsa_eval.kernels.nsa import compression, decode, parallel as nsa_parallel, selected, selection
 
         return Kernels(compression.compressed_attention, selection.select_blocks, selected.selected_attention,
                        decode.nsa_decode, parallel.attention, attention_decode_mod.attention_decode,
-                       nsa_parallel.gated_sum, norm.add_rms_norm, rotary.rotary_, swiglu.silu_mul)
+                       nsa_parallel.gated_sum, norm.add_rms_norm, rotary.rotary_, swiglu.silu_mul,
+                       cache_write.cache_write_)
     if name == "reference":
         from nsa_eval.kernels.attention import reference as full_ref
         from nsa_eval.kernels.layers import reference as layers_ref
@@ -232,7 +234,7 @@ def kernels(name: str) -> Kernels:
 
         return Kernels(reference.compressed_attention, reference.select_blocks, reference.selected_attention,
                        reference.nsa_decode, full_ref.attention, full_ref.attention_decode, reference.gated_sum,
-                       layers_ref.add_rms_norm, layers_ref.rotary_, layers_ref.silu_mul)
+                       layers_ref.add_rms_norm, layers_ref.rotary_, layers_ref.silu_mul, layers_ref.cache_write_)
     raise ValueError(f"kernels must be 'auto', 'triton' or 'reference', got {name!r}")
 
 
@@ -527,18 +529,16 @@ class NSAAttention(nn.Module):
         c = self.config
         B = x.shape[0]
         q, branch_kv, gates = self.unpack(self.project(x, cos, sin, ops))
-        rows, positions = step.rows, step.positions
-        k_slc, v_slc = branch_kv["slc"]
-        cache["k"][rows, positions], cache["v"][rows, positions, :, :self.dv] = k_slc[:, 0], v_slc[:, 0]
+        # every row's new keys/values into its slot of each cache tensor: one launch
+        writes = [("k", "slc", 0, step.positions), ("v", "slc", 1, step.positions)]
         if c.attention == "nsa":
-            k_raw, v_raw = branch_kv["cmp"]
-            cache["k_ring"][rows, step.ring_slot], cache["v_ring"][rows, step.ring_slot] = k_raw[:, 0], v_raw[:, 0]
-            if compress:
-                self._append_block(cache, step)
+            writes += [("k_ring", "cmp", 0, step.ring_slot), ("v_ring", "cmp", 1, step.ring_slot)]
             if "k_win" in cache:
-                k_win, v_win = branch_kv["win"]
-                slot = step.window_slot
-                cache["k_win"][rows, slot], cache["v_win"][rows, slot] = k_win[:, 0], v_win[:, 0]
+                writes += [("k_win", "win", 0, step.window_slot), ("v_win", "win", 1, step.window_slot)]
+        ops.cache_write_([cache[key] if key != "v" else cache[key][..., :self.dv] for key, _, _, _ in writes],
+                         [branch_kv[branch][i][:, 0] for _, branch, i, _ in writes], [slot for *_, slot in writes])
+        if compress:
+            self._append_block(cache, step)
         o = self.attend_decode(q[:, 0], gates, cache, step, ops, sdpa_backend, sdpa_length)
         return self.o_proj(o.to(x.dtype).reshape(B, 1, self.hq * self.dv))
 

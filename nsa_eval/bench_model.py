@@ -164,7 +164,7 @@ def bench_variant(name: str, fields: dict, attention: str, backend: str | None, 
     if backend:
         from nsa_eval.model_adapters.nsa_model import SDPA_WAYS, sdpa_value_width
 
-        ways = {("decode" if decode else "prefill"): way for (b, decode), way in SDPA_WAYS.items() if b == backend}
+        ways = {kind: way for (b, kind), way in SDPA_WAYS.items() if b == backend}  # prompt, slice, decode
         width = sdpa_value_width(backend, fields["head_dim"], fields["v_head_dim"], torch.device(DEVICE),
                                  torch.bfloat16)
         if width != fields["v_head_dim"]:

@@ -41,7 +41,10 @@ def versions() -> dict[str, str]:
 
 
 def git_sha() -> str:
-    """The project's commit, with '-dirty' when the work tree has changes; 'unknown' outside a checkout."""
+    """The project's commit, with '-dirty' when the work tree has changes; 'unknown' outside a checkout.
+    $NSA_EVAL_GIT_SHA overrides it, for a copy of the tree whose .git is absent or stale (e.g. a remote GPU box)."""
+    if os.environ.get("NSA_EVAL_GIT_SHA"):
+        return os.environ["NSA_EVAL_GIT_SHA"]
     root = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(

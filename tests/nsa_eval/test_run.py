@@ -194,3 +194,14 @@ def test_task_options_reach_the_task_and_unknown_ones_are_refused(tiny_llama_dir
                           "task 'niah' has no option 'needles'", "samples_per_cell")
     assert_one_line_error(invoke("run", "--tasks", "niah", "--task-option", "niah"), "write TASK.KEY=VALUE")
     assert_one_line_error(invoke("run", "--tasks", "niah", "--task-option", "mmlu.x=1"), "not among --tasks")
+
+
+def test_git_sha_is_the_checkout_or_the_override(monkeypatch):
+    """A copy of the tree with a stale .git (a remote GPU box) records the commit it is told."""
+    from nsa_eval.store import git_sha
+
+    monkeypatch.delenv("NSA_EVAL_GIT_SHA", raising=False)
+    if (Path(__file__).resolve().parents[2] / ".git").exists():
+        assert len(git_sha().split("-")[0]) == 40  # this checkout's HEAD
+    monkeypatch.setenv("NSA_EVAL_GIT_SHA", "2c568a66ba1e76a3dab8565fa321bd6594d8cb26")
+    assert git_sha() == "2c568a66ba1e76a3dab8565fa321bd6594d8cb26"

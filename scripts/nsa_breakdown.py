@@ -104,7 +104,7 @@ def compiler_reports() -> list[dict]:
     return out
 
 
-def sweep(T: int) -> list[dict]:
+def sweep(T: int, only: str = "") -> list[dict]:
     """Time each tile candidate of the paper-layout kernels at length T (the first of each list: the default)."""
     bf = torch.bfloat16
     q, k, v = (torch.randn(1, T, h, d, device="cuda", dtype=bf) for h, d in ((HQ, DK), (H, DK), (H, DV)))
@@ -118,7 +118,8 @@ def sweep(T: int) -> list[dict]:
         (compression, "fwd"): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
         (compression, "dq"): [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 3), (64, 128, 8, 2)],
         (compression, "dkv"): [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
-        (selection, "select"): [(64, 4, 2), (128, 8, 2), (32, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 2)],
+        (selection, "select"): [(64, 4, 2, True), (64, 4, 2, False), (128, 8, 2, True), (32, 4, 2, True),
+                                (64, 4, 3, True), (128, 4, 2, True), (64, 8, 2, True)],
         (selected, "fwd"): [(4, 2, 4), (4, 2, 1), (4, 3, 4), (2, 2, 4), (4, 2, 16), (8, 2, 4)],
         (selected, "dq"): [(4, 2, 4), (4, 2, 1), (4, 3, 4), (8, 2, 4)],
         (selected, "dkv"): [(64, 256, 4, 2), (128, 256, 8, 2), (64, 512, 4, 2), (64, 128, 4, 3), (32, 256, 4, 2)],
@@ -134,6 +135,8 @@ def sweep(T: int) -> list[dict]:
     }
     rows = []
     for (module, key), options in candidates.items():
+        if only not in f"{module.__name__.rsplit('.', 1)[1]}.{key}":
+            continue
         default = module.TILES[key]
         first = None
         for tiles in options:
@@ -160,6 +163,7 @@ def main() -> None:
     parser.add_argument("--T", type=int, default=65536)
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-T", type=int, default=32768)
+    parser.add_argument("--sweep-only", default="", help="sweep only the kernels whose name contains this")
     parser.add_argument("--dk", type=int, default=128, help="query-key head dim")
     parser.add_argument("--dv", type=int, default=128, help="value head dim")
     parser.add_argument("--out", default="nsa-breakdown.json")
@@ -187,7 +191,7 @@ def main() -> None:
     save()
     if a.sweep:
         torch.cuda.empty_cache()
-        result["sweep"] = sweep(a.sweep_T)
+        result["sweep"] = sweep(a.sweep_T, a.sweep_only)
         save()
 
 

@@ -64,30 +64,20 @@ def block_of_key(top, IDX_BITS: tl.constexpr):
 
 
 @triton.jit
-def _select_chunk(q_blk, k_ptr, lse2, n_vis, c, top, carry, weights, spill, mapping, current, qk_scale, TC,
+def _select_chunk(q_blk, k_ptr, lse2, n_vis, c, top, carry, weights, spill, current, qk_scale, TC,
                   H: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
-                  BC: tl.constexpr, NP: tl.constexpr, IDX_BITS: tl.constexpr, MAP_BY_DOT: tl.constexpr):
-    """Selection blocks [c*NP, c*NP + NP) for BT queries: importance (eq. 8-10) and the running top-NP.
-    MAP_BY_DOT: eq. 9 and the spill into the next chunk as one tensor-core product of the probabilities with
-    mapping [BC, 2*NP] (columns 2j: weights of block j, 2j+1: the spill share for j == 0, else 0; tf32x3, about
-    float32 accuracy) before the group sum, instead of element-wise products after it."""
+                  BC: tl.constexpr, NP: tl.constexpr, IDX_BITS: tl.constexpr):
+    """Selection blocks [c*NP, c*NP + NP) for BT queries: importance (eq. 8-10) and the running top-NP."""
     a = tl.arange(0, BC)
     jj = tl.arange(0, NP)
     dk = tl.arange(0, BDK)
     i = c * BC + a
     kb = tl.load(k_ptr + i[:, None] * (H * DK) + dk[None, :], mask=(i[:, None] < TC) & (dk[None, :] < DK), other=0.)
     p = tl.where(i[None, :] < n_vis[:, None], tl.math.exp2(tl.dot(q_blk, tl.trans(kb)) * qk_scale - lse2[:, None]), 0.)
-    if MAP_BY_DOT:
-        mapped = tl.dot(p, mapping, input_precision="tf32x3")  # [BT * GP, 2 * NP]
-        mapped = tl.sum(tl.reshape(mapped, (BT, GP, 2 * NP)), 1)  # eq. 10
-        importance, spilled = tl.split(tl.reshape(mapped, (BT, NP, 2)))
-        importance += tl.where(jj[None, :] == 0, carry[:, None], 0.)
-        carry = tl.sum(spilled, 1)
-    else:
-        p_group = tl.sum(tl.reshape(p, (BT, GP, BC)), 1)  # eq. 10: [BT, BC]
-        importance = tl.sum(p_group[:, :, None] * weights[None, :, :], 1)  # eq. 9: [BT, NP]
-        importance += tl.where(jj[None, :] == 0, carry[:, None], 0.)
-        carry = tl.sum(p_group * spill[None, :], 1)
+    p_group = tl.sum(tl.reshape(p, (BT, GP, BC)), 1)  # eq. 10: [BT, BC]
+    importance = tl.sum(p_group[:, :, None] * weights[None, :, :], 1)  # eq. 9: [BT, NP]
+    importance += tl.where(jj[None, :] == 0, carry[:, None], 0.)
+    carry = tl.sum(p_group * spill[None, :], 1)
     top = merge_top(top, ranking_keys(importance, c * NP + jj, current, IDX_BITS), BT, NP)
     return top, carry
 
@@ -96,8 +86,7 @@ def _select_chunk(q_blk, k_ptr, lse2, n_vis, c, top, carry, weights, spill, mapp
 def select_kernel(q, k_cmp, lse, block_indices, cu, cu_cmp, table, T, TC, OFFSET, qk_scale, HQ: tl.constexpr,
                   H: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, GP: tl.constexpr, BLOCK_LEN: tl.constexpr,
                   BLOCK_STRIDE: tl.constexpr, SELECT_LEN: tl.constexpr, NUM_SELECTED: tl.constexpr,
-                  NP: tl.constexpr, BT: tl.constexpr, IDX_BITS: tl.constexpr, VARLEN: tl.constexpr,
-                  MAP_BY_DOT: tl.constexpr):
+                  NP: tl.constexpr, BT: tl.constexpr, IDX_BITS: tl.constexpr, VARLEN: tl.constexpr):
     """Grid (cdiv(T, BT) or the table's tiles, B * H). q [B, T, HQ, DK], k_cmp [B, TC, H, DK], lse [B, T, HQ]
     float32 -> block_indices [B, T, H, NUM_SELECTED] int32, most important first, -1 padded. VARLEN: B == 1,
     sequences cu / cu_cmp (compression.sequence_tile), positions and block indices from each sequence's 0.
@@ -123,25 +112,20 @@ def select_kernel(q, k_cmp, lse, block_indices, cu, cu_cmp, table, T, TC, OFFSET
     jj = tl.arange(0, NP)
     weights = overlap_weights(a[:, None], jj[None, :], BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)  # same in every chunk
     spill = overlap_weights(a, NP, BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)  # share of the next chunk's first block
-    col = tl.arange(0, 2 * NP)
-    mapping = tl.where(col[None, :] % 2 == 0,
-                       overlap_weights(a[:, None], col[None, :] // 2, BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN),
-                       tl.where(col[None, :] == 1, spill[:, None], 0.))
     top = tl.full([BT, NP], -1, tl.int32)
     carry = tl.zeros([BT], tl.float32)
     last_block = (tl.minimum(tile * BT + BT, T) - 1 + OFFSET) // SELECT_LEN
     k_ptr = k_cmp + (bos_c * H + h) * DK
     for c in range(0, last_block // NP + 1):  # (an unmasked loop for the chunks every query sees ran slower)
-        top, carry = _select_chunk(q_blk, k_ptr, lse2, n_vis, c, top, carry, weights, spill, mapping, current,
-                                   qk_scale, TC, H, DK, BDK, GP, BT, BC, NP, IDX_BITS, MAP_BY_DOT)
+        top, carry = _select_chunk(q_blk, k_ptr, lse2, n_vis, c, top, carry, weights, spill, current, qk_scale, TC,
+                                   H, DK, BDK, GP, BT, BC, NP, IDX_BITS)
     r = tl.arange(0, NP)
     out = block_indices + ((bos + toks[:, None]) * H + h) * NUM_SELECTED + r[None, :]
     tl.store(out, block_of_key(top, IDX_BITS), mask=(toks[:, None] < T) & (r[None, :] < NUM_SELECTED))
 
 
 # ------------------------------------------------------------------------------------------- launcher
-# (query rows per program = tokens x padded group, warps, stages, eq. 9 by a tensor-core product)
-TILES = {"select": (64, 4, 2, True)}
+TILES = {"select": (64, 4, 2)}  # (query rows per program = tokens x padded group, warps, stages)
 
 
 def chunk_blocks(num_selected: int, select_len: int, block_stride: int) -> int:
@@ -156,7 +140,7 @@ def select_fwd(q, k_cmp, lse, block_len, block_stride, select_len, num_selected,
     B, T, HQ, DK = q.shape
     TC, H = k_cmp.shape[1], k_cmp.shape[2]
     gp = triton.next_power_of_2(HQ // H)
-    rows, warps, stages, map_by_dot = TILES["select"]
+    rows, warps, stages = TILES["select"]
     bt = max(1, rows // gp)
     block_indices = torch.empty(B, T, H, num_selected, dtype=torch.int32, device=q.device)
     cu, cu_cmp, table, programs = _kernel_packing(packing, bt, False, lse, triton.cdiv(T, bt))
@@ -164,8 +148,7 @@ def select_fwd(q, k_cmp, lse, block_len, block_stride, select_len, num_selected,
     select_kernel[(programs, B * H)](
         q, k_cmp, lse, block_indices, cu, cu_cmp, table, T, TC, offset, scale * LOG2E, HQ, H, DK, triton.next_power_of_2(DK),
         gp, block_len, block_stride, select_len, num_selected, chunk_blocks(num_selected, select_len, block_stride),
-        bt, index_bits(triton.cdiv(longest, select_len)), packing is not None, map_by_dot, num_warps=warps,
-        num_stages=stages)
+        bt, index_bits(triton.cdiv(longest, select_len)), packing is not None, num_warps=warps, num_stages=stages)
     return block_indices
 
 

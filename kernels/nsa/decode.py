@@ -266,6 +266,10 @@ def combine_decode_kernel(o_cmp, g_cmp, g_slc, g_win, stride_gb, stride_gh, part
 
 
 # ------------------------------------------------------------------------------------------- launcher
+# compressed_decode_kernel: (compressed blocks per step of a program, warps, stages, programs to aim for)
+TILES = {"compressed": (128, 8, 2, 264)}  # H200, 64k, d_k 192: 65 vs 76 us per step at batch 1, 84 vs 86 at 8
+
+
 def _splits(programs_per_split: int, work: int) -> int:
     """Splits of `work` units (blocks, or key tiles) so that the step launches about 2 programs per SM of an H100."""
     return max(1, min(work, triton.next_power_of_2(triton.cdiv(264, 2 * programs_per_split))))
@@ -296,9 +300,9 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
     S, TC, H, DV = k_cache.shape[1], k_cmp_cache.shape[1], k_cmp_cache.shape[2], v_cmp_cache.shape[3]
     bdk, bdv = triton.next_power_of_2(DK), triton.next_power_of_2(DV)
     gp = max(16, triton.next_power_of_2(HQ // H))
-    bc = 64
+    bc, warps, stages, programs = TILES["compressed"]
     nsplit = max(1, min(triton.next_power_of_2(triton.cdiv(max(TC, 1), bc)), triton.next_power_of_2(
-        triton.cdiv(264, B * H))))
+        triton.cdiv(programs, B * H))))
     split_len = triton.cdiv(triton.cdiv(max(TC, 1), nsplit), bc) * bc
     f32 = dict(dtype=torch.float32, device=q.device)
     scores = torch.empty(B, HQ, max(TC, 1), **f32)
@@ -306,7 +310,7 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
     part_o = torch.empty(B, HQ, nsplit, DV, **f32)
     compressed_decode_kernel[(B * H, nsplit)](
         q, stride_qb, k_cmp_cache, v_cmp_cache, cache_seqlens, scores, part_m, part_l, part_o, TC, scale * LOG2E, HQ,
-        H, DK, DV, bdk, bdv, gp, block_len, block_stride, bc, split_len, nsplit, num_warps=4, num_stages=2)
+        H, DK, DV, bdk, bdv, gp, block_len, block_stride, bc, split_len, nsplit, num_warps=warps, num_stages=stages)
     o_cmp = torch.empty(B, HQ, DV, dtype=q.dtype, device=q.device)
     np_ = chunk_blocks(num_selected, select_len, block_stride)
     num_chunks = triton.cdiv(triton.cdiv(S, select_len), np_)  # chunks of the longest cache

@@ -585,6 +585,8 @@ def kernels_command(lengths: str, out_dir: str, quick: bool, only: str, sweep: b
             click.echo(f"  {case.op:18s} {case.impl:18s} T={T:6d} " + (f"{row['ms']:9.3f} ms" if "ms" in row else row["error"]))
     _finish_rows(rows, copy_bw)
 
+    from nsa_eval.store import git_sha
+
     ops = list(dict.fromkeys(r["op"] for r in rows))
     tables = "\n\n".join(_format_table(rows, op, lengths_list) for op in ops)
     checks_md = "\n".join(
@@ -592,7 +594,7 @@ def kernels_command(lengths: str, out_dir: str, quick: bool, only: str, sweep: b
     )
     header = (f"# Attention kernels on {device_name}\n\nB=1, {HQ} query heads, {H} KV heads, head dim {D}, bfloat16; "
               f"decode at batch {', '.join(map(str, DECODE_BATCHES))}. torch {torch.__version__}, triton "
-              f"{triton.__version__}. Median of triton.testing.do_bench. Copy bandwidth "
+              f"{triton.__version__}, commit {git_sha()}. Median of triton.testing.do_bench. Copy bandwidth "
               f"{copy_bw / 1e9:.0f} GB/s (read + write).\n\nCorrectness (same run):\n{checks_md}\n")
     report = header + "\n" + tables + "\n"
     click.echo("\n" + report)
@@ -601,7 +603,8 @@ def kernels_command(lengths: str, out_dir: str, quick: bool, only: str, sweep: b
     out.mkdir(parents=True, exist_ok=True)
     payload = {
         "device": device_name, "card": card, "torch": torch.__version__, "triton": triton.__version__,
-        "python": platform.python_version(), "shape": {"B": 1, "HQ": HQ, "H": H, "D": D, "dtype": "bfloat16"},
+        "python": platform.python_version(), "git_sha": git_sha(),
+        "shape": {"B": 1, "HQ": HQ, "H": H, "D": D, "dtype": "bfloat16"},
         "copy_bandwidth_bytes_per_s": copy_bw,
         "checks": [{"name": c.name, "error": c.error, "bound": c.bound, "ok": c.error < c.bound} for c in CHECKS],
         "rows": rows,

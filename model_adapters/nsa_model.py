@@ -264,14 +264,14 @@ def fused_linear(owner: nn.Module, linears: list[nn.Linear]) -> tuple[torch.Tens
     the same input, so they run as one GEMM whose output columns are theirs in order. Built on first use and again
     whenever a weight or bias is replaced (loading, .to()) or a bias changed in place; the layers' weights are then
     re-pointed at row slices of it, so the model holds each weight once and in-place changes reach both."""
-    def key():
-        return tuple((x.data_ptr(), x._version) if x is not None else None
+    def key():  # (inference tensors keep no version counter, and cannot change outside inference mode)
+        return tuple((x.data_ptr(), -1 if x.is_inference() else x._version) if x is not None else None
                      for linear in linears for x in (linear.weight, linear.bias))
 
     cached = owner.__dict__.get("_fused_linear")
     if cached is not None and cached[0] == key():
         return cached[1], cached[2]
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, also when called under inference_mode
         weight = torch.cat([linear.weight for linear in linears])
         bias = None
         if any(linear.bias is not None for linear in linears):

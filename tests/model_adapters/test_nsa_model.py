@@ -115,6 +115,11 @@ def test_fused_projections_follow_weights_changed_after_use(tmp_path):
     torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
     model.save_pretrained(tmp_path)
     torch.testing.assert_close(NSAForCausalLM.from_pretrained(tmp_path)(ids).logits, before, rtol=0, atol=0)
+    fresh = tiny(PAPER)  # first use under inference_mode (as lm-eval runs models), then outside it
+    with torch.inference_mode():
+        inside = fresh(ids).logits.clone()
+    torch.testing.assert_close(fresh(ids).logits, inside, rtol=0, atol=0)
+    torch.testing.assert_close(inside, before, rtol=0, atol=0)
 
 
 def test_full_attention_variant_with_cache_equals_recomputing():

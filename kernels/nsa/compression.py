@@ -101,16 +101,20 @@ def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _fwd_step(q, k_ptr, v_ptr, i, i_end, n_vis, m_i, l_i, acc, qk_scale, H: tl.constexpr, DK: tl.constexpr,
-              DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr):
-    """One tile of compressed keys i [BC] for query rows [BT]: online-softmax update (log2 domain)."""
+def attend_tile(q, k_ptr, v_ptr, rows, load_ok, visible, m_i, l_i, acc, qk_scale, H: tl.constexpr, DK: tl.constexpr,
+                DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr):
+    """Online-softmax update (log2 domain) of query rows q [R, BDK] with one tile of keys of one KV head: token rows
+    [BS] of k/v (k_ptr, v_ptr point at that head of token 0; tokens H * D apart), loaded where load_ok [BS].
+    MASKED: scores where visible ([R, BS], or [1, BS] for every row) is false are -inf.
+    -> m_i, l_i [R] (running max and sum), acc [R, BDV] (unnormalised output). Used by the compressed, selected and
+    decode kernels."""
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
-    kb = tl.load(k_ptr + i[:, None] * (H * DK) + dk[None, :], mask=(i[:, None] < i_end) & (dk[None, :] < DK), other=0.)
-    vb = tl.load(v_ptr + i[:, None] * (H * DV) + dv[None, :], mask=(i[:, None] < i_end) & (dv[None, :] < DV), other=0.)
+    kb = tl.load(k_ptr + rows[:, None] * (H * DK) + dk[None, :], mask=load_ok[:, None] & (dk[None, :] < DK), other=0.)
+    vb = tl.load(v_ptr + rows[:, None] * (H * DV) + dv[None, :], mask=load_ok[:, None] & (dv[None, :] < DV), other=0.)
     s = tl.dot(q, tl.trans(kb)) * qk_scale
     if MASKED:
-        s = tl.where(i[None, :] < n_vis[:, None], s, float("-inf"))
+        s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0., m_new)
     p = tl.math.exp2(s - m_safe[:, None])
@@ -149,11 +153,13 @@ def compressed_fwd_kernel(q, k, v, o, lse, cu, cu_cmp, table, T, TC, OFFSET, qk_
     acc = tl.zeros([BT, BDV], tl.float32)
     full_end = (n_lo // BC) * BC
     for i0 in range(0, full_end, BC):
-        m_i, l_i, acc = _fwd_step(q_blk, k_ptr, v_ptr, i0 + tl.arange(0, BC), n_hi, n_vis, m_i, l_i, acc, qk_scale,
-                                  H, DK, DV, BDK, BDV, False)
+        i = i0 + tl.arange(0, BC)
+        m_i, l_i, acc = attend_tile(q_blk, k_ptr, v_ptr, i, i < n_hi, i[None, :] < n_vis[:, None], m_i, l_i, acc,
+                                    qk_scale, H, DK, DV, BDK, BDV, False)
     for i0 in range(full_end, n_hi, BC):
-        m_i, l_i, acc = _fwd_step(q_blk, k_ptr, v_ptr, i0 + tl.arange(0, BC), n_hi, n_vis, m_i, l_i, acc, qk_scale,
-                                  H, DK, DV, BDK, BDV, True)
+        i = i0 + tl.arange(0, BC)
+        m_i, l_i, acc = attend_tile(q_blk, k_ptr, v_ptr, i, i < n_hi, i[None, :] < n_vis[:, None], m_i, l_i, acc,
+                                    qk_scale, H, DK, DV, BDK, BDV, True)
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.)[:, None]
     tl.store(o + row[:, None] * DV + dv[None, :], out.to(o.dtype.element_ty), mask=(t[:, None] < T) & (dv[None, :] < DV))

@@ -21,9 +21,26 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_eval.kernels.nsa.compression import LOG2E, num_visible_blocks
+from nsa_eval.kernels.nsa.compression import LOG2E, attend_tile, num_visible_blocks
 from nsa_eval.kernels.nsa.selection import block_of_key, chunk_blocks, merge_top, overlap_weights, ranking_keys
 from nsa_eval.kernels.nsa.utils import check_decode, index_bits
+
+
+@triton.jit
+def _group_queries(q, stride_qb, HQ: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr,
+                   GP: tl.constexpr):
+    """The program's (axis 0 = b * H + h) new-token queries: the G = HQ / H heads of KV head h of sequence b, from
+    q [B, HQ, DK] (batch stride stride_qb) -> b, h, g [GP] (head within the group), g_ok, hq [GP] (row in
+    [B * HQ]), q_blk [GP, BDK] (zero padded)."""
+    G: tl.constexpr = HQ // H
+    pid_bh = tl.program_id(0)
+    b, h = pid_bh // H, pid_bh % H
+    g = tl.arange(0, GP)
+    g_ok = g < G
+    dk = tl.arange(0, BDK)
+    q_blk = tl.load(q + b * stride_qb + (h * G + g)[:, None] * DK + dk[None, :], mask=g_ok[:, None] & (dk[None, :] < DK),
+                    other=0.)
+    return b, h, g, g_ok, b * HQ + h * G + g, q_blk
 
 
 @triton.jit
@@ -34,16 +51,10 @@ def compressed_decode_kernel(q, stride_qb, k_cmp, v_cmp, cache_seqlens, scores, 
                              NSPLIT: tl.constexpr):
     """Grid (B * H, NSPLIT). q [B, HQ, DK] (batch stride stride_qb); k_cmp/v_cmp [B, TC, H, D]; cache_seqlens [B]
     int32 -> scores [B, HQ, TC] (log2 units), part_m/part_l [B, HQ, NSPLIT], part_o [B, HQ, NSPLIT, DV] float32."""
-    G: tl.constexpr = HQ // H
-    pid_bh, split = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
-    g = tl.arange(0, GP)
-    g_ok = g < G
+    b, h, g, g_ok, hq, q_blk = _group_queries(q, stride_qb, HQ, H, DK, BDK, GP)
+    split = tl.program_id(1)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
-    hq = b * HQ + h * G + g
-    q_blk = tl.load(q + b * stride_qb + (h * G + g)[:, None] * DK + dk[None, :], mask=g_ok[:, None] & (dk[None, :] < DK),
-                    other=0.)
     n_vis = num_visible_blocks(tl.load(cache_seqlens + b) - 1, BLOCK_LEN, BLOCK_STRIDE)
     lo = split * SPLIT_LEN
     hi = tl.minimum(lo + SPLIT_LEN, n_vis)
@@ -148,23 +159,6 @@ def merge_decode_kernel(part_top, block_indices, NUM_SELECTED: tl.constexpr, NP:
 
 
 @triton.jit
-def _attend_keys(q_blk, k, v, rows, key_ok, dk, dv, DK: tl.constexpr, DV: tl.constexpr, qk_scale, m_i, l_i, acc):
-    """Online softmax over one tile of keys for a group's query heads: rows [BS] of k [*, DK] / v [*, DV] (key_ok
-    masks them) -> the updated running max m_i [GP] (log2 units), sum l_i [GP] and unnormalised output acc [GP, BDV]."""
-    kb = tl.load(k + rows[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.)
-    vb = tl.load(v + rows[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.)
-    s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
-    s = tl.where(key_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0., m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def sparse_decode_kernel(q, stride_qb, k, v, k_win, v_win, cache_seqlens, block_indices, part_m, part_l, part_o, S,
                          qk_scale, HQ: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                          BDK: tl.constexpr, BDV: tl.constexpr, GP: tl.constexpr, SELECT_LEN: tl.constexpr,
@@ -176,17 +170,10 @@ def sparse_decode_kernel(q, stride_qb, k, v, k_win, v_win, cache_seqlens, block_
     s - SEL_SPLITS (WIN_CHUNK keys) of the window: the last WINDOW positions of k/v, or (RING) the filled slots
     [0, min(length, WINDOW)) of k_win/v_win [B, WINDOW, H, D]. -> part_m, part_l [B, HQ, NSPLIT] (log2 units),
     part_o [B, HQ, NSPLIT, DV] (unnormalised) float32."""
-    G: tl.constexpr = HQ // H
-    pid_bh, split = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
-    g = tl.arange(0, GP)
-    g_ok = g < G
-    dk = tl.arange(0, BDK)
+    b, h, g, g_ok, hq, q_blk = _group_queries(q, stride_qb, HQ, H, DK, BDK, GP)
+    split = tl.program_id(1)
     dv = tl.arange(0, BDV)
     offs = tl.arange(0, BS)
-    hq = b * HQ + h * G + g
-    q_blk = tl.load(q + b * stride_qb + (h * G + g)[:, None] * DK + dk[None, :], mask=g_ok[:, None] & (dk[None, :] < DK),
-                    other=0.)
     length = tl.load(cache_seqlens + b)
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
@@ -197,8 +184,8 @@ def sparse_decode_kernel(q, stride_qb, k, v, k_win, v_win, cache_seqlens, block_
             j = tl.load(block_indices + (b * H + h) * NUM_SELECTED + n)
             s_pos = tl.maximum(j, 0) * SELECT_LEN + offs
             key_ok = (s_pos < length) & (offs < tl.where(j >= 0, SELECT_LEN, 0))  # an unused slot (-1) loads nothing
-            m_i, l_i, acc = _attend_keys(q_blk, k, v, (b * S + s_pos) * H + h, key_ok, dk, dv, DK, DV, qk_scale, m_i,
-                                         l_i, acc)
+            m_i, l_i, acc = attend_tile(q_blk, k + h * DK, v + h * DV, b * S + s_pos, key_ok, key_ok[None, :], m_i,
+                                        l_i, acc, qk_scale, H, DK, DV, BDK, BDV, True)
     else:
         if RING:
             lo = (split - SEL_SPLITS) * WIN_CHUNK
@@ -211,11 +198,11 @@ def sparse_decode_kernel(q, stride_qb, k, v, k_win, v_win, cache_seqlens, block_
         for i0 in range(lo, hi, BS):
             key = i0 + offs
             if RING:
-                m_i, l_i, acc = _attend_keys(q_blk, k_win, v_win, (base + key) * H + h, key < hi, dk, dv, DK, DV,
-                                             qk_scale, m_i, l_i, acc)
+                m_i, l_i, acc = attend_tile(q_blk, k_win + h * DK, v_win + h * DV, base + key, key < hi,
+                                            (key < hi)[None, :], m_i, l_i, acc, qk_scale, H, DK, DV, BDK, BDV, True)
             else:
-                m_i, l_i, acc = _attend_keys(q_blk, k, v, (base + key) * H + h, key < hi, dk, dv, DK, DV, qk_scale,
-                                             m_i, l_i, acc)
+                m_i, l_i, acc = attend_tile(q_blk, k + h * DK, v + h * DV, base + key, key < hi, (key < hi)[None, :],
+                                            m_i, l_i, acc, qk_scale, H, DK, DV, BDK, BDV, True)
     tl.store(part_m + hq * NSPLIT + split, m_i, mask=g_ok)
     tl.store(part_l + hq * NSPLIT + split, l_i, mask=g_ok)
     tl.store(part_o + (hq[:, None] * NSPLIT + split) * DV + dv[None, :], acc, mask=g_ok[:, None] & (dv[None, :] < DV))

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_eval.kernels.nsa.compression import LOG2E, Packing, row_dot
+from nsa_eval.kernels.nsa.compression import LOG2E, Packing, attend_tile, row_dot
 from nsa_eval.kernels.nsa.utils import (check_block_indices, check_block_sizes, check_offset_backward,
                                         check_prefill_length, check_qkv, check_varlen)
 
@@ -56,18 +56,8 @@ def selected_fwd_kernel(q, k, v, block_indices, token_starts, o, lse, T, S, qk_s
             j = tl.load(block_indices + ((b * T + t) * H + h) * NUM_SELECTED + n)
             s_pos = tl.maximum(j, 0) * SELECT_LEN + offs
             key_ok = (s_pos <= pos) & (offs < tl.where(j >= 0, SELECT_LEN, 0))  # an unused slot (-1) loads nothing
-            kv_row = (kv_start + s_pos) * H + h
-            kb = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.)
-            vb = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.)
-            s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
-            s = tl.where(key_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0., m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
-            m_i = m_new
+            m_i, l_i, acc = attend_tile(q_blk, k + h * DK, v + h * DV, kv_start + s_pos, key_ok, key_ok[None, :], m_i,
+                                        l_i, acc, qk_scale, H, DK, DV, BDK, BDV, True)
         seen = l_i > 0
         out = acc / tl.where(seen, l_i, 1.)[:, None]
         tl.store(o + qrow[:, None] * DV + dv[None, :], out.to(o.dtype.element_ty),

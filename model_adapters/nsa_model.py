@@ -690,7 +690,8 @@ class CausalLMOutput:
 class NSAForCausalLM(nn.Module):
     """The NSA transformer. Attributes a caller may set: `kernels` ('auto': Triton on CUDA tensors, the reference
     elsewhere; 'triton'; 'reference'), `sdpa_backend` (None, or 'flash' / 'cudnn' / 'efficient' / 'math' for
-    attention 'full' through PyTorch SDPA), `prefill_chunk` (prompt tokens per slice over the cache, so a 64k-token
+    attention 'full' through PyTorch SDPA: the baseline of `nsa-eval bench model`; a CUDA-graph decode step on it
+    reads the number of keys of the step it captured, so generate with cuda_graphs off there), `prefill_chunk` (prompt tokens per slice over the cache, so a 64k-token
     prompt's working set is bounded by the slice; None: DEFAULT_PREFILL_CHUNK on CUDA, one pass elsewhere; 0: one
     pass),
     `decode_reserve` (cache slots allocated beyond a prompt), `cuda_graphs`."""

@@ -167,8 +167,8 @@ def sparse_decode_kernel(q, stride_qb, k, v, k_win, v_win, cache_seqlens, block_
                          RING: tl.constexpr):
     """Grid (B * H, NSPLIT). Split s < SEL_SPLITS: selected blocks [s * BLOCKS_PER_SPLIT, +BLOCKS_PER_SPLIT) of
     block_indices [B, 1, H, n] over k/v [B, S, H, D] (tokens after the query masked); split s >= SEL_SPLITS: chunk
-    s - SEL_SPLITS (WIN_CHUNK keys) of the window: the last WINDOW positions of k/v, or (RING) the filled slots
-    [0, min(length, WINDOW)) of k_win/v_win [B, WINDOW, H, D]. -> part_m, part_l [B, HQ, NSPLIT] (log2 units),
+    s - SEL_SPLITS (WIN_CHUNK keys) of the window: the last WINDOW positions of k_win/v_win (k/v themselves), or
+    (RING) the filled slots [0, min(length, WINDOW)) of k_win/v_win [B, WINDOW, H, D]. -> part_m, part_l [B, HQ, NSPLIT] (log2 units),
     part_o [B, HQ, NSPLIT, DV] (unnormalised) float32."""
     b, h, g, g_ok, hq, q_blk = _group_queries(q, stride_qb, HQ, H, DK, BDK, GP)
     split = tl.program_id(1)
@@ -195,14 +195,10 @@ def sparse_decode_kernel(q, stride_qb, k, v, k_win, v_win, cache_seqlens, block_
             lo = tl.maximum(length - WINDOW, 0) + (split - SEL_SPLITS) * WIN_CHUNK
             hi = tl.minimum(lo + WIN_CHUNK, length)
             base = b * S
-        for i0 in range(lo, hi, BS):
+        for i0 in range(lo, hi, BS):  # k_win/v_win are k/v themselves unless RING (the launcher passes them)
             key = i0 + offs
-            if RING:
-                m_i, l_i, acc = attend_tile(q_blk, k_win + h * DK, v_win + h * DV, base + key, key < hi,
-                                            (key < hi)[None, :], m_i, l_i, acc, qk_scale, H, DK, DV, BDK, BDV, True)
-            else:
-                m_i, l_i, acc = attend_tile(q_blk, k + h * DK, v + h * DV, base + key, key < hi, (key < hi)[None, :],
-                                            m_i, l_i, acc, qk_scale, H, DK, DV, BDK, BDV, True)
+            m_i, l_i, acc = attend_tile(q_blk, k_win + h * DK, v_win + h * DV, base + key, key < hi,
+                                        (key < hi)[None, :], m_i, l_i, acc, qk_scale, H, DK, DV, BDK, BDV, True)
     tl.store(part_m + hq * NSPLIT + split, m_i, mask=g_ok)
     tl.store(part_l + hq * NSPLIT + split, l_i, mask=g_ok)
     tl.store(part_o + (hq[:, None] * NSPLIT + split) * DV + dv[None, :], acc, mask=g_ok[:, None] & (dv[None, :] < DV))

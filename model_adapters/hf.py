@@ -21,7 +21,14 @@ from nsa_eval.model_adapters.base import (
     Loglikelihood,
     LoglikelihoodRequest,
     ModelLoadError,
-    Prompt,
+)
+from nsa_eval.model_adapters.prompts import (
+    PromptTokens,
+    cut_at_stop,
+    eos_ids,
+    first_line,
+    loglikelihood_tokens,
+    truncate_middle,
 )
 
 
@@ -44,31 +51,61 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-class PromptTokens:
-    """How a backend holding a transformers tokenizer turns prompts into tokens (`hf:`, `vllm:`, `nsa:`).
+class ForwardScoring:
+    """Log-likelihoods and token log-probabilities from one forward pass of a causal LM that takes
+    `model(input_ids=[B, T], attention_mask=[B, T]).logits` (transformers models and the runtime's Transformer).
+    Needs self.model, self.tokenizer, self.render, self.max_length, self.batch_size, self.device, self.name."""
 
-    Needs `self.tokenizer`, `self.chat` (the tokenizer has a chat template) and `self.name`.
-    """
+    # ---- log-likelihood -----------------------------------------------------------------------------
 
-    def render(self, prompt: Prompt) -> str:
-        """Chat messages through the chat template (with the assistant cue); text as is."""
-        if isinstance(prompt, str):
-            return prompt
-        if not self.chat:
-            raise ValueError(f"{self.name} has no chat template; give the task plain-text prompts (--no-chat-template)")
-        return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    @torch.no_grad()
+    def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[Loglikelihood]:
+        """Summed log P(continuation | context), tokenised as lm-evaluation-harness does: the whole string is
+        encoded once and split where the context's own encoding ends; trailing spaces of the context move to
+        the continuation. Over-long inputs lose tokens from the left."""
+        encoded = []
+        for request in requests:
+            whole, n_cont = loglikelihood_tokens(
+                self.tokenizer, self.render(request.context), request.continuation, isinstance(request.context, str)
+            )
+            cut = len(whole) > self.max_length
+            encoded.append((whole[-self.max_length :], n_cont, cut))
+        results: list[Loglikelihood] = []
+        for start in range(0, len(encoded), self.batch_size):
+            batch = encoded[start : start + self.batch_size]
+            width = max(len(ids) for ids, _, _ in batch)
+            ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, (seq, _, _) in enumerate(batch):
+                ids[r, : len(seq)] = torch.tensor(seq)
+                mask[r, : len(seq)] = 1
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for r, (seq, n_cont, cut) in enumerate(batch):
+                positions = torch.arange(len(seq) - n_cont - 1, len(seq) - 1, device=logprobs.device)
+                targets = torch.tensor(seq[-n_cont:], device=logprobs.device)
+                token_lp = logprobs[r, positions, targets]
+                greedy = bool((logprobs[r, positions].argmax(-1) == targets).all())
+                results.append(Loglikelihood(float(token_lp.sum()), greedy, n_cont, cut))
+        return results
 
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt: special tokens from the chat template, or the tokenizer's own for text."""
-        if isinstance(prompt, str):
-            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        return self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
+    @torch.no_grad()
+    def token_logprobs(self, ids: list[int], top: int = 1) -> list[tuple[float, list[tuple[int, float]]]]:
+        """For each token after the first: (log P(ids[i] | ids[:i]) in nats, the `top` most likely tokens at that
+        position as (id, logprob)), from one forward pass. What a server needs for OpenAI's echo + logprobs."""
+        if len(ids) > self.max_length:
+            raise ValueError(f"{len(ids)} tokens exceed {self.name}'s --max-length {self.max_length}; send a shorter prompt")
+        logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0, :-1]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(ids[1:], device=self.device).unsqueeze(1)).squeeze(1).tolist()
+        best_lp, best_ids = logprobs.topk(max(1, top), dim=-1)
+        return [
+            (lp, list(zip(row_ids, row_lp))[:top])
+            for lp, row_ids, row_lp in zip(chosen, best_ids.tolist(), best_lp.tolist())
+        ]
 
-    def count_tokens(self, text: Prompt) -> int:
-        return len(self.encode(text))
 
-
-class HFModel(PromptTokens):
+class HFModel(PromptTokens, ForwardScoring):
     """A transformers causal LM and its tokenizer.
 
     max_length: prompt + generation budget in tokens (defaults to the model's max_position_embeddings).
@@ -105,7 +142,7 @@ class HFModel(PromptTokens):
         self.chat = getattr(tokenizer, "chat_template", None) is not None
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_ids(model.config, tokenizer, getattr(model, "generation_config", None))
         # transformers 5.2x renamed `past_key_values` to `cache`; support both spellings
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         # prefill computes the last position's logits only, where the model can (a 64k prompt's full logits are GBs)
@@ -147,12 +184,12 @@ class HFModel(PromptTokens):
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **load_kwargs)
         except Exception as error:  # transformers raises many types; the user needs one line
-            raise ModelLoadError(f"could not load a tokenizer from {source}: {_first_line(error)}") from None
+            raise ModelLoadError(f"could not load a tokenizer from {source}: {first_line(error)}") from None
         try:
             extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra, **load_kwargs)
         except Exception as error:
-            raise ModelLoadError(f"could not load model weights from {source}: {_first_line(error)}") from None
+            raise ModelLoadError(f"could not load model weights from {source}: {first_line(error)}") from None
         model.to(torch_device)
         return cls(model, tokenizer, name or Path(source).name, max_length=max_length, batch_size=batch_size,
                    prefill_chunk=prefill_chunk)
@@ -216,7 +253,7 @@ class HFModel(PromptTokens):
                 request = requests[i]
                 if request.stop:
                     text = self.tokenizer.decode(new_tokens[r], skip_special_tokens=True)
-                    if _cut_at_stop(text, request.stop) is not None:
+                    if cut_at_stop(text, request.stop) is not None:
                         done[r], finish[r] = True, "stop"
                         continue
                 if len(new_tokens[r]) >= request.max_new_tokens:
@@ -245,7 +282,7 @@ class HFModel(PromptTokens):
             row_texts, row_counts, row_finish = [], [], []
             for r in row_ids:
                 text = self.tokenizer.decode(new_tokens[r], skip_special_tokens=True)
-                cut = _cut_at_stop(text, request.stop)
+                cut = cut_at_stop(text, request.stop)
                 row_texts.append(text if cut is None else cut)
                 row_counts.append(len(new_tokens[r]))
                 row_finish.append(finish[r])
@@ -293,54 +330,6 @@ class HFModel(PromptTokens):
             mask[r, width - len(p) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    # ---- log-likelihood -----------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[Loglikelihood]:
-        """Summed log P(continuation | context), tokenised as lm-evaluation-harness does: the whole string is
-        encoded once and split where the context's own encoding ends; trailing spaces of the context move to
-        the continuation. Over-long inputs lose tokens from the left."""
-        encoded = []
-        for request in requests:
-            whole, n_cont = loglikelihood_tokens(
-                self.tokenizer, self.render(request.context), request.continuation, isinstance(request.context, str)
-            )
-            cut = len(whole) > self.max_length
-            encoded.append((whole[-self.max_length :], n_cont, cut))
-        results: list[Loglikelihood] = []
-        for start in range(0, len(encoded), self.batch_size):
-            batch = encoded[start : start + self.batch_size]
-            width = max(len(ids) for ids, _, _ in batch)
-            ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, (seq, _, _) in enumerate(batch):
-                ids[r, : len(seq)] = torch.tensor(seq)
-                mask[r, : len(seq)] = 1
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            for r, (seq, n_cont, cut) in enumerate(batch):
-                positions = torch.arange(len(seq) - n_cont - 1, len(seq) - 1, device=logprobs.device)
-                targets = torch.tensor(seq[-n_cont:], device=logprobs.device)
-                token_lp = logprobs[r, positions, targets]
-                greedy = bool((logprobs[r, positions].argmax(-1) == targets).all())
-                results.append(Loglikelihood(float(token_lp.sum()), greedy, n_cont, cut))
-        return results
-
-    @torch.no_grad()
-    def token_logprobs(self, ids: list[int], top: int = 1) -> list[tuple[float, list[tuple[int, float]]]]:
-        """For each token after the first: (log P(ids[i] | ids[:i]) in nats, the `top` most likely tokens at that
-        position as (id, logprob)), from one forward pass. What a server needs for OpenAI's echo + logprobs."""
-        if len(ids) > self.max_length:
-            raise ValueError(f"{len(ids)} tokens exceed {self.name}'s --max-length {self.max_length}; send a shorter prompt")
-        logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0, :-1]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        chosen = logprobs.gather(1, torch.tensor(ids[1:], device=self.device).unsqueeze(1)).squeeze(1).tolist()
-        best_lp, best_ids = logprobs.topk(max(1, top), dim=-1)
-        return [
-            (lp, list(zip(row_ids, row_lp))[:top])
-            for lp, row_ids, row_lp in zip(chosen, best_ids.tolist(), best_lp.tolist())
-        ]
-
 
 DEFAULT_PREFILL_CHUNK = 8192  # tokens per prefill pass on CUDA unless told otherwise
 
@@ -369,32 +358,6 @@ def _resolve_prefill_chunk(prefill_chunk: int | None, model: Any, device: torch.
     return prefill_chunk or None
 
 
-def loglikelihood_tokens(tokenizer: Any, context: str, continuation: str, special: bool) -> tuple[list[int], int]:
-    """Token ids of context + continuation and how many of them belong to the continuation, split as
-    lm-evaluation-harness does: the whole string is encoded once and split where the context's own encoding
-    ends; trailing spaces of the context move to the continuation. special: add the tokenizer's special tokens."""
-    spaces = len(context) - len(context.rstrip(" "))
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer(context + continuation, add_special_tokens=special)["input_ids"]
-    context_ids = tokenizer(context, add_special_tokens=special)["input_ids"]
-    return whole, max(1, len(whole) - len(context_ids))
-
-
-def truncate_middle(ids: list[int], budget: int) -> tuple[list[int], bool]:
-    """Keep the first and last budget/2 tokens (LongBench's rule). Returns (ids, whether it cut)."""
-    if len(ids) <= budget:
-        return ids, False
-    head = budget // 2
-    return ids[:head] + ids[len(ids) - (budget - head) :], True
-
-
-def _cut_at_stop(text: str, stop: list[str]) -> str | None:
-    """Text before the earliest stop sequence, or None when none occurs."""
-    hits = [text.find(s) for s in stop if s and s in text]
-    return text[: min(hits)] if hits else None
-
-
 def _pick(logits: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None) -> int:
     """Greedy at temperature 0; else temperature + nucleus (top_p) sampling with the row's generator."""
     if request.temperature <= 0:
@@ -415,26 +378,6 @@ def _row_generator(seed: int, sample_index: int, device: torch.device) -> torch.
     return generator
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids = set()
-    for source in (getattr(model, "generation_config", None), model.config):
-        eos = getattr(source, "eos_token_id", None) if source is not None else None
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, (list, tuple)):
-            ids.update(int(e) for e in eos)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-

@@ -18,11 +18,11 @@ padded rows one at a time.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+import nsa_eval.kernels
 from nsa_eval.kernels import (
     attention,
     attention_decode,
@@ -31,47 +31,10 @@ from nsa_eval.kernels import (
     select_blocks,
     selected_attention,
 )
+from nsa_eval.model_adapters.runtime.config import SparseSettings
 
 TRITON_ATTENTION = "nsa_eval_triton"
 SPARSE_ATTENTION = "nsa_eval_sparse"
-
-
-@dataclass(frozen=True)
-class SparseSettings:
-    """Token budget per query (the paper's 2560 = 128 leading + 512 local + the selected blocks), block length."""
-
-    budget: int = 2560
-    leading: int = 128
-    local: int = 512
-    block: int = 64
-
-    def __post_init__(self) -> None:
-        for name in ("budget", "leading", "local", "block"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--sparse-{name} must be a positive integer, got {value!r}")
-        if self.local <= self.block:
-            raise ValueError(f"--sparse-local {self.local} must exceed --sparse-block {self.block} (the local tokens "
-                             "cover the current block and the one before it)")
-        forced = self.leading_blocks + self.local_blocks
-        if self.num_blocks < forced:
-            raise ValueError(f"--sparse-budget {self.budget} holds {self.num_blocks} blocks of {self.block} tokens, "
-                             f"fewer than the {forced} that the leading and local tokens may take; raise it to at "
-                             f"least {forced * self.block}")
-
-    @property
-    def num_blocks(self) -> int:
-        """Blocks per query (n)."""
-        return self.budget // self.block
-
-    @property
-    def leading_blocks(self) -> int:
-        return math.ceil(self.leading / self.block)
-
-    @property
-    def local_blocks(self) -> int:
-        """At most this many blocks cover the last `local` tokens (the current, partial, block included)."""
-        return math.ceil(self.local / self.block) + 1
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -176,16 +139,24 @@ def _rows(core, query, key, value, attention_mask):
 def sparse_attention(q, k, v, settings: SparseSettings, scale: float | None = None) -> torch.Tensor:
     """q [B, T, HQ, D] at key positions S-T..S-1, k [B, S, H, D], v [B, S, H, Dv] -> [B, T, HQ, Dv] (module
     docstring), on the NSA kernels (Triton on CUDA, the reference elsewhere) with the queries offset by S - T."""
+    return sparse_attention_over_blocks(q, k, v, mean_pool(k, settings.block), settings, None, scale)
+
+
+def sparse_attention_over_blocks(q, k, v, k_mean, settings: SparseSettings, ops: Any = None,
+                                 scale: float | None = None) -> torch.Tensor:
+    """sparse_attention with the keys' block means k_mean [B, S // block, H, D] given (the runtime keeps them in its
+    cache). ops: the runtime's kernel table (runtime/ops.py), or None for nsa_eval.kernels (dispatch by device)."""
     block, n = settings.block, settings.num_blocks
     B, T, S = q.shape[0], q.shape[1], k.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    k_mean, v_mean = mean_pool(k, block), mean_pool(v, block)
-    _, lse = compressed_attention(q, k_mean, v_mean, block_len=block, block_stride=block, scale=scale, seq_len=S)
-    indices = select_blocks(q, k_mean, lse, block_len=block, block_stride=block, select_len=block, num_selected=n,
-                            scale=scale, seq_len=S)
+    fns = ops or nsa_eval.kernels
+    _, lse = fns.compressed_attention(q, k_mean, k_mean, block_len=block, block_stride=block, scale=scale, seq_len=S)
+    indices = fns.select_blocks(q, k_mean, lse, block_len=block, block_stride=block, select_len=block, num_selected=n,
+                                scale=scale, seq_len=S)
     positions = torch.arange(S - T, S, device=q.device).expand(B, T)
     indices = keep_leading_and_local(indices, positions, settings)
-    return selected_attention(q, k, v, indices, select_len=block, scale=scale)
+    return fns.selected_attention(q, k, v, indices, select_len=block, scale=scale)
+
 
 
 def keep_leading_and_local(indices: torch.Tensor, positions: torch.Tensor, settings: SparseSettings) -> torch.Tensor:

@@ -45,7 +45,7 @@ from nsa_eval.model_adapters.base import (
     ModelLoadError,
     Prompt,
 )
-from nsa_eval.model_adapters.hf import _first_line, loglikelihood_tokens, truncate_middle
+from nsa_eval.model_adapters.prompts import first_line, loglikelihood_tokens, truncate_middle
 
 OPTIONS = ("tokenizer", "concurrency", "timeout", "retries", "backoff", "max_length", "chat", "api_key_env")
 MAX_BACKOFF_S = 30.0
@@ -117,7 +117,7 @@ class OpenAIModel:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(options["tokenizer"])
             except Exception as error:  # transformers raises many types; the user needs one line
-                raise ModelLoadError(f"could not load a tokenizer from {options['tokenizer']}: {_first_line(error)}") from None
+                raise ModelLoadError(f"could not load a tokenizer from {options['tokenizer']}: {first_line(error)}") from None
         key_env = options.get("api_key_env", "OPENAI_API_KEY")
         return cls(
             urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")),

@@ -25,7 +25,7 @@ from nsa_eval.model_adapters.base import (
     LoglikelihoodRequest,
     ModelLoadError,
 )
-from nsa_eval.model_adapters.hf import PromptTokens, _first_line, loglikelihood_tokens, truncate_middle
+from nsa_eval.model_adapters.prompts import PromptTokens, first_line, loglikelihood_tokens, truncate_middle
 
 INSTALL_HINT = "pip install 'nsa-eval[vllm]' on a machine with a CUDA GPU"
 
@@ -58,7 +58,7 @@ class VLLMModel(PromptTokens):
             llm = vllm.LLM(model=str(folder), dtype=dtype if dtype not in (None, "auto") else "auto",
                            max_model_len=max_length, seed=0, **engine_options)
         except Exception as error:  # vLLM raises many types; the user needs one line
-            raise ModelLoadError(f"vLLM could not load {folder}: {_first_line(error)}") from None
+            raise ModelLoadError(f"vLLM could not load {folder}: {first_line(error)}") from None
         return cls(llm, name or folder.name)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:

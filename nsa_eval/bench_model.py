@@ -31,7 +31,8 @@ DEVICE = "cuda"
 
 def build_models(spec: str, layers: int | None) -> tuple[object, dict]:
     """(NSA config, {variant: sdpa backend or None}); spec 'paper' or nsa:PATH (its config, random weights)."""
-    from nsa_eval.model_adapters.nsa_model import NSAConfig, read_checkpoint
+    from nsa_eval.model_adapters.runtime.checkpoint import read_checkpoint
+    from nsa_eval.model_adapters.runtime.config import ModelConfig
 
     if spec == "paper":
         fields = dict(PAPER_SHAPE)
@@ -42,16 +43,17 @@ def build_models(spec: str, layers: int | None) -> tuple[object, dict]:
         raise ValueError(f"--model {spec}: give 'paper' or nsa:PATH")
     if layers:
         fields["num_hidden_layers"] = layers
-    return NSAConfig(**fields), fields
+    return ModelConfig(**fields), fields
 
 
 def make_model(fields: dict, attention: str, sdpa_backend: str | None, prefill_chunk: int | None = None):
     import torch
 
-    from nsa_eval.model_adapters.nsa_model import NSAConfig, NSAForCausalLM
+    from nsa_eval.model_adapters.runtime.config import ModelConfig
+    from nsa_eval.model_adapters.runtime.model import Transformer
 
     with torch.device(DEVICE):
-        model = NSAForCausalLM(NSAConfig(**{**fields, "attention": attention}))
+        model = Transformer(ModelConfig(**{**fields, "attention": attention}))
     model = model.to(torch.bfloat16).eval()
     model.sdpa_backend = sdpa_backend
     model.prefill_chunk = prefill_chunk
@@ -63,7 +65,7 @@ def attention_removed():
     """Every layer's attention returns zeros (projections, cache writes, MLP and the rest unchanged)."""
     from unittest import mock
 
-    from nsa_eval.model_adapters.nsa_model import NSAAttention
+    from nsa_eval.model_adapters.runtime.attention import Attention as NSAAttention
 
     def prefill_zeros(self, q, *args, **kwargs):
         return q.new_zeros(*q.shape[:3], self.dv)
@@ -98,10 +100,11 @@ def repeat_rows(model, cache, batch: int):
     """A cache of `batch` copies of a one-sequence cache (same tokens: the same work per row as different ones)."""
     import torch
 
-    from nsa_eval.model_adapters.nsa_model import NSACache
+    from nsa_eval.model_adapters.runtime.cache import SlotCache
 
     layers = [{k: v.repeat(batch, *([1] * (v.ndim - 1))) for k, v in layer.items()} for layer in cache.layers]
-    copy = NSACache(layers, cache.lengths.repeat(batch), cache.capacity)
+    copy = SlotCache(layers, cache.capacity)
+    copy.lengths.copy_(cache.lengths.repeat(batch))
     copy.host_lengths = cache.host_lengths * batch
     torch.cuda.synchronize()
     return copy
@@ -162,7 +165,7 @@ def bench_variant(name: str, fields: dict, attention: str, backend: str | None, 
         message = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         row["error"] = f"{stage}: {type(error).__name__}: {message}"
     if backend:
-        from nsa_eval.model_adapters.nsa_model import SDPA_WAYS, sdpa_value_width
+        from nsa_eval.model_adapters.runtime.ops import SDPA_WAYS, sdpa_value_width
 
         ways = {kind: way for (b, kind), way in SDPA_WAYS.items() if b == backend}  # prompt, slice, decode
         width = sdpa_value_width(backend, fields["head_dim"], fields["v_head_dim"], torch.device(DEVICE),

@@ -131,14 +131,21 @@ def default_run_dir(model_name: str, task_names: list[str]) -> Path:
               help="Run directory. Default: results/runs/<model>-<tasks>-<time>. Rerunning into the same directory "
                    "with the same settings resumes; different settings are refused.")
 @click.option("--seed", default=0, show_default=True, help="Seed for data sampling (needles, shots) and generation.")
-@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Requests per forward pass (prompts left-padded in a batch).")
+@click.option("--engine", type=click.Choice(["auto", "native", "transformers"]), default="auto", show_default=True,
+              help="For smollm2 and hf: checkpoints: 'native' runs Llama-family checkpoints (llama, qwen2, qwen3, "
+                   "mistral) on our generation engine (static cache, continuous batching, CUDA graphs, our kernels); "
+                   "'transformers' runs any causal LM through transformers; 'auto' takes native where it applies. "
+                   "nsa: checkpoints always run native.")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Sequences decoded at once: the native engine's cache rows (continuous batching; default 16 on "
+                   "cuda, 4 on the CPU), or requests per left-padded forward pass on transformers (default 1).")
 @click.option("--max-length", type=click.IntRange(min=16),
               help="Prompt + generation budget in tokens (default: the model's context length). Longer prompts are "
                    "cut in the middle and the sample records it.")
 @click.option("--prefill-chunk", type=click.IntRange(min=0),
-              help="For smollm2 and hf: checkpoints: prompt tokens per forward pass during prefill, so a long prompt's "
-                   "activations fit in memory (0: the whole prompt at once). Default: 8192 on cuda, 0 on the CPU.")
+              help="For smollm2, hf: and nsa: checkpoints: prompt tokens per forward pass during prefill, so a long "
+                   "prompt's activations fit in memory (0: the whole prompt at once). Default: 8192 on cuda, 0 on the "
+                   "CPU.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the model runs; auto picks cuda when present.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
@@ -164,7 +171,8 @@ def default_run_dir(model_name: str, task_names: list[str]) -> Path:
               help="A folder of lm-evaluation-harness task YAML files, for --tasks lm-eval:TASK.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(model_spec: str, attention: str, sparse_budget: int, sparse_leading: int, sparse_local: int,
-        sparse_block: int, task_list: str, limit: int | None, output: Path | None, seed: int, batch_size: int,
+        sparse_block: int, task_list: str, limit: int | None, output: Path | None, seed: int, engine: str,
+        batch_size: int | None,
         max_length: int | None, prefill_chunk: int | None, device: str, dtype: str, chat: bool | None,
         data_pairs: tuple[str, ...], allow_code_execution: bool, niah_lengths: str, niah_depths: str,
         niah_samples: int, haystack: Path | None, task_options: tuple[str, ...], include_path: Path | None,
@@ -197,17 +205,18 @@ def run(model_spec: str, attention: str, sparse_budget: int, sparse_leading: int
     click.echo(f"loading {model_spec} ...", err=True)
     sparse = None
     if attention == "sparse":
-        from nsa_eval.model_adapters.hf_attention import SparseSettings
+        from nsa_eval.model_adapters.runtime.config import SparseSettings
 
         sparse = SparseSettings(sparse_budget, sparse_leading, sparse_local, sparse_block)
     model = load_model(model_spec, device=shard.device(device) if shard else device, dtype=dtype,
                        max_length=max_length, batch_size=batch_size, attention=attention, sparse=sparse,
-                       prefill_chunk=prefill_chunk)
+                       prefill_chunk=prefill_chunk, engine=engine)
     run_dir = output or default_run_dir(model.name, task_names)
     store = distributed.run_store(run_dir, shard)
     device_type = str(getattr(model, "device", device)).split(":")[0]  # which GPU does not change the results
     metrics = run_tasks(
-        model, model_spec, tasks, store, seed=seed, limit=limit, chat=chat, batch_size=batch_size,
+        model, model_spec, tasks, store, seed=seed, limit=limit, chat=chat,
+        batch_size=getattr(model, "batch_size", batch_size or 1),
         extra_config={"device": device_type, "dtype": str(getattr(model, "dtype", dtype)),
                       **({"attention": "sparse", "sparse": vars(sparse)} if sparse else {})},
         argv=sys.argv, show_progress=not quiet and (shard is None or shard.rank == 0),

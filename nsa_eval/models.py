@@ -7,28 +7,53 @@ from typing import Any
 from nsa_eval.model_adapters.base import LanguageModel
 from nsa_eval.registry import MODEL_KINDS, did_you_mean
 
+ENGINES = ("auto", "native", "transformers")  # --engine: the native engine where it runs the checkpoint, or not
+
 
 def load_model(spec: str, **options: Any) -> LanguageModel:
     """Load the backend a spec names: `smollm2`, `hf:PATH_OR_ID`, `nsa:PATH`, `openai:URL#MODEL`, `vllm:PATH`.
 
-    options: device, dtype, max_length, batch_size (as HFModel.from_pretrained); attention ('full' or 'sparse')
-    and sparse (SparseSettings) for `smollm2` and `hf:` (our attention kernels through transformers); prefill_chunk
-    (None: the backend's default) for `smollm2` and `hf:`.
+    options: device, dtype, max_length, batch_size (None: default_batch on the native engine, 1 elsewhere);
+    attention ('full' or 'sparse') and sparse (SparseSettings) for `smollm2` and `hf:`; prefill_chunk (None: the
+    backend's default) for `smollm2`, `hf:` and `nsa:`; engine ('auto': the native engine (model_adapters/runtime/)
+    where it runs the checkpoint, else transformers; 'native'; 'transformers') for `smollm2` and `hf:`.
     """
     kind, _, target = spec.partition(":")
     attention = options.pop("attention", None) or "full"
     sparse = options.pop("sparse", None)
     prefill_chunk = options.pop("prefill_chunk", None)
-    if attention != "full" and not (spec == "smollm2" or kind == "hf"):
+    engine = options.pop("engine", None) or "auto"
+    if engine not in ENGINES:
+        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if attention != "full" and not (spec == "smollm2" or kind in ("hf", "nsa")):
         raise ValueError(f"--attention {attention} applies to smollm2 and hf: checkpoints, not to '{spec}'")
     if prefill_chunk is not None and not (spec == "smollm2" or kind in ("hf", "nsa")):
         raise ValueError(f"--prefill-chunk applies to smollm2, hf: and nsa: checkpoints, not to '{spec}'; leave it out")
+    if engine != "auto" and not (spec == "smollm2" or kind in ("hf", "nsa")):
+        raise ValueError(f"--engine applies to smollm2, hf: and nsa: checkpoints, not to '{spec}'; leave it out")
+    batch_size = options.pop("batch_size", None)
     if spec == "smollm2" or kind == "hf":
         from nsa_eval.model_adapters.hf import HFModel, resolve_device
+        from nsa_eval.model_adapters.native import load_native, local_folder, native_supported
+        from nsa_eval.model_adapters.runtime.weights import HF_MODEL_TYPES
         from nsa_eval.model_adapters.hf_attention import SparseSettings, attn_implementation, enable_sparse
 
         if kind == "hf" and not target:
             raise ValueError("model spec 'hf:' needs a path or hub id, e.g. hf:./my-checkpoint")
+        if spec == "smollm2":
+            from nsa_eval.model_adapters.smollm2 import plain_checkpoint
+
+            folder, name = (plain_checkpoint(), "SmolLM2-135M-Instruct") if engine != "transformers" else (None, None)
+        else:
+            folder, name = local_folder(target), None
+        if engine == "native" and not native_supported(folder):
+            raise ValueError(f"the native engine runs Llama-family checkpoints ({', '.join(HF_MODEL_TYPES)}) and NSA "
+                             f"checkpoints; '{spec}' is none of them: use --engine transformers")
+        if engine != "transformers" and native_supported(folder):
+            return load_native(folder, name=name, prefill_chunk=prefill_chunk, attention=attention,
+                               sparse=sparse or SparseSettings(), batch_size=batch_size or default_batch(options),
+                               **options)
+        options["batch_size"] = batch_size or 1
         implementation = attn_implementation(attention, resolve_device(options.get("device")))
         if spec == "smollm2":
             from nsa_eval.model_adapters.smollm2 import load_smollm2
@@ -43,9 +68,16 @@ def load_model(spec: str, **options: Any) -> LanguageModel:
     if kind == "nsa":
         if not target:
             raise ValueError("model spec 'nsa:' needs a checkpoint folder, e.g. nsa:./my-nsa-checkpoint")
-        from nsa_eval.model_adapters.nsa_adapter import load_nsa
+        from nsa_eval.model_adapters.native import load_native
 
-        return load_nsa(target, prefill_chunk=prefill_chunk, **options)
+        if engine == "transformers":
+            raise ValueError("nsa: checkpoints run on the native engine only (transformers has no NSA attention); "
+                             "leave --engine out")
+        if attention == "sparse":
+            raise ValueError("--attention sparse applies to full-attention checkpoints; an nsa: checkpoint has its "
+                             "own sparse attention: leave --attention out")
+        return load_native(target, prefill_chunk=prefill_chunk, batch_size=batch_size or default_batch(options),
+                           nsa_only=True, **options)
     if kind == "openai":
         from nsa_eval.model_adapters.openai_backend import OpenAIModel
 
@@ -55,8 +87,15 @@ def load_model(spec: str, **options: Any) -> LanguageModel:
             raise ValueError("model spec 'vllm:' needs a checkpoint folder, e.g. vllm:./my-checkpoint")
         from nsa_eval.model_adapters.vllm_backend import VLLMModel
 
-        return VLLMModel.from_pretrained(target, **options)
+        return VLLMModel.from_pretrained(target, batch_size=batch_size or 1, **options)
     known = [k.split(":")[0] for k in MODEL_KINDS]
     raise ValueError(
         f"unknown model spec '{spec}'.{did_you_mean(kind, known)} Known specs: {', '.join(MODEL_KINDS)}."
     )
+
+
+def default_batch(options: dict[str, Any]) -> int:
+    """Rows the native engine decodes at once unless --batch-size says: 16 on a GPU, 4 on the CPU."""
+    from nsa_eval.model_adapters.hf import resolve_device
+
+    return 16 if resolve_device(options.get("device")).type == "cuda" else 4

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import sys
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from nsa_eval import store as run_store
-from nsa_eval.model_adapters.base import GenerationRequest, LanguageModel, LoglikelihoodRequest
+from nsa_eval.model_adapters.base import Generation, GenerationRequest, LanguageModel, LoglikelihoodRequest
 from nsa_eval.tasks.base import Sample, Task, TaskContext
 
 
@@ -19,36 +20,41 @@ def request_seed(run_seed: int, sample_id: str) -> int:
     return int(hashlib.sha256(f"{run_seed}:{sample_id}".encode()).hexdigest()[:12], 16)
 
 
+def generation_request(sample: Sample, run_seed: int) -> GenerationRequest:
+    return GenerationRequest(prompt=sample.prompt, max_new_tokens=sample.max_new_tokens, stop=list(sample.stop),
+                             temperature=sample.temperature, top_p=sample.top_p, n=sample.n,
+                             seed=request_seed(run_seed, sample.id))
+
+
+def generation_fields(generation: Generation) -> tuple[list[Any], dict[str, Any]]:
+    """(output for task.score, the record fields a generation adds)."""
+    return generation.texts, {
+        "responses": generation.texts,
+        "new_tokens": generation.new_tokens,
+        "finish_reasons": generation.finish_reasons,
+        "prompt_tokens": generation.prompt_tokens,
+        "truncated": generation.truncated,
+        "prefill_ms": round(generation.prefill_ms, 3),
+        "decode_tokens_per_s": round(generation.decode_tokens_per_s, 3),
+    }
+
+
+def answer_stream(model: Any, samples: list[Sample], run_seed: int) -> Iterator[tuple[Sample, tuple[list[Any], dict]]]:
+    """Generative samples through a model that streams (`generate_iter`: the native engine's continuous batching),
+    all at once: (sample, its answer) in the order they finish."""
+    requests = [generation_request(sample, run_seed) for sample in samples]
+    for index, generation in model.generate_iter(requests):
+        yield samples[index], generation_fields(generation)
+
+
 def answer(model: LanguageModel, samples: list[Sample], run_seed: int) -> list[tuple[list[Any], dict[str, Any]]]:
     """Ask the model for each sample: (output for task.score, the record fields the answer adds)."""
     results: list[tuple[list[Any], dict[str, Any]] | None] = [None] * len(samples)
     generative = [i for i, s in enumerate(samples) if s.continuations is None]
     if generative:
-        requests = [
-            GenerationRequest(
-                prompt=samples[i].prompt,
-                max_new_tokens=samples[i].max_new_tokens,
-                stop=list(samples[i].stop),
-                temperature=samples[i].temperature,
-                top_p=samples[i].top_p,
-                n=samples[i].n,
-                seed=request_seed(run_seed, samples[i].id),
-            )
-            for i in generative
-        ]
+        requests = [generation_request(samples[i], run_seed) for i in generative]
         for i, generation in zip(generative, model.generate(requests)):
-            results[i] = (
-                generation.texts,
-                {
-                    "responses": generation.texts,
-                    "new_tokens": generation.new_tokens,
-                    "finish_reasons": generation.finish_reasons,
-                    "prompt_tokens": generation.prompt_tokens,
-                    "truncated": generation.truncated,
-                    "prefill_ms": round(generation.prefill_ms, 3),
-                    "decode_tokens_per_s": round(generation.decode_tokens_per_s, 3),
-                },
-            )
+            results[i] = generation_fields(generation)
     scored = [i for i, s in enumerate(samples) if s.continuations is not None]
     if scored:
         requests = [LoglikelihoodRequest(samples[i].prompt, c) for i in scored for c in samples[i].continuations]
@@ -122,6 +128,7 @@ def run(
         "batch_size": batch_size,
         # hf: models are sliced by HFModel; the NSA model (HFModel.model) slices its prompt over its own cache
         "prefill_chunk": getattr(model, "prefill_chunk", None) or getattr(getattr(model, "model", None), "prefill_chunk", None),
+        "engine": type(model).__name__,  # Engine (the native runtime), HFModel (transformers), ...
         "versions": run_store.versions(),
         "git_sha": run_store.git_sha(),
         "hardware": run_store.hardware(),
@@ -143,12 +150,16 @@ def run(
             mine = [s for i, s in enumerate(samples[name]) if store.owns(i)]  # a data-parallel process: its shard
             pending = [s for s in mine if s.id not in done]
             bar = progress.add_task(name, total=len(mine), completed=len(mine) - len(pending), rate="")
-            started = None
+            started = time.perf_counter()
             finished_here = 0
-            for start in range(0, len(pending), batch_size):
-                started = started or time.perf_counter()
-                chunk = pending[start : start + batch_size]
-                for sample, (output, fields) in zip(chunk, answer(model, chunk, seed)):
+            streamed = [s for s in pending if s.continuations is None] if hasattr(model, "generate_iter") else []
+            rest = [s for s in pending if s not in streamed] if streamed else pending
+            answers = answer_stream(model, streamed, seed) if streamed else iter(())
+            chunks = [rest[start : start + batch_size] for start in range(0, len(rest), batch_size)]
+            batches = itertools.chain(([item] for item in answers),
+                                      (list(zip(chunk, answer(model, chunk, seed))) for chunk in chunks))
+            for batch in batches:
+                for sample, (output, fields) in batch:
                     record = {
                         "id": sample.id,
                         "breakdown": sample.breakdown,
@@ -162,9 +173,11 @@ def run(
                     if details is not None:
                         record["details"] = details(sample, output)
                     store.append(name, record)
-                finished_here += len(chunk)
+                finished_here += len(batch)
                 rate = finished_here / (time.perf_counter() - started)
-                progress.update(bar, advance=len(chunk), rate=f"{rate:.2f} samples/s")
+                progress.update(bar, advance=len(batch), rate=f"{rate:.2f} samples/s")
+    if getattr(model, "compile_s", 0):  # kernel compiles and graph captures, apart from every sample's timings
+        store.update_run(compile_s=round(model.compile_s, 3))
 
     if not store.gather({name: [s.id for s in items] for name, items in samples.items()}):
         return None  # a data-parallel run: process 0 writes the metrics

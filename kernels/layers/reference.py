@@ -163,7 +163,7 @@ def rotary_(x, cos, sin):
     Args:
         x: [B, T, R, D] float16, bfloat16 or float32 (R heads of even width D), last dim contiguous, other
             strides arbitrary (e.g. a column slice of a fused projection output).
-        cos, sin: [B, T, 1, D/2] or [B, T, D/2] float32 (model_adapters.nsa_model.rope_tables).
+        cos, sin: [B, T, 1, D/2] or [B, T, D/2] float32 (model_adapters/runtime/rope.py rope_tables).
     """
     check_rotary(x, cos, sin)
     if cos.ndim == 3:

@@ -95,7 +95,8 @@ def _decode_group_probs(scores, hq, g_ok, lse2, n_vis, c, TC, BC: tl.constexpr):
 def select_decode_kernel(cache_seqlens, scores, part_m, part_l, part_o, o_cmp, part_top, TC, CHUNKS_PER_PART,
                          HQ: tl.constexpr, H: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, GP: tl.constexpr,
                          BLOCK_LEN: tl.constexpr, BLOCK_STRIDE: tl.constexpr, SELECT_LEN: tl.constexpr,
-                         NP: tl.constexpr, NSPLIT: tl.constexpr, NPART: tl.constexpr, IDX_BITS: tl.constexpr):
+                         NP: tl.constexpr, NSPLIT: tl.constexpr, NPART: tl.constexpr, IDX_BITS: tl.constexpr,
+                         LEADING: tl.constexpr, LOCAL: tl.constexpr):
     """Grid (B * H, NPART). Every program merges the splits' statistics into lse (part 0 also writes
     o_cmp [B, HQ, DV]), then ranks its CHUNKS_PER_PART chunks of NP selection blocks from the stored scores
     -> part_top [B * H, NPART, NP] int32 ranking keys, best first."""
@@ -127,6 +128,7 @@ def select_decode_kernel(cache_seqlens, scores, part_m, part_l, part_o, o_cmp, p
     pos = tl.load(cache_seqlens + b) - 1
     n_vis = num_visible_blocks(pos, BLOCK_LEN, BLOCK_STRIDE)
     current = tl.full([1], 0, tl.int32) + pos // SELECT_LEN
+    first_local = tl.full([1], 0, tl.int32) + tl.maximum(pos - LOCAL + 1, 0) // SELECT_LEN
     a = tl.arange(0, BC)
     jj = tl.arange(0, NP)
     weights = overlap_weights(a[:, None], jj[None, :], BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)
@@ -141,7 +143,7 @@ def select_decode_kernel(cache_seqlens, scores, part_m, part_l, part_o, o_cmp, p
         importance = tl.sum(p_group[:, None] * weights, 0)[None, :]
         importance += tl.where(jj[None, :] == 0, carry[:, None], 0.)
         carry = tl.sum(p_group * spill, 0) + tl.zeros([1], tl.float32)
-        top = merge_top(top, ranking_keys(importance, c * NP + jj, current, IDX_BITS), 1, NP)
+        top = merge_top(top, ranking_keys(importance, c * NP + jj, current, first_local, LEADING, IDX_BITS), 1, NP)
     tl.store(part_top + (pid_bh * NPART + part) * NP + jj[None, :], top)
 
 
@@ -268,13 +270,14 @@ def _rows_view(x):
 
 def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win=None, *,
                block_len=32, block_stride=16, select_len=64, num_selected=16, window=512, scale=None,
-               k_window=None, v_window=None):
+               k_window=None, v_window=None, leading_blocks=1, local_tokens=None):
     """Triton NSA decode step; spec and shapes: reference.nsa_decode. cache_seqlens' values are not checked
     here (that would cost a device-to-host copy per step): each must lie in [1, S_max]. q may be a view whose batch
     stride is not HQ * Dk (a slice of a wider projection output), gates views with any strides."""
     check_decode("nsa_decode", q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens,
                  {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, block_len, block_stride, select_len, num_selected,
-                 window, scale, triton=True, k_window=k_window, v_window=v_window)
+                 window, scale, triton=True, k_window=k_window, v_window=v_window, leading_blocks=leading_blocks,
+                 local_tokens=local_tokens)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     q, stride_qb = _rows_view(q)
     k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
@@ -304,7 +307,8 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
     bits = index_bits(triton.cdiv(S, select_len))
     select_decode_kernel[(B * H, nparts)](
         cache_seqlens, scores, part_m, part_l, part_o, o_cmp, part_top, max(TC, 1), chunks_per_part, HQ, H, DV, bdv,
-        gp, block_len, block_stride, select_len, np_, nsplit, nparts, bits, num_warps=4)
+        gp, block_len, block_stride, select_len, np_, nsplit, nparts, bits, leading_blocks,
+        select_len + 1 if local_tokens is None else local_tokens, num_warps=4)
     block_indices = torch.empty(B, 1, H, num_selected, dtype=torch.int32, device=q.device)
     merge_decode_kernel[(B * H,)](part_top, block_indices, num_selected, np_, nparts, bits, num_warps=1)
 

@@ -143,12 +143,14 @@ def compressed_to_selection_weights(num_cmp, num_slc, block_len, block_stride, s
     return shared.float() / block_stride
 
 
-def block_importance(q, k_cmp, lse, positions, num_keys, block_len, block_stride, select_len, scale):
+def block_importance(q, k_cmp, lse, positions, num_keys, block_len, block_stride, select_len, scale,
+                     leading_blocks=1, local_tokens=None):
     """Importance of each selection block for each query and KV head, float32 [B, Tq, H, NJ], NJ = cdiv(S, l').
 
     Eq. 8 p_cmp = exp(q k_cmp^T * scale - lse) over the visible compressed blocks, summed over the G query heads
-    of each KV head (eq. 10), mapped by `compressed_to_selection_weights` (eq. 9); then the forced blocks (0 and
-    the two local blocks, positions // l' and positions // l' - 1) get +inf and blocks after the query's own -1.
+    of each KV head (eq. 10), mapped by `compressed_to_selection_weights` (eq. 9); then the forced blocks get +inf
+    and blocks after the query's own -1. Forced: the first `leading_blocks` blocks and the blocks holding the query's
+    last `local_tokens` tokens (None: l' + 1, i.e. positions // l' and positions // l' - 1: NSA's 0 and 2 local).
     q [B, Tq, HQ, Dk]; k_cmp [B, Tc, H, Dk]; lse [B, Tq, HQ]; positions [B, Tq] of the queries; S = num_keys.
     """
     B, Tq, HQ, _ = q.shape
@@ -163,14 +165,18 @@ def block_importance(q, k_cmp, lse, positions, num_keys, block_len, block_stride
     importance = p_cmp.sum(3) @ weights  # eq. 10 (sum over the group's heads), then eq. 9 -> [B, Tq, H, NJ]
     j = torch.arange(num_slc, device=q.device)
     current = (positions // select_len)[:, :, None, None]  # [B, Tq, 1, 1]
-    forced = (j == 0) | (j == current) | (j == current - 1)  # the initial block and the 2 local blocks
+    local = select_len + 1 if local_tokens is None else local_tokens
+    first_local = ((positions - local + 1).clamp_min(0) // select_len)[:, :, None, None]
+    forced = (j < leading_blocks) | ((j >= first_local) & (j <= current))
     importance = torch.where(forced, torch.full_like(importance, float("inf")), importance)
     return torch.where(j <= current, importance, torch.full_like(importance, -1.0))  # future blocks
 
 
-def _select(q, k_cmp, lse, positions, num_keys, block_len, block_stride, select_len, num_selected, scale):
+def _select(q, k_cmp, lse, positions, num_keys, block_len, block_stride, select_len, num_selected, scale,
+            leading_blocks=1, local_tokens=None):
     """Top-n selection blocks per query and KV head -> int32 [B, Tq, H, n], most important first, -1 padded."""
-    importance = block_importance(q, k_cmp, lse, positions, num_keys, block_len, block_stride, select_len, scale)
+    importance = block_importance(q, k_cmp, lse, positions, num_keys, block_len, block_stride, select_len, scale,
+                                  leading_blocks, local_tokens)
     num_slc = importance.shape[-1]
     mask = (1 << index_bits(num_slc)) - 1
     j = torch.arange(num_slc, device=q.device, dtype=torch.int32)
@@ -323,7 +329,7 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block_len=
 
 def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win=None, *,
                block_len=32, block_stride=16, select_len=64, num_selected=16, window=512, scale=None,
-               k_window=None, v_window=None):
+               k_window=None, v_window=None, leading_blocks=1, local_tokens=None):
     """One NSA decode step: the new token's output from an NSA cache; equals the last row of `nsa_attention`.
 
     Args:
@@ -336,14 +342,18 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
         g_cmp, g_slc, g_win: [B, HQ] gates;
         k_window, v_window: None (the window branch reads the last `window` keys of k_cache/v_cache), or the window
             branch's own keys/values (the paper's independent K/V): rings [B, window, H, Dk] / [B, window, H, Dv]
-            holding token p in slot p % window, so slots [0, min(cache_seqlens[b], window)) are row b's last tokens.
+            holding token p in slot p % window, so slots [0, min(cache_seqlens[b], window)) are row b's last tokens;
+        leading_blocks, local_tokens: the selection always keeps the first `leading_blocks` selection blocks and the
+            blocks holding the new token's last `local_tokens` tokens (None: select_len + 1, the token's block and
+            the one before: NSA's rule). Training-free sparse attention sets them (its leading and local tokens).
     Returns:
         o [B, HQ, Dv] in q's dtype.
     """
     op = "nsa_decode"
     check_decode(op, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens,
                  {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, block_len, block_stride, select_len,
-                 num_selected, window, scale, triton=False, k_window=k_window, v_window=v_window)
+                 num_selected, window, scale, triton=False, k_window=k_window, v_window=v_window,
+                 leading_blocks=leading_blocks, local_tokens=local_tokens)
     lengths = cache_seqlens.tolist()
     if min(lengths) < 1 or max(lengths) > k_cache.shape[1]:
         _fail(op, f"cache_seqlens must lie in [1, S_max={k_cache.shape[1]}], got {lengths}")
@@ -352,7 +362,7 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
     positions = (cache_seqlens.long() - 1)[:, None]  # [B, 1]
     o_cmp, lse = _compressed(q1, k_cmp_cache, v_cmp_cache, positions, block_len, block_stride, scale)
     block_indices = _select(q1, k_cmp_cache, lse, positions, k_cache.shape[1], block_len, block_stride, select_len,
-                            num_selected, scale)
+                            num_selected, scale, leading_blocks, local_tokens)
     o_slc, _ = _selected(q1, k_cache, v_cache, block_indices, positions, select_len, scale)
     branches = [(o_cmp[:, 0], g_cmp), (o_slc[:, 0], g_slc)]
     if window and k_window is None:

@@ -35,10 +35,11 @@ def overlap_weights(i, j, BLOCK_LEN: tl.constexpr, BLOCK_STRIDE: tl.constexpr, S
 
 
 @triton.jit
-def ranking_keys(importance, j, current, IDX_BITS: tl.constexpr):
-    """int32 keys [R, NP] for selection blocks j [NP] of queries whose own block is current [R]; -1 = never."""
+def ranking_keys(importance, j, current, first_local, LEADING: tl.constexpr, IDX_BITS: tl.constexpr):
+    """int32 keys [R, NP] for selection blocks j [NP] of queries whose own block is current [R]; -1 = never. Forced
+    (always first): blocks j < LEADING and first_local [R] <= j <= current (NSA: LEADING 1, first_local current - 1)."""
     MASK: tl.constexpr = (1 << IDX_BITS) - 1
-    forced = (j[None, :] == 0) | (j[None, :] == current[:, None]) | (j[None, :] == current[:, None] - 1)
+    forced = (j[None, :] < LEADING) | ((j[None, :] >= first_local[:, None]) & (j[None, :] <= current[:, None]))
     importance = tl.where(forced, float("inf"), importance)
     key = (importance.to(tl.int32, bitcast=True) & ~MASK) | (MASK - j[None, :])
     return tl.where(j[None, :] <= current[:, None], key, -1)
@@ -78,7 +79,7 @@ def _select_chunk(q_blk, k_ptr, lse2, n_vis, c, top, carry, weights, spill, curr
     importance = tl.sum(p_group[:, :, None] * weights[None, :, :], 1)  # eq. 9: [BT, NP]
     importance += tl.where(jj[None, :] == 0, carry[:, None], 0.)
     carry = tl.sum(p_group * spill[None, :], 1)
-    top = merge_top(top, ranking_keys(importance, c * NP + jj, current, IDX_BITS), BT, NP)
+    top = merge_top(top, ranking_keys(importance, c * NP + jj, current, current - 1, 1, IDX_BITS), BT, NP)
     return top, carry
 
 

@@ -257,8 +257,11 @@ def check_offset_backward(op: str, offset: int, *tensors) -> None:
 
 def check_decode(op, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, gates: dict, block_len,
                  block_stride, select_len, num_selected, window, scale, triton: bool, k_window=None,
-                 v_window=None) -> None:
+                 v_window=None, leading_blocks=1, local_tokens=None) -> None:
     """All arguments of `nsa_decode` except the values of cache_seqlens (a device-to-host copy on CUDA)."""
+    _check_positive_int(op, "leading_blocks", leading_blocks, minimum=0)
+    if local_tokens is not None:
+        _check_positive_int(op, "local_tokens", local_tokens)
     if (k_window is None) != (v_window is None):
         _fail(op, "give k_window and v_window together (the window branch's own ring of keys and values), or neither")
     if k_window is not None:

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from nsa_eval.model_adapters.base import GenerationRequest, LoglikelihoodRequest
 from nsa_eval.model_adapters.hf import DEFAULT_PREFILL_CHUNK, HFModel, _resolve_prefill_chunk
-from nsa_eval.model_adapters.nsa_model import NSAConfig, NSAForCausalLM
+from nsa_eval.model_adapters.runtime.config import ModelConfig
+from nsa_eval.model_adapters.runtime.model import Transformer
 from nsa_eval.models import load_model
 
 PROMPTS = [
@@ -74,13 +75,13 @@ def test_chunked_prefill_gives_the_one_pass_generations_and_loglikelihoods(one_p
 
 
 def test_models_that_cannot_be_chunked_keep_one_pass(tiny_llama_dir, smollm2):
-    # the NSA model slices its prompt itself (NSAForCausalLM.prefill_chunk), so HFModel passes it whole
-    config = NSAConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1,
+    # the NSA model slices its prompt itself (Transformer.prefill_chunk), so HFModel passes it whole
+    config = ModelConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1,
                        head_dim=16, v_head_dim=16, intermediate_size=48, max_position_embeddings=256)
-    nsa = NSAForCausalLM(config).init_weights(seed=0)
+    nsa = Transformer(config).init_weights(seed=0)
     assert HFModel(nsa, smollm2.tokenizer, "nsa").prefill_chunk is None
     assert _resolve_prefill_chunk(None, nsa, torch.device("cuda")) is None
-    with pytest.raises(ValueError, match="--prefill-chunk applies to transformers models, not to NSAForCausalLM"):
+    with pytest.raises(ValueError, match="--prefill-chunk applies to transformers models, not to Transformer"):
         HFModel(nsa, smollm2.tokenizer, "nsa", prefill_chunk=7)
     # training-free sparse attention chunks (test_hf_attention: sliced generation equals one pass)
     assert load_model(f"hf:{tiny_llama_dir}", device="cpu", attention="sparse").prefill_chunk is None

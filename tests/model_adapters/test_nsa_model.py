@@ -1,4 +1,4 @@
-"""The NSA transformer (model_adapters/nsa_model.py) and the nsa: backend: kernels, cache, checkpoints, fla's layout,
+"""The NSA transformer (model_adapters/runtime/) and the nsa: backend: kernels, cache, checkpoints, fla's layout,
 bad input. Tiny random models built here; CPU tests use the reference kernels unless they say Triton (interpreter)."""
 
 import json
@@ -9,8 +9,11 @@ import torch
 from click.testing import CliRunner
 
 from nsa_eval.model_adapters.base import GenerationRequest, LoglikelihoodRequest, ModelLoadError
-from nsa_eval.model_adapters.nsa_adapter import load_nsa
-from nsa_eval.model_adapters.nsa_model import FLA_NAME_MAP, NSAConfig, NSAForCausalLM
+from nsa_eval.model_adapters.native import load_native
+from nsa_eval.model_adapters.runtime.checkpoint import from_pretrained, save_pretrained
+from nsa_eval.model_adapters.runtime.config import ModelConfig
+from nsa_eval.model_adapters.runtime.model import Transformer
+from nsa_eval.model_adapters.runtime.weights import FLA_NAME_MAP
 
 # the paper's layout (independent K/V, MLP compression, window) and flash-linear-attention's (l = d = l', shared
 # K/V, mean pooling, no window), scaled down
@@ -19,12 +22,12 @@ PAPER = dict(block_len=16, block_stride=8, select_len=16, num_selected=4, window
 FLA = dict(block_len=16, block_stride=16, select_len=16, num_selected=4, window=0, compression="mean", shared_kv=True)
 
 
-def tiny(layout=PAPER, vocab=97, layers=2, seed=0, std=0.3, **overrides) -> NSAForCausalLM:
+def tiny(layout=PAPER, vocab=97, layers=2, seed=0, std=0.3, **overrides) -> Transformer:
     """A tiny random NSA model, float32 on the CPU (std 0.3 makes its logits peaked, so argmax is stable)."""
     fields = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=1, head_dim=16, v_head_dim=16, intermediate_size=48, max_position_embeddings=2048)
-    config = NSAConfig(**{**fields, **layout, **overrides})
-    return NSAForCausalLM(config).init_weights(std=std, seed=seed).eval()
+    config = ModelConfig(**{**fields, **layout, **overrides})
+    return Transformer(config).init_weights(std=std, seed=seed).eval()
 
 
 def greedy_without_cache(model, ids, steps):
@@ -113,8 +116,8 @@ def test_fused_projections_follow_weights_changed_after_use(tmp_path):
     torch.testing.assert_close(model(ids).logits, other(ids).logits, rtol=0, atol=0)
     model.load_state_dict(tiny(PAPER).state_dict(), assign=True)  # new tensors: fused again
     torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
-    model.save_pretrained(tmp_path)
-    torch.testing.assert_close(NSAForCausalLM.from_pretrained(tmp_path)(ids).logits, before, rtol=0, atol=0)
+    save_pretrained(model, tmp_path)
+    torch.testing.assert_close(from_pretrained(tmp_path)(ids).logits, before, rtol=0, atol=0)
     fresh = tiny(PAPER)  # first use under inference_mode (as lm-eval runs models), then outside it
     with torch.inference_mode():
         inside = fresh(ids).logits.clone()
@@ -147,15 +150,15 @@ def test_triton_kernels_equal_the_reference(layout):
 
 def test_save_load_round_trip(tmp_path):
     model = tiny(PAPER, tie_word_embeddings=True)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "nsa_eval"
     assert {k: saved[k] for k in PAPER} == PAPER and saved["head_dim"] == 16 and saved["v_head_dim"] == 16
-    loaded = NSAForCausalLM.from_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path)
     assert loaded.config == model.config and loaded.lm_head.weight is loaded.embed.weight
     ids = torch.randint(0, 97, (2, 30))
     assert torch.equal(loaded(ids).logits, model(ids).logits)
-    as_bf16 = NSAForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    as_bf16 = from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert as_bf16.dtype == torch.bfloat16
 
 
@@ -170,7 +173,7 @@ def test_fla_names_map_onto_ours():
         ["attn_norm.weight", "mlp_norm.weight", "attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight",
          "attn.g_proj.weight", "attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
          "mlp.down_proj.weight"]]
-    from nsa_eval.model_adapters.nsa_model import fla_name
+    from nsa_eval.model_adapters.runtime.weights import fla_name
 
     assert {fla_name(n) for n in fla_names} == ours
     assert fla_name("model.layers.0.attn.rotary.inv_freq") is None
@@ -201,7 +204,7 @@ def test_fla_checkpoint_gives_fla_logits(tmp_path, monkeypatch):
         for p in fla_model.parameters():
             p.normal_(0, 0.2)
     fla_model.save_pretrained(tmp_path)
-    ours = NSAForCausalLM.from_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
     assert ours.config.shared_kv and ours.config.compression == "mean" and ours.config.select_len == 16
     ids = torch.randint(0, 100, (1, 96), generator=torch.Generator().manual_seed(6))  # 6 blocks, 4 selected
     with torch.no_grad():
@@ -261,13 +264,13 @@ def nsa_dir(tmp_path_factory, smollm2_dir) -> Path:
     path = tmp_path_factory.mktemp("tiny-nsa")
     model = tiny(PAPER, vocab=len(tokenizer), std=0.2, bos_token_id=tokenizer.bos_token_id,
                  eos_token_id=tokenizer.eos_token_id)
-    model.save_pretrained(path)
+    save_pretrained(model, path)
     tokenizer.save_pretrained(path)
     return path
 
 
 def test_nsa_backend_batches_stops_and_samples(nsa_dir):
-    lm = load_nsa(str(nsa_dir), batch_size=3)
+    lm = load_native(str(nsa_dir), batch_size=3)
     assert lm.name == nsa_dir.name and lm.max_length == 2048
     requests = [GenerationRequest("The capital of France is", max_new_tokens=8),
                 GenerationRequest("Count: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12", max_new_tokens=6),
@@ -365,7 +368,7 @@ def _broken_checkpoint(tmp_path, nsa_dir, how):
 def test_bad_checkpoints_fail_in_one_line(tmp_path, nsa_dir, how, message):
     folder = _broken_checkpoint(tmp_path, nsa_dir, how)
     with pytest.raises(ModelLoadError) as error:
-        load_nsa(str(folder))
+        load_native(str(folder), nsa_only=True)
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
@@ -380,7 +383,7 @@ def test_cli_bad_nsa_spec_is_one_line_and_exit_1(tmp_path, nsa_dir):
         assert result.output.strip().splitlines()[-1].startswith("Error:") and "Traceback" not in result.output
     result = CliRunner().invoke(main, ["run", "--model", f"nsa:{nsa_dir}", "--attention", "sparse", "--tasks", "niah",
                                        "--output", str(tmp_path / "o")])
-    assert result.exit_code == 1 and "applies to smollm2 and hf: checkpoints" in result.output
+    assert result.exit_code == 1 and "applies to full-attention checkpoints" in result.output
 
 
 def test_config_validation():
@@ -405,10 +408,10 @@ def rel_err(a, b):
 
 def gpu_model(layout, **overrides):
     """Paper head dims (192 / 128), 16 query heads in 2 groups, 2 layers, on the GPU in bfloat16."""
-    config = NSAConfig(vocab_size=512, hidden_size=256, num_hidden_layers=2, num_attention_heads=16,
+    config = ModelConfig(vocab_size=512, hidden_size=256, num_hidden_layers=2, num_attention_heads=16,
                        num_key_value_heads=2, head_dim=192, v_head_dim=128, intermediate_size=512,
                        max_position_embeddings=8192, **{**layout, **overrides})
-    return NSAForCausalLM(config).init_weights(std=0.05, seed=0).cuda().eval()
+    return Transformer(config).init_weights(std=0.05, seed=0).cuda().eval()
 
 
 GPU_PAPER = dict(block_len=32, block_stride=16, select_len=64, num_selected=16, window=512, compression="mlp",

@@ -1,0 +1,311 @@
+"""The generation engine: the LanguageModel that runs `hf:` Llama-family checkpoints, `nsa:` checkpoints and
+`--attention sparse` on the runtime's model (runtime/model.py), with continuous batching over a static slot cache.
+
+How a batch of requests runs (`generate_iter`):
+- Each request's prompt is encoded and middle-truncated to fit `max_length` with its generation budget; requests
+  are taken longest first. The cache has `batch_size` rows (one more, a staging row, when some request asks for
+  n > 1 samples), sized once for the longest prompt + budget and kept across calls while it fits.
+- A free row takes the next request at once: its prompt is prefilled alone into the row (slices over the cache, no
+  padding) and its first token sampled from the prompt's last logits. A request's n samples share one prefill: the
+  prompt goes into the staging row and is copied into a free row per sample as rows free up.
+- Every step decodes one token for rows [0, bucket) (bucket: the next power of two above the highest busy row,
+  capped at batch_size; a CUDA graph per bucket and per whether NSA's phi runs), samples on the device
+  (runtime/sampling.py: counter-based randomness from each row's seed and step, so a sample depends only on its
+  request and seed, never on the batch), and copies the new tokens to the host once (the step's one sync).
+- Stop sequences are checked on a window of the newest tokens only; EOS ends a row without being counted.
+Timings per request: prefill_ms of its own prefill; decode tokens/s over the wall time its rows were decoding.
+`warm_up()` compiles the kernels and captures the graphs before the first request (its seconds: `compile_s`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from nsa_eval.model_adapters.base import Generation, GenerationRequest
+from nsa_eval.model_adapters.hf import ForwardScoring
+from nsa_eval.model_adapters.prompts import PromptTokens, cut_at_stop, eos_ids, truncate_middle
+from nsa_eval.model_adapters.runtime.cache import SlotCache
+from nsa_eval.model_adapters.runtime.model import DEFAULT_PREFILL_CHUNK, Transformer
+from nsa_eval.model_adapters.runtime.sampling import row_seed, sample_tokens
+
+CAPACITY_STEP = 1024  # cache positions are allocated in multiples of this, so nearby lengths reuse one cache
+
+
+@dataclass
+class _Row:
+    """One sample of a request, decoding in a cache row: its new tokens (a stop sequence's included, EOS not)."""
+
+    request: "_Request"
+    sample: int
+    tokens: list[int] = field(default_factory=list)
+    finish: str = "length"
+    started: float = 0.0
+    ended: float = 0.0
+
+
+@dataclass
+class _Request:
+    """A request being answered: prompt ids after truncation, samples still to start, rows that have finished."""
+
+    index: int
+    spec: GenerationRequest
+    ids: list[int]
+    truncated: bool
+    to_start: list[int]
+    rows: int
+    done: list[_Row] = field(default_factory=list)
+    prefill_ms: float = 0.0
+    logits: torch.Tensor | None = None  # the prompt's last logits [V], while samples wait in the staging row
+
+
+class _RowSettings:
+    """Each row's sampling settings on the device: temperature, top_p, seed, step (tokens it has generated)."""
+
+    def __init__(self, slots: int, device: torch.device):
+        self.temperature = torch.zeros(slots, dtype=torch.float32, device=device)
+        self.top_p = torch.ones(slots, dtype=torch.float32, device=device)
+        self.seeds = torch.zeros(slots, dtype=torch.long, device=device)
+        self.steps = torch.zeros(slots, dtype=torch.long, device=device)
+        self.sampled = [False] * slots  # rows that sample (temperature > 0), on the host
+
+    def set(self, slot: int, request: GenerationRequest, sample: int) -> None:
+        self.sampled[slot] = request.temperature > 0
+        self.temperature[slot] = float(request.temperature)
+        self.top_p[slot] = float(request.top_p)
+        self.seeds[slot] = row_seed(request.seed, sample)
+        self.steps[slot] = 0
+
+    def sample(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        """logits [n, V] of the rows `rows` -> their tokens [n]; their steps advance by one."""
+        if not any(self.sampled[rows]):  # every row greedy: the argmax alone
+            return logits.argmax(-1)
+        tokens = sample_tokens(logits, self.temperature[rows], self.top_p[rows], self.seeds[rows], self.steps[rows])
+        self.steps[rows] += 1
+        return tokens
+
+
+class Engine(PromptTokens, ForwardScoring):
+    """A runtime model and its tokenizer behind the LanguageModel interface (module docstring).
+
+    max_length: prompt + generation budget in tokens (default: the model's max_position_embeddings).
+    batch_size: cache rows decoding at once (also the batch of log-likelihood forward passes).
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Any, name: str, max_length: int | None = None,
+                 batch_size: int = 8, generation_config: Any = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = model.device
+        model_max = model.config.max_position_embeddings
+        if max_length is not None and max_length > model_max:
+            raise ValueError(f"--max-length {max_length} exceeds {name}'s max_position_embeddings ({model_max}); "
+                             f"use --max-length {model_max} or less")
+        self.max_length = max_length or model_max
+        self.batch_size = max(1, batch_size)
+        self.chat = getattr(tokenizer, "chat_template", None) is not None
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.eos_ids = eos_ids(model.config, tokenizer, generation_config)
+        self.cache: SlotCache | None = None
+        self.compile_s = 0.0  # seconds of warm-up (kernel compiles, graph captures), apart from every sample's time
+
+    @property
+    def prefill_chunk(self) -> int | None:
+        return self.model.prefill_chunk
+
+    # ---- generation ---------------------------------------------------------------------------------------
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        results: list[Generation | None] = [None] * len(requests)
+        for index, generation in self.generate_iter(requests):
+            results[index] = generation
+        return results  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def generate_iter(self, requests: list[GenerationRequest]) -> Iterator[tuple[int, Generation]]:
+        """(index into requests, its Generation) as each request finishes, in the order they finish."""
+        if not requests:
+            return
+        queue = sorted((self._request(i, r) for i, r in enumerate(requests)), key=lambda q: len(q.ids))
+        cache = self._cache(max(len(q.ids) + q.spec.max_new_tokens for q in queue) + 1)
+        slots, staging = self.batch_size, self.batch_size  # the staging row follows the decoding rows
+        settings = _RowSettings(cache.slots, self.device)
+        next_ids = torch.zeros(cache.slots, dtype=torch.long, device=self.device)
+        rows: list[_Row | None] = [None] * slots
+        staged: _Request | None = None  # the request whose prompt sits in the staging row
+        while queue or staged is not None or any(r is not None for r in rows):
+            for slot in range(slots):  # every free row takes the next sample (the longest prompt first)
+                while rows[slot] is None and (staged is not None or queue):
+                    if staged is None and queue[-1].rows > 1:
+                        staged = queue.pop()
+                        staged.logits = self._prefill(staged, cache, staging)
+                    request = staged if staged is not None else queue.pop()
+                    row = self._start(request, cache, slot, staging if request is staged else None, settings,
+                                      next_ids)
+                    if request is staged and not staged.to_start:
+                        staged.logits, staged = None, None
+                    if row.ended:  # finished on its first token
+                        finished = self._finish(row)
+                        if finished is not None:
+                            yield finished
+                    else:
+                        rows[slot] = row
+            busy = [slot for slot in range(slots) if rows[slot] is not None]
+            if not busy:
+                continue
+            bucket = min(slots, 1 << (max(busy)).bit_length())
+            logits = self.model.decode(next_ids[:bucket], cache, bucket)
+            next_ids[:bucket] = settings.sample(logits, slice(0, bucket))
+            new = next_ids[:bucket].tolist()  # the step's one host synchronisation
+            now = time.perf_counter()
+            for slot in busy:
+                row = rows[slot]
+                if self._add_token(row, new[slot], now):
+                    rows[slot] = None
+                    cache.set_active([slot], False)
+                    finished = self._finish(row)
+                    if finished is not None:
+                        yield finished
+
+    def _request(self, index: int, request: GenerationRequest) -> _Request:
+        budget = self.max_length - request.max_new_tokens
+        if budget < 1 or request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens {request.max_new_tokens} leaves no room for a prompt in --max-length "
+                             f"{self.max_length}" if budget < 1 else "max_new_tokens must be at least 1")
+        ids, cut = truncate_middle(self.encode(request.prompt), budget)
+        samples = 1 if request.temperature <= 0 else request.n  # greedy: one row, its text repeated n times
+        return _Request(index, request, ids, cut, list(range(samples)), samples)
+
+    def _prefill(self, request: _Request, cache: SlotCache, row: int) -> torch.Tensor:
+        """The request's prompt into cache row `row` -> its last logits [V]; records prefill_ms."""
+        ids = torch.tensor(request.ids, dtype=torch.long, device=self.device)
+        _sync(self.device)
+        start = time.perf_counter()
+        logits = self.model.prefill(ids, cache, row)
+        _sync(self.device)
+        request.prefill_ms = (time.perf_counter() - start) * 1e3
+        return logits
+
+    def _start(self, request: _Request, cache: SlotCache, slot: int, staging: int | None, settings: _RowSettings,
+               next_ids: torch.Tensor) -> _Row:
+        """The next sample of `request` in row `slot`: prefilled there, or copied from the staging row; its first
+        token sampled from the prompt's logits."""
+        sample = request.to_start.pop(0)
+        if staging is None:
+            logits = self._prefill(request, cache, slot)
+        else:
+            cache.copy_row(staging, slot)
+            cache.set_active([slot], True)
+            logits = request.logits
+        settings.set(slot, request.spec, sample)
+        first = settings.sample(logits[None], slice(slot, slot + 1))
+        next_ids[slot] = first[0]
+        row = _Row(request, sample, started=time.perf_counter())
+        if self._add_token(row, int(first[0]), row.started):
+            cache.set_active([slot], False)
+        return row
+
+    def _add_token(self, row: _Row, token: int, now: float) -> bool:
+        """Take a row's new token; True when the row is done (EOS, a stop sequence, or its budget)."""
+        spec = row.request.spec
+        if token in self.eos_ids:
+            row.finish = "stop"
+        else:
+            row.tokens.append(token)
+            if spec.stop and self._stopped(row.tokens, spec.stop):
+                row.finish = "stop"
+            elif len(row.tokens) < spec.max_new_tokens:
+                return False
+        row.ended = now
+        return True
+
+    def _stopped(self, tokens: list[int], stop: list[str]) -> bool:
+        """Whether a stop sequence ends within the newest tokens: only a window of them is decoded (a stop sequence
+        of L characters spans at most L tokens; the margin covers tokens that decode to partial characters)."""
+        window = 2 * max(len(s) for s in stop) + 8
+        return cut_at_stop(self.tokenizer.decode(tokens[-window:], skip_special_tokens=True), stop) is not None
+
+    def _finish(self, row: _Row) -> tuple[int, Generation] | None:
+        """Record a finished row; the request's Generation once all its rows are done."""
+        request = row.request
+        request.done.append(row)
+        if len(request.done) < request.rows:
+            return None
+        done = sorted(request.done, key=lambda r: r.sample)
+        texts = []
+        for r in done:
+            text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+            cut = cut_at_stop(text, request.spec.stop)
+            texts.append(text if cut is None else cut)
+        counts, finish = [len(r.tokens) for r in done], [r.finish for r in done]
+        if request.rows == 1 and request.spec.n > 1:  # greedy: every sample is the same text
+            texts, counts, finish = (x * request.spec.n for x in (texts, counts, finish))
+        seconds = max(r.ended for r in done) - min(r.started for r in done)
+        generated = sum(len(r.tokens) for r in done)
+        return request.index, Generation(
+            texts=texts, new_tokens=counts, finish_reasons=finish, prompt_tokens=len(request.ids),
+            truncated=request.truncated, prefill_ms=request.prefill_ms,
+            decode_tokens_per_s=generated / seconds if seconds > 0 else 0.0)
+
+    # ---- the cache and the warm-up ------------------------------------------------------------------------
+
+    def _cache(self, positions: int) -> SlotCache:
+        """The cache (batch_size rows and a staging row) with room for `positions` per row: the current one when it
+        fits, else a new one (allocated in steps of CAPACITY_STEP, at most max_length + 1), then warmed up."""
+        if self.cache is not None and self.cache.capacity >= positions:
+            return self.cache
+        capacity = min(-(-positions // CAPACITY_STEP) * CAPACITY_STEP, self.max_length + 1)
+        self.cache = None  # let the old one go before the new one is allocated
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.cache = self.model.new_cache(self.batch_size + 1, max(capacity, positions))
+        self.warm_up()
+        return self.cache
+
+    @torch.no_grad()
+    def warm_up(self) -> float:
+        """On CUDA: compile every kernel a run will use and capture the decode graphs of every bucket, before any
+        request is timed (prompts of lengths that cover the kernels' integer specialisations, first and later
+        slices; decode steps that do and do not complete a compressed block). Adds its seconds to compile_s."""
+        cache = self.cache
+        if cache is None or self.device.type != "cuda":
+            return 0.0
+        start = time.perf_counter()
+        c = self.model.config
+        chunk = self.model.prefill_chunk or DEFAULT_PREFILL_CHUNK
+        vocab = c.vocab_size
+        lengths = [16, 17, chunk + 16, chunk + 17, max(c.block_len, 64) + 5]
+        for n in lengths:
+            if n + 2 <= cache.capacity:
+                self.model.prefill(torch.randint(0, vocab, (n,), device=self.device), cache, 0)
+        buckets = sorted({min(self.batch_size, 1 << b) for b in range(self.batch_size.bit_length() + 1)})
+        settings = _RowSettings(cache.slots, self.device)
+        for rows in buckets:
+            for length in (c.block_len - 1, c.block_len):  # the next token completes a block, then it does not
+                if length + 3 > cache.capacity:
+                    continue
+                cache.lengths[:rows] = length
+                cache.host_lengths[:rows] = [length] * rows
+                cache.set_active(list(range(rows)), True)
+                for _ in range(2):  # capture, then replay
+                    ids = torch.randint(0, vocab, (rows,), device=self.device)
+                    settings.sample(self.model.decode(ids, cache, rows), slice(0, rows))
+                    cache.lengths[:rows] = length
+                    cache.host_lengths[:rows] = [length] * rows
+        cache.set_active(list(range(cache.slots)), False)
+        cache.lengths.fill_(1)
+        cache.host_lengths = [0] * cache.slots
+        _sync(self.device)
+        seconds = time.perf_counter() - start
+        self.compile_s += seconds
+        return seconds
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

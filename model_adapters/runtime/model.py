@@ -1,0 +1,306 @@
+"""The decoder as a plain nn.Module (gpt-fast style): embeddings, layers of (RMSNorm, attention, RMSNorm, SwiGLU),
+a final norm and the LM head, over the runtime's slot cache.
+
+Two entry points serve the engine (runtime/engine.py):
+- `prefill(ids, cache, row)`: one prompt [T] into one row of the cache, in slices of `prefill_chunk` tokens (each
+  slice's queries attend to the cache so far plus the slice: the kernels take queries that are the last T of S keys),
+  so a long prompt's attention working set is bounded by the slice and nothing is padded -> the last logits [V].
+- `decode(ids, cache, rows)`: one token for every row in [0, rows) -> logits [rows, V]; rows whose `active` flag is 0
+  compute but neither advance nor matter. On CUDA the step is replayed from a CUDA graph per (rows, compress) after
+  its first call (compress: some row completes a compressed block, so NSA's phi runs; the other graph skips it).
+`forward` answers the calls of a transformers causal LM (a prompt batch, optionally padded, then decode steps over
+the cache it returned) for tests, benchmarks and log-likelihoods. The pointwise parts (RMSNorm fused with the
+residual add, RoPE, SwiGLU's silu * up) run on nsa_eval.kernels.layers; attention's input projections are one GEMM.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nsa_eval.model_adapters.runtime.attention import Attention, DecodeIndex, block_completes
+from nsa_eval.model_adapters.runtime.cache import SlotCache, grow_cache, new_cache
+from nsa_eval.model_adapters.runtime.config import ModelConfig
+from nsa_eval.model_adapters.runtime.ops import Kernels, RMSNorm, fused_linear, kernels, sdpa_value_width
+from nsa_eval.model_adapters.runtime.rope import inv_frequencies, rope_tables
+
+DEFAULT_PREFILL_CHUNK = 8192  # prompt tokens per prefill slice on CUDA unless told otherwise
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, silu_mul) -> torch.Tensor:
+        """x [..., hidden] -> [..., hidden]: gate and up as one GEMM, silu(gate) * up by `silu_mul` (an ops kernel)."""
+        return self.down_proj(silu_mul(F.linear(x, *fused_linear(self, [self.gate_proj, self.up_proj]))))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    past_key_values: SlotCache | None = None
+
+
+class Transformer(nn.Module):
+    """The decoder (module docstring). Attributes a caller may set: `kernels` ('auto': Triton on CUDA tensors, 'cpu'
+    elsewhere; 'triton'; 'reference'; 'cpu': runtime/ops.py), `sdpa_backend` (None, or 'flash' / 'cudnn' / 'efficient' / 'math'
+    for attention 'full' through PyTorch SDPA: the baseline of `nsa-eval bench model`; a CUDA-graph decode step on it
+    reads the number of keys of the step it captured, so decode with cuda_graphs off there), `prefill_chunk` (prompt
+    tokens per slice; None: DEFAULT_PREFILL_CHUNK on CUDA, one pass elsewhere; 0: one pass), `decode_reserve` (cache
+    positions `forward` allocates beyond a prompt), `cuda_graphs`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        inv_freq, self.rope_scale = inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling,
+                                                    config.max_position_embeddings)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.kernels = "auto"
+        self.sdpa_backend: str | None = None
+        self.prefill_chunk: int | None = None
+        self.decode_reserve = 256
+        self.cuda_graphs = True
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> "Transformer":
+        """Random weights (normal(0, std) for every matrix, zero biases, unit norms): for tests and benchmarks."""
+        generator = torch.Generator(device="cpu")
+        if seed is not None:
+            generator.manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=generator) * std)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def _ops(self) -> Kernels:
+        if self.kernels == "auto":
+            return kernels("triton" if self.device.type == "cuda" else "cpu")
+        return kernels(self.kernels)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_tables(positions, self.inv_freq, self.rope_scale)
+
+    # ---- cache -----------------------------------------------------------------------------------------------
+
+    def new_cache(self, slots: int, capacity: int) -> SlotCache:
+        """An empty cache of `slots` rows of up to `capacity` tokens (every row free, length 1)."""
+        c = self.config
+        # SDPA backends that need Dv == Dk read V zero-padded from the cache (no copy per step)
+        width = sdpa_value_width(self.sdpa_backend, c.head_dim, c.v_head_dim, self.device, self.dtype) \
+            if c.attention == "full" and self.sdpa_backend else None
+        cache = new_cache(c, slots, capacity, self.device, self.dtype, width)
+        cache.set_active(list(range(slots)), False)
+        return cache
+
+    # ---- the engine's entry points ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, cache: SlotCache, row: int) -> torch.Tensor:
+        """A prompt ids [T] (long, on the model's device) into row `row` of the cache (its earlier contents dropped),
+        in slices of prefill_chunk tokens -> the last position's logits [V] (model dtype). The row is then active
+        with length T."""
+        T = ids.shape[0]
+        if T + 1 > cache.capacity:
+            raise ValueError(f"a prompt of {T} tokens does not fit a cache of {cache.capacity} positions")
+        rows = slice(row, row + 1)
+        hidden = self._prefill(ids[None], cache, rows, last_only=True)
+        cache.lengths[row] = T
+        cache.host_lengths[row] = T
+        cache.set_active([row], True)
+        normed, _ = self._ops().add_rms_norm(hidden[:, -1:], self.norm.weight, self.config.rms_norm_eps)
+        return self.lm_head(normed)[0, 0]
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor, cache: SlotCache, rows: int) -> torch.Tensor:
+        """One token per row of [0, rows): ids [rows] long -> logits [rows, V]; active rows advance by one. Replayed
+        on CUDA from a CUDA graph per (rows, compress) after its first (eager) call."""
+        active = [r for r in range(rows) if cache.host_active[r]]
+        after = [cache.host_lengths[r] + 1 for r in active]
+        if after and max(after) > cache.capacity:
+            raise ValueError(f"the cache holds {cache.capacity} positions per row; a row would reach {max(after)}")
+        compress = block_completes(self.config, after)
+        sdpa_length = max(after, default=1)  # SDPA (the baseline) reads this many keys; frozen in a graph
+        key = (rows, compress)
+        graph, logits = cache.graphs.get(key, (None, None))
+        if ids.device.type != "cuda" or not self.cuda_graphs or graph == "off":
+            logits = self._decode_step(ids, cache, rows, sdpa_length, compress)
+        elif graph is None:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # this token's step, eager: also compiles the kernels before capture
+                logits = self._decode_step(ids, cache, rows, sdpa_length, compress)
+            torch.cuda.current_stream().wait_stream(stream)
+            if cache.graph_ids is None:
+                cache.graph_ids = torch.zeros(cache.slots, dtype=torch.long, device=ids.device)
+            graph = torch.cuda.CUDAGraph()  # capture records the step's kernels without running them
+            try:
+                with torch.cuda.graph(graph):
+                    graph_logits = self._decode_step(cache.graph_ids[:rows], cache, rows, sdpa_length, compress)
+                cache.graphs[key] = (graph, graph_logits)
+            except RuntimeError as error:  # leave this shape eager rather than fail the generation
+                warnings.warn(f"CUDA graph capture of the decode step failed, decoding eagerly: {error}")
+                cache.graphs[key] = ("off", None)
+        else:
+            cache.graph_ids[:rows].copy_(ids)
+            graph.replay()
+        for r in active:
+            cache.host_lengths[r] += 1
+        return logits
+
+    # ---- the transformers-like entry point -----------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values: SlotCache | None = None,
+                use_cache: bool = False, logits_to_keep: int = 0, **_: Any) -> CausalLMOutput:
+        """A prompt (past_key_values None): input_ids [B, T], attention_mask [B, T] (1 = token; each row's tokens
+        contiguous, left or right padded) -> logits [B, T, V] (zeros at padding), or of the last logits_to_keep
+        positions, and (use_cache) a cache with row b = prompt b. A decode step: input_ids [B, 1] and that cache ->
+        logits [B, 1, V]. position_ids are implied (each row from 0) and ignored."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        with torch.no_grad():
+            if past_key_values is not None:
+                batch = past_key_values.slots
+                if tuple(input_ids.shape) != (batch, 1):
+                    raise ValueError(f"a decode step takes one token per cached sequence ([{batch}, 1]), got "
+                                     f"input_ids {tuple(input_ids.shape)}")
+                grow_cache(self.config, past_key_values, max(past_key_values.host_lengths) + 1 + self.decode_reserve)
+                logits = self.decode(input_ids[:, 0], past_key_values, batch)
+                return CausalLMOutput(logits.clone()[:, None], past_key_values)
+            return self._prompt(input_ids, attention_mask, use_cache, logits_to_keep)
+
+    def _prompt(self, input_ids, attention_mask, use_cache, logits_to_keep) -> CausalLMOutput:
+        B, T = input_ids.shape
+        spans = token_spans(attention_mask, B, T)
+        cache = self.new_cache(B, max(e - s for s, e in spans) + self.decode_reserve) if use_cache else None
+        keep_from = T - logits_to_keep if 0 < logits_to_keep < T else 0
+        logits = torch.zeros(B, T - keep_from, self.config.vocab_size, device=self.device, dtype=self.dtype)
+        groups = [(slice(None), 0, T)] if all(span == (0, T) for span in spans) else \
+            [(slice(r, r + 1), s, e) for r, (s, e) in enumerate(spans)]
+        for rows, start, end in groups:
+            hidden = self._prefill(input_ids[rows, start:end], cache, rows)
+            first = max(start, keep_from)
+            if first < end:
+                normed, _ = self._ops().add_rms_norm(hidden[:, first - start:], self.norm.weight, self.config.rms_norm_eps)
+                logits[rows, first - keep_from:end - keep_from] = self.lm_head(normed)
+        if cache is not None:
+            for r, (s, e) in enumerate(spans):
+                cache.lengths[r] = cache.host_lengths[r] = e - s
+            cache.set_active(list(range(B)), True)
+        return CausalLMOutput(logits, cache)
+
+    # ---- prefill and decode --------------------------------------------------------------------------------
+
+    def _prefill(self, ids: torch.Tensor, cache: SlotCache | None, rows: slice, last_only: bool = False) -> torch.Tensor:
+        """Tokens ids [b, T] at positions 0..T-1 through every layer, in slices of `prefill_chunk` tokens over the
+        cache -> last hidden states [b, T, hidden] (before the final norm; last_only: of the last slice only); fills
+        cache[rows] (a cache of its own when sliced without one)."""
+        b, T = ids.shape
+        step = self.prefill_chunk
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+            raise ValueError(f"prefill_chunk must be None, 0 (one pass) or a positive number of tokens, got {step!r}")
+        if step is None:
+            step = DEFAULT_PREFILL_CHUNK if self.device.type == "cuda" else T
+        step = step or T
+        if cache is None and step < T:
+            cache, rows = self.new_cache(b, T), slice(None)
+        hidden = []
+        for start in range(0, T, step):
+            h = self._prefill_slice(ids[:, start:start + step], start, cache, rows)
+            hidden = [h] if last_only else hidden + [h]
+        return hidden[0] if len(hidden) == 1 else torch.cat(hidden, 1)
+
+    def _prefill_slice(self, ids: torch.Tensor, start: int, cache: SlotCache | None, rows: slice) -> torch.Tensor:
+        """Tokens ids [b, T] at positions start..start+T-1 (the cache holds the earlier ones) -> hidden [b, T, hidden]."""
+        b, T = ids.shape
+        c = self.config
+        ops = self._ops()
+        cos, sin = self._rope(torch.arange(start, start + T, device=ids.device).expand(b, T))
+        h, delta = self.embed(ids), None
+        for i, layer in enumerate(self.layers):
+            layer_cache = cache.layers[i] if cache is not None else None
+            normed, h = ops.add_rms_norm(h if delta is None else delta, layer.attn_norm.weight, c.rms_norm_eps,
+                                         None if delta is None else h)
+            delta = layer.attn.prefill(normed, cos, sin, ops, self.sdpa_backend, layer_cache, rows, start)
+            normed, h = ops.add_rms_norm(delta, layer.mlp_norm.weight, c.rms_norm_eps, h)
+            delta = layer.mlp(normed, ops.silu_mul)
+        return h + delta
+
+    def _decode_step(self, ids: torch.Tensor, cache: SlotCache, rows: int, sdpa_length: int,
+                     compress: bool) -> torch.Tensor:
+        """One token per row of [0, rows), ids [rows] -> logits [rows, V]; advances the active rows' lengths on the
+        device (graph-safe: no host synchronisation). compress: some row completes a compressed block."""
+        c = self.config
+        ops = self._ops()
+        active = cache.active[:rows]
+        positions = (cache.lengths[:rows] - 1 + active).long()  # a free row rewrites its position 0
+        lengths = cache.lengths[:rows] + active
+        step = DecodeIndex(torch.arange(rows, device=ids.device), positions, lengths,
+                           positions % c.block_len if c.compressed else None,
+                           positions % c.window if c.compressed and c.window else None)
+        cos, sin = self._rope(positions[:, None])
+        h, delta = self.embed(ids)[:, None], None
+        for layer, layer_cache in zip(self.layers, cache.rows(rows)):
+            normed, h = ops.add_rms_norm(h if delta is None else delta, layer.attn_norm.weight, c.rms_norm_eps,
+                                         None if delta is None else h)
+            delta = layer.attn.decode(normed, step, cos, sin, ops, self.sdpa_backend, layer_cache, sdpa_length,
+                                      compress)
+            normed, h = ops.add_rms_norm(delta, layer.mlp_norm.weight, c.rms_norm_eps, h)
+            delta = layer.mlp(normed, ops.silu_mul)
+        cache.lengths[:rows].copy_(lengths)
+        normed, _ = ops.add_rms_norm(delta, self.norm.weight, c.rms_norm_eps, h)
+        return self.lm_head(normed)[:, 0]
+
+
+def token_spans(attention_mask: torch.Tensor | None, batch: int, length: int) -> list[tuple[int, int]]:
+    """[(start, end)] of each row's tokens (mask 1), which must be contiguous (left or right padding)."""
+    if attention_mask is None:
+        return [(0, length)] * batch
+    if tuple(attention_mask.shape) != (batch, length):
+        raise ValueError(f"attention_mask must be [B, T] = [{batch}, {length}], got {tuple(attention_mask.shape)}")
+    mask = attention_mask.bool()
+    counts = mask.sum(-1)
+    starts = (mask.int().cumsum(-1) == 0).sum(-1)
+    spans = list(zip(starts.tolist(), (starts + counts).tolist()))
+    for row, (s, e) in enumerate(spans):
+        if e == s:
+            raise ValueError(f"row {row} of attention_mask has no tokens")
+        if not bool(mask[row, s:e].all()):
+            raise ValueError(f"row {row} of attention_mask has a gap; pad on one side only")
+    return spans

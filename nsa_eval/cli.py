@@ -276,6 +276,10 @@ from nsa_eval.bench_tasks import tasks_command  # noqa: E402  (`nsa-eval bench t
 
 bench.add_command(tasks_command)
 
+from nsa_eval.bench_eval import eval_command  # noqa: E402  (`nsa-eval bench eval`: the engine end to end, GPU)
+
+bench.add_command(eval_command)
+
 from nsa_eval.serve import serve  # noqa: E402  (the OpenAI-compatible server lives in nsa_eval/serve.py)
 
 main.add_command(serve)

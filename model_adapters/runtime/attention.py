@@ -139,7 +139,7 @@ class Attention(nn.Module):
         q, branch_kv, gates = self.unpack(self.project(x, cos, sin, ops))
         slc_kv = self._keys_so_far(*branch_kv["slc"], cache, rows, start)
         k_cmp = v_cmp = win_kv = None
-        if c.attention == "nsa":
+        if c.compressed:  # NSA, and the block means of sparse
             k_cmp, v_cmp = self._compressed_so_far(*branch_kv["cmp"], cache, rows, start)
             if c.window:
                 win_kv = self._window_so_far(*branch_kv["win"], slc_kv, cache, rows, start)
@@ -296,7 +296,7 @@ class DecodeIndex(NamedTuple):
 def block_completes(config: ModelConfig, lengths: list[int]) -> bool:
     """Whether a decode step that brings some row to one of these lengths (tokens after the step) completes a
     compressed block in that row."""
-    return config.attention == "nsa" and any(
+    return config.compressed and any(
         n >= config.block_len and (n - config.block_len) % config.block_stride == 0 for n in lengths)
 
 

@@ -62,6 +62,19 @@ class _Request:
     logits: torch.Tensor | None = None  # the prompt's last logits [V], while samples wait in the staging row
 
 
+@dataclass
+class EngineStats:
+    """What the engine did since it was made: seconds and tokens of prefill and decode (decode_tokens: tokens
+    the steps produced for busy rows; row_steps: busy rows summed over steps), and the steps per batch bucket."""
+
+    prefill_s: float = 0.0
+    prefill_tokens: int = 0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    buckets: dict[int, int] = field(default_factory=dict)
+
+
 class _RowSettings:
     """Each row's sampling settings on the device: temperature, top_p, seed, step (tokens it has generated)."""
 
@@ -113,6 +126,7 @@ class Engine(PromptTokens, ForwardScoring):
         self.eos_ids = eos_ids(model.config, tokenizer, generation_config)
         self.cache: SlotCache | None = None
         self.compile_s = 0.0  # seconds of warm-up (kernel compiles, graph captures), apart from every sample's time
+        self.stats = EngineStats()
 
     @property
     def prefill_chunk(self) -> int | None:
@@ -159,10 +173,15 @@ class Engine(PromptTokens, ForwardScoring):
             if not busy:
                 continue
             bucket = min(slots, 1 << (max(busy)).bit_length())
+            step_start = time.perf_counter()
             logits = self.model.decode(next_ids[:bucket], cache, bucket)
             next_ids[:bucket] = settings.sample(logits, slice(0, bucket))
             new = next_ids[:bucket].tolist()  # the step's one host synchronisation
             now = time.perf_counter()
+            self.stats.decode_s += now - step_start
+            self.stats.decode_steps += 1
+            self.stats.decode_tokens += len(busy)
+            self.stats.buckets[bucket] = self.stats.buckets.get(bucket, 0) + 1
             for slot in busy:
                 row = rows[slot]
                 if self._add_token(row, new[slot], now):
@@ -188,7 +207,10 @@ class Engine(PromptTokens, ForwardScoring):
         start = time.perf_counter()
         logits = self.model.prefill(ids, cache, row)
         _sync(self.device)
-        request.prefill_ms = (time.perf_counter() - start) * 1e3
+        seconds = time.perf_counter() - start
+        request.prefill_ms = seconds * 1e3
+        self.stats.prefill_s += seconds
+        self.stats.prefill_tokens += len(request.ids)
         return logits
 
     def _start(self, request: _Request, cache: SlotCache, slot: int, staging: int | None, settings: _RowSettings,

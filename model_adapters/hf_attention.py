@@ -151,36 +151,25 @@ def sparse_attention_over_blocks(q, k, v, k_mean, settings: SparseSettings, ops:
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     fns = ops or nsa_eval.kernels
     _, lse = fns.compressed_attention(q, k_mean, k_mean, block_len=block, block_stride=block, scale=scale, seq_len=S)
-    indices = fns.select_blocks(q, k_mean, lse, block_len=block, block_stride=block, select_len=block, num_selected=n,
-                                scale=scale, seq_len=S)
-    positions = torch.arange(S - T, S, device=q.device).expand(B, T)
-    indices = keep_leading_and_local(indices, positions, settings)
+    indices = sparse_select(q, k_mean, lse, S, settings, scale)
     return fns.selected_attention(q, k, v, indices, select_len=block, scale=scale)
 
 
+def sparse_select(q, k_mean, lse, seq_len: int, settings: SparseSettings, scale: float,
+                  max_scores: int = 1 << 27) -> torch.Tensor:
+    """The blocks each query keeps: q [B, T, HQ, D] at positions S-T..S-1, k_mean [B, Tc, H, D] block means, lse
+    [B, T, HQ] (float32, of the scores over the block means) -> int32 [B, T, H, n], the leading and local blocks
+    first, then the most important others, -1 padded. NSA's eq. 8 and 10 (l = d = l' = block, so eq. 9 is the
+    identity) through the PyTorch reference's selection with the sparse rule's forced blocks, in slices of
+    queries that keep the float32 scores under `max_scores` elements (the selection kernel's top-n merge costs n^2
+    per chunk; with n = 40 a dense score matrix of T x S/64 is the faster way, and still small)."""
+    from nsa_eval.kernels.nsa.reference import _select
 
-def keep_leading_and_local(indices: torch.Tensor, positions: torch.Tensor, settings: SparseSettings) -> torch.Tensor:
-    """The n = budget / block blocks each query keeps: the leading blocks and the blocks covering its last `local`
-    tokens (never after its own block), then the most important others in the order of `indices`.
-
-    indices [B, T, H, n] int32 from select_blocks (most important first, -1 unused; its forced blocks 0, current and
-    current - 1 are among ours); positions [B, T] of the queries. Returns int32 [B, T, H, n], -1 padded.
-    """
-    block, n = settings.block, indices.shape[-1]
-    pos = positions.long()[:, :, None, None]  # [B, T, 1, 1]
-    current = pos // block
-    first_local = (pos - settings.local + 1).clamp(min=0) // block
-    lead = settings.leading_blocks
-    leading = torch.arange(lead, device=indices.device)
-    local = first_local + torch.arange(settings.local_blocks, device=indices.device)
-    forced = torch.cat([torch.where(leading <= current, leading, -1),
-                        torch.where((local <= current) & (local >= lead), local, -1)], dim=-1)
-    forced = forced.expand(*indices.shape[:3], forced.shape[-1])
-    chosen = indices.long()
-    is_forced = (chosen < lead) | ((chosen >= first_local) & (chosen <= current))
-    others = (chosen >= 0) & ~is_forced
-    room = n - (forced >= 0).sum(-1, keepdim=True)
-    taken = torch.where(others & (others.cumsum(-1) <= room), chosen, -1)
-    merged = torch.cat([forced, taken], dim=-1)
-    order = torch.sort((merged < 0).to(torch.int8), dim=-1, stable=True).indices
-    return merged.gather(-1, order)[..., :n].to(torch.int32)
+    B, T, HQ, _ = q.shape
+    block, n = settings.block, settings.num_blocks
+    step = max(1, max_scores // (B * HQ * max(1, k_mean.shape[1])))
+    positions = torch.arange(seq_len - T, seq_len, device=q.device).expand(B, T)
+    parts = [_select(q[:, a:a + step].float(), k_mean.float(), lse[:, a:a + step], positions[:, a:a + step], seq_len,
+                     block, block, block, n, scale, settings.leading_blocks, settings.local)
+             for a in range(0, T, step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)

@@ -150,7 +150,7 @@ def decode_point(lm, context: int, batch: int, steps: int, rng: random.Random, b
     rate = tokens / seconds
     mean_context = out.prompt_tokens + steps / 2
     bytes_step = weight_bytes(lm.model) + batch * kv_bytes_per_step(lm.model.config, int(mean_context))
-    bound = batch * bw / 2 / bytes_step  # copy bandwidth counts reads and writes; a step only reads
+    bound = batch * bw / bytes_step  # a step only reads: at the copy rate (bytes read + written per second)
     return {"part": "decode", "context": out.prompt_tokens, "batch": batch, "steps": step_count,
             "tokens_per_s": rate, "step_ms": 1e3 * seconds / step_count, "bound_tokens_per_s": bound,
             "share_of_bound": rate / bound}

@@ -279,7 +279,7 @@ class Engine(PromptTokens, ForwardScoring):
     def _cache(self, positions: int) -> SlotCache:
         """The cache (batch_size rows and a staging row) with room for `positions` per row: the current one when it
         fits, else a new one (allocated in steps of CAPACITY_STEP, at most max_length + 1), then warmed up."""
-        if self.cache is not None and self.cache.capacity >= positions:
+        if self.cache is not None and self.cache.capacity >= positions and self.cache.slots == self.batch_size + 1:
             return self.cache
         capacity = min(-(-positions // CAPACITY_STEP) * CAPACITY_STEP, self.max_length + 1)
         self.cache = None  # let the old one go before the new one is allocated

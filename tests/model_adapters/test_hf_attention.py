@@ -131,21 +131,54 @@ def test_sparse_generation_with_a_sliced_prompt_equals_one_pass(tiny_llama_dir):
     assert texts[7] == texts[None]
 
 
-def test_kept_blocks_are_leading_local_then_most_important():
-    settings = SparseSettings(budget=64, leading=8, local=9, block=8)  # 8 blocks: 1 leading, up to 3 local
-    # a query at position 60 (block 7): leading block 0; local tokens 52..60 -> blocks 6, 7; then 5 more by importance.
-    # select_blocks gives its own forced blocks 0, 7, 6 first, then the others by importance: 3, 1, 5, 2, 4
-    indices = torch.tensor([0, 7, 6, 3, 1, 5, 2, 4], dtype=torch.int32).view(1, 1, 1, 8)
-    kept = hf_attention.keep_leading_and_local(indices, torch.tensor([[60]]), settings)
-    assert kept.flatten().tolist() == [0, 6, 7, 3, 1, 5, 2, 4]
-    # a query at 20 (block 2): blocks 0..2 exist; forced 0, 1, 2 (local 12..20), nothing else
-    indices = torch.tensor([0, 2, 1, -1, -1, -1, -1, -1], dtype=torch.int32).view(1, 1, 1, 8)
-    kept = hf_attention.keep_leading_and_local(indices, torch.tensor([[20]]), settings)
-    assert kept.flatten().tolist() == [0, 1, 2, -1, -1, -1, -1, -1]
-    # a smaller budget: 4 blocks, forced 0, 6, 7, one more by importance (3)
-    small = SparseSettings(budget=32, leading=8, local=9, block=8)
-    indices = torch.tensor([0, 7, 6, 3], dtype=torch.int32).view(1, 1, 1, 4)
-    assert hf_attention.keep_leading_and_local(indices, torch.tensor([[60]]), small).flatten().tolist() == [0, 6, 7, 3]
+def test_sparse_select_keeps_leading_local_then_most_important():
+    """sparse_select (one ranking with the sparse rule's forced blocks) keeps, per query, the same blocks as the
+    rule stated two-step: NSA's selection, then the leading and local blocks forced in (oracle below)."""
+    from nsa_eval.kernels.nsa import reference
+    from nsa_eval.kernels.nsa.utils import mean_pool
+
+    torch.manual_seed(0)
+    settings = SparseSettings(budget=64, leading=8, local=20, block=8)  # 8 blocks: 1 leading, up to 4 local
+    B, S, T, HQ, H, D = 2, 150, 40, 4, 2, 16
+    q, k = torch.randn(B, T, HQ, D), torch.randn(B, S, H, D)
+    k_mean = mean_pool(k, 8)
+    _, lse = reference.compressed_attention(q, k_mean, k_mean, block_len=8, block_stride=8, seq_len=S,
+                                            scale=D ** -0.5)
+    got = hf_attention.sparse_select(q, k_mean, lse, S, settings, D ** -0.5, max_scores=300)  # sliced over queries
+    nsa = reference.select_blocks(q, k_mean, lse, block_len=8, block_stride=8, select_len=8, num_selected=8, seq_len=S,
+                                  scale=D ** -0.5)
+    want = _keep_leading_and_local(nsa, torch.arange(S - T, S).expand(B, T), settings)
+    as_sets = lambda x: [sorted(i for i in row if i >= 0) for row in x.reshape(-1, 8).tolist()]  # noqa: E731
+    assert as_sets(got) == as_sets(want)
+    first = got[..., :3].reshape(-1, 3).tolist()  # forced blocks rank first: block 0 in every row
+    assert all(0 in row for row in first)
+
+
+def _keep_leading_and_local(indices: torch.Tensor, positions: torch.Tensor, settings: SparseSettings) -> torch.Tensor:
+    """The n = budget / block blocks each query keeps: the leading blocks and the blocks covering its last `local`
+    tokens (never after its own block), then the most important others in the order of `indices`.
+
+    indices [B, T, H, n] int32 from select_blocks (most important first, -1 unused; its forced blocks 0, current and
+    current - 1 are among ours); positions [B, T] of the queries. Returns int32 [B, T, H, n], -1 padded.
+    """
+    block, n = settings.block, indices.shape[-1]
+    pos = positions.long()[:, :, None, None]  # [B, T, 1, 1]
+    current = pos // block
+    first_local = (pos - settings.local + 1).clamp(min=0) // block
+    lead = settings.leading_blocks
+    leading = torch.arange(lead, device=indices.device)
+    local = first_local + torch.arange(settings.local_blocks, device=indices.device)
+    forced = torch.cat([torch.where(leading <= current, leading, -1),
+                        torch.where((local <= current) & (local >= lead), local, -1)], dim=-1)
+    forced = forced.expand(*indices.shape[:3], forced.shape[-1])
+    chosen = indices.long()
+    is_forced = (chosen < lead) | ((chosen >= first_local) & (chosen <= current))
+    others = (chosen >= 0) & ~is_forced
+    room = n - (forced >= 0).sum(-1, keepdim=True)
+    taken = torch.where(others & (others.cumsum(-1) <= room), chosen, -1)
+    merged = torch.cat([forced, taken], dim=-1)
+    order = torch.sort((merged < 0).to(torch.int8), dim=-1, stable=True).indices
+    return merged.gather(-1, order)[..., :n].to(torch.int32)
 
 
 @pytest.mark.parametrize("kwargs, message", [

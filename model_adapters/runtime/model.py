@@ -97,7 +97,7 @@ class Transformer(nn.Module):
                 elif name.endswith("bias"):
                     p.zero_()
                 else:
-                    p.copy_(torch.randn(p.shape, generator=generator) * std)
+                    p.copy_(torch.randn(p.shape, generator=generator, device="cpu") * std)
         return self
 
     @property

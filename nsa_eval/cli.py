@@ -165,8 +165,9 @@ def default_run_dir(model_name: str, task_names: list[str]) -> Path:
 @click.option("--haystack", type=click.Path(path_type=Path),
               help="Folder of .txt files to use as haystack (default: generated filler text).")
 @click.option("--task-option", "task_options", multiple=True, metavar="TASK.KEY=VALUE",
-              help="A task's own option, e.g. mmlu.variant=generative, gsm8k.num_fewshot=0, longbench.subsets=table2, "
-                   "aime.n_samples=4 (lists with commas). Repeatable; an unknown key lists the task's options.")
+              help="A task's own option, e.g. mmlu.variant=generative, gsm8k.variant=standard, longbench.subsets=table2, "
+                   "aime.n_samples=4, ruler.lengths=4k,8k, ruler.essays=DIR (lists with commas). Repeatable; an unknown "
+                   "key lists the task's options.")
 @click.option("--include-path", type=click.Path(path_type=Path),
               help="A folder of lm-evaluation-harness task YAML files, for --tasks lm-eval:TASK.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

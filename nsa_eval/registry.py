@@ -13,6 +13,7 @@ from nsa_eval.tasks.humaneval import HumanEval
 from nsa_eval.tasks.longbench import LongBench
 from nsa_eval.tasks.mmlu import MMLU
 from nsa_eval.tasks.niah import NeedleInAHaystack
+from nsa_eval.tasks.ruler import Ruler
 
 # name -> factory(**options) -> Task. Options come from the CLI (see `nsa-eval run --help`).
 TASKS: dict[str, Callable[..., Task]] = {
@@ -22,6 +23,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "longbench": LongBench,
     "aime": AIME,
     "humaneval": HumanEval,
+    "ruler": Ruler,
 }
 
 # model spec prefix -> what it loads (the loaders live in nsa_eval.models)

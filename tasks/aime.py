@@ -6,7 +6,8 @@ and box its final answer; the answer is the last non-empty \\boxed{...} of the r
 integer when it boxed none, and is checked against the reference with math-verify (so "025", "25" and
 "\\frac{50}{2}" all match 25). Scores per problem: accuracy (the share of correct responses) and pass@k
 (the chance that at least one of k responses drawn from the n is correct; unbiased estimator of Chen
-et al. 2021).
+et al. 2021). The generation budget (max_new_tokens) is recorded as `generation_budget` in the task's
+config (run.json) and metrics, so a report puts a run beside the paper's Table 3 row of the same budget.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class AIME:
             "temperature": self.temperature,
             "top_p": self.top_p,
             "max_new_tokens": self.max_new_tokens,
+            "generation_budget": self.max_new_tokens,  # the key of the paper's Table 3 (8192 or 16384)
             "chat": self._chat,
         }
 
@@ -146,4 +148,4 @@ class AIME:
         return {"answers": [final_answer(text) for text in output]}
 
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        return aggregate_scores(records, self.breakdown_keys)
+        return {**aggregate_scores(records, self.breakdown_keys), "generation_budget": self.max_new_tokens}

@@ -1,34 +1,52 @@
-"""GSM8K (Cobbe et al. 2021): grade-school math word problems, chain of thought.
+"""GSM8K (Cobbe et al. 2021): grade-school math word problems, chain of thought or lm-eval's standard 5-shot.
 
-As lm-evaluation-harness's `gsm8k_cot` (8-shot, the exemplars of Wei et al. 2022, kept in
-gsm8k_cot_exemplars.json) and `gsm8k_cot_zeroshot` (0-shot, for chat models):
+Two variants (option `variant`), each as lm-evaluation-harness has it; the variant is part of the task
+version ("2-cot", "2-standard") and of the prompts (so of the prompt digest):
 
-- prompt: shots "Q: {question}\\nA: {reasoning ... The answer is N.}" joined by blank lines, then
-  "Q: {question}\\nA:" (0-shot: "Q: {question}\\nA: Let's think step by step."); chat models get the
+variant "cot" (default; the NSA paper's setting): lm-eval's `gsm8k_cot` (8-shot, the exemplars of Wei et
+al. 2022, kept in gsm8k_cot_exemplars.json) and `gsm8k_cot_zeroshot` (0-shot, for chat models):
+
+- prompt: shots "Q: {question}\nA: {reasoning ... The answer is N.}" joined by blank lines, then
+  "Q: {question}\nA:" (0-shot: "Q: {question}\nA: Let's think step by step."); chat models get the
   shots as user/assistant turns. Greedy, cut at "Q:" (and the end-of-turn strings lm-eval lists).
 - strict match: the number in the first "The answer is N" of the response;
   flexible extract: the last number-like string of the response;
 - each compared with the reference (the text after "####") as lm-eval's exact_match does: case
   folded, after deleting ",", "$", anything up to "#### ", and a final "." (0-shot also a final ".0...").
+
+variant "standard": lm-eval's `gsm8k` (what leaderboards report): 5 shots from the train split, drawn as
+lm-eval's default sampler draws them (one `random.Random(1234)`, lm-eval's fewshot seed, sampling 5 rows
+for each test row in turn); each shot "Question: {question}\nAnswer: {full solution ending "#### N"}",
+joined by blank lines, then "Question: {question}\nAnswer:" (chat models: the shots as user/assistant
+turns). Greedy, at most 256 new tokens (lm-eval's default), cut at "Question:" (and "</s>", "<|im_end|>").
+strict match: the number after the first "#### "; flexible extract as above; the same exact_match
+comparison (no ".0" rule). Shots come from `train` (the hub's train split, or train.<ext> in a --data
+folder); with a single local file they come from the other test rows, drawn as lm-eval draws them when the
+shot split is the test split (n + 1 rows, the item removed).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
 from pathlib import Path
 from typing import Any
 
 from nsa_eval.tasks.base import DataError, Sample, TaskContext, aggregate_scores
-from nsa_eval.tasks.data import load_rows
+from nsa_eval.tasks.data import find_data_file, load_rows
 from nsa_eval.tasks.fewshot import fewshot_prompt
 
 HUB_ID = "openai/gsm8k"
 SCHEMA = {"question": str, "answer": str}
 EXEMPLARS_FILE = Path(__file__).with_name("gsm8k_cot_exemplars.json")
 STOP = ["Q:", "</s>", "<|im_end|>"]
+STOP_STANDARD = ["Question:", "</s>", "<|im_end|>"]
+VARIANTS = ("cot", "standard")
+FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
 
 STRICT = re.compile(r"The answer is (\-?[0-9\.\,]+).")
+STRICT_STANDARD = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 IGNORE_FEWSHOT = [",", r"\$", r"(?s).*#### ", r"\.$"]
 IGNORE_ZEROSHOT = IGNORE_FEWSHOT + [r"\.0+$"]
@@ -44,9 +62,9 @@ def reference_answer(solution: str) -> str:
     return solution.split("####")[-1].strip()
 
 
-def strict_answer(response: str) -> str | None:
-    """N of the first "The answer is N" (lm-eval's strict-match), or None."""
-    found = STRICT.findall(response)
+def strict_answer(response: str, variant: str = "cot") -> str | None:
+    """lm-eval's strict-match: N of the first "The answer is N" (cot) or "#### N" (standard), or None."""
+    found = (STRICT if variant == "cot" else STRICT_STANDARD).findall(response)
     return found[0].strip() if found else None
 
 
@@ -67,38 +85,60 @@ def normalise(text: str, ignore: list[str]) -> str:
 
 
 class GSM8K:
-    """options: data_path, num_fewshot (None: 8 for base models, 0 for chat models), max_new_tokens."""
+    """options: variant ("cot" | "standard"), data_path, num_fewshot (None: cot 8 for base models and 0 for
+    chat models, standard 5), max_new_tokens (None: cot 512, standard 256)."""
 
     name = "gsm8k"
-    version = "1"
+    version = "2"  # an instance's version names its variant: "2-cot", "2-standard"
     headline = "flexible_extract"
     breakdown_keys: tuple[str, ...] = ()
 
-    def __init__(self, data_path: str | None = None, num_fewshot: int | None = None, max_new_tokens: int = 512):
-        if num_fewshot is not None and not 0 <= num_fewshot <= 8:
+    def __init__(self, data_path: str | None = None, num_fewshot: int | None = None, max_new_tokens: int | None = None,
+                 variant: str = "cot"):
+        if variant not in VARIANTS:
+            raise ValueError(f"GSM8K variant '{variant}' is unknown; use one of {', '.join(VARIANTS)}")
+        if variant == "cot" and num_fewshot is not None and not 0 <= num_fewshot <= 8:
             raise ValueError(f"GSM8K num_fewshot {num_fewshot}: there are 8 chain-of-thought exemplars; use 0 to 8")
+        if num_fewshot is not None and num_fewshot < 0:
+            raise ValueError(f"GSM8K num_fewshot {num_fewshot}: use 0 or more")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"GSM8K max_new_tokens {max_new_tokens}: use at least 1")
+        self.variant = variant
+        self.version = f"{GSM8K.version}-{variant}"
         self.data_path = data_path
         self.num_fewshot = num_fewshot
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = max_new_tokens or (512 if variant == "cot" else 256)
         self._chat: bool | None = None
         self._shots_used: int | None = None
+        self._shot_source: str | None = None
 
     def config(self) -> dict[str, Any]:
-        return {
+        config = {
+            "variant": self.variant,
             "data": self.data_path or f"hub:{HUB_ID}",
             "num_fewshot": self._shots_used if self._shots_used is not None else self.num_fewshot,
             "max_new_tokens": self.max_new_tokens,
             "chat": self._chat,
         }
+        if self.variant == "standard":
+            config.update(fewshot_seed=FEWSHOT_SEED, shots_from=self._shot_source)
+        return config
+
+    def _rows(self, split: str) -> list[dict[str, Any]]:
+        rows = load_rows(self.data_path, task=self.name, hub_id=HUB_ID, hub_config="main", split=split, schema=SCHEMA)
+        where = f"{self.data_path or HUB_ID}" + ("" if split == "test" else f" [{split}]")
+        for number, row in enumerate(rows, start=1):
+            if "####" not in row["answer"]:
+                raise DataError(f"{where}: row {number}: field 'answer' has no '#### N' final answer")
+        return rows
 
     def samples(self, ctx: TaskContext) -> list[Sample]:
         self._chat = ctx.chat
+        rows = self._rows("test")
+        if self.variant == "standard":
+            return self._standard_samples(rows, ctx)
         shots = self.num_fewshot if self.num_fewshot is not None else (0 if ctx.chat else 8)
         self._shots_used = shots
-        rows = load_rows(self.data_path, task=self.name, hub_id=HUB_ID, hub_config="main", split="test", schema=SCHEMA)
-        for number, row in enumerate(rows, start=1):
-            if "####" not in row["answer"]:
-                raise DataError(f"{self.data_path or HUB_ID}: row {number}: field 'answer' has no '#### N' final answer")
         if ctx.limit is not None:
             rows = rows[: ctx.limit]
         pairs = [(f"Q: {e['question']}\nA:", e["target"]) for e in exemplars()[:shots]]
@@ -116,19 +156,52 @@ class GSM8K:
             )
         return samples
 
+    def _standard_samples(self, rows: list[dict[str, Any]], ctx: TaskContext) -> list[Sample]:
+        shots = 5 if self.num_fewshot is None else self.num_fewshot
+        self._shots_used = shots
+        if self.data_path is None or find_data_file(self.data_path, "train") is not None:
+            pool, from_test = self._rows("train"), False
+            self._shot_source = "train"
+        else:
+            pool, from_test = rows, True
+            self._shot_source = "test (the item removed, as lm-eval samples a shot split equal to the test split)"
+        if len(pool) < shots + from_test:
+            raise ValueError(f"GSM8K standard needs {shots} shots but its shot rows number {len(pool)}")
+        rnd = random.Random(FEWSHOT_SEED)  # one generator over the rows in order, as lm-eval's ContextSampler
+        count = len(rows) if ctx.limit is None else min(ctx.limit, len(rows))
+        samples = []
+        for index, row in enumerate(rows[:count]):
+            if not shots:
+                chosen = []
+            elif from_test:
+                chosen = [r for r in rnd.sample(pool, shots + 1) if r != row][:shots]
+            else:
+                chosen = rnd.sample(pool, shots)
+            pairs = [(f"Question: {r['question']}\nAnswer:", r["answer"]) for r in chosen]
+            samples.append(
+                Sample(
+                    id=str(index),
+                    prompt=fewshot_prompt(pairs, f"Question: {row['question']}\nAnswer:", chat=ctx.chat),
+                    target=reference_answer(row["answer"]),
+                    max_new_tokens=self.max_new_tokens,
+                    stop=list(STOP_STANDARD),
+                )
+            )
+        return samples
+
     def _ignore(self) -> list[str]:
-        return IGNORE_ZEROSHOT if self._shots_used == 0 else IGNORE_FEWSHOT
+        return IGNORE_ZEROSHOT if self.variant == "cot" and self._shots_used == 0 else IGNORE_FEWSHOT
 
     def score(self, sample: Sample, output: list[str]) -> dict[str, float]:
         gold = normalise(sample.target, self._ignore())
         scores = {}
-        for metric, extract in (("strict_match", strict_answer), ("flexible_extract", flexible_answer)):
-            answer = extract(output[0])  # the one greedy response
+        for metric, answer in (("strict_match", strict_answer(output[0], self.variant)),
+                               ("flexible_extract", flexible_answer(output[0]))):  # the one greedy response
             scores[metric] = float(answer is not None and normalise(answer, self._ignore()) == gold)
         return scores
 
     def details(self, sample: Sample, output: list[str]) -> dict[str, Any]:
-        return {"strict": strict_answer(output[0]), "flexible": flexible_answer(output[0])}
+        return {"strict": strict_answer(output[0], self.variant), "flexible": flexible_answer(output[0])}
 
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         return aggregate_scores(records, self.breakdown_keys)

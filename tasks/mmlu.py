@@ -11,13 +11,18 @@ subject with their answers, then the test question; each question reads
   letter is read off its first line as lm-eval's `mmlu_generative` filter does.
 
 Accuracy per sample; the aggregate adds the macro average over subjects to the micro average over
-questions (lm-eval's group score, weighted by size). Data: cais/mmlu ("all": test and dev), or a local
+questions (lm-eval's group score, weighted by size), and lm-eval's four category groups (`mmlu_stem`,
+`mmlu_humanities`, `mmlu_social_sciences`, `mmlu_other`; its `_generate_configs.py` maps the 57 subjects): each
+category's accuracy is the mean of its subjects' accuracies weighted by their sizes, with lm-eval's pooled
+standard error, as a "category" breakdown and as metrics `accuracy_stem`, `accuracy_humanities`,
+`accuracy_social_sciences`, `accuracy_other`. Subjects outside the 57 (custom data) belong to no category. Data: cais/mmlu ("all": test and dev), or a local
 file of test rows (shots then come from the same subject's other test rows, drawn with the run seed),
 or a folder with test.<ext> and optionally dev.<ext>.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections import defaultdict
@@ -33,6 +38,31 @@ SCHEMA = {"question": str, "subject": str, "choices": list[str], "answer": int}
 ALIASES = {"subject": ("type",)}
 VARIANTS = ("loglikelihood", "generative")
 
+# lm-evaluation-harness's subject -> category map (lm_eval/tasks/mmlu/_generate_configs.py, SUBJECTS)
+CATEGORIES = {
+    "abstract_algebra": "stem", "anatomy": "stem", "astronomy": "stem", "business_ethics": "other",
+    "clinical_knowledge": "other", "college_biology": "stem", "college_chemistry": "stem",
+    "college_computer_science": "stem", "college_mathematics": "stem", "college_medicine": "other",
+    "college_physics": "stem", "computer_security": "stem", "conceptual_physics": "stem",
+    "econometrics": "social_sciences", "electrical_engineering": "stem", "elementary_mathematics": "stem",
+    "formal_logic": "humanities", "global_facts": "other", "high_school_biology": "stem",
+    "high_school_chemistry": "stem", "high_school_computer_science": "stem",
+    "high_school_european_history": "humanities", "high_school_geography": "social_sciences",
+    "high_school_government_and_politics": "social_sciences", "high_school_macroeconomics": "social_sciences",
+    "high_school_mathematics": "stem", "high_school_microeconomics": "social_sciences", "high_school_physics": "stem",
+    "high_school_psychology": "social_sciences", "high_school_statistics": "stem",
+    "high_school_us_history": "humanities", "high_school_world_history": "humanities", "human_aging": "other",
+    "human_sexuality": "social_sciences", "international_law": "humanities", "jurisprudence": "humanities",
+    "logical_fallacies": "humanities", "machine_learning": "stem", "management": "other", "marketing": "other",
+    "medical_genetics": "other", "miscellaneous": "other", "moral_disputes": "humanities",
+    "moral_scenarios": "humanities", "nutrition": "other", "philosophy": "humanities", "prehistory": "humanities",
+    "professional_accounting": "other", "professional_law": "humanities", "professional_medicine": "other",
+    "professional_psychology": "social_sciences", "public_relations": "social_sciences",
+    "security_studies": "social_sciences", "sociology": "social_sciences", "us_foreign_policy": "social_sciences",
+    "virology": "other", "world_religions": "humanities",
+}
+CATEGORY_ORDER = ("stem", "humanities", "social_sciences", "other")
+
 # lm-eval mmlu_generative (v3.0) filter: the letter alone, decorated ("(B)", "b)"), or after a lead-in.
 _LETTER_PATTERN = re.compile(
     r"(?i)(?:^\W*|answer\s*(?:is)?\s*[:\-]?\s*|option\s*[:\-]?\s*)\(?([A-D])\)?\W*$"
@@ -47,6 +77,31 @@ def question_text(row: dict[str, Any]) -> str:
 
 def description(subject: str) -> str:
     return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+
+
+def category_scores(subjects: dict[str, dict[str, Any]], metric: str = "accuracy") -> dict[str, dict[str, float]]:
+    """lm-eval's category groups from per-subject cells ({subject: {metric: {"mean", "stderr", "n"}}}):
+    {category: {"mean", "stderr", "n"}}, the mean weighted by subject size (lm-eval's aggregate_subtask_metrics
+    with weight_by_size) and the pooled standard error (lm-eval's pooled_sample_stderr)."""
+    grouped: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for subject, cell in subjects.items():
+        if subject in CATEGORIES and metric in cell:
+            grouped[CATEGORIES[subject]].append(cell[metric])
+    out = {}
+    for category in CATEGORY_ORDER:
+        cells = grouped.get(category)
+        if not cells:
+            continue
+        sizes = [c["n"] for c in cells]
+        total = sum(sizes)
+        mean = sum(c["mean"] * n for c, n in zip(cells, sizes)) / total
+        if total > len(sizes):
+            pooled_var = sum((n - 1) * c["stderr"] ** 2 * n for c, n in zip(cells, sizes)) / (total - len(sizes))
+            stderr = math.sqrt(pooled_var / total)
+        else:
+            stderr = 0.0
+        out[category] = {"mean": mean, "stderr": stderr, "n": total}
+    return out
 
 
 def extract_letter(response: str) -> str | None:
@@ -175,4 +230,9 @@ class MMLU:
         result = aggregate_scores(records, self.breakdown_keys)
         if result["breakdowns"]["subject"]:
             result["metrics"]["accuracy_macro"] = macro_average(result["breakdowns"]["subject"], "accuracy")
+            categories = category_scores(result["breakdowns"]["subject"])
+            if categories:
+                result["breakdowns"]["category"] = {name: {"accuracy": cell} for name, cell in categories.items()}
+                for name, cell in categories.items():
+                    result["metrics"][f"accuracy_{name}"] = cell
         return result

@@ -26,9 +26,9 @@ import pandas as pd
 from nsa_eval.report import BENCH_DIR, FORMATS, RESULTS_DIR, figures, html, speed
 from nsa_eval.report.reference import PAPER_NAME
 from nsa_eval.report.runs import Run, load_runs
-from nsa_eval.report.tables import (Cell, Table, breakdown_table, compare, cross_table, efficiency_table,
-                                    hardware_text, long_records, mismatch, model_table, reference_run,
-                                    report_tasks, slug, subset_table, task_table, to_frame, to_latex, to_markdown)
+from nsa_eval.report.tables import (Cell, Table, aime_table, breakdown_table, compare, cross_table, efficiency_table,
+                                    hardware_text, long_records, mismatch, model_table, reference_run, report_tasks,
+                                    ruler_table, slug, subset_table, task_table, to_frame, to_latex, to_markdown)
 
 SUBSET_KEYS = ("subset", "dataset")
 
@@ -92,6 +92,11 @@ def runs_table(runs: list[Run], baseline: int | None) -> Table:
 def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: bool) -> Section:
     section = Section(f"Task: {task}")
     keys = list(dict.fromkeys(k for run in runs if task in run.results for k in run.results[task].breakdowns))
+    results = [run.results[task] for run in runs if task in run.results]
+    if task.startswith("ruler") and "task x length" in keys:
+        section.tables.append(ruler_table(runs, task, baseline))
+    if task.startswith("aime") or any("generation_budget" in result.config for result in results):
+        section.tables.append(aime_table(runs, task, baseline, with_paper))
     for key in keys:
         if " x " in key:
             continue

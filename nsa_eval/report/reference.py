@@ -48,6 +48,17 @@ def longbench_rows() -> dict[str, dict[str, float]]:
             for row in ("Full Attn", "NSA")}
 
 
+def aime_rows() -> dict[str, dict[int, float]]:
+    """Table 3 rows ("Full Attention-R (paper)", "NSA-R (paper)") -> {generation budget in tokens: accuracy}."""
+    table = paper()["table3_aime24"]
+    return {f"{row} (paper)": {int(budget): value for budget, value in values.items()}
+            for row, values in table.items() if isinstance(values, dict)}
+
+
+def aime_settings() -> str:
+    return paper()["table3_aime24"]["settings"]
+
+
 def kernel_speedups() -> dict[str, dict[int, float]]:
     """Figure 6: {"forward" | "backward": {sequence length: speedup over Triton FlashAttention-2 on A100}}."""
     figure = paper()["figure6_kernel_speedup_vs_triton_fa2_a100"]

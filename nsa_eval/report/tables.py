@@ -150,7 +150,9 @@ def setting(result: TaskResult) -> str:
     shots = next((result.config[k] for k in SHOT_KEYS if isinstance(result.config.get(k), int)), None)
     text = f"{shots}-shot {result.headline}" if shots is not None else result.headline
     samples = result.config.get("n_samples")
-    return f"{text}, {samples} samples" if isinstance(samples, int) and samples > 1 else text
+    text = f"{text}, {samples} samples" if isinstance(samples, int) and samples > 1 else text
+    budget = result.config.get("generation_budget")
+    return f"{text}, {budget_label(int(budget))} budget" if isinstance(budget, int) else text
 
 
 def _missing(table: Table, run: Run, task: str) -> Cell:
@@ -327,6 +329,120 @@ def subset_table(runs: list[Run], task: str, key: str, baseline: int | None, wit
             row.append(_average(table, [paper_values[v] for v in values if v in paper_values], len(values), ()))
             table.rows.append(row)
     return table
+
+
+def budget_of(result: TaskResult) -> int | None:
+    """A generative task's generation budget in tokens, from its config (AIME records `generation_budget`)."""
+    budget = result.config.get("generation_budget", result.config.get("max_new_tokens"))
+    return int(budget) if isinstance(budget, (int, float)) else None
+
+
+def budget_label(tokens: int) -> str:
+    return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
+
+
+def aime_table(runs: list[Run], task: str, baseline: int | None, with_paper: bool) -> Table:
+    """The paper's Table 3 form: a row per model, a column per generation budget (8k, 16k); a run's score sits
+    in the column of its own budget, beside the paper's rows of the same budget."""
+    holders = [(i, run, run.results[task]) for i, run in enumerate(runs) if task in run.results]
+    budgets = sorted({b for _, _, result in holders if (b := budget_of(result)) is not None})
+    table = Table(slug(f"{task}-by-generation-budget"), f"{task} by generation budget (the paper's Table 3 form)",
+                  ["Model", *(f"{budget_label(b)} budget" for b in budgets)])
+    for index, run, result in holders:
+        budget = budget_of(result)
+        row = [Cell(run.label + (" (baseline)" if index == baseline else ""),
+                    notes=_flags(table, runs, index, task, baseline))]
+        for column in budgets:
+            if column == budget:
+                row.append(Cell(f"{fmt(result.score)} (n={result.n})", result.score, Drill(index, task)))
+            else:
+                row.append(Cell(DASH))
+        table.rows.append(row)
+    if any(budget_of(result) is None for _, _, result in holders):
+        table.note("a run without a recorded generation budget (max_new_tokens) has no column")
+    if with_paper:
+        paper_rows = reference.aime_rows()
+        shown = [b for b in budgets if any(b in values for values in paper_rows.values())]
+        if not shown:
+            reported = ", ".join(budget_label(b) for b in sorted({b for v in paper_rows.values() for b in v}))
+            table.note(f"the NSA paper's Table 3 reports generation budgets {reported} only; none of these runs used one")
+        else:
+            source = table.note(f"reference rows: the NSA paper (arXiv:2502.11089) Table 3, {reference.PAPER_MODEL} "
+                                f"models fine-tuned for reasoning; {reference.aime_settings()}")
+            for label, values in paper_rows.items():
+                row = [Cell(label, notes=(source,))]
+                row += [Cell(fmt(values[b]), values[b]) if b in values else Cell(DASH) for b in budgets]
+                table.rows.append(row)
+    return table
+
+
+RULER_THRESHOLD = 85.6  # RULER's qualitative threshold: Llama-2-7B's score at 4K (its README)
+
+
+def length_label(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
+
+
+def ruler_table(runs: list[Run], task: str, baseline: int | None) -> Table:
+    """RULER's README table: a row per model, a column per context length (the mean over RULER's tasks of each
+    task's score at that length, in percent), then the average over lengths and the averages weighted by length
+    rank, increasing and decreasing; the claimed length is the run's max length, the effective length the longest
+    up to which every length scores above RULER's threshold (85.6, Llama-2-7B at 4K)."""
+    cross = "task x length"
+    holders = [(i, run, run.results[task]) for i, run in enumerate(runs)
+               if task in run.results and cross in run.results[task].breakdowns]
+    lengths = sorted({int(key.split("|")[1]) for _, _, result in holders for key in result.breakdowns[cross]})
+    table = Table(slug(f"{task}-ruler"), f"{task}: RULER's table (score in percent, mean over tasks per length)",
+                  ["Models", "Claimed Length", "Effective Length", *map(length_label, lengths), "Avg.",
+                   "wAvg. (inc)", "wAvg. (dec)"])
+    for index, run, result in holders:
+        by_length: dict[int, list[float]] = {}
+        names: dict[int, set[str]] = {}
+        for key, cell in result.breakdowns[cross].items():
+            name, length = key.split("|")
+            if result.headline in cell:
+                by_length.setdefault(int(length), []).append(100 * cell[result.headline]["mean"])
+                names.setdefault(int(length), set()).add(name)
+        means = {length: sum(v) / len(v) for length, v in by_length.items()}
+        row = [Cell(run.label + (" (baseline)" if index == baseline else ""),
+                    notes=_flags(table, runs, index, task, baseline))]
+        claimed = run.info.get("model", {}).get("max_length")
+        row.append(Cell(length_label(claimed) if isinstance(claimed, int) else DASH, claimed))
+        row.append(Cell(_effective(means, lengths)))
+        for length in lengths:
+            if length in means:
+                row.append(Cell(f"{means[length]:.1f}", means[length], Drill(index, task, (("length", str(length)),))))
+            else:
+                row.append(Cell(DASH, notes=(table.note(f"{run.label}: no samples of length {length}"),)))
+        counts = {len(n) for n in names.values()}
+        if len(counts) > 1:
+            row[0].notes += (table.note(f"{run.label}: the lengths hold different numbers of tasks "
+                                        f"({', '.join(f'{length_label(k)}: {len(v)}' for k, v in sorted(names.items()))})"),)
+        if len(means) < len(lengths):
+            row += [Cell(DASH, notes=(table.note("the averages need every length of the row"),))] * 3
+        else:
+            values = [means[length] for length in lengths]
+            n = len(values)
+            for weights in ([1] * n, list(range(1, n + 1)), list(range(n, 0, -1))):
+                average = sum(w * v for w, v in zip(weights, values)) / sum(weights)
+                row.append(Cell(f"{average:.1f}", average))
+        table.rows.append(row)
+    table.note(f"as RULER's README: scores in percent; a length's score is the mean of its tasks' scores; "
+               f"wAvg. weighs the lengths by rank (1..{len(lengths)}), increasing (inc) or decreasing (dec) with "
+               f"length; effective length: the longest length up to which every score exceeds {RULER_THRESHOLD}; "
+               "claimed length: the run's max length (prompt + generation)")
+    return table
+
+
+def _effective(means: dict[int, float], lengths: list[int]) -> str:
+    passed = None
+    for length in lengths:
+        if means.get(length, float("-inf")) <= RULER_THRESHOLD:
+            break
+        passed = length
+    if passed is None:
+        return f"<{length_label(lengths[0])}" if lengths else DASH
+    return f">{length_label(passed)}" if passed == lengths[-1] else length_label(passed)
 
 
 def cross_table(runs: list[Run], index: int, task: str, cross_key: str) -> Table:

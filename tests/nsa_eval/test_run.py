@@ -105,6 +105,32 @@ def test_two_cells_with_the_real_smollm2(tmp_path):
     assert "niah: accuracy = 1.0000" in result.output
 
 
+def test_a_short_ruler_run_with_the_real_smollm2_and_its_report(tmp_path):
+    """RULER end to end: samples at 1K tokens in SmolLM2's own tokens, answered, scored, RULER's table reported."""
+    out = tmp_path / "ruler"
+    result = invoke("run", "--model", "smollm2", "--tasks", "ruler", "--task-option", "ruler.lengths=1024",
+                    "--task-option", "ruler.tasks=niah_single_1,vt", "--limit", "1", "--output", str(out), "--quiet")
+    assert result.exit_code == 0, result.output
+    samples = [json.loads(line) for line in (out / "samples" / "ruler.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in samples] == ["niah_single_1/1024/0", "vt/1024/0"]
+    for record in samples:
+        budget = {"niah_single_1": 128, "vt": 30}[record["breakdown"]["task"]]
+        assert 0.99 * 1024 <= record["prompt_tokens"] + budget <= 1024  # the model's own count, chat template included
+        assert record["details"]["length_tokens"] == record["prompt_tokens"] + budget
+        found = sum(t.lower() in record["responses"][0].lower() for t in record["target"]) / len(record["target"])
+        assert record["scores"]["score"] == found
+    # SmolLM2-135M-Instruct finds a single needle in 1K tokens of RULER's noise
+    assert samples[0]["scores"]["score"] == 1.0, samples[0]["responses"]
+    metrics = json.loads((out / "metrics.json").read_text())["tasks"]["ruler"]
+    assert set(metrics["breakdowns"]) == {"task", "length", "task x length"} and metrics["n"] == 2
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["tasks"]["ruler"]["config"]["lengths"] == [1024]
+    report = invoke("report", str(out), "--out", str(tmp_path / "report"), "--format", "md")
+    assert report.exit_code == 0, report.output
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| Models | Claimed Length | Effective Length | 1K | Avg. | wAvg. (inc) | wAvg. (dec) |" in text
+
+
 def assert_one_line_error(result, *fragments):
     assert result.exit_code != 0
     lines = [line for line in result.output.strip().splitlines() if line.strip()]

@@ -86,6 +86,15 @@ def test_aggregate_reports_mean_accuracy_and_pass_at_k(aime_path):
     assert metrics["pass@2"]["mean"] == pytest.approx((0.5 + 1.0) / 2)
 
 
+def test_the_generation_budget_is_recorded(aime_path):
+    """The paper's Table 3 is keyed by generation budget: run.json (config) and metrics.json (aggregate) hold it."""
+    for budget in (8192, 16384):
+        task = AIME(data_path=aime_path, n_samples=1, max_new_tokens=budget)
+        task.samples(context(limit=1, max_length=32768))
+        assert task.config()["generation_budget"] == budget
+        assert task.aggregate([{"scores": {"accuracy": 1.0}, "breakdown": {}}])["generation_budget"] == budget
+
+
 def test_limits_and_bad_rows(aime_path, tmp_path):
     with pytest.raises(ValueError, match="more than the model's max length 8192"):
         AIME(data_path=aime_path).samples(context(max_length=8192))

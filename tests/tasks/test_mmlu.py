@@ -5,7 +5,7 @@ import json
 import pytest
 
 from nsa_eval.tasks.base import DataError, TaskContext
-from nsa_eval.tasks.mmlu import MMLU, extract_letter
+from nsa_eval.tasks.mmlu import CATEGORIES, MMLU, extract_letter
 
 
 def context(chat=False, limit=None, seed=0):
@@ -124,6 +124,45 @@ def test_aggregate_gives_micro_and_macro_accuracy():
     assert result["metrics"]["accuracy"]["mean"] == pytest.approx(4 / 6)
     assert result["metrics"]["accuracy_macro"]["mean"] == pytest.approx((0.75 + 0.5) / 2)
     assert result["breakdowns"]["subject"]["algebra"]["accuracy"]["mean"] == pytest.approx(0.75)
+
+
+def test_categories_weight_subjects_as_lm_eval_groups(mmlu_rows):
+    """Category accuracy = lm-eval's mmlu_<category> group: subject means weighted by size, pooled stderr."""
+    metrics = pytest.importorskip("lm_eval.api.metrics")
+    import importlib.util
+    from pathlib import Path
+
+    import lm_eval
+
+    spec = importlib.util.spec_from_file_location(
+        "mmlu_configs", Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "_generate_configs.py")
+    configs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(configs)
+    assert CATEGORIES == configs.SUBJECTS  # the 57 subjects and their groups, as lm-eval has them
+
+    _, rows = mmlu_rows  # real STEM subjects (18, unequal sizes), scored with a deterministic pattern
+    records = [{"scores": {"accuracy": float((i * 7) % 5 < 3)}, "breakdown": {"subject": r["type"]}}
+               for i, r in enumerate(rows)]
+    for k, subject in enumerate(["philosophy", "world_religions", "sociology", "econometrics", "virology", "marketing"]):
+        records += [{"scores": {"accuracy": float(i % (k + 2) == 0)}, "breakdown": {"subject": subject}}
+                    for i in range(11 + 13 * k)]
+    records.append({"scores": {"accuracy": 1.0}, "breakdown": {"subject": "made_up_subject"}})
+    result = MMLU().aggregate(records)
+    subjects = result["breakdowns"]["subject"]
+    assert list(result["breakdowns"]["category"]) == ["stem", "humanities", "social_sciences", "other"]
+    for category, cell in result["breakdowns"]["category"].items():
+        members = [s for s in subjects if CATEGORIES.get(s) == category]
+        means = [subjects[s]["accuracy"]["mean"] for s in members]
+        stderrs = [subjects[s]["accuracy"]["stderr"] for s in members]
+        sizes = [subjects[s]["accuracy"]["n"] for s in members]
+        assert cell["accuracy"]["mean"] == pytest.approx(metrics.aggregate_subtask_metrics(means, sizes, True))
+        assert cell["accuracy"]["stderr"] == pytest.approx(float(metrics.pooled_sample_stderr(stderrs, sizes)))
+        assert cell["accuracy"]["n"] == sum(sizes)
+        # weighting by size makes it the mean over the category's questions
+        own = [r["scores"]["accuracy"] for r in records if CATEGORIES.get(r["breakdown"]["subject"]) == category]
+        assert cell["accuracy"]["mean"] == pytest.approx(sum(own) / len(own))
+        assert result["metrics"][f"accuracy_{category}"] == cell["accuracy"]
+    assert len({r["breakdown"]["subject"] for r in records if r["breakdown"]["subject"] in CATEGORIES}) == 18 + 6
 
 
 def test_bad_options_and_rows_are_one_line_errors(tmp_path, mmlu_rows):

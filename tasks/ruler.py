@@ -1,0 +1,571 @@
+"""RULER (Hsieh et al. 2024): 13 synthetic long-context tasks (retrieval, multi-hop tracing, aggregation, QA) at 4K-128K.
+
+Generated as NVIDIA/RULER's scripts/data/synthetic/*.py generate them, with RULER's templates, answer prefixes,
+generation budgets and metrics (ruler_data.py holds its constants):
+
+- niah_single_1/2/3, niah_multikey_1/2/3, niah_multivalue, niah_multiquery: needles "One of the special magic
+  {numbers|uuids} for {key} is: {value}." (keys: adjective-noun words or UUIDs; values: 7-digit numbers or
+  UUIDs) in a haystack of RULER's noise paragraph repeated line after line, essays (needles at sentence
+  boundaries, depths drawn from RULER's 40), or other needles; the question asks for the values of 1 or 4 keys;
+  the template's "Some ... are" becomes "A ... is" when one value is asked for, as in RULER.
+- vt: variable tracking, one chain of 4 hops ("VAR ABCDE = 12345", "VAR FGHIJ = VAR ABCDE ", ...) at random lines
+  of the noise haystack, after RULER's one in-context example (a chain of 3-letter names in at most 500 tokens,
+  its names and value redrawn for each sample); answer: the 5 names.
+- cwe: a numbered list of words (wonderwords' nouns, adjectives and verbs) where 10 appear 30 times and the rest 3
+  (6 and 1 below 4K), after one worked example of 40 words (20 below 4K); answer: the 10 common words.
+- fwe: coded 6-letter words drawn from a zeta(2) distribution over a vocabulary of (length - 50) / 50 words, the
+  most frequent replaced by "..."; answer: the next three.
+- qa_1 (SQuAD v2) and qa_2 (HotpotQA): the question's gold paragraphs among distractor documents ("Document i:"),
+  only when their data is given: `--data ruler=DIR`, a folder holding RULER's squad.json (SQuAD dev-v2.0.json)
+  and/or hotpotqa.json (hotpot_dev_distractor_v1.json); sample i asks question i at every length, as RULER.
+
+Prompts: plain text is the task template followed by the answer prefix (RULER's "base" model template); chat
+models get the template as the user message. A sample's length is counted as RULER counts it, prompt tokens
+(the model's own tokenizer, chat template included) plus the task's tokens to generate, and lands within 1%
+below each asked length (at most the length itself). Scores (RULER's scripts/eval): the response stripped, control
+characters made newlines, then string_match_all (the share of the answers found in it, case-insensitive) for the
+NIAH tasks, vt, cwe and fwe, string_match_part (1 when any answer is found) for QA; breakdown task x length;
+the report prints RULER's table (models x lengths, averages) from it.
+
+Options: lengths (default: RULER's 4K, 8K, 16K, 32K, 64K, 128K, those that fit the model's max length), tasks
+(default: the 11 synthetic ones, and qa_1/qa_2 when their data is given), samples per task and length (500, as
+RULER; `--limit N` keeps the first N of each), essays (a folder of .txt essays or RULER's PaulGrahamEssays.json;
+also found as essays/ or PaulGrahamEssays.json inside the --data folder), seed.
+
+Where this differs from RULER, and why:
+- The essays haystack (Paul Graham's essays, downloaded by RULER's script) cannot be fetched here: without
+  `essays`, the essay tasks (niah_single_2/3, niah_multikey_1, niah_multivalue, niah_multiquery) use RULER's noise
+  haystack, and the run's config says so (`haystack`).
+- Essays are split into sentences after ".", "!" or "?" and whitespace; RULER uses nltk's punkt model (a download).
+- RULER draws needle keys from the sorted list of all adjective-noun pairs (6.2M strings); here an adjective and a
+  noun are drawn on their own (the same distribution up to the pairs' rare collisions), without the 6.2M list.
+- When a cwe context needs more distinct words than wonderwords has (about 8.7k, near 128K), RULER turns to its
+  randle english_words.json, not on PyPI; here the list goes on with adjective-noun pairs of wonderwords' words.
+- RULER searches the haystack size once per task and length and steps down by 25-500 units per sample, so its
+  samples sit up to a few percent under the length; here every sample gets its own search (seeded from the
+  estimate of the one before), and where one haystack unit is over 1% of the length (a UUID needle line or a QA
+  document at 4K) the sample's random draws are redrawn, up to 32 times, until it lands within 1%.
+- Random draws come from one generator per sample, seeded by (seed, task, length, index, draw), instead of RULER's
+  global seed 42; RULER's samples are not reproduced string for string, its distributions are.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import string
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from nsa_eval.tasks.base import Prompt, Sample, TaskContext, aggregate_scores, macro_average
+from nsa_eval.tasks.ruler_data import (DEPTHS, DOCUMENT_PROMPT, NEEDLE, NOISE, QA_FILES, SUBTASKS, TEMPLATES, NiahArgs,
+                                       QAData, cwe_words, essay_words, read_qa, split_sentences, wonderwords_list)
+
+DEFAULT_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
+SYNTHETIC = tuple(name for name in SUBTASKS if not name.startswith("qa_"))
+TOLERANCE = 0.01  # a sample's length lands in [(1 - TOLERANCE) * length, length]
+MAX_DRAWS = 32
+VT_ICL_TOKENS = 500  # variable_tracking.py builds its in-context example under max_seq_length=500
+
+
+@dataclass
+class Built:
+    """One generated sample: the user text (template filled), RULER's answer prefix, the answers, and where the
+    generator put what the answers come from, as (character offset in body, text) pairs."""
+
+    body: str
+    prefix: str
+    answers: list[str]
+    spans: list[tuple[int, str]] = field(default_factory=list)
+
+    def prompt(self, chat: bool) -> Prompt:
+        return [{"role": "user", "content": self.body}] if chat else self.body + self.prefix
+
+
+# ---------------------------------------------------------------------------------------------- random values
+
+
+def _word(rng: random.Random) -> str:
+    return f"{rng.choice(wonderwords_list('adjectivelist.txt'))}-{rng.choice(wonderwords_list('nounlist.txt'))}"
+
+
+def _random(kind: str, rng: random.Random) -> str:
+    if kind == "numbers":
+        return str(rng.randint(10**6, 10**7 - 1))
+    if kind == "words":
+        return _word(rng)
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def _join(parts: list[tuple[str, bool]], sep: str, start: int) -> tuple[str, list[tuple[int, str]]]:
+    """Join texts with sep; the offsets (from start) of the parts flagged True."""
+    spans, offset = [], start
+    for text, marked in parts:
+        if marked:
+            spans.append((offset, text))
+        offset += len(text) + len(sep)
+    return sep.join(text for text, _ in parts), spans
+
+
+def _head(template: str, **fields: Any) -> int:
+    """Characters of the filled template before its {context}."""
+    return len(template.split("{context}", 1)[0].format(**fields))
+
+
+# ---------------------------------------------------------------------------------------------- generators
+
+
+def build_niah(n: int, rng: random.Random, args: NiahArgs, essays: list[str] | None) -> Built:
+    """niah.py's generate_input_output with n haystack units (lines of noise or needles, or essay words)."""
+    num_k = max(args.num_needle_k, args.num_needle_q)
+    keys, values, needles = [], [], []
+    for _ in range(num_k):
+        keys.append(_random(args.type_needle_k, rng))
+        value = []
+        for _ in range(args.num_needle_v):
+            value.append(_random(args.type_needle_v, rng))
+            needles.append(NEEDLE.format(type_needle_v=args.type_needle_v, key=keys[-1], value=value[-1]))
+        values.append(value)
+    rng.shuffle(needles)
+    haystack = args.type_haystack if args.type_haystack != "essay" or essays else "noise"
+    if haystack == "essay":
+        words = essays[:n] if n <= len(essays) else (essays * -(-n // len(essays)))[:n]
+        sentences = split_sentences(" ".join(words))
+        cuts = [0] + sorted(int(len(sentences) * (depth / 100)) for depth in rng.sample(DEPTHS, len(needles)))
+        cuts.append(len(sentences))
+        parts: list[tuple[str, bool]] = []
+        for i in range(1, len(cuts)):
+            parts.append((" ".join(sentences[cuts[i - 1]:cuts[i]]), False))
+            if i - 1 < len(needles):
+                parts.append((needles[i - 1], True))
+        sep = " "
+    else:
+        if haystack == "noise":
+            lines = [(NOISE, False)] * n
+        else:
+            lines = [(NEEDLE.format(type_needle_v=args.type_needle_v, key=_random(args.type_needle_k, rng),
+                                    value=_random(args.type_needle_v, rng)), False) for _ in range(n)]
+        for index, needle in zip(sorted(rng.sample(range(n), len(needles)), reverse=True), needles):
+            lines.insert(index, (needle, True))
+        parts, sep = lines, "\n"
+    indices = rng.sample(range(num_k), args.num_needle_q)
+    queries = [keys[i] for i in indices]
+    answers = [a for i in indices for a in values[i]]
+    query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
+    template, prefix = TEMPLATES["niah"]["template"], TEMPLATES["niah"]["answer_prefix"]
+    type_v = args.type_needle_v
+    if args.num_needle_q * args.num_needle_v == 1:
+        template, prefix = (_singular(t) for t in (template, prefix))
+        type_v = type_v[:-1]
+    context, spans = _join(parts, sep, _head(template, type_needle_v=type_v))
+    return Built(template.format(type_needle_v=type_v, context=context, query=query),
+                 prefix.format(type_needle_v=type_v, query=query), answers, spans)
+
+
+def _singular(text: str) -> str:
+    """niah.py's rewording when one value is asked for (applied to the template and the answer prefix)."""
+    for old, new in (("Some", "A"), ("are all", "is"), ("are", "is"), ("answers", "answer")):
+        text = text.replace(old, new)
+    return text
+
+
+def _chains(rng: random.Random, num_chains: int, num_hops: int, icl: bool) -> tuple[list[list[str]], list[list[str]]]:
+    """variable_tracking.py's generate_chains: names of 5 capitals (3 in the example), value 12345 in the example."""
+    k = 3 if icl else 5
+    names = ["".join(rng.choices(string.ascii_uppercase, k=k)) for _ in range((num_hops + 1) * num_chains)]
+    while len(set(names)) < num_chains * (num_hops + 1):
+        names.append("".join(rng.choices(string.ascii_uppercase, k=k)))
+    all_names, chains = [], []
+    for i in range(0, len(names), num_hops + 1):
+        these = names[i:i + num_hops + 1]
+        all_names.append(these)
+        chain = [f"VAR {these[0]} = {12345 if icl else rng.randint(10000, 99998)}"]
+        chain += [f"VAR {these[j + 1]} = VAR {these[j]} " for j in range(num_hops)]
+        chains.append(chain)
+    return all_names, chains
+
+
+def build_vt(n: int, rng: random.Random, icl: str | None, num_chains: int = 1, num_hops: int = 4) -> Built:
+    """variable_tracking.py's generate_input_output on the noise haystack (n lines), after the in-context example
+    (icl, already redrawn by the caller; None while building the example itself)."""
+    names, chains = _chains(rng, num_chains, num_hops, icl=icl is None)
+    value = chains[0][0].split("=")[-1].strip()
+    lines: list[tuple[str, bool]] = [(NOISE, False)] * n
+    for chain in chains:
+        positions = sorted(rng.sample(range(len(lines)), len(chain)))
+        for j, position in enumerate(positions):
+            lines.insert(position + j, (chain[j], True))
+    template, prefix = TEMPLATES["variable_tracking"]["template"], TEMPLATES["variable_tracking"]["answer_prefix"]
+    lead = "" if icl is None else icl + "\n"
+    context, spans = _join(lines, "\n", len(lead) + _head(template))
+    assert ". \n" not in context  # RULER's context.replace(". \n", ".\n") changes nothing on this haystack
+    body = lead + template.format(context=context, query=value, num_v=num_hops + 1)
+    return Built(body, prefix.format(num_v=num_hops + 1, query=value), names[0], spans)
+
+
+def redraw_icl(icl: str, rng: random.Random, num_hops: int = 4) -> str:
+    """variable_tracking.py's randomize_icl: the example's answer names and its value 12345 redrawn."""
+    for item in icl.strip().split()[-num_hops - 1:]:
+        icl = icl.replace(item, "".join(rng.choices(string.ascii_uppercase, k=len(item))))
+    return icl.replace("12345", str(rng.randint(10000, 99998)))
+
+
+def _cwe_pick(rng: random.Random, count: int) -> list[str]:
+    words = cwe_words()
+    if count <= len(words):
+        return rng.sample(words, count)
+    picked = rng.sample(words, len(words))  # then adjective-noun pairs (RULER: its randle word list)
+    seen = set(picked)
+    while len(picked) < count:
+        word = _word(rng)
+        if word not in seen:
+            seen.add(word)
+            picked.append(word)
+    return picked
+
+
+def _cwe_example(rng: random.Random, num_words: int, common_repeats: int, uncommon_repeats: int,
+                 common_nums: int = 10) -> tuple[list[tuple[str, str]], list[str]]:
+    """common_words_extraction.py's get_example: the numbered entries (text, word) and the common words."""
+    full = _cwe_pick(rng, num_words)
+    common, uncommon = full[:common_nums], full[common_nums:]
+    word_list = common * common_repeats + uncommon * uncommon_repeats
+    rng.shuffle(word_list)
+    return [(f"{i + 1}. {word}", word) for i, word in enumerate(word_list)], common
+
+
+def build_cwe(n: int, rng: random.Random, length: int) -> Built:
+    """common_words_extraction.py's generate_input_output with n distinct words, after its one example."""
+    template, prefix = TEMPLATES["common_words_extraction"]["template"], TEMPLATES["common_words_extraction"]["answer_prefix"]
+    if length < 4096:
+        shot_entries, shot_answer = _cwe_example(rng, 20, 3, 1)
+        entries, common = _cwe_example(rng, n, 6, 1)
+    else:
+        shot_entries, shot_answer = _cwe_example(rng, 40, 10, 3)
+        entries, common = _cwe_example(rng, n, 30, 3)
+    shot = (template.format(context=" ".join(e for e, _ in shot_entries)) + prefix + " "
+            + " ".join(f"{i + 1}. {word}" for i, word in enumerate(shot_answer)))
+    lead = shot + "\n"
+    wanted = set(common)
+    context, spans = _join([(e, word in wanted) for e, word in entries], " ", len(lead) + _head(template))
+    return Built(lead + template.format(context=context), prefix, common, spans)
+
+
+def fwe_vocabulary(rng: random.Random, length: int, coded_wordlen: int = 6) -> list[str]:
+    """freq_words_extraction.py's vocabulary: (length - 50) // 50 random lowercase words, the top one '...'."""
+    size = (length - TEMPLATES["freq_words_extraction"]["tokens_to_generate"]) // 50
+    vocab = ["".join(rng.choices(string.ascii_lowercase, k=coded_wordlen)) for _ in range(size)]
+    while len(set(vocab)) < size:
+        vocab.append("".join(rng.choices(string.ascii_lowercase, k=coded_wordlen)))
+    vocab = sorted(set(vocab))
+    rng.shuffle(vocab)
+    vocab[0] = "..."
+    return vocab
+
+
+ZETA_2 = math.pi**2 / 6  # scipy.special.zeta(2.0), the normaliser of RULER's alpha = 2.0
+
+
+def build_fwe(n: int, rng: random.Random, length: int, alpha: float = 2.0) -> Built:
+    """freq_words_extraction.py's gen_text with num_words = n: word k of the vocabulary int(n * k^-alpha / zeta)
+    times, shuffled; answer: words 2 to 4."""
+    vocab = fwe_vocabulary(rng, length)
+    counts = [int(n * (k ** -alpha) / ZETA_2) for k in range(1, len(vocab) + 1)]
+    words = [w for w, c in zip(vocab, counts) for _ in range(c)]
+    rng.shuffle(words)
+    template, prefix = TEMPLATES["freq_words_extraction"]["template"], TEMPLATES["freq_words_extraction"]["answer_prefix"]
+    answers = vocab[1:4]
+    wanted = set(answers)
+    context, spans = _join([(w, w in wanted) for w in words], " ", _head(template))
+    return Built(template.format(context=context), prefix, answers, spans)
+
+
+def build_qa(n: int, rng: random.Random, data: QAData, index: int) -> Built:
+    """qa.py's generate_input_output for question `index` with n documents (its gold ones among them)."""
+    question = data.questions[index]
+    gold, more = question["context"], question.get("more_context", [])
+    if n < len(data.documents):
+        if n - len(gold) > len(more):
+            if index not in data.others:
+                taken = set(gold) | set(more)
+                data.others[index] = [i for i in range(len(data.documents)) if i not in taken]
+            others = data.others[index]
+            chosen = gold + more + rng.sample(others, max(0, n - len(gold) - len(more)))
+        else:
+            chosen = gold + rng.sample(more, n - len(gold))
+    else:
+        chosen = (list(range(len(data.documents))) * -(-n // len(data.documents)))[:n]
+    rng.shuffle(chosen)
+    template, prefix = TEMPLATES["qa"]["template"], TEMPLATES["qa"]["answer_prefix"]
+    golden = set(gold)
+    parts = [(DOCUMENT_PROMPT.format(i=i + 1, document=data.documents[d]), d in golden) for i, d in enumerate(chosen)]
+    context, spans = _join(parts, "\n\n", _head(template))
+    return Built(template.format(context=context, query=question["query"]), prefix, list(question["outputs"]), spans)
+
+
+# ---------------------------------------------------------------------------------------------- length fitting
+
+
+def fit(build: Callable[[int], Built], measure: Callable[[Built], int], target: int, low: int, *,
+        guess: int | None = None, rate: float | None = None, high: int = 10**7) -> tuple[int, Built, int, float]:
+    """The largest n (haystack units) whose sample measures at most `target` tokens, found with few measurements
+    of whole prompts: from a guess, steps by the token rate per unit (secant, updated from each measurement),
+    bisecting when a step leaves the bracket; stops early within 0.4% of the target. Returns (n, sample, tokens,
+    tokens per unit). ValueError when even `low` units are too long."""
+    cache: dict[int, tuple[int, Built]] = {}
+
+    def at(n: int) -> tuple[int, Built]:
+        if n not in cache:
+            built = build(n)
+            cache[n] = (measure(built), built)
+        return cache[n]
+
+    close = max(1, int(0.004 * target))
+    if at(low)[0] > target:
+        raise ValueError(f"{at(low)[0]} tokens")
+    lo, hi = low, high + 1  # lo fits; hi is the smallest n known not to fit
+    if rate is None or rate <= 0:
+        probe = min(high, low + 16)
+        rate = max((at(probe)[0] - at(low)[0]) / max(1, probe - low), 1e-3)
+        if at(probe)[0] <= target:
+            lo = max(lo, probe)
+        else:
+            hi = min(hi, probe)
+    last = (lo, at(lo)[0])
+    step = guess if guess is not None else None
+    for _ in range(64):
+        if target - at(lo)[0] <= close or hi - lo <= 1:
+            break
+        n = step if step is not None else lo + round((target - close / 2 - at(lo)[0]) / rate)
+        step = None
+        if not lo < n < hi:
+            n = (lo + hi) // 2 if hi <= high else min(high, max(lo + 1, 2 * lo))
+        if not lo < n < hi:
+            break
+        value = at(n)[0]
+        if n != last[0] and value != last[1] and (value - last[1]) / (n - last[0]) > 0:
+            rate = (value - last[1]) / (n - last[0])
+        last = (n, value)
+        if value <= target:
+            lo = n
+        else:
+            hi = n
+    tokens, built = at(lo)
+    return lo, built, tokens, rate
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+def postprocess(prediction: str) -> str:
+    """RULER's postprocess_pred: stripped, control characters made newlines, stripped again."""
+    prediction = prediction.strip()
+    return "".join("\n" if ord(c) < 0x20 else c for c in prediction).strip()
+
+
+def string_match_all(prediction: str, references: list[str]) -> float:
+    """The share of the references found in the prediction, case-insensitive (RULER's string_match_all, per sample)."""
+    return sum(r.lower() in prediction.lower() for r in references) / len(references)
+
+
+def string_match_part(prediction: str, references: list[str]) -> float:
+    """1 when any reference is found in the prediction, case-insensitive (RULER's string_match_part, per sample)."""
+    return max(float(r.lower() in prediction.lower()) for r in references)
+
+
+# ---------------------------------------------------------------------------------------------- the task
+
+
+def _length(value: Any) -> int:
+    """4096, "4096" or "4k" -> 4096."""
+    text = str(value).strip().lower()
+    try:
+        return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+    except ValueError:
+        raise ValueError(f"RULER length '{value}' is not a whole number of tokens (e.g. 4096 or 4k)") from None
+
+
+class Ruler:
+    """options: lengths, tasks, samples (per task and length), essays, data_path (QA data folder), seed."""
+
+    name = "ruler"
+    version = "1"
+    headline = "score"
+    breakdown_keys = ("task", "length")
+
+    def __init__(
+        self,
+        lengths: list[int] | tuple[int, ...] | int | None = None,
+        tasks: list[str] | str | None = None,
+        samples: int = 500,
+        essays: str | None = None,
+        data_path: str | None = None,
+        seed: int = 0,
+    ):
+        if isinstance(lengths, (int, str)):
+            lengths = [lengths]
+        self.lengths = sorted({_length(n) for n in lengths}) if lengths is not None else None
+        if self.lengths is not None and (not self.lengths or self.lengths[0] < 1024):
+            raise ValueError(f"RULER lengths {lengths}: each length must be at least 1024 tokens")
+        if isinstance(tasks, str):
+            tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+        unknown = [t for t in tasks or [] if t not in SUBTASKS]
+        if unknown:
+            raise ValueError(f"RULER task '{unknown[0]}' is unknown; RULER's tasks: {', '.join(SUBTASKS)}")
+        if samples < 1:
+            raise ValueError(f"RULER samples {samples}: use at least 1 sample per task and length")
+        self.data_path = data_path
+        if data_path is not None and not Path(data_path).is_dir():
+            raise ValueError(f"--data ruler={data_path} is not a folder; give a folder holding squad.json and/or "
+                             "hotpotqa.json (RULER's QA files), and optionally essays/")
+        if essays is None and data_path is not None:
+            found = [p for p in (Path(data_path) / "essays", Path(data_path) / "PaulGrahamEssays.json") if p.exists()]
+            essays = str(found[0]) if found else None
+        self.essays = essays
+        self._essay_words = essay_words(essays) if essays else None
+        available = [t for t in ("qa_1", "qa_2") if self._qa_path(t) is not None]
+        self.tasks = list(tasks) if tasks else [*SYNTHETIC, *available]
+        for task in self.tasks:
+            if task.startswith("qa_") and self._qa_path(task) is None:
+                file = QA_FILES[SUBTASKS[task][1]["dataset"]]
+                raise ValueError(f"RULER {task} needs {file} (RULER's json/download_qa_dataset.sh saves it): "
+                                 f"give --data ruler=DIR with DIR/{file}")
+        self.samples_per_task = samples
+        self.seed = seed
+        self._qa: dict[str, QAData] = {}
+        self._icl: str | None = None
+        self._meta: dict[str, dict[str, Any]] = {}
+        self._used_lengths: list[int] | None = None
+
+    def _qa_path(self, task: str) -> Path | None:
+        if self.data_path is None:
+            return None
+        path = Path(self.data_path) / QA_FILES[SUBTASKS[task][1]["dataset"]]
+        return path if path.is_file() else None
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "lengths": self._used_lengths or self.lengths or "RULER's 4K-128K up to the model's max length",
+            "tasks": self.tasks,
+            "samples": self.samples_per_task,
+            "haystack": f"essays: {self.essays}" if self.essays else "noise (no essays given: RULER's noise haystack "
+                                                                        "stands in for the essays)",
+            "qa_data": str(self.data_path) if any(t.startswith("qa_") for t in self.tasks) else None,
+            "seed": self.seed,
+        }
+
+    # ------------------------------------------------------------------------------------------ samples
+
+    def samples(self, ctx: TaskContext) -> list[Sample]:
+        lengths = self.lengths or [n for n in DEFAULT_LENGTHS if n <= ctx.max_length]
+        if not lengths:
+            raise ValueError(f"RULER's shortest length 4096 does not fit the model's max length {ctx.max_length}; "
+                             "give --task-option ruler.lengths=N with N at most the max length")
+        if lengths[-1] > ctx.max_length:
+            raise ValueError(f"RULER length {lengths[-1]} does not fit --max-length {ctx.max_length} (a length counts "
+                             "prompt and generated tokens); lower ruler.lengths or raise --max-length")
+        self._used_lengths = lengths
+        count = self.samples_per_task if ctx.limit is None else min(ctx.limit, self.samples_per_task)
+        samples = []
+        for task in self.tasks:
+            for length in lengths:
+                hint: dict[str, Any] = {}
+                for index in range(count):
+                    samples.append(self._sample(task, length, index, ctx, hint))
+        return samples
+
+    def generate(self, task: str, length: int, index: int, ctx: TaskContext,
+                 hint: dict[str, Any] | None = None) -> tuple[Built, int]:
+        """Sample `index` of a task at a length: (the generated sample, its length as RULER counts it). hint carries
+        the haystack size and token rate from one sample to the next of the same task and length."""
+        hint = {} if hint is None else hint
+        base, args = SUBTASKS[task]
+        budget = TEMPLATES[base]["tokens_to_generate"]
+        build, low = self._builder(task, base, args, length, index, ctx)
+
+        def measure(built: Built) -> int:
+            return ctx.count_tokens(built.prompt(ctx.chat)) + budget
+
+        best: tuple[int, Built] | None = None
+        for draw in range(MAX_DRAWS):
+            seed = f"{self.seed}:{task}:{length}:{index}:{draw}"
+            try:
+                n, built, tokens, rate = fit(lambda units: build(units, random.Random(seed)), measure, length, low,
+                                             guess=hint.get("n"), rate=hint.get("rate"))
+            except ValueError:
+                raise ValueError(f"RULER {task}: length {length} is too short for its template and smallest haystack "
+                                 f"({low} units); use longer ruler.lengths") from None
+            hint.update(n=n, rate=rate)
+            if best is None or tokens > best[0]:
+                best = (tokens, built)
+            if tokens >= (1 - TOLERANCE) * length:
+                break
+        return best[1], best[0]
+
+    def _builder(self, task: str, base: str, args: Any, length: int, index: int,
+                 ctx: TaskContext) -> tuple[Callable[[int, random.Random], Built], int]:
+        if base == "niah":
+            needles = max(args.num_needle_k, args.num_needle_q) * args.num_needle_v
+            return (lambda n, rng: build_niah(n, rng, args, self._essay_words)), needles
+        if base == "variable_tracking":
+            icl = self._vt_example(ctx)
+            return (lambda n, rng: build_vt(n, rng, redraw_icl(icl, rng))), 5
+        if base == "common_words_extraction":
+            return (lambda n, rng: build_cwe(n, rng, length)), 11
+        if base == "freq_words_extraction":
+            return (lambda n, rng: build_fwe(n, rng, length)), 64
+        data = self._qa_data(task)
+        question = index % len(data.questions)
+        return (lambda n, rng: build_qa(n, rng, data, question)), len(data.questions[question]["context"])
+
+    def _vt_example(self, ctx: TaskContext) -> str:
+        """variable_tracking.py's in-context example: the most noise lines whose filled template and answer prefix
+        fit in 500 tokens (plain text), then " " and its 5 names and a newline."""
+        if self._icl is None:
+            rng_seed = f"{self.seed}:vt:example"
+
+            def measure(built: Built) -> int:
+                return ctx.count_tokens(built.body + built.prefix)
+
+            _, built, _, _ = fit(lambda n: build_vt(n, random.Random(rng_seed), None), measure, VT_ICL_TOKENS, 5)
+            self._icl = built.body + built.prefix + " " + " ".join(built.answers) + "\n"
+        return self._icl
+
+    def _qa_data(self, task: str) -> QAData:
+        if task not in self._qa:
+            self._qa[task] = read_qa(SUBTASKS[task][1]["dataset"], self._qa_path(task))
+        return self._qa[task]
+
+    def _sample(self, task: str, length: int, index: int, ctx: TaskContext, hint: dict[str, Any]) -> Sample:
+        built, tokens = self.generate(task, length, index, ctx, hint)
+        sample_id = f"{task}/{length}/{index}"
+        self._meta[sample_id] = {
+            "length_tokens": tokens,
+            "answer_depths": [round(100 * offset / max(1, len(built.body)), 1) for offset, _ in built.spans]
+            if SUBTASKS[task][0] in ("niah", "variable_tracking", "qa") else None,
+        }
+        return Sample(
+            id=sample_id,
+            prompt=built.prompt(ctx.chat),
+            target=built.answers,
+            breakdown={"task": task, "length": length},
+            max_new_tokens=TEMPLATES[SUBTASKS[task][0]]["tokens_to_generate"],
+        )
+
+    # ------------------------------------------------------------------------------------------ scoring
+
+    def score(self, sample: Sample, output: list[str]) -> dict[str, float]:
+        metric = string_match_part if sample.breakdown["task"].startswith("qa_") else string_match_all
+        return {"score": metric(postprocess(output[0]), list(sample.target))}
+
+    def details(self, sample: Sample, output: list[str]) -> dict[str, Any]:
+        return dict(self._meta.get(sample.id, {}))
+
+    def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        result = aggregate_scores(records, self.breakdown_keys)
+        cells = result["breakdowns"].get("task x length")
+        if cells:
+            result["metrics"]["ruler_avg"] = macro_average(cells, "score")
+        return result

@@ -158,18 +158,39 @@ def sparse_attention_over_blocks(q, k, v, k_mean, settings: SparseSettings, ops:
 def sparse_select(q, k_mean, lse, seq_len: int, settings: SparseSettings, scale: float,
                   max_scores: int = 1 << 27) -> torch.Tensor:
     """The blocks each query keeps: q [B, T, HQ, D] at positions S-T..S-1, k_mean [B, Tc, H, D] block means, lse
-    [B, T, HQ] (float32, of the scores over the block means) -> int32 [B, T, H, n], the leading and local blocks
-    first, then the most important others, -1 padded. NSA's eq. 8 and 10 (l = d = l' = block, so eq. 9 is the
-    identity) through the PyTorch reference's selection with the sparse rule's forced blocks, in slices of
-    queries that keep the float32 scores under `max_scores` elements (the selection kernel's top-n merge costs n^2
-    per chunk; with n = 40 a dense score matrix of T x S/64 is the faster way, and still small)."""
-    from nsa_eval.kernels.nsa.reference import _select
+    [B, T, HQ] (float32, of the scores over the block means) -> int32 [B, T, H, n], most important first (the leading
+    and local blocks first), -1 padded. The PyTorch reference's selection (kernels/nsa/reference.py `_select`, its
+    ranking keys and tie rule) with the sparse rule's forced blocks, specialised to l = d = l' = block (eq. 9 is
+    then the identity) and taking the top n instead of sorting every block; in slices of queries that keep the
+    float32 scores under `max_scores` elements. (The selection kernel's top-n merge costs n^2 per chunk: with
+    n = 40 the dense score matrix of T x S/block is the faster way, and still small.)"""
+    from nsa_eval.kernels.nsa.utils import index_bits
 
-    B, T, HQ, _ = q.shape
+    B, T, HQ, D = q.shape
+    Tc, H = k_mean.shape[1], k_mean.shape[2]
     block, n = settings.block, settings.num_blocks
-    step = max(1, max_scores // (B * HQ * max(1, k_mean.shape[1])))
-    positions = torch.arange(seq_len - T, seq_len, device=q.device).expand(B, T)
-    parts = [_select(q[:, a:a + step].float(), k_mean.float(), lse[:, a:a + step], positions[:, a:a + step], seq_len,
-                     block, block, block, n, scale, settings.leading_blocks, settings.local)
-             for a in range(0, T, step)]
+    num_blocks = -(-seq_len // block)
+    mask = (1 << index_bits(num_blocks)) - 1
+    j = torch.arange(num_blocks, device=q.device)
+    keys_k = k_mean.float()
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    step = max(1, max_scores // (B * HQ * max(1, Tc)))
+    parts = []
+    for a in range(0, T, step):
+        t = min(step, T - a)
+        pos = torch.arange(seq_len - T + a, seq_len - T + a + t, device=q.device)[None, :, None, None]  # [1, t, 1, 1]
+        scores = torch.einsum("bthgd,bchd->bthgc", q[:, a:a + t].float().view(B, t, H, HQ // H, D), keys_k) * scale
+        visible = torch.arange(Tc, device=q.device) < (pos[..., None] + 1) // block  # complete blocks up to pos
+        probs = torch.where(visible, torch.exp(scores - lse[:, a:a + t].view(B, t, H, HQ // H, 1)), 0.0)
+        importance = torch.nn.functional.pad(probs.sum(3), (0, num_blocks - Tc))  # eq. 8, 10: [B, t, H, NJ]
+        current = pos // block
+        first_local = (pos - settings.local + 1).clamp_min(0) // block
+        forced = (j < settings.leading_blocks) | ((j >= first_local) & (j <= current))
+        importance = torch.where(forced, float("inf"), importance)
+        importance = torch.where(j <= current, importance, -1.0)
+        keys = (importance.clamp_min(0).view(torch.int32) & ~mask) | (mask - j.to(torch.int32))
+        keys = torch.where(importance >= 0, keys, -1)
+        top = keys.topk(min(n, num_blocks), dim=-1).values
+        top = torch.nn.functional.pad(top, (0, n - top.shape[-1]), value=-1)
+        parts.append(torch.where(top >= 0, mask - (top & mask), -1).to(torch.int32))
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)

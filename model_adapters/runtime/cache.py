@@ -36,10 +36,10 @@ class SlotCache:
         self.host_lengths = [0] * slots
         self.host_active = [True] * slots
         self.capacity = capacity
-        # CUDA graphs of a decode step over these tensors: {(rows, compress): (graph or "off", logits [rows, V])},
-        # fed from graph_ids[:rows] (model.decode)
-        self.graphs: dict[tuple[int, bool], tuple[Any, torch.Tensor | None]] = {}
-        self.graph_ids: torch.Tensor | None = None
+        # each row's next input token; a decode step reads ids[:rows] and (with a head) writes its tokens back
+        self.ids = torch.zeros(slots, dtype=torch.long, device=device)
+        # CUDA graphs of a decode step over these tensors: {(rows, compress, head): (graph or "off", its output)}
+        self.graphs: dict[tuple[int, bool, Any], tuple[Any, torch.Tensor | None]] = {}
 
     @property
     def slots(self) -> int:
@@ -71,7 +71,7 @@ class SlotCache:
 
     def drop_graphs(self) -> None:
         """Forget the captured decode steps (after the tensors they read were replaced)."""
-        self.graphs, self.graph_ids = {}, None
+        self.graphs = {}
 
 
 def new_cache(config: ModelConfig, slots: int, capacity: int, device: torch.device, dtype: torch.dtype,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -45,6 +45,7 @@ class _Row:
     finish: str = "length"
     started: float = 0.0
     ended: float = 0.0
+    decode_s: float = 0.0  # wall time of the decode steps it took part in (not of other rows' prefills)
 
 
 @dataclass
@@ -93,12 +94,17 @@ class _RowSettings:
         self.steps[slot] = 0
 
     def sample(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
-        """logits [n, V] of the rows `rows` -> their tokens [n]; their steps advance by one."""
-        if not any(self.sampled[rows]):  # every row greedy: the argmax alone
-            return logits.argmax(-1)
+        """logits [n, V] of the rows `rows` -> their tokens [n]; their steps advance by one (graph-safe)."""
         tokens = sample_tokens(logits, self.temperature[rows], self.top_p[rows], self.seeds[rows], self.steps[rows])
         self.steps[rows] += 1
         return tokens
+
+    def head(self, rows: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+        """What turns a decode step's logits [rows, V] into tokens, run in the step's CUDA graph, and its graph key:
+        the argmax alone when no row of [0, rows) samples, else the sampler."""
+        if any(self.sampled[:rows]):
+            return (lambda logits: self.sample(logits, slice(0, rows))), "sample"
+        return (lambda logits: logits.argmax(-1)), "greedy"
 
 
 class Engine(PromptTokens, ForwardScoring):
@@ -148,8 +154,7 @@ class Engine(PromptTokens, ForwardScoring):
         queue = sorted((self._request(i, r) for i, r in enumerate(requests)), key=lambda q: len(q.ids))
         cache = self._cache(max(len(q.ids) + q.spec.max_new_tokens for q in queue) + 1)
         slots, staging = self.batch_size, self.batch_size  # the staging row follows the decoding rows
-        settings = _RowSettings(cache.slots, self.device)
-        next_ids = torch.zeros(cache.slots, dtype=torch.long, device=self.device)
+        settings = self.settings
         rows: list[_Row | None] = [None] * slots
         staged: _Request | None = None  # the request whose prompt sits in the staging row
         while queue or staged is not None or any(r is not None for r in rows):
@@ -159,8 +164,7 @@ class Engine(PromptTokens, ForwardScoring):
                         staged = queue.pop()
                         staged.logits = self._prefill(staged, cache, staging)
                     request = staged if staged is not None else queue.pop()
-                    row = self._start(request, cache, slot, staging if request is staged else None, settings,
-                                      next_ids)
+                    row = self._start(request, cache, slot, staging if request is staged else None, settings)
                     if request is staged and not staged.to_start:
                         staged.logits, staged = None, None
                     if row.ended:  # finished on its first token
@@ -174,10 +178,10 @@ class Engine(PromptTokens, ForwardScoring):
                 continue
             bucket = min(slots, 1 << (max(busy)).bit_length())
             step_start = time.perf_counter()
-            logits = self.model.decode(next_ids[:bucket], cache, bucket)
-            next_ids[:bucket] = settings.sample(logits, slice(0, bucket))
-            new = next_ids[:bucket].tolist()  # the step's one host synchronisation
+            new = self.model.decode(cache, bucket, *settings.head(bucket)).tolist()  # the step's one host sync
             now = time.perf_counter()
+            for slot in busy:
+                rows[slot].decode_s += now - step_start
             self.stats.decode_s += now - step_start
             self.stats.decode_steps += 1
             self.stats.decode_tokens += len(busy)
@@ -213,8 +217,8 @@ class Engine(PromptTokens, ForwardScoring):
         self.stats.prefill_tokens += len(request.ids)
         return logits
 
-    def _start(self, request: _Request, cache: SlotCache, slot: int, staging: int | None, settings: _RowSettings,
-               next_ids: torch.Tensor) -> _Row:
+    def _start(self, request: _Request, cache: SlotCache, slot: int, staging: int | None,
+               settings: _RowSettings) -> _Row:
         """The next sample of `request` in row `slot`: prefilled there, or copied from the staging row; its first
         token sampled from the prompt's logits."""
         sample = request.to_start.pop(0)
@@ -226,7 +230,7 @@ class Engine(PromptTokens, ForwardScoring):
             logits = request.logits
         settings.set(slot, request.spec, sample)
         first = settings.sample(logits[None], slice(slot, slot + 1))
-        next_ids[slot] = first[0]
+        cache.ids[slot] = first[0]
         row = _Row(request, sample, started=time.perf_counter())
         if self._add_token(row, int(first[0]), row.started):
             cache.set_active([slot], False)
@@ -267,7 +271,7 @@ class Engine(PromptTokens, ForwardScoring):
         counts, finish = [len(r.tokens) for r in done], [r.finish for r in done]
         if request.rows == 1 and request.spec.n > 1:  # greedy: every sample is the same text
             texts, counts, finish = (x * request.spec.n for x in (texts, counts, finish))
-        seconds = max(r.ended for r in done) - min(r.started for r in done)
+        seconds = max(r.decode_s for r in done)  # its rows decode side by side
         generated = sum(len(r.tokens) for r in done)
         return request.index, Generation(
             texts=texts, new_tokens=counts, finish_reasons=finish, prompt_tokens=len(request.ids),
@@ -286,6 +290,7 @@ class Engine(PromptTokens, ForwardScoring):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.cache = self.model.new_cache(self.batch_size + 1, max(capacity, positions))
+        self.settings = _RowSettings(self.cache.slots, self.device)  # its tensors are read by the captured graphs
         self.warm_up()
         return self.cache
 
@@ -306,19 +311,21 @@ class Engine(PromptTokens, ForwardScoring):
             if n + 2 <= cache.capacity:
                 self.model.prefill(torch.randint(0, vocab, (n,), device=self.device), cache, 0)
         buckets = sorted({min(self.batch_size, 1 << b) for b in range(self.batch_size.bit_length() + 1)})
-        settings = _RowSettings(cache.slots, self.device)
+        settings = self.settings
+        greedy, sampled = GenerationRequest(prompt=""), GenerationRequest(prompt="", temperature=1.0)
         for rows in buckets:
             for length in (c.block_len - 1, c.block_len):  # the next token completes a block, then it does not
                 if length + 3 > cache.capacity:
                     continue
-                cache.lengths[:rows] = length
-                cache.host_lengths[:rows] = [length] * rows
                 cache.set_active(list(range(rows)), True)
-                for _ in range(2):  # capture, then replay
-                    ids = torch.randint(0, vocab, (rows,), device=self.device)
-                    settings.sample(self.model.decode(ids, cache, rows), slice(0, rows))
-                    cache.lengths[:rows] = length
-                    cache.host_lengths[:rows] = [length] * rows
+                for request in (greedy, sampled):  # both heads: the argmax alone, and the sampler
+                    for r in range(rows):
+                        settings.set(r, request, 0)
+                    for _ in range(2):  # capture, then replay
+                        cache.lengths[:rows] = length
+                        cache.host_lengths[:rows] = [length] * rows
+                        cache.ids[:rows] = torch.randint(0, vocab, (rows,), device=self.device)
+                        self.model.decode(cache, rows, *settings.head(rows))
         cache.set_active(list(range(cache.slots)), False)
         cache.lengths.fill_(1)
         cache.host_lengths = [0] * cache.slots

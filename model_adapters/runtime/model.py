@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -147,41 +147,52 @@ class Transformer(nn.Module):
         return self.lm_head(normed)[0, 0]
 
     @torch.no_grad()
-    def decode(self, ids: torch.Tensor, cache: SlotCache, rows: int) -> torch.Tensor:
-        """One token per row of [0, rows): ids [rows] long -> logits [rows, V]; active rows advance by one. Replayed
-        on CUDA from a CUDA graph per (rows, compress) after its first (eager) call."""
+    def decode(self, cache: SlotCache, rows: int, head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               head_key: Any = None) -> torch.Tensor:
+        """One token per row of [0, rows), read from cache.ids[:rows]; active rows advance by one. Without a head:
+        -> logits [rows, V]. With one: head(logits) -> tokens [rows] long, also written into cache.ids[:rows] (the
+        next step's input) -- sampling in the same graph as the step. Replayed on CUDA from a CUDA graph per (rows,
+        compress, head_key) after its first (eager) call; the result is the graph's own tensor until the next
+        replay."""
         active = [r for r in range(rows) if cache.host_active[r]]
         after = [cache.host_lengths[r] + 1 for r in active]
         if after and max(after) > cache.capacity:
             raise ValueError(f"the cache holds {cache.capacity} positions per row; a row would reach {max(after)}")
         compress = block_completes(self.config, after)
         sdpa_length = max(after, default=1)  # SDPA (the baseline) reads this many keys; frozen in a graph
-        key = (rows, compress)
-        graph, logits = cache.graphs.get(key, (None, None))
-        if ids.device.type != "cuda" or not self.cuda_graphs or graph == "off":
-            logits = self._decode_step(ids, cache, rows, sdpa_length, compress)
+
+        def step() -> torch.Tensor:
+            logits = self._decode_step(cache.ids[:rows], cache, rows, sdpa_length, compress)
+            if head is None:
+                return logits
+            tokens = head(logits)
+            cache.ids[:rows].copy_(tokens)
+            return tokens
+
+        key = (rows, compress, head_key)
+        graph, out = cache.graphs.get(key, (None, None))
+        if cache.ids.device.type != "cuda" or not self.cuda_graphs or graph == "off":
+            out = step()
         elif graph is None:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # this token's step, eager: also compiles the kernels before capture
-                logits = self._decode_step(ids, cache, rows, sdpa_length, compress)
+                out = step()
             torch.cuda.current_stream().wait_stream(stream)
-            if cache.graph_ids is None:
-                cache.graph_ids = torch.zeros(cache.slots, dtype=torch.long, device=ids.device)
             graph = torch.cuda.CUDAGraph()  # capture records the step's kernels without running them
             try:
                 with torch.cuda.graph(graph):
-                    graph_logits = self._decode_step(cache.graph_ids[:rows], cache, rows, sdpa_length, compress)
-                cache.graphs[key] = (graph, graph_logits)
+                    graph_out = step()
+                cache.graphs[key] = (graph, graph_out)
             except RuntimeError as error:  # leave this shape eager rather than fail the generation
                 warnings.warn(f"CUDA graph capture of the decode step failed, decoding eagerly: {error}")
                 cache.graphs[key] = ("off", None)
         else:
-            cache.graph_ids[:rows].copy_(ids)
             graph.replay()
+            out = cache.graphs[key][1]
         for r in active:
             cache.host_lengths[r] += 1
-        return logits
+        return out
 
     # ---- the transformers-like entry point -----------------------------------------------------------------
 
@@ -201,7 +212,8 @@ class Transformer(nn.Module):
                     raise ValueError(f"a decode step takes one token per cached sequence ([{batch}, 1]), got "
                                      f"input_ids {tuple(input_ids.shape)}")
                 grow_cache(self.config, past_key_values, max(past_key_values.host_lengths) + 1 + self.decode_reserve)
-                logits = self.decode(input_ids[:, 0], past_key_values, batch)
+                past_key_values.ids.copy_(input_ids[:, 0])
+                logits = self.decode(past_key_values, batch)
                 return CausalLMOutput(logits.clone()[:, None], past_key_values)
             return self._prompt(input_ids, attention_mask, use_cache, logits_to_keep)
 

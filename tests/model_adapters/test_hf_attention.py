@@ -150,6 +150,8 @@ def test_sparse_select_keeps_leading_local_then_most_important():
     want = _keep_leading_and_local(nsa, torch.arange(S - T, S).expand(B, T), settings)
     as_sets = lambda x: [sorted(i for i in row if i >= 0) for row in x.reshape(-1, 8).tolist()]  # noqa: E731
     assert as_sets(got) == as_sets(want)
+    positions = torch.arange(S - T, S).expand(B, T)  # and exactly the reference's ranking with the forced blocks
+    assert torch.equal(got, reference._select(q, k_mean, lse, positions, S, 8, 8, 8, 8, D ** -0.5, 1, 20))
     first = got[..., :3].reshape(-1, 3).tolist()  # forced blocks rank first: block 0 in every row
     assert all(0 in row for row in first)
 

@@ -3,8 +3,9 @@ transformers (Llama, Qwen2, Qwen3, Mistral), seeded sampling independent of the 
 stop sequences and EOS, NSA decode through the cache (reference and Triton-interpreter kernels), training-free
 sparse attention against transformers' sparse path, bad input, and the runner streaming from it.
 
-Tiny random models (hidden 32-64, 1-2 layers) with SmolLM2's real tokenizer (vocab 49152); weights drawn with a
-large std (0.3) so that logits are peaked and greedy text does not collapse into one repeated token."""
+Tiny random models (hidden 32-64, 1-2 layers) with SmolLM2's real tokenizer (vocab 49152; the sampling tests use a
+BPE of about 200 tokens learnt here); weights drawn with a large std (0.3) so that logits are peaked and greedy text
+does not collapse into one repeated token. About 35 s on 2 shared CPU cores."""
 
 import json
 import shutil
@@ -54,16 +55,29 @@ def greedy_reference(model, ids: list[int], steps: int) -> list[int]:
 
 
 def sampled_reference(model, ids: list[int], steps: int, seed: int, sample: int, temperature: float,
-                      top_p: float) -> list[int]:
+                      top_p: float, eos: set[int] = frozenset()) -> list[int]:
     """Sample `sample` of a request, drawn alone: a full forward pass per token (its own prefill), the engine's
-    sampler with the row's seed row_seed(seed, sample) and the row's step."""
+    sampler with the row's seed row_seed(seed, sample) and the row's step; up to an EOS id (not included)."""
     seq = list(ids)
     with torch.no_grad():
         for step in range(steps):
             logits = model(torch.tensor([seq])).logits[:, -1]
-            seq.append(int(sample_tokens(logits, torch.tensor([temperature]), torch.tensor([top_p]),
-                                         torch.tensor([row_seed(seed, sample)]), torch.tensor([step]))[0]))
+            token = int(sample_tokens(logits, torch.tensor([temperature]), torch.tensor([top_p]),
+                                      torch.tensor([row_seed(seed, sample)]), torch.tensor([step]))[0])
+            if token in eos:
+                break
+            seq.append(token)
     return seq[len(ids):]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for these tiny models: on 2 shared cores a second thread that waits for a busy core makes
+    each small op up to 100 times slower (12 ms instead of 0.02 ms for the reference kernels' einsums)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -93,23 +107,40 @@ def hf_classes(case: str):
 
 
 @pytest.fixture(scope="module")
-def hf_dirs(tmp_path_factory, tokenizer):
-    """{case: folder} of tiny random transformers checkpoints saved with SmolLM2's tokenizer, made on first use."""
+def small_tokenizer():
+    """A byte-level BPE tokenizer of about 200 tokens learnt from the prompts here (every token decodes to ASCII):
+    for the sampling tests, whose sampler sorts and hashes the whole vocabulary every step."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([LONG, *PROMPTS], trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>"],
+                                                                  show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory, tokenizer, small_tokenizer):
+    """(case, small) -> folder of a tiny random transformers checkpoint saved with SmolLM2's tokenizer (vocab
+    49152), or with small_tokenizer (small=True); made on first use."""
     made = {}
 
-    def get(case: str) -> Path:
-        if case not in made:
+    def get(case: str, small: bool = False) -> Path:
+        if (case, small) not in made:
+            tok = small_tokenizer if small else tokenizer
             config_cls, model_cls, extra = hf_classes(case)
-            config = config_cls(**TINY_HF, **extra, bos_token_id=tokenizer.bos_token_id,
-                                eos_token_id=tokenizer.eos_token_id)
+            config = config_cls(**{**TINY_HF, "vocab_size": len(tok)}, **extra, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id)
             torch.manual_seed(0)
             model = model_cls(config)
             randomize(model)
             path = tmp_path_factory.mktemp(case)
             model.save_pretrained(path)
-            tokenizer.save_pretrained(path)
-            made[case] = path
-        return made[case]
+            tok.save_pretrained(path)
+            made[case, small] = path
+        return made[case, small]
 
     return get
 
@@ -138,7 +169,7 @@ def test_native_greedy_equals_transformers(case, hf_dirs):
     assert [g.new_tokens for g in got] == [g.new_tokens for g in want] == [[k] for k in MAX_NEW]
     assert [g.finish_reasons for g in got] == [g.finish_reasons for g in want]
     assert [g.prompt_tokens for g in got] == [g.prompt_tokens for g in want]
-    assert len({g.texts[0] for g in got}) == len(PROMPTS)
+    assert len({g.texts[0] for g in got}) == len(PROMPTS) and len(set(got[2].texts[0].split())) > 5  # not degenerate
     assert max(g.prompt_tokens for g in got) > 2 * SLIDING_WINDOW  # the window cuts the prompt (mistral)
     # the prompt's logits (Transformer.forward, one pass) and a padded batch of them
     ids = torch.tensor([ours.encode(PROMPTS[1])])
@@ -158,7 +189,7 @@ def test_native_greedy_equals_transformers(case, hf_dirs):
 
 
 def test_seeded_sampling_is_independent_of_batch_size_and_order(hf_dirs):
-    lm = load_native(hf_dirs("llama"), device="cpu", batch_size=1)
+    lm = load_native(hf_dirs("llama", small=True), device="cpu", batch_size=1)
     requests = [GenerationRequest(p, max_new_tokens=k, n=3, seed=100 + i, **SAMPLED)
                 for i, (p, k) in enumerate(zip(PROMPTS[:3], (6, 4, 5)))]
     requests.append(GenerationRequest(PROMPTS[3], max_new_tokens=5))  # a greedy row among the sampled ones
@@ -178,7 +209,7 @@ def test_seeded_sampling_is_independent_of_batch_size_and_order(hf_dirs):
 def test_n_samples_from_one_prefill_equal_separate_runs(hf_dirs, monkeypatch):
     """A request's n samples share one prefill (the staging row, copied into a row per sample); each equals its
     sample drawn alone with its own prefill and no cache (sampled_reference)."""
-    lm = load_native(hf_dirs("llama"), device="cpu", batch_size=3)
+    lm = load_native(hf_dirs("llama", small=True), device="cpu", batch_size=3)
     prefills = []
     prefill = lm.model.prefill
     monkeypatch.setattr(lm.model, "prefill", lambda ids, cache, row: prefills.append(row) or prefill(ids, cache, row))
@@ -190,11 +221,14 @@ def test_n_samples_from_one_prefill_equal_separate_runs(hf_dirs, monkeypatch):
     one_by_one = lm.generate([request])[0]
     assert prefills == [1]
     assert together.texts == one_by_one.texts and len(set(together.texts)) == 3
-    assert together.new_tokens == one_by_one.new_tokens == [8, 8, 8]
+    assert together.new_tokens == one_by_one.new_tokens
+    assert together.finish_reasons == one_by_one.finish_reasons
     ids = lm.encode(request.prompt)
     for j, text in enumerate(together.texts):
-        alone = sampled_reference(lm.model, ids, 8, request.seed, j, **SAMPLED)
+        alone = sampled_reference(lm.model, ids, 8, request.seed, j, **SAMPLED, eos=lm.eos_ids)
         assert text == lm.tokenizer.decode(alone, skip_special_tokens=True), j
+        assert together.new_tokens[j] == len(alone)
+        assert together.finish_reasons[j] == ("length" if len(alone) == 8 else "stop")
 
 
 # ---- stop sequences, EOS, max_new_tokens ------------------------------------------------------------------------
@@ -273,7 +307,7 @@ def test_nsa_engine_batches_as_alone_and_decodes_as_recomputing(layout, tokenize
 
     save_pretrained(nsa_model(tokenizer, layout), tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    lm = load_native(tmp_path, device="cpu", batch_size=2)
+    lm = load_native(tmp_path, device="cpu", batch_size=2, max_length=64)  # a small cache: cheap decode steps
     new = 2 * layout["block_len"] + 3  # compressed blocks complete during decode (every 4 or 8 tokens)
     requests = [GenerationRequest(p, max_new_tokens=new) for p in PROMPTS[:4]]
     together = [g.texts for g in lm.generate(requests)]
@@ -291,13 +325,15 @@ def test_nsa_engine_on_triton_kernels_equals_the_reference(tokenizer):
     from nsa_eval.model_adapters.runtime.engine import Engine
 
     model = nsa_model(tokenizer, {**PAPER, "num_selected": 2, "window": 8}, layers=1, hidden=32, heads=2, kv_heads=1)
-    lm = Engine(model, tokenizer, "tiny-nsa", max_length=32, batch_size=1)  # a small cache: a cheap interpreter
-    request = GenerationRequest("1, 2, 3, 4, 5, 6, 7, 8", max_new_tokens=4)
-    prompt = len(lm.encode(request.prompt))
+    lm = Engine(model, tokenizer, "tiny-nsa", max_length=32, batch_size=2)  # a small cache: a cheap interpreter
+    # 22 prompt tokens (more than the 2 selected blocks of 8) and 1: a block completes in one row, not the other
+    requests = [GenerationRequest("1, 2, 3, 4, 5, 6, 7, 8", max_new_tokens=4),
+                GenerationRequest("Hello", max_new_tokens=4)]
+    prompt = len(lm.encode(requests[0].prompt))
     assert prompt > 16 and any((prompt + t - 8) % 4 == 0 for t in range(1, 4))
-    reference = lm.generate([request])[0]
+    reference = [g.texts for g in lm.generate(requests)]
     model.kernels = "triton"
-    assert lm.generate([request])[0].texts == reference.texts
+    assert [g.texts for g in lm.generate(requests)] == reference
 
 
 # ---- training-free sparse attention --------------------------------------------------------------------------
@@ -308,7 +344,7 @@ def test_sparse_native_equals_transformers_sparse(hf_dirs):
 
     folder = hf_dirs("llama")
     settings = SparseSettings(budget=48, leading=8, local=16, block=8)
-    ours = load_native(folder, device="cpu", batch_size=2, attention="sparse", sparse=settings)
+    ours = load_native(folder, device="cpu", batch_size=2, attention="sparse", sparse=settings, max_length=128)
     assert ours.model.config.attention == "sparse" and ours.name.endswith("+sparse48")
     theirs = HFModel.from_pretrained(str(folder), device="cpu",
                                      attn_implementation=attn_implementation("sparse", torch.device("cpu")))

@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
-from nsa_eval.store import RunStore
+from nsa_eval.store import RunStore, write_in_order
 
 # A rank that finishes early waits at the final barrier for the slowest one: allow a long evaluation.
 BARRIER_TIMEOUT = timedelta(days=2)
@@ -143,20 +143,12 @@ class ShardedRunStore(RunStore):
         if self.shard.rank != 0:
             return False
         for task, ids in order.items():
-            position = {sample_id: i for i, sample_id in enumerate(ids)}
             shards = sorted(self.shard_dir.glob(f"{task}.rank*.jsonl"))
             merged: dict[str, dict[str, Any]] = {}
             for path in [self.merged_path(task), *shards]:
                 for record in complete_records(path):
                     merged.setdefault(record["id"], record)
-            lines = [json.dumps(r, ensure_ascii=False) + "\n"
-                     for r in sorted(merged.values(), key=lambda r: position.get(r["id"], len(position)))]
-            temp = self.merged_path(task).with_suffix(".jsonl.tmp")
-            with temp.open("w", encoding="utf-8") as handle:
-                handle.writelines(lines)
-                handle.flush()
-                os.fsync(handle.fileno())
-            temp.replace(self.merged_path(task))
+            write_in_order(self.merged_path(task), list(merged.values()), ids)
             for path in shards:
                 path.unlink()
         if self.shard_dir.is_dir() and not any(self.shard_dir.iterdir()):

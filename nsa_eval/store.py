@@ -71,6 +71,19 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+def write_in_order(path: Path, records: list[dict[str, Any]], ids: list[str]) -> None:
+    """Replace a samples file by `records` sorted by their id's place in `ids` (unknown ids last), atomically."""
+    position = {sample_id: i for i, sample_id in enumerate(ids)}
+    lines = [json.dumps(r, ensure_ascii=False) + "\n"
+             for r in sorted(records, key=lambda r: position.get(r["id"], len(position)))]
+    temp = path.with_suffix(".jsonl.tmp")
+    with temp.open("w", encoding="utf-8") as handle:
+        handle.writelines(lines)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temp.replace(path)
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -133,8 +146,13 @@ class RunStore:
         return True
 
     def gather(self, order: dict[str, list[str]]) -> bool:
-        """Bring the samples of every process together (a data-parallel run merges its shards); returns whether
-        this process writes metrics.json. order: task -> sample ids in task order."""
+        """Bring the samples of every process together (a data-parallel run merges its shards) and put each task's
+        file in task order (the engine stores samples as they finish); returns whether this process writes
+        metrics.json. order: task -> sample ids in task order."""
+        for task, ids in order.items():
+            records = list(self.records(task))
+            if [r["id"] for r in records] != [i for i in ids if i in {r["id"] for r in records}]:
+                write_in_order(self.samples_path(task), records, ids)
         return True
 
     def append(self, task: str, record: dict[str, Any]) -> None:

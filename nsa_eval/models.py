@@ -2,10 +2,51 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from nsa_eval.model_adapters.base import LanguageModel
 from nsa_eval.registry import MODEL_KINDS, did_you_mean
+
+LOCAL_KINDS = ("nsa", "vllm")  # specs whose target is always a local checkpoint folder
+
+
+def _looks_local(target: str) -> bool:
+    """An hf: target that names a local folder rather than a hub id ('org/name')."""
+    return target.startswith(("/", "./", "../", "~")) or Path(target).expanduser().exists()
+
+
+def check_model_spec(spec: str, attention: str = "full", prefill_chunk: int | None = None) -> None:
+    """Everything about a model spec that can be checked without loading it (its kind, a local checkpoint folder
+    and its config.json, options that do not apply): one ValueError line, before any 'loading ...' message."""
+    kind, _, target = spec.partition(":")
+    known = [k.split(":")[0] for k in MODEL_KINDS]
+    if kind not in known or (kind == "smollm2" and target):
+        raise ValueError(f"unknown model spec '{spec}'.{did_you_mean(kind, known)} Known specs: {', '.join(MODEL_KINDS)}.")
+    if attention != "full" and kind not in ("smollm2", "hf"):
+        raise ValueError(f"--attention {attention} applies to smollm2 and hf: checkpoints, not to '{spec}'")
+    if prefill_chunk is not None and kind not in ("smollm2", "hf", "nsa"):
+        raise ValueError(f"--prefill-chunk applies to smollm2, hf: and nsa: checkpoints, not to '{spec}'; leave it out")
+    if kind in ("hf", "nsa", "vllm") and not target:
+        raise ValueError(f"model spec '{kind}:' needs a checkpoint folder{' or hub id' if kind == 'hf' else ''}, "
+                         f"e.g. {kind}:./my-checkpoint")
+    if kind == "openai" and not target.startswith(("http://", "https://")):
+        raise ValueError(f"model spec '{spec}': give the server's URL, e.g. openai:http://127.0.0.1:8000/v1#MODEL")
+    if kind in LOCAL_KINDS or (kind == "hf" and _looks_local(target)):
+        folder = Path(target).expanduser()
+        if not folder.exists():
+            raise ValueError(f"model folder {target} does not exist; give a checkpoint folder (config.json and weights)"
+                             + (" or a hub id" if kind == "hf" else ""))
+        if not folder.is_dir():
+            raise ValueError(f"model path {target} is a file; give the checkpoint folder holding config.json and weights")
+        config = folder / "config.json"
+        if not config.is_file():
+            raise ValueError(f"model folder {target} holds no config.json; give a checkpoint folder (config.json and weights)")
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as error:
+            raise ValueError(f"{config} is not valid JSON ({error}); the checkpoint in {target} is corrupt") from None
 
 
 def load_model(spec: str, **options: Any) -> LanguageModel:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
-import time
 from typing import Any, Iterable
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
 from nsa_eval import store as run_store
+from nsa_eval.progress import progress as make_progress
 from nsa_eval.model_adapters.base import GenerationRequest, LanguageModel, LoglikelihoodRequest
 from nsa_eval.tasks.base import Sample, Task, TaskContext
 
@@ -86,16 +85,25 @@ def run(
     extra_config: dict[str, Any] | None = None,
     argv: list[str] | None = None,
     show_progress: bool = True,
+    max_new_tokens: int | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate `tasks` on `model` into `store`; resumes a run with the same config. Returns metrics.json (None in
-    the processes of a data-parallel run other than the one that writes it)."""
+    the processes of a data-parallel run other than the one that writes it). max_new_tokens: a cap on every
+    sample's generation (recorded in the config)."""
     use_chat = getattr(model, "chat", False) if chat is None else chat
-    ctx = TaskContext(count_tokens=model.count_tokens, chat=use_chat, max_length=model.max_length, seed=seed, limit=limit)
+    ctx = TaskContext(count_tokens=model.count_tokens, chat=use_chat, max_length=model.max_length, seed=seed, limit=limit,
+                      max_new_tokens=max_new_tokens)
     samples = {name: task.samples(ctx) for name, task in tasks.items()}  # bad grids fail here, before any write
     for name, items in samples.items():
         ids = [s.id for s in items]
         if len(set(ids)) != len(ids):
             raise AssertionError(f"task {name} produced duplicate sample ids")
+        if not items:
+            raise ValueError(f"task {name} has no samples to run (its data, subjects or subsets select none); "
+                             "check its --data and --task-option settings")
+        if max_new_tokens is not None:
+            samples[name] = [dataclasses.replace(s, max_new_tokens=min(s.max_new_tokens, max_new_tokens))
+                             if s.continuations is None else s for s in items]
     task_info = {
         name: {
             "version": task.version,
@@ -110,6 +118,7 @@ def run(
         "tasks": task_info,
         "seed": seed,
         "limit": limit,
+        **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),  # absent: older hashes hold
         **(extra_config or {}),
     }
     run_info = {
@@ -129,24 +138,16 @@ def run(
     }
     store.open(run_info)
 
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-        disable=not show_progress,
-        transient=False,
-    ) as progress:
+    with make_progress(show_progress) as progress:
         for name, task in tasks.items():
             done = store.finished_ids(name)
             mine = [s for i, s in enumerate(samples[name]) if store.owns(i)]  # a data-parallel process: its shard
             pending = [s for s in mine if s.id not in done]
-            bar = progress.add_task(name, total=len(mine), completed=len(mine) - len(pending), rate="")
-            started = None
-            finished_here = 0
+            unit = getattr(task, "limit_unit", None)
+            note = f" (--limit {limit} per {unit})" if unit and limit is not None else ""
+            bar = progress.add_task(name, total=len(mine), completed=len(mine) - len(pending), note=note)
             for start in range(0, len(pending), batch_size):
-                started = started or time.perf_counter()
+                progress.start(bar)
                 chunk = pending[start : start + batch_size]
                 for sample, (output, fields) in zip(chunk, answer(model, chunk, seed)):
                     record = {
@@ -162,9 +163,7 @@ def run(
                     if details is not None:
                         record["details"] = details(sample, output)
                     store.append(name, record)
-                finished_here += len(chunk)
-                rate = finished_here / (time.perf_counter() - started)
-                progress.update(bar, advance=len(chunk), rate=f"{rate:.2f} samples/s")
+                progress.advance(bar, len(chunk))
 
     if not store.gather({name: [s.id for s in items] for name, items in samples.items()}):
         return None  # a data-parallel run: process 0 writes the metrics

@@ -77,11 +77,14 @@ class GSM8K:
     def __init__(self, data_path: str | None = None, num_fewshot: int | None = None, max_new_tokens: int = 512):
         if num_fewshot is not None and not 0 <= num_fewshot <= 8:
             raise ValueError(f"GSM8K num_fewshot {num_fewshot}: there are 8 chain-of-thought exemplars; use 0 to 8")
+        if max_new_tokens < 1:
+            raise ValueError(f"GSM8K max_new_tokens {max_new_tokens}: use at least 1")
         self.data_path = data_path
         self.num_fewshot = num_fewshot
         self.max_new_tokens = max_new_tokens
         self._chat: bool | None = None
         self._shots_used: int | None = None
+        self._rows: list[dict[str, Any]] | None = None
 
     def config(self) -> dict[str, Any]:
         return {
@@ -91,14 +94,22 @@ class GSM8K:
             "chat": self._chat,
         }
 
+    def prepare(self) -> None:
+        """Load and check the rows (before any model loads)."""
+        if self._rows is None:
+            rows = load_rows(self.data_path, task=self.name, hub_id=HUB_ID, hub_config="main", split="test", schema=SCHEMA)
+            for number, row in enumerate(rows, start=1):
+                if "####" not in row["answer"]:
+                    raise DataError(f"{self.data_path or HUB_ID}: row {number}: field 'answer' has no '#### N' final answer")
+            self._rows = rows
+
     def samples(self, ctx: TaskContext) -> list[Sample]:
         self._chat = ctx.chat
         shots = self.num_fewshot if self.num_fewshot is not None else (0 if ctx.chat else 8)
         self._shots_used = shots
-        rows = load_rows(self.data_path, task=self.name, hub_id=HUB_ID, hub_config="main", split="test", schema=SCHEMA)
-        for number, row in enumerate(rows, start=1):
-            if "####" not in row["answer"]:
-                raise DataError(f"{self.data_path or HUB_ID}: row {number}: field 'answer' has no '#### N' final answer")
+        self.prepare()
+        assert self._rows is not None
+        rows = self._rows
         if ctx.limit is not None:
             rows = rows[: ctx.limit]
         pairs = [(f"Q: {e['question']}\nA:", e["target"]) for e in exemplars()[:shots]]

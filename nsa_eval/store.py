@@ -123,7 +123,8 @@ def config_diff(here: dict[str, Any], there: dict[str, Any]) -> list[str]:
     lines = []
     if tasks_here != tasks_there:
         lines.append(f"tasks: {','.join(sorted(tasks_here))} here, {','.join(sorted(tasks_there))} in the run")
-    for key in dict.fromkeys([*flat_here, *flat_there]):
+    keys = list(dict.fromkeys([*flat_here, *flat_there]))
+    for key in sorted(keys, key=lambda k: k.startswith("tasks.")):  # run-wide settings first
         task = key.split(".")[1] if key.startswith("tasks.") else None
         if task is not None and (task not in tasks_here or task not in tasks_there):
             continue

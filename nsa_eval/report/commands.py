@@ -55,4 +55,18 @@ def publish(report_dir: Path, name: str, results_dir: Path, force: bool) -> None
     from nsa_eval.report.build import publish as publish_report
 
     target = publish_report(report_dir, name, results_dir=results_dir, force=force)
-    click.echo(f"published {target}; commit it with `git add {target}`")
+    if _in_git_work_tree(target):
+        click.echo(f"published {target}; commit it with `git add {target}`")
+    else:
+        click.echo(f"published {target}")
+
+
+def _in_git_work_tree(path: Path) -> bool:
+    import subprocess
+
+    try:
+        found = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=path, capture_output=True, text=True,
+                               timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return found.returncode == 0 and found.stdout.strip() == "true"

@@ -286,11 +286,6 @@ def _run(model_spec: str, attention: str, sparse_budget: int, sparse_leading: in
         per_task.setdefault("niah", {}).update(niah)
     common = {"seed": seed, "allow_code_execution": allow_code_execution,
               "include_path": str(include_path) if include_path else None}
-    tasks = build_tasks(task_names, common, per_task, texts)
-    for task in tasks.values():  # data loaded and checked (empty, missing subsets) before the model loads
-        prepare = getattr(task, "prepare", None)
-        if prepare is not None:
-            prepare()
 
     settings: dict[str, Any] = {"--model": model_spec, "--tasks": task_names, "--attention": attention}
     if attention == "sparse":
@@ -324,6 +319,12 @@ def _run(model_spec: str, attention: str, sparse_budget: int, sparse_leading: in
             return
         if plan.state == "resume":
             click.echo(f"resuming {plan.done}/{plan.total} samples in {store.root}", err=True)
+
+    tasks = build_tasks(task_names, common, per_task, texts)
+    for task in tasks.values():  # data loaded and checked (empty, missing subsets) before the model loads
+        prepare = getattr(task, "prepare", None)
+        if prepare is not None:
+            prepare()
 
     click.echo(f"loading {model_spec} ...", err=True)
     started = time.perf_counter()

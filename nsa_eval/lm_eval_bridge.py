@@ -197,7 +197,7 @@ def load_task(name: str, include_path: str | None = None, data_path: str | None 
         where = f" in {include_path} or" if include_path else ""
         raise ValueError(f"unknown lm-eval task '{name}'{where} among lm-eval's tasks."
                          f"{did_you_mean(name, manager.all_tasks, cutoff=0.75)} "
-                         "`nsa-eval lm-eval ls tasks` lists them; --include-path DIR adds your own YAML files")
+                         "`lm-eval ls tasks` lists them; --include-path DIR adds your own YAML files")
     if data_path is not None:
         overrides = local_data_overrides(data_path)
         try:  # the registered task with its dataset replaced (TaskManager.load of a dict would define a new task)

@@ -8,8 +8,8 @@ import sys
 from typing import Any, Iterable
 
 from nsa_eval import store as run_store
-from nsa_eval.progress import progress as make_progress
 from nsa_eval.model_adapters.base import GenerationRequest, LanguageModel, LoglikelihoodRequest
+from nsa_eval.progress import progress as make_progress
 from nsa_eval.tasks.base import Sample, Task, TaskContext
 
 

@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
-from nsa_eval.store import RunStore, write_in_order
+from nsa_eval.store import RunStore, task_file_stem, write_in_order
 
 # A rank that finishes early waits at the final barrier for the slowest one: allow a long evaluation.
 BARRIER_TIMEOUT = timedelta(days=2)
@@ -79,26 +79,27 @@ def start(device: str) -> Shard | None:
     return Shard(rank, world_size, local_rank, nccl)
 
 
-def run_store(root: str | Path, shard: Shard | None) -> RunStore:
+def run_store(root: str | Path, shard: Shard | None, **options: Any) -> RunStore:
     """This process's view of the run directory: sharded in a data-parallel run, and also for one process
-    resuming a data-parallel run that stopped before merging its shards; else the plain RunStore."""
+    resuming a data-parallel run that stopped before merging its shards; else the plain RunStore.
+    options: RunStore's settings and overwrite."""
     if shard is None:
         if not (Path(root) / "samples" / "shards").is_dir():
-            return RunStore(root)
+            return RunStore(root, **options)
         shard = Shard(rank=0, world_size=1, local_rank=0, nccl=False)
-    return ShardedRunStore(shard.broadcast(Path(root)), shard)
+    return ShardedRunStore(shard.broadcast(Path(root)), shard, **options)
 
 
 class ShardedRunStore(RunStore):
     """The run directory as one process of a data-parallel run uses it (see the module docstring)."""
 
-    def __init__(self, root: str | Path, shard: Shard):
-        super().__init__(root)
+    def __init__(self, root: str | Path, shard: Shard, **options: Any):
+        super().__init__(root, **options)
         self.shard = shard
 
     def samples_path(self, task: str) -> Path:
         """This process's shard: where `append` writes and whose torn last line `finished_ids` cuts off."""
-        return self.shard_dir / f"{task}.rank{self.shard.rank}.jsonl"
+        return self.shard_dir / f"{task_file_stem(task)}.rank{self.shard.rank}.jsonl"
 
     @property
     def shard_dir(self) -> Path:
@@ -127,7 +128,7 @@ class ShardedRunStore(RunStore):
         """Done anywhere: this shard (a torn last line cut off), the merged file, or another process's shard
         (from an earlier run with other ranks; read, never cut)."""
         done = super().finished_ids(task)
-        others = [self.merged_path(task), *self.shard_dir.glob(f"{task}.rank*.jsonl")]
+        others = [self.merged_path(task), *self.shard_dir.glob(f"{task_file_stem(task)}.rank*.jsonl")]
         for path in others:
             if path != self.samples_path(task):
                 done.update(record["id"] for record in complete_records(path))
@@ -143,7 +144,7 @@ class ShardedRunStore(RunStore):
         if self.shard.rank != 0:
             return False
         for task, ids in order.items():
-            shards = sorted(self.shard_dir.glob(f"{task}.rank*.jsonl"))
+            shards = sorted(self.shard_dir.glob(f"{task_file_stem(task)}.rank*.jsonl"))
             merged: dict[str, dict[str, Any]] = {}
             for path in [self.merged_path(task), *shards]:
                 for record in complete_records(path):

@@ -154,11 +154,38 @@ def run_lm_eval_cli(args: list[str]) -> None:
 # ---- lm-eval tasks inside our runner ----------------------------------------------------------------------
 
 
-def load_task(name: str, include_path: str | None = None) -> Any:
+def local_data_overrides(data_path: str) -> dict[str, Any]:
+    """lm-eval config overrides that read a task's rows from a local file or folder (`--data lm-eval:TASK=PATH`):
+    a file serves every split the task names; a folder serves each split from its `SPLIT.<ext>` file."""
+    from nsa_eval.tasks.data import SUFFIXES
+
+    path = Path(data_path).expanduser()
+    builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+    if path.is_file():
+        if path.suffix.lower() not in builders:
+            raise ValueError(f"{path}: unsupported data file type '{path.suffix}'; use {', '.join(SUFFIXES)}")
+        files = {split: str(path) for split in ("train", "validation", "test")}
+        builder = builders[path.suffix.lower()]
+    elif path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in builders)
+        if not found:
+            raise ValueError(f"{path} holds no SPLIT{{{','.join(SUFFIXES)}}} files (e.g. test.jsonl); add them or give "
+                             "a file")
+        builder = builders[found[0].suffix.lower()]
+        files = {p.stem: str(p) for p in found if builders[p.suffix.lower()] == builder}
+    else:
+        raise ValueError(f"data path {path} does not exist; give a jsonl/json/parquet/csv file or a folder of them")
+    return {"dataset_path": builder, "dataset_name": None, "dataset_kwargs": {"data_files": files}}
+
+
+def load_task(name: str, include_path: str | None = None, data_path: str | None = None) -> Any:
     """One lm-eval task (a ConfigurableTask) by name; lm-eval's built-in tasks are indexed only when the name is
-    not in include_path (indexing them takes seconds)."""
+    not in include_path (indexing them takes seconds). Its data comes from data_path when given, else from the
+    local datasets cache first, then the hub (one line naming --data when neither can serve it)."""
     import datasets
     from lm_eval.tasks import TaskManager
+
+    from nsa_eval.tasks.data import from_hub
 
     datasets.disable_progress_bars()  # our runner's progress bar is the one a user watches
     if include_path is not None and not Path(include_path).is_dir():
@@ -168,9 +195,24 @@ def load_task(name: str, include_path: str | None = None) -> Any:
         manager = TaskManager(include_path=include_path)
     if name not in manager.all_tasks:
         where = f" in {include_path} or" if include_path else ""
-        raise ValueError(f"unknown lm-eval task '{name}'{where} among lm-eval's tasks.{did_you_mean(name, manager.all_tasks)} "
+        raise ValueError(f"unknown lm-eval task '{name}'{where} among lm-eval's tasks."
+                         f"{did_you_mean(name, manager.all_tasks, cutoff=0.75)} "
                          "`lm-eval ls tasks` lists them; --include-path DIR adds your own YAML files")
-    loaded = manager.load([name])
+    if data_path is not None:
+        overrides = local_data_overrides(data_path)
+        try:  # the registered task with its dataset replaced (TaskManager.load of a dict would define a new task)
+            built = manager._factory.build(manager.task_index[name], overrides=overrides, registry=manager.task_index)
+            loaded = manager.load([built])
+        except Exception as error:  # noqa: BLE001 - a split the folder lacks, a malformed file: one line
+            raise ValueError(f"lm-eval:{name} could not read {data_path} ({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}); "
+                             "a file serves every split; a folder needs one SPLIT.jsonl per split the task uses") from None
+        return _checked(name, loaded)
+    remedy = f"download it and pass --data lm-eval:{name}=PATH (a jsonl/json/parquet/csv file, or a folder of SPLIT files)"
+    return _checked(name, from_hub(lambda: manager.load([name]), f"the data of lm-eval:{name}", remedy))
+
+
+def _checked(name: str, loaded: dict[str, Any]) -> Any:
+    """The one task of a loaded lm-eval task dict, refused (one line) when our runner cannot score it."""
     if loaded["groups"] or len(loaded["tasks"]) != 1:
         members = sorted(loaded["tasks"])
         shown = ",".join(f"lm-eval:{m}" for m in members[:3]) + (",..." if len(members) > 3 else "")
@@ -194,11 +236,12 @@ class LmEvalTask:
     headline: str
     breakdown_keys: tuple[str, ...] = ()
 
-    def __init__(self, task: str, include_path: str | None = None):
+    def __init__(self, task: str, include_path: str | None = None, data_path: str | None = None):
         self.task_name = task
         self.name = f"lm-eval:{task}"
         self.include_path = str(Path(include_path).resolve()) if include_path else None
-        self._task = load_task(task, include_path)
+        self.data_path = data_path
+        self._task = load_task(task, include_path, data_path)
         self.version = str((self._task.config.metadata or {}).get("version", self._task.VERSION))
         self._instances: dict[str, tuple[dict, list[Instance]]] = {}
         self._scored: dict[str, dict[str, Any]] = {}
@@ -210,6 +253,7 @@ class LmEvalTask:
             "lm_eval_task": self.task_name,
             "lm_eval_version": LM_EVAL_VERSION,
             "include_path": self.include_path,
+            **({"data": self.data_path} if self.data_path else {}),
             "fewshot_seed": FEWSHOT_SEED,
             "task_config": json_safe(self._task.dump_config()),
         }

@@ -2,12 +2,65 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from nsa_eval.model_adapters.base import LanguageModel
 from nsa_eval.registry import MODEL_KINDS, did_you_mean
 
 ENGINES = ("auto", "native", "transformers")  # --engine: the native engine where it runs the checkpoint, or not
+LOCAL_KINDS = ("nsa", "vllm")  # specs whose target is always a local checkpoint folder
+
+
+def _looks_local(target: str) -> bool:
+    """An hf: target that names a local folder rather than a hub id ('org/name')."""
+    return target.startswith(("/", "./", "../", "~")) or Path(target).expanduser().exists()
+
+
+def check_model_spec(spec: str, attention: str = "full", prefill_chunk: int | None = None,
+                     engine: str = "auto") -> None:
+    """Everything about a model spec that can be checked without loading it (its kind, a local checkpoint folder
+    and its config.json, options that do not apply): one ValueError line, before any 'loading ...' message."""
+    kind, _, target = spec.partition(":")
+    if engine not in ENGINES:
+        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine != "auto" and kind not in ("smollm2", "hf", "nsa"):
+        raise ValueError(f"--engine applies to smollm2, hf: and nsa: checkpoints, not to '{spec}'; leave it out")
+    if engine == "transformers" and kind == "nsa":
+        raise ValueError("nsa: checkpoints run on the native engine only (transformers has no NSA attention); "
+                         "leave --engine out")
+    known = [k.split(":")[0] for k in MODEL_KINDS]
+    if kind not in known or (kind == "smollm2" and target):
+        raise ValueError(f"unknown model spec '{spec}'.{did_you_mean(kind, known)} Known specs: {', '.join(MODEL_KINDS)}.")
+    if attention != "full" and kind not in ("smollm2", "hf"):
+        raise ValueError(f"--attention {attention} applies to smollm2 and hf: checkpoints, not to '{spec}'")
+    if prefill_chunk is not None and kind not in ("smollm2", "hf", "nsa"):
+        raise ValueError(f"--prefill-chunk applies to smollm2, hf: and nsa: checkpoints, not to '{spec}'; leave it out")
+    if kind in ("hf", "nsa", "vllm") and not target:
+        raise ValueError(f"model spec '{kind}:' needs a checkpoint folder{' or hub id' if kind == 'hf' else ''}, "
+                         f"e.g. {kind}:./my-checkpoint")
+    if kind == "openai" and not target.startswith(("http://", "https://")):
+        raise ValueError(f"model spec '{spec}': give the server's URL, e.g. openai:http://127.0.0.1:8000/v1#MODEL")
+    if kind in LOCAL_KINDS or (kind == "hf" and _looks_local(target)):
+        folder = Path(target).expanduser()
+        if not folder.exists():
+            raise ValueError(f"model folder {target} does not exist; give a checkpoint folder (config.json and weights)"
+                             + (" or a hub id" if kind == "hf" else ""))
+        if not folder.is_dir():
+            raise ValueError(f"model path {target} is a file; give the checkpoint folder holding config.json and weights")
+        config = folder / "config.json"
+        if not config.is_file():
+            raise ValueError(f"model folder {target} holds no config.json; give a checkpoint folder (config.json and weights)")
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as error:
+            raise ValueError(f"{config} is not valid JSON ({error}); the checkpoint in {target} is corrupt") from None
+        if engine == "native" and kind == "hf":
+            from nsa_eval.model_adapters.native import native_supported
+
+            if not native_supported(folder):
+                raise ValueError(native_refusal(spec))
 
 
 def load_model(spec: str, **options: Any) -> LanguageModel:
@@ -35,7 +88,6 @@ def load_model(spec: str, **options: Any) -> LanguageModel:
     if spec == "smollm2" or kind == "hf":
         from nsa_eval.model_adapters.hf import HFModel, resolve_device
         from nsa_eval.model_adapters.native import load_native, local_folder, native_supported
-        from nsa_eval.model_adapters.runtime.weights import HF_MODEL_TYPES
         from nsa_eval.model_adapters.hf_attention import SparseSettings, attn_implementation, enable_sparse
 
         if kind == "hf" and not target:
@@ -47,8 +99,7 @@ def load_model(spec: str, **options: Any) -> LanguageModel:
         else:
             folder, name = local_folder(target), None
         if engine == "native" and not native_supported(folder):
-            raise ValueError(f"the native engine runs Llama-family checkpoints ({', '.join(HF_MODEL_TYPES)}) and NSA "
-                             f"checkpoints; '{spec}' is none of them: use --engine transformers")
+            raise ValueError(native_refusal(spec))
         if engine != "transformers" and native_supported(folder):
             return load_native(folder, name=name, prefill_chunk=prefill_chunk, attention=attention,
                                sparse=sparse or SparseSettings(), batch_size=batch_size or default_batch(options),
@@ -92,6 +143,13 @@ def load_model(spec: str, **options: Any) -> LanguageModel:
     raise ValueError(
         f"unknown model spec '{spec}'.{did_you_mean(kind, known)} Known specs: {', '.join(MODEL_KINDS)}."
     )
+
+
+def native_refusal(spec: str) -> str:
+    from nsa_eval.model_adapters.runtime.weights import HF_MODEL_TYPES
+
+    return (f"the native engine runs Llama-family checkpoints ({', '.join(HF_MODEL_TYPES)}) and NSA checkpoints; "
+            f"'{spec}' is none of them: use --engine transformers")
 
 
 def default_batch(options: dict[str, Any]) -> int:

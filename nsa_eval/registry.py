@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from nsa_eval.tasks.base import Task
 from nsa_eval.tasks.aime import AIME
@@ -39,9 +39,14 @@ MODEL_KINDS: dict[str, str] = {
 }
 
 
-def did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
-    return f" Did you mean '{close[0]}'?" if close else ""
+def did_you_mean(name: str, choices: Iterable[str], cutoff: float = 0.5) -> str:
+    """" Did you mean 'X'?" for the choice nearest `name` (case ignored), or "" when none is near enough. Long lists
+    (lm-eval's thousands of tasks) want a higher cutoff, or every name finds some weak match."""
+    by_lower = {choice.lower(): choice for choice in choices}
+    if name.lower() in by_lower and by_lower[name.lower()] != name:
+        return f" Did you mean '{by_lower[name.lower()]}'?"
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=cutoff)
+    return f" Did you mean '{by_lower[close[0]]}'?" if close else ""
 
 
 LM_EVAL_PREFIX = "lm-eval:"  # `lm-eval:TASK`: an lm-evaluation-harness task (nsa_eval/lm_eval_bridge.py)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import sys
-import time
 from typing import Any, Iterable, Iterator
-
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from nsa_eval import store as run_store
 from nsa_eval.model_adapters.base import Generation, GenerationRequest, LanguageModel, LoglikelihoodRequest
+from nsa_eval.progress import progress as make_progress
 from nsa_eval.tasks.base import Sample, Task, TaskContext
 
 
@@ -92,16 +91,25 @@ def run(
     extra_config: dict[str, Any] | None = None,
     argv: list[str] | None = None,
     show_progress: bool = True,
+    max_new_tokens: int | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate `tasks` on `model` into `store`; resumes a run with the same config. Returns metrics.json (None in
-    the processes of a data-parallel run other than the one that writes it)."""
+    the processes of a data-parallel run other than the one that writes it). max_new_tokens: a cap on every
+    sample's generation (recorded in the config)."""
     use_chat = getattr(model, "chat", False) if chat is None else chat
-    ctx = TaskContext(count_tokens=model.count_tokens, chat=use_chat, max_length=model.max_length, seed=seed, limit=limit)
+    ctx = TaskContext(count_tokens=model.count_tokens, chat=use_chat, max_length=model.max_length, seed=seed, limit=limit,
+                      max_new_tokens=max_new_tokens)
     samples = {name: task.samples(ctx) for name, task in tasks.items()}  # bad grids fail here, before any write
     for name, items in samples.items():
         ids = [s.id for s in items]
         if len(set(ids)) != len(ids):
             raise AssertionError(f"task {name} produced duplicate sample ids")
+        if not items:
+            raise ValueError(f"task {name} has no samples to run (its data, subjects or subsets select none); "
+                             "check its --data and --task-option settings")
+        if max_new_tokens is not None:
+            samples[name] = [dataclasses.replace(s, max_new_tokens=min(s.max_new_tokens, max_new_tokens))
+                             if s.continuations is None else s for s in items]
     task_info = {
         name: {
             "version": task.version,
@@ -116,6 +124,7 @@ def run(
         "tasks": task_info,
         "seed": seed,
         "limit": limit,
+        **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),  # absent: older hashes hold
         **(extra_config or {}),
     }
     run_info = {
@@ -136,22 +145,15 @@ def run(
     }
     store.open(run_info)
 
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-        disable=not show_progress,
-        transient=False,
-    ) as progress:
+    with make_progress(show_progress) as progress:
         for name, task in tasks.items():
             done = store.finished_ids(name)
             mine = [s for i, s in enumerate(samples[name]) if store.owns(i)]  # a data-parallel process: its shard
             pending = [s for s in mine if s.id not in done]
-            bar = progress.add_task(name, total=len(mine), completed=len(mine) - len(pending), rate="")
-            started = time.perf_counter()
-            finished_here = 0
+            unit = getattr(task, "limit_unit", None)
+            note = f" (--limit {limit} per {unit})" if unit and limit is not None else ""
+            bar = progress.add_task(name, total=len(mine), completed=len(mine) - len(pending), note=note)
+            progress.start(bar)
             streamed = [s for s in pending if s.continuations is None] if hasattr(model, "generate_iter") else []
             rest = [s for s in pending if s not in streamed] if streamed else pending
             answers = answer_stream(model, streamed, seed) if streamed else iter(())
@@ -173,9 +175,7 @@ def run(
                     if details is not None:
                         record["details"] = details(sample, output)
                     store.append(name, record)
-                finished_here += len(batch)
-                rate = finished_here / (time.perf_counter() - started)
-                progress.update(bar, advance=len(batch), rate=f"{rate:.2f} samples/s")
+                progress.advance(bar, len(batch))
     if getattr(model, "compile_s", 0):  # kernel compiles and graph captures, apart from every sample's timings
         store.update_run(compile_s=round(model.compile_s, 3))
 

@@ -129,6 +129,9 @@ class OpenAIServer(ThreadingHTTPServer):
             settings = {**settings, "max_new_tokens": max(1, self.model.max_length - self.model.count_tokens(prompt) - 1)}
         if settings["max_new_tokens"] == 0:
             raise RequestError(400, "max_tokens must be at least 1")
+        if settings["max_new_tokens"] >= self.model.max_length:  # the backend's own line speaks of CLI flags
+            raise RequestError(400, f"max_tokens {settings['max_new_tokens']} leaves no room for a prompt in this model's "
+                                    f"context of {self.model.max_length} tokens; ask for fewer tokens")
         with self.model_lock:
             return self.model.generate([GenerationRequest(prompt=prompt, **settings)])[0]
 
@@ -154,6 +157,9 @@ class OpenAIServer(ThreadingHTTPServer):
         encoded = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)
         ids = prompt_ids + encoded["input_ids"]
         offsets = prompt_offsets + [prompt_chars + start for start, _ in encoded["offset_mapping"]]
+        if len(ids) > self.model.max_length:
+            raise RequestError(400, f"the prompt and completion hold {len(ids)} tokens, more than this model's context of "
+                                    f"{self.model.max_length} tokens; send a shorter prompt")
         with self.model_lock:
             scored = self.model.token_logprobs(ids, top=max(top, 1))
         tokens = [tokenizer.decode([i]) for i in ids]

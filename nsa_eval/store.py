@@ -2,8 +2,13 @@
 
 results/runs/<run-id>/
   run.json               model spec, resolved config and its hash, seeds, versions, git sha, hardware, tasks
-  samples/<task>.jsonl   one JSON object a line, appended and flushed as each sample finishes
+  samples/<task>.jsonl   one JSON object a line, appended and flushed as each sample finishes (the task name
+                         with characters other than letters, digits, '.', '_' and '-' as '_': lm-eval_gsm8k.jsonl)
   metrics.json           per task: headline metric with standard error, breakdowns, n, efficiency
+
+run.json also holds `settings`: the command-line settings the run was asked with (outside the config hash), so a
+rerun is checked against the run before any model loads (`RunStore.plan`) and a mismatch names the settings that
+differ.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ import hashlib
 import json
 import os
 import platform
+import re
+import shutil
 import subprocess
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -88,39 +96,190 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def task_file_stem(task: str) -> str:
+    """A task's name as a file name: `lm-eval:gsm8k` -> `lm-eval_gsm8k` (no ':' in paths, which Windows and some
+    tools refuse)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", task)
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "not given"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def settings_diff(here: dict[str, Any], there: dict[str, Any]) -> list[str]:
+    """'--limit: 1 here, 3 in the run' for each setting that differs between two runs' command-line settings."""
+    keys = list(dict.fromkeys([*here, *there]))
+    return [f"{key}: {_shown(here.get(key))} here, {_shown(there.get(key))} in the run"
+            for key in keys if here.get(key) != there.get(key)]
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def config_diff(here: dict[str, Any], there: dict[str, Any]) -> list[str]:
+    """The resolved configurations' differences (what the config hash covers), e.g. 'tasks.niah.prompts_digest: a
+    here, b in the run', for runs made before `settings` were recorded or whose data changed since."""
+    flat_here, flat_there = _flatten(here), _flatten(there)
+    tasks_here, tasks_there = set(here.get("tasks", {})), set(there.get("tasks", {}))
+    lines = []
+    if tasks_here != tasks_there:
+        lines.append(f"tasks: {','.join(sorted(tasks_here))} here, {','.join(sorted(tasks_there))} in the run")
+    keys = list(dict.fromkeys([*flat_here, *flat_there]))
+    for key in sorted(keys, key=lambda k: k.startswith("tasks.")):  # run-wide settings first
+        task = key.split(".")[1] if key.startswith("tasks.") else None
+        if task is not None and (task not in tasks_here or task not in tasks_there):
+            continue
+        if flat_here.get(key) != flat_there.get(key):
+            lines.append(f"{key}: {_shown(flat_here.get(key))} here, {_shown(flat_there.get(key))} in the run")
+    return lines
+
+
+HASHED_KEYS = ("model", "tasks", "seed", "limit", "device", "dtype", "attention", "sparse", "max_new_tokens")
+
+
+@dataclass
+class Plan:
+    """What a run directory holds before the model loads: `new` (nothing, or --overwrite), `resume` (done of total
+    samples answered) or `complete` (metrics written with the same settings)."""
+
+    state: str
+    done: int = 0
+    total: int = 0
+
+
 class RunStore:
     """One run directory. `open()` creates it, or checks a resumed one holds the same configuration."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, settings: dict[str, Any] | None = None, overwrite: bool = False):
         self.root = Path(root)
+        self.settings = settings  # the command line's settings, stored in run.json by open()
+        self.overwrite = overwrite  # open() replaces a run already there
 
     @property
     def run_json(self) -> Path:
         return self.root / "run.json"
 
     def samples_path(self, task: str) -> Path:
-        return self.root / "samples" / f"{task}.jsonl"
+        legacy = self.root / "samples" / f"{task}.jsonl"  # runs written before task_file_stem
+        if legacy.name != f"{task_file_stem(task)}.jsonl" and legacy.is_file():
+            return legacy
+        return self.root / "samples" / f"{task_file_stem(task)}.jsonl"
 
-    def open(self, run_info: dict[str, Any]) -> None:
-        """Start the run, or resume it when run.json holds the same config hash; refuse a different run."""
+    def _existing(self) -> dict[str, Any] | None:
+        """run.json's content; None when there is none; ValueError when it is corrupt (unless overwriting)."""
+        if not self.run_json.is_file():
+            return None
+        try:
+            existing = json.loads(self.run_json.read_text(encoding="utf-8"))
+            if not isinstance(existing, dict):
+                raise ValueError
+            return existing
+        except ValueError:  # JSONDecodeError included
+            if self.overwrite:
+                return None
+            raise ValueError(f"{self.run_json} is corrupt; pass --overwrite to start the run over, or choose another "
+                             "--output") from None
+
+    def _check_folder(self) -> None:
         if self.root.exists() and not self.root.is_dir():
             raise ValueError(f"--output {self.root} is a file; give a directory for the run")
-        if self.run_json.is_file():
-            try:
-                existing = json.loads(self.run_json.read_text())
-            except json.JSONDecodeError:
-                raise ValueError(f"{self.run_json} is corrupt; move it away or choose another --output") from None
+        if self.root.is_dir() and not self.run_json.is_file() and any(self.root.iterdir()):
+            raise ValueError(f"--output {self.root} is not empty and holds no run.json; choose an empty or new folder "
+                             "(--overwrite replaces only a run folder)")
+
+    def plan(self) -> Plan:
+        """Check the folder against this store's settings before any model loads: a file, a foreign folder, a corrupt
+        run.json or a run asked with other settings is a ValueError naming what differs."""
+        self._check_folder()
+        existing = self._existing()
+        if existing is None or self.overwrite:
+            return Plan("new")
+        stored = existing.get("settings")
+        if stored is not None and self.settings is not None and stored != self.settings:
+            raise ValueError(f"--output {self.root} holds a run with other settings ("
+                             + "; ".join(settings_diff(self.settings, stored))
+                             + "); choose another --output, or pass --overwrite to start it over")
+        done, total = self.counts(existing)
+        if stored is not None and existing.get("finished") and (self.root / "metrics.json").is_file():
+            return Plan("complete", done, total)
+        if not self.has_samples() and not (self.root / "metrics.json").exists():
+            self.overwrite = True  # a run that stopped before its first sample holds nothing to keep: start it anew
+            return Plan("new")
+        return Plan("resume", done, total)
+
+    def counts(self, info: dict[str, Any] | None = None) -> tuple[int, int]:
+        """(samples answered, samples planned) over the run's tasks, read without changing any file."""
+        info = info if info is not None else (self._existing() or {})
+        done = total = 0
+        for task, entry in (info.get("tasks") or {}).items():
+            n = int(entry.get("n", 0)) if isinstance(entry, dict) else 0
+            ids: set[str] = set()
+            for path in [RunStore.samples_path(self, task),  # the merged file, also for a sharded store
+                         *sorted((self.root / "samples" / "shards").glob(f"{task_file_stem(task)}.rank*.jsonl"))]:
+                ids.update(read_ids(path))
+            done, total = done + min(len(ids), n), total + n
+        return done, total
+
+    def open(self, run_info: dict[str, Any]) -> None:
+        """Start the run, or resume it when run.json holds the same config hash; refuse a different run, naming
+        the settings that differ. With `overwrite`, a run already there is removed first."""
+        self._check_folder()
+        if self.overwrite:
+            self.clear()
+        existing = self._existing()
+        if self.settings is not None:
+            run_info = {**run_info, "settings": self.settings}
+        if existing is not None:
             if existing.get("config_hash") != run_info["config_hash"]:
+                differences = (settings_diff(self.settings or {}, existing.get("settings") or {})
+                               if self.settings is not None and existing.get("settings") is not None else [])
+                differences = differences or config_diff({k: run_info.get(k) for k in HASHED_KEYS},
+                                                         {k: existing.get(k) for k in HASHED_KEYS})
                 raise ValueError(
-                    f"--output {self.root} holds a different run (model {existing.get('model', {}).get('spec')}, "
-                    f"tasks {', '.join(existing.get('tasks', {}))}, config {existing.get('config_hash')}); "
-                    "choose another --output or delete that folder"
+                    f"--output {self.root} holds a different run ({'; '.join(differences) or 'config ' + str(existing.get('config_hash'))}); "
+                    "choose another --output, or pass --overwrite to start it over"
                 )
             run_info = {**existing, "resumed": existing.get("resumed", 0) + 1, "argv": run_info.get("argv")}
-        elif self.root.is_dir() and any(self.root.iterdir()):
-            raise ValueError(f"--output {self.root} is not empty and holds no run.json; choose an empty or new folder")
+            if self.settings is not None:
+                run_info["settings"] = self.settings
         (self.root / "samples").mkdir(parents=True, exist_ok=True)
         self.write_json("run.json", run_info)
+
+    def clear(self) -> None:
+        """Remove what a run writes here (run.json, samples/, metrics.json); other files are left alone."""
+        for name in ("run.json", "run.json.tmp", "metrics.json", "metrics.json.tmp"):
+            (self.root / name).unlink(missing_ok=True)
+        if (self.root / "samples").is_dir():
+            shutil.rmtree(self.root / "samples")
+
+    def has_samples(self) -> bool:
+        """Whether any sample record has been written (in samples/ or its shards)."""
+        folder = self.root / "samples"
+        return folder.is_dir() and any(p.stat().st_size > 0 for p in folder.rglob("*.jsonl"))
+
+    def discard_unstarted(self, keep_from: Path) -> None:
+        """After a run that stopped before its first sample: remove what open() wrote, then the folders made for the
+        run up to (not including) `keep_from`, the nearest folder that existed before. Never removes other files."""
+        if self.has_samples():
+            return
+        self.clear()
+        folder = self.root
+        keep = keep_from.resolve()
+        while folder.is_dir() and folder.resolve() != keep and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
 
     def finished_ids(self, task: str) -> set[str]:
         """Ids already in samples/<task>.jsonl. A torn last line (a crash mid-write) is cut off."""
@@ -180,6 +339,28 @@ class RunStore:
         data = json.loads(self.run_json.read_text())
         data.update(fields)
         self.write_json("run.json", data)
+
+
+def read_ids(path: Path) -> set[str]:
+    """The ids of a samples file's whole records (a torn last line ignored); the file is not changed."""
+    ids: set[str] = set()
+    if not path.is_file():
+        return ids
+    with path.open("rb") as handle:
+        for line in handle:
+            try:
+                ids.add(str(json.loads(line)["id"]))
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+                break
+    return ids
+
+
+def nearest_existing(path: Path) -> Path:
+    """The path itself when it exists, else its nearest existing ancestor."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def prompt_excerpt(prompt: Any) -> str:

@@ -82,12 +82,17 @@ class AIME:
             raise ValueError(f"AIME n_samples {n_samples}: use at least 1")
         if max_new_tokens < 1:
             raise ValueError(f"AIME max_new_tokens {max_new_tokens}: use at least 1 (the paper: 8192 and 16384)")
+        if temperature < 0:
+            raise ValueError(f"AIME temperature {temperature}: use 0 (greedy) or more (the paper: 0.7)")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"AIME top_p {top_p}: use a number above 0 and at most 1 (the paper: 0.95)")
         self.data_path = data_path
         self.n_samples = n_samples
         self.temperature = temperature
         self.top_p = top_p
         self.max_new_tokens = max_new_tokens
         self._chat: bool | None = None
+        self._rows: list[dict[str, Any]] | None = None
 
     @property
     def ks(self) -> list[int]:
@@ -106,10 +111,17 @@ class AIME:
             "chat": self._chat,
         }
 
+    def prepare(self) -> None:
+        """Load and check the rows (before any model loads)."""
+        if self._rows is None:
+            self._rows = load_rows(self.data_path, task=self.name, hub_id=HUB_ID, hub_config=None, split="train",
+                                   name="test", schema=SCHEMA, aliases=ALIASES)
+
     def samples(self, ctx: TaskContext) -> list[Sample]:
         self._chat = ctx.chat
-        rows = load_rows(self.data_path, task=self.name, hub_id=HUB_ID, hub_config=None, split="train",
-                         name="test", schema=SCHEMA, aliases=ALIASES)
+        self.prepare()
+        assert self._rows is not None
+        rows = self._rows
         if ctx.limit is not None:
             rows = rows[: ctx.limit]
         samples = []
@@ -128,10 +140,12 @@ class AIME:
                 )
             )
         longest = max((ctx.count_tokens(s.prompt) for s in samples), default=0)
-        if longest + self.max_new_tokens > ctx.max_length:
+        generated = ctx.new_tokens(self.max_new_tokens)
+        if longest + generated > ctx.max_length:
             raise ValueError(
-                f"AIME needs {longest} prompt + {self.max_new_tokens} generated tokens, more than the model's "
-                f"max length {ctx.max_length}; lower the AIME max_new_tokens or raise --max-length"
+                f"AIME needs {longest} prompt + {generated} generated tokens, more than the model's "
+                f"max length {ctx.max_length}; lower the budget (--max-new-tokens N or --task-option "
+                "aime.max_new_tokens=N) or raise --max-length"
             )
         return samples
 

@@ -62,6 +62,9 @@ class TaskContext:
     count_tokens: the model's own tokenizer, on text or chat messages (chat template applied).
     chat: whether the model gets chat messages (chat template) rather than plain text.
     max_length: the model's prompt + generation budget in tokens.
+    limit: the first N samples (each task's `limit_unit` says of what: the task, or each subject / subset).
+    max_new_tokens: a cap on every sample's generation (`--max-new-tokens`), None for the tasks' own budgets;
+    the runner applies it to the samples, and a task that checks a prompt + generation budget uses `new_tokens()`.
     """
 
     count_tokens: Callable[[Prompt], int]
@@ -69,9 +72,19 @@ class TaskContext:
     max_length: int
     seed: int = 0
     limit: int | None = None
+    max_new_tokens: int | None = None
+
+    def new_tokens(self, wanted: int) -> int:
+        """A task's generation budget under the run's cap."""
+        return wanted if self.max_new_tokens is None else min(wanted, self.max_new_tokens)
 
 
 class Task(Protocol):
+    """Optional members the harness also uses: `prepare()` (load and check the data; the CLI calls it before the
+    model loads, so bad or empty data fails fast; samples() calls it too), `details(sample, output)` (per-sample
+    extras stored with the record) and `limit_unit` ("subject", "subset": what `--limit N` counts per; absent: the
+    first N samples of the task)."""
+
     name: str
     version: str  # bumped whenever prompts or scoring change
     headline: str  # the metric reports lead with, a key of score()'s dict

@@ -10,16 +10,24 @@ Local sources (`--data TASK=PATH`):
   `["a", "b"]` are read as such when the schema asks for them);
 - a folder: the file `NAME.<ext>` inside it, where NAME is what the task looks for (a split such as
   `test` / `dev`, or a subset such as `qasper`).
+
+Hub sources, offline first: the local `datasets` cache is tried before the network; with `HF_DATASETS_OFFLINE=1`
+(or `HF_HUB_OFFLINE=1`) nothing else is; when the hub cannot be reached (a 3 s connection test) the error is one
+line naming `--data TASK=PATH` at once, rather than after `huggingface_hub`'s retries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
+import socket
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
+from urllib.parse import urlparse
 
 from nsa_eval.tasks.base import DataError
 
@@ -43,6 +51,8 @@ def local_rows(path: str | Path, name: str | None = None) -> tuple[str, list[tup
 
     Raises ValueError for a missing path or an unsupported suffix, DataError for an unreadable file.
     """
+    if not str(path).strip():
+        raise ValueError("the data path is empty; give a jsonl/json/parquet/csv file or a folder of them")
     path = Path(path)
     if path.is_dir():
         if name is None:
@@ -60,8 +70,10 @@ def local_rows(path: str | Path, name: str | None = None) -> tuple[str, list[tup
     if suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise DataError(f"{where}: not valid JSON ({error})") from None
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})") from None
+        except UnicodeDecodeError as error:
+            raise DataError(f"{where}: not UTF-8 text ({error.reason} at byte {error.start})") from None
         if not isinstance(data, list):
             raise DataError(f"{where}: expected a JSON array of row objects, got {type(data).__name__}")
         return where, list(enumerate(data, start=1))
@@ -87,31 +99,121 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"{path}: row {number}: not valid JSON ({error.msg})") from None
+                raise DataError(f"{path}: row {number}: not valid JSON ({error.msg} at column {error.colno})") from None
+
+
+def offline_env() -> bool:
+    """Whether the user asked for no network: HF_DATASETS_OFFLINE or HF_HUB_OFFLINE set to a true value (as
+    `datasets` read them at import, or in the environment now)."""
+    import datasets.config
+
+    return bool(datasets.config.HF_HUB_OFFLINE) or any(
+        os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+        for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def hub_endpoint() -> str:
+    """The hub's address ($HF_ENDPOINT, else https://huggingface.co)."""
+    return os.environ.get("HF_ENDPOINT", "").strip() or "https://huggingface.co"
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub opens within `timeout` seconds."""
+    url = urlparse(hub_endpoint())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """`datasets` and `huggingface_hub` in offline mode for the block: only the local cache is read."""
+    import datasets.config
+    import huggingface_hub.constants as hub_constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, getattr(datasets.config, "HF_DATASETS_OFFLINE", None), hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    if saved[1] is not None:
+        datasets.config.HF_DATASETS_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved[0], saved[2]
+        if saved[1] is not None:
+            datasets.config.HF_DATASETS_OFFLINE = saved[1]
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _needs_network(error: BaseException | None) -> bool:
+    """Whether an offline attempt failed for want of the network or the cache (an OSError such as datasets'
+    ConnectionError or DatasetNotFoundError, anywhere in the chain of causes)."""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
+def from_hub(load: Callable[[], Any], what: str, remedy: str) -> Any:
+    """`load()` (something that calls datasets.load_dataset) from the local cache first, then from the hub when it
+    can be reached. Every failure is one ValueError line ending in `remedy` (e.g. "pass --data gsm8k=PATH")."""
+    try:
+        with hub_offline():
+            return load()
+    except Exception as error:  # noqa: BLE001 - sorted below
+        cached_error = error
+    if not _needs_network(cached_error):  # a bad config or file: the network would not help
+        if isinstance(cached_error, ValueError) and not type(cached_error).__module__.startswith(("datasets", "huggingface")):
+            raise cached_error
+        raise ValueError(f"could not load {what} ({_first_line(cached_error)}); {remedy}") from None
+    if offline_env():
+        raise ValueError(f"{what} is not in the local datasets cache and HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set "
+                         f"({_first_line(cached_error)}); {remedy}") from None
+    if not hub_reachable():
+        raise ValueError(f"{what} is not in the local datasets cache and the Hugging Face hub ({hub_endpoint()}) "
+                         f"cannot be reached; {remedy}") from None
+    try:
+        return load()
+    except ValueError:
+        raise
+    except Exception as error:  # noqa: BLE001 - missing config, script datasets, HTTP errors: all end the same way
+        raise ValueError(f"could not load {what} from the Hugging Face hub ({_first_line(error)}); {remedy}") from None
 
 
 def hub_rows(
     hub_id: str, config: str | None, split: str, task: str, data_files: str | None = None
 ) -> tuple[str, list[tuple[int, Any]]]:
-    """Rows of a hub dataset split through `datasets`; a failure becomes one line suggesting --data.
+    """Rows of a hub dataset split through `datasets`, from the local cache first (see the module docstring); a
+    failure becomes one line suggesting --data.
 
     data_files: read this JSON-lines file URL (e.g. "zip://data/x.jsonl::hf://datasets/ORG/NAME/data.zip")
     instead of the dataset's own configs, for hub datasets whose loading script `datasets` no longer runs.
     """
     where = f"{hub_id}" + (f" ({config})" if config else "") + f" [{split}]"
-    try:
+
+    def load() -> Any:
         import datasets
 
+        datasets.disable_progress_bars()
         if data_files is not None:
-            dataset = datasets.load_dataset("json", data_files={split: data_files}, split=split)
-        else:
-            dataset = datasets.load_dataset(hub_id, config, split=split)
-    except Exception as error:  # network, missing config, script datasets: all end the same way
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(
-            f"could not load {where} from the Hugging Face hub ({reason}); "
-            f"download it and pass --data {task}=PATH (a jsonl/json/parquet/csv file or a folder)"
-        ) from None
+            return datasets.load_dataset("json", data_files={split: data_files}, split=split)
+        return datasets.load_dataset(hub_id, config, split=split)
+
+    remedy = f"download it and pass --data {task}=PATH (a jsonl/json/parquet/csv file or a folder)"
+    if data_files is not None and not any(scheme in data_files for scheme in ("hf://", "http://", "https://")):
+        try:  # a local archive (tests, mirrors): no cache or network question to ask
+            dataset = load()
+        except Exception as error:  # noqa: BLE001
+            raise ValueError(f"could not load {where} ({_first_line(error)}); {remedy}") from None
+    else:
+        dataset = from_hub(load, where, remedy)
     return where, list(enumerate(dataset, start=1))
 
 
@@ -167,11 +269,14 @@ def load_rows(
     aliases: dict[str, tuple[str, ...]] | None = None,
     name: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Checked rows from `data_path` (file, or `name.<ext>` in a folder; name defaults to split) or the hub."""
+    """Checked rows from `data_path` (file, or `name.<ext>` in a folder; name defaults to split) or the hub; no rows
+    at all is a DataError (a task on nothing would "succeed" with n=0)."""
     if data_path is None:
         where, rows = hub_rows(hub_id, hub_config, split, task)
     else:
         where, rows = local_rows(data_path, name or split)
+    if not rows:
+        raise DataError(f"{where} holds no rows; give {task} data with at least one row")
     return check_rows(where, rows, schema, aliases, text_cells=where.lower().endswith(".csv"))
 
 

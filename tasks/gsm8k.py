@@ -111,6 +111,7 @@ class GSM8K:
         self._chat: bool | None = None
         self._shots_used: int | None = None
         self._shot_source: str | None = None
+        self._test_rows: list[dict[str, Any]] | None = None
 
     def config(self) -> dict[str, Any]:
         config = {
@@ -132,9 +133,15 @@ class GSM8K:
                 raise DataError(f"{where}: row {number}: field 'answer' has no '#### N' final answer")
         return rows
 
+    def prepare(self) -> None:
+        """Load and check the test rows (before any model loads)."""
+        if self._test_rows is None:
+            self._test_rows = self._rows("test")
+
     def samples(self, ctx: TaskContext) -> list[Sample]:
         self._chat = ctx.chat
-        rows = self._rows("test")
+        self.prepare()
+        rows = self._test_rows
         if self.variant == "standard":
             return self._standard_samples(rows, ctx)
         shots = self.num_fewshot if self.num_fewshot is not None else (0 if ctx.chat else 8)

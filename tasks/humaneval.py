@@ -113,7 +113,7 @@ def _gzip_jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 try:
                     yield number, json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise DataError(f"{path}: row {number}: not valid JSON ({error.msg})") from None
+                    raise DataError(f"{path}: row {number}: not valid JSON ({error.msg} at column {error.colno})") from None
 
 
 class HumanEval:
@@ -144,6 +144,14 @@ class HumanEval:
             )
         if n_samples < 1:
             raise ValueError(f"humaneval n_samples={n_samples}: give 1 or more samples per problem")
+        if temperature is not None and temperature < 0:
+            raise ValueError(f"humaneval temperature={temperature}: use 0 (greedy) or more")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"humaneval top_p={top_p}: use a number above 0 and at most 1")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"humaneval max_new_tokens={max_new_tokens}: use at least 1")
+        if timeout_s <= 0:
+            raise ValueError(f"humaneval timeout_s={timeout_s}: give a positive number of seconds per program")
         self.temperature = temperature if temperature is not None else (0.0 if n_samples == 1 else 0.8)
         if n_samples > 1 and self.temperature == 0:
             raise ValueError(f"humaneval n_samples={n_samples} with temperature 0 gives {n_samples} identical samples; set temperature > 0")
@@ -164,6 +172,7 @@ class HumanEval:
         sandbox_protections()  # finds the sandbox's isolation now: a machine where it cannot run fails before the model loads
         self._chat: bool | None = None
         self._executions: dict[tuple[str, tuple[str, ...]], list[ExecutionResult]] = {}
+        self._problems: list[dict[str, Any]] | None = None
 
     def config(self) -> dict[str, Any]:
         return {
@@ -178,9 +187,20 @@ class HumanEval:
             "chat": self._chat,
         }
 
+    def prepare(self) -> None:
+        """Load and check the problems (before any model loads)."""
+        if self._problems is None:
+            problems = load_problems(self.data_path)
+            if not problems:
+                raise DataError(f"{self.data_path or 'HumanEval.jsonl.gz'} holds no problems; give humaneval data with at "
+                                "least one row")
+            self._problems = problems
+
     def samples(self, ctx: TaskContext) -> list[Sample]:
         self._chat = ctx.chat
-        problems = load_problems(self.data_path)
+        self.prepare()
+        assert self._problems is not None
+        problems = self._problems
         if ctx.limit is not None:
             problems = problems[: ctx.limit]
         return [

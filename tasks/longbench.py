@@ -24,8 +24,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-from nsa_eval.tasks.base import Prompt, Sample, TaskContext, aggregate_scores, macro_average
-from nsa_eval.tasks.data import check_rows, hub_rows, local_rows
+from nsa_eval.tasks.base import DataError, Prompt, Sample, TaskContext, aggregate_scores, macro_average
+from nsa_eval.tasks.data import check_rows, find_data_file, hub_rows, local_rows
 from nsa_eval.tasks.longbench_metrics import score_prediction
 
 HERE = Path(__file__).parent
@@ -135,6 +135,7 @@ class LongBench:
     version = "1"
     headline = "score"
     breakdown_keys = ("subset", "length")
+    limit_unit = "subset"  # --limit N: the first N rows of each subset
 
     def __init__(self, data_path: str | None = None, subsets: list[str] | str | None = None, longbench_e: bool = False):
         self.data_path = data_path
@@ -142,6 +143,7 @@ class LongBench:
         self.subsets = parse_subsets(subsets, longbench_e)
         self._chat: bool | None = None
         self._truncated: dict[str, bool] = {}
+        self._rows: dict[str, list[dict[str, Any]]] | None = None
 
     def config(self) -> dict[str, Any]:
         return {
@@ -151,32 +153,56 @@ class LongBench:
             "chat": self._chat,
         }
 
-    def _rows(self, subset: str, rows_by_dataset: dict[str, list[dict[str, Any]]] | None) -> list[dict[str, Any]]:
+    def _subset_rows(self, subset: str, rows_by_dataset: dict[str, list[dict[str, Any]]] | None) -> list[dict[str, Any]]:
         name = f"{subset}_e" if self.longbench_e else subset
         if rows_by_dataset is not None:
             return rows_by_dataset.get(name, []) + (rows_by_dataset.get(subset, []) if name != subset else [])
         if self.data_path is None:
             return check_rows(*hub_rows(HUB_ID, name, "test", self.name, data_files=HUB_FILE.format(name=name)), SCHEMA)
+        if find_data_file(self.data_path, name) is None:
+            return []
         return check_rows(*local_rows(self.data_path, name), SCHEMA)
 
-    def samples(self, ctx: TaskContext) -> list[Sample]:
-        self._chat = ctx.chat
+    def prepare(self) -> None:
+        """Load and check every asked subset's rows (before any model loads). A subset the data lacks is an error
+        naming the subsets present, so an average is never taken over fewer subsets than asked for."""
+        if self._rows is not None:
+            return
         rows_by_dataset = None  # one local file holding several subsets
         if self.data_path is not None and Path(self.data_path).is_file():
             rows_by_dataset = defaultdict(list)
             for row in check_rows(*local_rows(self.data_path), SCHEMA):
                 rows_by_dataset[row["dataset"]].append(row)
+        rows = {subset: self._subset_rows(subset, rows_by_dataset) for subset in self.subsets}
+        present = [subset for subset in self.subsets if rows[subset]]
+        if len(present) < len(self.subsets):
+            missing = [subset for subset in self.subsets if not rows[subset]]
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            where = self.data_path or HUB_ID
+            if not present:
+                raise DataError(f"LongBench data {where} holds none of the {len(self.subsets)} subsets asked for "
+                                f"({shown}); give a folder of SUBSET.jsonl files or a file of rows with a 'dataset' field")
+            raise DataError(f"LongBench data {where} holds {len(present)} of the {len(self.subsets)} subsets asked for "
+                            f"(missing: {shown}); run the ones present with --task-option "
+                            f"longbench.subsets={','.join(present)}")
+        self._rows = rows
+
+    def samples(self, ctx: TaskContext) -> list[Sample]:
+        self._chat = ctx.chat
+        self.prepare()
+        assert self._rows is not None
         template_tokens = ctx.count_tokens([{"role": "user", "content": ""}]) if ctx.chat else 0
         samples = []
         for subset in self.subsets:
-            rows = self._rows(subset, rows_by_dataset)
+            rows = self._rows[subset]
             if ctx.limit is not None:
                 rows = rows[: ctx.limit]
             chat = ctx.chat and subset not in PLAIN_TEXT_SUBSETS
-            budget = ctx.max_length - MAX_NEW_TOKENS[subset] - (template_tokens if chat else 0)
+            generated = ctx.new_tokens(MAX_NEW_TOKENS[subset])
+            budget = ctx.max_length - generated - (template_tokens if chat else 0)
             if budget < 2:
                 raise ValueError(
-                    f"LongBench {subset} generates up to {MAX_NEW_TOKENS[subset]} tokens, which leaves no room for a "
+                    f"LongBench {subset} generates up to {generated} tokens, which leaves no room for a "
                     f"prompt in the model's max length {ctx.max_length}; raise --max-length"
                 )
             for row in rows:
@@ -191,7 +217,7 @@ class LongBench:
                         prompt=prompt,
                         target={"answers": row["answers"], "all_classes": row["all_classes"]},
                         breakdown={"subset": subset, "length": length_bucket(row["length"])},
-                        max_new_tokens=MAX_NEW_TOKENS[subset],
+                        max_new_tokens=generated,
                     )
                 )
         return samples

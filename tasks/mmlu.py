@@ -119,6 +119,7 @@ class MMLU:
     version = "1"
     headline = "accuracy"
     breakdown_keys = ("subject",)
+    limit_unit = "subject"  # --limit N: the first N questions of each subject (lm-eval's --limit on the mmlu group)
 
     def __init__(
         self,
@@ -133,6 +134,8 @@ class MMLU:
             raise ValueError(f"MMLU variant '{variant}' is unknown; use one of {', '.join(VARIANTS)}")
         if not 0 <= num_fewshot <= 5:
             raise ValueError(f"MMLU num_fewshot {num_fewshot}: MMLU has 5 dev questions per subject; use 0 to 5")
+        if max_new_tokens < 1:
+            raise ValueError(f"MMLU max_new_tokens {max_new_tokens}: use at least 1")
         self.data_path = data_path
         self.num_fewshot = num_fewshot
         self.variant = variant
@@ -141,6 +144,7 @@ class MMLU:
         self.max_new_tokens = max_new_tokens
         self._chat: bool | None = None
         self._shot_source: str | None = None
+        self._data: tuple[list[dict[str, Any]], list[dict[str, Any]] | None] | None = None
 
     def config(self) -> dict[str, Any]:
         return {
@@ -173,9 +177,21 @@ class MMLU:
                     )
         return test, dev
 
+    def prepare(self) -> None:
+        """Load and check the rows, and that every asked subject is in them (before any model loads)."""
+        if self._data is None:
+            test, dev = self._load()
+            present = {row["subject"] for row in test}
+            unknown = [s for s in self.subjects or [] if s not in present]
+            if unknown:
+                raise ValueError(f"MMLU subjects not in the data: {', '.join(unknown)}; known: {', '.join(sorted(present))}")
+            self._data = test, dev
+
     def samples(self, ctx: TaskContext) -> list[Sample]:
         self._chat = ctx.chat
-        test, dev = self._load()
+        self.prepare()
+        assert self._data is not None
+        test, dev = self._data
         self._shot_source = "dev" if dev is not None else "test (same subject, seeded, item excluded)"
         by_subject: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for row in test:

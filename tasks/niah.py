@@ -117,10 +117,11 @@ class NeedleInAHaystack:
 
     def samples(self, ctx: TaskContext) -> list[Sample]:
         longest = self.lengths[-1]
-        if longest + self.max_new_tokens > ctx.max_length:
+        generated = ctx.new_tokens(self.max_new_tokens)
+        if longest + generated > ctx.max_length:
             raise ValueError(
                 f"NIAH length {longest} does not fit --max-length {ctx.max_length} (prompt + "
-                f"{self.max_new_tokens} generated tokens); lower --niah-lengths or raise --max-length"
+                f"{generated} generated tokens); lower --niah-lengths or raise --max-length"
             )
         samples = []
         for length in self.lengths:

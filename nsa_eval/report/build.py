@@ -5,9 +5,9 @@ A report folder holds:
   report.html          one self-contained file with sortable tables and per-sample drill-down
   tables.tex           every table as a booktabs LaTeX table
   results.csv          one row per run, task, metric and breakdown cell, with deltas against the baseline
-  tables/<slug>.csv    every table as printed
-  figures/<slug>.png   heatmaps, difference maps, score by length, kernel speedups
-  runs/<run-id>/run.json   what produced each column
+  tables/<slug>.csv    every table, numbers as numbers (a column's mean, then "<column> stderr", "<column> n")
+  figures/<slug>.png   heatmaps, difference maps, score by length, kernel speedups (also .svg and .pdf)
+  runs/<key>/run.json  what produced each column (one folder per run folder; key: the run id, made unique)
   report.json          what the report was made from (read by publish)
 """
 
@@ -37,8 +37,12 @@ SUBSET_KEYS = ("subset", "dataset")
 class FigureFile:
     slug: str
     title: str
-    png: bytes
+    files: dict[str, bytes]  # format -> bytes: png, svg, pdf
     wide: bool = False  # HTML: a full-width figure (several panels) rather than one of a pair
+
+    @property
+    def png(self) -> bytes:
+        return self.files["png"]
 
     @property
     def base64(self) -> str:
@@ -69,27 +73,52 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 
 def find_baseline(runs: list[Run], spec: str) -> int:
-    """Index of the run named by spec (run id, or its directory)."""
+    """Index of the column holding the run named by spec (run id, key, or its directory)."""
     for index, run in enumerate(runs):
-        if spec == run.run_id or (Path(spec).exists() and Path(spec).resolve() == run.path.resolve()):
-            return index
-    raise ValueError(f"baseline '{spec}' is not among the runs ({', '.join(r.run_id for r in runs)}); "
+        for part in run.folders:
+            if spec in (part.run_id, part.key) or (Path(spec).exists() and Path(spec).resolve() == part.path.resolve()):
+                return index
+    raise ValueError(f"baseline '{spec}' is not among the runs ({', '.join(p.key for r in runs for p in r.folders)}); "
                      "add it to the RUN arguments or name one of them")
 
 
+def settings_text(info: dict) -> str:
+    """A run's attention, numeric and engine settings in a few words, for the Runs table."""
+    parts = []
+    sparse = info.get("sparse")
+    if info.get("attention") == "sparse" and isinstance(sparse, dict):
+        parts.append("sparse attention (" + ", ".join(f"{k} {v}" for k, v in sparse.items()) + ")")
+    else:
+        parts.append(f"{info.get('attention') or 'full'} attention")
+    parts.append(" ".join(str(info[k]) for k in ("device", "dtype") if info.get(k)))
+    model = info.get("model") or {}
+    if model.get("max_length"):
+        parts.append(f"max length {model['max_length']}")
+    if model.get("chat") is not None:
+        parts.append("chat template" if model["chat"] else "plain prompts")
+    for key, label in (("batch_size", "batch"), ("prefill_chunk", "prefill chunk"), ("max_new_tokens", "max new tokens"),
+                       ("limit", "limit"), ("seed", "seed"), ("world_size", "processes")):
+        if info.get(key) is not None:
+            parts.append(f"{label} {info[key]}")
+    return "; ".join(p for p in parts if p)
+
+
 def runs_table(runs: list[Run], baseline: int | None) -> Table:
-    table = Table("runs", "Runs", ["Column", "Run id", "Model spec", "Created", "Tasks", "git", "Hardware", "torch"])
-    for index, run in enumerate(runs):
-        info = run.info
-        table.rows.append([Cell(run.label + (" (baseline)" if index == baseline else "")), Cell(run.run_id),
-                           Cell(str(info["model"].get("spec", ""))), Cell(str(info.get("created", ""))),
-                           Cell(", ".join(run.results) or "\u2014"), Cell(str(info.get("git_sha", ""))[:12]),
-                           Cell(hardware_text(run)),
-                           Cell(str((info.get("versions") or {}).get("torch", "")))])
+    """A row per run folder (a merged column lists each of its folders)."""
+    table = Table("runs", "Runs", ["Column", "Run id", "Folder", "Model spec", "Settings", "Created", "Tasks", "git",
+                                   "Hardware", "torch"])
+    for index, column in enumerate(runs):
+        for run in column.folders:
+            info = run.info
+            table.rows.append([Cell(column.label + (" (baseline)" if index == baseline else "")), Cell(run.run_id),
+                               Cell(str(run.path)), Cell(str(info["model"].get("spec", ""))), Cell(settings_text(info)),
+                               Cell(str(info.get("created", ""))), Cell(", ".join(run.results) or "\u2014"),
+                               Cell(str(info.get("git_sha", ""))[:12]), Cell(hardware_text(run)),
+                               Cell(str((info.get("versions") or {}).get("torch", "")))])
     return table
 
 
-def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: bool) -> Section:
+def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: bool, paper: bool = False) -> Section:
     section = Section(f"Task: {task}")
     keys = list(dict.fromkeys(k for run in runs if task in run.results for k in run.results[task].breakdowns))
     results = [run.results[task] for run in runs if task in run.results]
@@ -101,15 +130,15 @@ def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: 
         if " x " in key:
             continue
         if key in SUBSET_KEYS:
-            section.tables.append(subset_table(runs, task, key, baseline, with_paper))
+            section.tables.append(subset_table(runs, task, key, baseline, with_paper, paper))
         else:
-            section.tables.append(breakdown_table(runs, task, key, baseline))
+            section.tables.append(breakdown_table(runs, task, key, baseline, paper))
     for cross_key in (k for k in keys if " x " in k):
         holders = [i for i, run in enumerate(runs) if task in run.results and cross_key in run.results[task].breakdowns]
         for index in holders:
             run = runs[index]
             section.figures.append(FigureFile(
-                slug(f"{task}-{cross_key}-{run.run_id}"), f"{run.label}: {task} by {cross_key}",
+                slug(f"{task}-{cross_key}-{run.source(task).key}"), f"{run.label}: {task} by {cross_key}",
                 figures.breakdown_heatmap(run, task, cross_key)))
         reference_index = reference_run(runs, task, baseline)
         for index in holders:
@@ -118,7 +147,7 @@ def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: 
             base, run = runs[reference_index], runs[index]
             if mismatch(base.results[task], run.results[task]) is None:
                 section.figures.append(FigureFile(
-                    slug(f"{task}-{cross_key}-{run.run_id}-minus-{base.run_id}"),
+                    slug(f"{task}-{cross_key}-{run.source(task).key}-minus-{base.source(task).key}"),
                     f"{run.label} \u2212 {base.label}: {task} by {cross_key}",
                     figures.difference_map(run, base, task, cross_key)))
         section.details.append(Details(f"{task} by {cross_key}, per run (click a cell for its samples)",
@@ -126,7 +155,7 @@ def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: 
     length_keys = [k for k in keys if " x " not in k and "length" in k]
     if length_keys:
         reference_index = reference_run(runs, task, baseline)
-        apart = {run.run_id: f" (not comparable: {reason})" for run in runs if task in run.results
+        apart = {run.key: f" (not comparable: {reason})" for run in runs if task in run.results
                  and (reason := mismatch(runs[reference_index].results[task], run.results[task]))}
         section.figures.append(FigureFile(slug(f"{task}-by-{length_keys[0]}"), f"{task} by {length_keys[0]}",
                                           figures.score_by_key(runs, task, length_keys[0], apart)))
@@ -142,9 +171,9 @@ def _speed_section(runs: list[Run], bench_dir: Path, with_paper: bool) -> Sectio
     section.notes += skipped
     for bench in bench_files:
         section.tables += speed.bench_tables(bench)
-        png = speed.speedup_figure(bench, with_paper)
-        if png:
-            section.figures.append(FigureFile(f"kernels-{slug(bench.card)}", f"Kernel speedup on {bench.device}", png,
+        files = speed.speedup_figure(bench, with_paper)
+        if files:
+            section.figures.append(FigureFile(f"kernels-{slug(bench.card)}", f"Kernel speedup on {bench.device}", files,
                                               wide=True))
     if with_paper and bench_files:
         section.tables.append(speed.paper_speed_table())
@@ -160,8 +189,12 @@ def build_report(
     formats: tuple[str, ...] = FORMATS,
     bench_dir: str | Path = BENCH_DIR,
     seed: int = 0,
+    paper: bool = False,
+    merge: bool = True,
 ) -> list[Path]:
-    """Write the report of the runs into out_dir; returns the files written (report.md first when asked)."""
+    """Write the report of the runs into out_dir; returns the files written (report.md first when asked).
+    paper: the paper style (short headers, no n in cells, a note with the n); merge: one column per model and
+    settings for runs holding different tasks."""
     if reference not in (None, PAPER_NAME):
         raise ValueError(f"unknown reference '{reference}'; the one known is '{PAPER_NAME}'")
     formats = tuple(formats)
@@ -169,13 +202,15 @@ def build_report(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the report")
-    runs = load_runs(list(run_specs))
+    if (out / "run.json").exists() or (out / "metrics.json").exists():
+        raise ValueError(f"--out {out} is a run directory; write the report elsewhere, e.g. --out {out / 'report'}")
+    runs = load_runs(list(run_specs), merge=merge)
     base = find_baseline(runs, baseline) if baseline is not None else None
     with_paper = reference == PAPER_NAME
 
     comparisons = compare(runs, base, seed=seed) if base is not None else {}
-    scores = Section("Scores", [model_table(runs, base, with_paper), task_table(runs, base, comparisons)])
-    sections = [scores, *(_task_section(runs, task, base, with_paper) for task in report_tasks(runs)
+    scores = Section("Scores", [model_table(runs, base, with_paper, paper), task_table(runs, base, comparisons, paper)])
+    sections = [scores, *(_task_section(runs, task, base, with_paper, paper) for task in report_tasks(runs)
                           if any(task in run.results for run in runs))]
     speed_section = _speed_section(runs, Path(bench_dir), with_paper)
     if speed_section:
@@ -189,9 +224,10 @@ def build_report(
     if all_figures:
         (out / "figures").mkdir(exist_ok=True)
         for figure in all_figures:
-            path = out / "figures" / f"{figure.slug}.png"
-            path.write_bytes(figure.png)
-            written.append(path)
+            for kind, data in figure.files.items():
+                path = out / "figures" / f"{figure.slug}.{kind}"
+                path.write_bytes(data)
+                written.append(path)
     if "md" in formats:
         written.insert(0, _write(out / "report.md", _markdown(title, header, sections)))
     if "html" in formats:
@@ -208,14 +244,15 @@ def build_report(
         path = out / "results.csv"
         pd.DataFrame(long_records(runs, comparisons)).to_csv(path, index=False)
         written.append(path)
-    for run in runs:
-        target = out / "runs" / run.run_id
+    for run in (part for column in runs for part in column.folders):
+        target = out / "runs" / run.key
         target.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run.path / "run.json", target / "run.json")
         written.append(target / "run.json")
     manifest = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "title": title,
-                "runs": [{"run_id": r.run_id, "label": r.label, "path": str(r.path)} for r in runs],
-                "baseline": runs[base].run_id if base is not None else None, "reference": reference,
+                "runs": [{"run_id": part.run_id, "key": part.key, "label": column.label, "path": str(part.path)}
+                         for column in runs for part in column.folders],
+                "baseline": runs[base].key if base is not None else None, "reference": reference, "paper": paper,
                 "formats": list(formats), "files": [str(p.relative_to(out)) for p in written]}
     written.append(_write(out / "report.json", json.dumps(manifest, indent=2) + "\n"))
     return written
@@ -232,7 +269,8 @@ def _markdown(title: str, header: Table, sections: list[Section]) -> str:
         parts.append(f"## {section.title}\n")
         parts += [f"Note: {note}\n" for note in section.notes]
         parts += [to_markdown(table) for table in section.tables]
-        parts += [f"![{figure.title}](figures/{figure.slug}.png)\n" for figure in section.figures]
+        parts += [f"![{figure.title}](figures/{figure.slug}.png)\n\n(also [SVG](figures/{figure.slug}.svg) and "
+                  f"[PDF](figures/{figure.slug}.pdf))\n" for figure in section.figures]
     return "\n".join(parts)
 
 

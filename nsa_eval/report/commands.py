@@ -25,22 +25,29 @@ from nsa_eval.report.runs import resolve_run_dir
               help="Add the NSA paper's reported numbers (arXiv:2502.11089, a 27B MoE) as reference rows.")
 @click.option("--format", "formats", default=",".join(FORMATS), show_default=True,
               help="Comma-separated outputs: md (report.md), html (one self-contained report.html with per-sample "
-                   "drill-down), latex (tables.tex), csv (results.csv and tables/*.csv). Figures are always PNG files.")
+                   "drill-down), latex (tables.tex), csv (results.csv and tables/*.csv, numbers as numbers). Figures are "
+                   "always written, as PNG, SVG and PDF.")
 @click.option("--bench-dir", type=click.Path(path_type=Path), default=BENCH_DIR, show_default=True,
               help="Where `nsa-eval bench kernels` wrote kernels-<card>.json; their speed tables and figures are "
                    "added when present.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap resampling.")
+@click.option("--paper", is_flag=True,
+              help="The paper style: short column heads (MMLU, GSM8K, ...), no n in the cells, a note with the n of "
+                   "each column and the settings.")
+@click.option("--merge/--no-merge", default=True, show_default=True,
+              help="Runs of one model and settings (model spec, max length, chat, attention, dtype, device) holding "
+                   "different tasks become one column (one row per model), e.g. per-task runs.")
 def report(runs: tuple[str, ...], out_dir: Path | None, baseline: str | None, reference: str | None, formats: str,
-           bench_dir: Path, seed: int) -> None:
+           bench_dir: Path, seed: int, paper: bool, merge: bool) -> None:
     """Tables, heatmaps and an HTML report from one or more run directories (or run ids under results/runs/)."""
     from nsa_eval.report.build import build_report, parse_formats  # matplotlib and pandas: only when reporting
 
     out = out_dir or resolve_run_dir(runs[0]) / "report"
     written = build_report(list(runs), out, baseline=baseline, reference=reference, formats=parse_formats(formats),
-                           bench_dir=bench_dir, seed=seed)
+                           bench_dir=bench_dir, seed=seed, paper=paper, merge=merge)
     for path in written:
-        if path.suffix in (".md", ".html", ".tex") or path.parent.name == "figures":
-            click.echo(f"wrote {path}")
+        if path.suffix in (".md", ".html", ".tex") or (path.parent.name == "figures" and path.suffix == ".png"):
+            click.echo(f"wrote {path}" + (" (and .svg, .pdf)" if path.suffix == ".png" else ""))
     click.echo(f"report folder: {out} (publish it with `nsa-eval publish {out} --name NAME`)")
 
 
@@ -55,4 +62,18 @@ def publish(report_dir: Path, name: str, results_dir: Path, force: bool) -> None
     from nsa_eval.report.build import publish as publish_report
 
     target = publish_report(report_dir, name, results_dir=results_dir, force=force)
-    click.echo(f"published {target}; commit it with `git add {target}`")
+    if _in_git_work_tree(target):
+        click.echo(f"published {target}; commit it with `git add {target}`")
+    else:
+        click.echo(f"published {target}")
+
+
+def _in_git_work_tree(path: Path) -> bool:
+    import subprocess
+
+    try:
+        found = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=path, capture_output=True, text=True,
+                               timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return found.returncode == 0 and found.stdout.strip() == "true"

@@ -1,4 +1,5 @@
-"""Report figures as PNG bytes (matplotlib's object API, no global pyplot state).
+"""Report figures, each as PNG, SVG and PDF bytes ({"png": ..., "svg": ..., "pdf": ...}; matplotlib's object API,
+no global pyplot state). PNG at 200 dpi for the web, SVG and PDF for papers and blog posts.
 
 - `breakdown_heatmap`: a task's two-key breakdown for one run (NIAH: depth x context length, the paper's
   Figure 5; LongBench: subset x length bucket) on a fixed 0..1 colour scale, the mean per column drawn over it;
@@ -32,10 +33,19 @@ SCORE_COLOURS = "RdYlGn"
 DIFFERENCE_COLOURS = "RdBu"
 
 
-def _png(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    return buffer.getvalue()
+FORMATS = ("png", "svg", "pdf")
+PNG_DPI = 200
+
+
+def _render(figure: Figure) -> dict[str, bytes]:
+    """The figure in every format of FORMATS."""
+    files = {}
+    for kind in FORMATS:
+        buffer = io.BytesIO()
+        stamp = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}.get(kind)  # the same bytes for the same figure
+        figure.savefig(buffer, format=kind, dpi=PNG_DPI if kind == "png" else None, bbox_inches="tight", metadata=stamp)
+        files[kind] = buffer.getvalue()
+    return files
 
 
 def _grid(run: Run, task: str, cross_key: str) -> tuple[list[str], list[str], np.ndarray]:
@@ -75,7 +85,7 @@ def _figure_size(columns: list[str], rows: list[str]) -> tuple[float, float]:
     return max(6.0, 0.75 * len(columns) + 3), max(3.5, 0.45 * len(rows) + 2)
 
 
-def breakdown_heatmap(run: Run, task: str, cross_key: str) -> bytes:
+def breakdown_heatmap(run: Run, task: str, cross_key: str) -> dict[str, bytes]:
     """Heatmap of run's cross breakdown of a task (headline metric, fixed 0..1 scale), with the mean per
     column (NIAH: per context length) as a line in a strip over it."""
     result = run.results[task]
@@ -99,10 +109,10 @@ def breakdown_heatmap(run: Run, task: str, cross_key: str) -> bytes:
     mean_axes.tick_params(labelbottom=False)
     figure.colorbar(image, ax=[mean_axes, axes], label=result.headline)
     mean_axes.set_title(f"{run.label}\n{task} {result.headline} {result.score:.3f} (n={result.n})")
-    return _png(figure)
+    return _render(figure)
 
 
-def difference_map(run: Run, base: Run, task: str, cross_key: str) -> bytes:
+def difference_map(run: Run, base: Run, task: str, cross_key: str) -> dict[str, bytes]:
     """run minus base on a task's cross breakdown (headline metric), -1..1, blue where run scores higher."""
     columns, rows, grid = _grid(run, task, cross_key)
     base_columns, base_rows, base_grid = _grid(base, task, cross_key)
@@ -119,30 +129,41 @@ def difference_map(run: Run, base: Run, task: str, cross_key: str) -> bytes:
     figure.colorbar(image, ax=axes, label=f"\u0394 {headline}")
     overall = run.results[task].score - base.results[task].score
     axes.set_title(f"{run.label} \u2212 {base.label}\n{task} {headline} (overall {overall:+.3f})")
-    return _png(figure)
+    return _render(figure)
 
 
-def score_by_key(runs: list[Run], task: str, key: str, apart: dict[str, str] | None = None) -> bytes:
-    """Headline score (mean, stderr bars) against a breakdown key, one line per run that has it.
-    apart: run id -> why that run is not comparable with the others, printed in its legend entry."""
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def score_by_key(runs: list[Run], task: str, key: str, apart: dict[str, str] | None = None) -> dict[str, bytes]:
+    """Headline score (mean, stderr bars) against a breakdown key, one line per run that has it. Each run has its
+    own marker and line style and sits slightly apart along x, so runs with equal scores do not hide each other.
+    apart: run key -> why that run is not comparable with the others, printed in its legend entry."""
     values = _order({v for run in runs if task in run.results for v in run.results[task].breakdowns.get(key, {})})
     numeric = all(is_number(v) for v in values)
+    log_x = numeric and values and float(values[-1]) / max(float(values[0]), 1e-9) >= 4
+    drawn = [run for run in runs if task in run.results and key in run.results[task].breakdowns]
     figure = Figure(figsize=(7.0, 4.0))
     axes = figure.add_subplot()
     headline = ""
-    for run in runs:
-        result = run.results.get(task)
-        if result is None or key not in result.breakdowns:
-            continue
+    span = (float(values[-1]) - float(values[0])) if numeric and len(values) > 1 else 1.0
+    for number, run in enumerate(drawn):
+        result = run.results[task]
         headline = result.headline
         cells = result.breakdowns[key]
         present = [v for v in values if result.headline in cells.get(v, {})]
-        xs = [float(v) for v in present] if numeric else [values.index(v) for v in present]
+        shift = (number - (len(drawn) - 1) / 2) * (0.035 if len(drawn) > 1 else 0)
+        if numeric:
+            xs = [float(v) * 2 ** shift if log_x else float(v) + shift * span * 0.3 for v in present]
+        else:
+            xs = [values.index(v) + shift * 2 for v in present]
         means = [cells[v][result.headline]["mean"] for v in present]
         errors = [cells[v][result.headline].get("stderr", 0.0) for v in present]
-        axes.errorbar(xs, means, yerr=errors, marker="o", capsize=3,
-                      label=run.label + (apart or {}).get(run.run_id, ""))
-    if numeric and values and float(values[-1]) / max(float(values[0]), 1e-9) >= 4:
+        axes.errorbar(xs, means, yerr=errors, marker=MARKERS[number % len(MARKERS)], capsize=3, alpha=0.85,
+                      linestyle=LINESTYLES[number % len(LINESTYLES)], markerfacecolor="none" if number % 2 else None,
+                      label=run.label + (apart or {}).get(run.key, ""))
+    if log_x:
         axes.set_xscale("log", base=2)
     if numeric:
         axes.set_xticks([float(v) for v in values], values)
@@ -155,7 +176,7 @@ def score_by_key(runs: list[Run], task: str, key: str, apart: dict[str, str] | N
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     axes.set_title(f"{task}: {headline} by {key} (bars: standard error)")
-    return _png(figure)
+    return _render(figure)
 
 
 @dataclass
@@ -167,7 +188,7 @@ class SpeedPanel:
     dashed: dict[str, dict[int, float]] = field(default_factory=dict)
 
 
-def speed_panels(title: str, panels: list[SpeedPanel], ylabel: str) -> bytes:
+def speed_panels(title: str, panels: list[SpeedPanel], ylabel: str) -> dict[str, bytes]:
     """Side-by-side panels of speedup against sequence length (log2 axis) with a 1x guide, as the paper's Figure 6."""
     figure = Figure(figsize=(4.6 * len(panels), 4.4), layout="constrained")
     for axes, panel in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
@@ -188,4 +209,4 @@ def speed_panels(title: str, panels: list[SpeedPanel], ylabel: str) -> bytes:
         axes.set_title(panel.title, fontsize=10)
         axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1, frameon=False)
     figure.suptitle(title)
-    return _png(figure)
+    return _render(figure)

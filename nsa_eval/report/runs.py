@@ -1,4 +1,9 @@
-"""Reading run directories (the run store's format, DESIGN.md) for reports, with checks that name the bad file."""
+"""Reading run directories (the run store's format, DESIGN.md) for reports, with checks that name the bad file.
+
+Runs are keyed by folder (two folders holding the same run id are two runs), and runs of one model with the same
+settings (model spec and name, max length, chat, attention and sparse settings, dtype, device) but different tasks
+are merged into one column, so per-task runs of a model give one row per model.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nsa_eval.report import RUNS_ROOT
-
+from nsa_eval.store import RunStore
 
 
 @dataclass
@@ -37,12 +42,15 @@ class TaskResult:
 
 @dataclass
 class Run:
-    """A finished (or partly finished) run read from results/runs/<run-id>/."""
+    """A finished (or partly finished) run read from results/runs/<run-id>/, or several runs of one model merged
+    into one column (`parts`, each a run folder holding other tasks)."""
 
     path: Path
-    info: dict[str, Any]  # run.json
+    info: dict[str, Any]  # run.json (merged: the first part's, with every part's tasks)
     results: dict[str, TaskResult]  # the tasks metrics.json holds
     label: str = ""  # what tables print; unique among the runs of one report (set by load_runs)
+    key: str = ""  # unique among the runs of one report, from the folder (set by load_runs); names files
+    parts: list["Run"] = field(default_factory=list)  # a merged column's run folders, in the order given
     _samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
 
     @property
@@ -53,6 +61,18 @@ class Run:
     def model_name(self) -> str:
         return self.info["model"]["name"]
 
+    @property
+    def folders(self) -> list["Run"]:
+        """The run folders behind this column: its parts, or itself."""
+        return self.parts or [self]
+
+    def source(self, task: str) -> "Run":
+        """The run folder that holds a task's results (a merged column's part; else this run)."""
+        for part in self.parts:
+            if task in part.results:
+                return part
+        return next((part for part in self.parts if task in part.info["tasks"]), self)
+
     @cached_property
     def planned_tasks(self) -> list[str]:
         """The tasks run.json lists, in order, then any that only metrics.json holds."""
@@ -60,9 +80,46 @@ class Run:
 
     def samples(self, task: str) -> list[dict[str, Any]]:
         """The records of samples/<task>.jsonl (empty when the file is absent)."""
+        source = self.source(task)
+        if source is not self:
+            return source.samples(task)
         if task not in self._samples:
-            self._samples[task] = _read_jsonl(self.path / "samples" / f"{task}.jsonl")
+            self._samples[task] = _read_jsonl(RunStore(self.path).samples_path(task))
         return self._samples[task]
+
+
+MERGE_KEYS = ("attention", "sparse", "dtype", "device")
+
+
+def setting_key(run: Run) -> str:
+    """What must be equal for two runs to be one model's column: the model record and the attention and numeric
+    settings (not the seed, limit or tasks, which each task's cells and notes show)."""
+    return json.dumps({"model": run.info["model"], **{k: run.info.get(k) for k in MERGE_KEYS}}, sort_keys=True)
+
+
+def merge_runs(runs: list[Run]) -> list[Run]:
+    """Runs of one model and settings holding different tasks, as one column each (in first-seen order); a run
+    sharing a task with every column of its model so far starts a column of its own."""
+    columns: list[list[Run]] = []
+    for run in runs:
+        home = next((column for column in columns if setting_key(column[0]) == setting_key(run)
+                     and not any(set(part.results) & set(run.results) or set(part.info["tasks"]) & set(run.info["tasks"])
+                                 for part in column)), None)
+        if home is None:
+            columns.append([run])
+        else:
+            home.append(run)
+    merged = []
+    for column in columns:
+        if len(column) == 1:
+            merged.append(column[0])
+            continue
+        first = column[0]
+        tasks = {name: entry for part in column for name, entry in part.info["tasks"].items()}
+        results = {name: result for part in column for name, result in part.results.items()}
+        merged.append(Run(path=first.path, info={**first.info, "tasks": tasks}, results=results,
+                          key="+".join(part.key for part in column), parts=column))
+    return merged
 
 
 def value_order(value: str) -> tuple:
@@ -111,19 +168,30 @@ def load_run(spec: str | Path) -> Run:
     return Run(path=path, info=info, results=results)
 
 
-def load_runs(specs: list[str | Path]) -> list[Run]:
-    """Load runs and give each a unique label: the model name, with the run id where names repeat."""
+def load_runs(specs: list[str | Path], merge: bool = True) -> list[Run]:
+    """Load runs, key each by its folder, merge one model's per-task runs into one column (unless merge=False),
+    and give each column a unique label: the model name, with the run key where names repeat."""
     if not specs:
         raise ValueError("no run given; pass one or more run directories (results/runs/<run-id>)")
     runs = [load_run(spec) for spec in specs]
+    folders = [run.path.resolve() for run in runs]
+    repeated = next((run for run, folder in zip(runs, folders) if folders.count(folder) > 1), None)
+    if repeated is not None:
+        raise ValueError(f"run {repeated.path} is given twice; pass each run once")
     ids = [run.run_id for run in runs]
-    repeated = sorted({i for i in ids if ids.count(i) > 1})
-    if repeated:
-        raise ValueError(f"run {repeated[0]} is given twice; pass each run once")
-    names = [run.model_name for run in runs]
-    for run in runs:
-        run.label = run.model_name if names.count(run.model_name) == 1 else f"{run.model_name} ({run.run_id})"
-    return runs
+    for run in runs:  # the run id, or parent/run-id where two folders hold the same run id
+        run.key = run.run_id if ids.count(run.run_id) == 1 else f"{run.path.resolve().parent.name}-{run.run_id}"
+    keys = [run.key for run in runs]
+    for index, run in enumerate(runs):
+        if keys.count(run.key) > 1:
+            run.key = f"{run.key}-{index + 1}"
+    columns = merge_runs(runs) if merge else runs
+    names = [column.model_name for column in columns]
+    for column in columns:
+        column.label = column.model_name if names.count(column.model_name) == 1 else f"{column.model_name} ({column.key})"
+        for part in column.parts:
+            part.label = column.label
+    return columns
 
 
 def _task_result(metrics_file: Path, name: str, entry: Any, planned: dict[str, Any]) -> TaskResult:

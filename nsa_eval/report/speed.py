@@ -127,7 +127,7 @@ def _direction(op: str) -> str | None:
     return None
 
 
-def speedup_figure(bench: BenchFile, with_paper: bool) -> bytes | None:
+def speedup_figure(bench: BenchFile, with_paper: bool) -> dict[str, bytes] | None:
     """Speedup against length: a panel per direction (forward, forward+backward, decode), a line per op and
     pair of implementations; the paper's Figure 6 and Table 4 as dashed lines when asked."""
     panels = {direction: figures.SpeedPanel(title, {}) for direction, title in PANELS}

@@ -2,7 +2,9 @@
 and as HTML by nsa_eval.report.html.
 
 A table is a list of rows of `Cell`s with numbered notes; a cell's note marks print as "[1]" after its text.
-Scores are printed as stored (0..1 fractions, 3 decimals), every cell with its n.
+Scores are printed as stored (0..1 fractions, 3 decimals), every cell with its n; in the `paper` style, cells hold
+the number only, headers are short, and a note gives the n of each column. A cell also carries its numbers (mean,
+stderr, n; a delta's interval), which the CSV files hold as numeric columns.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Cell:
     sort: float | None = None  # numeric sort key for HTML tables (None: sort by text)
     drill: Drill | None = None
     notes: tuple[int, ...] = ()
+    numbers: dict[str, float] = field(default_factory=dict)  # {"mean", "stderr", "n"} or {"delta", "low", "high", "n"}
 
     @property
     def plain(self) -> str:
@@ -52,12 +55,30 @@ class Table:
     columns: list[str]
     rows: list[list[Cell]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    paper: bool = False  # the paper style: no n in cells (a note gives them), short headers
 
     def note(self, text: str) -> int:
         """The 1-based number of a note, adding it the first time it is used."""
         if text not in self.notes:
             self.notes.append(text)
         return self.notes.index(text) + 1
+
+    def n_text(self, n: int | None) -> str:
+        """" (n=12)" after a cell's number, or nothing in the paper style."""
+        return "" if self.paper or n is None else f" (n={n})"
+
+    def note_ns(self) -> None:
+        """The paper style's note with the n of each column (a range where its cells differ)."""
+        if not self.paper:
+            return
+        parts = []
+        for index, column in enumerate(self.columns):
+            ns = sorted({int(row[index].numbers["n"]) for row in self.rows
+                         if index < len(row) and "n" in row[index].numbers})
+            if ns:
+                parts.append(f"{column} {ns[0]}" if len(ns) == 1 else f"{column} {ns[0]}-{ns[-1]}")
+        if parts:
+            self.note("n (samples per cell): " + "; ".join(parts))
 
 
 @dataclass(frozen=True)
@@ -138,11 +159,12 @@ def fmt(value: float) -> str:
     return DASH if value is None or math.isnan(value) else f"{value:.3f}"
 
 
-def fmt_delta(delta: PairedDelta) -> str:
+def fmt_delta(delta: PairedDelta, with_n: bool = True) -> str:
+    n = f" (n={delta.n})" if with_n else ""
     if math.isnan(delta.low):
-        return f"{delta.delta:+.3f} (n={delta.n})"
+        return f"{delta.delta:+.3f}{n}"
     mark = SIGNIFICANT if delta.excludes_zero else ""
-    return f"{delta.delta:+.3f} [{delta.low:+.3f}, {delta.high:+.3f}]{mark} (n={delta.n})"
+    return f"{delta.delta:+.3f} [{delta.low:+.3f}, {delta.high:+.3f}]{mark}{n}"
 
 
 def setting(result: TaskResult) -> str:
@@ -177,16 +199,29 @@ def _flags(table: Table, runs: list[Run], index: int, task: str, baseline: int |
 # ---------------------------------------------------------------------------------------------- tables
 
 
-def model_table(runs: list[Run], baseline: int | None, with_paper: bool) -> Table:
-    """The paper's form (Tables 1-3): a row per model, a column per benchmark with its setting, an average."""
+SHORT_NAMES = {"mmlu": "MMLU", "gsm8k": "GSM8K", "humaneval": "HumanEval", "longbench": "LongBench", "niah": "NIAH",
+               "aime": "AIME"}
+
+
+def short_name(task: str) -> str:
+    """A task's name as the paper's column heads print it ("MMLU"; an lm-eval task without its prefix)."""
+    return SHORT_NAMES.get(task, task.split(":", 1)[-1])
+
+
+def model_table(runs: list[Run], baseline: int | None, with_paper: bool, paper: bool = False) -> Table:
+    """The paper's form (Tables 1-3): a row per model, a column per benchmark with its setting, an average. The
+    paper style puts the settings in a note and heads columns with the benchmark's short name."""
     tasks = report_tasks(runs)
-    heads = {}
+    heads, settings = {}, {}
     for task in tasks:
         first = next((run.results[task] for run in runs if task in run.results), None)
-        heads[task] = f"{task} ({setting(first)})" if first else task
+        settings[task] = setting(first) if first else ""
+        heads[task] = short_name(task) if paper else (f"{task} ({settings[task]})" if first else task)
     with_avg = len(tasks) > 1
     table = Table("by-model", "Scores by model (headline metric of each task)",
-                  ["Model", *heads.values(), *(["Avg"] if with_avg else [])])
+                  ["Model", *heads.values(), *(["Avg"] if with_avg else [])], paper=paper)
+    if paper and any(settings.values()):
+        table.note("settings: " + "; ".join(f"{heads[t]} {settings[t]}" for t in tasks if settings[t]))
     for index, run in enumerate(runs):
         row = [Cell(run.label + (" (baseline)" if index == baseline else ""))]
         scores, notes = [], set()
@@ -198,12 +233,14 @@ def model_table(runs: list[Run], baseline: int | None, with_paper: bool) -> Tabl
             flags = _flags(table, runs, index, task, baseline)
             notes.update(flags)
             scores.append(result.score)
-            row.append(Cell(f"{fmt(result.score)} (n={result.n})", result.score, Drill(index, task), flags))
+            row.append(Cell(f"{fmt(result.score)}{table.n_text(result.n)}", result.score, Drill(index, task), flags,
+                            {"mean": result.score, "stderr": result.metrics[result.headline]["stderr"], "n": result.n}))
         if with_avg:
             row.append(_average(table, scores, len(tasks), tuple(sorted(notes))))
         table.rows.append(row)
     if with_paper:
         _paper_rows(table, tasks, with_avg)
+    table.note_ns()
     return table
 
 
@@ -211,7 +248,7 @@ def _average(table: Table, scores: list[float], expected: int, notes: tuple[int,
     if len(scores) < expected:
         return Cell(DASH, notes=(table.note("the average needs every task of the row"),))
     avg = sum(scores) / len(scores)
-    return Cell(fmt(avg), avg, None, notes)
+    return Cell(fmt(avg), avg, None, notes, {"mean": avg})
 
 
 def _paper_rows(table: Table, tasks: list[str], with_avg: bool) -> None:
@@ -235,12 +272,13 @@ def _paper_rows(table: Table, tasks: list[str], with_avg: bool) -> None:
         table.rows.append(row)
 
 
-def task_table(runs: list[Run], baseline: int | None, comparisons: dict[tuple[int, str, str], Comparison]) -> Table:
+def task_table(runs: list[Run], baseline: int | None, comparisons: dict[tuple[int, str, str], Comparison],
+               paper: bool = False) -> Table:
     """The transposed form: a row per task and metric, a column per run, then the deltas against the baseline."""
     others = [i for i in range(len(runs)) if baseline is not None and i != baseline]
     delta_heads = [f"\u0394 {runs[i].label} vs {runs[baseline].label}" for i in others]
     table = Table("by-task", "Scores by task and metric (mean \u00b1 standard error)",
-                  ["Task", "Metric", *(run.label for run in runs), *delta_heads])
+                  ["Task", "Metric", *(run.label for run in runs), *delta_heads], paper=paper)
     for task in report_tasks(runs):
         metrics = list(dict.fromkeys(
             [r.headline for r in (run.results.get(task) for run in runs) if r] +
@@ -259,8 +297,9 @@ def task_table(runs: list[Run], baseline: int | None, comparisons: dict[tuple[in
                     row.append(Cell(DASH, notes=(table.note(f"{run.label}: {task} has no metric {metric}"),)))
                 else:
                     value = result.metrics[metric]
-                    row.append(Cell(f"{fmt(value['mean'])} \u00b1 {fmt(value['stderr'])} (n={result.n})",
-                                    value["mean"], Drill(index, task), _flags(table, runs, index, task, baseline)))
+                    row.append(Cell(f"{fmt(value['mean'])} \u00b1 {fmt(value['stderr'])}{table.n_text(result.n)}",
+                                    value["mean"], Drill(index, task), _flags(table, runs, index, task, baseline),
+                                    {"mean": value["mean"], "stderr": value["stderr"], "n": result.n}))
             for index in others:
                 comparison = comparisons.get((index, task, metric))
                 if comparison is None and metric in getattr(runs[index].results.get(task), "metrics", {}):
@@ -270,6 +309,7 @@ def task_table(runs: list[Run], baseline: int | None, comparisons: dict[tuple[in
     if others:
         table.note(f"\u0394: mean over samples matched by id of (run \u2212 baseline), with a paired bootstrap "
                    f"95% interval; {SIGNIFICANT} where the interval excludes zero")
+    table.note_ns()
     return table
 
 
@@ -278,12 +318,14 @@ def _delta_cell(table: Table, comparison: Comparison | None) -> Cell:
         return Cell(DASH)
     if comparison.delta is None:
         return Cell("n/a", notes=(table.note(comparison.reason or "not compared"),))
-    return Cell(fmt_delta(comparison.delta), comparison.delta.delta)
+    delta = comparison.delta
+    return Cell(fmt_delta(delta, not table.paper), delta.delta,
+                numbers={"delta": delta.delta, "low": delta.low, "high": delta.high, "n": delta.n})
 
 
-def breakdown_table(runs: list[Run], task: str, key: str, baseline: int | None) -> Table:
+def breakdown_table(runs: list[Run], task: str, key: str, baseline: int | None, paper: bool = False) -> Table:
     """One breakdown key of a task: a row per value, a column per run (headline metric, each cell with its n)."""
-    table = Table(slug(f"{task}-by-{key}"), f"{task} by {key}", [key, *(run.label for run in runs)])
+    table = Table(slug(f"{task}-by-{key}"), f"{task} by {key}", [key, *(run.label for run in runs)], paper=paper)
     values = sorted({v for run in runs if task in run.results
                      for v in run.results[task].breakdowns.get(key, {})}, key=value_order)
     for value in values:
@@ -296,17 +338,20 @@ def breakdown_table(runs: list[Run], task: str, key: str, baseline: int | None) 
             elif cell is None:
                 row.append(Cell(DASH, notes=(table.note(f"{run.label}: no samples with {key} {value}"),)))
             else:
-                row.append(Cell(f"{fmt(cell['mean'])} (n={cell['n']})", cell["mean"],
-                                Drill(index, task, ((key, value),)), _flags(table, runs, index, task, baseline)))
+                row.append(Cell(f"{fmt(cell['mean'])}{table.n_text(cell['n'])}", cell["mean"],
+                                Drill(index, task, ((key, value),)), _flags(table, runs, index, task, baseline),
+                                _numbers(cell)))
         table.rows.append(row)
+    table.note_ns()
     return table
 
 
-def subset_table(runs: list[Run], task: str, key: str, baseline: int | None, with_paper: bool) -> Table:
+def subset_table(runs: list[Run], task: str, key: str, baseline: int | None, with_paper: bool,
+                 paper: bool = False) -> Table:
     """A task split by subset in the paper's Table 2 form: a row per model, a column per subset, an average."""
     values = sorted({v for run in runs if task in run.results
                      for v in run.results[task].breakdowns.get(key, {})}, key=value_order)
-    table = Table(slug(f"{task}-by-{key}"), f"{task} by {key}", ["Model", *values, "Avg"])
+    table = Table(slug(f"{task}-by-{key}"), f"{task} by {key}", ["Model", *values, "Avg"], paper=paper)
     for index, run in enumerate(runs):
         result = run.results.get(task)
         if result is None:
@@ -318,7 +363,8 @@ def subset_table(runs: list[Run], task: str, key: str, baseline: int | None, wit
                 row.append(Cell(DASH, notes=(table.note(f"{run.label}: no samples of {key} {value}"),)))
                 continue
             scores.append(cell["mean"])
-            row.append(Cell(f"{fmt(cell['mean'])} (n={cell['n']})", cell["mean"], Drill(index, task, ((key, value),))))
+            row.append(Cell(f"{fmt(cell['mean'])}{table.n_text(cell['n'])}", cell["mean"],
+                            Drill(index, task, ((key, value),)), numbers=_numbers(cell)))
         row.append(_average(table, scores, len(values), ()))
         table.rows.append(row)
     if with_paper and task.lower().startswith("longbench"):
@@ -328,6 +374,7 @@ def subset_table(runs: list[Run], task: str, key: str, baseline: int | None, wit
             row += [Cell(fmt(paper_values[v]), paper_values[v]) if v in paper_values else Cell(DASH) for v in values]
             row.append(_average(table, [paper_values[v] for v in values if v in paper_values], len(values), ()))
             table.rows.append(row)
+    table.note_ns()
     return table
 
 
@@ -453,15 +500,15 @@ def cross_table(runs: list[Run], index: int, task: str, cross_key: str) -> Table
     cells = result.breakdowns[cross_key]
     firsts = sorted({k.split("|")[0] for k in cells}, key=value_order)
     seconds = sorted({k.split("|")[1] for k in cells}, key=value_order)
-    table = Table(slug(f"{task}-{cross_key}-{run.run_id}"), f"{run.label}: {task} by {second} (rows) and {first} (columns)",
-                  [f"{second} \\ {first}", *firsts])
+    table = Table(slug(f"{task}-{cross_key}-{run.source(task).key}"),
+                  f"{run.label}: {task} by {second} (rows) and {first} (columns)", [f"{second} \\ {first}", *firsts])
     for value in seconds:
         row = [Cell(value, _number(value))]
         for column in firsts:
             cell = cells.get(f"{column}|{value}", {}).get(result.headline)
             row.append(Cell(DASH) if cell is None else Cell(
                 f"{fmt(cell['mean'])} (n={cell['n']})", cell["mean"],
-                Drill(index, task, ((first, column), (second, value)))))
+                Drill(index, task, ((first, column), (second, value))), numbers=_numbers(cell)))
         table.rows.append(row)
     return table
 
@@ -482,7 +529,8 @@ def efficiency_table(runs: list[Run]) -> Table | None:
             for index, run in enumerate(runs):
                 result = run.results.get(task)
                 value = result.efficiency.get(key) if result else None
-                row.append(Cell(DASH) if value is None else Cell(f"{value:.1f} (n={result.n})", value, Drill(index, task)))
+                row.append(Cell(DASH) if value is None else Cell(f"{value:.1f} (n={result.n})", value, Drill(index, task),
+                                                                 numbers={"mean": value, "n": result.n}))
             table.rows.append(row)
     if not table.rows:
         return None
@@ -498,6 +546,11 @@ def hardware_text(run: Run) -> str:
     if hw.get("cpu_count"):
         return f"CPU, {hw['cpu_count']} cores" + (f" ({hw['machine']})" if hw.get("machine") else "")
     return str(hw.get("platform") or "unknown hardware")
+
+
+def _numbers(cell: dict[str, Any]) -> dict[str, float]:
+    """A breakdown cell's mean, stderr and n, for CSV."""
+    return {k: cell[k] for k in ("mean", "stderr", "n") if isinstance(cell.get(k), (int, float))}
 
 
 def _number(text: str) -> float | None:
@@ -519,8 +572,9 @@ def long_records(runs: list[Run], comparisons: dict[tuple[int, str, str], Compar
     records = []
     for index, run in enumerate(runs):
         for task, result in run.results.items():
-            common = {"run_id": run.run_id, "model": run.model_name, "task": task, "task_version": result.version,
-                      "prompts_digest": result.prompts_digest}
+            source = run.source(task)
+            common = {"run_id": source.run_id, "run_dir": str(source.path), "column": run.label, "model": run.model_name,
+                      "task": task, "task_version": result.version, "prompts_digest": result.prompts_digest}
             for metric, value in result.metrics.items():
                 comparison = comparisons.get((index, task, metric))
                 delta = comparison.delta if comparison else None
@@ -543,9 +597,36 @@ def long_records(runs: list[Run], comparisons: dict[tuple[int, str, str], Compar
 # ---------------------------------------------------------------------------------------------- rendering
 
 
+PRIMARY = ("mean", "delta", "value")  # the number a cell shows; its other numbers get columns of their own
+
+
+def _cell_numbers(cell: Cell) -> dict[str, float]:
+    if cell.numbers:
+        return cell.numbers
+    return {"value": cell.sort} if cell.sort is not None else {}
+
+
 def to_frame(table: Table) -> pd.DataFrame:
-    """The table as printed (strings with note marks), for CSV."""
-    return pd.DataFrame([[cell.plain for cell in row] for row in table.rows], columns=table.columns, dtype=str)
+    """The table for CSV, with numbers as numbers: a column of text cells stays text (with note marks); a column of
+    numbers gives its shown number (mean, delta or value) under the column's name, then one column per other number
+    ("<column> stderr", "<column> n", "<column> low", ...). A cell without a number (a dash) is empty there."""
+    data: dict[str, list[Any]] = {}
+    for index, column in enumerate(table.columns):
+        cells = [row[index] for row in table.rows]
+        numbered = [_cell_numbers(cell) for cell in cells]
+        texts_only = [cell for cell, numbers in zip(cells, numbered) if not numbers and cell.text not in (DASH, "n/a", "")]
+        if not any(numbered) or texts_only:
+            data[column] = [cell.plain for cell in cells]
+            continue
+        extra = list(dict.fromkeys(k for numbers in numbered for k in numbers if k not in PRIMARY))
+        data[column] = [next((numbers[k] for k in PRIMARY if k in numbers), None) for numbers in numbered]
+        for key in extra:
+            data[f"{column} {key}"] = [numbers.get(key) for numbers in numbered]
+    frame = pd.DataFrame(data)
+    for name in frame.columns:
+        if name.endswith(" n"):
+            frame[name] = frame[name].astype("Int64")
+    return frame
 
 
 def to_markdown(table: Table) -> str:

@@ -383,7 +383,7 @@ def test_cli_bad_nsa_spec_is_one_line_and_exit_1(tmp_path, nsa_dir):
         assert result.output.strip().splitlines()[-1].startswith("Error:") and "Traceback" not in result.output
     result = CliRunner().invoke(main, ["run", "--model", f"nsa:{nsa_dir}", "--attention", "sparse", "--tasks", "niah",
                                        "--output", str(tmp_path / "o")])
-    assert result.exit_code == 1 and "applies to full-attention checkpoints" in result.output
+    assert result.exit_code == 1 and "applies to smollm2 and hf: checkpoints" in result.output
 
 
 def test_config_validation():

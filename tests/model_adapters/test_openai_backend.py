@@ -182,13 +182,13 @@ def test_a_run_that_fails_midway_keeps_what_it_wrote_and_resumes(tiny, tiny_llam
             assert failed.exit_code == 1
             lines = failed.output.strip().splitlines()
             assert lines[-1].startswith("Error: openai:") and "HTTP 502" in lines[-1] and "Traceback" not in failed.output
-            written = (out / "samples" / "lm-eval:toy_gen.jsonl").read_text().splitlines()
+            written = (out / "samples" / "lm-eval_toy_gen.jsonl").read_text().splitlines()
             assert [json.loads(line)["id"] for line in written] == ["0", "1", "2"]
 
             healthy["value"] = True
             resumed = CliRunner().invoke(main, args)
             assert resumed.exit_code == 0, resumed.output
-            final = (out / "samples" / "lm-eval:toy_gen.jsonl").read_text().splitlines()
+            final = (out / "samples" / "lm-eval_toy_gen.jsonl").read_text().splitlines()
             assert final[:3] == written and len(final) == 8  # the first three were kept, not asked again
             assert server.posts == 3 + 3 + 5
         finally:

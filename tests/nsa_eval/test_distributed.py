@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from interop_helpers import write_lm_eval_tasks
 
 from nsa_eval.cli import main
+from nsa_eval.store import task_file_stem
 
 pytest.importorskip("lm_eval")
 TASKS = ["lm-eval:toy_mc", "lm-eval:toy_gen"]
@@ -33,7 +34,7 @@ def torchrun(args, processes=2):
 
 
 def samples(out, task):
-    return [json.loads(line) for line in (out / "samples" / f"{task}.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "samples" / f"{task_file_stem(task)}.jsonl").read_text().splitlines()]
 
 
 def scores_only(metrics):
@@ -78,11 +79,11 @@ def test_a_run_stopped_with_shards_resumes_with_two_processes(tiny_llama_dir, on
     records = samples(one, "lm-eval:toy_gen")
     kept = [{**r, "kept": True} for r in records]  # a mark a recomputed record would not carry
     line = lambda r: json.dumps(r) + "\n"  # noqa: E731
-    (resumed / "samples" / "lm-eval:toy_gen.jsonl").write_text(line(kept[0]) + line(kept[1]))
+    (resumed / "samples" / "lm-eval_toy_gen.jsonl").write_text(line(kept[0]) + line(kept[1]))
     shards = resumed / "samples" / "shards"
     shards.mkdir()
-    (shards / "lm-eval:toy_gen.rank0.jsonl").write_text(line(kept[2]) + line(kept[4]) + '{"id": "6", "respo')
-    (shards / "lm-eval:toy_gen.rank1.jsonl").write_text(line(kept[5]))
+    (shards / "lm-eval_toy_gen.rank0.jsonl").write_text(line(kept[2]) + line(kept[4]) + '{"id": "6", "respo')
+    (shards / "lm-eval_toy_gen.rank1.jsonl").write_text(line(kept[5]))
     torchrun(run_args(tiny_llama_dir, task_dir, resumed))
     final = samples(resumed, "lm-eval:toy_gen")
     assert [r["id"] for r in final] == [str(i) for i in range(8)]

@@ -50,7 +50,7 @@ def test_both_directions_give_the_same_scores(tiny_llama_dir, task_dir, tmp_path
         assert ours[f"lm-eval:{name}"]["n"] == len(theirs["samples"][name]) == 8
 
     # sample by sample: the same prompts gave the same log-likelihoods and the same generations
-    records = {t: {r["id"]: r for r in map(json.loads, (out / "samples" / f"lm-eval:{t}.jsonl").read_text().splitlines())}
+    records = {t: {r["id"]: r for r in map(json.loads, (out / "samples" / f"lm-eval_{t}.jsonl").read_text().splitlines())}
                for t in TASKS}
     for sample in theirs["samples"]["toy_mc"]:
         mine = records["toy_mc"][str(sample["doc_id"])]
@@ -81,7 +81,7 @@ def test_plain_text_prompts_without_the_chat_template(tiny_llama_dir, task_dir, 
     ours = json.loads((out / "metrics.json").read_text())["tasks"]["lm-eval:toy_mc"]["metrics"]
     assert ours["acc"]["mean"] == theirs["results"]["toy_mc"]["acc,none"]
     assert ours["acc_norm"]["mean"] == theirs["results"]["toy_mc"]["acc_norm,none"]
-    record = json.loads((out / "samples" / "lm-eval:toy_mc.jsonl").read_text().splitlines()[0])
+    record = json.loads((out / "samples" / "lm-eval_toy_mc.jsonl").read_text().splitlines()[0])
     assert record["prompt_excerpt"].startswith("Question:") and record["prompt_excerpt"].endswith("Answer:")
 
 
@@ -109,7 +109,8 @@ def test_tasks_it_cannot_run_end_in_one_line(task_dir, tmp_path, yaml_text, mess
     folder = write_lm_eval_tasks(tmp_path / "tasks")
     (folder / "extra.yaml").write_text(yaml_text.format(data=folder / "toy.jsonl"))
     name = "toy_all" if "group" in yaml_text else "toy_ppl"
-    result = run_ours("--model", "hf:/nowhere", "--tasks", f"lm-eval:{name}", "--include-path", str(folder))
+    result = run_ours("--model", "smollm2", "--tasks", f"lm-eval:{name}", "--include-path", str(folder))
+    assert "loading" not in result.output  # refused before any model loads
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and message in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
@@ -118,3 +119,30 @@ def test_tasks_it_cannot_run_end_in_one_line(task_dir, tmp_path, yaml_text, mess
 def test_a_missing_include_path_is_one_line(tmp_path):
     result = run_ours("--tasks", "lm-eval:toy_mc", "--include-path", str(tmp_path / "missing"))
     assert result.exit_code == 1 and "--include-path" in result.output and "is not a folder" in result.output
+
+
+def test_an_lm_eval_task_reads_local_data_given_with_data(tiny_llama_dir, task_dir, tmp_path):
+    """`--data lm-eval:TASK=PATH` replaces the task's dataset: a file serves every split, a folder one file a split."""
+    from interop_helpers import TOY_ROWS
+
+    three = tmp_path / "three.jsonl"
+    three.write_text("".join(json.dumps(row) + "\n" for row in TOY_ROWS[:3]))
+    out = tmp_path / "run"
+    result = run_ours("--model", f"hf:{tiny_llama_dir}", "--tasks", "lm-eval:toy_gen", "--include-path", str(task_dir),
+                      "--data", f"lm-eval:toy_gen={three}", "--output", str(out))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metrics.json").read_text())["tasks"]["lm-eval:toy_gen"]["n"] == 3
+    config = json.loads((out / "run.json").read_text())["tasks"]["lm-eval:toy_gen"]["config"]
+    assert config["data"] == str(three) and config["task_config"]["dataset_kwargs"]["data_files"]["test"] == str(three)
+    prompts = [json.loads(line)["prompt_excerpt"] for line in (out / "samples" / "lm-eval_toy_gen.jsonl").read_text().splitlines()]
+    assert [TOY_ROWS[i]["question"] in prompts[i] for i in range(3)] == [True] * 3
+
+    from nsa_eval.lm_eval_bridge import LmEvalTask
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "validation.jsonl").write_text(three.read_text())
+    with pytest.raises(ValueError, match="lm-eval:toy_gen could not read .*a folder needs one SPLIT.jsonl per split"):
+        LmEvalTask("toy_gen", include_path=str(task_dir), data_path=str(folder))  # the task reads the test split
+    (folder / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in TOY_ROWS[:2]))
+    assert len(LmEvalTask("toy_gen", include_path=str(task_dir), data_path=str(folder))._task.eval_docs) == 2

@@ -2,6 +2,7 @@
 a non-zero exit for bad input."""
 
 import shutil
+import subprocess
 
 import pytest
 from click.testing import CliRunner
@@ -42,6 +43,10 @@ def test_report_and_publish(runs, tmp_path):
     result = invoke("publish", out, "--name", "first-set", "--results-dir", tmp_path / "results")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "results" / "first-set" / "README.md").is_file()
+    assert result.output.strip() == f"published {tmp_path / 'results' / 'first-set'}"  # no `git add` outside a repo
+    subprocess.run(["git", "init", "-q", str(tmp_path / "repo")], check=True)
+    in_repo = invoke("publish", out, "--name", "first-set", "--results-dir", tmp_path / "repo" / "results")
+    assert in_repo.exit_code == 0 and "commit it with `git add" in in_repo.output
     assert_one_line_error(invoke("publish", out, "--name", "first-set", "--results-dir", tmp_path / "results"),
                           "already exists", "--force")
     assert invoke("publish", out, "--name", "first-set", "--results-dir", tmp_path / "results", "--force").exit_code == 0

@@ -171,16 +171,40 @@ def parse_latex_tabular(tex: str, label: str) -> pd.DataFrame:
 
 
 def test_latex_and_csv_round_trip_through_pandas(runs, report):
+    """tables/*.csv hold numbers as numbers (a column's shown number, then '<column> stderr', '<column> n', ...), each
+    equal to what the LaTeX table prints; text columns are the same text."""
     tex = (report / "tables.tex").read_text()
     slugs = [p.stem for p in (report / "tables").glob("*.csv")]
     assert {"by-model", "by-task", "niah-by-length", "niah-by-depth", "efficiency"} <= set(slugs)
+    numeric_columns = 0
     for slug in slugs:
-        from_csv = pd.read_csv(report / "tables" / f"{slug}.csv", dtype=str, keep_default_na=False)
+        from_csv = pd.read_csv(report / "tables" / f"{slug}.csv")
         from_tex = parse_latex_tabular(tex, slug)
-        pd.testing.assert_frame_equal(from_tex, from_csv, check_names=False)
-    by_task = pd.read_csv(report / "tables" / "by-task.csv", dtype=str, keep_default_na=False)
-    mean = metrics(runs["full"])["niah"]["metrics"]["accuracy"]["mean"]
-    assert by_task[by_task.Task == "niah"]["Llama-Full"].item().startswith(f"{mean:.3f} \u00b1 ")
+        assert len(from_csv) == len(from_tex)
+        for column in from_tex.columns:
+            if not pd.api.types.is_numeric_dtype(from_csv[column]):
+                assert list(from_csv[column].fillna("")) == list(from_tex[column]), (slug, column)
+                continue
+            numeric_columns += 1
+            for index, printed in enumerate(from_tex[column]):
+                value = from_csv[column].iloc[index]
+                shown = re.match(r"[+-]?\d+(\.\d+)?", printed)
+                if pd.isna(value):
+                    assert shown is None, (slug, column, printed)
+                    continue
+                decimals = len(shown.group(1) or ".") - 1
+                assert float(shown.group()) == pytest.approx(value, abs=0.51 * 10 ** -decimals), (slug, column, printed)
+                n = re.search(r"\(n=(\d+)\)", printed)
+                if n and f"{column} n" in from_csv:
+                    assert from_csv[f"{column} n"].iloc[index] == int(n.group(1))
+    assert numeric_columns >= 10
+    by_task = pd.read_csv(report / "tables" / "by-task.csv")
+    niah = metrics(runs["full"])["niah"]
+    row = by_task[by_task.Task == "niah"].iloc[0]
+    assert row["Llama-Full"] == niah["metrics"]["accuracy"]["mean"]
+    assert row["Llama-Full stderr"] == pytest.approx(niah["metrics"]["accuracy"]["stderr"])
+    assert row["Llama-Full n"] == niah["n"] and by_task["Llama-Full n"].dtype.kind == "i"
+    assert {"\u0394 Llama-NSA vs Llama-Full low", "\u0394 Llama-NSA vs Llama-Full high"} <= set(by_task.columns)
 
 
 def test_publish_writes_a_committable_folder(report, tmp_path):
@@ -249,3 +273,62 @@ def test_different_prompts_are_flagged_and_not_compared(tmp_path):
     notes = section(md, "Scores by task and metric (mean \u00b1 standard error)")
     assert re.search(r"NSA: niah is not comparable with Full \(prompts differ \(digest \w+ vs \w+\)\)", notes)
     assert not list((tmp_path / "out" / "figures").glob("*-minus-*"))
+
+
+def test_per_task_runs_of_one_model_merge_into_one_row(tmp_path):
+    """Per-task runs of two models (a folder per task) give one row per model, with an average and deltas on both
+    tasks, rather than four rows and 'not run' notes; the Runs table still lists every folder."""
+    small = dict(lengths=(1024, 2048), depths=(0, 50), per_cell=3)
+    folders = [write_run(tmp_path / "full", "niah", "Llama-Full", {"niah": niah(lambda length, depth: 0.8, **small)}),
+               write_run(tmp_path / "full", "mmlu", "Llama-Full", {"mmlu": choice_task(0.5, n=20, seed=1)}),
+               write_run(tmp_path / "nsa", "niah", "Llama-NSA", {"niah": niah(lambda length, depth: 0.9, seed=2, **small)}),
+               write_run(tmp_path / "nsa", "mmlu", "Llama-NSA", {"mmlu": choice_task(0.7, n=20, seed=1)})]
+    run_info = json.loads((folders[2] / "run.json").read_text())  # the NSA runs: sparse attention settings
+    for folder in folders[2:]:
+        info = json.loads((folder / "run.json").read_text())
+        info.update(attention="sparse", sparse={"budget": 384, "leading": 64, "local": 128, "block": 32})
+        (folder / "run.json").write_text(json.dumps(info))
+    assert run_info["run_id"] == "niah"  # two folders per run id: runs are keyed by folder
+    out = tmp_path / "report"
+    build_report(folders, out, baseline=str(folders[0]), formats=("md", "csv"), bench_dir=tmp_path / "none")
+    md = (out / "report.md").read_text()
+    by_model = markdown_table(md, "Scores by model (headline metric of each task)")
+    assert list(by_model.Model) == ["Llama-Full (baseline)", "Llama-NSA"]
+    assert "was not run" not in md and not any(DASH in cell for cell in by_model.iloc[:, 1:].values.ravel())
+    nsa = by_model.iloc[1]
+    expected = (metrics(folders[2])["niah"]["metrics"]["accuracy"]["mean"] + metrics(folders[3])["mmlu"]["metrics"]["acc"]["mean"]) / 2
+    assert nsa["Avg"] == f"{expected:.3f}"
+    by_task = markdown_table(md, "Scores by task and metric (mean \u00b1 standard error)")
+    assert all(not cell.startswith(("n/a", DASH)) for cell in by_task["\u0394 Llama-NSA vs Llama-Full"])
+    runs_table = markdown_table(md, "Runs")
+    assert len(runs_table) == 4 and list(runs_table.Column) == ["Llama-Full (baseline)"] * 2 + ["Llama-NSA"] * 2
+    assert all("sparse attention (budget 384, leading 64, local 128, block 32)" in s for s in runs_table.Settings[2:])
+    assert all(s.startswith("full attention") for s in runs_table.Settings[:2])
+    assert {p.name for p in (out / "runs").iterdir()} == {"full-niah", "full-mmlu", "nsa-niah", "nsa-mmlu"}
+    long = pd.read_csv(out / "results.csv", keep_default_na=False)
+    assert set(long[long.column == "Llama-NSA"].run_dir) == {str(folders[2]), str(folders[3])}
+    separate = tmp_path / "separate"
+    build_report(folders, separate, formats=("md",), merge=False, bench_dir=tmp_path / "none")
+    assert len(markdown_table((separate / "report.md").read_text(), "Scores by model (headline metric of each task)")) == 4
+
+
+def test_paper_style_figures_in_three_formats_and_out_never_a_run_folder(runs, tmp_path):
+    out = tmp_path / "paper"
+    build_report([runs["full"], runs["nsa"]], out, baseline="full-1", paper=True, bench_dir=tmp_path / "none")
+    md = (out / "report.md").read_text()
+    by_model = markdown_table(md, "Scores by model (headline metric of each task)")
+    assert list(by_model.columns) == ["Model", "NIAH", "MMLU", "GSM8K", "Avg"]
+    assert not any("(n=" in cell for cell in by_model.values.ravel())
+    notes = section(md, "Scores by model (headline metric of each task)")
+    assert "settings: NIAH accuracy; MMLU 5-shot acc; GSM8K 8-shot acc" in notes
+    assert "n (samples per cell): NIAH 60; MMLU 200; GSM8K 60" in notes
+    by_task = section(md, "Scores by task and metric (mean \u00b1 standard error)")
+    assert "(n=" not in by_task.split("\n\n")[0] and "n (samples per cell): " in by_task
+    for figure in (out / "figures").glob("*.png"):
+        assert figure.with_suffix(".svg").read_text().startswith("<?xml")
+        assert figure.with_suffix(".pdf").read_bytes().startswith(b"%PDF")
+    assert "(also [SVG](figures/niah-by-length.svg) and [PDF](figures/niah-by-length.pdf))" in md
+    before = sorted(p.name for p in runs["full"].iterdir())
+    with pytest.raises(ValueError, match=f"--out {runs['full']} is a run directory; write the report elsewhere"):
+        build_report([runs["full"]], runs["full"], bench_dir=tmp_path / "none")
+    assert sorted(p.name for p in runs["full"].iterdir()) == before

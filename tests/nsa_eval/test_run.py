@@ -180,7 +180,14 @@ def test_output_holding_a_different_run_is_refused_and_kept(tiny_llama_dir, tmp_
     assert invoke("run", "--model", f"hf:{tiny_llama_dir}", *NIAH_SMALL, "--output", str(out)).exit_code == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     result = invoke("run", "--model", f"hf:{tiny_llama_dir}", *NIAH_SMALL, "--seed", "1", "--output", str(out))
-    assert_one_line_error(result, "holds a different run", "choose another --output")
+    assert_one_line_error(result, "holds a run with other settings (--seed: 1 here, 0 in the run)", "choose another --output")
+    # a run from before settings were recorded is checked after the load, by its config, naming what differs
+    run_info = json.loads((out / "run.json").read_text())
+    del run_info["settings"]
+    (out / "run.json").write_text(json.dumps(run_info))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = invoke("run", "--model", f"hf:{tiny_llama_dir}", *NIAH_SMALL, "--seed", "1", "--output", str(out))
+    assert_one_line_error(result, "holds a different run (seed: 1 here, 0 in the run;", "--overwrite")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -81,6 +81,10 @@ def test_the_official_openai_client(tiny):
             client.completions.create(model="gpt-4", prompt="hi", max_tokens=1)
         with pytest.raises(openai.BadRequestError, match="best_of"):
             client.completions.create(model="tiny", prompt="hi", max_tokens=1, best_of=3)
+        with pytest.raises(openai.BadRequestError) as too_long:  # in the API's words, not the CLI's flags
+            client.completions.create(model="tiny", prompt="hi", max_tokens=tiny.max_length)
+        assert f"max_tokens {tiny.max_length} leaves no room for a prompt in this model's context of" in str(too_long.value)
+        assert "--max-length" not in str(too_long.value)
 
 
 def test_an_api_key_is_required_when_set(tiny):

@@ -76,7 +76,7 @@ def test_a_malformed_row_names_the_file_the_row_and_the_field(tmp_path, bad_row,
 def test_bad_json_line_and_row_numbers_count_lines(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n\n{not json\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"broken\.jsonl: row 3: not valid JSON"):
+    with pytest.raises(DataError, match=r"broken\.jsonl: row 3: not valid JSON \(.* at column 2\)"):
         load(path)
 
 
@@ -101,3 +101,54 @@ def test_unreachable_hub_says_which_dataset_and_how_to_give_a_local_copy(monkeyp
     with pytest.raises(ValueError) as caught:
         load_rows(None, task="demo", hub_id="org/surely-not-cached-demo", hub_config=None, split="test", schema=SCHEMA)
     assert "org/surely-not-cached-demo" in str(caught.value) and "--data demo=PATH" in str(caught.value)
+
+
+def test_no_network_is_one_line_at_once_without_retries(monkeypatch):
+    """Not cached, not offline, and the hub refuses connections: one line naming --data within seconds (no
+    huggingface_hub retry storm)."""
+    import time
+
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as caught:
+        load_rows(None, task="demo", hub_id="org/surely-not-cached-demo", hub_config=None, split="test", schema=SCHEMA)
+    assert time.perf_counter() - start < 10
+    message = str(caught.value)
+    assert "not in the local datasets cache" in message and "http://127.0.0.1:9" in message and "cannot be reached" in message
+    assert "--data demo=PATH" in message and "\n" not in message
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ValueError, match="HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set.*--data demo=PATH"):
+        load_rows(None, task="demo", hub_id="org/surely-not-cached-demo", hub_config=None, split="test", schema=SCHEMA)
+
+
+def test_a_dataset_in_the_local_cache_loads_with_no_network(tmp_path, monkeypatch):
+    """The datasets cache is read first: a hub id cached earlier loads though the hub cannot be reached (here a
+    cache entry made from a local file and filed under the hub id, as `datasets` files a downloaded one)."""
+    import shutil
+
+    import datasets
+
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS), encoding="utf-8")
+    datasets.load_dataset("json", data_files={"test": str(tmp_path / "rows.jsonl")}, cache_dir=str(tmp_path / "build"))
+    built = next(p for p in (tmp_path / "build" / "json").glob("*/0.0.0/*") if p.is_dir())
+    entry = tmp_path / "cache" / "org___cached-demo" / "main" / "0.0.0" / built.name
+    shutil.copytree(built, entry)
+    (entry / "json-test.arrow").rename(entry / "cached-demo-test.arrow")
+    info = json.loads((entry / "dataset_info.json").read_text())
+    (entry / "dataset_info.json").write_text(json.dumps({**info, "config_name": "main", "dataset_name": "cached-demo"}))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    rows = load_rows(None, task="demo", hub_id="org/cached-demo", hub_config="main", split="test", schema=SCHEMA)
+    assert rows == ROWS
+
+
+def test_an_empty_source_is_an_error(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"empty\.jsonl holds no rows; give demo data with at least one row"):
+        load(tmp_path / "empty.jsonl")

@@ -168,8 +168,24 @@ def test_malformed_rows_and_impossible_budgets(tmp_path, rows):
         LongBench(data_path=str(tmp_path), subsets="narrativeqa").samples(context())
     with pytest.raises(ValueError, match="generates up to 512 tokens, which leaves no room"):
         LongBench(data_path=str(FIXTURE), subsets="gov_report").samples(context(max_length=512))
-    with pytest.raises(ValueError, match=r"holds no qasper\{\.jsonl"):
+    with pytest.raises(DataError, match=r"holds none of the 1 subsets asked for \(qasper\)"):
         LongBench(data_path=str(tmp_path), subsets="qasper").samples(context())
+
+
+def test_data_missing_asked_subsets_is_an_error_naming_those_present(tmp_path, rows):
+    """A file or folder holding 1 of the 21 subsets with subsets=all must not average over n=1 without a word."""
+    one_subset = tmp_path / "qasper-only.jsonl"
+    one_subset.write_text("".join(json.dumps(r) + "\n" for r in rows if r["dataset"] == "qasper"), encoding="utf-8")
+    for source in (one_subset, tmp_path):
+        if source == tmp_path:
+            (tmp_path / "qasper.jsonl").write_text(one_subset.read_text(encoding="utf-8"), encoding="utf-8")
+        task = LongBench(data_path=str(source), subsets="all")
+        with pytest.raises(DataError) as caught:
+            task.prepare()
+        message = str(caught.value)
+        assert "holds 1 of the 21 subsets asked for" in message and "missing: narrativeqa" in message
+        assert "--task-option longbench.subsets=qasper" in message
+        assert len(LongBench(data_path=str(source), subsets="qasper").samples(context())) == 2
 
 
 def test_the_hub_path_reads_the_subset_file_inside_data_zip(tmp_path, rows, monkeypatch):

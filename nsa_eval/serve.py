@@ -8,15 +8,17 @@ streaming) and POST /v1/chat/completions (chat template applied by the backend, 
 our `openai:` backend reads. Loopback only by default; `--api-key` makes every request need
 `Authorization: Bearer KEY`.
 
-The standard library's ThreadingHTTPServer answers each connection in a thread; the model answers one request at a
-time (a lock), so requests queue rather than run together. Streaming uses server-sent events, sent once the backend
-has finished the completion (the LanguageModel interface returns whole texts): clients that stream work, but see
-the text arrive at once.
+The standard library's ThreadingHTTPServer answers each connection in a thread. On the native engine (a model with a
+streaming `generate_iter`) one worker thread runs the engine: a request joins the batch being decoded at the next
+step (continuous batching across clients), and streaming sends each new piece of text as its token is generated
+(server-sent events; text that might begin a stop sequence is held back until it cannot). Other backends answer one
+request at a time (a lock) and stream the whole completion in one event once it is generated.
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import socket
 import sys
 import threading
@@ -29,6 +31,7 @@ from typing import Any, Iterator
 import click
 
 from nsa_eval.model_adapters.base import Generation, GenerationRequest, LanguageModel
+from nsa_eval.model_adapters.prompts import cut_at_stop
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 UNSUPPORTED = ("best_of", "logit_bias", "presence_penalty", "frequency_penalty", "suffix", "tools", "functions")
@@ -53,6 +56,7 @@ class OpenAIServer(ThreadingHTTPServer):
         super().__init__((host, port), _Handler)
         self.model, self.served_name, self.api_key, self.quiet = model, served_name, api_key, quiet
         self.model_lock = threading.Lock()
+        self.worker = EngineWorker(model, self.model_lock) if _streams(model) else None
         self.created = int(time.time())
 
     @property
@@ -74,6 +78,9 @@ class OpenAIServer(ThreadingHTTPServer):
         if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or not 0 <= logprobs <= 20):
             raise RequestError(400, "logprobs must be a whole number from 0 to 20")
         settings = _settings(body, default_max_tokens=16)
+        if body.get("stream") and self.worker is not None and not echo and logprobs is None:
+            texts = [prompt if isinstance(prompt, str) else self._decode(prompt) for prompt in prompts]
+            return self._stream_tokens("cmpl", "text_completion", texts, settings, body)
         choices, usage, timings = [], {"prompt_tokens": 0, "completion_tokens": 0}, []
         for prompt in prompts:
             text = prompt if isinstance(prompt, str) else self._decode(prompt)
@@ -104,7 +111,10 @@ class OpenAIServer(ThreadingHTTPServer):
             raise RequestError(400, "logprobs on chat completions are not supported; use /v1/completions with echo")
         if "max_completion_tokens" in body and "max_tokens" not in body:
             body = {**body, "max_tokens": body["max_completion_tokens"]}
-        generation = self._generate(messages, _settings(body, default_max_tokens=None))
+        settings = _settings(body, default_max_tokens=None)
+        if body.get("stream") and self.worker is not None:
+            return self._stream_tokens("chatcmpl", "chat.completion.chunk", [messages], settings, body)
+        generation = self._generate(messages, settings)
         choices = [
             {"index": j, "message": {"role": "assistant", "content": text}, "logprobs": None,
              "finish_reason": generation.finish_reasons[j]}
@@ -124,7 +134,8 @@ class OpenAIServer(ThreadingHTTPServer):
         if used:
             raise RequestError(400, f"nsa-eval serve does not support {', '.join(used)}")
 
-    def _generate(self, prompt: Any, settings: dict[str, Any]):
+    def _request(self, prompt: Any, settings: dict[str, Any]) -> GenerationRequest:
+        """The GenerationRequest of one prompt, refused here (one line) where the backend would refuse it."""
         if settings["max_new_tokens"] is None:  # chat without max_tokens: whatever the budget leaves
             settings = {**settings, "max_new_tokens": max(1, self.model.max_length - self.model.count_tokens(prompt) - 1)}
         if settings["max_new_tokens"] == 0:
@@ -132,8 +143,68 @@ class OpenAIServer(ThreadingHTTPServer):
         if settings["max_new_tokens"] >= self.model.max_length:  # the backend's own line speaks of CLI flags
             raise RequestError(400, f"max_tokens {settings['max_new_tokens']} leaves no room for a prompt in this model's "
                                     f"context of {self.model.max_length} tokens; ask for fewer tokens")
+        self.model.count_tokens(prompt)  # a chat prompt without a chat template fails here, not in the worker
+        return GenerationRequest(prompt=prompt, **settings)
+
+    def _generate(self, prompt: Any, settings: dict[str, Any]) -> Generation:
+        request = self._request(prompt, settings)
+        if self.worker is not None:
+            return self.worker.submit(request).result()
         with self.model_lock:
-            return self.model.generate([GenerationRequest(prompt=prompt, **settings)])[0]
+            return self.model.generate([request])[0]
+
+    def _stream_tokens(self, prefix: str, kind: str, prompts: list[Any], settings: dict[str, Any],
+                       body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Server-sent events of the completions of `prompts` on the engine worker, a piece of text per new token
+        (choice index = prompt x n + sample), then each choice's finish reason and, if asked, the usage."""
+        requests = [self._request(prompt, settings) for prompt in prompts]  # refusals before the stream starts
+        listeners = [self.worker.submit(request) for request in requests]
+        return self._token_events(prefix, kind, requests, listeners, body)
+
+    def _token_events(self, prefix: str, kind: str, requests: list[GenerationRequest], listeners: list["Listener"],
+                      body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        head = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()),
+                "model": self.served_name}
+        chat = kind == "chat.completion.chunk"
+        tokenizer = self.model.tokenizer
+
+        def piece(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
+            if chat:
+                delta = {"content": text} if text or finish is None else {}
+                return {**head, "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
+            return {**head, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        for p, (request, listener) in enumerate(zip(requests, listeners)):
+            n = request.n
+            if chat:
+                for j in range(n):
+                    yield {**head, "choices": [{"index": p * n + j, "delta": {"role": "assistant", "content": ""},
+                                                "finish_reason": None}]}
+            sent = [0] * n
+            hold = max((len(s) for s in request.stop), default=1) - 1  # chars that could begin a stop sequence
+            for event in listener.events():
+                if isinstance(event, Generation):
+                    for j, text in enumerate(event.texts):
+                        if text[sent[j]:]:
+                            yield piece(p * n + j, text[sent[j]:])
+                        yield piece(p * n + j, "", event.finish_reasons[j])
+                    usage["prompt_tokens"] += event.prompt_tokens
+                    usage["completion_tokens"] += sum(event.new_tokens)
+                    break
+                sample, tokens = event
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                if request.stop and cut_at_stop(text, request.stop) is not None:
+                    continue  # the final text (cut) comes with the Generation
+                safe = len(text) - hold
+                while safe > sent[sample] and text[safe - 1] == "\ufffd":  # an incomplete character
+                    safe -= 1
+                if safe > sent[sample]:
+                    yield piece(p * n + sample, text[sent[sample]:safe])
+                    sent[sample] = safe
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            yield {**head, "choices": [], "usage": usage}
 
     def _tokenizer(self) -> Any:
         tokenizer = getattr(self.model, "tokenizer", None)
@@ -248,6 +319,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         for event in events:
             self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+            self.wfile.flush()
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
         self.close_connection = True
@@ -255,6 +327,81 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
         if not self.server.quiet:
             sys.stderr.write(f"{self.address_string()} {format % args}\n")
+
+
+def _streams(model: Any) -> bool:
+    """Whether the model is the native engine, whose generate_iter takes requests while it runs and reports tokens."""
+    import inspect
+
+    method = getattr(model, "generate_iter", None)
+    return method is not None and {"more", "on_token"} <= set(inspect.signature(method).parameters)
+
+
+class Listener:
+    """What one request's HTTP thread waits on: (sample, tokens so far) after each token, then its Generation (or the
+    error that ended the batch)."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue()
+
+    def events(self) -> Iterator[tuple[int, list[int]] | Generation]:
+        while True:
+            event = self.queue.get()
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+            if isinstance(event, Generation):
+                return
+
+    def result(self) -> Generation:
+        for event in self.events():
+            if isinstance(event, Generation):
+                return event
+        raise AssertionError("a listener's events end with its Generation")
+
+
+class EngineWorker:
+    """One thread that runs the engine for every client: it waits for a request, then runs generate_iter with the
+    requests that arrive meanwhile polled each step (`more`), so concurrent requests decode in one batch, and reports
+    each token and each finished Generation to the request's Listener. `lock`: held while the engine runs (the
+    server's log-probability forward passes take it too)."""
+
+    def __init__(self, model: Any, lock: threading.Lock):
+        self.model, self.lock = model, lock
+        self.inbox: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, name="nsa-eval-engine", daemon=True).start()
+
+    def submit(self, request: GenerationRequest) -> Listener:
+        listener = Listener()
+        self.inbox.put((request, listener))
+        return listener
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.inbox.get()]  # wait for work
+            listeners = [listener for _, listener in batch]
+
+            def more() -> list[GenerationRequest]:
+                arrived = []
+                while True:
+                    try:
+                        arrived.append(self.inbox.get_nowait())
+                    except queue.Empty:
+                        listeners.extend(listener for _, listener in arrived)
+                        return [request for request, _ in arrived]
+
+            def on_token(index: int, sample: int, tokens: list[int], done: bool) -> None:
+                listeners[index].queue.put((sample, list(tokens)))
+
+            try:
+                with self.lock:
+                    for index, generation in self.model.generate_iter([r for r, _ in batch], more=more,
+                                                                      on_token=on_token):
+                        listeners[index].queue.put(generation)
+            except Exception as error:  # noqa: BLE001 - every waiting client gets the error; the worker goes on
+                traceback.print_exc(file=sys.stderr)
+                for listener in listeners:
+                    listener.queue.put(error)
 
 
 def _stream_completion(answer: dict[str, Any], body: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -147,18 +147,36 @@ class Engine(PromptTokens, ForwardScoring):
         return results  # type: ignore[return-value]
 
     @torch.no_grad()
-    def generate_iter(self, requests: list[GenerationRequest]) -> Iterator[tuple[int, Generation]]:
-        """(index into requests, its Generation) as each request finishes, in the order they finish."""
-        if not requests:
+    def generate_iter(self, requests: list[GenerationRequest],
+                      more: Callable[[], list[GenerationRequest]] | None = None,
+                      on_token: Callable[[int, int, list[int], bool], None] | None = None,
+                      ) -> Iterator[tuple[int, Generation]]:
+        """(index into requests, its Generation) as each request finishes, in the order they finish.
+
+        more: for a server, polled once per step for requests that arrived meanwhile (numbered after the earlier
+        ones; served first come, first served, in a cache sized for max_length); the call returns when no request
+        is left. on_token(index, sample, tokens so far, done): after every token a row takes (streaming)."""
+        if not requests and more is None:
             return
-        queue = sorted((self._request(i, r) for i, r in enumerate(requests)), key=lambda q: len(q.ids))
-        cache = self._cache(max(len(q.ids) + q.spec.max_new_tokens for q in queue) + 1)
+        queue = [self._request(i, r) for i, r in enumerate(requests)]
+        if more is None:  # longest first: the cache fits them, and similar lengths decode together
+            queue.sort(key=lambda q: len(q.ids))
+            cache = self._cache(max(len(q.ids) + q.spec.max_new_tokens for q in queue) + 1)
+        else:  # first come, first served: pop() takes the earliest
+            queue.reverse()
+            cache = self._cache(self.max_length + 1)
+        count = len(requests)
         slots, staging = self.batch_size, self.batch_size  # the staging row follows the decoding rows
         settings = self.settings
         rows: list[_Row | None] = [None] * slots
         staged: _Request | None = None  # the request whose prompt sits in the staging row
-        while queue or staged is not None or any(r is not None for r in rows):
-            for slot in range(slots):  # every free row takes the next sample (the longest prompt first)
+        while True:
+            for request in more() if more is not None else ():
+                queue.insert(0, self._request(count, request))
+                count += 1
+            if not (queue or staged is not None or any(r is not None for r in rows)):
+                return
+            for slot in range(slots):  # every free row takes the next sample
                 while rows[slot] is None and (staged is not None or queue):
                     if staged is None and queue[-1].rows > 1:
                         staged = queue.pop()
@@ -167,6 +185,8 @@ class Engine(PromptTokens, ForwardScoring):
                     row = self._start(request, cache, slot, staging if request is staged else None, settings)
                     if request is staged and not staged.to_start:
                         staged.logits, staged = None, None
+                    if on_token is not None:
+                        on_token(request.index, row.sample, row.tokens, bool(row.ended))
                     if row.ended:  # finished on its first token
                         finished = self._finish(row)
                         if finished is not None:
@@ -188,7 +208,10 @@ class Engine(PromptTokens, ForwardScoring):
             self.stats.buckets[bucket] = self.stats.buckets.get(bucket, 0) + 1
             for slot in busy:
                 row = rows[slot]
-                if self._add_token(row, new[slot], now):
+                done = self._add_token(row, new[slot], now)
+                if on_token is not None:
+                    on_token(row.request.index, row.sample, row.tokens, done)
+                if done:
                     rows[slot] = None
                     cache.set_active([slot], False)
                     finished = self._finish(row)

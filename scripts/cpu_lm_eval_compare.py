@@ -3,7 +3,7 @@
     python scripts/cpu_lm_eval_compare.py --task gsm8k --data ../shared/data/gsm8k/test.jsonl --limit 20 --batch 4
 
 Both runs use the embedded SmolLM2-135M-Instruct in float32 on the CPU, the task's own prompts and gen_kwargs and the
-same local rows: (1) `nsa-eval run --tasks lm-eval:TASK` (our runner, the native engine), (2) `lm_eval`'s
+same local rows and plain-text prompts (lm-eval's default: no chat template): (1) `nsa-eval run --tasks lm-eval:TASK` (our runner, the native engine), (2) `lm_eval`'s
 `simple_evaluate(model="hf", ...)` with the same task object. Prints and writes (--out) the wall times and how many
 responses are identical.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 def ours(task: str, data: str, limit: int, batch: int, out: Path) -> tuple[float, list[str]]:
     command = [sys.executable, "-m", "nsa_eval", "run", "--model", "smollm2", "--tasks", f"lm-eval:{task}", "--data",
                f"lm-eval:{task}={data}", "--limit", str(limit), "--batch-size", str(batch), "--dtype", "float32",
-               "--device", "cpu", "--output", str(out), "--quiet"]
+               "--device", "cpu", "--no-chat-template", "--output", str(out), "--quiet"]
     start = time.perf_counter()
     subprocess.run(command, check=True)
     wall = time.perf_counter() - start
@@ -32,6 +32,7 @@ def ours(task: str, data: str, limit: int, batch: int, out: Path) -> tuple[float
 
 def theirs(task: str, data: str, limit: int, batch: int) -> tuple[float, list[str]]:
     import lm_eval
+    import lm_eval.models  # noqa: F401  (registers lm-eval's own backends, "hf" among them)
 
     from nsa_eval.lm_eval_bridge import load_task
     from nsa_eval.model_adapters.smollm2 import plain_checkpoint
@@ -41,8 +42,8 @@ def theirs(task: str, data: str, limit: int, batch: int) -> tuple[float, list[st
                                       tasks=[load_task(task, data_path=data)], limit=limit, batch_size=batch,
                                       device="cpu", log_samples=True)
     wall = time.perf_counter() - start
-    samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
-    return wall, [s["resps"][0][0] for s in samples]
+    samples = {s["doc_id"]: s for s in results["samples"][task]}  # one entry per filter: the response is the same
+    return wall, [samples[i]["resps"][0][0] for i in sorted(samples)]
 
 
 def main() -> None:
@@ -55,6 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         our_wall, our_texts = ours(args.task, args.data, args.limit, args.batch, Path(folder) / "run")
+    print(f"nsa-eval run: {our_wall:.1f} s", flush=True)
     their_wall, their_texts = theirs(args.task, args.data, args.limit, args.batch)
     same = sum(a == b for a, b in zip(our_texts, their_texts))
     from nsa_eval.store import git_sha

@@ -557,7 +557,7 @@ def kernels_command(lengths: str, out_dir: str, quick: bool, only: str, sweep: b
     import torch
     import triton
 
-    from nsa_eval.cli import parse_int_list
+    from nsa_eval.util import parse_int_list
 
     if not torch.cuda.is_available():
         raise ValueError("bench kernels needs a CUDA GPU; none is visible to torch here")

@@ -316,7 +316,7 @@ def eval_command(variants: str, parts: str, decode_points: str, prefill_points: 
     import torch
     import triton
 
-    from nsa_eval.cli import parse_int_list
+    from nsa_eval.util import parse_int_list
     from nsa_eval.store import git_sha
 
     if not torch.cuda.is_available():
@@ -381,7 +381,7 @@ def eval_command(variants: str, parts: str, decode_points: str, prefill_points: 
 
 def parse_workload(text: str) -> tuple[int, int, int, int]:
     """'8x1k:16x2k' -> (prompts 8, prompt tokens 1024, n 16, new tokens 2048)."""
-    from nsa_eval.cli import parse_int_list
+    from nsa_eval.util import parse_int_list
 
     try:
         left, right = text.strip().split(":")

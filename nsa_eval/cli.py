@@ -13,7 +13,9 @@ from typing import Any
 import click
 
 from nsa_eval.bench import bench
-from nsa_eval.registry import LM_EVAL_PREFIX, MODEL_KINDS, TASKS, task_factory
+from nsa_eval.models import MODEL_KINDS
+from nsa_eval.registry import LM_EVAL_PREFIX, TASKS, task_factory
+from nsa_eval.util import parse_int_list
 
 
 class _Commands(click.Group):
@@ -32,19 +34,6 @@ class _Commands(click.Group):
 @click.version_option(package_name="nsa-eval")
 def main() -> None:
     """Evaluate NSA and full-attention language models: accuracy and speed, side by side."""
-
-
-def parse_int_list(text: str, option: str) -> list[int]:
-    """'1k,2k,4096' -> [1024, 2048, 4096]."""
-    values = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        match = re.fullmatch(r"(\d+)([kK]?)", part)
-        if not match:
-            raise ValueError(f"{option} '{text}': '{part}' is not a whole number (e.g. 1024 or 4k)")
-        values.append(int(match.group(1)) * (1024 if match.group(2) else 1))
-    if not values:
-        raise ValueError(f"{option} is empty; give comma-separated numbers such as 1024,2048")
-    return values
 
 
 def parse_data_paths(pairs: tuple[str, ...], task_names: list[str]) -> dict[str, str]:

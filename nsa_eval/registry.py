@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 from nsa_eval.tasks.base import Task
 from nsa_eval.tasks.aime import AIME
@@ -42,7 +42,3 @@ def task_factory(name: str) -> Callable[..., Task]:
         )
     return TASKS[name]
 
-
-def make_task(name: str, **options: Any) -> Task:
-    """Build a registered task (or `lm-eval:TASK`); an unknown name raises ValueError with the known names."""
-    return task_factory(name)(**options)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from nsa_eval.registry import make_task
+from nsa_eval.registry import task_factory
 from nsa_eval.tasks.base import DataError, TaskContext
 from nsa_eval.tasks.humaneval import (
     STOP,
@@ -46,8 +46,8 @@ def test_it_refuses_to_run_without_the_flag():
     with pytest.raises(ValueError, match=r"^humaneval runs model-written code; pass --allow-code-execution"):
         HumanEval()
     with pytest.raises(ValueError, match="--allow-code-execution"):
-        make_task("humaneval")
-    assert make_task("humaneval", allow_code_execution=True).headline == "pass@1"
+        task_factory("humaneval")()
+    assert task_factory("humaneval")(allow_code_execution=True).headline == "pass@1"
 
 
 @pytest.mark.parametrize(

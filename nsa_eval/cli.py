@@ -408,20 +408,7 @@ from nsa_eval.report.commands import publish, report  # noqa: E402  (the report 
 main.add_command(report)
 main.add_command(publish)
 
-
-main.add_command(bench)
-
-from nsa_eval.bench_model import model_command  # noqa: E402  (`nsa-eval bench model` lives in nsa_eval/bench_model.py)
-
-bench.add_command(model_command)
-
-from nsa_eval.bench_tasks import tasks_command  # noqa: E402  (`nsa-eval bench tasks`: scoring speed on the CPU)
-
-bench.add_command(tasks_command)
-
-from nsa_eval.bench_eval import eval_command  # noqa: E402  (`nsa-eval bench eval`: the engine end to end, GPU)
-
-bench.add_command(eval_command)
+main.add_command(bench)  # the group and its subcommands: nsa_eval/bench/
 
 from nsa_eval.serve import serve  # noqa: E402  (the OpenAI-compatible server lives in nsa_eval/serve.py)
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import click
 
-from nsa_eval.bench import card_slug, copy_bandwidth
+from nsa_eval.bench.common import card_slug, copy_bandwidth
 
 LLAMA_1B = dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
@@ -252,37 +252,38 @@ def format_report(results: dict) -> str:
     rows = results["rows"]
     decode = [r for r in rows if r["part"] == "decode"]
     if decode:
-        lines += ["**decode** (tokens/s of all rows; step ms; share of the bandwidth bound)", "",
-                  "| model | context | batch | tokens/s | step ms | bound tokens/s | share |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['context']} | {r['batch']} | {r['tokens_per_s']:.0f} | {r['step_ms']:.2f} | "
-                  f"{r['bound_tokens_per_s']:.0f} | {100 * r['share_of_bound']:.0f}% |" for r in decode]
-        lines.append("")
+        lines += _table("**decode** (tokens/s of all rows; step ms; share of the bandwidth bound)",
+                        ["model", "context", "batch", "tokens/s", "step ms", "bound tokens/s", "share"],
+                        [[r["model"], r["context"], r["batch"], f"{r['tokens_per_s']:.0f}", f"{r['step_ms']:.2f}",
+                          f"{r['bound_tokens_per_s']:.0f}", f"{100 * r['share_of_bound']:.0f}%"] for r in decode])
     prefill = [r for r in rows if r["part"] == "prefill"]
     if prefill:
-        lines += ["**prefill** (one prompt, fastest of 2)", "", "| model | context | ms | share of the FLOP bound |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['context']} | {r['prefill_ms']:.1f} | {_percent(r.get('share_of_bound'))} |"
-                  for r in prefill]
-        lines.append("")
+        lines += _table("**prefill** (one prompt, fastest of 2)", ["model", "context", "ms", "share of the FLOP bound"],
+                        [[r["model"], r["context"], f"{r['prefill_ms']:.1f}", _percent(r.get("share_of_bound"))]
+                         for r in prefill])
     niah = [r for r in rows if r["part"] == "niah"]
     if niah:
-        lines += ["**NIAH through the runner**", "", "| model | samples | wall s | compile s | length | prefill ms | "
-                  "decode ms/token (median) | slowest / median decode | slowest / median prefill per token |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in niah:
-            for length, b in r["by_length"].items():
-                lines.append(f"| {r['model']} | {r['samples']} | {r['wall_s']:.1f} | {r['compile_s']:.1f} | {length} | "
-                             f"{b['prefill_ms_mean']:.0f} | {b['decode_ms_per_token_median'] or 0:.2f} | "
-                             f"{b['decode_slowest_over_median'] or 0:.2f} | {b['prefill_slowest_over_median']:.2f} |")
-        lines.append("")
+        lines += _table("**NIAH through the runner**",
+                        ["model", "samples", "wall s", "compile s", "length", "prefill ms", "decode ms/token (median)",
+                         "slowest / median decode", "slowest / median prefill per token"],
+                        [[r["model"], r["samples"], f"{r['wall_s']:.1f}", f"{r['compile_s']:.1f}", length,
+                          f"{b['prefill_ms_mean']:.0f}", f"{b['decode_ms_per_token_median'] or 0:.2f}",
+                          f"{b['decode_slowest_over_median'] or 0:.2f}", f"{b['prefill_slowest_over_median']:.2f}"]
+                         for r in niah for length, b in r["by_length"].items()])
     longgen = [r for r in rows if r["part"] == "longgen"]
     if longgen:
-        lines += ["**long generation** (P prompts x n samples x N new tokens)", "",
-                  "| model | engine | P x L | n x N | wall s | tokens/s |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r.get('engine', 'native')} | {r['prompts']} x {r['prompt_tokens']} | "
-                  f"{r['n']} x {r['new_tokens']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.0f} |" for r in longgen]
-        lines.append("")
+        lines += _table("**long generation** (P prompts x n samples x N new tokens)",
+                        ["model", "engine", "P x L", "n x N", "wall s", "tokens/s"],
+                        [[r["model"], r.get("engine", "native"), f"{r['prompts']} x {r['prompt_tokens']}",
+                          f"{r['n']} x {r['new_tokens']}", f"{r['wall_s']:.1f}", f"{r['tokens_per_s']:.0f}"]
+                         for r in longgen])
     return "\n".join(lines) + "\n"
+
+
+def _table(heading: str, columns: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table under its heading line, then a blank line (eval-<card>.md's tables: a row per result)."""
+    return ([heading, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows] + [""])
 
 
 def _percent(share: float | None) -> str:

@@ -14,7 +14,7 @@ from nsa_eval.kernels.nsa import reference
 from nsa_eval.kernels.nsa.utils import num_compressed_blocks
 from kernel_checks import rel_err
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 Triton kernels)")
+pytestmark = pytest.mark.gpu  # bf16 Triton kernels; skipped where torch sees no CUDA device (tests/conftest.py)
 
 BOUND = 2e-2
 PAPER = dict(block_len=32, block_stride=16, select_len=64, num_selected=16, window=512)

@@ -34,6 +34,7 @@ def sample_of(task: HumanEval, task_id: str, chat: bool):
     return next(s for s in task.samples(context(chat)) if s.id == task_id)
 
 
+@pytest.mark.slow
 def test_all_164_canonical_solutions_pass_in_the_sandbox():
     problems = list(PROBLEMS.values())
     assert len(problems) == 164

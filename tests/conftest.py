@@ -1,8 +1,8 @@
 """Shared test set-up. Triton kernels run in interpreter mode on machines without a GPU.
 
 Markers (pyproject.toml): `gpu` tests need a CUDA device and are skipped here where torch sees none (no per-file
-skipif); `slow` tests take more than a few seconds on 2 CPU cores (`pytest -m "not slow"`: the quick loop, under
-2 minutes on 2 cores; the whole suite before a commit)."""
+skipif); `slow` tests take more than a few seconds on 2 CPU cores (`pytest -m "not slow"`: the quick loop; the
+whole suite before a commit)."""
 
 import os
 from pathlib import Path

@@ -20,6 +20,7 @@ from typing import Callable
 import click
 
 from nsa_eval.bench.common import card_slug, copy_bandwidth, graphed, length_table, sdpa
+from nsa_eval.kernels.nsa.common import FLA_LAYOUT, PAPER_LAYOUT
 
 HQ, H, D = 64, 4, 128  # query heads, KV heads, head dim of every prefill and decode row
 DECODE_BATCHES = (1, 16)
@@ -152,8 +153,7 @@ def sdpa_decode(batch: int) -> Callable[[int], Run]:
 # NSA (kernels/nsa): the paper's layout with the window, and flash-linear-attention's beside fla-core
 # ----------------------------------------------------------------------------------------------------
 
-NSA_PAPER = dict(block_len=32, block_stride=16, select_len=64, num_selected=16, window=512)
-NSA_FLA = dict(block_len=64, block_stride=64, select_len=64, num_selected=16, window=0)
+NSA_PAPER, NSA_FLA = PAPER_LAYOUT, FLA_LAYOUT  # kernels/nsa/common.py
 
 
 def _nsa_inputs(T: int, hp: dict, grad: bool):

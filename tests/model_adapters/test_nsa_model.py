@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from nsa_eval.kernels.nsa.common import FLA_LAYOUT, PAPER_LAYOUT
 from nsa_eval.model_adapters.base import GenerationRequest, LoglikelihoodRequest, ModelLoadError
 from nsa_eval.model_adapters.native import load_native
 from nsa_eval.model_adapters.runtime.checkpoint import from_pretrained, save_pretrained
@@ -423,9 +424,9 @@ def gpu_model(layout, **overrides):
     return Transformer(config).init_weights(std=0.05, seed=0).cuda().eval()
 
 
-GPU_PAPER = dict(block_len=32, block_stride=16, select_len=64, num_selected=16, window=512, compression="mlp",
+GPU_PAPER = dict(**PAPER_LAYOUT, compression="mlp",
                  compress_hidden_size=64, shared_kv=False)
-GPU_FLA = dict(block_len=64, block_stride=64, select_len=64, num_selected=16, window=0, compression="mean",
+GPU_FLA = dict(**FLA_LAYOUT, compression="mean",
                shared_kv=True)
 
 

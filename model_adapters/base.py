@@ -79,7 +79,7 @@ class LanguageModel(Protocol):
 
     def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[Loglikelihood]: ...
 
-    def count_tokens(self, text: str) -> int: ...
+    def count_tokens(self, text: Prompt) -> int: ...  # chat messages: counted with the chat template applied
 
 
 class ModelLoadError(ValueError):

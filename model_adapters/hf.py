@@ -223,7 +223,7 @@ class HFModel(PromptTokens, ForwardScoring):
                 prompts.append(ids)
         max_new = max(r.max_new_tokens for r in requests)
         input_ids, attention_mask = self._left_pad(prompts)
-        generators = [_row_generator(requests[i].seed, j, self.device) for i, j in rows]
+        generators = [_row_generator(requests[i].seed, j) for i, j in rows]
 
         _sync(self.device)
         t0 = time.perf_counter()
@@ -372,7 +372,7 @@ def _pick(logits: torch.Tensor, request: GenerationRequest, generator: torch.Gen
     return int(choice)
 
 
-def _row_generator(seed: int, sample_index: int, device: torch.device) -> torch.Generator:
+def _row_generator(seed: int, sample_index: int) -> torch.Generator:
     generator = torch.Generator()  # sampling happens on CPU probabilities: same results on any device
     generator.manual_seed((seed * 1_000_003 + sample_index) % (2**63))
     return generator

@@ -13,7 +13,9 @@ from typing import Any
 import click
 
 from nsa_eval.bench import bench
-from nsa_eval.registry import LM_EVAL_PREFIX, MODEL_KINDS, TASKS, task_factory
+from nsa_eval.models import MODEL_KINDS
+from nsa_eval.registry import LM_EVAL_PREFIX, TASKS, task_factory
+from nsa_eval.util import parse_int_list
 
 
 class _Commands(click.Group):
@@ -32,19 +34,6 @@ class _Commands(click.Group):
 @click.version_option(package_name="nsa-eval")
 def main() -> None:
     """Evaluate NSA and full-attention language models: accuracy and speed, side by side."""
-
-
-def parse_int_list(text: str, option: str) -> list[int]:
-    """'1k,2k,4096' -> [1024, 2048, 4096]."""
-    values = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        match = re.fullmatch(r"(\d+)([kK]?)", part)
-        if not match:
-            raise ValueError(f"{option} '{text}': '{part}' is not a whole number (e.g. 1024 or 4k)")
-        values.append(int(match.group(1)) * (1024 if match.group(2) else 1))
-    if not values:
-        raise ValueError(f"{option} is empty; give comma-separated numbers such as 1024,2048")
-    return values
 
 
 def parse_data_paths(pairs: tuple[str, ...], task_names: list[str]) -> dict[str, str]:
@@ -419,20 +408,7 @@ from nsa_eval.report.commands import publish, report  # noqa: E402  (the report 
 main.add_command(report)
 main.add_command(publish)
 
-
-main.add_command(bench)
-
-from nsa_eval.bench_model import model_command  # noqa: E402  (`nsa-eval bench model` lives in nsa_eval/bench_model.py)
-
-bench.add_command(model_command)
-
-from nsa_eval.bench_tasks import tasks_command  # noqa: E402  (`nsa-eval bench tasks`: scoring speed on the CPU)
-
-bench.add_command(tasks_command)
-
-from nsa_eval.bench_eval import eval_command  # noqa: E402  (`nsa-eval bench eval`: the engine end to end, GPU)
-
-bench.add_command(eval_command)
+main.add_command(bench)  # the group and its subcommands: nsa_eval/bench/
 
 from nsa_eval.serve import serve  # noqa: E402  (the OpenAI-compatible server lives in nsa_eval/serve.py)
 

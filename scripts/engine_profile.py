@@ -2,7 +2,7 @@
 
     python scripts/engine_profile.py --variant llama-sparse --workload 1x1k:16x256 [--tokenizer DIR]
 
-Random weights in the shapes of `nsa-eval bench eval` (nsa_eval/bench_eval.py); the first generate warms up (compiles,
+Random weights in the shapes of `nsa-eval bench eval` (nsa_eval/bench/eval.py); the first generate warms up (compiles,
 graphs), the second runs under torch.profiler; prints the engine's stats and the top CUDA kernels and CPU ops.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from nsa_eval.bench_eval import build_checkpoints, load_variant, longgen_part, parse_workload
+from nsa_eval.bench.eval import build_checkpoints, load_variant, longgen_part, parse_workload
 
 
 def main() -> None:

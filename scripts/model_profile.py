@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from nsa_eval.bench_model import PAPER_SHAPE, make_model
+from nsa_eval.bench.model import PAPER_SHAPE, make_model
 
 
 def kernel_table(prof, per: float) -> list[dict]:

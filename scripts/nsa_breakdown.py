@@ -17,11 +17,11 @@ import triton
 
 from nsa_eval.kernels import attention, attention_decode, mean_pool
 from nsa_eval.kernels.nsa import compression, decode, parallel, selected, selection
+from nsa_eval.kernels.nsa.common import FLA_LAYOUT, PAPER_LAYOUT
 
 HQ, H = 64, 4
 DK = DV = 128  # query-key and value head dims (--dk, --dv)
-PAPER = dict(block_len=32, block_stride=16, select_len=64, num_selected=16, window=512)
-FLA = dict(block_len=64, block_stride=64, select_len=64, num_selected=16, window=0)
+PAPER, FLA = PAPER_LAYOUT, FLA_LAYOUT
 
 
 def ms(fn) -> float:

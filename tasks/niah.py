@@ -139,7 +139,7 @@ class NeedleInAHaystack:
         needle = f"The special magic number for {key} is {value}."
         question = f"What is the special magic number for {key} mentioned in the provided text?"
         sentences = self._sentences(rng, length)
-        prompt, needle_at = build_prompt(sentences, needle, question, depth, length, ctx.count_tokens, ctx.chat)
+        prompt, _ = build_prompt(sentences, needle, question, depth, length, ctx.count_tokens, ctx.chat)
         return Sample(
             id=f"len{length}-depth{depth}-{index}",
             prompt=prompt,

@@ -1,4 +1,8 @@
-"""Shared test set-up. Triton kernels run in interpreter mode on machines without a GPU."""
+"""Shared test set-up. Triton kernels run in interpreter mode on machines without a GPU.
+
+Markers (pyproject.toml): `gpu` tests need a CUDA device and are skipped here where torch sees none (no per-file
+skipif); `slow` tests take more than a few seconds on 2 CPU cores (`pytest -m "not slow"`: the quick loop; the
+whole suite before a commit)."""
 
 import os
 from pathlib import Path
@@ -16,6 +20,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import triton.language as tl
 from nsa_eval.kernels.attention.checks import check_attention_args
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 # ----------------------------------------------------------------------------------------------------

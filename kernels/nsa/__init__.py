@@ -1,6 +1,7 @@
 """Native Sparse Attention (arXiv:2502.11089): compressed, selected and sliding-window branches, gated.
 
-The public functions run the Triton kernels on CUDA tensors and the PyTorch reference on CPU tensors.
+The public functions run the Triton kernels on CUDA tensors and the PyTorch reference on CPU tensors
+(`nsa_eval.kernels.utils.by_device`).
 To run the Triton path elsewhere (interpreter mode, TRITON_INTERPRET=1), call the module's own function:
 compression.compressed_attention, selection.select_blocks, selected.selected_attention,
 parallel.nsa_attention, parallel.gated_sum, decode.nsa_decode. The reference's docstrings are the spec of both paths.
@@ -11,28 +12,16 @@ at position i + S - T (bottom-right, as full attention); S from k, or `seq_len=`
 select_blocks. Triton: forward only for T < S (a gradient request raises ValueError).
 """
 
-import functools
-
 from nsa_eval.kernels.nsa import compression, decode, parallel, reference, selected, selection
 from nsa_eval.kernels.nsa.utils import mean_pool, num_compressed_blocks
+from nsa_eval.kernels.utils import by_device
 
-
-def _by_device(triton_fn, reference_fn):
-    """The public function: triton_fn on CUDA tensors, reference_fn otherwise (the reference's docstring)."""
-
-    @functools.wraps(reference_fn)
-    def run(q, *args, **kwargs):
-        return (triton_fn if getattr(q, "is_cuda", False) else reference_fn)(q, *args, **kwargs)
-
-    return run
-
-
-compressed_attention = _by_device(compression.compressed_attention, reference.compressed_attention)
-select_blocks = _by_device(selection.select_blocks, reference.select_blocks)
-selected_attention = _by_device(selected.selected_attention, reference.selected_attention)
-nsa_attention = _by_device(parallel.nsa_attention, reference.nsa_attention)
-nsa_decode = _by_device(decode.nsa_decode, reference.nsa_decode)
-gated_sum = _by_device(parallel.gated_sum, reference.gated_sum)
+compressed_attention = by_device(compression.compressed_attention, reference.compressed_attention)
+select_blocks = by_device(selection.select_blocks, reference.select_blocks)
+selected_attention = by_device(selected.selected_attention, reference.selected_attention)
+nsa_attention = by_device(parallel.nsa_attention, reference.nsa_attention)
+nsa_decode = by_device(decode.nsa_decode, reference.nsa_decode)
+gated_sum = by_device(parallel.gated_sum, reference.gated_sum)
 
 __all__ = [
     "compressed_attention",

@@ -46,7 +46,12 @@ class BlockCompression(nn.Module):
 
 
 class Attention(nn.Module):
-    """The attention of one layer (full, nsa or sparse); see the module docstring."""
+    """The attention of one layer (full, nsa or sparse); see the module docstring. `skip_attention`, off unless a
+    caller sets it: the attention itself returns zeros (projections, cache writes and the rest still run), which is
+    how `nsa-eval bench model` measures the share of time in attention; a decode graph captured with it set skips
+    attention when replayed, so drop the graphs after switching it."""
+
+    skip_attention: bool = False
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -195,6 +200,8 @@ class Attention(nn.Module):
         """The attention of a prompt slice: q [B, T, HQ, Dk], the last T positions of the S = slc_kv[0].shape[1]
         tokens so far (keys [B, S, H, Dk]; compressed blocks of the S tokens; window keys ending at S) -> o [B, T,
         HQ, Dv]; NSA's three gated branches, or causal attention (our kernel, or SDPA on `sdpa_backend`)."""
+        if self.skip_attention:
+            return q.new_zeros(*q.shape[:3], self.dv)
         c = self.config
         k_slc, v_slc = slc_kv
         seq_len = k_slc.shape[1]
@@ -245,6 +252,8 @@ class Attention(nn.Module):
     def attend_decode(self, q, gates, cache: dict, step: "DecodeIndex", ops: Kernels, sdpa_backend: str | None,
                       sdpa_length: int) -> torch.Tensor:
         """The attention of one new token per sequence over the cache: q [B, HQ, Dk] -> o [B, HQ, Dv]."""
+        if self.skip_attention:
+            return q.new_zeros(*q.shape[:2], self.dv)
         c = self.config
         lengths = step.lengths
         if c.attention == "full":

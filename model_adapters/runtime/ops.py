@@ -64,7 +64,7 @@ def kernels(name: str) -> Kernels:
         return Kernels(reference.compressed_attention, reference.select_blocks, reference.selected_attention,
                        reference.nsa_decode, full_ref.attention, full_ref.attention_decode, reference.gated_sum,
                        layers_ref.add_rms_norm, layers_ref.rotary_, layers_ref.silu_mul, layers_ref.cache_write_)
-    raise ValueError(f"kernels must be 'auto', 'triton', 'reference' or 'cpu', got {name!r}")
+    raise ValueError(f"kernels must be 'triton', 'reference' or 'cpu', got {name!r}")
 
 
 

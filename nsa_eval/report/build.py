@@ -13,11 +13,9 @@ A report folder holds:
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import shutil
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,42 +24,11 @@ import pandas as pd
 from nsa_eval.report import BENCH_DIR, FORMATS, RESULTS_DIR, figures, html, speed
 from nsa_eval.report.reference import PAPER_NAME
 from nsa_eval.report.runs import Run, load_runs
-from nsa_eval.report.tables import (Cell, Table, aime_table, breakdown_table, compare, cross_table, efficiency_table,
+from nsa_eval.report.tables import (Cell, Details, FigureFile, Section, Table, aime_table, breakdown_table, compare, cross_table, efficiency_table,
                                     hardware_text, long_records, mismatch, model_table, reference_run, report_tasks,
                                     ruler_table, slug, subset_table, task_table, to_frame, to_latex, to_markdown)
 
 SUBSET_KEYS = ("subset", "dataset")
-
-
-@dataclass
-class FigureFile:
-    slug: str
-    title: str
-    files: dict[str, bytes]  # format -> bytes: png, svg, pdf
-    wide: bool = False  # HTML: a full-width figure (several panels) rather than one of a pair
-
-    @property
-    def png(self) -> bytes:
-        return self.files["png"]
-
-    @property
-    def base64(self) -> str:
-        return base64.b64encode(self.png).decode("ascii")
-
-
-@dataclass
-class Details:
-    title: str
-    tables: list[Table]
-
-
-@dataclass
-class Section:
-    title: str
-    tables: list[Table] = field(default_factory=list)
-    figures: list[FigureFile] = field(default_factory=list)
-    details: list[Details] = field(default_factory=list)  # HTML only (folded): per-run grids for drill-down
-    notes: list[str] = field(default_factory=list)  # lines about the section as a whole (e.g. a skipped file)
 
 
 def parse_formats(text: str) -> tuple[str, ...]:

@@ -15,10 +15,9 @@ import jinja2
 from markupsafe import Markup
 
 import nsa_eval
-from nsa_eval.report.tables import Drill, Table
+from nsa_eval.report.tables import Drill, Section, Table
 
 if TYPE_CHECKING:
-    from nsa_eval.report.build import Section
     from nsa_eval.report.runs import Run
 
 MAX_TEXT_CHARS = 4000  # longer responses and answers are cut in the drill-down, with a note of how much

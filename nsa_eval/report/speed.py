@@ -1,4 +1,4 @@
-"""Kernel speed from `nsa-eval bench kernels` (results/bench/kernels-<card>.json, nsa_eval/bench.py) as
+"""Kernel speed from `nsa-eval bench kernels` (results/bench/kernels-<card>.json, nsa_eval/bench/kernels.py) as
 tables and figures.
 
 A bench file holds {"device", "card", "checks": [...], "rows": [...]}; a row has "op" (rows of one op

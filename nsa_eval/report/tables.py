@@ -9,6 +9,7 @@ stderr, n; a delta's interval), which the CSV files hold as numeric columns.
 
 from __future__ import annotations
 
+import base64
 import math
 import re
 from dataclasses import dataclass, field
@@ -79,6 +80,40 @@ class Table:
                 parts.append(f"{column} {ns[0]}" if len(ns) == 1 else f"{column} {ns[0]}-{ns[-1]}")
         if parts:
             self.note("n (samples per cell): " + "; ".join(parts))
+
+
+# A report's parts, as build.py assembles them and html.py renders them.
+
+
+@dataclass
+class FigureFile:
+    slug: str
+    title: str
+    files: dict[str, bytes]  # format -> bytes: png, svg, pdf
+    wide: bool = False  # HTML: a full-width figure (several panels) rather than one of a pair
+
+    @property
+    def png(self) -> bytes:
+        return self.files["png"]
+
+    @property
+    def base64(self) -> str:
+        return base64.b64encode(self.png).decode("ascii")
+
+
+@dataclass
+class Details:
+    title: str
+    tables: list[Table]
+
+
+@dataclass
+class Section:
+    title: str
+    tables: list[Table] = field(default_factory=list)
+    figures: list[FigureFile] = field(default_factory=list)
+    details: list[Details] = field(default_factory=list)  # HTML only (folded): per-run grids for drill-down
+    notes: list[str] = field(default_factory=list)  # lines about the section as a whole (e.g. a skipped file)
 
 
 @dataclass(frozen=True)

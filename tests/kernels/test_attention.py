@@ -63,6 +63,7 @@ def check_against_reference(B, T, S, HQ, H, Dk, Dv, dtype, *, causal=True, windo
         (2, 1, 67, 4, 2, 64, 64),  # T = 1
     ],
 )
+@pytest.mark.slow
 def test_causal_matches_reference(B, T, S, HQ, H, Dk, Dv, dtype):
     check_against_reference(B, T, S, HQ, H, Dk, Dv, dtype)
 
@@ -84,6 +85,7 @@ def test_non_causal_matches_reference(T, S):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [None, 20])
+@pytest.mark.slow
 def test_varlen_matches_reference(window, dtype):
     # an empty sequence, a one-token one, and lengths that are not multiples of the blocks
     cu_seqlens = torch.tensor([0, 5, 5, 70, 71, 130], dtype=torch.int32, device=DEVICE)

@@ -46,6 +46,7 @@ def test_decode_matches_reference_with_mixed_cache_lengths(HQ, H, Dk, Dv, window
 
 
 @pytest.mark.parametrize("window", [None, 24])
+@pytest.mark.slow
 def test_decode_equals_last_row_of_full_forward(window):
     """The decode step of each sequence equals the last query row of a full causal forward over it."""
     HQ, H, D = 8, 2, 64

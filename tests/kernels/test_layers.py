@@ -335,7 +335,7 @@ def test_norm_refuses_rows_wider_than_the_kernel():
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bfloat16 Triton kernels)")
+@pytest.mark.gpu  # bfloat16 Triton kernels
 @pytest.mark.parametrize("tokens", [8, 4096])
 @torch.no_grad()
 def test_bfloat16_paper_shapes_on_gpu(tokens):
@@ -360,7 +360,7 @@ def test_bfloat16_paper_shapes_on_gpu(tokens):
     check_close(layers.silu_mul(gate_up), reference.silu_mul(gate_up))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA-graph capture of the Triton kernel)")
+@pytest.mark.gpu  # CUDA-graph capture of the Triton kernel
 @torch.no_grad()
 def test_cache_write_replays_in_a_cuda_graph_with_new_slots_and_tokens():
     """The decode step's six writes (bfloat16, the paper's Dk = 192, Dv = 128, values padded to 192) captured once;

@@ -132,6 +132,7 @@ def test_compressed_attention(B, T, HQ, H, Dk, Dv, l, d, dtype):
         (1, 20, 4, 1, 16, 32, 16, 64, 16, torch.float32),  # T < l: block 0 only
     ],
 )
+@pytest.mark.slow
 def test_select_blocks(B, T, HQ, H, D, l, d, ls, n, dtype):
     torch.manual_seed(2)
     q = randn(B, T, HQ, D, dtype=dtype)
@@ -174,6 +175,7 @@ def random_block_indices(B, T, H, n, select_len):
         (1, 50, 2, 1, 192, 128, 64, 16, torch.float16),  # Dk=192, Dv=128; fewer blocks than slots
     ],
 )
+@pytest.mark.slow
 def test_selected_attention(B, T, HQ, H, Dk, Dv, ls, n, dtype):
     torch.manual_seed(3)
     q, k, v = randn(B, T, HQ, Dk, dtype=dtype), randn(B, T, H, Dk, dtype=dtype), randn(B, T, H, Dv, dtype=dtype)
@@ -197,6 +199,17 @@ NSA_CASES = {
 }
 
 
+def nsa_inputs(layout, B, T, HQ, H, D, dtype):
+    """(hp, q, k, v, k_cmp, v_cmp, [g_cmp, g_slc, g_win]) for NSA's forward at `layout` (NSA_CASES), from torch's
+    global generator: compressed K/V by mean pooling (K sharpened x3), gates uniform in [0, 1)."""
+    hp = NSA_CASES[layout]
+    q, k, v = randn(B, T, HQ, D, dtype=dtype), randn(B, T, H, D, dtype=dtype), randn(B, T, H, D, dtype=dtype)
+    k_cmp = mean_pool(k, hp["block_len"], hp["block_stride"]) * 3  # sharper compressed attention
+    v_cmp = mean_pool(v, hp["block_len"], hp["block_stride"])
+    gates = [torch.rand(B, T, HQ).to(dtype) for _ in range(3)]
+    return hp, q, k, v, k_cmp, v_cmp, gates
+
+
 @pytest.mark.parametrize(
     "layout, B, T, HQ, H, D, dtype",
     [
@@ -205,13 +218,10 @@ NSA_CASES = {
         ("paper", 1, 24, 2, 2, 16, torch.float16),  # GQA 1, T < l
     ],
 )
+@pytest.mark.slow
 def test_nsa_attention(layout, B, T, HQ, H, D, dtype):
     torch.manual_seed(4)
-    hp = NSA_CASES[layout]
-    q, k, v = randn(B, T, HQ, D, dtype=dtype), randn(B, T, H, D, dtype=dtype), randn(B, T, H, D, dtype=dtype)
-    k_cmp = mean_pool(k, hp["block_len"], hp["block_stride"]) * 3  # sharper compressed attention
-    v_cmp = mean_pool(v, hp["block_len"], hp["block_stride"])
-    gates = [torch.rand(B, T, HQ).to(dtype) for _ in range(3)]
+    hp, q, k, v, k_cmp, v_cmp, gates = nsa_inputs(layout, B, T, HQ, H, D, dtype)
     names = ["q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc", "g_win"]
     tl_, rl_ = leaves(q, k, v, k_cmp, v_cmp, *gates)
     with poisoned_allocations():

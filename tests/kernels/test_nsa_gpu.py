@@ -11,14 +11,14 @@ import torch
 
 from nsa_eval.kernels import mean_pool, nsa_attention, nsa_decode
 from nsa_eval.kernels.nsa import reference
+from nsa_eval.kernels.nsa.common import FLA_LAYOUT, PAPER_LAYOUT
 from nsa_eval.kernels.nsa.utils import num_compressed_blocks
 from kernel_checks import rel_err
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 Triton kernels)")
+pytestmark = pytest.mark.gpu  # bf16 Triton kernels; skipped where torch sees no CUDA device (tests/conftest.py)
 
 BOUND = 2e-2
-PAPER = dict(block_len=32, block_stride=16, select_len=64, num_selected=16, window=512)
-FLA = dict(block_len=64, block_stride=64, select_len=64, num_selected=16, window=0)
+PAPER, FLA = PAPER_LAYOUT, FLA_LAYOUT
 
 
 def make_inputs(B, T, HQ, H, Dk, Dv, hp, seed=0):

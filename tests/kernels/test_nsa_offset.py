@@ -8,20 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_nsa import BOUND, NSA_CASES, poisoned_allocations, randn, rel_err
+from test_nsa import BOUND, nsa_inputs, poisoned_allocations, rel_err
 
 from nsa_eval.kernels.nsa import compression, parallel, reference, selected, selection
-from nsa_eval.kernels.nsa.utils import mean_pool
 
 
 def _inputs(layout, dtype, B=2, S=150, HQ=4, H=2, D=32):
     torch.manual_seed(11)
-    hp = NSA_CASES[layout]
-    q, k, v = randn(B, S, HQ, D, dtype=dtype), randn(B, S, H, D, dtype=dtype), randn(B, S, H, D, dtype=dtype)
-    k_cmp = mean_pool(k, hp["block_len"], hp["block_stride"]) * 3  # sharper compressed attention
-    v_cmp = mean_pool(v, hp["block_len"], hp["block_stride"])
-    gates = [torch.rand(B, S, HQ).to(dtype) for _ in range(3)]
-    return hp, q, k, v, k_cmp, v_cmp, gates
+    return nsa_inputs(layout, B, S, HQ, H, D, dtype)
 
 
 CASES = [("paper", torch.float32, 37), ("fla", torch.float16, 1)]  # a chunk crossing kernel tiles; one decode row
@@ -38,6 +32,7 @@ def test_reference_chunk_equals_last_rows_of_whole(layout, T):
 
 
 @pytest.mark.parametrize("layout, dtype, T", CASES)
+@pytest.mark.slow
 def test_triton_chunk_equals_reference(layout, dtype, T):
     hp, q, k, v, k_cmp, v_cmp, gates = _inputs(layout, dtype)
     S = k.shape[1]

@@ -104,6 +104,7 @@ def test_packed_branches_equal_separate_calls():
 
 
 @pytest.mark.parametrize("layout, HQ, H, dtype", [("paper", 4, 2, torch.float32), ("fla", 16, 1, torch.float16)])
+@pytest.mark.slow
 def test_triton_packed_nsa_equals_reference(layout, HQ, H, dtype):
     """The whole packed NSA on the Triton kernels: forward, block indices and every gradient."""
     torch.manual_seed(2)
@@ -120,6 +121,7 @@ def test_triton_packed_nsa_equals_reference(layout, HQ, H, dtype):
     check_grads(triton_leaves, ref_leaves, BOUND[dtype], ["q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc", "g_win"])
 
 
+@pytest.mark.slow
 def test_triton_packed_branches_equal_reference():
     """Each branch kernel on its own, with a selected block that holds the end of a sequence."""
     torch.manual_seed(3)

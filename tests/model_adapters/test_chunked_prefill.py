@@ -47,6 +47,7 @@ def prefill_widths(lm: HFModel, prompts) -> tuple[torch.Tensor, list[int], int]:
 
 
 @pytest.mark.parametrize("prompts", [PROMPTS[1:2], PROMPTS], ids=["single", "left-padded-batch"])
+@pytest.mark.slow
 def test_chunked_prefill_gives_the_one_pass_logits(one_pass, prompts):
     reference, widths, cached = prefill_widths(one_pass, prompts)
     width = max(len(one_pass.encode(p)) for p in prompts)
@@ -59,6 +60,7 @@ def test_chunked_prefill_gives_the_one_pass_logits(one_pass, prompts):
         torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_chunked_prefill_gives_the_one_pass_generations_and_loglikelihoods(one_pass):
     requests = [GenerationRequest(p, max_new_tokens=10) for p in PROMPTS]
     expected = [g.texts for g in one_pass.generate(requests)]
@@ -97,6 +99,7 @@ def test_default_and_bad_chunk_sizes(smollm2):
             HFModel(smollm2.model, smollm2.tokenizer, "x", prefill_chunk=bad)
 
 
+@pytest.mark.slow
 def test_cli_prefill_chunk_is_recorded_and_resumes_across_chunks(tiny_llama_dir, tmp_path):
     from nsa_eval.cli import main
 

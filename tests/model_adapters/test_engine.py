@@ -319,6 +319,7 @@ def test_nsa_engine_batches_as_alone_and_decodes_as_recomputing(layout, tokenize
         assert len(set(tokens)) > new // 2  # no collapse into one repeated token
 
 
+@pytest.mark.slow
 def test_nsa_engine_on_triton_kernels_equals_the_reference(tokenizer):
     """Triton kernels in the interpreter (TRITON_INTERPRET=1, tests/conftest.py): prefill over selection blocks
     and decode steps of which one completes a compressed block."""

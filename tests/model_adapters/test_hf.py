@@ -9,6 +9,7 @@ from nsa_eval.model_adapters.hf import HFModel, truncate_middle
 CHAT = [{"role": "user", "content": "Name three colours."}]
 
 
+@pytest.mark.slow
 def test_greedy_batched_equals_one_by_one(smollm2):
     requests = [
         GenerationRequest("The capital of France is", max_new_tokens=8),
@@ -26,6 +27,7 @@ def test_greedy_batched_equals_one_by_one(smollm2):
     assert smollm2.render(CHAT).startswith("<|im_start|>") and smollm2.render(CHAT).endswith("assistant\n")
 
 
+@pytest.mark.slow
 def test_greedy_matches_transformers_generate(smollm2):
     ids = torch.tensor([smollm2.encode("The capital of France is")])
     reference = smollm2.model.generate(ids, max_new_tokens=10, do_sample=False)
@@ -35,6 +37,7 @@ def test_greedy_matches_transformers_generate(smollm2):
     assert ours.prompt_tokens == ids.shape[1] and ours.prefill_ms > 0 and ours.decode_tokens_per_s > 0
 
 
+@pytest.mark.slow
 def test_stop_sequences_cut_the_text(smollm2):
     full = smollm2.generate([GenerationRequest("1, 2, 3, 4,", max_new_tokens=12)])[0].texts[0]
     assert "7" in full
@@ -43,6 +46,7 @@ def test_stop_sequences_cut_the_text(smollm2):
     assert stopped.finish_reasons == ["stop"]
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_per_request(smollm2):
     request = GenerationRequest(CHAT, max_new_tokens=12, temperature=1.0, top_p=0.95, n=3, seed=7)
     first = smollm2.generate([request])[0]
@@ -58,6 +62,7 @@ def test_greedy_n_copies_one_completion(smollm2):
     assert len(result.texts) == 3 and len(set(result.texts)) == 1
 
 
+@pytest.mark.slow
 def test_long_prompt_is_cut_in_the_middle_and_recorded(smollm2_dir):
     model = HFModel.from_pretrained(str(smollm2_dir), max_length=64, device="cpu")
     prompt = "start " + "filler words " * 100 + "end"
@@ -73,6 +78,7 @@ def test_truncate_middle_keeps_both_ends():
     assert truncate_middle([1, 2], 5) == ([1, 2], False)
 
 
+@pytest.mark.slow
 def test_loglikelihood_equals_a_manual_forward(smollm2):
     context, continuation = "The capital of France is", " Paris"
     result = smollm2.loglikelihood([LoglikelihoodRequest(context, continuation)])[0]

@@ -45,6 +45,7 @@ def test_full_attention_equals_transformers_sdpa():
     close_on_tokens(logits(model, TRITON_ATTENTION, ids, mask), reference, 37, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_triton_path_equals_transformers_sdpa(monkeypatch):
     """Our Triton kernels (interpreter on the CPU), prefill with padding and a decode step over the cache."""
     from nsa_eval.kernels.attention import decode, parallel
@@ -61,6 +62,7 @@ def test_triton_path_equals_transformers_sdpa(monkeypatch):
     torch.testing.assert_close(step, reference[:, 39], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_sparse_with_a_budget_covering_the_prompt_equals_full_attention():
     model = tiny_llama()
     ids, mask = padded_batch()
@@ -114,6 +116,7 @@ def test_sparse_triton_path_equals_the_reference_path(monkeypatch):
     torch.testing.assert_close(cached_passes(), reference, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_sparse_generation_with_a_sliced_prompt_equals_one_pass(tiny_llama_dir):
     """--attention sparse with --prefill-chunk: HFModel's loop prefills 7-token slices over the cache (left-padded
     batch) and generates what one pass does."""
@@ -193,6 +196,7 @@ def test_sparse_settings_are_checked(kwargs, message):
         SparseSettings(**kwargs)
 
 
+@pytest.mark.slow
 def test_cli_sparse_run_on_a_tiny_llama(tiny_llama_dir, tmp_path):
     import json
 
@@ -213,7 +217,7 @@ def test_cli_sparse_run_on_a_tiny_llama(tiny_llama_dir, tmp_path):
 
 # ---- GPU (bfloat16) -------------------------------------------------------------------------------------------
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+gpu = pytest.mark.gpu  # skipped where torch sees no CUDA device (tests/conftest.py)
 
 
 def rel_err(a, b):

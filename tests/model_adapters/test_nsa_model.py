@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from nsa_eval.kernels.nsa.common import FLA_LAYOUT, PAPER_LAYOUT
 from nsa_eval.model_adapters.base import GenerationRequest, LoglikelihoodRequest, ModelLoadError
 from nsa_eval.model_adapters.native import load_native
 from nsa_eval.model_adapters.runtime.checkpoint import from_pretrained, save_pretrained
@@ -49,6 +50,7 @@ def greedy_with_cache(model, ids, steps):
 
 @pytest.mark.parametrize("layout", [PAPER, FLA, {**FLA, "window": 32, "block_stride": 8, "select_len": 32}],
                          ids=["paper", "fla", "shared-kv-window"])
+@pytest.mark.slow
 def test_greedy_generation_with_the_cache_equals_recomputing(layout):
     model = tiny(layout)
     prompt = torch.randint(0, 97, (2, 41), generator=torch.Generator().manual_seed(1))
@@ -58,6 +60,7 @@ def test_greedy_generation_with_the_cache_equals_recomputing(layout):
     assert len(set(with_cache[0, 41:].tolist())) > 3  # the model does not repeat one token
 
 
+@pytest.mark.slow
 def test_decode_logits_equal_the_prompt_logits_and_the_cache_grows():
     model = tiny(PAPER)
     model.decode_reserve = 4  # the cache must grow (reallocate) during the steps below
@@ -90,6 +93,7 @@ def test_padded_rows_equal_rows_alone():
         model(ids, attention_mask=torch.tensor([[1] * 50, [1, 0] * 25]))
 
 
+@pytest.mark.slow
 def test_rows_of_different_lengths_decode_as_each_row_alone():
     """Rows whose compressed blocks complete on different steps (phi runs on a step where only some row completes
     one, and is skipped on the others) decode as each row alone."""
@@ -135,6 +139,7 @@ def test_full_attention_variant_with_cache_equals_recomputing():
 
 
 @pytest.mark.parametrize("layout", [PAPER, FLA], ids=["paper", "fla"])
+@pytest.mark.slow
 def test_triton_kernels_equal_the_reference(layout):
     """The whole model on the Triton kernels (interpreter on the CPU) against the reference, prefill and decode."""
     model = tiny(layout, layers=1)
@@ -180,6 +185,7 @@ def test_fla_names_map_onto_ours():
     assert len(FLA_NAME_MAP) == 7
 
 
+@pytest.mark.slow
 def test_fla_checkpoint_gives_fla_logits(tmp_path, monkeypatch):
     """A tiny random model of flash-linear-attention's own code (fla-core), saved by it, loaded by us: equal logits.
     fla runs on the CPU with its attention op swapped for fla's own PyTorch reference (naive_nsa: its Triton kernels
@@ -216,6 +222,7 @@ SHARED_KV_WINDOW = {**FLA, "window": 32, "block_stride": 8, "select_len": 32}
 
 
 @pytest.mark.parametrize("layout", [PAPER, FLA, SHARED_KV_WINDOW], ids=["paper", "fla", "shared-kv-window"])
+@pytest.mark.slow
 def test_chunked_prefill_equals_one_pass(layout):
     """Slices of 7 and 16 tokens over the cache (compressed blocks, selection blocks and the window cross the slice
     boundaries): the logits of one pass, with and without use_cache, also for a left-padded row; the decode steps
@@ -235,6 +242,7 @@ def test_chunked_prefill_equals_one_pass(layout):
         assert torch.equal(greedy_with_cache(model, ids, 12), continuation)
 
 
+@pytest.mark.slow
 def test_chunked_prefill_on_triton_kernels_and_sdpa():
     """Slices after cached tokens on the Triton NSA kernels (interpreter on the CPU) and on the SDPA baseline."""
     model = tiny(PAPER, layers=1)
@@ -269,6 +277,7 @@ def nsa_dir(tmp_path_factory, smollm2_dir) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_nsa_backend_batches_stops_and_samples(nsa_dir):
     lm = load_native(str(nsa_dir), batch_size=3)
     assert lm.name == nsa_dir.name and lm.max_length == 2048
@@ -290,6 +299,7 @@ def test_nsa_backend_batches_stops_and_samples(nsa_dir):
     assert [g.texts for g in lm.generate(requests[:2])] == [g.texts for g in alone[:2]]
 
 
+@pytest.mark.slow
 def test_cli_runs_niah_on_an_nsa_checkpoint(nsa_dir, tmp_path):
     from nsa_eval.cli import main
 
@@ -399,7 +409,7 @@ def test_config_validation():
 
 # ---- GPU (bfloat16) -------------------------------------------------------------------------------------------
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+gpu = pytest.mark.gpu  # skipped where torch sees no CUDA device (tests/conftest.py)
 
 
 def rel_err(a, b):
@@ -414,9 +424,9 @@ def gpu_model(layout, **overrides):
     return Transformer(config).init_weights(std=0.05, seed=0).cuda().eval()
 
 
-GPU_PAPER = dict(block_len=32, block_stride=16, select_len=64, num_selected=16, window=512, compression="mlp",
+GPU_PAPER = dict(**PAPER_LAYOUT, compression="mlp",
                  compress_hidden_size=64, shared_kv=False)
-GPU_FLA = dict(block_len=64, block_stride=64, select_len=64, num_selected=16, window=0, compression="mean",
+GPU_FLA = dict(**FLA_LAYOUT, compression="mean",
                shared_kv=True)
 
 

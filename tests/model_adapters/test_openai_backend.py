@@ -167,6 +167,7 @@ def test_a_429_with_retry_after_is_waited_out(tiny):
             server.close()
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_midway_keeps_what_it_wrote_and_resumes(tiny, tiny_llama_dir, tmp_path):
     tasks = write_lm_eval_tasks(tmp_path / "tasks")
     healthy = {"value": False}

@@ -107,7 +107,7 @@ def write_run(root: Path, run_id: str, model_name: str, tasks: dict[str, TaskDat
 
 
 def write_bench(directory: Path, card: str = "nvidia-h100", lengths=(8192, 16384, 32768, 65536)) -> Path:
-    """A kernels-<card>.json as `nsa-eval bench kernels` writes it (nsa_eval/bench.py): rows of op, impl, T,
+    """A kernels-<card>.json as `nsa-eval bench kernels` writes it (nsa_eval/bench/kernels.py): rows of op, impl, T,
     median ms and "vs <baseline>" ratios (baseline ms / row ms), one failed row, the correctness checks."""
     cost = {("prefill fwd", "ours full"): 1.0, ("prefill fwd", "sdpa flash"): 1.1,
             ("prefill fwd+bwd", "ours full"): 3.4, ("prefill fwd+bwd", "sdpa flash"): 3.0,

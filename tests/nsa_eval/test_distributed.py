@@ -55,6 +55,7 @@ def one_process_run(tiny_llama_dir, tmp_path_factory):
     return task_dir, out
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_metrics_of_one(tiny_llama_dir, one_process_run, tmp_path):
     task_dir, one = one_process_run
     two = tmp_path / "two"
@@ -69,6 +70,7 @@ def test_two_processes_give_the_metrics_of_one(tiny_llama_dir, one_process_run, 
     assert run_info["config_hash"] == json.loads((one / "run.json").read_text())["config_hash"]
 
 
+@pytest.mark.slow
 def test_a_run_stopped_with_shards_resumes_with_two_processes(tiny_llama_dir, one_process_run, tmp_path):
     """As a killed two-process run leaves it: a merged file from an earlier pass, one shard per process (one with
     a torn last line); only the samples in none of them are asked again."""

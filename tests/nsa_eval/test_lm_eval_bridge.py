@@ -28,6 +28,7 @@ def run_ours(*args):
     return CliRunner().invoke(main, ["run", *args, "--device", "cpu", "--quiet"], catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_both_directions_give_the_same_scores(tiny_llama_dir, task_dir, tmp_path):
     out = tmp_path / "run"
     result = run_ours("--model", f"hf:{tiny_llama_dir}", "--tasks", ",".join(f"lm-eval:{t}" for t in TASKS),
@@ -69,6 +70,7 @@ def test_both_directions_give_the_same_scores(tiny_llama_dir, task_dir, tmp_path
     assert run_info["tasks"]["lm-eval:toy_gen"]["version"] == "2.0"
 
 
+@pytest.mark.slow
 def test_plain_text_prompts_without_the_chat_template(tiny_llama_dir, task_dir, tmp_path):
     out = tmp_path / "run"
     result = run_ours("--model", f"hf:{tiny_llama_dir}", "--tasks", "lm-eval:toy_mc", "--include-path", str(task_dir),
@@ -85,6 +87,7 @@ def test_plain_text_prompts_without_the_chat_template(tiny_llama_dir, task_dir, 
     assert record["prompt_excerpt"].startswith("Question:") and record["prompt_excerpt"].endswith("Answer:")
 
 
+@pytest.mark.slow
 def test_lm_eval_command_line_runs_our_backend(tiny_llama_dir, task_dir, tmp_path, monkeypatch):
     """`nsa-eval lm-eval ...` is lm-eval's own CLI with `--model nsa-eval` available."""
     monkeypatch.chdir(tmp_path)

@@ -33,6 +33,7 @@ def assert_one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_report_and_publish(runs, tmp_path):
     out = tmp_path / "report"
     result = invoke("report", *runs, "--baseline", "full-1", "--out", out, "--bench-dir", tmp_path / "none")
@@ -78,6 +79,7 @@ def test_corrupt_metrics_json(runs, tmp_path):
     assert_one_line_error(invoke("report", run, "--out", tmp_path / "r"), "has no metrics.json", "resume")
 
 
+@pytest.mark.slow
 def test_corrupt_samples_file(runs, tmp_path):
     run = shutil.copytree(runs[0], tmp_path / "torn")
     with (run / "samples" / "niah.jsonl").open("a") as handle:

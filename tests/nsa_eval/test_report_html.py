@@ -126,6 +126,7 @@ def test_detects_console_errors(browser, tmp_path):
     assert any("boom" in e for e in browser.errors) and any("undefinedFunction" in e for e in browser.errors)
 
 
+@pytest.mark.slow
 def test_renders_tables_and_images_without_console_errors(browser, report):
     browser.errors.clear()
     browser.open(report)
@@ -139,6 +140,7 @@ def test_renders_tables_and_images_without_console_errors(browser, report):
     assert browser.evaluate("document.querySelectorAll('b').length") == 0
 
 
+@pytest.mark.slow
 def test_a_script_in_a_response_shows_as_text_and_does_not_run(browser, report):
     browser.errors.clear()
     browser.open(report)

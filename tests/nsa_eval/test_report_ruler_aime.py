@@ -27,6 +27,7 @@ def ruler_run(quality, *, per_cell=4, seed=0, lengths=LENGTHS):
     return TaskData(records, "score", ("task", "length"), config={"lengths": list(lengths)})
 
 
+@pytest.mark.slow
 def test_ruler_table_in_rulers_readme_form(tmp_path):
     strong = ruler_run(lambda task, length: 0.99 if length <= 8192 else 0.9, seed=1)
     weak = ruler_run(lambda task, length: 0.8 if length == 4096 else 0.3, seed=2)
@@ -66,6 +67,7 @@ def test_ruler_table_in_rulers_readme_form(tmp_path):
     assert (tmp_path / "out" / "tables" / "ruler-ruler.csv").is_file()
 
 
+@pytest.mark.slow
 def test_ruler_table_marks_missing_lengths(tmp_path):
     short = ruler_run(lambda task, length: 1.0, lengths=(4096,))
     runs = [write_run(tmp_path, "a", "A", {"ruler": ruler_run(lambda t, n: 1.0)}), write_run(tmp_path, "b", "B", {"ruler": short})]

@@ -29,6 +29,7 @@ def read_samples(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "samples" / "niah.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_end_to_end_on_a_tiny_llama(tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
     result = invoke("run", "--model", f"hf:{tiny_llama_dir}", *NIAH_SMALL, "--output", str(out), "--seed", "5")
@@ -59,6 +60,7 @@ def test_end_to_end_on_a_tiny_llama(tiny_llama_dir, tmp_path):
     assert again.exit_code == 0 and read_samples(out) == samples
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_metrics(smollm2_dir, tmp_path):
     """A real process killed (SIGKILL) mid-run, then resumed, ends with the metrics of an uninterrupted run."""
     args = ["--model", f"hf:{smollm2_dir}", *NIAH_SMALL]
@@ -92,6 +94,7 @@ def test_a_killed_run_resumes_to_the_same_metrics(smollm2_dir, tmp_path):
     assert json.loads((killed / "run.json").read_text())["resumed"] == 1
 
 
+@pytest.mark.slow
 def test_two_cells_with_the_real_smollm2(tmp_path):
     out = tmp_path / "smol"
     result = invoke("run", "--model", "smollm2", "--tasks", "niah", "--niah-lengths", "512", "--niah-depths", "0,100",
@@ -105,6 +108,7 @@ def test_two_cells_with_the_real_smollm2(tmp_path):
     assert "niah: accuracy = 1.0000" in result.output
 
 
+@pytest.mark.slow
 def test_a_short_ruler_run_with_the_real_smollm2_and_its_report(tmp_path):
     """RULER end to end: samples at 1K tokens in SmolLM2's own tokens, answered, scored, RULER's table reported."""
     out = tmp_path / "ruler"
@@ -175,6 +179,7 @@ def test_bad_grid_values(value, message):
     assert_one_line_error(invoke("run", "--tasks", "niah", "--niah-lengths", value), message)
 
 
+@pytest.mark.slow
 def test_output_holding_a_different_run_is_refused_and_kept(tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
     assert invoke("run", "--model", f"hf:{tiny_llama_dir}", *NIAH_SMALL, "--output", str(out)).exit_code == 0

@@ -120,6 +120,7 @@ def test_a_run_that_fails_at_generation_leaves_nothing_and_the_fixed_command_run
     assert run_info["tasks"]["gsm8k"]["config"]["max_new_tokens"] == 2000  # the task's own budget, capped at 3
 
 
+@pytest.mark.slow
 def test_a_run_folder_with_other_settings_names_them_and_overwrite_starts_over(workdir, tiny_llama_dir):
     out = workdir / "run"
     model = ["--model", f"hf:{tiny_llama_dir}"]
@@ -141,6 +142,7 @@ def test_a_run_folder_with_other_settings_names_them_and_overwrite_starts_over(w
     assert len((out / "samples" / "niah.jsonl").read_text().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_samples_and_the_rerun_resumes(smollm2_dir, tmp_path):
     """A real process interrupted (SIGINT) mid-run: exit code 130 and how many samples are kept; its progress went to
     the pipe as plain lines; the same command then says `resuming k/3` before loading, and once finished says

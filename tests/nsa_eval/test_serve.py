@@ -122,6 +122,7 @@ def test_our_openai_backend_gives_what_the_served_model_gives(tiny, tiny_llama_d
         assert remote.count_tokens(CHAT) == tiny.count_tokens(CHAT)
 
 
+@pytest.mark.slow
 def test_a_run_through_the_server_equals_a_direct_run(tiny, tiny_llama_dir, tmp_path):
     niah = ["--tasks", "niah", "--niah-lengths", "256", "--niah-depths", "0,100", "--quiet", "--seed", "3"]
     direct_run = CliRunner().invoke(main, ["run", "--model", f"hf:{tiny_llama_dir}", "--device", "cpu", *niah,
@@ -137,6 +138,7 @@ def test_a_run_through_the_server_equals_a_direct_run(tiny, tiny_llama_dir, tmp_
                (local["id"], local["prompt_hash"], local["responses"], local["prompt_tokens"], local["scores"])
 
 
+@pytest.mark.slow
 def test_the_serve_command_listens_on_loopback(tiny_llama_dir):
     process = subprocess.Popen(
         [sys.executable, "-m", "nsa_eval", "serve", "--model", f"hf:{tiny_llama_dir}", "--port", "0", "--device", "cpu",

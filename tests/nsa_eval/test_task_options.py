@@ -3,7 +3,8 @@ task names and lm-eval suggestions are matched without case and without far-fetc
 
 import pytest
 
-from nsa_eval.registry import TASKS, did_you_mean
+from nsa_eval.registry import TASKS
+from nsa_eval.util import did_you_mean
 from nsa_eval.task_options import typed_options
 
 

@@ -181,11 +181,12 @@ def test_sample_score_is_first_line_for_few_shot_subsets_and_max_over_answers():
     assert score_prediction("lcc", "0", ["    return x"], None) == 0.0
 
 
+@pytest.mark.slow
 def test_bench_tasks_command_scores_every_subset():
     """`nsa-eval bench tasks` runs on the CPU and covers all 21 subsets (its timing is printed, never asserted)."""
     from click.testing import CliRunner
 
-    from nsa_eval.bench_tasks import longbench_scoring
+    from nsa_eval.bench.tasks import longbench_scoring
     from nsa_eval.cli import main
 
     count, _, per_subset = longbench_scoring(210)

@@ -2,25 +2,10 @@
 
 import pytest
 
+from token_count import counter
+
 from nsa_eval.tasks.base import TaskContext
 from nsa_eval.tasks.niah import _REFLECTIONS, NeedleInAHaystack, filler_sentences, haystack_sentences
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_dir)
-
-
-def counter(tokenizer):
-    def count(prompt):
-        if isinstance(prompt, str):
-            return len(tokenizer(prompt)["input_ids"])
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    return count
 
 
 def context(tokenizer, chat=False, max_length=8192, limit=None):

@@ -9,29 +9,14 @@ from collections import Counter
 
 import pytest
 
+from token_count import counter
+
 from nsa_eval.tasks.base import TaskContext
 from nsa_eval.tasks.ruler import (SYNTHETIC, Ruler, build_niah, fit, postprocess, string_match_all,
                                   string_match_part)
 from nsa_eval.tasks.ruler_data import DEPTHS, NOISE, SUBTASKS, TEMPLATES, NiahArgs
 
 LENGTHS = (4096, 8192)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_dir)
-
-
-def counter(tokenizer):
-    def count(prompt):
-        if isinstance(prompt, str):
-            return len(tokenizer(prompt)["input_ids"])
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    return count
 
 
 def context(tokenizer, chat=False, limit=None, max_length=8192):
@@ -171,6 +156,7 @@ def test_chat_prompts_are_the_template_as_the_user_message(tokenizer):
     assert sample.prompt[0]["content"].endswith("mentioned in the provided text?")
 
 
+@pytest.mark.slow
 def test_generation_is_identical_for_the_same_seed(tokenizer, qa_dir):
     ctx = context(tokenizer, limit=2)
     first = Ruler(lengths=[4096], data_path=str(qa_dir), seed=11).samples(ctx)

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import click
 
-from nsa_eval.bench import card_slug
+from nsa_eval.bench.common import card_slug, length_table
+from nsa_eval.kernels.nsa.common import PAPER_LAYOUT
 
 PAPER_SHAPE = dict(vocab_size=32000, hidden_size=2560, num_hidden_layers=12, num_attention_heads=64,
                    num_key_value_heads=4, head_dim=192, v_head_dim=128, intermediate_size=6912,
-                   max_position_embeddings=131072, block_len=32, block_stride=16, select_len=64, num_selected=16,
-                   window=512, compression="mlp", compress_hidden_size=256, shared_kv=False)
-TARGETS = {"prefill": 3.0, "decode": 4.0}  # issue 4: at the longest length, NSA vs the best SDPA
+                   max_position_embeddings=131072, **PAPER_LAYOUT, compression="mlp", compress_hidden_size=256,
+                   shared_kv=False)
+TARGETS = {"prefill": 3.0, "decode": 4.0}  # speedup aimed for at the longest length: NSA vs the best SDPA
 DEVICE = "cuda"
 
 
@@ -61,21 +62,20 @@ def make_model(fields: dict, attention: str, sdpa_backend: str | None, prefill_c
 
 
 @contextmanager
-def attention_removed():
-    """Every layer's attention returns zeros (projections, cache writes, MLP and the rest unchanged)."""
-    from unittest import mock
+def attention_removed(model):
+    """Every layer's attention returns zeros (projections, cache writes, MLP and the rest unchanged): the model's
+    attention-off switch (`Attention.skip_attention`, model_adapters/runtime/attention.py), set on every layer
+    and cleared on leaving."""
+    from nsa_eval.model_adapters.runtime.attention import Attention
 
-    from nsa_eval.model_adapters.runtime.attention import Attention as NSAAttention
-
-    def prefill_zeros(self, q, *args, **kwargs):
-        return q.new_zeros(*q.shape[:3], self.dv)
-
-    def decode_zeros(self, q, *args, **kwargs):
-        return q.new_zeros(*q.shape[:2], self.dv)
-
-    with mock.patch.object(NSAAttention, "attend_prefill", prefill_zeros), \
-            mock.patch.object(NSAAttention, "attend_decode", decode_zeros):
+    layers = [module for module in model.modules() if isinstance(module, Attention)]
+    for layer in layers:
+        layer.skip_attention = True
+    try:
         yield
+    finally:
+        for layer in layers:
+            layer.skip_attention = False
 
 
 def time_prefill(model, T: int, repeats: int = 2, use_cache: bool = True) -> tuple[float, object]:
@@ -147,7 +147,7 @@ def bench_variant(name: str, fields: dict, attention: str, backend: str | None, 
         torch.cuda.reset_peak_memory_stats()
         row["prefill_ms"], cache = time_prefill(model, T)
         row["prefill_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        with attention_removed():
+        with attention_removed(model):
             no_attention_ms, _ = time_prefill(model, T, use_cache=False)
         row["prefill_attention_share"] = max(0.0, 1 - no_attention_ms / row["prefill_ms"])
         stage = "decode"
@@ -157,7 +157,7 @@ def bench_variant(name: str, fields: dict, attention: str, backend: str | None, 
         torch.cuda.reset_peak_memory_stats()
         row["decode_tokens_per_s"] = time_decode(model, rows, steps)
         row["decode_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        with attention_removed():
+        with attention_removed(model):
             rows.drop_graphs()  # capture the steps again, without attention
             no_attention_tps = time_decode(model, rows, steps)
         row["decode_attention_share"] = max(0.0, 1 - row["decode_tokens_per_s"] / no_attention_tps)
@@ -204,18 +204,14 @@ def format_report(rows: list[dict], lengths: list[int], header: str) -> str:
                    f"{r['decode_peak_gb']:.1f})"
                    + (f", {r['decode_speedup']:.2f}x vs {r['decode_baseline']}" if "decode_speedup" in r else "")),
     ):
-        lines = [f"**{title}**", "", "| impl | " + " | ".join(f"T={t // 1024}k" for t in lengths) + " |",
-                 "|" + " --- |" * (len(lengths) + 1)]
-        for impl in impls:
-            cells = []
-            for t in lengths:
-                r = cell.get((impl, t))
-                try:
-                    cells.append("" if r is None else fmt(r))
-                except KeyError:  # the stage this table shows did not finish
-                    cells.append("error")
-            lines.append(f"| {impl} | " + " | ".join(cells) + " |")
-        tables.append("\n".join(lines))
+        def text(impl: str, t: int, fmt=fmt) -> str:
+            r = cell.get((impl, t))
+            try:
+                return "" if r is None else fmt(r)
+            except KeyError:  # the stage this table shows did not finish
+                return "error"
+
+        tables.append("\n".join(length_table(f"**{title}**", impls, lengths, text)))
     notes = sorted({f"- {r['impl']} T={r['T']}: {r['error']}" for r in rows if "error" in r})
     notes += sorted({f"- {r['impl']}: SDPA called as {r['sdpa_ways']}" for r in rows if r.get("sdpa_ways")})
     longest = max(lengths)
@@ -252,7 +248,7 @@ def model_command(model_spec: str, lengths: str, batch: int, layers: int | None,
     import torch
     import triton
 
-    from nsa_eval.cli import parse_int_list
+    from nsa_eval.util import parse_int_list
 
     if not torch.cuda.is_available():
         raise ValueError("bench model needs a CUDA GPU; none is visible to torch here")

@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import math
 import platform
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import click
+
+from nsa_eval.bench.common import card_slug, copy_bandwidth, graphed, length_table, sdpa
+from nsa_eval.kernels.nsa.common import FLA_LAYOUT, PAPER_LAYOUT
 
 HQ, H, D = 64, 4, 128  # query heads, KV heads, head dim of every prefill and decode row
 DECODE_BATCHES = (1, 16)
@@ -102,22 +104,6 @@ def ours_prefill(backward: bool) -> Callable[[int], Run]:
     return setup
 
 
-def graphed(fn: Callable[[], object]) -> Callable[[], object]:
-    """`fn` captured in a CUDA graph: its replay, timed without the host's launch overhead (a decode
-    step is tens of microseconds, so Python and launch latency would otherwise dominate)."""
-    import torch
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def kv_cache_bytes(batch: int, T: int, heads: int = H) -> float:
     return 2.0 * batch * T * heads * D * 2  # K and V, bf16
 
@@ -139,32 +125,6 @@ def ours_decode(batch: int) -> Callable[[int], Run]:
 # ----------------------------------------------------------------------------------------------------
 # PyTorch SDPA baselines ([B, heads, T, D] layout, its own)
 # ----------------------------------------------------------------------------------------------------
-
-
-def sdpa(backend_name: str, q, k, v, causal: bool):
-    """SDPA on one backend over q [B, HQ, T, D], k/v [B, H, S, D]: GQA through enable_gqa, or KV heads
-    expanded (outside the timed call) where the backend refuses it. Returns (call, k, v, note)."""
-    import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = getattr(SDPBackend, backend_name)
-
-    def native(q, k, v):
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-
-    def expanded(q, k, v):
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
-    try:
-        with torch.no_grad():
-            native(q[..., :1, :], k[..., :1, :], v[..., :1, :])
-        return native, k, v, "enable_gqa"
-    except RuntimeError:
-        group = q.shape[1] // k.shape[1]
-        return expanded, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), f"KV heads expanded x{group}"
 
 
 def sdpa_prefill(backend_name: str, backward: bool) -> Callable[[int], Run]:
@@ -193,8 +153,7 @@ def sdpa_decode(batch: int) -> Callable[[int], Run]:
 # NSA (kernels/nsa): the paper's layout with the window, and flash-linear-attention's beside fla-core
 # ----------------------------------------------------------------------------------------------------
 
-NSA_PAPER = dict(block_len=32, block_stride=16, select_len=64, num_selected=16, window=512)
-NSA_FLA = dict(block_len=64, block_stride=64, select_len=64, num_selected=16, window=0)
+NSA_PAPER, NSA_FLA = PAPER_LAYOUT, FLA_LAYOUT  # kernels/nsa/common.py
 
 
 def _nsa_inputs(T: int, hp: dict, grad: bool):
@@ -459,26 +418,6 @@ def sweep_tiles(T: int, T_decode: int, decode_batch: int = 16) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def card_slug(device_name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'h100'."""
-    match = re.search(r"\b(GH200|H200|H100|H20|B200|A100|L40S|L4)\b", device_name, re.IGNORECASE)
-    return match.group(1).lower() if match else re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-
-
-def copy_bandwidth(gib: int = 2) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    import torch
-    import triton
-
-    n = gib << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * n / (ms * 1e-3)
-
-
 def time_case(case: Case, T: int) -> dict:
     """Median ms of one case at one length; an error (out of memory, a backend missing) becomes a field."""
     import torch
@@ -505,28 +444,25 @@ def _format_table(rows: list[dict], op: str, lengths: list[int]) -> str:
     impls = list(dict.fromkeys(r["impl"] for r in rows if r["op"] == op))
     cell = {(r["impl"], r["T"]): r for r in rows if r["op"] == op}
     decode = op.startswith("decode")
-    head = "| impl | " + " | ".join(f"T={t // 1024}k" for t in lengths) + " |"
-    lines = [f"**{op}** (ms" + (", GB/s, % of copy bandwidth" if decode else ", TFLOP/s") + ", speed-up vs baselines)", "",
-             head, "|" + " --- |" * (len(lengths) + 1)]
-    for impl in impls:
-        cells = []
-        for t in lengths:
-            r = cell.get((impl, t))
-            if r is None:
-                cells.append("")
-            elif "error" in r:
-                cells.append("error")
-            else:
-                text = f"{r['ms']:.3f}"
-                if decode and r.get("gbps"):
-                    text += f", {r['gbps']:.0f} GB/s ({100 * r['copy_fraction']:.0f}%)"
-                elif r.get("tflops"):
-                    text += f", {r['tflops']:.0f}"
-                ratios = [f"{r[k]:.2f}x {k.removeprefix('vs ')}" for k in r if k.startswith("vs ")]
-                if ratios and impl not in BASELINES:
-                    text += " (" + ", ".join(ratios) + ")"
-                cells.append(text)
-        lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+
+    def text(impl: str, t: int) -> str:
+        r = cell.get((impl, t))
+        if r is None:
+            return ""
+        if "error" in r:
+            return "error"
+        text = f"{r['ms']:.3f}"
+        if decode and r.get("gbps"):
+            text += f", {r['gbps']:.0f} GB/s ({100 * r['copy_fraction']:.0f}%)"
+        elif r.get("tflops"):
+            text += f", {r['tflops']:.0f}"
+        ratios = [f"{r[k]:.2f}x {k.removeprefix('vs ')}" for k in r if k.startswith("vs ")]
+        if ratios and impl not in BASELINES:
+            text += " (" + ", ".join(ratios) + ")"
+        return text
+
+    heading = f"**{op}** (ms" + (", GB/s, % of copy bandwidth" if decode else ", TFLOP/s") + ", speed-up vs baselines)"
+    lines = length_table(heading, impls, lengths, text)
     notes = sorted({f"{r['impl']}: {r['note']}" for r in rows if r["op"] == op and r.get("note")})
     errors = sorted({f"{r['impl']} T={r['T']}: {r['error']}" for r in rows if r["op"] == op and "error" in r})
     return "\n".join(lines + [""] + [f"- {n}" for n in notes + errors])
@@ -540,12 +476,7 @@ def _add_ratios(rows: list[dict]) -> None:
                 r[f"vs {b}"] = base[(r["op"], b, r["T"])] / r["ms"]
 
 
-@click.group()
-def bench() -> None:
-    """Speed benchmarks: kernels and model need a CUDA GPU; tasks (scoring speed) runs on the CPU."""
-
-
-@bench.command("kernels")
+@click.command("kernels")
 @click.option("--lengths", default="8k,16k,32k,64k", show_default=True, help="Sequence / cache lengths.")
 @click.option("--out", "out_dir", default="results/bench", show_default=True, type=click.Path(file_okay=False),
               help="Folder for kernels-<card>.json and .md.")
@@ -557,7 +488,7 @@ def kernels_command(lengths: str, out_dir: str, quick: bool, only: str, sweep: b
     import torch
     import triton
 
-    from nsa_eval.cli import parse_int_list
+    from nsa_eval.util import parse_int_list
 
     if not torch.cuda.is_available():
         raise ValueError("bench kernels needs a CUDA GPU; none is visible to torch here")
@@ -625,6 +556,3 @@ def _finish_rows(rows: list[dict], copy_bw: float) -> None:
             r["copy_fraction"] = r["bytes_read"] / (r["ms"] * 1e-3) / copy_bw
     _add_ratios(rows)
 
-
-if __name__ == "__main__":
-    bench()

@@ -30,15 +30,16 @@ from typing import Any
 
 import click
 
-from nsa_eval.bench import card_slug, copy_bandwidth
+from nsa_eval.bench.common import card_slug, copy_bandwidth
+from nsa_eval.kernels.nsa.common import PAPER_LAYOUT
 
 LLAMA_1B = dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
                 tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 NSA_SHAPE = dict(vocab_size=49152, hidden_size=2560, num_hidden_layers=12, num_attention_heads=64,
                  num_key_value_heads=4, head_dim=192, v_head_dim=128, intermediate_size=6912,
-                 max_position_embeddings=131072, block_len=32, block_stride=16, select_len=64, num_selected=16,
-                 window=512, compression="mlp", compress_hidden_size=256, shared_kv=False, eos_token_id=2)
+                 max_position_embeddings=131072, **PAPER_LAYOUT, compression="mlp", compress_hidden_size=256,
+                 shared_kv=False, eos_token_id=2)
 VARIANTS = ("llama-full", "llama-sparse", "nsa", "nsa-shape-full")
 
 
@@ -252,37 +253,38 @@ def format_report(results: dict) -> str:
     rows = results["rows"]
     decode = [r for r in rows if r["part"] == "decode"]
     if decode:
-        lines += ["**decode** (tokens/s of all rows; step ms; share of the bandwidth bound)", "",
-                  "| model | context | batch | tokens/s | step ms | bound tokens/s | share |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['context']} | {r['batch']} | {r['tokens_per_s']:.0f} | {r['step_ms']:.2f} | "
-                  f"{r['bound_tokens_per_s']:.0f} | {100 * r['share_of_bound']:.0f}% |" for r in decode]
-        lines.append("")
+        lines += _table("**decode** (tokens/s of all rows; step ms; share of the bandwidth bound)",
+                        ["model", "context", "batch", "tokens/s", "step ms", "bound tokens/s", "share"],
+                        [[r["model"], r["context"], r["batch"], f"{r['tokens_per_s']:.0f}", f"{r['step_ms']:.2f}",
+                          f"{r['bound_tokens_per_s']:.0f}", f"{100 * r['share_of_bound']:.0f}%"] for r in decode])
     prefill = [r for r in rows if r["part"] == "prefill"]
     if prefill:
-        lines += ["**prefill** (one prompt, fastest of 2)", "", "| model | context | ms | share of the FLOP bound |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['context']} | {r['prefill_ms']:.1f} | {_percent(r.get('share_of_bound'))} |"
-                  for r in prefill]
-        lines.append("")
+        lines += _table("**prefill** (one prompt, fastest of 2)", ["model", "context", "ms", "share of the FLOP bound"],
+                        [[r["model"], r["context"], f"{r['prefill_ms']:.1f}", _percent(r.get("share_of_bound"))]
+                         for r in prefill])
     niah = [r for r in rows if r["part"] == "niah"]
     if niah:
-        lines += ["**NIAH through the runner**", "", "| model | samples | wall s | compile s | length | prefill ms | "
-                  "decode ms/token (median) | slowest / median decode | slowest / median prefill per token |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in niah:
-            for length, b in r["by_length"].items():
-                lines.append(f"| {r['model']} | {r['samples']} | {r['wall_s']:.1f} | {r['compile_s']:.1f} | {length} | "
-                             f"{b['prefill_ms_mean']:.0f} | {b['decode_ms_per_token_median'] or 0:.2f} | "
-                             f"{b['decode_slowest_over_median'] or 0:.2f} | {b['prefill_slowest_over_median']:.2f} |")
-        lines.append("")
+        lines += _table("**NIAH through the runner**",
+                        ["model", "samples", "wall s", "compile s", "length", "prefill ms", "decode ms/token (median)",
+                         "slowest / median decode", "slowest / median prefill per token"],
+                        [[r["model"], r["samples"], f"{r['wall_s']:.1f}", f"{r['compile_s']:.1f}", length,
+                          f"{b['prefill_ms_mean']:.0f}", f"{b['decode_ms_per_token_median'] or 0:.2f}",
+                          f"{b['decode_slowest_over_median'] or 0:.2f}", f"{b['prefill_slowest_over_median']:.2f}"]
+                         for r in niah for length, b in r["by_length"].items()])
     longgen = [r for r in rows if r["part"] == "longgen"]
     if longgen:
-        lines += ["**long generation** (P prompts x n samples x N new tokens)", "",
-                  "| model | engine | P x L | n x N | wall s | tokens/s |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r.get('engine', 'native')} | {r['prompts']} x {r['prompt_tokens']} | "
-                  f"{r['n']} x {r['new_tokens']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.0f} |" for r in longgen]
-        lines.append("")
+        lines += _table("**long generation** (P prompts x n samples x N new tokens)",
+                        ["model", "engine", "P x L", "n x N", "wall s", "tokens/s"],
+                        [[r["model"], r.get("engine", "native"), f"{r['prompts']} x {r['prompt_tokens']}",
+                          f"{r['n']} x {r['new_tokens']}", f"{r['wall_s']:.1f}", f"{r['tokens_per_s']:.0f}"]
+                         for r in longgen])
     return "\n".join(lines) + "\n"
+
+
+def _table(heading: str, columns: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table under its heading line, then a blank line (eval-<card>.md's tables: a row per result)."""
+    return ([heading, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows] + [""])
 
 
 def _percent(share: float | None) -> str:
@@ -316,7 +318,7 @@ def eval_command(variants: str, parts: str, decode_points: str, prefill_points: 
     import torch
     import triton
 
-    from nsa_eval.cli import parse_int_list
+    from nsa_eval.util import parse_int_list
     from nsa_eval.store import git_sha
 
     if not torch.cuda.is_available():
@@ -381,7 +383,7 @@ def eval_command(variants: str, parts: str, decode_points: str, prefill_points: 
 
 def parse_workload(text: str) -> tuple[int, int, int, int]:
     """'8x1k:16x2k' -> (prompts 8, prompt tokens 1024, n 16, new tokens 2048)."""
-    from nsa_eval.cli import parse_int_list
+    from nsa_eval.util import parse_int_list
 
     try:
         left, right = text.strip().split(":")

@@ -15,7 +15,7 @@ from nsa_eval.model_adapters.runtime.config import MODEL_TYPE, ModelConfig
 from nsa_eval.model_adapters.runtime.model import Transformer
 from nsa_eval.model_adapters.runtime.rope import inv_frequencies
 from nsa_eval.model_adapters.runtime.weights import FLA_MODEL_TYPE, HF_MODEL_TYPES, config_from_fla, config_from_hf, \
-    fla_name, hf_name
+    FLA_NAME_MAP, HF_NAME_MAP, our_name
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -117,7 +117,7 @@ def read_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         fla = model_type == FLA_MODEL_TYPE
         mapped = {}
         for name, tensor in state.items():
-            ours = fla_name(name) if fla else hf_name(name)
+            ours = our_name(name, FLA_NAME_MAP if fla else HF_NAME_MAP)
             if ours is None:
                 if name.endswith("rotary_emb.inv_freq"):  # a buffer some checkpoints carry: made from the config
                     continue

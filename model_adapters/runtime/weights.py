@@ -26,9 +26,10 @@ FLA_NAME_MAP: list[tuple[str, str]] = [
 ]
 
 
-def fla_name(name: str) -> str | None:
-    """Our parameter name for one of fla's, or None for a name the map does not know."""
-    for pattern, target in FLA_NAME_MAP:
+def our_name(name: str, name_map: list[tuple[str, str]]) -> str | None:
+    """Our parameter name for a checkpoint's `name` through one of the maps here (FLA_NAME_MAP, HF_NAME_MAP), or None
+    for a name the map does not know (buffers such as rotary_emb.inv_freq)."""
+    for pattern, target in name_map:
         if re.fullmatch(pattern, name):
             return re.sub(pattern, target, name)
     return None
@@ -93,14 +94,6 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "mistral": dict(max_position_embeddings=131072, bos_token_id=1, eos_token_id=2, sliding_window=4096),
 }
 
-
-def hf_name(name: str) -> str | None:
-    """Our parameter name for one of a Llama-family transformers checkpoint's, or None for a name the map does not
-    know (buffers such as rotary_emb.inv_freq)."""
-    for pattern, target in HF_NAME_MAP:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, target, name)
-    return None
 
 
 def _unsupported(where: str, what: str) -> ValueError:

@@ -178,10 +178,10 @@ def test_fla_names_map_onto_ours():
         ["attn_norm.weight", "mlp_norm.weight", "attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight",
          "attn.g_proj.weight", "attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
          "mlp.down_proj.weight"]]
-    from nsa_eval.model_adapters.runtime.weights import fla_name
+    from nsa_eval.model_adapters.runtime.weights import our_name
 
-    assert {fla_name(n) for n in fla_names} == ours
-    assert fla_name("model.layers.0.attn.rotary.inv_freq") is None
+    assert {our_name(n, FLA_NAME_MAP) for n in fla_names} == ours
+    assert our_name("model.layers.0.attn.rotary.inv_freq", FLA_NAME_MAP) is None
     assert len(FLA_NAME_MAP) == 7
 
 

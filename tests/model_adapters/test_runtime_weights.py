@@ -1,4 +1,4 @@
-"""The runtime's map of Llama-family transformers checkpoints (runtime/weights.py: hf_name, config_from_hf) and its
+"""The runtime's map of Llama-family transformers checkpoints (runtime/weights.py: HF_NAME_MAP through our_name, config_from_hf) and its
 RoPE (runtime/rope.py), checked against tiny transformers models saved with save_pretrained and against
 transformers' own RoPE functions (CPU, a few seconds)."""
 
@@ -13,7 +13,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from nsa_eval.model_adapters.runtime.rope import inv_frequencies, rope_tables
-from nsa_eval.model_adapters.runtime.weights import HF_MODEL_TYPES, config_from_hf, hf_name
+from nsa_eval.model_adapters.runtime.weights import HF_MODEL_TYPES, HF_NAME_MAP, config_from_hf, our_name
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)
@@ -105,11 +105,11 @@ def test_every_weight_maps(saved):
     want = dict(qkv_bias=False, o_bias=False, qk_norm=False, tie_word_embeddings=False) | CASES[name][3]
     expected = expected_names(2, want["tie_word_embeddings"], want["qkv_bias"], want["o_bias"], want["qk_norm"])
     state = model.state_dict()
-    ours = {n: hf_name(n) for n in state}
+    ours = {n: our_name(n, HF_NAME_MAP) for n in state}
     assert None not in ours.values(), [n for n, o in ours.items() if o is None]
     # a tied model's state_dict also names lm_head.weight (the embedding again); its checkpoint does not
     assert set(ours.values()) == expected | ({"lm_head.weight"} if want["tie_word_embeddings"] else set())
-    assert {hf_name(n) for n in stored} == expected
+    assert {our_name(n, HF_NAME_MAP) for n in stored} == expected
     hd, q, kv, h = c.head_dim, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.hidden_size
     shapes = {"embed.weight": (c.vocab_size, h), "lm_head.weight": (c.vocab_size, h), "norm.weight": (h,),
               "attn.q_proj.weight": (q, h), "attn.k_proj.weight": (kv, h), "attn.v_proj.weight": (kv, h),
@@ -124,9 +124,9 @@ def test_every_weight_maps(saved):
 
 
 def test_buffers_map_to_none():
-    assert hf_name("model.rotary_emb.inv_freq") is None
-    assert hf_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
-    assert hf_name("model.layers.3.self_attn.k_norm.weight") == "layers.3.attn.k_norm.weight"
+    assert our_name("model.rotary_emb.inv_freq", HF_NAME_MAP) is None
+    assert our_name("model.layers.0.self_attn.rotary_emb.inv_freq", HF_NAME_MAP) is None
+    assert our_name("model.layers.3.self_attn.k_norm.weight", HF_NAME_MAP) == "layers.3.attn.k_norm.weight"
 
 
 ROPE_CASES = {

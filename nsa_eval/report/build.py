@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from nsa_eval.report import BENCH_DIR, FORMATS, RESULTS_DIR, figures, html, speed
+from nsa_eval.report import FORMATS, RESULTS_DIR, figures, html, speed
 from nsa_eval.report.reference import PAPER_NAME
 from nsa_eval.report.runs import Run, load_runs
 from nsa_eval.report.tables import (Cell, Details, FigureFile, Section, Table, aime_table, breakdown_table, compare, cross_table, efficiency_table,
@@ -129,12 +129,13 @@ def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: 
     return section
 
 
-def _speed_section(runs: list[Run], bench_dir: Path, with_paper: bool) -> Section | None:
+def _speed_section(runs: list[Run], bench_dir: Path | None, with_paper: bool) -> Section | None:
+    """The runs' own speed (prefill ms, decode tokens/s), and kernel tables only from the bench_dir asked for."""
     section = Section("Speed")
     efficiency = efficiency_table(runs)
     if efficiency:
         section.tables.append(efficiency)
-    bench_files, skipped = speed.read_bench(bench_dir)
+    bench_files, skipped = speed.read_bench(bench_dir) if bench_dir is not None else ([], [])
     section.notes += skipped
     for bench in bench_files:
         section.tables += speed.bench_tables(bench)
@@ -154,14 +155,15 @@ def build_report(
     baseline: str | None = None,
     reference: str | None = None,
     formats: tuple[str, ...] = FORMATS,
-    bench_dir: str | Path = BENCH_DIR,
+    bench_dir: str | Path | None = None,
     seed: int = 0,
     paper: bool = False,
     merge: bool = True,
 ) -> list[Path]:
     """Write the report of the runs into out_dir; returns the files written (report.md first when asked).
     paper: the paper style (short headers, no n in cells, a note with the n); merge: one column per model and
-    settings for runs holding different tasks."""
+    settings for runs holding different tasks; bench_dir: a folder of kernels-<card>.json whose kernel speed tables
+    join the runs' own speed (none without it: a report shows only what was asked for)."""
     if reference not in (None, PAPER_NAME):
         raise ValueError(f"unknown reference '{reference}'; the one known is '{PAPER_NAME}'")
     formats = tuple(formats)
@@ -171,6 +173,9 @@ def build_report(
         raise ValueError(f"--out {out} is a file; give a folder for the report")
     if (out / "run.json").exists() or (out / "metrics.json").exists():
         raise ValueError(f"--out {out} is a run directory; write the report elsewhere, e.g. --out {out / 'report'}")
+    if bench_dir is not None and not any(Path(bench_dir).glob("kernels-*.json")):
+        raise ValueError(f"--bench-dir {bench_dir} holds no kernels-<card>.json; give the folder `nsa-eval bench kernels` "
+                         "wrote (results/bench), or leave --bench-dir out for a report without kernel tables")
     runs = load_runs(list(run_specs), merge=merge)
     base = find_baseline(runs, baseline) if baseline is not None else None
     with_paper = reference == PAPER_NAME
@@ -179,7 +184,7 @@ def build_report(
     scores = Section("Scores", [model_table(runs, base, with_paper, paper), task_table(runs, base, comparisons, paper)])
     sections = [scores, *(_task_section(runs, task, base, with_paper, paper) for task in report_tasks(runs)
                           if any(task in run.results for run in runs))]
-    speed_section = _speed_section(runs, Path(bench_dir), with_paper)
+    speed_section = _speed_section(runs, Path(bench_dir) if bench_dir is not None else None, with_paper)
     if speed_section:
         sections.append(speed_section)
     header = runs_table(runs, base)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from nsa_eval.report import BENCH_DIR, FORMATS, RESULTS_DIR
+from nsa_eval.report import FORMATS, RESULTS_DIR
 from nsa_eval.report.reference import PAPER_NAME
 from nsa_eval.report.runs import resolve_run_dir
 
@@ -27,9 +27,9 @@ from nsa_eval.report.runs import resolve_run_dir
               help="Comma-separated outputs: md (report.md), html (one self-contained report.html with per-sample "
                    "drill-down), latex (tables.tex), csv (results.csv and tables/*.csv, numbers as numbers). Figures are "
                    "always written, as PNG, SVG and PDF.")
-@click.option("--bench-dir", type=click.Path(path_type=Path), default=BENCH_DIR, show_default=True,
-              help="Where `nsa-eval bench kernels` wrote kernels-<card>.json; their speed tables and figures are "
-                   "added when present.")
+@click.option("--bench-dir", type=click.Path(path_type=Path),
+              help="Add kernel speed tables and figures from the kernels-<card>.json that `nsa-eval bench kernels` wrote "
+                   "there (e.g. results/bench). Without it the speed section holds only the runs' own speed.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap resampling.")
 @click.option("--paper", is_flag=True,
               help="The paper style: short column heads (MMLU, GSM8K, ...), no n in the cells, a note with the n of "
@@ -38,7 +38,7 @@ from nsa_eval.report.runs import resolve_run_dir
               help="Runs of one model and settings (model spec, max length, chat, attention, dtype, device) holding "
                    "different tasks become one column (one row per model), e.g. per-task runs.")
 def report(runs: tuple[str, ...], out_dir: Path | None, baseline: str | None, reference: str | None, formats: str,
-           bench_dir: Path, seed: int, paper: bool, merge: bool) -> None:
+           bench_dir: Path | None, seed: int, paper: bool, merge: bool) -> None:
     """Tables, heatmaps and an HTML report from one or more run directories (or run ids under results/runs/)."""
     from nsa_eval.report.build import build_report, parse_formats  # matplotlib and pandas: only when reporting
 

@@ -36,7 +36,7 @@ def assert_one_line_error(result, *fragments):
 @pytest.mark.slow
 def test_report_and_publish(runs, tmp_path):
     out = tmp_path / "report"
-    result = invoke("report", *runs, "--baseline", "full-1", "--out", out, "--bench-dir", tmp_path / "none")
+    result = invoke("report", *runs, "--baseline", "full-1", "--out", out)
     assert result.exit_code == 0, result.output
     assert f"wrote {out / 'report.md'}" in result.output
     assert f"wrote {out / 'figures' / 'niah-length-x-depth-full-1.png'}" in result.output
@@ -55,11 +55,13 @@ def test_report_and_publish(runs, tmp_path):
 
 def test_report_formats_and_default_folder(runs, tmp_path):
     run = shutil.copytree(runs[0], tmp_path / "full-1")
-    result = invoke("report", run, "--format", "md,csv", "--bench-dir", tmp_path / "none")
+    result = invoke("report", run, "--format", "md,csv")
     assert result.exit_code == 0, result.output
     assert (run / "report" / "report.md").is_file() and (run / "report" / "results.csv").is_file()
     assert not (run / "report" / "report.html").exists()
     assert_one_line_error(invoke("report", run, "--format", "md,pdf"), "unknown report format 'pdf'", "md,html,latex,csv")
+    assert_one_line_error(invoke("report", run, "--out", tmp_path / "r", "--bench-dir", tmp_path / "none"),
+                          "--bench-dir", "holds no kernels-<card>.json", "leave --bench-dir out")
 
 
 def test_a_folder_that_is_not_a_run(tmp_path):

@@ -112,8 +112,7 @@ def report(tmp_path_factory) -> Path:
     nsa = write_run(root, "nsa-1", "NSA", {"niah": niah(lambda length, depth: 1.0, seed=1, response=hostile, **grid),
                                            "mmlu": choice_task(0.6, n=40)})
     out = tmp_path_factory.mktemp("report")
-    build_report([full, nsa], out, baseline="full-1", reference="nsa-paper", formats=("html",),
-                 bench_dir=out / "none")
+    build_report([full, nsa], out, baseline="full-1", reference="nsa-paper", formats=("html",))
     return out / "report.html"
 
 

@@ -32,7 +32,7 @@ def test_ruler_table_in_rulers_readme_form(tmp_path):
     strong = ruler_run(lambda task, length: 0.99 if length <= 8192 else 0.9, seed=1)
     weak = ruler_run(lambda task, length: 0.8 if length == 4096 else 0.3, seed=2)
     runs = [write_run(tmp_path, "full", "Full", {"ruler": strong}), write_run(tmp_path, "nsa", "NSA", {"ruler": weak})]
-    build_report(runs, tmp_path / "out", baseline="full", formats=("md", "csv"), bench_dir=tmp_path / "none")
+    build_report(runs, tmp_path / "out", baseline="full", formats=("md", "csv"))
     text = (tmp_path / "out" / "report.md").read_text()
     title = "ruler: RULER's table (score in percent, mean over tasks per length)"
     table = markdown_table(text, title)
@@ -71,7 +71,7 @@ def test_ruler_table_in_rulers_readme_form(tmp_path):
 def test_ruler_table_marks_missing_lengths(tmp_path):
     short = ruler_run(lambda task, length: 1.0, lengths=(4096,))
     runs = [write_run(tmp_path, "a", "A", {"ruler": ruler_run(lambda t, n: 1.0)}), write_run(tmp_path, "b", "B", {"ruler": short})]
-    build_report(runs, tmp_path / "out", formats=("md",), bench_dir=tmp_path / "none")
+    build_report(runs, tmp_path / "out", formats=("md",))
     table = markdown_table((tmp_path / "out" / "report.md").read_text(),
                            "ruler: RULER's table (score in percent, mean over tasks per length)")
     assert table.iloc[0, 2] == ">32K" and table.iloc[0, 7] == "100.0"
@@ -90,7 +90,7 @@ def test_aime_beside_the_papers_table3_rows_of_its_budget(tmp_path):
     runs = [write_run(tmp_path, "r8", "NSA-8k", {"aime": aime_run(0.2, 8192, seed=1)}),
             write_run(tmp_path, "r16", "NSA-16k", {"aime": aime_run(0.3, 16384, seed=2)}),
             write_run(tmp_path, "old", "Old-run", {"aime": aime_run(0.1, 8192, key="max_new_tokens", seed=3)})]
-    build_report(runs, tmp_path / "out", reference="nsa-paper", formats=("md",), bench_dir=tmp_path / "none")
+    build_report(runs, tmp_path / "out", reference="nsa-paper", formats=("md",))
     text = (tmp_path / "out" / "report.md").read_text()
     title = "aime by generation budget (the paper's Table 3 form)"
     table = markdown_table(text, title)
@@ -105,11 +105,11 @@ def test_aime_beside_the_papers_table3_rows_of_its_budget(tmp_path):
     assert by_model.columns[1] == "aime (accuracy, 16 samples, 8k budget)"
 
     other = [write_run(tmp_path / "x", "r4", "NSA-4k", {"aime": aime_run(0.2, 4096)})]
-    build_report(other, tmp_path / "out4", reference="nsa-paper", formats=("md",), bench_dir=tmp_path / "none")
+    build_report(other, tmp_path / "out4", reference="nsa-paper", formats=("md",))
     text = (tmp_path / "out4" / "report.md").read_text()
     assert list(markdown_table(text, title).columns) == ["Model", "4k budget"]
     assert "reports generation budgets 8k, 16k only" in section(text, title)
-    build_report(runs, tmp_path / "plain", formats=("md",), bench_dir=tmp_path / "none")
+    build_report(runs, tmp_path / "plain", formats=("md",))
     assert "(paper)" not in section((tmp_path / "plain" / "report.md").read_text(), title)
 
 
@@ -128,7 +128,7 @@ def test_mmlu_categories_in_the_report(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     metrics["tasks"]["mmlu"].update({k: v for k, v in MMLU().aggregate(records).items() if k != "n"})
     (run / "metrics.json").write_text(json.dumps(metrics))
-    build_report([run], tmp_path / "out", formats=("md",), bench_dir=tmp_path / "none")
+    build_report([run], tmp_path / "out", formats=("md",))
     text = (tmp_path / "out" / "report.md").read_text()
     table = markdown_table(text, "mmlu by category")
     assert sorted(table["category"]) == ["humanities", "other", "social_sciences", "stem"]

@@ -4,6 +4,7 @@ paired, the paper's numbers appear when asked, and LaTeX and CSV read back throu
 import io
 import json
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,8 +37,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def report(runs, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("report")
-    build_report([runs["full"], runs["nsa"], runs["other"]], out, baseline="full-1", reference="nsa-paper",
-                 bench_dir=out / "no-bench")
+    build_report([runs["full"], runs["nsa"], runs["other"]], out, baseline="full-1", reference="nsa-paper")
     return out
 
 
@@ -150,7 +150,7 @@ def test_paper_reference_rows_only_when_asked(runs, report, tmp_path):
     assert paper["mmlu (5-shot acc)"] == "0.565" and paper["gsm8k (8-shot acc)"] == "0.520"
     assert paper["niah (accuracy)"].startswith(DASH)
     plain = tmp_path / "plain"
-    build_report([runs["full"]], plain, formats=("md",), bench_dir=tmp_path / "none")
+    build_report([runs["full"]], plain, formats=("md",))
     assert "(paper)" not in (plain / "report.md").read_text()
 
 
@@ -226,7 +226,7 @@ def test_publish_writes_a_committable_folder(report, tmp_path):
 def test_longbench_in_the_papers_table2_form_with_a_subset_by_length_heatmap(tmp_path):
     runs = [write_run(tmp_path, "a", "Full", {"longbench": longbench(0.4)}),
             write_run(tmp_path, "b", "NSA", {"longbench": longbench(0.5, seed=1)})]
-    build_report(runs, tmp_path / "out", reference="nsa-paper", formats=("md",), bench_dir=tmp_path / "none")
+    build_report(runs, tmp_path / "out", reference="nsa-paper", formats=("md",))
     md = (tmp_path / "out" / "report.md").read_text()
     table = markdown_table(md, "longbench by subset")
     assert list(table.columns) == ["Model", "hotpotqa", "lcc", "qasper", "Avg"]
@@ -242,7 +242,7 @@ def test_longbench_in_the_papers_table2_form_with_a_subset_by_length_heatmap(tmp
 
 
 @pytest.mark.slow
-def test_kernel_speed_from_bench_files(runs, tmp_path):
+def test_kernel_speed_from_bench_files(runs, tmp_path, monkeypatch):
     bench = tmp_path / "bench"
     write_bench(bench)
     (bench / "kernels-broken.json").write_text("{")
@@ -260,9 +260,16 @@ def test_kernel_speed_from_bench_files(runs, tmp_path):
     paper = markdown_table(md, "NSA paper: NSA speedup over full attention (Figure 6 on A100; Table 4 expected decode)")
     assert paper[paper.Quantity == "forward (kernel)"].iloc[0]["65536"] == "9.0x"
     assert "![Kernel speedup on NVIDIA H100 80GB HBM3](figures/kernels-nvidia-h100.png)" in md
-    # without bench files the report has no kernel section, and says nothing is wrong
-    build_report([runs["full"]], tmp_path / "plain", formats=("md",), bench_dir=tmp_path / "missing")
-    assert "Kernel speedup" not in (tmp_path / "plain" / "report.md").read_text()
+    # without --bench-dir the report has no kernel tables, even with bench files in ./results/bench
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(bench, tmp_path / "results" / "bench")
+    build_report([runs["full"]], tmp_path / "plain", formats=("md",))
+    plain = (tmp_path / "plain" / "report.md").read_text()
+    assert "Kernel speedup" not in plain and "median ms" not in plain
+    # a --bench-dir without bench files is refused before anything is written
+    with pytest.raises(ValueError, match="--bench-dir .*missing holds no kernels-<card>.json"):
+        build_report([runs["full"]], tmp_path / "refused", formats=("md",), bench_dir=tmp_path / "missing")
+    assert not (tmp_path / "refused").exists()
 
 
 @pytest.mark.slow
@@ -270,7 +277,7 @@ def test_different_prompts_are_flagged_and_not_compared(tmp_path):
     """Same task version, another grid: the prompts digests differ, so the runs are shown apart."""
     runs = [write_run(tmp_path, "a", "Full", {"niah": niah(lambda length, depth: 0.9, lengths=(1024, 2048))}),
             write_run(tmp_path, "b", "NSA", {"niah": niah(lambda length, depth: 0.9, lengths=(1024, 4096))})]
-    build_report(runs, tmp_path / "out", baseline="a", formats=("md",), bench_dir=tmp_path / "none")
+    build_report(runs, tmp_path / "out", baseline="a", formats=("md",))
     md = (tmp_path / "out" / "report.md").read_text()
     by_task = markdown_table(md, "Scores by task and metric (mean \u00b1 standard error)")
     row = by_task[by_task.Task == "niah"].iloc[0]
@@ -296,7 +303,7 @@ def test_per_task_runs_of_one_model_merge_into_one_row(tmp_path):
         (folder / "run.json").write_text(json.dumps(info))
     assert run_info["run_id"] == "niah"  # two folders per run id: runs are keyed by folder
     out = tmp_path / "report"
-    build_report(folders, out, baseline=str(folders[0]), formats=("md", "csv"), bench_dir=tmp_path / "none")
+    build_report(folders, out, baseline=str(folders[0]), formats=("md", "csv"))
     md = (out / "report.md").read_text()
     by_model = markdown_table(md, "Scores by model (headline metric of each task)")
     assert list(by_model.Model) == ["Llama-Full (baseline)", "Llama-NSA"]
@@ -314,14 +321,14 @@ def test_per_task_runs_of_one_model_merge_into_one_row(tmp_path):
     long = pd.read_csv(out / "results.csv", keep_default_na=False)
     assert set(long[long.column == "Llama-NSA"].run_dir) == {str(folders[2]), str(folders[3])}
     separate = tmp_path / "separate"
-    build_report(folders, separate, formats=("md",), merge=False, bench_dir=tmp_path / "none")
+    build_report(folders, separate, formats=("md",), merge=False)
     assert len(markdown_table((separate / "report.md").read_text(), "Scores by model (headline metric of each task)")) == 4
 
 
 @pytest.mark.slow
 def test_paper_style_figures_in_three_formats_and_out_never_a_run_folder(runs, tmp_path):
     out = tmp_path / "paper"
-    build_report([runs["full"], runs["nsa"]], out, baseline="full-1", paper=True, bench_dir=tmp_path / "none")
+    build_report([runs["full"], runs["nsa"]], out, baseline="full-1", paper=True)
     md = (out / "report.md").read_text()
     by_model = markdown_table(md, "Scores by model (headline metric of each task)")
     assert list(by_model.columns) == ["Model", "NIAH", "MMLU", "GSM8K", "Avg"]
@@ -337,5 +344,5 @@ def test_paper_style_figures_in_three_formats_and_out_never_a_run_folder(runs, t
     assert "(also [SVG](figures/niah-by-length.svg) and [PDF](figures/niah-by-length.pdf))" in md
     before = sorted(p.name for p in runs["full"].iterdir())
     with pytest.raises(ValueError, match=f"--out {runs['full']} is a run directory; write the report elsewhere"):
-        build_report([runs["full"]], runs["full"], bench_dir=tmp_path / "none")
+        build_report([runs["full"]], runs["full"])
     assert sorted(p.name for p in runs["full"].iterdir()) == before

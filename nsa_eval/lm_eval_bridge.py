@@ -114,7 +114,7 @@ class NSAEvalLM(LM):
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         """lm-eval repeats an instance `repeats` times in a row; those become one request with n samples."""
-        from nsa_eval.runner import request_seed
+        from nsa_eval.util import request_seed
 
         runs: list[tuple[Instance, int]] = []
         for request in requests:

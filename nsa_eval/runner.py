@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import sys
 from typing import Any, Iterable, Iterator
@@ -11,12 +10,9 @@ from typing import Any, Iterable, Iterator
 from nsa_eval import store as run_store
 from nsa_eval.model_adapters.base import Generation, GenerationRequest, LanguageModel, LoglikelihoodRequest
 from nsa_eval.progress import progress as make_progress
+from nsa_eval.run_config import RunConfig
+from nsa_eval.util import request_seed
 from nsa_eval.tasks.base import Sample, Task, TaskContext
-
-
-def request_seed(run_seed: int, sample_id: str) -> int:
-    """A sample's sampling seed: fixed by the run seed and the sample id, whatever the order or batch."""
-    return int(hashlib.sha256(f"{run_seed}:{sample_id}".encode()).hexdigest()[:12], 16)
 
 
 def generation_request(sample: Sample, run_seed: int) -> GenerationRequest:
@@ -78,25 +74,13 @@ def efficiency(records: Iterable[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def run(
-    model: LanguageModel,
-    model_spec: str,
-    tasks: dict[str, Task],
-    store: run_store.RunStore,
-    *,
-    seed: int = 0,
-    limit: int | None = None,
-    chat: bool | None = None,
-    batch_size: int = 1,
-    extra_config: dict[str, Any] | None = None,
-    argv: list[str] | None = None,
-    show_progress: bool = True,
-    max_new_tokens: int | None = None,
-) -> dict[str, Any] | None:
-    """Evaluate `tasks` on `model` into `store`; resumes a run with the same config. Returns metrics.json (None in
-    the processes of a data-parallel run other than the one that writes it). max_new_tokens: a cap on every
-    sample's generation (recorded in the config)."""
-    use_chat = getattr(model, "chat", False) if chat is None else chat
+def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore, config: RunConfig, *,
+        show_progress: bool = True) -> dict[str, Any] | None:
+    """Evaluate `tasks` on `model` into `store` as `config` asks (seed, limit, chat, the cap on new tokens; recorded in
+    run.json); resumes a run with the same config. Returns metrics.json (None in the processes of a data-parallel
+    run other than the one that writes it)."""
+    seed, limit, max_new_tokens = config.seed, config.limit, config.max_new_tokens
+    use_chat = getattr(model, "chat", False) if config.chat is None else config.chat
     ctx = TaskContext(count_tokens=model.count_tokens, chat=use_chat, max_length=model.max_length, seed=seed, limit=limit,
                       max_new_tokens=max_new_tokens)
     samples = {name: task.samples(ctx) for name, task in tasks.items()}  # bad grids fail here, before any write
@@ -119,19 +103,22 @@ def run(
         }
         for name, task in tasks.items()
     }
-    config = {
-        "model": {"spec": model_spec, "name": model.name, "max_length": model.max_length, "chat": use_chat},
+    hashed = {
+        "model": {"spec": config.model_spec, "name": model.name, "max_length": model.max_length, "chat": use_chat},
         "tasks": task_info,
         "seed": seed,
         "limit": limit,
         **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),  # absent: older hashes hold
-        **(extra_config or {}),
+        "device": str(getattr(model, "device", config.device)).split(":")[0],  # which GPU does not change results
+        "dtype": str(getattr(model, "dtype", config.dtype)),
+        **({"attention": "sparse", "sparse": dataclasses.asdict(config.sparse)} if config.sparse else {}),
     }
+    batch_size = getattr(model, "batch_size", config.batch_size or 1)
     run_info = {
         "run_id": store.root.name,
         "created": run_store.now(),
-        **config,
-        "config_hash": run_store.config_hash(config),
+        **hashed,
+        "config_hash": run_store.config_hash(hashed),
         # outside the hash, as batch_size: prompt tokens per prefill pass change results by float rounding only, and
         # a run resumed with another --prefill-chunk must still resume
         "batch_size": batch_size,
@@ -141,7 +128,7 @@ def run(
         "versions": run_store.versions(),
         "git_sha": run_store.git_sha(),
         "hardware": run_store.hardware(),
-        "argv": argv if argv is not None else sys.argv,
+        "argv": list(config.argv) or sys.argv,
     }
     store.open(run_info)
 
@@ -181,7 +168,7 @@ def run(
 
     if not store.gather({name: [s.id for s in items] for name, items in samples.items()}):
         return None  # a data-parallel run: process 0 writes the metrics
-    metrics = {"model": model.name, "spec": model_spec, "tasks": {}}
+    metrics = {"model": model.name, "spec": config.model_spec, "tasks": {}}
     for name, task in tasks.items():
         wanted = {s.id for s in samples[name]}
         records = [r for r in store.records(name) if r["id"] in wanted]

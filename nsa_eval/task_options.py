@@ -12,7 +12,10 @@ import types
 import typing
 from typing import Any, Callable
 
+from nsa_eval.tasks.base import Tokens, token_count
+
 _NONE = ("none", "null")
+SCALARS = (bool, Tokens, int, float, str)  # the order a union's members are tried in
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -46,9 +49,11 @@ def describe(annotation: Any) -> str:
             continue
         if origin in (list, tuple):
             item = (typing.get_args(member) or (str,))[0]
-            names.append({int: "comma-separated whole numbers", float: "comma-separated numbers"}.get(item, "a comma-separated list"))
+            names.append({int: "comma-separated whole numbers", float: "comma-separated numbers",
+                          Tokens: "comma-separated token counts (4096 or 4k)"}.get(item, "a comma-separated list"))
         else:
-            names.append({int: "a whole number", float: "a number", bool: "true or false", str: "text"}.get(member, str(member)))
+            names.append({int: "a whole number", float: "a number", bool: "true or false", str: "text",
+                          Tokens: "a token count (4096 or 4k)"}.get(member, str(member)))
     return " or ".join(dict.fromkeys(names)) or "a value"
 
 
@@ -60,6 +65,10 @@ def _scalar(text: str, kind: Any) -> Any:
             return True
         if stripped.lower() in _FALSE:
             return False
+        raise ValueError
+    if kind is Tokens:
+        if re.fullmatch(r"\d+[kK]?", stripped):
+            return token_count(stripped, "a token count")
         raise ValueError
     if kind is int:
         if re.fullmatch(r"[+-]?\d+", stripped):
@@ -84,11 +93,11 @@ def coerce(text: str, annotation: Any) -> Any:
     if type(None) in members and text.strip().lower() in _NONE:
         return None
     lists = [m for m in members if typing.get_origin(m) in (list, tuple)]
-    scalars = [m for m in members if m in (bool, int, float, str)]
+    scalars = [m for m in members if m in SCALARS]
     if lists and "," in text:
         item = (typing.get_args(lists[0]) or (str,))[0]
         return [_scalar(part, item) for part in text.split(",") if part.strip()]
-    for kind in sorted(scalars, key=(bool, int, float, str).index):
+    for kind in sorted(scalars, key=SCALARS.index):
         try:
             return _scalar(text, kind)
         except ValueError:
@@ -105,8 +114,8 @@ def example(task: str, key: str, annotation: Any, default: Any) -> str:
         shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
         return f"{task}.{key}={shown}"
     members = _members(annotation)
-    sample = "true" if bool in members else "3" if int in members else "0.5" if float in members else "1,2" \
-        if any(typing.get_origin(m) in (list, tuple) for m in members) else "TEXT"
+    sample = "true" if bool in members else "4k" if Tokens in members else "3" if int in members else "0.5" \
+        if float in members else "1,2" if any(typing.get_origin(m) in (list, tuple) for m in members) else "TEXT"
     return f"{task}.{key}={sample}"
 
 

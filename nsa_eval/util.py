@@ -1,9 +1,10 @@
-"""Small helpers the CLI, the registry, the model loaders and the benchmarks share. A leaf: it imports nothing of
+"""Small helpers the CLI, the registry, the runner, the model loaders and the benchmarks share. A leaf: it imports nothing of
 ours, so any module may import it without making an import cycle."""
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import re
 from typing import Iterable
 
@@ -29,3 +30,9 @@ def did_you_mean(name: str, choices: Iterable[str], cutoff: float = 0.5) -> str:
         return f" Did you mean '{by_lower[name.lower()]}'?"
     close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=cutoff)
     return f" Did you mean '{by_lower[close[0]]}'?" if close else ""
+
+
+def request_seed(run_seed: int, sample_id: str) -> int:
+    """A sample's sampling seed: fixed by the run seed and the sample id, whatever the order or batch (the runner
+    and the lm-eval bridge give the same sample the same seed)."""
+    return int(hashlib.sha256(f"{run_seed}:{sample_id}".encode()).hexdigest()[:12], 16)

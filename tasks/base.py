@@ -182,5 +182,20 @@ def is_number(text: str) -> bool:
         return False
 
 
+class Tokens(int):
+    """The type of a task option that is a length in tokens: written 4096 or 4k (k = 1024) on the command line
+    (`--task-option niah.lengths=1k,2k`); tasks receive plain ints (`token_count`)."""
+
+
+def token_count(value: Any, what: str) -> int:
+    """4096, "4096" or "4k" -> 4096 (k = 1024); a ValueError naming `what` otherwise."""
+    text = str(value).strip().lower()
+    try:
+        count = int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+    except ValueError:
+        raise ValueError(f"{what} '{value}' is not a whole number of tokens (e.g. 4096 or 4k)") from None
+    return count
+
+
 class DataError(ValueError):
     """Malformed benchmark data; the message names the file, the row and what is wrong."""

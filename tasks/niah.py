@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from nsa_eval.tasks.base import Prompt, Sample, TaskContext, aggregate_scores
+from nsa_eval.tasks.base import Prompt, Sample, TaskContext, Tokens, aggregate_scores, token_count
 
 KEYS = [
     "Lisbon", "Nairobi", "Oslo", "Quito", "Hanoi", "Tbilisi", "Montevideo", "Reykjavik", "Windhoek",
@@ -64,14 +64,14 @@ def haystack_sentences(haystack_dir: str | Path) -> list[str]:
     """The sentences of every .txt file in a folder, in file-name order."""
     folder = Path(haystack_dir)
     if not folder.is_dir():
-        raise ValueError(f"--haystack {folder} is not a folder; give a folder of .txt files")
+        raise ValueError(f"niah.haystack_dir {folder} is not a folder; give a folder of .txt files")
     files = sorted(folder.glob("*.txt"))
     if not files:
-        raise ValueError(f"--haystack {folder} holds no .txt files")
+        raise ValueError(f"niah.haystack_dir {folder} holds no .txt files; give a folder of .txt files")
     text = " ".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
     sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s.strip()]
     if len(sentences) < 2:
-        raise ValueError(f"--haystack {folder}: its text has fewer than two sentences")
+        raise ValueError(f"niah.haystack_dir {folder}: its text has fewer than two sentences; give a longer text")
     return sentences
 
 
@@ -86,20 +86,20 @@ class NeedleInAHaystack:
 
     def __init__(
         self,
-        lengths: list[int] | tuple[int, ...] = (1024, 2048, 4096),
+        lengths: list[Tokens] | tuple[Tokens, ...] = (1024, 2048, 4096),
         depths: list[int] | tuple[int, ...] = (0, 25, 50, 75, 100),
         samples_per_cell: int = 1,
         haystack_dir: str | None = None,
         seed: int = 0,
     ):
-        self.lengths = sorted({int(n) for n in lengths})
+        self.lengths = sorted({token_count(n, "niah.lengths") for n in lengths})
         self.depths = sorted({int(d) for d in depths})
         if not self.lengths or self.lengths[0] < 128:
-            raise ValueError(f"--niah-lengths {lengths}: each length must be at least 128 tokens")
+            raise ValueError(f"niah.lengths {lengths}: each length must be at least 128 tokens")
         if not self.depths or self.depths[0] < 0 or self.depths[-1] > 100:
-            raise ValueError(f"--niah-depths {depths}: depths are percents between 0 and 100")
+            raise ValueError(f"niah.depths {depths}: depths are percents between 0 and 100")
         if samples_per_cell < 1:
-            raise ValueError("--niah-samples must be at least 1")
+            raise ValueError(f"niah.samples_per_cell {samples_per_cell}: give at least 1 sample per cell")
         self.samples_per_cell = samples_per_cell
         self.haystack_dir = haystack_dir
         self.seed = seed
@@ -121,7 +121,7 @@ class NeedleInAHaystack:
         if longest + generated > ctx.max_length:
             raise ValueError(
                 f"NIAH length {longest} does not fit --max-length {ctx.max_length} (prompt + "
-                f"{generated} generated tokens); lower --niah-lengths or raise --max-length"
+                f"{generated} generated tokens); lower niah.lengths or raise --max-length"
             )
         samples = []
         for length in self.lengths:

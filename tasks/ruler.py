@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from nsa_eval.tasks.base import Prompt, Sample, TaskContext, aggregate_scores, macro_average
+from nsa_eval.tasks.base import Prompt, Sample, TaskContext, Tokens, aggregate_scores, macro_average, token_count
 from nsa_eval.tasks.ruler_data import (DEPTHS, DOCUMENT_PROMPT, NEEDLE, NOISE, QA_FILES, SUBTASKS, TEMPLATES, NiahArgs,
                                        QAData, cwe_words, essay_words, read_qa, split_sentences, wonderwords_list)
 
@@ -378,15 +378,6 @@ def string_match_part(prediction: str, references: list[str]) -> float:
 # ---------------------------------------------------------------------------------------------- the task
 
 
-def _length(value: Any) -> int:
-    """4096, "4096" or "4k" -> 4096."""
-    text = str(value).strip().lower()
-    try:
-        return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
-    except ValueError:
-        raise ValueError(f"RULER length '{value}' is not a whole number of tokens (e.g. 4096 or 4k)") from None
-
-
 class Ruler:
     """options: lengths, tasks, samples (per task and length), essays, data_path (QA data folder), seed."""
 
@@ -397,7 +388,7 @@ class Ruler:
 
     def __init__(
         self,
-        lengths: list[int] | tuple[int, ...] | int | None = None,
+        lengths: list[Tokens] | tuple[Tokens, ...] | Tokens | None = None,
         tasks: list[str] | str | None = None,
         samples: int = 500,
         essays: str | None = None,
@@ -406,7 +397,7 @@ class Ruler:
     ):
         if isinstance(lengths, (int, str)):
             lengths = [lengths]
-        self.lengths = sorted({_length(n) for n in lengths}) if lengths is not None else None
+        self.lengths = sorted({token_count(n, "RULER length") for n in lengths}) if lengths is not None else None
         if self.lengths is not None and (not self.lengths or self.lengths[0] < 1024):
             raise ValueError(f"RULER lengths {lengths}: each length must be at least 1024 tokens")
         if isinstance(tasks, str):

@@ -176,6 +176,7 @@ def prefill_point(lm, context: int, rng: random.Random, flops_rate: float, repea
 def niah_part(lm, spec: str, lengths: list[int], samples: int, root: Path) -> dict:
     """NIAH through the runner into a temporary run folder: wall time and per-sample timings."""
     from nsa_eval import store as run_store
+    from nsa_eval.run_config import RunConfig
     from nsa_eval.runner import run
     from nsa_eval.tasks.niah import NeedleInAHaystack
 
@@ -183,7 +184,8 @@ def niah_part(lm, spec: str, lengths: list[int], samples: int, root: Path) -> di
     folder = root / f"niah-{lm.name}"
     shutil.rmtree(folder, ignore_errors=True)
     start = time.perf_counter()
-    run(lm, spec, {"niah": task}, run_store.RunStore(folder), show_progress=False, batch_size=lm.batch_size)
+    config = RunConfig(model_spec=spec, tasks=("niah",), batch_size=lm.batch_size)
+    run(lm, {"niah": task}, run_store.RunStore(folder), config, show_progress=False)
     wall = time.perf_counter() - start
     records = [json.loads(line) for line in (folder / "samples" / "niah.jsonl").read_text().splitlines()]
     by_length: dict[int, dict] = {}

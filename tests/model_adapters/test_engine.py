@@ -427,6 +427,7 @@ class TinyTask:
 
 
 def test_runner_streams_records_from_the_native_engine(hf_dirs, tmp_path):
+    from nsa_eval.run_config import RunConfig
     from nsa_eval.runner import run
     from nsa_eval.store import RunStore
 
@@ -445,7 +446,8 @@ def test_runner_streams_records_from_the_native_engine(hf_dirs, tmp_path):
     store = RunStore(tmp_path / "run")
     append = store.append
     store.append = lambda task, record: (events.append(("record", record["id"])), append(task, record))[-1]
-    metrics = run(lm, "hf:tiny", {"tiny": TinyTask()}, store, seed=3, show_progress=False)
+    metrics = run(lm, {"tiny": TinyTask()}, store, RunConfig(model_spec="hf:tiny", tasks=("tiny",), seed=3),
+                  show_progress=False)
     records = {r["id"]: r for r in store.records("tiny")}
     assert sorted(records) == sorted(["g0", "g1", "g2", "g3", "g4", "sampled", "ll"])
     # each generation is written as soon as it finishes, before the next one finishes

@@ -174,9 +174,10 @@ def test_grid_that_does_not_fit_max_length(tiny_llama_dir, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("value, message", [("1k,abc", "not a whole number"), ("", "is empty")])
-def test_bad_grid_values(value, message):
-    assert_one_line_error(invoke("run", "--tasks", "niah", "--niah-lengths", value), message)
+@pytest.mark.parametrize("value", ["1k,abc", ""])
+def test_bad_grid_values(value):
+    assert_one_line_error(invoke("run", "--tasks", "niah", "--niah-lengths", value),
+                          f"niah.lengths={value}: lengths takes comma-separated token counts (4096 or 4k)")
 
 
 @pytest.mark.slow

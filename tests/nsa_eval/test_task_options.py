@@ -30,7 +30,7 @@ def test_values_take_their_options_type(task, texts, expected):
     ("aime", "temperature", "nan", "temperature takes a number"),
     ("mmlu", "num_fewshot", "abc", "num_fewshot takes a whole number, e.g. mmlu.num_fewshot=5"),
     ("gsm8k", "num_fewshot", "8.0", "num_fewshot takes a whole number"),
-    ("niah", "lengths", "1k", "lengths takes comma-separated whole numbers, e.g. niah.lengths=1024,2048,4096"),
+    ("niah", "lengths", "1x", "lengths takes comma-separated token counts (4096 or 4k), e.g. niah.lengths=1024,2048,4096"),
     ("longbench", "longbench_e", "maybe", "longbench_e takes true or false"),
 ])
 def test_a_value_of_the_wrong_type_names_the_type_and_an_example(task, key, text, message):

@@ -107,5 +107,5 @@ def test_bad_options_name_the_option(options, message):
 
 def test_grid_longer_than_max_length_is_refused(tokenizer):
     task = NeedleInAHaystack(lengths=[1024, 4096])
-    with pytest.raises(ValueError, match="--niah-lengths or raise --max-length"):
+    with pytest.raises(ValueError, match="lower niah.lengths or raise --max-length"):
         task.samples(context(tokenizer, max_length=2048))

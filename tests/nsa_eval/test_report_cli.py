@@ -5,9 +5,8 @@ import shutil
 import subprocess
 
 import pytest
-from click.testing import CliRunner
 
-from nsa_eval.cli import main
+from cli_checks import assert_one_line_error, invoke
 from report_runs import choice_task, niah, write_run
 
 
@@ -18,19 +17,6 @@ def runs(tmp_path_factory):
     return (write_run(root, "full-1", "Full", {"niah": niah(lambda length, depth: 0.9, **small_niah)}),
             write_run(root, "nsa-1", "NSA", {"niah": niah(lambda length, depth: 1.0, seed=1, **small_niah),
                                              "mmlu": choice_task(0.5, n=10)}))
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.mark.slow

@@ -9,16 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from nsa_eval.cli import main
+from cli_checks import assert_one_line_error, invoke
 from nsa_eval.store import RunStore
 
 NIAH_SMALL = ["--tasks", "niah", "--niah-lengths", "256,512", "--niah-depths", "0,50,100", "--quiet"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def without_timings(metrics):
@@ -133,16 +128,6 @@ def test_a_short_ruler_run_with_the_real_smollm2_and_its_report(tmp_path):
     assert report.exit_code == 0, report.output
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| Models | Claimed Length | Effective Length | 1K | Avg. | wAvg. (inc) | wAvg. (dec) |" in text
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    error_lines = [line for line in lines if line.startswith("Error:")]
-    assert len(error_lines) == 1, result.output
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in error_lines[0], error_lines[0]
 
 
 def test_unknown_task_suggests_the_near_name(tmp_path):

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from nsa_eval.cli import main
+from cli_checks import assert_one_line_error, invoke
 
 LONGBENCH_ROWS = Path(__file__).parents[1] / "tasks" / "fixtures" / "longbench_rows.jsonl"
 GSM8K_ROWS = [{"question": f"Tom has {n} apples and buys 2 more. How many apples does he have?",
@@ -21,22 +20,8 @@ GSM8K_ROWS = [{"question": f"Tom has {n} apples and buys 2 more. How many apples
 NIAH = ["--tasks", "niah", "--niah-lengths", "256,512", "--niah-depths", "0,50,100", "--quiet"]
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 def snapshot(root: Path) -> dict:
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else "dir") for p in sorted(root.rglob("*"))}
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("Error: ")]
-    assert len(errors) == 1, result.output
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
 
 
 @pytest.fixture

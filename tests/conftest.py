@@ -1,8 +1,9 @@
 """Shared test set-up. Triton kernels run in interpreter mode on machines without a GPU.
 
 Markers (pyproject.toml): `gpu` tests need a CUDA device and are skipped here where torch sees none (no per-file
-skipif); `slow` tests take more than a few seconds on 2 CPU cores (`pytest -m "not slow"`: the quick loop; the
-whole suite before a commit)."""
+skipif); `slow` marks the costliest tests, parametrized cases and modules (a module whose shared fixture takes
+seconds), so that `pytest -m "not slow"` runs in under 2 minutes on 2 CPU cores with a cheap case of each kind
+(the quick loop; the whole suite before a commit)."""
 
 import os
 from pathlib import Path

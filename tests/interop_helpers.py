@@ -8,6 +8,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+# serve_forever's default poll of 0.5 s is how long shutdown() can wait for the loop to notice: half a second per
+# server a test starts and stops
+POLL_S = 0.05
+
 # Eight arithmetic questions with four choices each; `answer` indexes the correct one.
 TOY_ROWS = [
     {"question": f"What is {a} plus {b}?", "choices": [str(a + b + d) for d in shift], "answer": shift.index(0),
@@ -82,7 +86,7 @@ def serving(model, served_name: str = "tiny", **options) -> Iterator:
     from nsa_eval.serve import OpenAIServer
 
     server = OpenAIServer(model, served_name, "127.0.0.1", 0, quiet=True, **options)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": POLL_S}, daemon=True)
     thread.start()
     try:
         yield server

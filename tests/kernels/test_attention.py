@@ -69,6 +69,7 @@ def test_causal_matches_reference(B, T, S, HQ, H, Dk, Dv, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.slow
 def test_sliding_window_matches_reference(dtype):
     check_against_reference(2, 130, 130, 4, 2, 64, 64, dtype, window=37)
 

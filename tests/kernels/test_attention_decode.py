@@ -30,7 +30,9 @@ def make_cache(B, S_max, HQ, H, Dk, Dv, dtype, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "HQ, H, Dk, Dv, window",
-    [(4, 4, 64, 64, None), (8, 2, 128, 128, None), (16, 1, 64, 64, 20), (4, 1, 192, 128, None)],
+    [pytest.param(4, 4, 64, 64, None, marks=pytest.mark.slow),
+     pytest.param(8, 2, 128, 128, None, marks=pytest.mark.slow),
+     (16, 1, 64, 64, 20), (4, 1, 192, 128, None)],
 )
 def test_decode_matches_reference_with_mixed_cache_lengths(HQ, H, Dk, Dv, window, dtype):
     lengths = torch.tensor([1, 37, 150], dtype=torch.int32, device=DEVICE)

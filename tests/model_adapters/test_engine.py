@@ -157,7 +157,8 @@ def what_the_case_tests(case: str, config: ModelConfig) -> None:
         assert config.sliding_window == SLIDING_WINDOW
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("case", ["llama", *(pytest.param(case, marks=pytest.mark.slow)
+                                              for case in ("qwen2", "qwen3", "mistral"))])
 def test_native_greedy_equals_transformers(case, hf_dirs):
     folder = hf_dirs(case)
     ours = load_native(folder, device="cpu", batch_size=2)  # 2 rows for 5 requests: freed rows are refilled
@@ -234,6 +235,7 @@ def test_n_samples_from_one_prefill_equal_separate_runs(hf_dirs, monkeypatch):
 # ---- stop sequences, EOS, max_new_tokens ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_stop_sequences_eos_and_one_token(hf_dirs, tmp_path):
     folder = hf_dirs("llama")
     ours = load_native(folder, device="cpu", batch_size=2)
@@ -301,7 +303,7 @@ def nsa_model(tokenizer, layout, layers=2, hidden=64, heads=4, kv_heads=2):
     return Transformer(config).init_weights(std=0.3, seed=0).eval()
 
 
-@pytest.mark.parametrize("layout", [PAPER, FLA], ids=["paper", "fla"])
+@pytest.mark.parametrize("layout", [pytest.param(PAPER, marks=pytest.mark.slow), FLA], ids=["paper", "fla"])
 def test_nsa_engine_batches_as_alone_and_decodes_as_recomputing(layout, tokenizer, tmp_path):
     from nsa_eval.model_adapters.runtime.checkpoint import save_pretrained
 
@@ -340,6 +342,7 @@ def test_nsa_engine_on_triton_kernels_equals_the_reference(tokenizer):
 # ---- training-free sparse attention --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sparse_native_equals_transformers_sparse(hf_dirs):
     from nsa_eval.model_adapters.hf_attention import attn_implementation, enable_sparse
 

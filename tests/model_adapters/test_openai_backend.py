@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from click.testing import CliRunner
-from interop_helpers import serving, write_lm_eval_tasks
+from interop_helpers import POLL_S, serving, write_lm_eval_tasks
 
 from nsa_eval.cli import main
 from nsa_eval.model_adapters.base import GenerationRequest, LoglikelihoodRequest
@@ -33,7 +33,7 @@ class ScriptedServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _ScriptedHandler)
         self.answer, self.models, self.posts = answer, models, 0
         self.lock = threading.Lock()
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": POLL_S}, daemon=True).start()
 
     @property
     def url(self):

@@ -18,6 +18,8 @@ import ast
 import tomllib
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -87,9 +89,18 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_the_graph_is_the_project():
-    modules = project_modules()
-    graph = import_graph(modules)
+@pytest.fixture(scope="module")
+def modules() -> dict[str, Path]:
+    return project_modules()
+
+
+@pytest.fixture(scope="module")
+def graph(modules) -> dict[str, set[str]]:
+    """Parsed once for the tests below (neither changes it)."""
+    return import_graph(modules)
+
+
+def test_the_graph_is_the_project(modules, graph):
     assert {"nsa_eval.cli", "nsa_eval.kernels.nsa.reference", "nsa_eval.tasks.niah",
             "nsa_eval.model_adapters.runtime.engine"} <= set(modules)
     assert "nsa_eval.registry" in graph["nsa_eval.cli"]  # a module-level import
@@ -102,6 +113,6 @@ def test_find_cycle_sees_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
-def test_no_import_cycle():
-    cycle = find_cycle(import_graph(project_modules()))
+def test_no_import_cycle(graph):
+    cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)

@@ -17,7 +17,10 @@ from nsa_eval.report.build import build_report
 from report_runs import choice_task, niah, write_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/setup.sh --dev installs it)")
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/setup.sh --dev installs it)"),
+    pytest.mark.slow,  # a browser and a report with figures: seconds before the first test
+]
 websocket = pytest.importorskip("websocket", reason="websocket-client is not installed (pip install -e '.[dev]')")
 
 PAYLOAD = "<script>document.title='pwned';document.body.setAttribute('data-pwned','1')</script>"
@@ -125,7 +128,6 @@ def test_detects_console_errors(browser, tmp_path):
     assert any("boom" in e for e in browser.errors) and any("undefinedFunction" in e for e in browser.errors)
 
 
-@pytest.mark.slow
 def test_renders_tables_and_images_without_console_errors(browser, report):
     browser.errors.clear()
     browser.open(report)
@@ -139,7 +141,6 @@ def test_renders_tables_and_images_without_console_errors(browser, report):
     assert browser.evaluate("document.querySelectorAll('b').length") == 0
 
 
-@pytest.mark.slow
 def test_a_script_in_a_response_shows_as_text_and_does_not_run(browser, report):
     browser.errors.clear()
     browser.open(report)

@@ -16,6 +16,10 @@ from nsa_eval.report.tables import DASH
 from nsa_eval.stats import paired_bootstrap
 from report_runs import choice_task, longbench, niah, write_bench, write_run
 
+# every test here is slow (the shared report with figures in every format takes seconds to build); the quick
+# subset keeps report building through test_report_cli.py and test_report_ruler_aime.py
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
@@ -58,7 +62,6 @@ def markdown_table(text: str, title: str) -> pd.DataFrame:
     return pd.DataFrame(cells[2:], columns=cells[0])
 
 
-@pytest.mark.slow
 def test_table_values_equal_metrics_json(runs, report):
     long = pd.read_csv(report / "results.csv", keep_default_na=False)
     checked = 0
@@ -94,7 +97,6 @@ def test_table_values_equal_metrics_json(runs, report):
     assert full["Avg"] == f"{expected_avg:.3f}"
 
 
-@pytest.mark.slow
 def test_partial_runs_show_a_dash_with_a_footnote(report):
     md = (report / "report.md").read_text()
     by_model = markdown_table(md, "Scores by model (headline metric of each task)")
@@ -222,7 +224,6 @@ def test_publish_writes_a_committable_folder(report, tmp_path):
         publish(report, "nsa-vs-full", results_dir=tmp_path)
 
 
-@pytest.mark.slow
 def test_longbench_in_the_papers_table2_form_with_a_subset_by_length_heatmap(tmp_path):
     runs = [write_run(tmp_path, "a", "Full", {"longbench": longbench(0.4)}),
             write_run(tmp_path, "b", "NSA", {"longbench": longbench(0.5, seed=1)})]
@@ -241,7 +242,6 @@ def test_longbench_in_the_papers_table2_form_with_a_subset_by_length_heatmap(tmp
     assert (tmp_path / "out" / "figures" / "longbench-subset-x-length-b-minus-a.png").is_file()
 
 
-@pytest.mark.slow
 def test_kernel_speed_from_bench_files(runs, tmp_path, monkeypatch):
     bench = tmp_path / "bench"
     write_bench(bench)
@@ -272,7 +272,6 @@ def test_kernel_speed_from_bench_files(runs, tmp_path, monkeypatch):
     assert not (tmp_path / "refused").exists()
 
 
-@pytest.mark.slow
 def test_different_prompts_are_flagged_and_not_compared(tmp_path):
     """Same task version, another grid: the prompts digests differ, so the runs are shown apart."""
     runs = [write_run(tmp_path, "a", "Full", {"niah": niah(lambda length, depth: 0.9, lengths=(1024, 2048))}),
@@ -287,7 +286,6 @@ def test_different_prompts_are_flagged_and_not_compared(tmp_path):
     assert not list((tmp_path / "out" / "figures").glob("*-minus-*"))
 
 
-@pytest.mark.slow
 def test_per_task_runs_of_one_model_merge_into_one_row(tmp_path):
     """Per-task runs of two models (a folder per task) give one row per model, with an average and deltas on both
     tasks, rather than four rows and 'not run' notes; the Runs table still lists every folder."""
@@ -325,7 +323,6 @@ def test_per_task_runs_of_one_model_merge_into_one_row(tmp_path):
     assert len(markdown_table((separate / "report.md").read_text(), "Scores by model (headline metric of each task)")) == 4
 
 
-@pytest.mark.slow
 def test_paper_style_figures_in_three_formats_and_out_never_a_run_folder(runs, tmp_path):
     out = tmp_path / "paper"
     build_report([runs["full"], runs["nsa"]], out, baseline="full-1", paper=True)

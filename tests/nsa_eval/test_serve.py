@@ -98,7 +98,7 @@ def test_an_api_key_is_required_when_set(tiny):
         assert good.models.list().data[0].max_model_len == tiny.max_length
 
 
-@pytest.mark.parametrize("with_tokenizer", [True, False])
+@pytest.mark.parametrize("with_tokenizer", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_our_openai_backend_gives_what_the_served_model_gives(tiny, tiny_llama_dir, with_tokenizer):
     with serving(tiny) as server:
         query = f"?tokenizer={tiny_llama_dir}&concurrency=3" if with_tokenizer else "?concurrency=3"

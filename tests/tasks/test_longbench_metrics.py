@@ -129,6 +129,7 @@ EVAL_PY_LIKE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_long_sentences_score_zero_where_the_reference_scorer_overflows_its_stack(tmp_path):
     """The package back-tracks recursively; in eval.py a path of 990+ steps raises and scores 0."""
 

@@ -33,7 +33,7 @@ def test_grid_has_every_cell_with_a_fresh_value(tokenizer):
 
 
 @pytest.mark.parametrize("chat", [False, True])
-@pytest.mark.parametrize("length", [300, 1024, 2048])
+@pytest.mark.parametrize("length", [300, 1024, pytest.param(2048, marks=pytest.mark.slow)])
 def test_prompt_length_within_one_percent(tokenizer, chat, length):
     count = counter(tokenizer)
     task = NeedleInAHaystack(lengths=[length], depths=[0, 37, 100], seed=1)

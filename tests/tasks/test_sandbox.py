@@ -237,7 +237,8 @@ def test_exhausting_file_descriptors():
         assert still_possible.fileno() > 0
 
 
-@pytest.mark.parametrize("ending, reason", [("return None", "failed: AssertionError"), ("while True: pass", "timed out")])
+@pytest.mark.parametrize("ending, reason", [("return None", "failed: AssertionError"),
+                                            pytest.param("while True: pass", "timed out", marks=pytest.mark.slow)])
 def test_a_daemonised_grandchild_dies_with_the_run(ending, reason):
     marker = f"nsa-daemon-{uuid.uuid4().hex}"
     body = f"""

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from nsa_eval.bench import bench
+from nsa_eval.model_adapters.runtime.config import SparseSettings
 from nsa_eval.models import MODEL_KINDS
 from nsa_eval.registry import TASKS
 from nsa_eval.run_config import RunConfig
@@ -57,14 +58,14 @@ def print_metrics(metrics: dict[str, Any]) -> None:
 @click.option("--attention", type=click.Choice(["full", "sparse"]), default="full", show_default=True,
               help="For smollm2 and hf: checkpoints: full attention (our kernels on CUDA), or training-free NSA-style "
                    "sparse attention (top blocks by mean-pooled keys, leading and local tokens always kept).")
-@click.option("--sparse-budget", type=click.IntRange(min=1), show_default="2560",
-              help="Sparse attention: tokens each query sees (leading + local + selected blocks).")
-@click.option("--sparse-leading", type=click.IntRange(min=1), show_default="128",
-              help="Sparse attention: leading tokens always kept.")
-@click.option("--sparse-local", type=click.IntRange(min=1), show_default="512",
-              help="Sparse attention: most recent tokens always kept.")
-@click.option("--sparse-block", type=click.IntRange(min=1), show_default="64",
-              help="Sparse attention: block length of the selection.")
+@click.option("--sparse-budget", type=click.IntRange(min=1),
+              help=f"Sparse attention: tokens each query sees (leading + local + selected blocks). Default: {SparseSettings.budget}.")
+@click.option("--sparse-leading", type=click.IntRange(min=1),
+              help=f"Sparse attention: leading tokens always kept. Default: {SparseSettings.leading}.")
+@click.option("--sparse-local", type=click.IntRange(min=1),
+              help=f"Sparse attention: most recent tokens always kept. Default: {SparseSettings.local}.")
+@click.option("--sparse-block", type=click.IntRange(min=1),
+              help=f"Sparse attention: block length of the selection. Default: {SparseSettings.block}.")
 @click.option("--tasks", "task_list", required=True, help="Comma-separated task names; `nsa-eval list tasks` shows them.")
 @click.option("--limit", type=click.IntRange(min=1), help=_limit_help())
 @click.option("--max-new-tokens", type=click.IntRange(min=1),

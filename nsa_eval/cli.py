@@ -59,7 +59,8 @@ def print_metrics(metrics: dict[str, Any]) -> None:
               help="For smollm2 and hf: checkpoints: full attention (our kernels on CUDA), or training-free NSA-style "
                    "sparse attention (top blocks by mean-pooled keys, leading and local tokens always kept).")
 @click.option("--sparse-budget", type=click.IntRange(min=1),
-              help=f"Sparse attention: tokens each query sees (leading + local + selected blocks). Default: {SparseSettings.budget}.")
+              help=f"Sparse attention: tokens each query sees (leading + local + selected blocks). "
+                   f"Default: {SparseSettings.budget}.")
 @click.option("--sparse-leading", type=click.IntRange(min=1),
               help=f"Sparse attention: leading tokens always kept. Default: {SparseSettings.leading}.")
 @click.option("--sparse-local", type=click.IntRange(min=1),

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_eval.kernels.attention.parallel import _block_table
 from nsa_eval.kernels.nsa.utils import check_compressed, check_offset_backward, check_seq_len, check_varlen
+from nsa_eval.kernels.utils import block_table
 
 LOG2E = 1.4426950408889634
 
@@ -46,7 +46,7 @@ class Packing:
 
     def tiles(self, rows: int, compressed: bool = False) -> torch.Tensor:
         """int32 [programs, 2]: (sequence, tile) for tiles of `rows` tokens (or compressed blocks) per sequence."""
-        return _block_table(self.cmp_lengths if compressed else self.lengths, rows, self.cu.device, False)
+        return block_table(self.cmp_lengths if compressed else self.lengths, rows, self.cu.device, False)
 
     def token_starts(self) -> torch.Tensor:
         """int32 [T]: the first token of each token's sequence."""

@@ -13,9 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
+from nsa_eval.kernels import utils
 from nsa_eval.kernels.attention.checks import check_decode_args
-from nsa_eval.kernels.attention import parallel
-from nsa_eval.kernels.attention.parallel import LOG2E, _load_rows, _precision, check_triton_device, interpreting
+from nsa_eval.kernels.attention.parallel import _load_rows, _precision
+from nsa_eval.kernels.utils import LOG2E, check_triton_device, interpreting
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -154,8 +155,8 @@ def attention_decode_fwd(q, k_cache, v_cache, cache_seqlens, window, scale, tile
     group = HQ // H
     num_splits = num_splits or num_splits_for(B, H, S_max, block_n, q.device)
     split_len = triton.cdiv(triton.cdiv(S_max, num_splits), block_n) * block_n
-    o_part = parallel.new_output((B, HQ, num_splits, BDV), torch.float32, q.device)
-    lse_part = parallel.new_output((B, HQ, num_splits), torch.float32, q.device)
+    o_part = utils.new_output((B, HQ, num_splits, BDV), torch.float32, q.device)
+    lse_part = utils.new_output((B, HQ, num_splits), torch.float32, q.device)
     _decode_split_kernel[(num_splits, H, B)](
         q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -165,8 +166,8 @@ def attention_decode_fwd(q, k_cache, v_cache, cache_seqlens, window, scale, tile
         BLOCK_DK=BDK, BLOCK_DV=BDV, BLOCK_N=block_n, HAS_WINDOW=window is not None,
         PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
-    o = parallel.new_output((B, HQ, Dv), q.dtype, q.device)
-    lse = parallel.new_output((B, HQ), torch.float32, q.device)
+    o = utils.new_output((B, HQ, Dv), q.dtype, q.device)
+    lse = utils.new_output((B, HQ), torch.float32, q.device)
     _decode_combine_kernel[(HQ, B)](
         o_part, lse_part, o, lse, o.stride(0), o.stride(1), HQ, num_splits,
         HEAD_DV=Dv, BLOCK_DV=BDV, BLOCK_S=16, num_warps=4,

@@ -9,17 +9,15 @@ middle, and a masked tail (causal diagonal, ragged end), so the mask costs only 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from nsa_eval.kernels import utils
 from nsa_eval.kernels.attention.checks import check_attention_args
-
-LOG2E = 1.4426950408889634
-
+from nsa_eval.kernels.utils import LOG2E, block_table, check_triton_device, interpreting
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -355,15 +353,6 @@ class Tiles:
     num_stages: int
 
 
-def new_output(shape, dtype, device) -> torch.Tensor:
-    """Uninitialised buffer for a kernel to write (tests swap in NaN-filled ones to catch gaps)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def forward_tiles(block_dk: int, block_dv: int, dtype: torch.dtype) -> Tiles:
     """Tiles of the forward kernel for padded head dims (Hopper-tuned for 16-bit inputs; float32 tiles
     are smaller to fit shared memory; small in the interpreter)."""
@@ -395,14 +384,6 @@ def backward_tiles(block_dk: int, block_dv: int, dtype: torch.dtype) -> tuple[Ti
     return tiles, tiles
 
 
-def _block_table(lengths: list[int], block: int, device, heavy_last: bool) -> torch.Tensor:
-    """int32 [num_blocks, 2]: (sequence, block index) per program; with heavy_last the late (costlier
-    under a causal mask) blocks come first."""
-    rows = [(n, i) for n, length in enumerate(lengths) for i in range(triton.cdiv(length, block))]
-    rows.sort(key=lambda row: -row[1] if heavy_last else row[1])
-    return torch.tensor(rows, dtype=torch.int32, device=device).reshape(-1, 2)
-
-
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -419,13 +400,13 @@ def attention_fwd(q, k, v, causal, window, cu_seqlens, lengths, scale, tiles: Ti
     from cu_seqlens (a host list) or None."""
     B, T, HQ, Dk, S, H, Dv, BDK, BDV = _common(q, k, v)
     tiles = tiles or forward_tiles(BDK, BDV, q.dtype)
-    o = new_output((B, T, HQ, Dv), q.dtype, q.device)
-    lse = new_output((B, HQ, T), torch.float32, q.device)
+    o = utils.new_output((B, T, HQ, Dv), q.dtype, q.device)
+    lse = utils.new_output((B, HQ, T), torch.float32, q.device)
     if cu_seqlens is None:
         table = None
         grid = (triton.cdiv(T, tiles.block_m), HQ, B)
     else:
-        table = _block_table(lengths, tiles.block_m, q.device, heavy_last=True)
+        table = block_table(lengths, tiles.block_m, q.device, heavy_last=True)
         grid = (table.shape[0], HQ, 1)
     _attention_fwd_kernel[grid](
         q, k, v, o, lse, cu_seqlens, table,
@@ -445,15 +426,15 @@ def attention_bwd(q, k, v, o, lse, do, causal, window, cu_seqlens, lengths, scal
     """Gradients of attention_fwd: do [B, T, HQ, Dv] -> dq [B, T, HQ, Dk], dk [B, S, H, Dk], dv [B, S, H, Dv]."""
     B, T, HQ, Dk, S, H, Dv, BDK, BDV = _common(q, k, v)
     dkdv_tiles, dq_tiles = tiles or backward_tiles(BDK, BDV, q.dtype)
-    delta = new_output((B, HQ, T), torch.float32, q.device)
+    delta = utils.new_output((B, HQ, T), torch.float32, q.device)
     pre_block = 64
     _attention_bwd_preprocess_kernel[(triton.cdiv(T, pre_block), HQ, B)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), T, HQ,
         HEAD_DV=Dv, BLOCK_DV=BDV, BLOCK_M=pre_block,
     )
-    dq = new_output(q.shape, q.dtype, q.device)
-    dk = new_output(k.shape, k.dtype, k.device)
-    dv = new_output(v.shape, v.dtype, v.device)
+    dq = utils.new_output(q.shape, q.dtype, q.device)
+    dk = utils.new_output(k.shape, k.dtype, k.device)
+    dv = utils.new_output(v.shape, v.dtype, v.device)
     settings = dict(
         GROUP=HQ // H, HEAD_DK=Dk, HEAD_DV=Dv, BLOCK_DK=BDK, BLOCK_DV=BDV, IS_CAUSAL=causal,
         HAS_WINDOW=window is not None, IS_VARLEN=cu_seqlens is not None, PRECISION=_precision(q.dtype),
@@ -464,8 +445,8 @@ def attention_bwd(q, k, v, o, lse, do, causal, window, cu_seqlens, lengths, scal
         table_n, grid_n = None, (triton.cdiv(S, dkdv_tiles.block_n), H, B)
         table_m, grid_m = None, (triton.cdiv(T, dq_tiles.block_m), HQ, B)
     else:
-        table_n = _block_table(lengths, dkdv_tiles.block_n, q.device, heavy_last=False)
-        table_m = _block_table(lengths, dq_tiles.block_m, q.device, heavy_last=True)
+        table_n = block_table(lengths, dkdv_tiles.block_n, q.device, heavy_last=False)
+        table_m = block_table(lengths, dq_tiles.block_m, q.device, heavy_last=True)
         grid_n, grid_m = (table_n.shape[0], H, 1), (table_m.shape[0], HQ, 1)
     _attention_bwd_dkdv_kernel[grid_n](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens, table_n, *strides,
@@ -517,14 +498,6 @@ class AttentionFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 # public function
 # ----------------------------------------------------------------------------------------------------
-
-
-def check_triton_device(op: str, x: torch.Tensor, name: str = "q") -> None:
-    """The Triton path needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
-    if not x.is_cuda and not interpreting():
-        raise ValueError(
-            f"{op}: {name} is on {x.device}; the Triton path needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)"
-        )
 
 
 def attention(q, k, v, *, causal=True, window=None, cu_seqlens=None, scale=None, return_lse=False):

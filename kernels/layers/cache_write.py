@@ -12,8 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from nsa_eval.kernels.attention.parallel import check_triton_device
 from nsa_eval.kernels.layers.reference import check_cache_write
+from nsa_eval.kernels.utils import check_triton_device
 
 MAX_TILE = 1024
 

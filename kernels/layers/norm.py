@@ -12,9 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_eval.kernels.attention import parallel
-from nsa_eval.kernels.attention.checks import _fail
+from nsa_eval.kernels import utils
 from nsa_eval.kernels.layers.reference import check_add_rms_norm
+from nsa_eval.kernels.utils import check_triton_device, fail
 
 MAX_D = 8192
 
@@ -76,14 +76,14 @@ def add_rms_norm(x, weight, eps, residual=None):
         summed: x itself when residual is None, else x + residual rounded to x's dtype (new, contiguous).
     """
     check_add_rms_norm(x, weight, eps, residual)
-    parallel.check_triton_device("add_rms_norm", x, name="x")
+    check_triton_device("add_rms_norm", x, name="x")
     D = x.shape[-1]
     if D > MAX_D:
-        _fail("add_rms_norm", f"x's last dim D={D}: the Triton kernel takes D <= {MAX_D}")
+        fail("add_rms_norm", f"x's last dim D={D}: the Triton kernel takes D <= {MAX_D}")
     if not weight.is_contiguous():
-        _fail("add_rms_norm", "weight must be contiguous (call .contiguous())")
-    normed = parallel.new_output(x.shape, x.dtype, x.device)
-    summed = x if residual is None else parallel.new_output(x.shape, x.dtype, x.device)
+        fail("add_rms_norm", "weight must be contiguous (call .contiguous())")
+    normed = utils.new_output(x.shape, x.dtype, x.device)
+    summed = x if residual is None else utils.new_output(x.shape, x.dtype, x.device)
     if x.numel():
         add_rms_norm_fwd(x.reshape(-1, D), None if residual is None else residual.reshape(-1, D), weight, eps,
                          normed.view(-1, D), None if residual is None else summed.view(-1, D))

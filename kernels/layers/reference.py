@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nsa_eval.kernels.attention.checks import TRITON_DTYPES, _check_same, _check_tensor, _fail
+from nsa_eval.kernels.utils import TRITON_DTYPES, check_same, check_tensor, fail
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -23,61 +23,61 @@ def check_inference(op: str, tensors: dict) -> None:
     if torch.is_grad_enabled():
         for name, x in tensors.items():
             if isinstance(x, torch.Tensor) and x.requires_grad:
-                _fail(op, f"{name} requires grad, but these are inference kernels (forward only); run under "
-                          "torch.no_grad()")
+                fail(op, f"{name} requires grad, but these are inference kernels (forward only); run under "
+                         "torch.no_grad()")
 
 
 def _check_last_dim(op: str, name: str, x: torch.Tensor, layout: str) -> None:
     if not isinstance(x, torch.Tensor):
-        _fail(op, f"{name} must be a torch.Tensor {layout}, got {type(x).__name__}")
+        fail(op, f"{name} must be a torch.Tensor {layout}, got {type(x).__name__}")
     if x.ndim < 1 or x.shape[-1] < 1:
-        _fail(op, f"{name} must be {layout} with a non-empty last dim, got shape {tuple(x.shape)}")
+        fail(op, f"{name} must be {layout} with a non-empty last dim, got shape {tuple(x.shape)}")
     if x.stride(-1) != 1:
-        _fail(op, f"{name}'s last dim has stride {x.stride(-1)}; it must be contiguous (call .contiguous())")
+        fail(op, f"{name}'s last dim has stride {x.stride(-1)}; it must be contiguous (call .contiguous())")
 
 
 def check_add_rms_norm(x, weight, eps, residual) -> None:
     op = "add_rms_norm"
     _check_last_dim(op, "x", x, "[..., D]")
     D = x.shape[-1]
-    _check_tensor(op, "weight", weight, 1, f"[D] = [{D}]")
+    check_tensor(op, "weight", weight, 1, f"[D] = [{D}]")
     if weight.shape[0] != D:
-        _fail(op, f"weight has {weight.shape[0]} elements but x's last dim is D={D}")
+        fail(op, f"weight has {weight.shape[0]} elements but x's last dim is D={D}")
     tensors = {"x": x, "weight": weight}
     if residual is not None:
         _check_last_dim(op, "residual", residual, "[..., D]")
         if residual.shape != x.shape:
-            _fail(op, f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
+            fail(op, f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
         tensors["residual"] = residual
-    _check_same(op, tensors, TRITON_DTYPES)
+    check_same(op, tensors, TRITON_DTYPES)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        _fail(op, f"eps must be a number >= 0 (e.g. 1e-6), got {eps!r}")
+        fail(op, f"eps must be a number >= 0 (e.g. 1e-6), got {eps!r}")
     check_inference(op, tensors)
 
 
 def check_rotary(x, cos, sin) -> None:
     op = "rotary_"
-    _check_tensor(op, "x", x, 4, "[B, T, R, D]")
+    check_tensor(op, "x", x, 4, "[B, T, R, D]")
     B, T, R, D = x.shape
     if D % 2:
-        _fail(op, f"x has head dim D={D}; rotate-half RoPE needs an even D")
+        fail(op, f"x has head dim D={D}; rotate-half RoPE needs an even D")
     if x.stride(-1) != 1:
-        _fail(op, f"x's last dim has stride {x.stride(-1)}; it must be contiguous (a column slice of a row-major "
-                  "projection output is fine)")
+        fail(op, f"x's last dim has stride {x.stride(-1)}; it must be contiguous (a column slice of a row-major "
+                 "projection output is fine)")
     if x.dtype not in TRITON_DTYPES:
-        _fail(op, f"x has dtype {x.dtype}; use one of float16, bfloat16, float32")
+        fail(op, f"x has dtype {x.dtype}; use one of float16, bfloat16, float32")
     for name, table in (("cos", cos), ("sin", sin)):
         if not isinstance(table, torch.Tensor):
-            _fail(op, f"{name} must be a torch.Tensor [B, T, 1, D/2] or [B, T, D/2], got {type(table).__name__}")
+            fail(op, f"{name} must be a torch.Tensor [B, T, 1, D/2] or [B, T, D/2], got {type(table).__name__}")
         if tuple(table.shape) not in ((B, T, 1, D // 2), (B, T, D // 2)):
-            _fail(op, f"{name} has shape {tuple(table.shape)}; x {tuple(x.shape)} needs [{B}, {T}, 1, {D // 2}] or "
-                      f"[{B}, {T}, {D // 2}] (rope_tables)")
+            fail(op, f"{name} has shape {tuple(table.shape)}; x {tuple(x.shape)} needs [{B}, {T}, 1, {D // 2}] or "
+                     f"[{B}, {T}, {D // 2}] (rope_tables)")
         if table.dtype != torch.float32:
-            _fail(op, f"{name} has dtype {table.dtype}; the RoPE tables must be float32")
+            fail(op, f"{name} has dtype {table.dtype}; the RoPE tables must be float32")
         if table.device != x.device:
-            _fail(op, f"{name} is on {table.device} but x is on {x.device}; move them to one device")
+            fail(op, f"{name} is on {table.device} but x is on {x.device}; move them to one device")
         if table.stride(-1) != 1:
-            _fail(op, f"{name}'s last dim has stride {table.stride(-1)}; it must be contiguous")
+            fail(op, f"{name}'s last dim has stride {table.stride(-1)}; it must be contiguous")
     check_inference(op, {"x": x, "cos": cos, "sin": sin})
 
 
@@ -85,8 +85,8 @@ def check_silu_mul(gate_up) -> None:
     op = "silu_mul"
     _check_last_dim(op, "gate_up", gate_up, "[..., 2*I]")
     if gate_up.shape[-1] % 2:
-        _fail(op, f"gate_up's last dim {gate_up.shape[-1]} is odd; it must be 2*I (gate columns, then up columns)")
-    _check_same(op, {"gate_up": gate_up}, TRITON_DTYPES)
+        fail(op, f"gate_up's last dim {gate_up.shape[-1]} is odd; it must be 2*I (gate columns, then up columns)")
+    check_same(op, {"gate_up": gate_up}, TRITON_DTYPES)
     check_inference(op, {"gate_up": gate_up})
 
 
@@ -98,36 +98,36 @@ def check_cache_write(dests, sources, slots) -> None:
     op = "cache_write_"
     for name, group in (("dests", dests), ("sources", sources), ("slots", slots)):
         if not isinstance(group, (list, tuple)):
-            _fail(op, f"{name} must be a list or tuple of 1 to {MAX_CACHE_PAIRS} tensors, got {type(group).__name__}")
+            fail(op, f"{name} must be a list or tuple of 1 to {MAX_CACHE_PAIRS} tensors, got {type(group).__name__}")
     if not len(dests) == len(sources) == len(slots):
-        _fail(op, f"got {len(dests)} dests, {len(sources)} sources and {len(slots)} slots; pass one source and one "
-                  "slots tensor per dest")
+        fail(op, f"got {len(dests)} dests, {len(sources)} sources and {len(slots)} slots; pass one source and one "
+                 "slots tensor per dest")
     if not 1 <= len(dests) <= MAX_CACHE_PAIRS:
-        _fail(op, f"got {len(dests)} dests; one call writes 1 to {MAX_CACHE_PAIRS} (split the call)")
+        fail(op, f"got {len(dests)} dests; one call writes 1 to {MAX_CACHE_PAIRS} (split the call)")
     for i, (dest, source, slot) in enumerate(zip(dests, sources, slots)):
-        _check_tensor(op, f"dests[{i}]", dest, 4, "[B, S, H, D]")
+        check_tensor(op, f"dests[{i}]", dest, 4, "[B, S, H, D]")
         _check_last_dim(op, f"dests[{i}]", dest, "[B, S, H, D]")
-        _check_tensor(op, f"sources[{i}]", source, 3, "[B, H, D]")
+        check_tensor(op, f"sources[{i}]", source, 3, "[B, H, D]")
         _check_last_dim(op, f"sources[{i}]", source, "[B, H, D]")
         B, _, H, D = dest.shape
         if tuple(source.shape) != (B, H, D):
-            _fail(op, f"sources[{i}] has shape {tuple(source.shape)} but dests[{i}] {tuple(dest.shape)} needs "
-                      f"[B, H, D] = [{B}, {H}, {D}]")
-        _check_same(op, {f"dests[{i}]": dest, f"sources[{i}]": source}, TRITON_DTYPES)
+            fail(op, f"sources[{i}] has shape {tuple(source.shape)} but dests[{i}] {tuple(dest.shape)} needs "
+                     f"[B, H, D] = [{B}, {H}, {D}]")
+        check_same(op, {f"dests[{i}]": dest, f"sources[{i}]": source}, TRITON_DTYPES)
         if dest.device != dests[0].device:
-            _fail(op, f"dests[{i}] is on {dest.device} but dests[0] is on {dests[0].device}; one launch writes one "
-                      "device")
+            fail(op, f"dests[{i}] is on {dest.device} but dests[0] is on {dests[0].device}; one launch writes one "
+                     "device")
         if B != dests[0].shape[0]:
-            _fail(op, f"dests[{i}] has B={B} rows but dests[0] has {dests[0].shape[0]}; every pair writes the same "
-                      "B rows")
+            fail(op, f"dests[{i}] has B={B} rows but dests[0] has {dests[0].shape[0]}; every pair writes the same "
+                     "B rows")
         if (not isinstance(slot, torch.Tensor) or slot.dtype not in (torch.int32, torch.int64)
                 or tuple(slot.shape) != (B,)):
             got = f"{slot.dtype} {tuple(slot.shape)}" if isinstance(slot, torch.Tensor) else type(slot).__name__
-            _fail(op, f"slots[{i}] must be an int64 or int32 tensor [B] = [{B}] (row b's slot in dests[{i}]), "
-                      f"got {got}")
+            fail(op, f"slots[{i}] must be an int64 or int32 tensor [B] = [{B}] (row b's slot in dests[{i}]), "
+                     f"got {got}")
         if slot.device != dest.device:
-            _fail(op, f"slots[{i}] is on {slot.device} but dests[{i}] is on {dest.device}; move it to the cache's "
-                      "device")
+            fail(op, f"slots[{i}] is on {slot.device} but dests[{i}] is on {dest.device}; move it to the cache's "
+                     "device")
     check_inference(op, {**{f"dests[{i}]": dest for i, dest in enumerate(dests)},
                          **{f"sources[{i}]": source for i, source in enumerate(sources)}})
 
@@ -197,6 +197,6 @@ def cache_write_(dests, sources, slots):
     check_cache_write(dests, sources, slots)
     for i, (dest, source, slot) in enumerate(zip(dests, sources, slots)):
         if slot.numel() and not (0 <= slot.min().item() and slot.max().item() < dest.shape[1]):
-            _fail("cache_write_", f"slots[{i}] holds values in [{slot.min().item()}, {slot.max().item()}]; each must "
-                                  f"be in [0, S) = [0, {dest.shape[1]}) of dests[{i}]")
+            fail("cache_write_", f"slots[{i}] holds values in [{slot.min().item()}, {slot.max().item()}]; each must "
+                                 f"be in [0, S) = [0, {dest.shape[1]}) of dests[{i}]")
         dest[torch.arange(dest.shape[0], device=dest.device), slot.long()] = source

@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_eval.kernels.attention.parallel import check_triton_device
 from nsa_eval.kernels.layers.reference import check_rotary
+from nsa_eval.kernels.utils import check_triton_device
 
 
 @triton.jit

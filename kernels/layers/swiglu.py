@@ -11,8 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_eval.kernels.attention import parallel
+from nsa_eval.kernels import utils
 from nsa_eval.kernels.layers.reference import check_silu_mul
+from nsa_eval.kernels.utils import check_triton_device
 
 
 @triton.jit
@@ -51,9 +52,9 @@ def silu_mul(gate_up):
         [..., I] in gate_up's dtype, a new contiguous tensor.
     """
     check_silu_mul(gate_up)
-    parallel.check_triton_device("silu_mul", gate_up, name="gate_up")
+    check_triton_device("silu_mul", gate_up, name="gate_up")
     I = gate_up.shape[-1] // 2
-    out = parallel.new_output((*gate_up.shape[:-1], I), gate_up.dtype, gate_up.device)
+    out = utils.new_output((*gate_up.shape[:-1], I), gate_up.dtype, gate_up.device)
     if out.numel():
         silu_mul_fwd(gate_up.reshape(-1, 2 * I), out.view(-1, I))
     return out

@@ -10,119 +10,15 @@ t = i + OFFSET, OFFSET = S - T.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from nsa_eval.kernels.attention.parallel import _block_table
+from nsa_eval.kernels.nsa.common import Packing, attend_tile, kernel_packing, num_visible_blocks, row_dot, sequence_tile
 from nsa_eval.kernels.nsa.utils import check_compressed, check_offset_backward, check_seq_len, check_varlen
-
-LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def num_visible_blocks(t, BLOCK_LEN: tl.constexpr, BLOCK_STRIDE: tl.constexpr):
-    """Compressed blocks a query at position t sees (0 before the first block is complete)."""
-    return tl.maximum(t + 1 - BLOCK_LEN + BLOCK_STRIDE, 0) // BLOCK_STRIDE
-
-
-@dataclasses.dataclass
-class Packing:
-    """Packed sequences (cu_seqlens, B == 1) as the kernels read them; layout: reference's module docstring."""
-
-    cu: torch.Tensor  # int32 [N+1] token offsets
-    cu_cmp: torch.Tensor  # int32 [N+1] compressed-block offsets
-    lengths: list[int]  # tokens per sequence
-    cmp_lengths: list[int]  # compressed blocks per sequence
-
-    @classmethod
-    def of(cls, offsets: list[int], blocks: list[int], device) -> Packing:
-        return cls(torch.tensor(offsets, dtype=torch.int32, device=device),
-                   torch.tensor(blocks, dtype=torch.int32, device=device),
-                   [b - a for a, b in zip(offsets, offsets[1:])], [b - a for a, b in zip(blocks, blocks[1:])])
-
-    def tiles(self, rows: int, compressed: bool = False) -> torch.Tensor:
-        """int32 [programs, 2]: (sequence, tile) for tiles of `rows` tokens (or compressed blocks) per sequence."""
-        return _block_table(self.cmp_lengths if compressed else self.lengths, rows, self.cu.device, False)
-
-    def token_starts(self) -> torch.Tensor:
-        """int32 [T]: the first token of each token's sequence."""
-        return torch.repeat_interleave(self.cu[:-1], torch.tensor(self.lengths, device=self.cu.device))
-
-
-def _kernel_packing(packing: Packing | None, rows: int, compressed: bool, dummy: torch.Tensor, programs: int):
-    """(cu, cu_cmp, tile table, number of programs along the tiles) for a launch; dummies when not packed."""
-    if packing is None:
-        return dummy, dummy, dummy, programs
-    table = packing.tiles(rows, compressed)
-    return packing.cu, packing.cu_cmp, table, table.shape[0]
-
-
-@triton.jit
-def sequence_tile(pid, b, table, cu, cu_cmp, T, TC, VARLEN: tl.constexpr):
-    """(tile, first token row, tokens, first compressed row, compressed blocks) of program pid's sequence:
-    batch row b unpacked, the table's (sequence, tile) entry when packed (B == 1)."""
-    if VARLEN:
-        n = tl.load(table + 2 * pid)
-        tile = tl.load(table + 2 * pid + 1)
-        bos = tl.load(cu + n)
-        n_tok = tl.load(cu + n + 1) - bos
-        bos_c = tl.load(cu_cmp + n)
-        n_cmp = tl.load(cu_cmp + n + 1) - bos_c
-    else:
-        tile = pid
-        bos = b * T
-        n_tok = T + 0
-        bos_c = b * TC
-        n_cmp = TC + 0
-    return tile, bos, n_tok, bos_c, n_cmp
-
-
-@triton.jit
-def row_dot_kernel(a, b, out, ROWS, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
-    """Grid (cdiv(ROWS, BR)). out[r] = sum_d a[r, d] * b[r, d] in float32 (a, b [ROWS, D] row-major)."""
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
-    d = tl.arange(0, BD)
-    mask = (r[:, None] < ROWS) & (d[None, :] < D)
-    x = tl.load(a + r[:, None] * D + d[None, :], mask=mask, other=0.).to(tl.float32)
-    y = tl.load(b + r[:, None] * D + d[None, :], mask=mask, other=0.).to(tl.float32)
-    tl.store(out + r, tl.sum(x * y, 1), mask=r < ROWS)
-
-
-def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(a * b).sum(-1) in float32 for contiguous a, b [..., D], without float32 temporaries."""
-    rows, D = a.numel() // a.shape[-1], a.shape[-1]
-    out = torch.empty(a.shape[:-1], dtype=torch.float32, device=a.device)
-    row_dot_kernel[(triton.cdiv(rows, 32),)](a, b, out, rows, D, 32, triton.next_power_of_2(D), num_warps=4)
-    return out
-
-
-@triton.jit
-def attend_tile(q, k_ptr, v_ptr, rows, load_ok, visible, m_i, l_i, acc, qk_scale, H: tl.constexpr, DK: tl.constexpr,
-                DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr):
-    """Online-softmax update (log2 domain) of query rows q [R, BDK] with one tile of keys of one KV head: token rows
-    [BS] of k/v (k_ptr, v_ptr point at that head of token 0; tokens H * D apart), loaded where load_ok [BS].
-    MASKED: scores where visible ([R, BS], or [1, BS] for every row) is false are -inf.
-    -> m_i, l_i [R] (running max and sum), acc [R, BDV] (unnormalised output). Used by the compressed, selected and
-    decode kernels."""
-    dk = tl.arange(0, BDK)
-    dv = tl.arange(0, BDV)
-    kb = tl.load(k_ptr + rows[:, None] * (H * DK) + dk[None, :], mask=load_ok[:, None] & (dk[None, :] < DK), other=0.)
-    vb = tl.load(v_ptr + rows[:, None] * (H * DV) + dv[None, :], mask=load_ok[:, None] & (dv[None, :] < DV), other=0.)
-    s = tl.dot(q, tl.trans(kb)) * qk_scale
-    if MASKED:
-        s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0., m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
-    return m_new, l_i, acc
-
+from nsa_eval.kernels.utils import LOG2E
 
 @triton.jit
 def compressed_fwd_kernel(q, k, v, o, lse, cu, cu_cmp, table, T, TC, OFFSET, qk_scale, HQ: tl.constexpr,
@@ -277,7 +173,7 @@ def compressed_fwd(q, k_cmp, v_cmp, block_len, block_stride, scale, packing: Pac
     lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
     bdk, bdv = _tiles(DK, DV)
     bt, bc, warps, stages = tiles_for(TILES["fwd"], q.dtype)
-    cu, cu_cmp, table, programs = _kernel_packing(packing, bt, False, lse, triton.cdiv(T, bt))
+    cu, cu_cmp, table, programs = kernel_packing(packing, bt, False, lse, triton.cdiv(T, bt))
     compressed_fwd_kernel[(programs, B * HQ)](
         q, k_cmp, v_cmp, o, lse, cu, cu_cmp, table, T, TC, offset, scale * LOG2E, HQ, H, DK, DV, block_len, block_stride,
         bt, bc, bdk, bdv, packing is not None, num_warps=warps, num_stages=stages)
@@ -294,13 +190,13 @@ def compressed_bwd(q, k_cmp, v_cmp, o, lse, do, block_len, block_stride, scale, 
     dv = torch.empty(B, TC, HQ, DV, dtype=torch.float32, device=q.device)
     bdk, bdv = _tiles(DK, DV)
     bt, bc, warps, stages = tiles_for(TILES["dq"], q.dtype)
-    cu, cu_cmp, table, programs = _kernel_packing(packing, bt, False, lse, triton.cdiv(T, bt))
+    cu, cu_cmp, table, programs = kernel_packing(packing, bt, False, lse, triton.cdiv(T, bt))
     compressed_bwd_dq_kernel[(programs, B * HQ)](
         q, k_cmp, v_cmp, do, lse, delta, dq, cu, cu_cmp, table, T, TC, scale * LOG2E, HQ, H, DK, DV, block_len,
         block_stride, bt, bc, bdk, bdv, packing is not None, num_warps=warps, num_stages=stages)
     if TC:
         bt, bc, warps, stages = tiles_for(TILES["dkv"], q.dtype)
-        cu, cu_cmp, table, programs = _kernel_packing(packing, bc, True, lse, triton.cdiv(TC, bc))
+        cu, cu_cmp, table, programs = kernel_packing(packing, bc, True, lse, triton.cdiv(TC, bc))
         compressed_bwd_dkv_kernel[(programs, B * HQ)](
             q, k_cmp, v_cmp, do, lse, delta, dk, dv, cu, cu_cmp, table, T, TC, scale * LOG2E, HQ, H, DK, DV,
             block_len, block_stride, bt, bc, bdk, bdv, packing is not None, num_warps=warps, num_stages=stages)

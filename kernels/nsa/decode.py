@@ -21,9 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_eval.kernels.nsa.compression import LOG2E, attend_tile, num_visible_blocks
+from nsa_eval.kernels.nsa.common import attend_tile, num_visible_blocks
 from nsa_eval.kernels.nsa.selection import block_of_key, chunk_blocks, merge_top, overlap_weights, ranking_keys
 from nsa_eval.kernels.nsa.utils import check_decode, index_bits
+from nsa_eval.kernels.utils import LOG2E
 
 
 @triton.jit

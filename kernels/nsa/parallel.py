@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from nsa_eval.kernels.attention import attention
-from nsa_eval.kernels.nsa.compression import CompressedAttention, Packing
+from nsa_eval.kernels.nsa.common import Packing
+from nsa_eval.kernels.nsa.compression import CompressedAttention
 from nsa_eval.kernels.nsa.selected import SelectedAttention
 from nsa_eval.kernels.nsa.selection import select_fwd
 from nsa_eval.kernels.nsa.utils import check_block_indices, check_nsa, check_offset_backward, check_varlen

@@ -37,7 +37,6 @@ import math
 
 import torch
 
-from nsa_eval.kernels.attention.checks import _fail
 from nsa_eval.kernels.nsa.utils import (
     by_sequence,
     check_block_indices,
@@ -54,6 +53,7 @@ from nsa_eval.kernels.nsa.utils import (
     query_positions,
     visible_compressed_blocks,
 )
+from nsa_eval.kernels.utils import check_cache_lengths
 
 
 def _scores(q, k, scale):
@@ -354,9 +354,7 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
                  {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, block_len, block_stride, select_len,
                  num_selected, window, scale, triton=False, k_window=k_window, v_window=v_window,
                  leading_blocks=leading_blocks, local_tokens=local_tokens)
-    lengths = cache_seqlens.tolist()
-    if min(lengths) < 1 or max(lengths) > k_cache.shape[1]:
-        _fail(op, f"cache_seqlens must lie in [1, S_max={k_cache.shape[1]}], got {lengths}")
+    check_cache_lengths(op, cache_seqlens, k_cache)
     scale = _default_scale(q, scale)
     q1 = q[:, None]
     positions = (cache_seqlens.long() - 1)[:, None]  # [B, 1]

@@ -18,9 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_eval.kernels.nsa.compression import LOG2E, Packing, attend_tile, row_dot
+from nsa_eval.kernels.nsa.common import Packing, attend_tile, row_dot
 from nsa_eval.kernels.nsa.utils import (check_block_indices, check_block_sizes, check_offset_backward,
                                         check_prefill_length, check_qkv, check_varlen)
+from nsa_eval.kernels.utils import LOG2E
 
 
 @triton.jit

@@ -21,9 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_eval.kernels.nsa.compression import LOG2E, Packing, _kernel_packing, num_visible_blocks, sequence_tile
+from nsa_eval.kernels.nsa.common import Packing, kernel_packing, num_visible_blocks, sequence_tile
 from nsa_eval.kernels.nsa.utils import (check_block_sizes, check_compressed, check_lse, check_seq_len, check_varlen,
                                         index_bits)
+from nsa_eval.kernels.utils import LOG2E
 
 
 @triton.jit
@@ -90,7 +91,7 @@ def select_kernel(q, k_cmp, lse, block_indices, cu, cu_cmp, table, T, TC, OFFSET
                   NP: tl.constexpr, BT: tl.constexpr, IDX_BITS: tl.constexpr, VARLEN: tl.constexpr):
     """Grid (cdiv(T, BT) or the table's tiles, B * H). q [B, T, HQ, DK], k_cmp [B, TC, H, DK], lse [B, T, HQ]
     float32 -> block_indices [B, T, H, NUM_SELECTED] int32, most important first, -1 padded. VARLEN: B == 1,
-    sequences cu / cu_cmp (compression.sequence_tile), positions and block indices from each sequence's 0.
+    sequences cu / cu_cmp (common.sequence_tile), positions and block indices from each sequence's 0.
     Query row t stands at position t + OFFSET (OFFSET = S - T: a chunk after cached tokens; 0 when packed)."""
     G: tl.constexpr = HQ // H
     R: tl.constexpr = BT * GP
@@ -144,7 +145,7 @@ def select_fwd(q, k_cmp, lse, block_len, block_stride, select_len, num_selected,
     rows, warps, stages = TILES["select"]
     bt = max(1, rows // gp)
     block_indices = torch.empty(B, T, H, num_selected, dtype=torch.int32, device=q.device)
-    cu, cu_cmp, table, programs = _kernel_packing(packing, bt, False, lse, triton.cdiv(T, bt))
+    cu, cu_cmp, table, programs = kernel_packing(packing, bt, False, lse, triton.cdiv(T, bt))
     longest = T + offset if packing is None else max(packing.lengths)
     select_kernel[(programs, B * H)](
         q, k_cmp, lse, block_indices, cu, cu_cmp, table, T, TC, offset, scale * LOG2E, HQ, H, DK, triton.next_power_of_2(DK),

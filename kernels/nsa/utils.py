@@ -7,16 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from nsa_eval.kernels.attention.checks import (
-    REFERENCE_DTYPES,
-    TRITON_DTYPES,
-    _check_head_dims,
-    _check_same,
-    _check_scale,
-    _check_tensor,
-    _fail,
-    check_cu_seqlens,
-)
+from nsa_eval.kernels.utils import (check_cu_seqlens, check_head_dims, check_same, check_scale, check_tensor,
+                                    dtypes_for, fail)
 
 
 def num_compressed_blocks(seq_len: int, block_len: int, block_stride: int) -> int:
@@ -56,9 +48,9 @@ def check_varlen(op: str, cu_seqlens, q, block_len, block_stride, compressed=Non
     blocks = compressed_offsets(offsets, block_len, block_stride)
     for name, x in (compressed or {}).items():
         if isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] != blocks[-1]:
-            _fail(op, f"{name} has {x.shape[1]} blocks but the packed sequences make {blocks[-1]} (sequence n has "
-                      f"floor((len_n - {block_len}) / {block_stride}) + 1 blocks, 0 when shorter than {block_len}); "
-                      f"pack them per sequence, e.g. mean_pool(k, {block_len}, {block_stride}, cu_seqlens=cu_seqlens)")
+            fail(op, f"{name} has {x.shape[1]} blocks but the packed sequences make {blocks[-1]} (sequence n has "
+                     f"floor((len_n - {block_len}) / {block_stride}) + 1 blocks, 0 when shorter than {block_len}); "
+                     f"pack them per sequence, e.g. mean_pool(k, {block_len}, {block_stride}, cu_seqlens=cu_seqlens)")
     return offsets, blocks
 
 
@@ -91,7 +83,7 @@ def mean_pool(x: torch.Tensor, block_len: int = 64, block_stride: int | None = N
     Tc = sum_n num_compressed_blocks(len_n), in the layout `nsa_attention` takes with cu_seqlens.
     """
     block_stride = block_len if block_stride is None else block_stride
-    _check_tensor("mean_pool", "x", x, 4, "[B, T, H, D]")
+    check_tensor("mean_pool", "x", x, 4, "[B, T, H, D]")
     check_block_sizes("mean_pool", block_len, block_stride)
     if cu_seqlens is not None:
         offsets, blocks = check_varlen("mean_pool", cu_seqlens, x, block_len, block_stride)
@@ -106,7 +98,7 @@ def mean_pool(x: torch.Tensor, block_len: int = 64, block_stride: int | None = N
 
 def _check_positive_int(op: str, name: str, value, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(op, f"{name} must be an int >= {minimum}, got {value!r}")
+        fail(op, f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def check_block_sizes(op: str, block_len, block_stride, select_len=None, num_selected=None, window=None) -> None:
@@ -114,43 +106,39 @@ def check_block_sizes(op: str, block_len, block_stride, select_len=None, num_sel
     _check_positive_int(op, "block_len", block_len)
     _check_positive_int(op, "block_stride", block_stride)
     if block_len % block_stride:
-        _fail(op, f"block_stride={block_stride} must divide block_len={block_len} (e.g. l=32, d=16)")
+        fail(op, f"block_stride={block_stride} must divide block_len={block_len} (e.g. l=32, d=16)")
     if select_len is not None:
         _check_positive_int(op, "select_len", select_len)
         if select_len % block_stride:
-            _fail(op, f"select_len={select_len} must be a multiple of block_stride={block_stride} (e.g. 64 and 16)")
+            fail(op, f"select_len={select_len} must be a multiple of block_stride={block_stride} (e.g. 64 and 16)")
         if select_len < block_len:
-            _fail(op, f"select_len={select_len} must be >= block_len={block_len}: a compressed block may span "
-                      "at most two selection blocks")
+            fail(op, f"select_len={select_len} must be >= block_len={block_len}: a compressed block may span "
+                     "at most two selection blocks")
     if num_selected is not None:
         _check_positive_int(op, "num_selected", num_selected)
     if window is not None:
         _check_positive_int(op, "window", window, minimum=0)
 
 
-def _dtypes(triton: bool):
-    return TRITON_DTYPES if triton else REFERENCE_DTYPES
-
-
 def check_qkv(op: str, q, k, v, triton: bool, names=("k", "v")) -> None:
     """q [B, T, HQ, Dk], k [B, S, H, Dk], v [B, S, H, Dv] with HQ a multiple of H (names: how k, v are called)."""
     kn, vn = names
-    _check_tensor(op, "q", q, 4, "[B, T, HQ, Dk]")
-    _check_tensor(op, kn, k, 4, "[B, S, H, Dk]")
-    _check_tensor(op, vn, v, 4, "[B, S, H, Dv]")
-    _check_same(op, {"q": q, kn: k, vn: v}, _dtypes(triton))
+    check_tensor(op, "q", q, 4, "[B, T, HQ, Dk]")
+    check_tensor(op, kn, k, 4, "[B, S, H, Dk]")
+    check_tensor(op, vn, v, 4, "[B, S, H, Dv]")
+    check_same(op, {"q": q, kn: k, vn: v}, dtypes_for(triton))
     if k.shape[:3] != v.shape[:3]:
-        _fail(op, f"{kn} {tuple(k.shape)} and {vn} {tuple(v.shape)} must agree on [B, S, H]")
+        fail(op, f"{kn} {tuple(k.shape)} and {vn} {tuple(v.shape)} must agree on [B, S, H]")
     if k.shape[0] != q.shape[0]:
-        _fail(op, f"q has B={q.shape[0]} but {kn} has B={k.shape[0]}")
+        fail(op, f"q has B={q.shape[0]} but {kn} has B={k.shape[0]}")
     if k.shape[3] != q.shape[3]:
-        _fail(op, f"{kn} head dim {k.shape[3]} differs from q head dim {q.shape[3]}")
+        fail(op, f"{kn} head dim {k.shape[3]} differs from q head dim {q.shape[3]}")
     if min(q.shape) < 1 or min(k.shape) < 1 or v.shape[3] < 1:
-        _fail(op, f"empty dimension in q {tuple(q.shape)}, {kn} {tuple(k.shape)} or {vn} {tuple(v.shape)}")
+        fail(op, f"empty dimension in q {tuple(q.shape)}, {kn} {tuple(k.shape)} or {vn} {tuple(v.shape)}")
     if q.shape[2] % k.shape[2]:
-        _fail(op, f"q has HQ={q.shape[2]} heads, not a multiple of the H={k.shape[2]} KV heads of {kn} and {vn}")
+        fail(op, f"q has HQ={q.shape[2]} heads, not a multiple of the H={k.shape[2]} KV heads of {kn} and {vn}")
     if triton:
-        _check_head_dims(op, q.shape[3], v.shape[3])
+        check_head_dims(op, q.shape[3], v.shape[3])
 
 
 def check_compressed(op: str, q, k_cmp, v_cmp, block_len, block_stride, scale, triton: bool, seq_len=None,
@@ -158,43 +146,43 @@ def check_compressed(op: str, q, k_cmp, v_cmp, block_len, block_stride, scale, t
     """k_cmp [B, Tc, H, Dk], v_cmp [B, Tc, H, Dv] with at least the complete blocks of seq_len (default T) tokens."""
     kn, vn = names
     check_block_sizes(op, block_len, block_stride)
-    _check_tensor(op, kn, k_cmp, 4, "[B, Tc, H, Dk]")
-    _check_tensor(op, vn, v_cmp, 4, "[B, Tc, H, Dv]")
-    _check_same(op, {"q": q, kn: k_cmp, vn: v_cmp}, _dtypes(triton))
+    check_tensor(op, kn, k_cmp, 4, "[B, Tc, H, Dk]")
+    check_tensor(op, vn, v_cmp, 4, "[B, Tc, H, Dv]")
+    check_same(op, {"q": q, kn: k_cmp, vn: v_cmp}, dtypes_for(triton))
     if k_cmp.shape[:3] != v_cmp.shape[:3]:
-        _fail(op, f"{kn} {tuple(k_cmp.shape)} and {vn} {tuple(v_cmp.shape)} must agree on [B, Tc, H]")
+        fail(op, f"{kn} {tuple(k_cmp.shape)} and {vn} {tuple(v_cmp.shape)} must agree on [B, Tc, H]")
     if k_cmp.shape[0] != q.shape[0] or k_cmp.shape[3] != q.shape[3]:
-        _fail(op, f"{kn} {tuple(k_cmp.shape)} must match q {tuple(q.shape)} on batch and head dim")
+        fail(op, f"{kn} {tuple(k_cmp.shape)} must match q {tuple(q.shape)} on batch and head dim")
     if k_cmp.shape[2] < 1 or q.shape[2] % k_cmp.shape[2]:
-        _fail(op, f"q has HQ={q.shape[2]} heads, not a multiple of the H={k_cmp.shape[2]} heads of {kn}")
+        fail(op, f"q has HQ={q.shape[2]} heads, not a multiple of the H={k_cmp.shape[2]} heads of {kn}")
     seq_len = q.shape[1] if seq_len is None else seq_len
     needed = num_compressed_blocks(seq_len, block_len, block_stride)
     if k_cmp.shape[1] < needed:
-        _fail(op, f"{kn} has {k_cmp.shape[1]} blocks but {seq_len} tokens make {needed} complete blocks of "
-                  f"length {block_len}, stride {block_stride}; pass them all (e.g. mean_pool(k, {block_len}, "
-                  f"{block_stride}))")
-    _check_scale(op, scale)
+        fail(op, f"{kn} has {k_cmp.shape[1]} blocks but {seq_len} tokens make {needed} complete blocks of "
+                 f"length {block_len}, stride {block_stride}; pass them all (e.g. mean_pool(k, {block_len}, "
+                 f"{block_stride}))")
+    check_scale(op, scale)
     if triton:
-        _check_head_dims(op, q.shape[3], v_cmp.shape[3])
+        check_head_dims(op, q.shape[3], v_cmp.shape[3])
 
 
 def check_lse(op: str, lse, q) -> None:
     """lse [B, T, HQ] float32, the compressed branch's log-sum-exp."""
-    _check_tensor(op, "lse", lse, 3, "[B, T, HQ] float32")
+    check_tensor(op, "lse", lse, 3, "[B, T, HQ] float32")
     if tuple(lse.shape) != tuple(q.shape[:3]) or lse.dtype != torch.float32:
-        _fail(op, f"lse must be float32 {tuple(q.shape[:3])} (the compressed branch's), got {lse.dtype} "
-                  f"{tuple(lse.shape)}")
+        fail(op, f"lse must be float32 {tuple(q.shape[:3])} (the compressed branch's), got {lse.dtype} "
+                 f"{tuple(lse.shape)}")
 
 
 def check_block_indices(op: str, block_indices, q, num_kv_heads: int) -> None:
     """block_indices [B, T, H, n] int32: selection blocks per query and KV head, -1 for an unused slot."""
-    _check_tensor(op, "block_indices", block_indices, 4, "[B, T, H, n] int32")
+    check_tensor(op, "block_indices", block_indices, 4, "[B, T, H, n] int32")
     B, T = q.shape[:2]
     if block_indices.dtype != torch.int32 or tuple(block_indices.shape[:3]) != (B, T, num_kv_heads):
-        _fail(op, f"block_indices must be int32 [B, T, H, n] = [{B}, {T}, {num_kv_heads}, n], got "
-                  f"{block_indices.dtype} {tuple(block_indices.shape)}")
+        fail(op, f"block_indices must be int32 [B, T, H, n] = [{B}, {T}, {num_kv_heads}, n], got "
+                 f"{block_indices.dtype} {tuple(block_indices.shape)}")
     if block_indices.shape[3] < 1:
-        _fail(op, "block_indices needs at least one slot per query (n >= 1)")
+        fail(op, "block_indices needs at least one slot per query (n >= 1)")
 
 
 def check_gates(op: str, gates: dict, q, shape: tuple, needed: dict) -> None:
@@ -202,13 +190,13 @@ def check_gates(op: str, gates: dict, q, shape: tuple, needed: dict) -> None:
     for name, g in gates.items():
         if g is None:
             if needed[name]:
-                _fail(op, f"{name} is required (a {list(shape)} gate tensor)")
+                fail(op, f"{name} is required (a {list(shape)} gate tensor)")
             continue
         if not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(shape):
             got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
-            _fail(op, f"{name} must be a tensor of shape {list(shape)}, got {got}")
+            fail(op, f"{name} must be a tensor of shape {list(shape)}, got {got}")
         if not g.is_floating_point() or g.device != q.device:
-            _fail(op, f"{name} must be a floating-point tensor on {q.device}, got {g.dtype} on {g.device}")
+            fail(op, f"{name} must be a floating-point tensor on {q.device}, got {g.dtype} on {g.device}")
 
 
 def check_nsa(op, q, k, v, k_cmp, v_cmp, gates: dict, block_len, block_stride, select_len, num_selected, window,
@@ -226,8 +214,8 @@ def check_nsa(op, q, k, v, k_cmp, v_cmp, gates: dict, block_len, block_stride, s
 def check_prefill_length(op, q, k) -> None:
     """Prefill: the T queries are the last T of the S keys (bottom-right alignment), so S >= T."""
     if k.shape[1] < q.shape[1]:
-        _fail(op, f"k has S={k.shape[1]} tokens but q has T={q.shape[1]}; the queries are the last T of the S keys, "
-                  "so pass S >= T keys (the cached ones included)")
+        fail(op, f"k has S={k.shape[1]} tokens but q has T={q.shape[1]}; the queries are the last T of the S keys, "
+                 "so pass S >= T keys (the cached ones included)")
 
 
 def check_seq_len(op: str, q, seq_len, varlen: bool) -> int:
@@ -236,9 +224,9 @@ def check_seq_len(op: str, q, seq_len, varlen: bool) -> int:
     if seq_len is None:
         return T
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < T:
-        _fail(op, f"seq_len must be an int >= T={T} (the queries are the last T of seq_len tokens), got {seq_len!r}")
+        fail(op, f"seq_len must be an int >= T={T} (the queries are the last T of seq_len tokens), got {seq_len!r}")
     if varlen and seq_len != T:
-        _fail(op, f"seq_len={seq_len} with cu_seqlens: packed sequences start at position 0; leave seq_len out")
+        fail(op, f"seq_len={seq_len} with cu_seqlens: packed sequences start at position 0; leave seq_len out")
     return seq_len
 
 
@@ -251,8 +239,8 @@ def query_positions(q, seq_len: int) -> torch.Tensor:
 def check_offset_backward(op: str, offset: int, *tensors) -> None:
     """The Triton kernels' backward covers T == S only: refuse a graph through queries offset into the keys."""
     if offset and torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tensors):
-        _fail(op, f"backward with queries offset by {offset} (T < S) is not implemented on the Triton kernels; run "
-                  "under torch.no_grad() or pass S == T")
+        fail(op, f"backward with queries offset by {offset} (T < S) is not implemented on the Triton kernels; run "
+                 "under torch.no_grad() or pass S == T")
 
 
 def check_decode(op, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, gates: dict, block_len,
@@ -263,20 +251,20 @@ def check_decode(op, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlen
     if local_tokens is not None:
         _check_positive_int(op, "local_tokens", local_tokens)
     if (k_window is None) != (v_window is None):
-        _fail(op, "give k_window and v_window together (the window branch's own ring of keys and values), or neither")
+        fail(op, "give k_window and v_window together (the window branch's own ring of keys and values), or neither")
     if k_window is not None:
         if not window:
-            _fail(op, "k_window/v_window need window > 0 (they hold the window branch's last `window` tokens)")
+            fail(op, "k_window/v_window need window > 0 (they hold the window branch's last `window` tokens)")
         B, H, dk, dv = q.shape[0], k_cache.shape[2], k_cache.shape[3], v_cache.shape[3]
         for name, ring, d in (("k_window", k_window, dk), ("v_window", v_window, dv)):
-            _check_tensor(op, name, ring, 4, f"[B, window, H, D] = [{B}, {window}, {H}, {d}]")
+            check_tensor(op, name, ring, 4, f"[B, window, H, D] = [{B}, {window}, {H}, {d}]")
             if tuple(ring.shape) != (B, window, H, d):
-                _fail(op, f"{name} has shape {tuple(ring.shape)}; the window ring must be [B, window, H, D] = "
-                          f"[{B}, {window}, {H}, {d}] (token p in slot p % window)")
+                fail(op, f"{name} has shape {tuple(ring.shape)}; the window ring must be [B, window, H, D] = "
+                         f"[{B}, {window}, {H}, {d}] (token p in slot p % window)")
             if ring.dtype != k_cache.dtype or ring.device != k_cache.device:
-                _fail(op, f"{name} must have k_cache's dtype and device ({k_cache.dtype} on {k_cache.device}), got "
-                          f"{ring.dtype} on {ring.device}")
-    _check_tensor(op, "q", q, 3, "[B, HQ, Dk]")
+                fail(op, f"{name} must have k_cache's dtype and device ({k_cache.dtype} on {k_cache.device}), got "
+                         f"{ring.dtype} on {ring.device}")
+    check_tensor(op, "q", q, 3, "[B, HQ, Dk]")
     check_qkv(op, q[:, None], k_cache, v_cache, triton, names=("k_cache", "v_cache"))
     _check_nsa_rest(op, q[:, None], k_cache, v_cache, k_cmp_cache, v_cmp_cache, gates, q.shape[:2], block_len,
                     block_stride, select_len, num_selected, window, scale, triton,
@@ -284,9 +272,9 @@ def check_decode(op, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlen
     B = q.shape[0]
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 or \
             tuple(cache_seqlens.shape) != (B,):
-        _fail(op, f"cache_seqlens must be an int32 tensor [B]=[{B}] of cached tokens per sequence (new one included)")
+        fail(op, f"cache_seqlens must be an int32 tensor [B]=[{B}] of cached tokens per sequence (new one included)")
     if cache_seqlens.device != q.device:
-        _fail(op, f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+        fail(op, f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
 
 
 def _check_nsa_rest(op, q, k, v, k_cmp, v_cmp, gates, gate_shape, block_len, block_stride, select_len,
@@ -295,6 +283,6 @@ def _check_nsa_rest(op, q, k, v, k_cmp, v_cmp, gates, gate_shape, block_len, blo
     check_compressed(op, q, k_cmp, v_cmp, block_len, block_stride, scale, triton, seq_len, names)
     kn, vn = names
     if k_cmp.shape[2] != k.shape[2] or k_cmp.shape[3] != k.shape[3] or v_cmp.shape[3] != v.shape[3]:
-        _fail(op, f"{kn} {tuple(k_cmp.shape)} / {vn} {tuple(v_cmp.shape)} must match the raw keys "
-                  f"{tuple(k.shape)} / values {tuple(v.shape)} on H and the head dims")
+        fail(op, f"{kn} {tuple(k_cmp.shape)} / {vn} {tuple(v_cmp.shape)} must match the raw keys "
+                 f"{tuple(k.shape)} / values {tuple(v.shape)} on H and the head dims")
     check_gates(op, gates, q, tuple(gate_shape), {"g_cmp": True, "g_slc": True, "g_win": bool(window)})

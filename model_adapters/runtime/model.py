@@ -65,7 +65,7 @@ class Transformer(nn.Module):
     for attention 'full' through PyTorch SDPA: the baseline of `nsa-eval bench model`; a CUDA-graph decode step on it
     reads the number of keys of the step it captured, so decode with cuda_graphs off there), `prefill_chunk` (prompt
     tokens per slice; None: DEFAULT_PREFILL_CHUNK on CUDA, one pass elsewhere; 0: one pass), `decode_reserve` (cache
-    positions `forward` allocates beyond a prompt), `cuda_graphs`."""
+    positions `forward` allocates beyond a prompt, and adds when a decode step finds the cache full), `cuda_graphs`."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -84,6 +84,14 @@ class Transformer(nn.Module):
         self.prefill_chunk: int | None = None
         self.decode_reserve = 256
         self.cuda_graphs = True
+
+    def _apply(self, fn, recurse=True):
+        """As nn.Module's (.to, .cuda, .half, ...), but inv_freq stays float32: in 16 bits the RoPE angles of late
+        positions drift (a bfloat16 inv_freq puts position 1600 off by several radians in the fast dimensions)."""
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(device=self.inv_freq.device, dtype=torch.float32)
+        return self
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> "Transformer":
         """Random weights (normal(0, std) for every matrix, zero biases, unit norms): for tests and benchmarks."""
@@ -211,7 +219,9 @@ class Transformer(nn.Module):
                 if tuple(input_ids.shape) != (batch, 1):
                     raise ValueError(f"a decode step takes one token per cached sequence ([{batch}, 1]), got "
                                      f"input_ids {tuple(input_ids.shape)}")
-                grow_cache(self.config, past_key_values, max(past_key_values.host_lengths) + 1 + self.decode_reserve)
+                needed = max(past_key_values.host_lengths) + 1
+                if needed > past_key_values.capacity:  # grow by decode_reserve at once: a growth drops the graphs
+                    grow_cache(self.config, past_key_values, needed + self.decode_reserve)
                 past_key_values.ids.copy_(input_ids[:, 0])
                 logits = self.decode(past_key_values, batch)
                 return CausalLMOutput(logits.clone()[:, None], past_key_values)

@@ -75,6 +75,29 @@ def test_decode_logits_equal_the_prompt_logits_and_the_cache_grows():
     assert cache.capacity >= 60 and cache.host_lengths == [60] * 3 and cache.lengths.tolist() == [60] * 3
 
 
+def test_decode_steps_reuse_the_cache_until_it_is_full():
+    """A decode step through forward grows the cache only when it is full, by decode_reserve at once (a growth
+    reallocates every cache tensor and drops the CUDA graphs: growing at each step would replay none)."""
+    model = tiny(PAPER)
+    model.decode_reserve = 8
+    ids = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(4))
+    cache = model(ids[:, :20], use_cache=True).past_key_values
+    capacities = []
+    for t in range(20, 30):
+        model(ids[:, t:t + 1], past_key_values=cache)
+        capacities.append(cache.capacity)
+    assert capacities == [28] * 8 + [37, 37]
+
+
+def test_rope_frequencies_stay_float32_in_a_16_bit_model():
+    """model.to(bfloat16) casts the weights, not inv_freq: RoPE angles of late positions need float32."""
+    model = tiny(PAPER)
+    expected = model.inv_freq.clone()
+    model.to(torch.bfloat16)
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert model.inv_freq.dtype == torch.float32 and torch.equal(model.inv_freq, expected)
+
+
 def test_padded_rows_equal_rows_alone():
     model = tiny(PAPER)
     ids = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(3))

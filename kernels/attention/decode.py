@@ -15,7 +15,7 @@ import triton.language as tl
 
 from nsa_eval.kernels import utils
 from nsa_eval.kernels.attention.checks import check_decode_args
-from nsa_eval.kernels.attention.parallel import _load_rows, _precision
+from nsa_eval.kernels.attention.parallel import dot_precision, load_rows, unit_stride
 from nsa_eval.kernels.utils import LOG2E, check_triton_device, interpreting
 
 # ----------------------------------------------------------------------------------------------------
@@ -64,14 +64,14 @@ def _decode_split_kernel(
         valid = offs_n < hi
         if HAS_WINDOW:
             valid = valid & (offs_n >= first)
-        k = _load_rows(K_head, offs_n, offs_dk, stride_kt, hi, HEAD_DK, BLOCK_DK, True)
+        k = load_rows(K_head, offs_n, offs_dk, stride_kt, hi, HEAD_DK, BLOCK_DK, True)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V_head, offs_n, offs_dv, stride_vt, hi, HEAD_DV, BLOCK_DV, True)
+        v = load_rows(V_head, offs_n, offs_dv, stride_vt, hi, HEAD_DV, BLOCK_DV, True)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
 
@@ -164,7 +164,7 @@ def attention_decode_fwd(q, k_cache, v_cache, cache_seqlens, window, scale, tile
         HQ, window or 0, scale * LOG2E, split_len, num_splits,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DK=Dk, HEAD_DV=Dv,
         BLOCK_DK=BDK, BLOCK_DV=BDV, BLOCK_N=block_n, HAS_WINDOW=window is not None,
-        PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     o = utils.new_output((B, HQ, Dv), q.dtype, q.device)
     lse = utils.new_output((B, HQ), torch.float32, q.device)
@@ -181,28 +181,13 @@ def attention_decode_fwd(q, k_cache, v_cache, cache_seqlens, window, scale, tile
 
 
 def attention_decode(q, k_cache, v_cache, cache_seqlens, *, window=None, scale=None, return_lse=False):
-    """One decoding step: each sequence's new query attends over its KV cache (no gradient).
-
-    Args:
-        q: [B, HQ, Dk], the query of the newest token of each of B sequences (float16, bfloat16, float32).
-        k_cache: [B, S_max, H, Dk], HQ % H == 0 (query head h uses KV head h // (HQ // H)).
-        v_cache: [B, S_max, H, Dv].
-        cache_seqlens: int32 [B], valid cached tokens of each sequence, in [1, S_max] (not checked
-            here: that would cost a device-to-host copy per step); the new token's K/V is already
-            written at position cache_seqlens[b] - 1, so the query sees keys j < cache_seqlens[b].
-        window: None, or w: the query sees only the last w of those keys.
-        scale: softmax scale, default 1 / sqrt(Dk).
-        return_lse: also return the log-sum-exp [B, HQ] (float32, natural log).
-
-    Returns:
-        o [B, HQ, Dv] in q's dtype (and lse with return_lse).
-    """
+    """One decoding step in Triton (split-K over the cache, no gradient); arguments and shapes:
+    reference.attention_decode. Inputs float16, bfloat16 or float32; cache_seqlens' values are not checked here
+    (that would cost a device-to-host copy per step)."""
     check_decode_args(q, k_cache, v_cache, cache_seqlens, window, scale, triton=True)
     check_triton_device("attention_decode", q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k_cache = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()
-    v_cache = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
+    q, k_cache, v_cache = unit_stride(q), unit_stride(k_cache), unit_stride(v_cache)
     with torch.no_grad():
         o, lse = attention_decode_fwd(q, k_cache, v_cache, cache_seqlens, window, scale)
     return (o, lse) if return_lse else o

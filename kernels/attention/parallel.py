@@ -25,7 +25,7 @@ from nsa_eval.kernels.utils import LOG2E, block_table, check_triton_device, inte
 
 
 @triton.jit
-def _load_rows(base, rows, cols, stride_row, n_rows, N_COLS: tl.constexpr, BLOCK_COLS: tl.constexpr, ROW_MASK: tl.constexpr):
+def load_rows(base, rows, cols, stride_row, n_rows, N_COLS: tl.constexpr, BLOCK_COLS: tl.constexpr, ROW_MASK: tl.constexpr):
     """Tile [len(rows), BLOCK_COLS] of a row-major matrix (row stride `stride_row`, unit column stride);
     rows >= n_rows (when ROW_MASK) and columns >= N_COLS read as 0."""
     ptrs = base + rows[:, None] * stride_row + cols[None, :]
@@ -131,7 +131,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_head, V_head, stride_kt, stride_vt, offs_m, o
                PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K_head, offs_n, offs_dk, stride_kt, S_seq, HEAD_DK, BLOCK_DK, MASKED)
+        k = load_rows(K_head, offs_n, offs_dk, stride_kt, S_seq, HEAD_DK, BLOCK_DK, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         if MASKED:
             visible = _visible(offs_m[:, None], offs_n[None, :], T_seq, S_seq, window, IS_CAUSAL, HAS_WINDOW)
@@ -140,7 +140,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_head, V_head, stride_kt, stride_vt, offs_m, o
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V_head, offs_n, offs_dv, stride_vt, S_seq, HEAD_DV, BLOCK_DV, MASKED)
+        v = load_rows(V_head, offs_n, offs_dv, stride_vt, S_seq, HEAD_DV, BLOCK_DV, MASKED)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
@@ -168,7 +168,7 @@ def _attention_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_rows(Q_head, offs_m, offs_dk, stride_qt, T_seq, HEAD_DK, BLOCK_DK, True)
+    q = load_rows(Q_head, offs_m, offs_dk, stride_qt, T_seq, HEAD_DK, BLOCK_DK, True)
 
     # m_i starts finite so that a row whose first keys are all masked gives exp2(-inf - m) = 0, never NaN
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
@@ -202,8 +202,8 @@ def _attention_bwd_preprocess_kernel(
     b = tl.program_id(2).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_DV)
-    o = _load_rows(O + b * stride_ob + hq * stride_oh, rows, cols, stride_ot, T, HEAD_DV, BLOCK_DV, True)
-    do = _load_rows(DO + b * stride_dob + hq * stride_doh, rows, cols, stride_dot, T, HEAD_DV, BLOCK_DV, True)
+    o = load_rows(O + b * stride_ob + hq * stride_oh, rows, cols, stride_ot, T, HEAD_DV, BLOCK_DV, True)
+    do = load_rows(DO + b * stride_dob + hq * stride_doh, rows, cols, stride_dot, T, HEAD_DV, BLOCK_DV, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + (b * HQ + hq) * T + rows, delta, mask=rows < T)
 
@@ -216,8 +216,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_
                     PRECISION: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q_head, offs_m, offs_dk, stride_qt, T_seq, HEAD_DK, BLOCK_DK, MASKED)
-        do = _load_rows(DO_head, offs_m, offs_dv, stride_dot, T_seq, HEAD_DV, BLOCK_DV, MASKED)
+        q = load_rows(Q_head, offs_m, offs_dk, stride_qt, T_seq, HEAD_DK, BLOCK_DK, MASKED)
+        do = load_rows(DO_head, offs_m, offs_dv, stride_dot, T_seq, HEAD_DV, BLOCK_DV, MASKED)
         if MASKED:
             lse = tl.load(LSE_head + offs_m, mask=offs_m < T_seq, other=float("inf"))
             delta = tl.load(DELTA_head + offs_m, mask=offs_m < T_seq, other=0.0)
@@ -254,8 +254,8 @@ def _attention_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_rows(K + b * stride_kb + bos * stride_kt + h * stride_kh, offs_n, offs_dk, stride_kt, S_seq, HEAD_DK, BLOCK_DK, True)
-    v = _load_rows(V + b * stride_vb + bos * stride_vt + h * stride_vh, offs_n, offs_dv, stride_vt, S_seq, HEAD_DV, BLOCK_DV, True)
+    k = load_rows(K + b * stride_kb + bos * stride_kt + h * stride_kh, offs_n, offs_dk, stride_kt, S_seq, HEAD_DK, BLOCK_DK, True)
+    v = load_rows(V + b * stride_vb + bos * stride_vt + h * stride_vh, offs_n, offs_dv, stride_vt, S_seq, HEAD_DV, BLOCK_DV, True)
     dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     lo, full_lo, full_hi, hi = _query_range(start_n, T_seq, S_seq, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
@@ -286,8 +286,8 @@ def _bwd_dq_inner(dq, q, do, lse_log2, delta, K_head, V_head, stride_kt, stride_
                   PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K_head, offs_n, offs_dk, stride_kt, S_seq, HEAD_DK, BLOCK_DK, MASKED)
-        v = _load_rows(V_head, offs_n, offs_dv, stride_vt, S_seq, HEAD_DV, BLOCK_DV, MASKED)
+        k = load_rows(K_head, offs_n, offs_dk, stride_kt, S_seq, HEAD_DK, BLOCK_DK, MASKED)
+        v = load_rows(V_head, offs_n, offs_dv, stride_vt, S_seq, HEAD_DV, BLOCK_DV, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         p = tl.exp2(qk * scale_log2 - lse_log2[:, None])
         if MASKED:
@@ -319,8 +319,8 @@ def _attention_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_rows(Q + b * stride_qb + bos * stride_qt + hq * stride_qh, offs_m, offs_dk, stride_qt, T_seq, HEAD_DK, BLOCK_DK, True)
-    do = _load_rows(DO + b * stride_dob + bos * stride_dot + hq * stride_doh, offs_m, offs_dv, stride_dot, T_seq, HEAD_DV, BLOCK_DV, True)
+    q = load_rows(Q + b * stride_qb + bos * stride_qt + hq * stride_qh, offs_m, offs_dk, stride_qt, T_seq, HEAD_DK, BLOCK_DK, True)
+    do = load_rows(DO + b * stride_dob + bos * stride_dot + hq * stride_doh, offs_m, offs_dv, stride_dot, T_seq, HEAD_DV, BLOCK_DV, True)
     row_in = offs_m < T_seq
     lse_log2 = tl.load(LSE + (b * HQ + hq) * T + bos + offs_m, mask=row_in, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + (b * HQ + hq) * T + bos + offs_m, mask=row_in, other=0.0)
@@ -384,7 +384,7 @@ def backward_tiles(block_dk: int, block_dv: int, dtype: torch.dtype) -> tuple[Ti
     return tiles, tiles
 
 
-def _precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -415,7 +415,7 @@ def attention_fwd(q, k, v, causal, window, cu_seqlens, lengths, scale, tiles: Ti
         T, S, HQ, window or 0, scale * LOG2E,
         GROUP=HQ // H, HEAD_DK=Dk, HEAD_DV=Dv, BLOCK_DK=BDK, BLOCK_DV=BDV,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, IS_CAUSAL=causal, HAS_WINDOW=window is not None,
-        IS_VARLEN=cu_seqlens is not None, PRECISION=_precision(q.dtype),
+        IS_VARLEN=cu_seqlens is not None, PRECISION=dot_precision(q.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return o, lse
@@ -437,7 +437,7 @@ def attention_bwd(q, k, v, o, lse, do, causal, window, cu_seqlens, lengths, scal
     dv = utils.new_output(v.shape, v.dtype, v.device)
     settings = dict(
         GROUP=HQ // H, HEAD_DK=Dk, HEAD_DV=Dv, BLOCK_DK=BDK, BLOCK_DV=BDV, IS_CAUSAL=causal,
-        HAS_WINDOW=window is not None, IS_VARLEN=cu_seqlens is not None, PRECISION=_precision(q.dtype),
+        HAS_WINDOW=window is not None, IS_VARLEN=cu_seqlens is not None, PRECISION=dot_precision(q.dtype),
     )
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
@@ -470,7 +470,7 @@ def attention_bwd(q, k, v, o, lse, do, causal, window, cu_seqlens, lengths, scal
 # ----------------------------------------------------------------------------------------------------
 
 
-def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+def unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
@@ -479,7 +479,7 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal, window, cu_seqlens, scale):
-        q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+        q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
         lengths = None if cu_seqlens is None else cu_seqlens.diff().tolist()
         o, lse = attention_fwd(q, k, v, causal, window, cu_seqlens, lengths, scale)
         ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
@@ -491,7 +491,7 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
         causal, window, lengths, scale = ctx.settings
-        dq, dk, dv = attention_bwd(q, k, v, o, lse, _unit_stride(do), causal, window, cu_seqlens, lengths, scale)
+        dq, dk, dv = attention_bwd(q, k, v, o, lse, unit_stride(do), causal, window, cu_seqlens, lengths, scale)
         return dq, dk, dv, None, None, None, None
 
 
@@ -501,28 +501,10 @@ class AttentionFunction(torch.autograd.Function):
 
 
 def attention(q, k, v, *, causal=True, window=None, cu_seqlens=None, scale=None, return_lse=False):
-    """Scaled dot-product attention in Triton, differentiable in q, k and v.
-
-    Args:
-        q: [B, T, HQ, Dk] queries (float16, bfloat16 or float32; Dk <= 256).
-        k: [B, S, H, Dk] keys, HQ % H == 0: query head h uses KV head h // (HQ // H).
-        v: [B, S, H, Dv] values (Dv <= 256).
-        causal: mask aligned bottom-right as flash-attn: query i sees keys j <= i + S - T
-            (needs T <= S, so that every query sees a key).
-        window: None, or w: query i sees only keys i + S - T - w < j <= i + S - T (the last w keys up to
-            and including its own position); needs causal=True.
-        cu_seqlens: None, or int32 [N+1] offsets of N sequences packed along T with B == 1 and T == S;
-            sequence n is rows cu_seqlens[n]:cu_seqlens[n+1] of q, k and v, and attends only to itself.
-        scale: softmax scale, default 1 / sqrt(Dk).
-        return_lse: also return the log-sum-exp of the scaled scores.
-
-    Returns:
-        o [B, T, HQ, Dv] in q's dtype; with return_lse, (o, lse) with lse [B, T, HQ] float32,
-        natural log (a strided view; lse carries no gradient).
-
-    float32 inputs are multiplied in full float32 ("ieee"), 16-bit ones on the tensor cores with
-    float32 accumulation.
-    """
+    """Scaled dot-product attention in Triton, differentiable in q, k and v; arguments, shapes and masks:
+    reference.attention. Inputs float16, bfloat16 or float32 with head dims <= 256; float32 inputs are multiplied in
+    full float32 ("ieee"), 16-bit ones on the tensor cores with float32 accumulation. lse (return_lse) is a strided
+    view [B, T, HQ] of the kernel's [B, HQ, T]."""
     check_attention_args(q, k, v, causal, window, cu_seqlens, scale, triton=True)
     check_triton_device("attention", q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

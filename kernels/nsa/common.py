@@ -126,3 +126,26 @@ def attend_tile(q, k_ptr, v_ptr, rows, load_ok, visible, m_i, l_i, acc, qk_scale
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
     return m_new, l_i, acc
+
+
+@triton.jit
+def store_attention(o, lse, row, row_ok, m_i, l_i, acc, dv, DV: tl.constexpr):
+    """A forward kernel's end for rows `row` [R] of o [*, DV] and lse (where row_ok [R]): o = acc / l_i in o's dtype,
+    lse = the natural-log log-sum-exp from the log2-domain m_i, l_i; 0 and -inf for a row that saw no key."""
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.)[:, None]
+    tl.store(o + row[:, None] * DV + dv[None, :], out.to(o.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+    lse_row = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.))) / 1.4426950408889634, float("-inf"))
+    tl.store(lse + row, lse_row, mask=row_ok)
+
+
+@triton.jit
+def backward_rows(q, do, lse, delta, row, row_ok, dk, dv, DK: tl.constexpr, DV: tl.constexpr):
+    """A backward kernel's per-query inputs at rows `row` [R] (0 where not row_ok): q [R, BDK] and do [R, BDV] tiles
+    (dk, dv: the column ranges), lse in log2 units and delta = rowsum(o * do)."""
+    q_blk = tl.load(q + row[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.)
+    do_blk = tl.load(do + row[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.)
+    lse2 = tl.load(lse + row, mask=row_ok, other=0.) * 1.4426950408889634
+    dlt = tl.load(delta + row, mask=row_ok, other=0.)
+    return q_blk, do_blk, lse2, dlt
+

@@ -10,15 +10,26 @@ t = i + OFFSET, OFFSET = S - T.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from nsa_eval.kernels.nsa.common import Packing, attend_tile, kernel_packing, num_visible_blocks, row_dot, sequence_tile
-from nsa_eval.kernels.nsa.utils import check_compressed, check_offset_backward, check_seq_len, check_varlen
+from nsa_eval.kernels.nsa.common import (Packing, attend_tile, backward_rows, kernel_packing, num_visible_blocks,
+                                         row_dot, sequence_tile, store_attention)
+from nsa_eval.kernels.nsa.utils import check_compressed_args, check_offset_backward, check_varlen, default_scale
 from nsa_eval.kernels.utils import LOG2E
+
+
+@triton.jit
+def _program_tile(table, cu, cu_cmp, T, TC, HQ: tl.constexpr, H: tl.constexpr, VARLEN: tl.constexpr):
+    """Program (axis 0: a tile of queries or of compressed blocks, axis 1: b * HQ + hq) -> its tile and sequence
+    (sequence_tile: tile, bos, T, bos_c, TC), query head hq and KV head h."""
+    pid, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, hq = pid_bh // HQ, pid_bh % HQ
+    h = hq // (HQ // H)
+    tile, bos, T, bos_c, TC = sequence_tile(pid, b, table, cu, cu_cmp, T, TC, VARLEN)
+    return tile, bos, T, bos_c, TC, hq, h
+
 
 @triton.jit
 def compressed_fwd_kernel(q, k, v, o, lse, cu, cu_cmp, table, T, TC, OFFSET, qk_scale, HQ: tl.constexpr,
@@ -30,10 +41,7 @@ def compressed_fwd_kernel(q, k, v, o, lse, cu, cu_cmp, table, T, TC, OFFSET, qk_
     -> o [B, T, HQ, DV], lse [B, T, HQ] float32 (natural log, -inf for a query that sees no block).
     VARLEN: B == 1, sequence n is tokens cu[n]:cu[n+1] and blocks cu_cmp[n]:cu_cmp[n+1]; t counts from its 0.
     Query row t stands at position t + OFFSET (OFFSET = S - T >= 0: a chunk after OFFSET cached tokens; 0 packed)."""
-    pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, hq = pid_bh // HQ, pid_bh % HQ
-    h = hq // (HQ // H)
-    tile, bos, T, bos_c, TC = sequence_tile(pid_t, b, table, cu, cu_cmp, T, TC, VARLEN)
+    tile, bos, T, bos_c, TC, hq, h = _program_tile(table, cu, cu_cmp, T, TC, HQ, H, VARLEN)
     t = tile * BT + tl.arange(0, BT)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
@@ -56,11 +64,7 @@ def compressed_fwd_kernel(q, k, v, o, lse, cu, cu_cmp, table, T, TC, OFFSET, qk_
         i = i0 + tl.arange(0, BC)
         m_i, l_i, acc = attend_tile(q_blk, k_ptr, v_ptr, i, i < n_hi, i[None, :] < n_vis[:, None], m_i, l_i, acc,
                                     qk_scale, H, DK, DV, BDK, BDV, True)
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.)[:, None]
-    tl.store(o + row[:, None] * DV + dv[None, :], out.to(o.dtype.element_ty), mask=(t[:, None] < T) & (dv[None, :] < DV))
-    lse_row = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.))) / 1.4426950408889634, float("-inf"))
-    tl.store(lse + row, lse_row, mask=t < T)
+    store_attention(o, lse, row, t < T, m_i, l_i, acc, dv, DV)
 
 
 @triton.jit
@@ -69,19 +73,13 @@ def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu, cu_cmp, table, T, 
                              BLOCK_STRIDE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
                              BDV: tl.constexpr, VARLEN: tl.constexpr):
     """Grid as the forward's. dq [B, T, HQ, DK] (scaled); delta [B, T, HQ] = rowsum(o * do) float32."""
-    pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, hq = pid_bh // HQ, pid_bh % HQ
-    h = hq // (HQ // H)
-    tile, bos, T, bos_c, TC = sequence_tile(pid_t, b, table, cu, cu_cmp, T, TC, VARLEN)
+    tile, bos, T, bos_c, TC, hq, h = _program_tile(table, cu, cu_cmp, T, TC, HQ, H, VARLEN)
     t = tile * BT + tl.arange(0, BT)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     row = (bos + t) * HQ + hq
     t_ok = t < T
-    q_blk = tl.load(q + row[:, None] * DK + dk[None, :], mask=t_ok[:, None] & (dk[None, :] < DK), other=0.)
-    do_blk = tl.load(do + row[:, None] * DV + dv[None, :], mask=t_ok[:, None] & (dv[None, :] < DV), other=0.)
-    lse2 = tl.load(lse + row, mask=t_ok, other=0.) * 1.4426950408889634
-    dlt = tl.load(delta + row, mask=t_ok, other=0.)
+    q_blk, do_blk, lse2, dlt = backward_rows(q, do, lse, delta, row, t_ok, dk, dv, DK, DV)
     n_vis = num_visible_blocks(t, BLOCK_LEN, BLOCK_STRIDE)
     n_hi = tl.minimum(num_visible_blocks(tl.minimum(tile * BT + BT, T) - 1, BLOCK_LEN, BLOCK_STRIDE), TC)
     acc = tl.zeros([BT, BDK], tl.float32)
@@ -108,10 +106,7 @@ def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk_out, dv_out, cu, cu_cm
                               BC: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, VARLEN: tl.constexpr):
     """Grid (cdiv(TC, BC) or the table's tiles of compressed blocks, B * HQ). Per query head:
     dk_out [B, TC, HQ, DK], dv_out [B, TC, HQ, DV] float32 (the launcher sums the G heads of each group)."""
-    pid_c, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, hq = pid_bh // HQ, pid_bh % HQ
-    h = hq // (HQ // H)
-    pid_c, bos, T, bos_c, TC = sequence_tile(pid_c, b, table, cu, cu_cmp, T, TC, VARLEN)
+    pid_c, bos, T, bos_c, TC, hq, h = _program_tile(table, cu, cu_cmp, T, TC, HQ, H, VARLEN)
     i = pid_c * BC + tl.arange(0, BC)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
@@ -229,14 +224,13 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_len=32, block_stride=16, scal
     """Triton compressed attention; spec and shapes: reference.compressed_attention. Returns (o, lse).
     seq_len > T (queries offset into the sequence) runs forward only: ValueError if a gradient is needed."""
     op = "compressed_attention"
-    seq_len = check_seq_len(op, q, seq_len, cu_seqlens is not None)
-    check_compressed(op, q, k_cmp, v_cmp, block_len, block_stride, scale, triton=True,
-                     seq_len=seq_len if cu_seqlens is None else 0)
+    seq_len = check_compressed_args(op, q, k_cmp, v_cmp, block_len, block_stride, scale, seq_len,
+                                    cu_seqlens is not None, triton=True)
     offset = seq_len - q.shape[1]
     check_offset_backward(op, offset, q, k_cmp, v_cmp)
     packing = None
     if cu_seqlens is not None:
         packing = Packing.of(*check_varlen(op, cu_seqlens, q, block_len, block_stride,
                                            {"k_cmp": k_cmp, "v_cmp": v_cmp}), q.device)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = default_scale(q, scale)
     return CompressedAttention.apply(q, k_cmp, v_cmp, block_len, block_stride, scale, packing, offset)

@@ -15,16 +15,23 @@ Five launches per step; q and the gates may be strided views (of the model's pro
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from nsa_eval.kernels.nsa.common import attend_tile, num_visible_blocks
 from nsa_eval.kernels.nsa.selection import block_of_key, chunk_blocks, merge_top, overlap_weights, ranking_keys
-from nsa_eval.kernels.nsa.utils import check_decode, index_bits
+from nsa_eval.kernels.nsa.utils import check_decode, default_scale, index_bits
 from nsa_eval.kernels.utils import LOG2E
+
+
+@triton.jit
+def _group_heads(b, h, HQ: tl.constexpr, H: tl.constexpr, GP: tl.constexpr):
+    """The new-token query heads of KV head h of sequence b, padded to GP: g [GP] (head within the group), g_ok
+    (g < G = HQ / H) and their rows hq = b * HQ + h * G + g in [B * HQ]."""
+    G: tl.constexpr = HQ // H
+    g = tl.arange(0, GP)
+    return g, g < G, b * HQ + h * G + g
 
 
 @triton.jit
@@ -42,6 +49,15 @@ def _group_queries(q, stride_qb, HQ: tl.constexpr, H: tl.constexpr, DK: tl.const
     q_blk = tl.load(q + b * stride_qb + (h * G + g)[:, None] * DK + dk[None, :], mask=g_ok[:, None] & (dk[None, :] < DK),
                     other=0.)
     return b, h, g, g_ok, b * HQ + h * G + g, q_blk
+
+
+@triton.jit
+def _store_split(part_m, part_l, part_o, hq, g_ok, dv, split, m_i, l_i, acc, DV: tl.constexpr, NSPLIT: tl.constexpr):
+    """One split's online-softmax state of the group's heads (rows hq [GP] where g_ok) -> part_m, part_l
+    [B, HQ, NSPLIT] and part_o [B, HQ, NSPLIT, DV], which the merge reads."""
+    tl.store(part_m + hq * NSPLIT + split, m_i, mask=g_ok)
+    tl.store(part_l + hq * NSPLIT + split, l_i, mask=g_ok)
+    tl.store(part_o + (hq[:, None] * NSPLIT + split) * DV + dv[None, :], acc, mask=g_ok[:, None] & (dv[None, :] < DV))
 
 
 @triton.jit
@@ -78,9 +94,7 @@ def compressed_decode_kernel(q, stride_qb, k_cmp, v_cmp, cache_seqlens, scores, 
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
         m_i = m_new
-    tl.store(part_m + hq * NSPLIT + split, m_i, mask=g_ok)
-    tl.store(part_l + hq * NSPLIT + split, l_i, mask=g_ok)
-    tl.store(part_o + (hq[:, None] * NSPLIT + split) * DV + dv[None, :], acc, mask=g_ok[:, None] & (dv[None, :] < DV))
+    _store_split(part_m, part_l, part_o, hq, g_ok, dv, split, m_i, l_i, acc, DV, NSPLIT)
 
 
 @triton.jit
@@ -101,15 +115,12 @@ def select_decode_kernel(cache_seqlens, scores, part_m, part_l, part_o, o_cmp, p
     """Grid (B * H, NPART). Every program merges the splits' statistics into lse (part 0 also writes
     o_cmp [B, HQ, DV]), then ranks its CHUNKS_PER_PART chunks of NP selection blocks from the stored scores
     -> part_top [B * H, NPART, NP] int32 ranking keys, best first."""
-    G: tl.constexpr = HQ // H
     BC: tl.constexpr = NP * (SELECT_LEN // BLOCK_STRIDE)
     pid_bh, part = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
-    g = tl.arange(0, GP)
-    g_ok = g < G
+    _, g_ok, hq = _group_heads(b, h, HQ, H, GP)
     sp = tl.arange(0, NSPLIT)
     dv = tl.arange(0, BDV)
-    hq = b * HQ + h * G + g
     m_s = tl.load(part_m + hq[:, None] * NSPLIT + sp[None, :], mask=g_ok[:, None], other=float("-inf"))
     m = tl.max(m_s, 1)
     m_safe = tl.where(m == float("-inf"), 0., m)
@@ -202,9 +213,7 @@ def sparse_decode_kernel(q, stride_qb, k, v, k_win, v_win, cache_seqlens, block_
             key = i0 + offs
             m_i, l_i, acc = attend_tile(q_blk, k_win + h * DK, v_win + h * DV, base + key, key < hi,
                                         (key < hi)[None, :], m_i, l_i, acc, qk_scale, H, DK, DV, BDK, BDV, True)
-    tl.store(part_m + hq * NSPLIT + split, m_i, mask=g_ok)
-    tl.store(part_l + hq * NSPLIT + split, l_i, mask=g_ok)
-    tl.store(part_o + (hq[:, None] * NSPLIT + split) * DV + dv[None, :], acc, mask=g_ok[:, None] & (dv[None, :] < DV))
+    _store_split(part_m, part_l, part_o, hq, g_ok, dv, split, m_i, l_i, acc, DV, NSPLIT)
 
 
 @triton.jit
@@ -232,14 +241,11 @@ def combine_decode_kernel(o_cmp, g_cmp, g_slc, g_win, stride_gb, stride_gh, part
     """Grid (B * H). out [B, HQ, DV] = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win, the selected (splits
     [0, SEL_SPLITS)) and window (the rest) outputs merged from sparse_decode_kernel's splits; gates [B, HQ] with
     strides (stride_gb, stride_gh), float32 math."""
-    G: tl.constexpr = HQ // H
     pid_bh = tl.program_id(0)
     b, h = pid_bh // H, pid_bh % H
-    g = tl.arange(0, GP)
-    g_ok = g < G
+    g, g_ok, hq = _group_heads(b, h, HQ, H, GP)
     dv = tl.arange(0, BDV)
-    hq = b * HQ + h * G + g
-    gate_at = b * stride_gb + (h * G + g) * stride_gh
+    gate_at = b * stride_gb + (h * (HQ // H) + g) * stride_gh
     mask = g_ok[:, None] & (dv[None, :] < DV)
     o = tl.load(o_cmp + hq[:, None] * DV + dv[None, :], mask=mask, other=0.).to(tl.float32) * \
         tl.load(g_cmp + gate_at, mask=g_ok, other=0.).to(tl.float32)[:, None]
@@ -279,7 +285,7 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
                  {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, block_len, block_stride, select_len, num_selected,
                  window, scale, triton=True, k_window=k_window, v_window=v_window, leading_blocks=leading_blocks,
                  local_tokens=local_tokens)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = default_scale(q, scale)
     q, stride_qb = _rows_view(q)
     k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
     k_cmp_cache, v_cmp_cache = k_cmp_cache.contiguous(), v_cmp_cache.contiguous()

@@ -9,8 +9,6 @@ and the gates. Spec and shapes: reference.nsa_attention.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -20,7 +18,8 @@ from nsa_eval.kernels.nsa.common import Packing
 from nsa_eval.kernels.nsa.compression import CompressedAttention
 from nsa_eval.kernels.nsa.selected import SelectedAttention
 from nsa_eval.kernels.nsa.selection import select_fwd
-from nsa_eval.kernels.nsa.utils import check_block_indices, check_nsa, check_offset_backward, check_varlen
+from nsa_eval.kernels.nsa.utils import (check_block_indices, check_nsa, check_offset_backward, check_varlen,
+                                        default_scale)
 
 
 @triton.jit
@@ -121,7 +120,7 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block_len=
                                            {"k_cmp": k_cmp, "v_cmp": v_cmp}, num_keys=k.shape[1]), q.device)
     offset = k.shape[1] - q.shape[1]
     check_offset_backward(op, offset, q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = default_scale(q, scale)
     o_cmp, lse = CompressedAttention.apply(q, k_cmp, v_cmp, block_len, block_stride, scale, packing, offset)
     if block_indices is None:
         block_indices = select_fwd(q.detach().contiguous(), k_cmp.detach().contiguous(), lse, block_len,

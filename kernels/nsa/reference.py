@@ -33,22 +33,20 @@ Masks, query at position t:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from nsa_eval.kernels.nsa.utils import (
     by_sequence,
     check_block_indices,
     check_block_sizes,
-    check_compressed,
+    check_compressed_args,
     check_decode,
     check_lse,
     check_nsa,
     check_prefill_length,
     check_qkv,
-    check_seq_len,
     check_varlen,
+    default_scale,
     index_bits,
     query_positions,
     visible_compressed_blocks,
@@ -81,10 +79,6 @@ def _masked_attention(q, k, v, visible, scale):
     return o, lse
 
 
-def _default_scale(q, scale):
-    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-
-
 # ---------------------------------------------------------------------------------------------- branches
 def _compressed(q, k_cmp, v_cmp, positions, block_len, block_stride, scale):
     n_visible = visible_compressed_blocks(positions, block_len, block_stride)  # [B, Tq]
@@ -109,15 +103,14 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_len=32, block_stride=16, scal
         o [B, T, HQ, Dv] in q's dtype (0 for t < block_len - 1), lse [B, T, HQ] float32 (natural log; -inf there).
     """
     op = "compressed_attention"
-    seq_len = check_seq_len(op, q, seq_len, cu_seqlens is not None)
-    check_compressed(op, q, k_cmp, v_cmp, block_len, block_stride, scale, triton=False,
-                     seq_len=seq_len if cu_seqlens is None else 0)
+    seq_len = check_compressed_args(op, q, k_cmp, v_cmp, block_len, block_stride, scale, seq_len,
+                                    cu_seqlens is not None, triton=False)
     if cu_seqlens is not None:
         offsets, blocks = check_varlen(op, cu_seqlens, q, block_len, block_stride, {"k_cmp": k_cmp, "v_cmp": v_cmp})
         return by_sequence(lambda *x: compressed_attention(*x, block_len=block_len, block_stride=block_stride,
                                                            scale=scale), [q, k_cmp, v_cmp], "tcc", offsets, blocks)
     o, lse = _compressed(q, k_cmp, v_cmp, query_positions(q, seq_len), block_len, block_stride,
-                         _default_scale(q, scale))
+                         default_scale(q, scale))
     return o.to(q.dtype), lse
 
 
@@ -210,9 +203,8 @@ def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64
     """
     op = "select_blocks"
     check_block_sizes(op, block_len, block_stride, select_len, num_selected)
-    seq_len = check_seq_len(op, q, seq_len, cu_seqlens is not None)
-    check_compressed(op, q, k_cmp, k_cmp, block_len, block_stride, scale, triton=False,
-                     seq_len=seq_len if cu_seqlens is None else 0)
+    seq_len = check_compressed_args(op, q, k_cmp, k_cmp, block_len, block_stride, scale, seq_len,
+                                    cu_seqlens is not None, triton=False)
     check_lse(op, lse, q)
     if cu_seqlens is not None:
         offsets, blocks = check_varlen(op, cu_seqlens, q, block_len, block_stride, {"k_cmp": k_cmp})
@@ -220,7 +212,7 @@ def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64
                                                     select_len=select_len, num_selected=num_selected, scale=scale),
                            [q, k_cmp, lse], "tct", offsets, blocks)
     return _select(q, k_cmp, lse, query_positions(q, seq_len), seq_len, block_len, block_stride, select_len,
-                   num_selected, _default_scale(q, scale))
+                   num_selected, default_scale(q, scale))
 
 
 def _selected(q, k, v, block_indices, positions, select_len, scale):
@@ -252,7 +244,7 @@ def selected_attention(q, k, v, block_indices, *, select_len=64, scale=None, cu_
         return by_sequence(lambda *x: selected_attention(*x, select_len=select_len, scale=scale),
                            [q, k, v, block_indices], "tttt", offsets, blocks)
     check_prefill_length(op, q, k)
-    o, _ = _selected(q, k, v, block_indices, query_positions(q, k.shape[1]), select_len, _default_scale(q, scale))
+    o, _ = _selected(q, k, v, block_indices, query_positions(q, k.shape[1]), select_len, default_scale(q, scale))
     return o.to(q.dtype)
 
 
@@ -311,7 +303,7 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block_len=
 
         return by_sequence(one_sequence, [q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_indices], "tttcctttt",
                            offsets, blocks)
-    scale = _default_scale(q, scale)
+    scale = default_scale(q, scale)
     positions = query_positions(q, k.shape[1])
     o_cmp, lse = _compressed(q, k_cmp, v_cmp, positions, block_len, block_stride, scale)
     if block_indices is None:
@@ -355,7 +347,7 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
                  num_selected, window, scale, triton=False, k_window=k_window, v_window=v_window,
                  leading_blocks=leading_blocks, local_tokens=local_tokens)
     check_cache_lengths(op, cache_seqlens, k_cache)
-    scale = _default_scale(q, scale)
+    scale = default_scale(q, scale)
     q1 = q[:, None]
     positions = (cache_seqlens.long() - 1)[:, None]  # [B, 1]
     o_cmp, lse = _compressed(q1, k_cmp_cache, v_cmp_cache, positions, block_len, block_stride, scale)

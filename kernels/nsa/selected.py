@@ -12,16 +12,21 @@ Kernels -> launchers -> autograd Function -> public `selected_attention` (spec: 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from nsa_eval.kernels.nsa.common import Packing, attend_tile, row_dot
+from nsa_eval.kernels.nsa.common import Packing, attend_tile, backward_rows, row_dot, store_attention
 from nsa_eval.kernels.nsa.utils import (check_block_indices, check_block_sizes, check_offset_backward,
-                                        check_prefill_length, check_qkv, check_varlen)
+                                        check_prefill_length, check_qkv, check_varlen, default_scale)
 from nsa_eval.kernels.utils import LOG2E
+
+
+@triton.jit
+def _program_queries(T, H: tl.constexpr, TPP: tl.constexpr):
+    """Program (axis 0: TPP consecutive queries, axis 1: b * H + h) -> b, h and its query rows [t_lo, t_hi)."""
+    pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
+    return pid_bh // H, pid_bh % H, pid_t * TPP, tl.minimum(pid_t * TPP + TPP, T)
 
 
 @triton.jit
@@ -35,13 +40,12 @@ def selected_fwd_kernel(q, k, v, block_indices, token_starts, o, lse, T, S, qk_s
     stands at position t + S - T (S >= T: the queries are the last T of the S keys).
     VARLEN: B == 1, row t's sequence starts at row token_starts[t]; positions and blocks count from there."""
     G: tl.constexpr = HQ // H
-    pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
+    b, h, t_lo, t_hi = _program_queries(T, H, TPP)
     g = tl.arange(0, GP)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     offs = tl.arange(0, BS)
-    for t in range(pid_t * TPP, tl.minimum(pid_t * TPP + TPP, T)):
+    for t in range(t_lo, t_hi):
         kv_start = b * S
         if VARLEN:
             kv_start = tl.load(token_starts + t)
@@ -59,12 +63,7 @@ def selected_fwd_kernel(q, k, v, block_indices, token_starts, o, lse, T, S, qk_s
             key_ok = (s_pos <= pos) & (offs < tl.where(j >= 0, SELECT_LEN, 0))  # an unused slot (-1) loads nothing
             m_i, l_i, acc = attend_tile(q_blk, k + h * DK, v + h * DV, kv_start + s_pos, key_ok, key_ok[None, :], m_i,
                                         l_i, acc, qk_scale, H, DK, DV, BDK, BDV, True)
-        seen = l_i > 0
-        out = acc / tl.where(seen, l_i, 1.)[:, None]
-        tl.store(o + qrow[:, None] * DV + dv[None, :], out.to(o.dtype.element_ty),
-                 mask=(g[:, None] < G) & (dv[None, :] < DV))
-        lse_row = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.))) / 1.4426950408889634, float("-inf"))
-        tl.store(lse + qrow, lse_row, mask=g < G)
+        store_attention(o, lse, qrow, g < G, m_i, l_i, acc, dv, DV)
 
 
 @triton.jit
@@ -75,24 +74,20 @@ def selected_bwd_dq_kernel(q, k, v, block_indices, token_starts, do, lse, delta,
     """Grid (cdiv(T, TPP), B * H). dq [B, T, HQ, DK]; do [B, T, HQ, DV]; lse, delta = rowsum(o * do): [B, T, HQ]
     float32. VARLEN as in the forward."""
     G: tl.constexpr = HQ // H
-    pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
+    b, h, t_lo, t_hi = _program_queries(T, H, TPP)
     g = tl.arange(0, GP)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     g_ok = g < G
     offs = tl.arange(0, BS)
-    for t in range(pid_t * TPP, tl.minimum(pid_t * TPP + TPP, T)):
+    for t in range(t_lo, t_hi):
         if VARLEN:
             kv_start = tl.load(token_starts + t)
         else:
             kv_start = b * T
         pos = b * T + t - kv_start
         qrow = (b * T + t) * HQ + h * G + g
-        q_blk = tl.load(q + qrow[:, None] * DK + dk[None, :], mask=g_ok[:, None] & (dk[None, :] < DK), other=0.)
-        do_blk = tl.load(do + qrow[:, None] * DV + dv[None, :], mask=g_ok[:, None] & (dv[None, :] < DV), other=0.)
-        lse2 = tl.load(lse + qrow, mask=g_ok, other=0.) * 1.4426950408889634
-        dlt = tl.load(delta + qrow, mask=g_ok, other=0.)
+        q_blk, do_blk, lse2, dlt = backward_rows(q, do, lse, delta, qrow, g_ok, dk, dv, DK, DV)
         acc = tl.zeros([GP, BDK], tl.float32)
         for n in range(NUM_SELECTED):
             j = tl.load(block_indices + ((b * T + t) * H + h) * NUM_SELECTED + n)
@@ -302,5 +297,5 @@ def selected_attention(q, k, v, block_indices, *, select_len=64, scale=None, cu_
         check_offset_backward(op, k.shape[1] - q.shape[1], q, k, v)
     else:
         packing = Packing.of(*check_varlen(op, cu_seqlens, q, 1, 1, num_keys=k.shape[1]), q.device)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = default_scale(q, scale)
     return SelectedAttention.apply(q, k, v, block_indices, select_len, scale, packing)

@@ -15,15 +15,13 @@ Kernel -> launcher -> public `select_blocks` (no autograd: the indices carry no 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from nsa_eval.kernels.nsa.common import Packing, kernel_packing, num_visible_blocks, sequence_tile
-from nsa_eval.kernels.nsa.utils import (check_block_sizes, check_compressed, check_lse, check_seq_len, check_varlen,
-                                        index_bits)
+from nsa_eval.kernels.nsa.utils import (check_block_sizes, check_compressed_args, check_lse, check_varlen,
+                                        default_scale, index_bits)
 from nsa_eval.kernels.utils import LOG2E
 
 
@@ -159,13 +157,12 @@ def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64
     """Triton block selection; spec and shapes: reference.select_blocks."""
     op = "select_blocks"
     check_block_sizes(op, block_len, block_stride, select_len, num_selected)
-    seq_len = check_seq_len(op, q, seq_len, cu_seqlens is not None)
-    check_compressed(op, q, k_cmp, k_cmp, block_len, block_stride, scale, triton=True,
-                     seq_len=seq_len if cu_seqlens is None else 0)
+    seq_len = check_compressed_args(op, q, k_cmp, k_cmp, block_len, block_stride, scale, seq_len,
+                                    cu_seqlens is not None, triton=True)
     check_lse(op, lse, q)
     packing = None
     if cu_seqlens is not None:
         packing = Packing.of(*check_varlen(op, cu_seqlens, q, block_len, block_stride, {"k_cmp": k_cmp}), q.device)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = default_scale(q, scale)
     return select_fwd(q.detach().contiguous(), k_cmp.detach().contiguous(), lse.contiguous(), block_len, block_stride,
                       select_len, num_selected, scale, packing, seq_len - q.shape[1])

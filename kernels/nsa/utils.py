@@ -5,6 +5,8 @@ Every check failure is a ValueError whose message names the argument and says wh
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from nsa_eval.kernels.utils import (check_cu_seqlens, check_head_dims, check_same, check_scale, check_tensor,
@@ -96,6 +98,11 @@ def mean_pool(x: torch.Tensor, block_len: int = 64, block_stride: int | None = N
     return windows.mean(-1).to(x.dtype)
 
 
+def default_scale(q, scale):
+    """The softmax scale: `scale`, or 1 / sqrt(Dk) when None."""
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+
 def _check_positive_int(op: str, name: str, value, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         fail(op, f"{name} must be an int >= {minimum}, got {value!r}")
@@ -164,6 +171,17 @@ def check_compressed(op: str, q, k_cmp, v_cmp, block_len, block_stride, scale, t
     check_scale(op, scale)
     if triton:
         check_head_dims(op, q.shape[3], v_cmp.shape[3])
+
+
+def check_compressed_args(op: str, q, k_cmp, v_cmp, block_len, block_stride, scale, seq_len, varlen: bool,
+                          triton: bool) -> int:
+    """compressed_attention's and select_blocks' checks on both paths: seq_len (check_seq_len), then the compressed
+    keys and values that many tokens make (check_compressed; with packed sequences, check_varlen counts them).
+    Returns seq_len."""
+    seq_len = check_seq_len(op, q, seq_len, varlen)
+    check_compressed(op, q, k_cmp, v_cmp, block_len, block_stride, scale, triton=triton,
+                     seq_len=0 if varlen else seq_len)
+    return seq_len
 
 
 def check_lse(op: str, lse, q) -> None:

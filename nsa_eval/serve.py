@@ -59,6 +59,13 @@ class OpenAIServer(ThreadingHTTPServer):
         self.worker = EngineWorker(model, self.model_lock) if _streams(model) else None
         self.created = int(time.time())
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up before its answer was written is not an error of the server: no traceback for it
+        (socketserver prints one to stderr); anything else is printed as socketserver does."""
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handle_error(request, client_address)
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]

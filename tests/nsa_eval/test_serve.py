@@ -156,3 +156,21 @@ def test_the_serve_command_listens_on_loopback(tiny_llama_dir):
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
+
+
+def test_a_client_that_hangs_up_leaves_no_traceback(tiny, capsys):
+    """socketserver calls handle_error inside the handler's except block: a hung-up client is quiet, other errors
+    keep their traceback."""
+    from nsa_eval.serve import OpenAIServer
+
+    server = OpenAIServer(tiny, "tiny", quiet=True)
+    try:
+        for error in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset"), RuntimeError("bug")):
+            try:
+                raise error
+            except Exception:  # noqa: BLE001 - as socketserver's process_request_thread
+                server.handle_error(None, ("127.0.0.1", 1))
+    finally:
+        server.server_close()
+    printed = capsys.readouterr().err
+    assert printed.count("Traceback") == 1 and "RuntimeError: bug" in printed and "Broken pipe" not in printed

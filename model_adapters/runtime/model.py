@@ -90,7 +90,8 @@ class Transformer(nn.Module):
         positions drift (a bfloat16 inv_freq puts position 1600 off by several radians in the fast dimensions)."""
         inv_freq = self.inv_freq
         super()._apply(fn, recurse)
-        self.inv_freq = inv_freq.to(device=self.inv_freq.device, dtype=torch.float32)
+        if not inv_freq.is_meta:  # a model built on the meta device gets its inv_freq after (checkpoint.py)
+            self.inv_freq = inv_freq.to(device=self.inv_freq.device, dtype=torch.float32)
         return self
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> "Transformer":

@@ -11,4 +11,3 @@ from pathlib import Path
 FORMATS = ("md", "html", "latex", "csv")
 RESULTS_DIR = Path("results")  # published result sets, committed
 RUNS_ROOT = RESULTS_DIR / "runs"  # run directories (ignored by git)
-BENCH_DIR = RESULTS_DIR / "bench"  # where `nsa-eval bench ...` writes (report reads it only with --bench-dir)

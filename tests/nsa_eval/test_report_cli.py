@@ -1,13 +1,17 @@
 """`nsa-eval report` and `nsa-eval publish` through the real CLI group: output paths, and one clear line with
 a non-zero exit for bad input."""
 
+import functools
 import shutil
 import subprocess
 
 import pytest
 
-from cli_checks import assert_one_line_error, invoke
+from cli_checks import assert_one_line_error as error_line
+from cli_checks import invoke
 from report_runs import choice_task, niah, write_run
+
+assert_one_line_error = functools.partial(error_line, alone=True)  # the report commands print only the error line
 
 
 @pytest.fixture(scope="module")

@@ -22,15 +22,9 @@ from typing import Any
 
 import torch
 
-import nsa_eval.kernels
-from nsa_eval.kernels import (
-    attention,
-    attention_decode,
-    compressed_attention,
-    mean_pool,
-    select_blocks,
-    selected_attention,
-)
+import nsa_eval.kernels.nsa
+from nsa_eval.kernels.attention import attention, attention_decode
+from nsa_eval.kernels.nsa import compressed_attention, mean_pool, select_blocks, selected_attention
 from nsa_eval.model_adapters.runtime.config import SparseSettings
 
 TRITON_ATTENTION = "nsa_eval_triton"
@@ -145,11 +139,11 @@ def sparse_attention(q, k, v, settings: SparseSettings, scale: float | None = No
 def sparse_attention_over_blocks(q, k, v, k_mean, settings: SparseSettings, ops: Any = None,
                                  scale: float | None = None) -> torch.Tensor:
     """sparse_attention with the keys' block means k_mean [B, S // block, H, D] given (the runtime keeps them in its
-    cache). ops: the runtime's kernel table (runtime/ops.py), or None for nsa_eval.kernels (dispatch by device)."""
+    cache). ops: the runtime's kernel table (runtime/ops.py), or None for nsa_eval.kernels.nsa (dispatch by device)."""
     block, n = settings.block, settings.num_blocks
     B, T, S = q.shape[0], q.shape[1], k.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    fns = ops or nsa_eval.kernels
+    fns = ops or nsa_eval.kernels.nsa
     _, lse = fns.compressed_attention(q, k_mean, k_mean, block_len=block, block_stride=block, scale=scale, seq_len=S)
     indices = sparse_select(q, k_mean, lse, S, settings, scale)
     return fns.selected_attention(q, k, v, indices, select_len=block, scale=scale)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import triton
 
-from nsa_eval.kernels import attention, attention_decode, mean_pool
+from nsa_eval.kernels.attention import attention, attention_decode
+from nsa_eval.kernels.nsa import mean_pool
 from nsa_eval.kernels.nsa import compression, decode, parallel, selected, selection
 from nsa_eval.kernels.nsa.common import FLA_LAYOUT, PAPER_LAYOUT
 

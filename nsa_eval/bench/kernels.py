@@ -94,7 +94,7 @@ def _fwd_bwd(attend, q, k, v):
 
 def ours_prefill(backward: bool) -> Callable[[int], Run]:
     def setup(T: int) -> Run:
-        from nsa_eval.kernels import attention
+        from nsa_eval.kernels.attention import attention
 
         q, k, v = _randn(1, T, HQ, D, grad=backward), _randn(1, T, H, D, grad=backward), _randn(1, T, H, D, grad=backward)
         if backward:
@@ -112,7 +112,7 @@ def ours_decode(batch: int) -> Callable[[int], Run]:
     def setup(T: int) -> Run:
         import torch
 
-        from nsa_eval.kernels import attention_decode
+        from nsa_eval.kernels.attention import attention_decode
 
         q, k_cache, v_cache = _randn(batch, HQ, D), _randn(batch, T, H, D), _randn(batch, T, H, D)
         lengths = torch.full((batch,), T, dtype=torch.int32, device="cuda")
@@ -161,7 +161,7 @@ def _nsa_inputs(T: int, hp: dict, grad: bool):
     window); bf16 on the GPU."""
     import torch
 
-    from nsa_eval.kernels import mean_pool
+    from nsa_eval.kernels.nsa import mean_pool
 
     q, k, v = _randn(1, T, HQ, D, grad=grad), _randn(1, T, H, D, grad=grad), _randn(1, T, H, D, grad=grad)
     k_cmp = mean_pool(k.detach(), hp["block_len"], hp["block_stride"]).requires_grad_(grad)
@@ -174,7 +174,7 @@ def ours_nsa(hp: dict, backward: bool) -> Callable[[int], Run]:
     def setup(T: int) -> Run:
         import torch
 
-        from nsa_eval.kernels import nsa_attention
+        from nsa_eval.kernels.nsa import nsa_attention
 
         inputs = _nsa_inputs(T, hp, backward)
         if not backward:
@@ -212,7 +212,7 @@ def ours_nsa_decode(batch: int) -> Callable[[int], Run]:
     def setup(T: int) -> Run:
         import torch
 
-        from nsa_eval.kernels import mean_pool, nsa_decode
+        from nsa_eval.kernels.nsa import mean_pool, nsa_decode
 
         hp = NSA_PAPER
         q, k_cache, v_cache = _randn(batch, HQ, D), _randn(batch, T, H, D), _randn(batch, T, H, D)
@@ -274,7 +274,7 @@ def check_full_attention(T: int = 1024) -> float:
 
 def check_against_sdpa(T: int = 8192) -> float:
     """Our forward against SDPA's (flash) at a benchmark length."""
-    from nsa_eval.kernels import attention
+    from nsa_eval.kernels.attention import attention
 
     q, k, v = _randn(1, T, HQ, D), _randn(1, T, H, D), _randn(1, T, H, D)
     call, k_sdpa, v_sdpa, _ = sdpa("FLASH_ATTENTION", q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), True)
@@ -318,7 +318,7 @@ def check_nsa_decode(batch: int = 3, s_max: int = 3000) -> float:
     """NSA decode over caches of different lengths against the float32 reference step."""
     import torch
 
-    from nsa_eval.kernels import mean_pool
+    from nsa_eval.kernels.nsa import mean_pool
     from nsa_eval.kernels.nsa import decode, reference
 
     hp = NSA_PAPER

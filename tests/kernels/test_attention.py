@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import nsa_eval.kernels as kernels
+import nsa_eval.kernels.attention as attention_op
 from nsa_eval.kernels.attention import parallel, reference
 from kernel_checks import rel_err
 
@@ -112,7 +112,7 @@ def test_public_function_picks_reference_on_cpu_and_triton_on_cuda():
     k = torch.randn(1, 20, 2, 64, device=DEVICE)
     v = torch.randn(1, 20, 2, 64, device=DEVICE)
     expected = parallel.attention if DEVICE == "cuda" else reference.attention
-    assert torch.equal(kernels.attention(q, k, v, window=8), expected(q, k, v, window=8))
+    assert torch.equal(attention_op.attention(q, k, v, window=8), expected(q, k, v, window=8))
 
 
 def _qkv(q_shape=(1, 16, 4, 64), k_shape=(1, 16, 2, 64), v_shape=(1, 16, 2, 64), dtype=torch.float32):

@@ -9,7 +9,7 @@ by the importance of the chosen sets.
 import pytest
 import torch
 
-from nsa_eval.kernels import mean_pool, nsa_attention, nsa_decode
+from nsa_eval.kernels.nsa import mean_pool, nsa_attention, nsa_decode
 from nsa_eval.kernels.nsa import reference
 from nsa_eval.kernels.nsa.common import FLA_LAYOUT, PAPER_LAYOUT
 from nsa_eval.kernels.nsa.utils import num_compressed_blocks

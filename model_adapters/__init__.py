@@ -1,1 +1,0 @@
-"""Checkpoints -> the request-level LanguageModel interface (model_adapters.base)."""

@@ -1,1 +1,0 @@
-"""Benchmarks: data, prompts, answer extraction and metrics. No torch here."""

@@ -246,6 +246,10 @@ from nsa_eval.serve import serve  # noqa: E402  (the OpenAI-compatible server li
 
 main.add_command(serve)
 
+from nsa_eval.retrofit import retrofit  # noqa: E402  (full attention -> NSA by distillation: nsa_eval/retrofit.py)
+
+main.add_command(retrofit)
+
 
 @main.command(name="lm-eval", add_help_option=False,
               context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -1,0 +1,177 @@
+"""`nsa-eval retrofit`: a full-attention Llama-family checkpoint -> an NSA checkpoint by distillation
+(model_adapters/retrofit.py says how). The output folder holds the corpus file (unless --corpus names one), the
+resumable state (state.pt), the step log (log.jsonl), the shipped file (retrofit.safetensors: what training changed,
+float16, with the recipe and everything needed to reproduce it) and the NSA checkpoint built from it (checkpoint/,
+load it as nsa:OUT/checkpoint). Run the same command again to resume."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import click
+
+from nsa_eval.model_adapters.retrofit import Recipe
+
+RECIPE_HELP = {
+    "block": "tokens per block (compression and selection, l = d = l')", "selected": "selected blocks per query (n)",
+    "window": "sliding-window tokens (w; 0: no window branch)", "lora_rank": "rank of the low-rank updates of q/k/v/o",
+    "seq_len": "tokens per training sequence", "batch": "sequences per step", "warmup_steps": "stage 1 steps",
+    "steps": "stage 2 steps", "lr": "learning rate of the low-rank updates", "gate_lr": "learning rate of the gates",
+    "mass_weight": "weight of the block-mass KL", "probes": "query positions per sequence for the block-mass KL",
+    "seed": "seed of the data order, probes and initial weights",
+}
+
+
+def recipe_options(command):
+    for f in reversed([f for f in fields(Recipe) if f.name != "base"]):
+        command = click.option(f"--{f.name.replace('_', '-')}", f.name, type=type(f.default), default=f.default,
+                               show_default=True, help=RECIPE_HELP[f.name])(command)
+    return command
+
+
+def base_folder(spec: str) -> Path:
+    """The base checkpoint folder of `smollm2` or `hf:PATH` (a local Llama-family transformers checkpoint)."""
+    if spec == "smollm2":
+        from nsa_eval.model_adapters.smollm2 import plain_checkpoint
+
+        return plain_checkpoint()
+    kind, _, target = spec.partition(":")
+    if kind != "hf" or not target:
+        raise ValueError(f"--base {spec!r}: give smollm2 or hf:PATH (a local Llama-family checkpoint folder)")
+    folder = Path(target).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--base {spec}: {folder} holds no config.json; give a checkpoint folder")
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    from nsa_eval.model_adapters.runtime.weights import HF_MODEL_TYPES
+
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"--base {spec}: model_type {model_type!r} is not Llama-family ({', '.join(HF_MODEL_TYPES)}); "
+                         "retrofit needs one")
+    return folder
+
+
+@click.command()
+@click.option("--base", default="smollm2", show_default=True,
+              help="The full-attention model: smollm2 or hf:PATH (a Llama-family checkpoint folder).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Output folder (run the same command again to resume).")
+@click.option("--corpus", default=None, type=click.Path(dir_okay=False),
+              help="Training token file (built there from this Python's standard library if it does not exist; "
+                   "default OUT/corpus.bin).")
+@click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
+@click.option("--save-every", default=50, show_default=True, help="Steps between resumable saves.")
+@recipe_options
+def retrofit(base: str, out: str, corpus: str | None, device: str | None, save_every: int, **recipe_fields) -> None:
+    """Turn a full-attention checkpoint into an NSA checkpoint by distillation (our kernels' backward on CUDA)."""
+    import torch
+
+    from nsa_eval.model_adapters.base import ModelLoadError
+    from nsa_eval.model_adapters.retrofit import (Progress, build_model, load_state, save_delta, student_from_base,
+                                                  train)
+    from nsa_eval.model_adapters.retrofit_corpus import build_corpus, read_corpus
+    from nsa_eval.model_adapters.runtime.checkpoint import from_pretrained, save_pretrained
+    from nsa_eval.store import git_sha, versions
+
+    recipe = Recipe(base=base, **recipe_fields)
+    recipe.check()
+    folder = base_folder(base)
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    corpus_path = Path(corpus) if corpus else out_dir / "corpus.bin"
+    if corpus_path.exists():
+        data = read_corpus(corpus_path)
+    else:
+        click.echo(f"retrofit: building the corpus {corpus_path} from this Python's standard library ...", err=True)
+        build_corpus(tokenizer, corpus_path)
+        data = read_corpus(corpus_path)
+    if data.header["vocab_size"] != len(tokenizer):
+        raise ValueError(f"{corpus_path} was tokenized for a vocabulary of {data.header['vocab_size']}, the base has "
+                         f"{len(tokenizer)}; give another --corpus")
+    click.echo(f"retrofit: corpus {data.header['tokens']:,} tokens, sha256 {data.sha256[:16]}; loading {base} on "
+               f"{device} ...", err=True)
+    try:
+        base_model = from_pretrained(folder, device=device, dtype=dtype)
+    except ModelLoadError as error:
+        raise ValueError(str(error)) from None
+    from nsa_eval.model_adapters.retrofit import base_fingerprint
+
+    fingerprint = base_fingerprint(base_model.state_dict())
+    student = student_from_base(base_model, recipe)
+    del base_model
+    state_path = out_dir / "state.pt"
+    progress, optimizer_state = (load_state(student, state_path) if state_path.exists() else (Progress(), None))
+    if progress.step:
+        click.echo(f"retrofit: resuming at step {progress.step} of {recipe.total_steps}", err=True)
+    log = open(out_dir / "log.jsonl", "a", encoding="utf-8")
+    started = time.monotonic()
+    first_step = progress.step
+
+    def on_step(record: dict) -> None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        done = record["step"] - first_step
+        rate = (time.monotonic() - started) / max(done, 1)
+        left = rate * (recipe.total_steps - record["step"])
+        if record["step"] % 10 == 0 or record["step"] in (first_step + 1, recipe.total_steps):
+            click.echo(f"retrofit: step {record['step']}/{recipe.total_steps} stage {record['stage']} loss "
+                       f"{record['loss']:.4f} (distill {record['distill_kl']:.4f}, mass {record['mass_kl']:.4f}) "
+                       f"{record['tokens_per_s']:,.0f} tokens/s, ETA {int(left // 60)}:{int(left % 60):02d}", err=True)
+
+    try:
+        train(student, data.ids, state_path, progress, on_step, save_every=save_every, optimizer_state=optimizer_state)
+    finally:
+        log.close()
+    tail = progress.log[-20:]
+    record = {
+        "recipe": asdict(recipe), "base": base, "base_fingerprint": fingerprint, "corpus": data.header,
+        "steps": progress.step, "train_seconds": round(progress.seconds, 1),
+        "final": {k: round(sum(r[k] for r in tail) / len(tail), 5) for k in ("distill_kl", "mass_kl")},
+        "first": {k: progress.log[0][k] for k in ("distill_kl", "mass_kl")} if progress.log else {},
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype).split(".")[-1],
+        "versions": versions(), "git_sha": git_sha(), "command": " ".join(sys.argv),
+    }
+    delta_path = out_dir / "retrofit.safetensors"
+    save_delta(student, delta_path, record)
+    write_checkpoint(delta_path, folder, out_dir / "checkpoint")
+    click.echo(f"retrofit: {progress.step} steps in {progress.seconds / 60:.1f} min; distill KL "
+               f"{record['first'].get('distill_kl', float('nan')):.4f} -> {record['final']['distill_kl']:.4f}, "
+               f"mass KL {record['first'].get('mass_kl', float('nan')):.4f} -> {record['final']['mass_kl']:.4f}; "
+               f"wrote {delta_path} ({delta_path.stat().st_size / 1e6:.1f} MB) and nsa:{out_dir / 'checkpoint'}")
+
+
+def write_checkpoint(delta_path: Path, base: Path, target: Path) -> Path:
+    """The NSA checkpoint (config.json, model.safetensors in float32, the base's tokenizer) built from a retrofit
+    file and its base folder into `target` (atomically: a concurrent reader sees all of it or nothing)."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from nsa_eval.model_adapters.retrofit import build_model, read_delta
+    from nsa_eval.model_adapters.runtime.checkpoint import from_pretrained, save_pretrained
+
+    tensors, record = read_delta(delta_path)
+    model = build_model(from_pretrained(base, dtype=torch.float32), tensors, record)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    save_pretrained(model, partial)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                 "chat_template.jinja", "vocab.json", "merges.txt"):
+        if (base / name).is_file():
+            shutil.copy2(base / name, partial / name)
+    (partial / "retrofit.json").write_text(json.dumps(record, indent=2) + "\n")
+    if target.exists():
+        shutil.rmtree(target)
+    partial.rename(target)
+    return target

@@ -42,6 +42,8 @@ from nsa_eval.model_adapters.runtime.ops import rms_norm
 from nsa_eval.model_adapters.runtime.rope import rope_tables
 
 DELTA_FORMAT = "nsa-eval-retrofit-1"
+PROBE_TEXT = ("The harness reads a long report, finds the number hidden in its middle, and answers with it. "
+              "def mean(values):\n    return sum(values) / len(values)\n")
 STAGE1_PROJECTIONS = ("q", "k")
 STAGE2_PROJECTIONS = ("q", "k", "v", "o")
 
@@ -81,6 +83,14 @@ class Recipe:
     @property
     def total_steps(self) -> int:
         return self.warmup_steps + self.steps
+
+
+def delta_bytes(config: ModelConfig, recipe: Recipe) -> int:
+    """Bytes of the shipped file's tensors (float16): the gates and the low-rank factors of q, k, v, o per layer."""
+    hidden, hq, h, d, r = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                           config.head_dim, recipe.lora_rank)
+    per_layer = hq * 3 * hidden + r * ((hidden + hq * d) * 2 + (hidden + h * d) * 2)
+    return 2 * per_layer * config.num_hidden_layers
 
 
 def nsa_config(base: ModelConfig, recipe: Recipe) -> ModelConfig:
@@ -182,14 +192,49 @@ class Retrofit(nn.Module):
         else:
             gates = torch.sigmoid(F.linear(x, attn.g_proj.weight.to(x.dtype))).view(B, T, hq, 3)
             k_cmp, v_cmp = mean_pool(k, c.block_len), mean_pool(v, c.block_len)
-            o = nsa_attention(q, k, v, k_cmp, v_cmp, gates[..., 0], gates[..., 1],
-                              gates[..., 2] if c.window else None, **c.nsa)
+            attend = nsa_attention if q.is_cuda else nsa_attention_sdpa  # Triton on CUDA, masked SDPA on the CPU
+            o = attend(q, k, v, k_cmp, v_cmp, gates[..., 0], gates[..., 1], gates[..., 2] if c.window else None,
+                       **c.nsa)
             if probes is not None:
                 with torch.no_grad():
                     q_base = rotate(F.linear(x, attn.q_proj.weight).view(B, T, hq, d), cos, sin)
                     k_base = rotate(F.linear(x, attn.k_proj.weight).view(B, T, h, d), cos, sin)
                 mass = block_mass_kl(q[:, probes], k_cmp, q_base[:, probes], k_base, probes, c.block_len)
         return self._linear(i, "o", o.reshape(B, T, hq * d), student), mass
+
+
+def nsa_attention_sdpa(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block_len, block_stride, select_len,
+                       num_selected, window):
+    """The CPU training path of NSA's prefill (T == S): the reference's compressed branch and selection
+    (kernels/nsa/reference.py), the selected and window branches as PyTorch SDPA with boolean masks (its fused CPU
+    kernel instead of the reference's dense float32 softmax: several times faster forward and backward). Same
+    arguments and result as nsa_attention (tests/model_adapters/test_retrofit.py checks values and gradients)."""
+    from nsa_eval.kernels.nsa.reference import _compressed, _select
+    from nsa_eval.kernels.nsa.utils import query_positions
+
+    B, T, HQ, D = q.shape
+    H = k.shape[2]
+    scale = 1.0 / math.sqrt(D)
+    positions = query_positions(q, T)
+    o_cmp, lse = _compressed(q, k_cmp, v_cmp, positions, block_len, block_stride, scale)
+    with torch.no_grad():
+        indices = _select(q.detach(), k_cmp.detach(), lse.detach(), positions, T, block_len, block_stride,
+                          select_len, num_selected, scale)  # [B, T, H, n]
+        num_slc = -(-T // select_len)
+        chosen = torch.zeros(B, T, H, num_slc + 1, dtype=torch.bool, device=q.device)
+        chosen.scatter_(-1, torch.where(indices >= 0, indices, num_slc).long(), True)
+        s = torch.arange(T, device=q.device)
+        causal = s[None, :] <= s[:, None]  # [T, S]
+        selected = (chosen[..., s // select_len] & causal[None, :, None]).permute(0, 2, 1, 3)  # [B, H, T, S]
+        selected = selected.repeat_interleave(HQ // H, dim=1)
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    o_slc = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=selected, scale=scale, enable_gqa=True)
+    out = g_cmp.float().unsqueeze(-1) * o_cmp + g_slc.float().unsqueeze(-1) * o_slc.transpose(1, 2).float()
+    if window:
+        band = causal & (s[None, :] > s[:, None] - window)
+        o_win = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=band, scale=scale, enable_gqa=True)
+        out = out + g_win.float().unsqueeze(-1) * o_win.transpose(1, 2).float()
+    return out.to(q.dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -418,6 +463,17 @@ def build_model(base: Transformer, tensors: dict[str, torch.Tensor], record: dic
     return model.eval()
 
 
+def probe_logits(model: Transformer, tokenizer) -> dict:
+    """The model's last-position logits on PROBE_TEXT (float32, CPU): its 8 largest (token, value) and the norm; the
+    record keeps them so a rebuilt model can be checked against the one the retrofit produced."""
+    ids = torch.tensor([tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]], device=model.device)
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1].float().cpu()
+    top = logits.topk(8)
+    return {"text": PROBE_TEXT, "top8": [[int(i), round(float(v), 5)] for v, i in zip(top.values, top.indices)],
+            "norm": round(float(logits.norm()), 4)}
+
+
 def student_from_base(base: Transformer, recipe: Recipe) -> Retrofit:
     """A Retrofit whose model is the base's weights under nsa_config (gates zero, low-rank updates zero)."""
     config = nsa_config(base.config, recipe)
@@ -429,3 +485,27 @@ def student_from_base(base: Transformer, recipe: Recipe) -> Retrofit:
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     return Retrofit(model, replace(recipe))
+
+
+def build_checkpoint(delta_path: Path, base: Path, target: Path) -> Path:
+    """The NSA checkpoint (config.json, model.safetensors in float32, the base's tokenizer, retrofit.json) built from
+    a retrofit file and its base folder into `target` (atomically: a concurrent reader sees all of it or nothing)."""
+    import shutil
+    import tempfile
+
+    from nsa_eval.model_adapters.runtime.checkpoint import from_pretrained, save_pretrained
+
+    tensors, record = read_delta(delta_path)
+    model = build_model(from_pretrained(base, dtype=torch.float32), tensors, record)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    save_pretrained(model, partial)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                 "chat_template.jinja", "vocab.json", "merges.txt"):
+        if (base / name).is_file():
+            shutil.copy2(base / name, partial / name)
+    (partial / "retrofit.json").write_text(json.dumps(record, indent=2) + "\n")
+    if target.exists():
+        shutil.rmtree(target)
+    partial.rename(target)
+    return target

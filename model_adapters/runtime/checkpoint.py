@@ -81,6 +81,31 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
 def read_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """config.json and the weights (safetensors, sharded safetensors, or pytorch_model.bin) of a checkpoint folder,
     names mapped to ours. ModelLoadError with one line naming what is wrong."""
+    config, model_type = _read_config(path)
+    state = _read_weights(path)
+    if model_type in (FLA_MODEL_TYPE, *HF_MODEL_TYPES):
+        fla = model_type == FLA_MODEL_TYPE
+        mapped = {}
+        for name, tensor in state.items():
+            ours = our_name(name, FLA_NAME_MAP if fla else HF_NAME_MAP)
+            if ours is None:
+                if name.endswith("rotary_emb.inv_freq"):  # a buffer some checkpoints carry: made from the config
+                    continue
+                raise ModelLoadError(f"{path}: weight {name} has no counterpart in our model ("
+                                     f"{'FLA_NAME_MAP' if fla else 'HF_NAME_MAP'} in model_adapters/runtime/weights.py)"
+                                     "; load it with --engine transformers")
+            mapped[ours] = tensor
+        state = mapped
+    return config, state
+
+
+def read_config(path: Path) -> ModelConfig:
+    """A checkpoint folder's config.json (any layout above) as our ModelConfig, without reading its weights;
+    ModelLoadError with one line naming what is wrong."""
+    return _read_config(path)[0]
+
+
+def _read_config(path: Path) -> tuple[ModelConfig, str | None]:
     if not path.is_dir():
         raise ModelLoadError(f"NSA checkpoint folder {path} does not exist; give a folder with config.json and weights")
     config_file = path / "config.json"
@@ -112,21 +137,7 @@ def read_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         raise
     except ValueError as error:
         raise ModelLoadError(str(error)) from None
-    state = _read_weights(path)
-    if model_type in (FLA_MODEL_TYPE, *HF_MODEL_TYPES):
-        fla = model_type == FLA_MODEL_TYPE
-        mapped = {}
-        for name, tensor in state.items():
-            ours = our_name(name, FLA_NAME_MAP if fla else HF_NAME_MAP)
-            if ours is None:
-                if name.endswith("rotary_emb.inv_freq"):  # a buffer some checkpoints carry: made from the config
-                    continue
-                raise ModelLoadError(f"{path}: weight {name} has no counterpart in our model ("
-                                     f"{'FLA_NAME_MAP' if fla else 'HF_NAME_MAP'} in model_adapters/runtime/weights.py)"
-                                     "; load it with --engine transformers")
-            mapped[ours] = tensor
-        state = mapped
-    return config, state
+    return config, model_type
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

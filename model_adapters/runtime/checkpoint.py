@@ -1,7 +1,7 @@
 """Checkpoint folders <-> the runtime's model: ours (config.json with every field, model.safetensors; model_type
 nsa_eval), flash-linear-attention's NSA (model_type nsa) and Llama-family transformers checkpoints (llama, qwen2,
-qwen3, mistral), their names and config fields mapped explicitly in runtime/weights.py. Every failure is a
-ModelLoadError of one line naming what is wrong."""
+qwen3, mistral), their names and config fields mapped explicitly in runtime/weights.py. Every failure to read is a
+ModelLoadError of one line naming what is wrong. Written: ours (save_pretrained) and fla's NSA layout (save_fla)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from nsa_eval.model_adapters.runtime.config import MODEL_TYPE, ModelConfig
 from nsa_eval.model_adapters.runtime.model import Transformer
 from nsa_eval.model_adapters.runtime.rope import inv_frequencies
 from nsa_eval.model_adapters.runtime.weights import FLA_MODEL_TYPE, HF_MODEL_TYPES, config_from_fla, config_from_hf, \
-    FLA_NAME_MAP, HF_NAME_MAP, our_name
+    FLA_EXPORT_MAP, FLA_NAME_MAP, HF_NAME_MAP, fla_config_from, our_name
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -32,6 +32,54 @@ def save_pretrained(model: Transformer, path: str | Path) -> None:
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
     save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def save_fla(model: Transformer | dict[str, torch.Tensor], config: ModelConfig | None, path: str | Path,
+             tokenizer=None) -> None:
+    """flash-linear-attention's NSA checkpoint of a model (a Transformer, or its state dict under our names with its
+    `config`; None: the Transformer's own) into `path`: config.json (fla's NSAConfig fields, model_type nsa;
+    weights.fla_config_from), model.safetensors under fla's names (weights.FLA_EXPORT_MAP; lm_head.weight left out
+    when tied, as fla saves it) and the tokenizer's files when one is given; fla.models.NSAForCausalLM.from_pretrained
+    and our loader read it. ValueError of one line, before anything is written, for a config fla's layout cannot hold
+    or a state that does not fit the config."""
+    from safetensors.torch import save_file
+
+    if isinstance(model, Transformer):
+        config = config or model.config
+        state = model.state_dict()
+    elif config is None:
+        raise ValueError("save_fla: give the config of a state dict")
+    else:
+        state = dict(model)
+    fla_config = fla_config_from(config)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"save_fla: the weights do not fit the config: missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}")
+    wrong = [f"{k} {tuple(state[k].shape)} (config: {shape})" for k, shape in expected.items()
+             if tuple(state[k].shape) != shape]
+    if wrong:
+        raise ValueError(f"save_fla: weights of the wrong shape: {', '.join(wrong[:3])}")
+    renamed = {}
+    for name, tensor in state.items():
+        fla = our_name(name, FLA_EXPORT_MAP)
+        assert fla is not None, f"FLA_EXPORT_MAP lacks {name}"  # every name of an expressible config maps
+        # copies: the attention's and MLP's input weights are row slices of one tensor (fused_linear)
+        renamed[fla] = tensor.detach().to("cpu", copy=True).contiguous()
+    dtypes = {t.dtype for t in renamed.values()}
+    if len(dtypes) == 1:
+        fla_config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(fla_config, indent=2) + "\n")
+    save_file(renamed, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
 
 
 def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -81,6 +129,28 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
 def read_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """config.json and the weights (safetensors, sharded safetensors, or pytorch_model.bin) of a checkpoint folder,
     names mapped to ours. ModelLoadError with one line naming what is wrong."""
+    config = read_config(path)
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    state = _read_weights(path)
+    if model_type in (FLA_MODEL_TYPE, *HF_MODEL_TYPES):
+        fla = model_type == FLA_MODEL_TYPE
+        mapped = {}
+        for name, tensor in state.items():
+            ours = our_name(name, FLA_NAME_MAP if fla else HF_NAME_MAP)
+            if ours is None:
+                if name.endswith("rotary_emb.inv_freq"):  # a buffer some checkpoints carry: made from the config
+                    continue
+                raise ModelLoadError(f"{path}: weight {name} has no counterpart in our model ("
+                                     f"{'FLA_NAME_MAP' if fla else 'HF_NAME_MAP'} in model_adapters/runtime/weights.py)"
+                                     "; load it with --engine transformers")
+            mapped[ours] = tensor
+        state = mapped
+    return config, state
+
+
+def read_config(path: Path) -> ModelConfig:
+    """Our config for a checkpoint folder's config.json (any layout above), without reading its weights.
+    ModelLoadError with one line naming what is wrong."""
     if not path.is_dir():
         raise ModelLoadError(f"NSA checkpoint folder {path} does not exist; give a folder with config.json and weights")
     config_file = path / "config.json"
@@ -112,21 +182,7 @@ def read_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         raise
     except ValueError as error:
         raise ModelLoadError(str(error)) from None
-    state = _read_weights(path)
-    if model_type in (FLA_MODEL_TYPE, *HF_MODEL_TYPES):
-        fla = model_type == FLA_MODEL_TYPE
-        mapped = {}
-        for name, tensor in state.items():
-            ours = our_name(name, FLA_NAME_MAP if fla else HF_NAME_MAP)
-            if ours is None:
-                if name.endswith("rotary_emb.inv_freq"):  # a buffer some checkpoints carry: made from the config
-                    continue
-                raise ModelLoadError(f"{path}: weight {name} has no counterpart in our model ("
-                                     f"{'FLA_NAME_MAP' if fla else 'HF_NAME_MAP'} in model_adapters/runtime/weights.py)"
-                                     "; load it with --engine transformers")
-            mapped[ours] = tensor
-        state = mapped
-    return config, state
+    return config
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ ModelLoadError of one line naming what is wrong. Written: ours (save_pretrained)
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +19,9 @@ from nsa_eval.model_adapters.runtime.weights import FLA_MODEL_TYPE, HF_MODEL_TYP
     FLA_EXPORT_MAP, FLA_NAME_MAP, HF_NAME_MAP, fla_config_from, our_name
 
 WEIGHTS_FILE = "model.safetensors"
+# what a checkpoint folder may hold beside config.json and its weights that a converted copy takes along
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+              "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
 def save_pretrained(model: Transformer, path: str | Path) -> None:
@@ -80,6 +84,22 @@ def save_fla(model: Transformer | dict[str, torch.Tensor], config: ModelConfig |
     save_file(renamed, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
+
+
+def export_fla(source: str | Path, out: str | Path) -> tuple[ModelConfig, list[str]]:
+    """The checkpoint folder `source` (any layout read_checkpoint reads) as flash-linear-attention's NSA checkpoint in
+    `out` (save_fla), with the tokenizer and generation files found beside it (SIDE_FILES, copied as they are) ->
+    (its config, the names of the files copied). The config is checked before the weights are read; nothing is
+    written when either does not fit (ValueError / ModelLoadError of one line)."""
+    source = Path(source)
+    config = read_config(source)
+    fla_config_from(config, where=str(source / "config.json"))
+    _, state = read_checkpoint(source)
+    save_fla(state, config, out)
+    copied = [name for name in SIDE_FILES if (source / name).is_file()]
+    for name in copied:
+        shutil.copyfile(source / name, Path(out) / name)
+    return config, copied
 
 
 def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

@@ -90,15 +90,16 @@ def fla_config_from(config: ModelConfig, where: str = "config") -> dict[str, Any
     paths (the same math) run on any device, its fused Triton kernels only on a GPU; set them true there to train."""
     c = config
     problems = []
-    if c.attention != "nsa":
+    if c.attention != "nsa":  # the NSA fields below mean nothing then
         problems.append(f"attention {c.attention!r} (fla's model_type nsa is NSA attention)")
-    if c.compression != "mean":
-        problems.append(f"compression {c.compression!r} (fla mean-pools each block)")
-    if not c.shared_kv:
-        problems.append("shared_kv false (fla has one K/V for every branch)")
-    if not c.block_len == c.block_stride == c.select_len:
-        problems.append(f"block_len={c.block_len}, block_stride={c.block_stride}, select_len={c.select_len} (fla has "
-                        "one block_size for all three)")
+    else:
+        if c.compression != "mean":
+            problems.append(f"compression {c.compression!r} (fla mean-pools each block)")
+        if not c.shared_kv:
+            problems.append("shared_kv false (fla has one K/V for every branch)")
+        if not c.block_len == c.block_stride == c.select_len:
+            problems.append(f"block_len={c.block_len}, block_stride={c.block_stride}, select_len={c.select_len} (fla "
+                            "has one block_size for all three)")
     if c.v_head_dim != c.head_dim:
         problems.append(f"v_head_dim={c.v_head_dim} != head_dim={c.head_dim} (fla has one head_dim)")
     if c.qk_norm:

@@ -246,7 +246,7 @@ def test_cli_export_writes_fla_layout_that_loads_back(tiny_nsa_dir, tmp_path, pr
         assert (again / file).read_bytes() == (out / file).read_bytes()
 
 
-def test_cli_export_refuses_in_one_line(tiny_nsa_dir, tmp_path):
+def test_cli_export_refuses_in_one_line(tiny_nsa_dir, tmp_path, smollm2_dir):
     folder, _ = tiny_nsa_dir
     full = tmp_path / "full"
     (full / "sub").mkdir(parents=True)
@@ -259,9 +259,12 @@ def test_cli_export_refuses_in_one_line(tiny_nsa_dir, tmp_path):
     save_pretrained(retrofit_kind(shared_kv=False), separate)
     _one_line_error(_export("--model", f"nsa:{separate}", "--layout", "fla", "--out", tmp_path / "o2"),
                     "shared_kv false (fla has one K/V for every branch)")
+    _one_line_error(_export("--model", "smollm2", "--layout", "fla", "--out", tmp_path / "o0"),  # full attention
+                    "config.json cannot be written in flash-linear-attention's NSA layout: attention 'full' (fla's "
+                    "model_type nsa is NSA attention)")
     _one_line_error(_export("--model", "openai:http://127.0.0.1:1/v1#m", "--layout", "fla", "--out", tmp_path / "o3"),
                     "is not a checkpoint folder; give nsa:PATH, hf:PATH or smollm2")
     _one_line_error(_export("--model", f"nsa:{tmp_path / 'absent'}", "--layout", "fla", "--out", tmp_path / "o4"),
                     "does not exist")
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+    assert not any((tmp_path / f"o{i}").exists() for i in range(5))
     assert _export("--model", f"nsa:{folder}", "--layout", "paper", "--out", tmp_path / "o5").exit_code == 2

@@ -60,7 +60,9 @@ def save_fla(model: Transformer | dict[str, torch.Tensor], config: ModelConfig |
         expected = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
-        state.pop("lm_head.weight", None)
+        head = state.pop("lm_head.weight", None)
+        if head is not None and "embed.weight" in state and not torch.equal(head, state["embed.weight"]):
+            raise ValueError("save_fla: tie_word_embeddings is true but lm_head.weight differs from embed.weight")
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"save_fla: the weights do not fit the config: missing {missing[:3]}, unexpected "

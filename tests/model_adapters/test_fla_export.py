@@ -75,8 +75,7 @@ def test_fla_loads_our_export_and_gives_our_logits(window, tmp_path, monkeypatch
     from fla.models import NSAForCausalLM as FlaModel
 
     selections = run_fla_on_cpu(monkeypatch)
-    model = retrofit_kind(len(tokenizer), window, bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id)
+    model = retrofit_kind(len(tokenizer), window, bos_token_id=1, eos_token_id=2, pad_token_id=2)  # SmolLM2's ids
     save_fla(model, None, tmp_path, tokenizer=tokenizer)
     written = json.loads((tmp_path / "config.json").read_text())
     assert {k: written[k] for k in ("model_type", "num_heads", "num_kv_heads", "head_dim", "block_size",
@@ -90,6 +89,8 @@ def test_fla_loads_our_export_and_gives_our_logits(window, tmp_path, monkeypatch
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
     fla_model.eval()
     assert fla_model.lm_head.weight.data_ptr() == fla_model.model.embeddings.weight.data_ptr()  # tied
+    ours_state = model.state_dict()  # every tensor as we wrote it (the padding row of fla's embedding included)
+    assert all(torch.equal(t, ours_state[our_name(n, FLA_NAME_MAP)]) for n, t in fla_model.state_dict().items())
     assert fla_model.model.layers[0].attn.num_kv_groups == 3 and fla_model.model.layers[0].attn.window_size == window
     with torch.no_grad():
         theirs = fla_model(input_ids=prompt).logits
@@ -184,6 +185,9 @@ def test_a_state_that_does_not_fit_its_config_is_refused(tmp_path):
         save_fla(state, model.config, tmp_path / "out")
     state = dict(model.state_dict(), **{"norm.weight": torch.zeros(3)})
     with pytest.raises(ValueError, match=r"wrong shape: norm.weight \(3,\) \(config: \(64,\)\)"):
+        save_fla(state, model.config, tmp_path / "out")
+    state = dict(model.state_dict(), **{"lm_head.weight": torch.zeros_like(model.embed.weight)})
+    with pytest.raises(ValueError, match="tie_word_embeddings is true but lm_head.weight differs from embed.weight"):
         save_fla(state, model.config, tmp_path / "out")
     with pytest.raises(ValueError, match="give the config of a state dict"):
         save_fla(model.state_dict(), None, tmp_path / "out")

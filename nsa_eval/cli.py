@@ -235,6 +235,35 @@ def list_things(what: str) -> None:
             click.echo(f"{spec:<18} {what_it_is}")
 
 
+@main.command()
+@click.option("--model", "model_spec", required=True,
+              help="The checkpoint to convert: nsa:PATH (ours, or flash-linear-attention's), hf:PATH or smollm2 (their "
+                   "config must fit the layout: full-attention checkpoints do not fit fla's NSA).")
+@click.option("--layout", type=click.Choice(["fla"]), required=True,
+              help="fla: flash-linear-attention's NSA checkpoint (config.json with model_type nsa and fla's field "
+                   "names, fla's weight names), which fla.models.NSAForCausalLM.from_pretrained and nsa:OUT load.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="A new or empty folder.")
+def export(model_spec: str, layout: str, out: Path) -> None:
+    """Write a checkpoint in another library's layout: config.json and model.safetensors, with the tokenizer and
+    generation_config.json found beside the source. What the layout cannot hold (fla: MLP compression, separate K/V
+    per branch, block_len != block_stride or select_len, ...) is refused in one line before anything is written."""
+    from nsa_eval.model_adapters.runtime.checkpoint import export_fla
+    from nsa_eval.model_adapters.runtime.weights import fla_kernel_limits
+    from nsa_eval.models import checkpoint_folder
+
+    assert layout == "fla"  # click.Choice
+    folder = checkpoint_folder(model_spec)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} is not an empty folder; give a new or empty one")
+    config, copied = export_fla(folder, out)
+    click.echo(f"wrote {out}: flash-linear-attention NSA checkpoint (config.json, model.safetensors"
+               f"{', ' + ', '.join(copied) if copied else ''})")
+    if not any(name.startswith("tokenizer") for name in copied):
+        click.echo(f"note: {folder} holds no tokenizer files, so {out} has none; nsa:{out} needs one", err=True)
+    for limit in fla_kernel_limits(config):
+        click.echo(f"note: fla 0.6.0 loads it, but its NSA op needs more: {limit}", err=True)
+
+
 from nsa_eval.report.commands import publish, report  # noqa: E402  (the report commands live with the reporter)
 
 main.add_command(report)

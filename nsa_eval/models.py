@@ -168,6 +168,30 @@ def load_model(spec: str, **options: Any) -> LanguageModel:
     )
 
 
+def checkpoint_folder(spec: str) -> Path:
+    """The local checkpoint folder of a spec the native engine reads from one (nsa:PATH; hf:PATH or a hub id in the
+    local cache; smollm2): what `nsa-eval export` converts. One ValueError line for any other spec."""
+    check_model_spec(spec)
+    kind, _, target = spec.partition(":")
+    if spec == "smollm2":
+        from nsa_eval.model_adapters.smollm2 import plain_checkpoint
+
+        return plain_checkpoint()
+    if kind == "nsa":
+        return Path(target).expanduser()
+    if kind == "hf":
+        from nsa_eval.model_adapters.native import local_folder, native_supported
+
+        folder = local_folder(target)
+        if folder is None:
+            raise ValueError(f"'{spec}' is neither a local folder nor a hub id in the local Hugging Face cache; "
+                             "give a checkpoint folder")
+        if not native_supported(folder):
+            raise ValueError(native_refusal(spec))
+        return folder
+    raise ValueError(f"'{spec}' is not a checkpoint folder; give nsa:PATH, hf:PATH or smollm2")
+
+
 def native_refusal(spec: str) -> str:
     from nsa_eval.model_adapters.runtime.weights import HF_MODEL_TYPES
 

@@ -1,4 +1,5 @@
-"""Helpers shared by the interop tests: a local lm-eval task folder and our server on loopback."""
+"""Helpers shared by the interop tests: a local lm-eval task folder, our server on loopback, flash-linear-attention's
+NSA model on the CPU."""
 
 from __future__ import annotations
 
@@ -93,3 +94,59 @@ def serving(model, served_name: str = "tiny", **options) -> Iterator:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ---- flash-linear-attention's NSA model on the CPU: its attention op (fla.layers.nsa.parallel_nsa, Triton kernels
+# autotuned on a GPU) swapped for fla's own PyTorch reference pieces; its autotuned helper kernels (rotary) pinned to
+# their first config so they run in Triton's interpreter
+
+
+def fla_nsa_on_cpu(q, k, v, g_cmp=None, g_slc=None, g_swa=None, block_indices=None, block_counts=16, block_size=64,
+                   window_size=0, scale=None, cu_seqlens=None, selections=None):
+    """fla.ops.nsa.naive.naive_nsa line for line (mean pooling, naive_nsa_compression, naive_nsa_topk,
+    naive_nsa_selection, the gated sum) with two changes that leave its arithmetic alone: no assert that a GQA group
+    is a power of 2 >= 16 (a tile size of fla's Triton kernels; the naive pieces take any group), and the window
+    branch as flash_attn_func(q, k, v, causal=True, window_size=(window_size - 1, 0)) computes it (flash-attn is not
+    installed here): query t sees keys t - window_size < s <= t. No cu_seqlens (the tests run batches). selections: a
+    list that gets each call's selected block indices [B, T, H, n] (-1: none)."""
+    import torch
+    from einops import repeat
+    from fla.ops.nsa.naive import naive_nsa_compression, naive_nsa_selection, naive_nsa_topk
+    from fla.ops.utils.pooling import mean_pooling
+
+    assert block_counts is not None and cu_seqlens is None and block_indices is None
+    if scale is None:
+        scale = k.shape[-1] ** -0.5
+    k_cmp, v_cmp = mean_pooling(k, block_size, None), mean_pooling(v, block_size, None)
+    o_cmp, _ = naive_nsa_compression(q=q, k_cmp=k_cmp, v_cmp=v_cmp, block_size=block_size, scale=scale)
+    block_indices = naive_nsa_topk(q=q, k_cmp=k_cmp, block_counts=block_counts, block_size=block_size, scale=scale)
+    if selections is not None:
+        selections.append(block_indices)
+    o = o_slc = naive_nsa_selection(q, k, v, block_indices, block_size, scale)
+    if g_slc is not None:
+        o = o_slc * g_slc.unsqueeze(-1)
+    o = torch.addcmul(o, o_cmp, g_cmp.unsqueeze(-1))
+    if window_size > 0:
+        group = q.shape[2] // k.shape[2]
+        kw, vw = (repeat(x, "b t h d -> b (h g) t d", g=group) for x in (k, v))
+        t = torch.arange(q.shape[1])
+        visible = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window_size)
+        o_swa = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), kw, vw, attn_mask=visible,
+                                                                 scale=scale).transpose(1, 2)
+        o = torch.addcmul(o, o_swa.to(o.dtype), g_swa.unsqueeze(-1))
+    return o
+
+
+def run_fla_on_cpu(monkeypatch) -> list:
+    """Patch fla for the CPU (as the comment above says) for the rest of the test; returns the list that collects
+    each attention call's selected block indices."""
+    from functools import partial
+
+    from triton.runtime.autotuner import Autotuner
+
+    import fla.layers.nsa as fla_layer
+
+    selections: list = []
+    monkeypatch.setattr(fla_layer, "parallel_nsa", partial(fla_nsa_on_cpu, selections=selections))
+    monkeypatch.setattr(Autotuner, "prune_configs", lambda self, kwargs, *args: self.configs[:1])
+    return selections

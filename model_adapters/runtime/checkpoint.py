@@ -1,11 +1,12 @@
 """Checkpoint folders <-> the runtime's model: ours (config.json with every field, model.safetensors; model_type
 nsa_eval), flash-linear-attention's NSA (model_type nsa) and Llama-family transformers checkpoints (llama, qwen2,
-qwen3, mistral), their names and config fields mapped explicitly in runtime/weights.py. Every failure is a
-ModelLoadError of one line naming what is wrong."""
+qwen3, mistral), their names and config fields mapped explicitly in runtime/weights.py. Every failure to read is a
+ModelLoadError of one line naming what is wrong. Written: ours (save_pretrained) and fla's NSA layout (save_fla)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -15,9 +16,12 @@ from nsa_eval.model_adapters.runtime.config import MODEL_TYPE, ModelConfig
 from nsa_eval.model_adapters.runtime.model import Transformer
 from nsa_eval.model_adapters.runtime.rope import inv_frequencies
 from nsa_eval.model_adapters.runtime.weights import FLA_MODEL_TYPE, HF_MODEL_TYPES, config_from_fla, config_from_hf, \
-    FLA_NAME_MAP, HF_NAME_MAP, our_name
+    FLA_EXPORT_MAP, FLA_NAME_MAP, HF_NAME_MAP, fla_config_from, our_name
 
 WEIGHTS_FILE = "model.safetensors"
+# what a checkpoint folder may hold beside config.json and its weights that a converted copy takes along
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+              "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
 def save_pretrained(model: Transformer, path: str | Path) -> None:
@@ -32,6 +36,72 @@ def save_pretrained(model: Transformer, path: str | Path) -> None:
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
     save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def save_fla(model: Transformer | dict[str, torch.Tensor], config: ModelConfig | None, path: str | Path,
+             tokenizer=None) -> None:
+    """flash-linear-attention's NSA checkpoint of a model (a Transformer, or its state dict under our names with its
+    `config`; None: the Transformer's own) into `path`: config.json (fla's NSAConfig fields, model_type nsa;
+    weights.fla_config_from), model.safetensors under fla's names (weights.FLA_EXPORT_MAP; lm_head.weight left out
+    when tied, as fla saves it) and the tokenizer's files when one is given; fla.models.NSAForCausalLM.from_pretrained
+    and our loader read it. ValueError of one line, before anything is written, for a config fla's layout cannot hold
+    or a state that does not fit the config."""
+    from safetensors.torch import save_file
+
+    if isinstance(model, Transformer):
+        config = config or model.config
+        state = model.state_dict()
+    elif config is None:
+        raise ValueError("save_fla: give the config of a state dict")
+    else:
+        state = dict(model)
+    fla_config = fla_config_from(config)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        head = state.pop("lm_head.weight", None)
+        if head is not None and "embed.weight" in state and not torch.equal(head, state["embed.weight"]):
+            raise ValueError("save_fla: tie_word_embeddings is true but lm_head.weight differs from embed.weight")
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"save_fla: the weights do not fit the config: missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}")
+    wrong = [f"{k} {tuple(state[k].shape)} (config: {shape})" for k, shape in expected.items()
+             if tuple(state[k].shape) != shape]
+    if wrong:
+        raise ValueError(f"save_fla: weights of the wrong shape: {', '.join(wrong[:3])}")
+    renamed = {}
+    for name, tensor in state.items():
+        fla = our_name(name, FLA_EXPORT_MAP)
+        assert fla is not None, f"FLA_EXPORT_MAP lacks {name}"  # every name of an expressible config maps
+        # copies: the attention's and MLP's input weights are row slices of one tensor (fused_linear)
+        renamed[fla] = tensor.detach().to("cpu", copy=True).contiguous()
+    dtypes = {t.dtype for t in renamed.values()}
+    if len(dtypes) == 1:
+        fla_config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(fla_config, indent=2) + "\n")
+    save_file(renamed, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+
+
+def export_fla(source: str | Path, out: str | Path) -> tuple[ModelConfig, list[str]]:
+    """The checkpoint folder `source` (any layout read_checkpoint reads) as flash-linear-attention's NSA checkpoint in
+    `out` (save_fla), with the tokenizer and generation files found beside it (SIDE_FILES, copied as they are) ->
+    (its config, the names of the files copied). The config is checked before the weights are read; nothing is
+    written when either does not fit (ValueError / ModelLoadError of one line)."""
+    source = Path(source)
+    config = read_config(source)
+    fla_config_from(config, where=str(source / "config.json"))
+    _, state = read_checkpoint(source)
+    save_fla(state, config, out)
+    copied = [name for name in SIDE_FILES if (source / name).is_file()]
+    for name in copied:
+        shutil.copyfile(source / name, Path(out) / name)
+    return config, copied
 
 
 def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

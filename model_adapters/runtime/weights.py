@@ -1,7 +1,8 @@
 """Explicit weight-name and config maps from other checkpoint layouts onto the runtime's model (gpt-fast style).
 
 Our own checkpoints (model_type nsa_eval) use the model's names as they are. flash-linear-attention's NSA
-checkpoints (model_type nsa) map through FLA_NAME_MAP and config_from_fla.
+checkpoints (model_type nsa) map through FLA_NAME_MAP and config_from_fla, and back (runtime/checkpoint.py: save_fla)
+through FLA_EXPORT_MAP and fla_config_from.
 """
 
 from __future__ import annotations
@@ -26,9 +27,22 @@ FLA_NAME_MAP: list[tuple[str, str]] = [
 ]
 
 
+# ours -> fla's: the reverse of FLA_NAME_MAP, line for line (save_fla)
+FLA_EXPORT_MAP: list[tuple[str, str]] = [
+    (r"embed\.weight", r"model.embeddings.weight"),
+    (r"layers\.(\d+)\.attn_norm\.weight", r"model.layers.\1.attn_norm.weight"),
+    (r"layers\.(\d+)\.attn\.(q|k|v|g|o)_proj\.(weight|bias)", r"model.layers.\1.attn.\2_proj.\3"),
+    (r"layers\.(\d+)\.mlp_norm\.weight", r"model.layers.\1.mlp_norm.weight"),
+    (r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"model.layers.\1.mlp.\2_proj.weight"),
+    (r"norm\.weight", r"model.norm.weight"),
+    (r"lm_head\.weight", r"lm_head.weight"),
+]
+
+
 def our_name(name: str, name_map: list[tuple[str, str]]) -> str | None:
-    """Our parameter name for a checkpoint's `name` through one of the maps here (FLA_NAME_MAP, HF_NAME_MAP), or None
-    for a name the map does not know (buffers such as rotary_emb.inv_freq)."""
+    """The name `name` takes through one of the maps here: ours for a checkpoint's name through FLA_NAME_MAP or
+    HF_NAME_MAP, fla's for ours through FLA_EXPORT_MAP; None for a name the map does not know (buffers such as
+    rotary_emb.inv_freq)."""
     for pattern, target in name_map:
         if re.fullmatch(pattern, name):
             return re.sub(pattern, target, name)
@@ -67,6 +81,64 @@ def config_from_fla(data: dict[str, Any], where: str = "config") -> ModelConfig:
         pad_token_id=data.get("pad_token_id"),
     )
 
+
+def fla_config_from(config: ModelConfig, where: str = "config") -> dict[str, Any]:
+    """flash-linear-attention's NSA config.json (fla.models.NSAConfig's fields, model_type nsa) for our config: the
+    reverse of config_from_fla. ValueError of one line listing everything fla's layout cannot hold (its NSA is
+    l = d = l' = block_size, mean pooling, one K/V shared by the branches, q/k/v biases only, plain RoPE, equal
+    query-key and value head dims). fuse_norm / fuse_swiglu / fuse_cross_entropy are written false: fla's PyTorch
+    paths (the same math) run on any device, its fused Triton kernels only on a GPU; set them true there to train."""
+    c = config
+    problems = []
+    if c.attention != "nsa":  # the NSA fields below mean nothing then
+        problems.append(f"attention {c.attention!r} (fla's model_type nsa is NSA attention)")
+    else:
+        if c.compression != "mean":
+            problems.append(f"compression {c.compression!r} (fla mean-pools each block)")
+        if not c.shared_kv:
+            problems.append("shared_kv false (fla has one K/V for every branch)")
+        if not c.block_len == c.block_stride == c.select_len:
+            problems.append(f"block_len={c.block_len}, block_stride={c.block_stride}, select_len={c.select_len} (fla "
+                            "has one block_size for all three)")
+    if c.v_head_dim != c.head_dim:
+        problems.append(f"v_head_dim={c.v_head_dim} != head_dim={c.head_dim} (fla has one head_dim)")
+    if c.qk_norm:
+        problems.append("qk_norm (fla has no q/k norm)")
+    if c.o_bias:
+        problems.append("o_bias (fla's o_proj has no bias)")
+    if c.rope_scaling is not None:
+        problems.append(f"rope_scaling {c.rope_scaling.get('rope_type')!r} (fla's RoPE has no scaling)")
+    if c.sliding_window is not None:
+        problems.append(f"sliding_window={c.sliding_window} (fla's NSA has no full-attention window)")
+    if problems:
+        raise ValueError(f"{where} cannot be written in flash-linear-attention's NSA layout: {'; '.join(problems)}")
+    return {
+        "model_type": FLA_MODEL_TYPE, "architectures": ["NSAForCausalLM"],
+        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+        "num_heads": c.num_attention_heads, "num_kv_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+        "qkv_bias": c.qkv_bias, "block_size": c.block_len, "block_counts": c.num_selected, "window_size": c.window,
+        "rope_theta": c.rope_theta, "max_position_embeddings": c.max_position_embeddings,
+        "hidden_ratio": 4, "intermediate_size": c.intermediate_size, "hidden_act": "swish",
+        "elementwise_affine": True, "norm_eps": c.rms_norm_eps, "initializer_range": 0.02, "use_cache": True,
+        "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
+        "fuse_norm": False, "fuse_swiglu": False, "fuse_cross_entropy": False, "fuse_linear_cross_entropy": False,
+        "use_l2warp": False, "attnres_block_size": None,
+    }
+
+
+def fla_kernel_limits(config: ModelConfig) -> list[str]:
+    """What fla 0.6.0's own NSA ops (parallel_nsa on a GPU, naive_nsa) need beyond what its layout holds: the
+    checkpoint loads in fla whatever this says, but a forward pass stops at the op where one is not met."""
+    group = config.num_attention_heads // config.num_key_value_heads
+    limits = []
+    if group < 16 or group & (group - 1):
+        limits.append(f"{group} query heads per KV head: fla's parallel_nsa and naive_nsa assert a power of 2 >= 16")
+    if config.head_dim > 128:
+        limits.append(f"head_dim={config.head_dim}: fla's NSA kernels take at most 256 on Hopper cards, 128 elsewhere")
+    if config.window:
+        limits.append(f"window_size={config.window}: fla's window branch calls flash-attn (pip install flash-attn)")
+    return limits
 
 
 # Llama-family transformers checkpoints (SmolLM2 is model_type llama) -------------------------------------------------

@@ -150,7 +150,7 @@ def test_cli_bad_input_is_one_line(tiny_llama_dir, tmp_path):
     assert_one_line_error(invoke("retrofit", "--base", f"hf:{gpt2}", "--out", tmp_path / "o"), "gpt2", "Llama-family")
     assert_one_line_error(invoke("retrofit", "--base", "nsa:x", "--out", tmp_path / "o"), "smollm2 or hf:PATH")
     assert_one_line_error(invoke("retrofit", "--base", f"hf:{tiny_llama_dir}", "--out", tmp_path / "o",
-                                 "--lora-rank", 4096, "--max-file-mb", 10), "MB", "--lora-rank")
+                                 "--lora-rank", 4096, "--max-file-mb", 1), "MB", "--lora-rank")
     assert_one_line_error(invoke("retrofit", "--base", f"hf:{tiny_llama_dir}", "--out", tmp_path / "o",
                                  "--seq-len", 100000), "--seq-len 100000", "4096 positions")
     assert_one_line_error(invoke("retrofit", "--base", f"hf:{tiny_llama_dir}", "--out", tmp_path / "o",

@@ -159,3 +159,25 @@ def test_cli_bad_input_is_one_line(tiny_llama_dir, tmp_path):
     assert_one_line_error(invoke("retrofit", "--base", f"hf:{tiny_llama_dir}", "--out", tmp_path / "o",
                                  "--corpus", tmp_path / "junk.bin", *CLI_SMALL), "junk.bin", "not a retrofit corpus")
     assert not (tmp_path / "o" / "state.pt").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_nsa_rebuilds_the_model_its_retrofit_made(smollm2_dir, tmp_path, monkeypatch):
+    """The shipped file (model_adapters/smollm2_nsa.safetensors) built onto smollm2 gives the probe logits the
+    retrofit recorded from the model it made, and `--model smollm2-nsa` loads it as an NSA model."""
+    from transformers import AutoTokenizer
+
+    from nsa_eval.model_adapters.smollm2 import SHIPPED_NSA, nsa_checkpoint
+    from nsa_eval.models import MODEL_KINDS
+
+    monkeypatch.setenv("NSA_EVAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("nsa_eval.model_adapters.smollm2.plain_checkpoint", lambda: Path(smollm2_dir))
+    assert SHIPPED_NSA.stat().st_size <= 10e6 and "smollm2-nsa" in MODEL_KINDS
+    _, record = read_delta(SHIPPED_NSA)
+    folder = nsa_checkpoint()
+    assert folder.parent == tmp_path / "cache" and nsa_checkpoint() == folder  # built once, then reused
+    model = from_pretrained(folder)
+    assert model.config.attention == "nsa" and model.config.num_selected == record["recipe"]["selected"]
+    probe = probe_logits(model, AutoTokenizer.from_pretrained(folder))
+    assert [i for i, _ in probe["top8"]] == [i for i, _ in record["probe"]["top8"]]
+    assert np.allclose([v for _, v in probe["top8"]], [v for _, v in record["probe"]["top8"]], rtol=1e-3, atol=1e-3)

@@ -6,6 +6,9 @@ results/runs/<run-id>/
                          with characters other than letters, digits, '.', '_' and '-' as '_': lm-eval_gsm8k.jsonl)
   metrics.json           per task: headline metric with standard error, breakdowns, n, efficiency
 
+While a run writes the folder it holds `.lock` (an flock the OS releases when the process ends, kill -9 included; the
+file holds the writer's process id), so a second run into the folder is refused naming that process.
+
 run.json also holds `settings`: the command-line settings the run was asked with (outside the config hash), so a
 rerun is checked against the run before any model loads (`RunStore.plan`) and a mismatch names the settings that
 differ.
@@ -20,6 +23,7 @@ import platform
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 PROMPT_EXCERPT_CHARS = 400
+LOCK_NAME = ".lock"  # the run folder's lock file (RunStore.lock)
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -166,6 +171,7 @@ class RunStore:
         self.root = Path(root)
         self.settings = settings  # the command line's settings, stored in run.json by open()
         self.overwrite = overwrite  # open() replaces a run already there
+        self._lock: Any = None  # the open lock file while this process holds the folder
 
     @property
     def run_json(self) -> Path:
@@ -195,7 +201,7 @@ class RunStore:
     def _check_folder(self) -> None:
         if self.root.exists() and not self.root.is_dir():
             raise ValueError(f"--output {self.root} is a file; give a directory for the run")
-        if self.root.is_dir() and not self.run_json.is_file() and any(self.root.iterdir()):
+        if self.root.is_dir() and not self.run_json.is_file() and any(p.name != LOCK_NAME for p in self.root.iterdir()):
             raise ValueError(f"--output {self.root} is not empty and holds no run.json; choose an empty or new folder "
                              "(--overwrite replaces only a run folder)")
 
@@ -204,13 +210,14 @@ class RunStore:
         run.json or a run asked with other settings is a ValueError naming what differs."""
         self._check_folder()
         existing = self._existing()
-        if existing is None or self.overwrite:
-            return Plan("new")
-        stored = existing.get("settings")
-        if stored is not None and self.settings is not None and stored != self.settings:
+        stored = (existing or {}).get("settings")
+        if stored is not None and self.settings is not None and stored != self.settings and not self.overwrite:
             raise ValueError(f"--output {self.root} holds a run with other settings ("
                              + "; ".join(settings_diff(self.settings, stored))
                              + "); choose another --output, or pass --overwrite to start it over")
+        self.lock()  # held from here to the process's end; nothing was written if a check above failed
+        if existing is None or self.overwrite:
+            return Plan("new")
         done, total = self.counts(existing)
         if stored is not None and existing.get("finished") and (self.root / "metrics.json").is_file():
             return Plan("complete", done, total)
@@ -218,6 +225,39 @@ class RunStore:
             self.overwrite = True  # a run that stopped before its first sample holds nothing to keep: start it anew
             return Plan("new")
         return Plan("resume", done, total)
+
+    def lock(self) -> None:
+        """Hold the run folder (created if need be) for this process until it ends: an flock on `.lock`, which the
+        OS releases with the process (kill -9 too, so a stale file never blocks). Another process holding it is a
+        ValueError naming that process."""
+        import fcntl
+
+        if self._lock is not None:
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            handle = (self.root / LOCK_NAME).open("a+", encoding="utf-8")
+        except OSError as error:  # read-only, under a file, /proc: before any model loads
+            raise ValueError(f"--output {self.root}: cannot write a run folder there ({error.strerror or error}); "
+                             "choose another --output") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            for _ in range(20):  # the holder writes its id just after it takes the lock
+                handle.seek(0)
+                holder = handle.read().strip()
+                if holder:
+                    break
+                time.sleep(0.05)
+            handle.close()
+            raise ValueError(f"--output {self.root} is being written by another run (process {holder or 'unknown'}); "
+                             "wait for it to end, or choose another --output") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock = handle
 
     def counts(self, info: dict[str, Any] | None = None) -> tuple[int, int]:
         """(samples answered, samples planned) over the run's tasks, read without changing any file."""
@@ -236,6 +276,7 @@ class RunStore:
         """Start the run, or resume it when run.json holds the same config hash; refuse a different run, naming
         the settings that differ. With `overwrite`, a run already there is removed first."""
         self._check_folder()
+        self.lock()
         if self.overwrite:
             self.clear()
         existing = self._existing()
@@ -275,6 +316,8 @@ class RunStore:
         if self.has_samples():
             return
         self.clear()
+        if self._lock is not None:  # this process's lock file goes with the folder it made
+            (self.root / LOCK_NAME).unlink(missing_ok=True)
         folder = self.root
         keep = keep_from.resolve()
         while folder.is_dir() and folder.resolve() != keep and not any(folder.iterdir()):

@@ -63,6 +63,11 @@ BAD_INPUTS = [
     (["--tasks", "niah", "--niah-lengths", "1k", "--task-option", "niah.lengths=512"], ["give one of them"]),
     (["--tasks", "niah", "--include-path", "."], ["--include-path applies to lm-eval:TASK tasks"]),
     (["--tasks", "niah", "--allow-code-execution"], ["--allow-code-execution applies to humaneval"]),
+    (["--tasks", "niah", "--output", "/proc/nsa-eval-run"],
+     ["--output /proc/nsa-eval-run: cannot write a run folder there (No such file or directory)"]),
+    (["--tasks", "niah", "--output", "a.jsonl/run"], ["--output a.jsonl/run: cannot write a run folder there (Not a directory)"]),
+    (["--tasks", "gsm8k", "--data", "gsm8k=a.jsonl", "--task-option", "gsm8k.variant=standard"],
+     ["gsm8k.variant=standard needs 5 shots other than the item asked; a.jsonl holds 4 test rows (give at least 6"]),
 ]
 
 

@@ -166,6 +166,8 @@ def _run(config: RunConfig) -> None:
             prepare = getattr(task, "prepare", None)
             if prepare is not None:
                 prepare()
+            for notice in getattr(task, "notices", ()):  # e.g. RULER without its QA data: which tasks run
+                click.echo(notice, err=True)
         click.echo(f"loading {config.model_spec} ...", err=True)
         stage, started = "while the model loaded", time.perf_counter()
         model = load_model(config.model_spec, device=shard.device(config.device) if shard else config.device,

@@ -418,6 +418,11 @@ class Ruler:
         self._essay_words = essay_words(essays) if essays else None
         available = [t for t in ("qa_1", "qa_2") if self._qa_path(t) is not None]
         self.tasks = list(tasks) if tasks else [*SYNTHETIC, *available]
+        missing = [t for t in ("qa_1", "qa_2") if t not in available]
+        self.notices = [] if tasks or not missing else [  # what the CLI prints at the start: a partial set, said once
+            f"ruler: {'/'.join(missing)} need{'s' if len(missing) == 1 else ''} --data ruler=DIR (RULER's "
+            f"{', '.join(QA_FILES[SUBTASKS[t][1]['dataset']] for t in missing)}); running {len(self.tasks)} of "
+            f"{len(SUBTASKS)} tasks"]
         for task in self.tasks:
             if task.startswith("qa_") and self._qa_path(task) is None:
                 file = QA_FILES[SUBTASKS[task][1]["dataset"]]

@@ -20,6 +20,7 @@ import pandas as pd
 from nsa_eval.report import reference
 from nsa_eval.report.runs import Run, TaskResult, value_order
 from nsa_eval.stats import PairedDelta, paired_bootstrap
+from nsa_eval.tasks.ruler_data import SUBTASKS as RULER_TASKS
 
 DASH = "\u2014"
 SIGNIFICANT = "*"
@@ -531,6 +532,15 @@ def ruler_table(runs: list[Run], task: str, baseline: int | None) -> Table:
                 row.append(Cell(f"{means[length]:.1f}", means[length], Drill(index, task, (("length", str(length)),))))
             else:
                 row.append(Cell(DASH, notes=(table.note(f"{run.label}: no samples of length {length}"),)))
+        covered = sorted(set().union(*names.values())) if names else []
+        partial = len(covered) < len(RULER_TASKS)
+        if partial:  # an average over fewer tasks is not RULER's 13-task average, nor its threshold's
+            row[0].notes += (table.note(
+                f"{run.label}: {len(covered)} of RULER's {len(RULER_TASKS)} tasks ({', '.join(covered)}); its "
+                "averages are over these tasks only, not RULER's 13-task averages"),)
+            row[2] = Cell(DASH, notes=(table.note(
+                f"effective length: RULER's threshold ({RULER_THRESHOLD}) is a 13-task average; none for a partial "
+                "set"),))
         counts = {len(n) for n in names.values()}
         if len(counts) > 1:
             row[0].notes += (table.note(f"{run.label}: the lengths hold different numbers of tasks "

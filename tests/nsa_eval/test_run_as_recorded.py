@@ -50,3 +50,20 @@ def test_capped_aime_and_0_shot_gsm8k_are_reported_as_run(shared_data, tmp_path)
     budget_table = markdown_table(text, "aime by generation budget (the paper's Table 3 form)")
     assert list(budget_table.columns) == ["Model", "48 budget"]  # no 8k column, no paper row beside it
     assert not any("(paper)" in row[0] for row in budget_table.itertuples(index=False))
+
+
+def test_ruler_without_qa_data_says_so_at_start_and_its_table_marks_the_partial_set(tmp_path):
+    out = tmp_path / "ruler"
+    result = invoke("run", "--model", "smollm2", "--tasks", "ruler", "--task-option", "ruler.lengths=1k", "--limit", "1",
+                    "--max-new-tokens", "4", "--quiet", "--output", out)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    notice = ("ruler: qa_1/qa_2 need --data ruler=DIR (RULER's squad.json, hotpotqa.json); running 11 of 13 tasks")
+    assert lines.count(notice) == 1 and lines.index(notice) < lines.index("loading smollm2 ...")
+    report = invoke("report", out, "--format", "md", "--out", tmp_path / "report")
+    assert report.exit_code == 0, report.output
+    text = (tmp_path / "report" / "report.md").read_text()
+    title = "ruler: RULER's table (score in percent, mean over tasks per length)"
+    row = markdown_table(text, title).iloc[0]
+    assert row.iloc[0].startswith("SmolLM2-135M-Instruct[") and row.iloc[2].startswith("\u2014[")
+    assert "11 of RULER's 13 tasks (cwe, fwe, niah_multikey_1" in section(text, title)

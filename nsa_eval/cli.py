@@ -166,6 +166,9 @@ def _run(config: RunConfig) -> None:
             prepare = getattr(task, "prepare", None)
             if prepare is not None:
                 prepare()
+            check_length = getattr(task, "check_length", None)  # NIAH's, RULER's lengths against --max-length
+            if check_length is not None and config.max_length is not None:
+                check_length(config.max_length, config.max_new_tokens)
             for notice in getattr(task, "notices", ()):  # e.g. RULER without its QA data: which tasks run
                 click.echo(notice, err=True)
         click.echo(f"loading {config.model_spec} ...", err=True)

@@ -1,5 +1,10 @@
 """Progress of a run on stderr: rich's bar on a terminal; plain lines with rate and ETA otherwise (a log file, a
-pipe, CI), so a long run shows where it is while it runs rather than only at the end."""
+pipe, CI), so a long run shows where it is while it runs rather than only at the end. While samples are being
+generated on the native engine, `tokens(bar, generated, rows)` reports the tokens generated so far and the rows
+decoding (the runner calls it at most once a second), so long generations (AIME, HumanEval) are never silent: a
+terminal's bar shows them as they change, a log gets a line at most every 30 s. An ETA is printed only from a measured
+rate over at least one interval: the first answer of a batch that decodes many rows at once says nothing of the
+rest."""
 
 from __future__ import annotations
 
@@ -33,13 +38,14 @@ class PlainProgress:
 
     def add_task(self, name: str, total: int, completed: int = 0, note: str = "") -> int:
         self.bars.append({"name": name, "total": total, "completed": completed, "start_completed": completed,
-                          "started": None, "printed": 0.0})
+                          "started": None, "printed": 0.0, "generated": 0, "rows": 0})
         resumed = f" ({completed} already done)" if completed else ""
         self._write(f"{name}: {total - completed} of {total} samples to answer{resumed}{note}")
         return len(self.bars) - 1
 
     def start(self, bar: int) -> None:
         self.bars[bar]["started"] = self.bars[bar]["started"] or time.perf_counter()
+        self.bars[bar]["printed"] = time.perf_counter()  # the start line was just written
 
     def advance(self, bar: int, count: int) -> None:
         state = self.bars[bar]
@@ -53,8 +59,29 @@ class PlainProgress:
         elapsed = max(now - (state["started"] or now), 1e-9)
         rate = done_here / elapsed
         left = state["total"] - state["completed"]
-        eta = f", ETA {_clock(left / rate)}" if left and rate > 0 else f", {_clock(elapsed)} elapsed" if not left else ""
-        self._write(f"{state['name']}: {state['completed']}/{state['total']} samples, {rate:.2f} samples/s{eta}")
+        if first and left:  # one answer, maybe of a batch decoding many rows at once: no rate to project yet
+            told = f", first after {_clock(elapsed)}"
+        else:
+            told = f", {rate:.2f} samples/s" + (f", ETA {_clock(left / rate)}" if left else f", {_clock(elapsed)} elapsed")
+        self._write(f"{state['name']}: {state['completed']}/{state['total']} samples{told}{self._tokens(state, elapsed)}")
+
+    def tokens(self, bar: int, generated: int, rows: int) -> None:
+        """Tokens generated so far in this task and rows decoding now: a line at most every `interval` seconds."""
+        state = self.bars[bar]
+        state["generated"], state["rows"] = generated, rows
+        now = time.perf_counter()
+        if now - state["printed"] < self.interval:
+            return
+        state["printed"] = now
+        elapsed = max(now - (state["started"] or now), 1e-9)
+        self._write(f"{state['name']}: {state['completed']}/{state['total']} samples{self._tokens(state, elapsed)}")
+
+    @staticmethod
+    def _tokens(state: dict[str, Any], elapsed: float) -> str:
+        if not state["generated"]:
+            return ""
+        return (f", {state['generated']} tokens generated ({state['generated'] / elapsed:.1f} tokens/s), "
+                f"{state['rows']} rows decoding")
 
     def _write(self, line: str) -> None:
         self.stream.write(line + "\n")
@@ -68,7 +95,8 @@ class RichProgress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False)
+                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[tokens]}"), transient=False)
         self.state: dict[int, dict[str, Any]] = {}
 
     def __enter__(self) -> "RichProgress":
@@ -79,7 +107,7 @@ class RichProgress:
         self.progress.__exit__(*exc)
 
     def add_task(self, name: str, total: int, completed: int = 0, note: str = "") -> int:
-        bar = self.progress.add_task(name + note, total=total, completed=completed, rate="")
+        bar = self.progress.add_task(name + note, total=total, completed=completed, rate="", tokens="")
         self.state[bar] = {"started": None, "done": 0}
         return bar
 
@@ -91,6 +119,11 @@ class RichProgress:
         state["done"] += count
         rate = state["done"] / max(time.perf_counter() - (state["started"] or time.perf_counter()), 1e-9)
         self.progress.update(bar, advance=count, rate=f"{rate:.2f} samples/s")
+
+    def tokens(self, bar: int, generated: int, rows: int) -> None:
+        started = self.state[bar]["started"] or time.perf_counter()
+        speed = generated / max(time.perf_counter() - started, 1e-9)
+        self.progress.update(bar, tokens=f"{generated} tokens ({speed:.1f}/s), {rows} rows decoding")
 
 
 class NoProgress:
@@ -107,6 +140,9 @@ class NoProgress:
         return None
 
     def advance(self, bar: int, count: int) -> None:
+        return None
+
+    def tokens(self, bar: int, generated: int, rows: int) -> None:
         return None
 
 

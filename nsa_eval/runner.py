@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import sys
+import time
 from typing import Any, Iterable, Iterator
 
 from nsa_eval import store as run_store
@@ -34,11 +36,34 @@ def generation_fields(generation: Generation) -> tuple[list[Any], dict[str, Any]
     }
 
 
-def answer_stream(model: Any, samples: list[Sample], run_seed: int) -> Iterator[tuple[Sample, tuple[list[Any], dict]]]:
+class TokenCount:
+    """The engine's on_token callback for a run's progress: tokens generated and rows decoding, passed to
+    `report(generated, rows)` at most once a second (the progress display decides what to print)."""
+
+    def __init__(self, report: Any):
+        self.report, self.generated, self.rows, self.reported = report, 0, {}, time.monotonic()
+
+    def __call__(self, index: int, sample: int, tokens: list[int], done: bool) -> None:
+        key = (index, sample)
+        self.generated += len(tokens) - self.rows.get(key, 0)
+        if done:
+            self.rows.pop(key, None)
+        else:
+            self.rows[key] = len(tokens)
+        now = time.monotonic()
+        if now - self.reported >= 1.0:
+            self.reported = now
+            self.report(self.generated, len(self.rows))
+
+
+def answer_stream(model: Any, samples: list[Sample], run_seed: int,
+                  on_token: Any = None) -> Iterator[tuple[Sample, tuple[list[Any], dict]]]:
     """Generative samples through a model that streams (`generate_iter`: the native engine's continuous batching),
-    all at once: (sample, its answer) in the order they finish."""
+    all at once: (sample, its answer) in the order they finish. on_token: the engine's per-token callback, where
+    generate_iter takes one (progress)."""
     requests = [generation_request(sample, run_seed) for sample in samples]
-    for index, generation in model.generate_iter(requests):
+    takes = on_token is not None and "on_token" in inspect.signature(model.generate_iter).parameters
+    for index, generation in model.generate_iter(requests, **({"on_token": on_token} if takes else {})):
         yield samples[index], generation_fields(generation)
 
 
@@ -143,7 +168,8 @@ def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore,
             progress.start(bar)
             streamed = [s for s in pending if s.continuations is None] if hasattr(model, "generate_iter") else []
             rest = [s for s in pending if s not in streamed] if streamed else pending
-            answers = answer_stream(model, streamed, seed) if streamed else iter(())
+            count = TokenCount(lambda generated, rows, bar=bar: progress.tokens(bar, generated, rows))
+            answers = answer_stream(model, streamed, seed, count) if streamed else iter(())
             chunks = [rest[start : start + batch_size] for start in range(0, len(rest), batch_size)]
             batches = itertools.chain(([item] for item in answers),
                                       (list(zip(chunk, answer(model, chunk, seed))) for chunk in chunks))

@@ -33,6 +33,8 @@ def workdir(tmp_path, monkeypatch):
     Path("empty.jsonl").write_text("", encoding="utf-8")
     Path("qasper.jsonl").write_text("".join(line + "\n" for line in LONGBENCH_ROWS.read_text(encoding="utf-8").splitlines()
                                             if json.loads(line)["dataset"] == "qasper"), encoding="utf-8")
+    Path("latin1.jsonl").write_bytes(b'{"question": "a", "answer": "1 #### 1"}\n{"question": "caf\xe9", "answer": "1 #### 1"}\n')
+    Path("broken.parquet").write_bytes(b"PAR1 not a parquet file")
     Path("aime.json").write_text('[{"id": 1, "problem": "1+1?", "answer": 2}, {"id": 2,,}]', encoding="utf-8")
     return tmp_path
 
@@ -54,7 +56,9 @@ BAD_INPUTS = [
     (["--tasks", "gsm8k", "--data", "gsm8k=missing.jsonl"], ["missing.jsonl does not exist"]),
     (["--tasks", "gsm8k", "--data", "gsm8k=empty.jsonl"], ["empty.jsonl holds no rows"]),
     (["--tasks", "niah", "--data", "niah=a.jsonl"], ["niah generates its samples", "--task-option niah.haystack_dir=DIR"]),
-    (["--tasks", "aime", "--data", "aime=aime.json"], ["aime.json: not valid JSON", "line 1 column"]),
+    (["--tasks", "aime", "--data", "aime=aime.json"], ["aime.json: line 1, column 54: not valid JSON"]),
+    (["--tasks", "gsm8k", "--data", "gsm8k=latin1.jsonl"], ["latin1.jsonl: line 2, column 18: not UTF-8 text (byte 0xe9)"]),
+    (["--tasks", "gsm8k", "--data", "gsm8k=broken.parquet"], ["broken.parquet: not a readable parquet file"]),
     (["--tasks", "longbench", "--data", "longbench=qasper.jsonl"],
      ["holds 1 of the 21 subsets asked for", "--task-option longbench.subsets=qasper"]),
     (["--tasks", "niah", "--sparse-budget", "384"], ["--sparse-budget applies only with --attention sparse"]),

@@ -45,10 +45,11 @@ def _limit_help() -> str:
 
 
 def print_metrics(metrics: dict[str, Any]) -> None:
+    shown = lambda value: "n/a" if value is None else f"{value:.4f}"  # noqa: E731 - null: none (metrics.json says why)
     for name, result in metrics["tasks"].items():
         headline = result["metrics"].get(result["headline"], {})
-        click.echo(f"{name}: {result['headline']} = {headline.get('mean', float('nan')):.4f} "
-                   f"± {headline.get('stderr', float('nan')):.4f} (n={result['n']})")
+        click.echo(f"{name}: {result['headline']} = {shown(headline.get('mean'))} "
+                   f"± {shown(headline.get('stderr'))} (n={result['n']})")
 
 
 @main.command()

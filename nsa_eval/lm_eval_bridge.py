@@ -389,10 +389,16 @@ class LmEvalTask:
             metric = key.split(",")[0]
             aggregate = aggregations.get(metric, mean)
             stderr = stderr_for_metric(aggregate, bootstrap_iters=100 if metric in SMALL_BOOTSTRAP else 100_000)
-            metrics[key] = {
-                "mean": float(aggregate(items)),
-                "stderr": float(stderr(items)) if stderr is not None and len(items) > 1 else math.nan,
-            }
+            value = float(aggregate(items))
+            error = float(stderr(items)) if stderr is not None and len(items) > 1 else math.nan
+            metrics[key] = {"mean": value if math.isfinite(value) else None,
+                            "stderr": error if math.isfinite(error) else None}
+            if not math.isfinite(value):
+                metrics[key]["mean_reason"] = f"lm-eval's {metric} aggregation gave {value}"
+            if not math.isfinite(error):  # metrics.json is strict JSON: null with the reason, never NaN
+                metrics[key]["stderr_reason"] = (f"one sample (n={len(items)}): no standard error" if len(items) < 2
+                                                 else f"lm-eval has no standard error for {metric}" if stderr is None
+                                                 else f"lm-eval's standard error for {metric} gave {error}")
         return {"n": len(records), "metrics": metrics, "breakdowns": {},
                 "higher_is_better": dict(self._task.higher_is_better())}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -359,7 +360,7 @@ class RunStore:
 
     def append(self, task: str, record: dict[str, Any]) -> None:
         with self.samples_path(task).open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.write(json.dumps(finite(record), ensure_ascii=False, allow_nan=False) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -372,16 +373,28 @@ class RunStore:
                         yield json.loads(line)
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
-        """Atomic write (temp file + rename), so a crash never leaves half a file."""
+        """Atomic write (temp file + rename), so a crash never leaves half a file. Strict JSON: a NaN or infinity
+        (a metric of one sample) is written as null; the task says why beside it (e.g. `stderr_reason`)."""
         target = self.root / name
         temp = target.with_suffix(target.suffix + ".tmp")
-        temp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        temp.write_text(json.dumps(finite(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
         temp.replace(target)
 
     def update_run(self, **fields: Any) -> None:
         data = json.loads(self.run_json.read_text())
         data.update(fields)
         self.write_json("run.json", data)
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None (strict JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
 
 
 def read_ids(path: Path) -> set[str]:

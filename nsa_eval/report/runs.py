@@ -221,8 +221,8 @@ def _task_result(metrics_file: Path, name: str, entry: Any, planned: dict[str, A
     if not isinstance(entry, dict):
         raise ValueError(f"{where} is corrupt (not an object); rerun `nsa-eval run` to rewrite it")
     try:
-        metrics = {m: {"mean": float(v["mean"]), "stderr": float(v.get("stderr", float("nan")))}
-                   for m, v in entry["metrics"].items()}
+        number = lambda value: float("nan") if value is None else float(value)  # noqa: E731 - null: none recorded
+        metrics = {m: {"mean": number(v["mean"]), "stderr": number(v.get("stderr"))} for m, v in entry["metrics"].items()}
         headline = str(entry["headline"])
         n = int(entry["n"])
     except (KeyError, TypeError, ValueError, AttributeError) as error:

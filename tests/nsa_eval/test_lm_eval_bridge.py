@@ -188,3 +188,23 @@ def test_lm_eval_gsm8k_from_one_file_never_shows_an_item_its_own_question(shared
     assert result.output.strip() == (f"Error: lm-eval:gsm8k needs 5 shots other than the item asked; {data} holds 5 "
                                      "rows (give at least 6)")
     assert not (tmp_path / "few").exists()
+
+
+def test_one_sample_writes_strict_json_with_null_and_a_reason(tiny_llama_dir, task_dir, tmp_path):
+    """lm-eval gives no standard error for n=1 (NaN): metrics.json holds null and says why; strict readers accept it,
+    the run's summary line and the report show it as missing."""
+    out = tmp_path / "run"
+    result = run_ours("--model", f"hf:{tiny_llama_dir}", "--tasks", "lm-eval:toy_gen", "--include-path", str(task_dir),
+                      "--limit", "1", "--output", str(out))
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in metrics.json")
+
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=refuse)
+    entry = metrics["tasks"]["lm-eval:toy_gen"]["metrics"]["exact_match,first-number"]
+    assert entry["stderr"] is None and entry["stderr_reason"] == "one sample (n=1): no standard error"
+    assert "± n/a (n=1)" in result.output
+    report = CliRunner().invoke(main, ["report", str(out), "--format", "md", "--out", str(tmp_path / "report")],
+                                catch_exceptions=False)
+    assert report.exit_code == 0, report.output

@@ -62,6 +62,9 @@ BAD_INPUTS = [
     (["--tasks", "longbench", "--data", "longbench=qasper.jsonl"],
      ["holds 1 of the 21 subsets asked for", "--task-option longbench.subsets=qasper"]),
     (["--tasks", "niah", "--sparse-budget", "384"], ["--sparse-budget applies only with --attention sparse"]),
+    (["--tasks", "niah", "--attention", "sparse", "--sparse-budget", "256"],
+     ["--sparse-budget 256 tokens hold 4 blocks of 64 tokens, fewer than the 11 blocks (704 tokens)",
+      "raise it to at least 704 tokens"]),
     (["--tasks", "gsm8k", "--data", "gsm8k=a.jsonl", "--niah-lengths", "1k"],
      ["--niah-lengths applies to the niah task, which is not among --tasks gsm8k"]),
     (["--tasks", "niah", "--niah-lengths", "1k", "--task-option", "niah.lengths=512"], ["give one of them"]),
@@ -91,6 +94,7 @@ def test_bad_input_is_one_line_before_the_model_loads_and_writes_nothing(workdir
 @pytest.mark.parametrize("spec, fragment", [
     ("gpt5", "unknown model spec 'gpt5'"), ("hf:/nowhere/model", "model folder /nowhere/model does not exist"),
     ("nsa:", "needs a checkpoint folder"), ("openai:localhost:8000", "give the server's URL"),
+    ("openai:http://127.0.0.1:9/v1?tokenizer=/nonexistent#m", "tokenizer folder /nonexistent does not exist"),
 ])
 def test_a_bad_model_spec_is_refused_before_loading(workdir, spec, fragment):
     before = snapshot(workdir)

@@ -8,10 +8,12 @@ rest."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 import time
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 PLAIN_INTERVAL_S = float(os.environ.get("NSA_EVAL_PROGRESS_INTERVAL", "30"))  # at most one plain line per task this often
 
@@ -144,6 +146,33 @@ class NoProgress:
 
     def tokens(self, bar: int, generated: int, rows: int) -> None:
         return None
+
+
+@contextlib.contextmanager
+def heartbeat(what: str, show: bool = True, stream: TextIO | None = None,
+              interval: float | None = None) -> Iterator[None]:
+    """While the block runs (a task building its samples: lengths measured by a remote tokenizer, RULER's searches), a
+    line `WHAT (12 s so far)` every `interval` seconds (10 on a terminal, else the plain lines' interval), so a slow
+    step before the first sample is not silent."""
+    stream = stream or sys.stderr
+    every = interval if interval is not None else (10.0 if stream.isatty() else PLAIN_INTERVAL_S)
+    done = threading.Event()
+    started = time.perf_counter()
+
+    def beat() -> None:
+        while not done.wait(every):
+            stream.write(f"{what} ({time.perf_counter() - started:.0f} s so far)\n")
+            stream.flush()
+
+    thread = threading.Thread(target=beat, name="nsa-eval-heartbeat", daemon=True) if show else None
+    if thread is not None:
+        thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if thread is not None:
+            thread.join()
 
 
 def progress(show: bool, stream: TextIO | None = None) -> PlainProgress | RichProgress | NoProgress:

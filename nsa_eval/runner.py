@@ -11,7 +11,7 @@ from typing import Any, Iterable, Iterator
 
 from nsa_eval import store as run_store
 from nsa_eval.model_adapters.base import Generation, GenerationRequest, LanguageModel, LoglikelihoodRequest
-from nsa_eval.progress import progress as make_progress
+from nsa_eval.progress import heartbeat, progress as make_progress
 from nsa_eval.run_config import RunConfig
 from nsa_eval.util import request_seed
 from nsa_eval.tasks.base import Sample, Task, TaskContext
@@ -108,7 +108,10 @@ def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore,
     use_chat = getattr(model, "chat", False) if config.chat is None else config.chat
     ctx = TaskContext(count_tokens=model.count_tokens, chat=use_chat, max_length=model.max_length, seed=seed, limit=limit,
                       max_new_tokens=max_new_tokens)
-    samples = {name: task.samples(ctx) for name, task in tasks.items()}  # bad grids fail here, before any write
+    samples = {}
+    for name, task in tasks.items():  # bad grids fail here, before any write
+        with heartbeat(f"{name}: building its samples", show_progress):
+            samples[name] = task.samples(ctx)
     for name, items in samples.items():
         ids = [s.id for s in items]
         if len(set(ids)) != len(ids):

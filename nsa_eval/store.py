@@ -313,12 +313,12 @@ class RunStore:
 
     def discard_unstarted(self, keep_from: Path) -> None:
         """After a run that stopped before its first sample: remove what open() wrote, then the folders made for the
-        run up to (not including) `keep_from`, the nearest folder that existed before. Never removes other files."""
-        if self.has_samples():
+        run up to (not including) `keep_from`, the nearest folder that existed before. Never removes other files, and
+        nothing unless this process holds the folder (a run refused by another's lock leaves that run alone)."""
+        if self._lock is None or self.has_samples():  # not held: another run's folder, never ours to clear
             return
         self.clear()
-        if self._lock is not None:  # this process's lock file goes with the folder it made
-            (self.root / LOCK_NAME).unlink(missing_ok=True)
+        (self.root / LOCK_NAME).unlink(missing_ok=True)  # this process's lock file goes with the folder it made
         folder = self.root
         keep = keep_from.resolve()
         while folder.is_dir() and folder.resolve() != keep and not any(folder.iterdir()):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from nsa_eval.progress import PlainProgress
+from nsa_eval.progress import PlainProgress, heartbeat
 
 
 def test_the_first_answer_gives_no_eta_and_later_lines_a_measured_one():
@@ -49,3 +49,17 @@ def test_a_long_generation_in_a_log_shows_tokens_at_least_every_interval(shared_
     decoding = ticks[1:]  # from the first token on (the prompt's prefill before it reports no tokens)
     gaps = [later - earlier for (earlier, _), (later, _) in zip(decoding, decoding[1:])]
     assert max(gaps) <= interval + 5, gaps  # every interval, + the once-a-second report and one decode step (shared CPU)
+
+
+def test_a_slow_step_before_the_first_sample_says_it_is_still_working():
+    """A task building its samples (e.g. 74 token counts through a server without ?tokenizer=) prints a line every
+    interval rather than nothing; a quick one prints nothing."""
+    stream = io.StringIO()
+    with heartbeat("niah: building its samples", stream=stream, interval=0.2):
+        time.sleep(0.7)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) >= 2 and all(re.fullmatch(r"niah: building its samples \(\d+ s so far\)", line) for line in lines)
+    quiet = io.StringIO()
+    with heartbeat("niah: building its samples", stream=quiet, interval=5):
+        pass
+    assert quiet.getvalue() == ""

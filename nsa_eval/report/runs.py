@@ -170,6 +170,11 @@ def load_run(spec: str | Path) -> Run:
         raise ValueError(f"{metrics_file} is corrupt: no 'tasks' object; rerun `nsa-eval run` to rewrite it")
     results = {name: _task_result(metrics_file, name, entry, info["tasks"].get(name, {}))
                for name, entry in metrics["tasks"].items()}
+    cap = info.get("max_new_tokens")
+    for result in results.values():  # runs before issue 23 recorded the budget asked for, not the one capped to
+        budget = result.config.get("generation_budget")
+        if isinstance(cap, int) and isinstance(budget, int) and budget > cap:
+            result.config = {**result.config, "generation_budget": cap}
     return Run(path=path, info=info, results=results)
 
 

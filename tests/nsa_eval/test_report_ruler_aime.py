@@ -1,6 +1,7 @@
 """The report's RULER table (RULER's README form: models x lengths, averages) and AIME by generation budget beside
 the paper's Table 3 rows of the same budget; MMLU's category groups as a breakdown table."""
 
+import json
 import random
 
 import pytest
@@ -122,6 +123,13 @@ def test_aime_beside_the_papers_table3_rows_of_its_budget(tmp_path):
     assert "Table 3" in section(text, title)
     by_model = markdown_table(text, "Scores by model (headline metric of each task)")
     assert by_model.columns[1] == "aime (accuracy, 16 samples, 8k budget)"
+
+    capped = write_run(tmp_path / "c", "c48", "NSA-capped", {"aime": aime_run(0.2, 8192, seed=4)})
+    info = json.loads((capped / "run.json").read_text())  # an older capped run: its config says 8192
+    (capped / "run.json").write_text(json.dumps({**info, "max_new_tokens": 48}))
+    build_report([capped], tmp_path / "out48", reference="nsa-paper", formats=("md",))
+    table48 = markdown_table((tmp_path / "out48" / "report.md").read_text(), title)
+    assert list(table48.columns) == ["Model", "48 budget"] and len(table48) == 1  # not beside the paper's 8k rows
 
     other = [write_run(tmp_path / "x", "r4", "NSA-4k", {"aime": aime_run(0.2, 4096)})]
     build_report(other, tmp_path / "out4", reference="nsa-paper", formats=("md",))

@@ -166,7 +166,8 @@ def test_ctrl_c_keeps_the_samples_and_the_rerun_resumes(smollm2_dir, tmp_path):
     kept = samples.read_text().count("\n")
     assert process.returncode == 130, stderr[-2000:]
     assert 1 <= kept < 3 and f"interrupted: {kept}/3 samples kept in {out}; rerun the same command to resume" in stderr
-    assert "niah: 3 of 3 samples to answer" in stderr and "ETA" in stderr
+    assert "niah: 3 of 3 samples to answer" in stderr and "niah: 1/3 samples, first after 0:0" in stderr
+    assert "ETA" not in "".join(seen)  # no projection from the first answer alone
     assert "Traceback" not in stderr and "Aborted" not in stderr
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -175,3 +175,20 @@ def test_ctrl_c_keeps_the_samples_and_the_rerun_resumes(smollm2_dir, tmp_path):
     assert len(samples.read_text().splitlines()) == 3
     complete = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert complete.returncode == 0 and "already complete" in complete.stderr and "loading" not in complete.stderr
+
+
+def test_a_read_only_output_is_one_line_before_the_model_loads(tmp_path):
+    """--output on a read-only file system (a tmpfs mounted read-only in a private mount namespace)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    script = (f"mount -t tmpfs -o ro tmpfs {folder} && exec {sys.executable} -m nsa_eval run --model smollm2 "
+              f"--tasks niah --output {folder}/run --quiet")
+    try:
+        result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        pytest.skip("no unshare here")
+    if "mount:" in result.stderr or "unshare:" in result.stderr:
+        pytest.skip(f"cannot mount a read-only file system here: {result.stderr.strip()}")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip() == (f"Error: --output {folder}/run: cannot write a run folder there (Read-only file "
+                                     "system); choose another --output")

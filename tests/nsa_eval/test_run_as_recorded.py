@@ -27,7 +27,9 @@ def test_capped_aime_and_0_shot_gsm8k_are_reported_as_run(shared_data, tmp_path)
                       "gsm8k.variant=standard", "--max-new-tokens", "8", "--output", tmp_path / "standard")
     assert standard.exit_code == 0, standard.output
 
-    tasks = json.loads((tmp_path / "cot" / "run.json").read_text())["tasks"]
+    run_info = json.loads((tmp_path / "cot" / "run.json").read_text())
+    assert run_info["budgets_used"] == {"aime": 48, "gsm8k": 48}  # after the cap (AIME asks 8192, GSM8K cot 512)
+    tasks = run_info["tasks"]
     assert tasks["aime"]["config"]["generation_budget"] == 48  # used, not the 8192 asked for
     assert json.loads((tmp_path / "cot" / "metrics.json").read_text())["tasks"]["aime"]["generation_budget"] == 48
     assert tasks["gsm8k"]["config"]["num_fewshot"] == 0 and tasks["gsm8k"]["config"]["chat"] is True

@@ -45,10 +45,11 @@ def _limit_help() -> str:
 
 
 def print_metrics(metrics: dict[str, Any]) -> None:
+    shown = lambda value: "n/a" if value is None else f"{value:.4f}"  # noqa: E731 - null: none (metrics.json says why)
     for name, result in metrics["tasks"].items():
         headline = result["metrics"].get(result["headline"], {})
-        click.echo(f"{name}: {result['headline']} = {headline.get('mean', float('nan')):.4f} "
-                   f"± {headline.get('stderr', float('nan')):.4f} (n={result['n']})")
+        click.echo(f"{name}: {result['headline']} = {shown(headline.get('mean'))} "
+                   f"± {shown(headline.get('stderr'))} (n={result['n']})")
 
 
 @main.command()
@@ -159,44 +160,45 @@ def _run(config: RunConfig) -> None:
         if plan.state == "resume":
             click.echo(f"resuming {plan.done}/{plan.total} samples in {store.root}", err=True)
 
-    tasks = config.build_tasks()
-    for task in tasks.values():  # data loaded and checked (empty, missing subsets) before the model loads
-        prepare = getattr(task, "prepare", None)
-        if prepare is not None:
-            prepare()
-
-    click.echo(f"loading {config.model_spec} ...", err=True)
-    started = time.perf_counter()
-    try:
+    stage = "before the model loaded"
+    try:  # the folder is held (store.plan locked it): whatever fails before the first sample leaves it as it was
+        tasks = config.build_tasks()
+        for task in tasks.values():  # data loaded and checked (empty, missing subsets) before the model loads
+            prepare = getattr(task, "prepare", None)
+            if prepare is not None:
+                prepare()
+            check_length = getattr(task, "check_length", None)  # NIAH's, RULER's lengths against --max-length
+            if check_length is not None and config.max_length is not None:
+                check_length(config.max_length, config.max_new_tokens)
+            for notice in getattr(task, "notices", ()):  # e.g. RULER without its QA data: which tasks run
+                click.echo(notice, err=True)
+        click.echo(f"loading {config.model_spec} ...", err=True)
+        stage, started = "while the model loaded", time.perf_counter()
         model = load_model(config.model_spec, device=shard.device(config.device) if shard else config.device,
                            dtype=config.dtype, max_length=config.max_length, batch_size=config.batch_size,
                            attention=config.attention, sparse=config.sparse, prefill_chunk=config.prefill_chunk,
                            engine=config.engine)
-    except KeyboardInterrupt:
-        click.echo("interrupted while the model loaded; nothing was written", err=True)
-        raise click.exceptions.Exit(130) from None
-    click.echo(f"loaded {model.name} in {time.perf_counter() - started:.1f} s", err=True)
-    if store is None:
-        run_dir = config.default_run_dir(model.name)
-        keep_from = nearest_existing(run_dir)
-        store = distributed.run_store(run_dir, shard, settings=settings, overwrite=config.overwrite)
-        store.plan()
-    assert keep_from is not None
-    alone = shard is None
-    try:
+        click.echo(f"loaded {model.name} in {time.perf_counter() - started:.1f} s", err=True)
+        stage = "before the first sample"
+        if store is None:
+            run_dir = config.default_run_dir(model.name)
+            keep_from = nearest_existing(run_dir)
+            store = distributed.run_store(run_dir, shard, settings=settings, overwrite=config.overwrite)
+            store.plan()
         metrics = run_tasks(model, tasks, store, config,
                             show_progress=not config.quiet and (shard is None or shard.rank == 0))
     except KeyboardInterrupt:
-        if alone and not store.has_samples():
-            store.discard_unstarted(keep_from)
-            click.echo("interrupted before the first sample; nothing was kept", err=True)
-        else:
+        if store is not None and (shard is not None or store.has_samples()):
             done, total = store.counts()
             click.echo(f"interrupted: {done}/{total} samples kept in {store.root}; rerun the same command to resume",
                        err=True)
+        else:
+            if store is not None and keep_from is not None:
+                store.discard_unstarted(keep_from)
+            click.echo(f"interrupted {stage}; nothing was kept", err=True)
         raise click.exceptions.Exit(130) from None
     except BaseException:
-        if alone:
+        if shard is None and store is not None and keep_from is not None:
             store.discard_unstarted(keep_from)  # a run that failed before its first sample leaves nothing behind
         raise
     if metrics is None:  # a data-parallel process other than rank 0

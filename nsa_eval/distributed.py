@@ -108,6 +108,11 @@ class ShardedRunStore(RunStore):
     def merged_path(self, task: str) -> Path:
         return super().samples_path(task)
 
+    def lock(self) -> None:
+        """Process 0 holds the folder for the whole data-parallel run."""
+        if self.shard.rank == 0:
+            super().lock()
+
     def open(self, run_info: dict[str, Any]) -> None:
         """Rank 0 creates or checks the run (as one process would); the others wait for it, then check it too."""
         if self.shard.rank == 0:

@@ -22,6 +22,7 @@ acc_mutual_info), assistant prefill (gen_prefix) with chat, multimodal tasks, an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -230,6 +231,58 @@ def _checked(name: str, loaded: dict[str, Any]) -> Any:
     return task
 
 
+class WithoutAskedItem:
+    """lm-eval's few-shot sampler for a task whose shot split and test split come from one file (`--data
+    lm-eval:TASK=FILE`): the shots never include the item being asked. lm-eval removes it only when the shot split's
+    name is the test split's; here a shot is the asked item when its row has the same content hash or its question
+    renders to the same text. Draws as lm-eval does for a shared split: n + 1 rows, the asked one removed, the first n
+    kept (first_n: the first n other rows). Installed on the task by `LmEvalTask`."""
+
+    def __init__(self, task: Any):
+        from lm_eval.api.samplers import FirstNSampler
+
+        self.inner, self.task, self.asked = task.sampler, task, None
+        self.first_n = isinstance(self.inner, FirstNSampler)
+        fewshot_context = task.fewshot_context
+
+        def asking(doc: dict, *args: Any, **kwargs: Any) -> Any:  # lm-eval passes the asked doc only here
+            self.asked = doc
+            try:
+                return fewshot_context(doc, *args, **kwargs)
+            finally:
+                self.asked = None
+
+        task.fewshot_context, task.sampler = asking, self
+
+    def __getattr__(self, name: str) -> Any:  # set_rnd, rnd, df, ...: the wrapped sampler's
+        return getattr(self.inner, name)
+
+    def is_asked(self, shot: dict) -> bool:
+        asked = self.asked
+        if asked is None:
+            return False
+        if row_hash(shot) == row_hash(asked):
+            return True
+        question = self.task.doc_to_text(shot, self.task.fewshot_cfg.doc_to_text)
+        return str(question).strip() == str(self.task.doc_to_text(asked)).strip()
+
+    def sample(self, n: int, eval_doc: Any = None, df: Any = None, **kwargs: Any) -> list[dict]:
+        if n == 0 or self.asked is None:
+            return self.inner.sample(n, eval_doc, df, **kwargs)
+        docs = self.inner.fewshot_docs()
+        if self.first_n:
+            return [d for d in docs if not self.is_asked(d)][:n]
+        drawn = [d for d in self.inner.rnd.sample(docs, min(n + 1, len(docs))) if not self.is_asked(d)][:n]
+        if len(drawn) < n:  # the file repeats the asked row: draw from the rows that are not it
+            drawn = self.inner.rnd.sample([d for d in docs if not self.is_asked(d)], n)
+        return drawn
+
+
+def row_hash(row: dict) -> str:
+    """A data row's content hash (keys sorted; numpy values as plain numbers)."""
+    return hashlib.sha256(json.dumps(json_safe(row), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
 class LmEvalTask:
     """An lm-eval task as one of our tasks (name `lm-eval:TASK`); see the module docstring."""
 
@@ -242,6 +295,16 @@ class LmEvalTask:
         self.include_path = str(Path(include_path).resolve()) if include_path else None
         self.data_path = data_path
         self._task = load_task(task, include_path, data_path)
+        self.excludes_asked = False  # shots drawn from the test file itself, the asked item left out
+        shots = int(self._task.get_config("num_fewshot") or 0)
+        if data_path is not None and Path(data_path).expanduser().is_file() and shots > 0 \
+                and self._task.fewshot_cfg.split is not None and hasattr(self._task, "sampler"):
+            rows = len(self._task.sampler.fewshot_docs())
+            if rows - 1 < shots:
+                raise ValueError(f"lm-eval:{task} needs {shots} shots other than the item asked; {data_path} holds "
+                                 f"{rows} rows (give at least {shots + 1})")
+            WithoutAskedItem(self._task)
+            self.excludes_asked = True
         self.version = str((self._task.config.metadata or {}).get("version", self._task.VERSION))
         self._instances: dict[str, tuple[dict, list[Instance]]] = {}
         self._scored: dict[str, dict[str, Any]] = {}
@@ -254,6 +317,7 @@ class LmEvalTask:
             "lm_eval_version": LM_EVAL_VERSION,
             "include_path": self.include_path,
             **({"data": self.data_path} if self.data_path else {}),
+            **({"fewshot_excludes_asked_item": True} if self.excludes_asked else {}),
             "fewshot_seed": FEWSHOT_SEED,
             "task_config": json_safe(self._task.dump_config()),
         }
@@ -325,10 +389,16 @@ class LmEvalTask:
             metric = key.split(",")[0]
             aggregate = aggregations.get(metric, mean)
             stderr = stderr_for_metric(aggregate, bootstrap_iters=100 if metric in SMALL_BOOTSTRAP else 100_000)
-            metrics[key] = {
-                "mean": float(aggregate(items)),
-                "stderr": float(stderr(items)) if stderr is not None and len(items) > 1 else math.nan,
-            }
+            value = float(aggregate(items))
+            error = float(stderr(items)) if stderr is not None and len(items) > 1 else math.nan
+            metrics[key] = {"mean": value if math.isfinite(value) else None,
+                            "stderr": error if math.isfinite(error) else None}
+            if not math.isfinite(value):
+                metrics[key]["mean_reason"] = f"lm-eval's {metric} aggregation gave {value}"
+            if not math.isfinite(error):  # metrics.json is strict JSON: null with the reason, never NaN
+                metrics[key]["stderr_reason"] = (f"one sample (n={len(items)}): no standard error" if len(items) < 2
+                                                 else f"lm-eval has no standard error for {metric}" if stderr is None
+                                                 else f"lm-eval's standard error for {metric} gave {error}")
         return {"n": len(records), "metrics": metrics, "breakdowns": {},
                 "higher_is_better": dict(self._task.higher_is_better())}
 

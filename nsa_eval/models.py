@@ -56,6 +56,13 @@ def check_model_spec(spec: str, attention: str = "full", prefill_chunk: int | No
                          f"e.g. {kind}:./my-checkpoint")
     if kind == "openai" and not target.startswith(("http://", "https://")):
         raise ValueError(f"model spec '{spec}': give the server's URL, e.g. openai:http://127.0.0.1:8000/v1#MODEL")
+    if kind == "openai":
+        from urllib.parse import parse_qsl, urlsplit
+
+        tokenizer = dict(parse_qsl(urlsplit(target).query)).get("tokenizer")
+        if tokenizer is not None and _looks_local(tokenizer) and not Path(tokenizer).expanduser().is_dir():
+            raise ValueError(f"model spec '{spec}': tokenizer folder {tokenizer} does not exist; give the served "
+                             "model's tokenizer folder (or a hub id) after ?tokenizer=")
     if kind in LOCAL_KINDS or (kind == "hf" and _looks_local(target)):
         folder = Path(target).expanduser()
         if not folder.exists():

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import sys
+import time
 from typing import Any, Iterable, Iterator
 
 from nsa_eval import store as run_store
 from nsa_eval.model_adapters.base import Generation, GenerationRequest, LanguageModel, LoglikelihoodRequest
-from nsa_eval.progress import progress as make_progress
+from nsa_eval.progress import heartbeat, progress as make_progress
 from nsa_eval.run_config import RunConfig
 from nsa_eval.util import request_seed
 from nsa_eval.tasks.base import Sample, Task, TaskContext
@@ -34,11 +36,34 @@ def generation_fields(generation: Generation) -> tuple[list[Any], dict[str, Any]
     }
 
 
-def answer_stream(model: Any, samples: list[Sample], run_seed: int) -> Iterator[tuple[Sample, tuple[list[Any], dict]]]:
+class TokenCount:
+    """The engine's on_token callback for a run's progress: tokens generated and rows decoding, passed to
+    `report(generated, rows)` at most once a second (the progress display decides what to print)."""
+
+    def __init__(self, report: Any):
+        self.report, self.generated, self.rows, self.reported = report, 0, {}, time.monotonic()
+
+    def __call__(self, index: int, sample: int, tokens: list[int], done: bool) -> None:
+        key = (index, sample)
+        self.generated += len(tokens) - self.rows.get(key, 0)
+        if done:
+            self.rows.pop(key, None)
+        else:
+            self.rows[key] = len(tokens)
+        now = time.monotonic()
+        if now - self.reported >= 1.0:
+            self.reported = now
+            self.report(self.generated, len(self.rows))
+
+
+def answer_stream(model: Any, samples: list[Sample], run_seed: int,
+                  on_token: Any = None) -> Iterator[tuple[Sample, tuple[list[Any], dict]]]:
     """Generative samples through a model that streams (`generate_iter`: the native engine's continuous batching),
-    all at once: (sample, its answer) in the order they finish."""
+    all at once: (sample, its answer) in the order they finish. on_token: the engine's per-token callback, where
+    generate_iter takes one (progress)."""
     requests = [generation_request(sample, run_seed) for sample in samples]
-    for index, generation in model.generate_iter(requests):
+    takes = on_token is not None and "on_token" in inspect.signature(model.generate_iter).parameters
+    for index, generation in model.generate_iter(requests, **({"on_token": on_token} if takes else {})):
         yield samples[index], generation_fields(generation)
 
 
@@ -83,7 +108,10 @@ def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore,
     use_chat = getattr(model, "chat", False) if config.chat is None else config.chat
     ctx = TaskContext(count_tokens=model.count_tokens, chat=use_chat, max_length=model.max_length, seed=seed, limit=limit,
                       max_new_tokens=max_new_tokens)
-    samples = {name: task.samples(ctx) for name, task in tasks.items()}  # bad grids fail here, before any write
+    samples = {}
+    for name, task in tasks.items():  # bad grids fail here, before any write
+        with heartbeat(f"{name}: building its samples", show_progress):
+            samples[name] = task.samples(ctx)
     for name, items in samples.items():
         ids = [s.id for s in items]
         if len(set(ids)) != len(ids):
@@ -125,6 +153,10 @@ def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore,
         # hf: models are sliced by HFModel; the NSA model (HFModel.model) slices its prompt over its own cache
         "prefill_chunk": getattr(model, "prefill_chunk", None) or getattr(getattr(model, "model", None), "prefill_chunk", None),
         "engine": type(model).__name__,  # Engine (the native runtime), HFModel (transformers), ...
+        # outside the hash (derived from it): each generative task's largest budget after the --max-new-tokens cap
+        "budgets_used": {name: max(s.max_new_tokens for s in items if s.continuations is None)
+                         for name, items in samples.items()
+                         if any(s.continuations is None for s in items)},
         "versions": run_store.versions(),
         "git_sha": run_store.git_sha(),
         "hardware": run_store.hardware(),
@@ -143,7 +175,8 @@ def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore,
             progress.start(bar)
             streamed = [s for s in pending if s.continuations is None] if hasattr(model, "generate_iter") else []
             rest = [s for s in pending if s not in streamed] if streamed else pending
-            answers = answer_stream(model, streamed, seed) if streamed else iter(())
+            count = TokenCount(lambda generated, rows, bar=bar: progress.tokens(bar, generated, rows))
+            answers = answer_stream(model, streamed, seed, count) if streamed else iter(())
             chunks = [rest[start : start + batch_size] for start in range(0, len(rest), batch_size)]
             batches = itertools.chain(([item] for item in answers),
                                       (list(zip(chunk, answer(model, chunk, seed))) for chunk in chunks))

@@ -13,12 +13,17 @@ streaming `generate_iter`) one worker thread runs the engine: a request joins th
 step (continuous batching across clients), and streaming sends each new piece of text as its token is generated
 (server-sent events; text that might begin a stop sequence is held back until it cannot). Other backends answer one
 request at a time (a lock) and stream the whole completion in one event once it is generated.
+
+Ctrl-C (SIGINT) or SIGTERM while requests are in flight: the engine stops at its next step, each waiting client gets
+a 503 error (a streaming client an error event), the answers are written, the engine thread ends, and the process exits
+130 (SIGINT) or 143 (SIGTERM); with none in flight it exits 0.
 """
 
 from __future__ import annotations
 
 import json
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -45,19 +50,58 @@ class RequestError(ValueError):
         self.status, self.kind = status, kind
 
 
+class ShuttingDown(RequestError):
+    """The server was stopped (Ctrl-C, SIGTERM) before this request was answered."""
+
+    def __init__(self) -> None:
+        super().__init__(503, "the server is shutting down (Ctrl-C or SIGTERM); this request was not finished",
+                         "server_error")
+
+
+class Terminated(Exception):
+    """SIGTERM, raised in the main thread as KeyboardInterrupt is for SIGINT."""
+
+
 class OpenAIServer(ThreadingHTTPServer):
     """Serves one LanguageModel under `served_name`. `url` is the API base (…/v1) once bound (port 0 picks one)."""
 
     daemon_threads = True
 
-    def __init__(self, model: LanguageModel, served_name: str, host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, model: LanguageModel | None, served_name: str, host: str = "127.0.0.1", port: int = 0,
                  api_key: str | None = None, quiet: bool = False):
         self.address_family = _family(host)
         super().__init__((host, port), _Handler)
-        self.model, self.served_name, self.api_key, self.quiet = model, served_name, api_key, quiet
+        self.served_name, self.api_key, self.quiet = served_name, api_key, quiet
         self.model_lock = threading.Lock()
-        self.worker = EngineWorker(model, self.model_lock) if _streams(model) else None
+        self.model: Any = None
+        self.worker: EngineWorker | None = None
+        if model is not None:
+            self.attach(model)
         self.created = int(time.time())
+        self.in_flight = 0  # requests being answered (their HTTP threads)
+        self.in_flight_lock = threading.Lock()
+
+    def attach(self, model: LanguageModel) -> None:
+        """The model to serve (the socket can be bound before it loads)."""
+        self.model = model
+        self.worker = EngineWorker(model, self.model_lock) if _streams(model) else None
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """After Ctrl-C / SIGTERM: the engine stops at its next step and its clients get ShuttingDown; waits (at most
+        `timeout` s) until every answer is written and the engine is idle. Returns the requests that were in flight."""
+        with self.in_flight_lock:
+            was = self.in_flight
+        if self.worker is not None:
+            self.worker.stop(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.in_flight_lock:
+                if self.in_flight == 0:
+                    break
+            time.sleep(0.02)
+        if self.worker is None and self.model_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            self.model_lock.release()  # another backend's generate() has returned
+        return was
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that hung up before its answer was written is not an error of the server: no traceback for it
@@ -277,6 +321,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch({"/v1/completions": self.server.completions, "/v1/chat/completions": self.server.chat_completions})
 
     def _dispatch(self, routes: dict[str, Any], body: bool = True) -> None:
+        with self.server.in_flight_lock:
+            self.server.in_flight += 1
+        try:
+            self._answer(routes, body)
+        finally:
+            with self.server.in_flight_lock:
+                self.server.in_flight -= 1
+
+    def _answer(self, routes: dict[str, Any], body: bool) -> None:
         try:
             request = self._body() if body else {}  # read before any answer, so the connection stays usable
             if self.server.api_key and self.headers.get("Authorization") != f"Bearer {self.server.api_key}":
@@ -324,9 +377,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.end_headers()
-        for event in events:
-            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-            self.wfile.flush()
+        try:
+            for event in events:
+                self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                self.wfile.flush()
+        except RequestError as error:  # ShuttingDown mid-stream: the client sees why its stream ends early
+            error_event = {"error": {"message": str(error), "type": error.kind, "param": None, "code": None}}
+            self.wfile.write(f"data: {json.dumps(error_event)}\n\n".encode())
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
         self.close_connection = True
@@ -376,12 +433,30 @@ class EngineWorker:
     def __init__(self, model: Any, lock: threading.Lock):
         self.model, self.lock = model, lock
         self.inbox: queue.Queue = queue.Queue()
+        self.stopping = threading.Event()  # set by stop(): the engine raises ShuttingDown at its next step
+        self.idle = threading.Event()  # set while the engine runs no batch
+        self.idle.set()
         threading.Thread(target=self._run, name="nsa-eval-engine", daemon=True).start()
 
     def submit(self, request: GenerationRequest) -> Listener:
         listener = Listener()
-        self.inbox.put((request, listener))
+        if self.stopping.is_set():
+            listener.queue.put(ShuttingDown())
+        else:
+            self.inbox.put((request, listener))
         return listener
+
+    def stop(self, timeout: float) -> None:
+        """Stop the batch being decoded (its clients get ShuttingDown) and refuse new requests; wait until the engine
+        has left its step (at most `timeout` s), so no engine code runs while the process exits."""
+        self.stopping.set()
+        while True:
+            try:
+                _, listener = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            listener.queue.put(ShuttingDown())
+        self.idle.wait(timeout)
 
     def _run(self) -> None:
         while True:
@@ -389,6 +464,8 @@ class EngineWorker:
             listeners = [listener for _, listener in batch]
 
             def more() -> list[GenerationRequest]:
+                if self.stopping.is_set():
+                    raise ShuttingDown()
                 arrived = []
                 while True:
                     try:
@@ -398,17 +475,25 @@ class EngineWorker:
                         return [request for request, _ in arrived]
 
             def on_token(index: int, sample: int, tokens: list[int], done: bool) -> None:
+                if self.stopping.is_set():
+                    raise ShuttingDown()
                 listeners[index].queue.put((sample, list(tokens)))
 
+            self.idle.clear()
             try:
+                if self.stopping.is_set():
+                    raise ShuttingDown()
                 with self.lock:
                     for index, generation in self.model.generate_iter([r for r, _ in batch], more=more,
                                                                       on_token=on_token):
                         listeners[index].queue.put(generation)
             except Exception as error:  # noqa: BLE001 - every waiting client gets the error; the worker goes on
-                traceback.print_exc(file=sys.stderr)
+                if not isinstance(error, ShuttingDown):
+                    traceback.print_exc(file=sys.stderr)
                 for listener in listeners:
                     listener.queue.put(error)
+            finally:
+                self.idle.set()
 
 
 def _stream_completion(answer: dict[str, Any], body: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -514,20 +599,34 @@ def _family(host: str) -> int:
 def serve(model_spec: str, port: int, host: str, api_key: str | None, served_model_name: str | None,
           max_length: int | None, device: str, dtype: str, quiet: bool) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models) until Ctrl-C."""
-    from nsa_eval.models import load_model
+    from nsa_eval.models import check_model_spec, load_model
 
+    check_model_spec(model_spec, "full", None, "auto")  # an unknown spec or missing folder: one line, before loading
     if host not in LOOPBACK and not api_key:
         click.echo(f"warning: --host {host} without --api-key lets anyone who reaches this machine use the model", err=True)
-    click.echo(f"loading {model_spec} ...", err=True)
-    model = load_model(model_spec, device=device, dtype=dtype, max_length=max_length)
-    try:
-        server = OpenAIServer(model, served_model_name or model_spec, host, port, api_key, quiet)
+    try:  # the port is taken before the model loads, so a port in use is one line at once
+        server = OpenAIServer(None, served_model_name or model_spec, host, port, api_key, quiet)
     except OSError as error:
         raise ValueError(f"cannot listen on {host}:{port} ({error.strerror or error}); choose another --port (0 picks a free one)") from None
-    click.echo(f"serving '{server.served_name}' at {server.url} (Ctrl-C stops)", err=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        click.echo(f"loading {model_spec} ...", err=True)
+        server.attach(load_model(model_spec, device=device, dtype=dtype, max_length=max_length))
+        click.echo(f"serving '{server.served_name}' at {server.url} (Ctrl-C stops)", err=True)
+        code = 0
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        try:
+            server.serve_forever()
+        except (KeyboardInterrupt, Terminated) as stop:
+            code = 143 if isinstance(stop, Terminated) else 130
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        stopped = server.stop()
+        if stopped:
+            click.echo(f"stopped: {stopped} request{'s' if stopped > 1 else ''} in flight got an error", err=True)
+            raise click.exceptions.Exit(code)
     finally:
         server.server_close()
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()

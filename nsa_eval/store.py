@@ -6,6 +6,9 @@ results/runs/<run-id>/
                          with characters other than letters, digits, '.', '_' and '-' as '_': lm-eval_gsm8k.jsonl)
   metrics.json           per task: headline metric with standard error, breakdowns, n, efficiency
 
+While a run writes the folder it holds `.lock` (an flock the OS releases when the process ends, kill -9 included; the
+file holds the writer's process id), so a second run into the folder is refused naming that process.
+
 run.json also holds `settings`: the command-line settings the run was asked with (outside the config hash), so a
 rerun is checked against the run before any model loads (`RunStore.plan`) and a mismatch names the settings that
 differ.
@@ -15,11 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 PROMPT_EXCERPT_CHARS = 400
+LOCK_NAME = ".lock"  # the run folder's lock file (RunStore.lock)
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -166,6 +172,7 @@ class RunStore:
         self.root = Path(root)
         self.settings = settings  # the command line's settings, stored in run.json by open()
         self.overwrite = overwrite  # open() replaces a run already there
+        self._lock: Any = None  # the open lock file while this process holds the folder
 
     @property
     def run_json(self) -> Path:
@@ -195,7 +202,7 @@ class RunStore:
     def _check_folder(self) -> None:
         if self.root.exists() and not self.root.is_dir():
             raise ValueError(f"--output {self.root} is a file; give a directory for the run")
-        if self.root.is_dir() and not self.run_json.is_file() and any(self.root.iterdir()):
+        if self.root.is_dir() and not self.run_json.is_file() and any(p.name != LOCK_NAME for p in self.root.iterdir()):
             raise ValueError(f"--output {self.root} is not empty and holds no run.json; choose an empty or new folder "
                              "(--overwrite replaces only a run folder)")
 
@@ -204,13 +211,14 @@ class RunStore:
         run.json or a run asked with other settings is a ValueError naming what differs."""
         self._check_folder()
         existing = self._existing()
-        if existing is None or self.overwrite:
-            return Plan("new")
-        stored = existing.get("settings")
-        if stored is not None and self.settings is not None and stored != self.settings:
+        stored = (existing or {}).get("settings")
+        if stored is not None and self.settings is not None and stored != self.settings and not self.overwrite:
             raise ValueError(f"--output {self.root} holds a run with other settings ("
                              + "; ".join(settings_diff(self.settings, stored))
                              + "); choose another --output, or pass --overwrite to start it over")
+        self.lock()  # held from here to the process's end; nothing was written if a check above failed
+        if existing is None or self.overwrite:
+            return Plan("new")
         done, total = self.counts(existing)
         if stored is not None and existing.get("finished") and (self.root / "metrics.json").is_file():
             return Plan("complete", done, total)
@@ -218,6 +226,39 @@ class RunStore:
             self.overwrite = True  # a run that stopped before its first sample holds nothing to keep: start it anew
             return Plan("new")
         return Plan("resume", done, total)
+
+    def lock(self) -> None:
+        """Hold the run folder (created if need be) for this process until it ends: an flock on `.lock`, which the
+        OS releases with the process (kill -9 too, so a stale file never blocks). Another process holding it is a
+        ValueError naming that process."""
+        import fcntl
+
+        if self._lock is not None:
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            handle = (self.root / LOCK_NAME).open("a+", encoding="utf-8")
+        except OSError as error:  # read-only, under a file, /proc: before any model loads
+            raise ValueError(f"--output {self.root}: cannot write a run folder there ({error.strerror or error}); "
+                             "choose another --output") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            for _ in range(20):  # the holder writes its id just after it takes the lock
+                handle.seek(0)
+                holder = handle.read().strip()
+                if holder:
+                    break
+                time.sleep(0.05)
+            handle.close()
+            raise ValueError(f"--output {self.root} is being written by another run (process {holder or 'unknown'}); "
+                             "wait for it to end, or choose another --output") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock = handle
 
     def counts(self, info: dict[str, Any] | None = None) -> tuple[int, int]:
         """(samples answered, samples planned) over the run's tasks, read without changing any file."""
@@ -236,6 +277,7 @@ class RunStore:
         """Start the run, or resume it when run.json holds the same config hash; refuse a different run, naming
         the settings that differ. With `overwrite`, a run already there is removed first."""
         self._check_folder()
+        self.lock()
         if self.overwrite:
             self.clear()
         existing = self._existing()
@@ -271,10 +313,12 @@ class RunStore:
 
     def discard_unstarted(self, keep_from: Path) -> None:
         """After a run that stopped before its first sample: remove what open() wrote, then the folders made for the
-        run up to (not including) `keep_from`, the nearest folder that existed before. Never removes other files."""
-        if self.has_samples():
+        run up to (not including) `keep_from`, the nearest folder that existed before. Never removes other files, and
+        nothing unless this process holds the folder (a run refused by another's lock leaves that run alone)."""
+        if self._lock is None or self.has_samples():  # not held: another run's folder, never ours to clear
             return
         self.clear()
+        (self.root / LOCK_NAME).unlink(missing_ok=True)  # this process's lock file goes with the folder it made
         folder = self.root
         keep = keep_from.resolve()
         while folder.is_dir() and folder.resolve() != keep and not any(folder.iterdir()):
@@ -316,7 +360,7 @@ class RunStore:
 
     def append(self, task: str, record: dict[str, Any]) -> None:
         with self.samples_path(task).open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.write(json.dumps(finite(record), ensure_ascii=False, allow_nan=False) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -329,16 +373,28 @@ class RunStore:
                         yield json.loads(line)
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
-        """Atomic write (temp file + rename), so a crash never leaves half a file."""
+        """Atomic write (temp file + rename), so a crash never leaves half a file. Strict JSON: a NaN or infinity
+        (a metric of one sample) is written as null; the task says why beside it (e.g. `stderr_reason`)."""
         target = self.root / name
         temp = target.with_suffix(target.suffix + ".tmp")
-        temp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        temp.write_text(json.dumps(finite(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
         temp.replace(target)
 
     def update_run(self, **fields: Any) -> None:
         data = json.loads(self.run_json.read_text())
         data.update(fields)
         self.write_json("run.json", data)
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None (strict JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
 
 
 def read_ids(path: Path) -> set[str]:

@@ -6,8 +6,9 @@ and box its final answer; the answer is the last non-empty \\boxed{...} of the r
 integer when it boxed none, and is checked against the reference with math-verify (so "025", "25" and
 "\\frac{50}{2}" all match 25). Scores per problem: accuracy (the share of correct responses) and pass@k
 (the chance that at least one of k responses drawn from the n is correct; unbiased estimator of Chen
-et al. 2021). The generation budget (max_new_tokens) is recorded as `generation_budget` in the task's
-config (run.json) and metrics, so a report puts a run beside the paper's Table 3 row of the same budget.
+et al. 2021). The generation budget used (max_new_tokens under the run's --max-new-tokens cap) is recorded as
+`generation_budget` in the task's config (run.json) and metrics, so a report puts a run beside the paper's Table 3
+row of the same budget only (a capped run is never beside the 8k rows).
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class AIME:
         self.max_new_tokens = max_new_tokens
         self._chat: bool | None = None
         self._rows: list[dict[str, Any]] | None = None
+        self._budget = max_new_tokens  # the budget used: max_new_tokens under the run's cap (set by samples())
 
     @property
     def ks(self) -> list[int]:
@@ -107,7 +109,7 @@ class AIME:
             "temperature": self.temperature,
             "top_p": self.top_p,
             "max_new_tokens": self.max_new_tokens,
-            "generation_budget": self.max_new_tokens,  # the key of the paper's Table 3 (8192 or 16384)
+            "generation_budget": self._budget,  # used, after the run's cap: the key of the paper's Table 3 (8k, 16k)
             "chat": self._chat,
         }
 
@@ -119,6 +121,7 @@ class AIME:
 
     def samples(self, ctx: TaskContext) -> list[Sample]:
         self._chat = ctx.chat
+        self._budget = ctx.new_tokens(self.max_new_tokens)
         self.prepare()
         assert self._rows is not None
         rows = self._rows
@@ -140,7 +143,7 @@ class AIME:
                 )
             )
         longest = max((ctx.count_tokens(s.prompt) for s in samples), default=0)
-        generated = ctx.new_tokens(self.max_new_tokens)
+        generated = self._budget
         if longest + generated > ctx.max_length:
             raise ValueError(
                 f"AIME needs {longest} prompt + {generated} generated tokens, more than the model's "
@@ -162,4 +165,4 @@ class AIME:
         return {"answers": [final_answer(text) for text in output]}
 
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        return {**aggregate_scores(records, self.breakdown_keys), "generation_budget": self.max_new_tokens}
+        return {**aggregate_scores(records, self.breakdown_keys), "generation_budget": self._budget}

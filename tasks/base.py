@@ -82,7 +82,10 @@ class TaskContext:
 class Task(Protocol):
     """Optional members the harness also uses: `prepare()` (load and check the data; the CLI calls it before the
     model loads, so bad or empty data fails fast; samples() calls it too), `details(sample, output)` (per-sample
-    extras stored with the record) and `limit_unit` ("subject", "subset": what `--limit N` counts per; absent: the
+    extras stored with the record), `check_length(max_length, cap)` (a
+ValueError when the task's lengths cannot fit; the CLI calls it before the model loads when --max-length is given),
+`notices` (lines the CLI prints before the model loads, e.g. RULER's tasks left out
+for want of data) and `limit_unit` ("subject", "subset": what `--limit N` counts per; absent: the
     first N samples of the task)."""
 
     name: str

@@ -69,11 +69,9 @@ def local_rows(path: str | Path, name: str | None = None) -> tuple[str, list[tup
         return where, list(_jsonl_rows(path))
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(utf8_text(path))
         except json.JSONDecodeError as error:
-            raise DataError(f"{where}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})") from None
-        except UnicodeDecodeError as error:
-            raise DataError(f"{where}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+            raise DataError(f"{where}: line {error.lineno}, column {error.colno}: not valid JSON ({error.msg})") from None
         if not isinstance(data, list):
             raise DataError(f"{where}: expected a JSON array of row objects, got {type(data).__name__}")
         return where, list(enumerate(data, start=1))
@@ -82,24 +80,39 @@ def local_rows(path: str | Path, name: str | None = None) -> tuple[str, list[tup
 
         try:
             table = pq.read_table(path)
-        except Exception as error:  # pyarrow raises several types for a corrupt file
-            raise DataError(f"{where}: not a readable parquet file ({error})") from None
+        except Exception as error:  # pyarrow raises several types for a corrupt file; its text may span lines
+            raise DataError(f"{where}: not a readable parquet file ({' '.join(str(error).split())})") from None
         return where, list(enumerate(table.to_pylist(), start=1))
     if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            return where, [(number, dict(row)) for number, row in enumerate(csv.DictReader(handle), start=1)]
+        lines = utf8_text(path).splitlines(keepends=True)
+        return where, [(number, dict(row)) for number, row in enumerate(csv.DictReader(lines), start=1)]
     raise ValueError(f"{path}: unsupported data file type '{suffix}'; use {', '.join(SUFFIXES)}")
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}: row {number}: not valid JSON ({error.msg} at column {error.colno})") from None
+    for number, line in enumerate(utf8_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as error:
+            end = len(line.rstrip())
+            if error.msg.startswith("Unterminated string"):  # json points at the string's start, not the cut
+                raise DataError(f"{path}: row {number}, column {end}: not valid JSON (the string opened at column "
+                                f"{error.colno} is not closed by the row's end: cut short?)") from None
+            raise DataError(f"{path}: row {number}, column {error.colno}: not valid JSON ({error.msg})") from None
+
+
+def utf8_text(path: Path) -> str:
+    """A data file's text; a byte that is not UTF-8 is a DataError naming the file, its line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise DataError(f"{path}: line {line}, column {column}: not UTF-8 text (byte 0x{data[error.start]:02x}); "
+                        "save the file as UTF-8") from None
 
 
 def offline_env() -> bool:

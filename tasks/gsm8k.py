@@ -112,6 +112,8 @@ class GSM8K:
         self._shots_used: int | None = None
         self._shot_source: str | None = None
         self._test_rows: list[dict[str, Any]] | None = None
+        self._pool: list[dict[str, Any]] | None = None  # standard: the rows shots are drawn from
+        self._pool_is_test = False
 
     def config(self) -> dict[str, Any]:
         config = {
@@ -134,9 +136,22 @@ class GSM8K:
         return rows
 
     def prepare(self) -> None:
-        """Load and check the test rows (before any model loads)."""
+        """Load and check the test rows, and for `standard` the shot rows and their number (before any model loads)."""
         if self._test_rows is None:
             self._test_rows = self._rows("test")
+        if self.variant == "standard" and self._pool is None:
+            shots = 5 if self.num_fewshot is None else self.num_fewshot
+            if self.data_path is None or find_data_file(self.data_path, "train") is not None:
+                self._pool, self._pool_is_test = self._rows("train"), False
+                self._shot_source = "train"
+            else:
+                self._pool, self._pool_is_test = self._test_rows, True
+                self._shot_source = "test (the item removed, as lm-eval samples a shot split equal to the test split)"
+            if len(self._pool) < shots + self._pool_is_test:
+                other = " other than the item asked" if self._pool_is_test else ""
+                raise ValueError(f"gsm8k.variant=standard needs {shots} shots{other}; "
+                                 f"{self.data_path or HUB_ID} holds {len(self._pool)} {self._shot_source.split()[0]} "
+                                 f"rows (give at least {shots + self._pool_is_test}, or set gsm8k.num_fewshot)")
 
     def samples(self, ctx: TaskContext) -> list[Sample]:
         self._chat = ctx.chat
@@ -166,14 +181,8 @@ class GSM8K:
     def _standard_samples(self, rows: list[dict[str, Any]], ctx: TaskContext) -> list[Sample]:
         shots = 5 if self.num_fewshot is None else self.num_fewshot
         self._shots_used = shots
-        if self.data_path is None or find_data_file(self.data_path, "train") is not None:
-            pool, from_test = self._rows("train"), False
-            self._shot_source = "train"
-        else:
-            pool, from_test = rows, True
-            self._shot_source = "test (the item removed, as lm-eval samples a shot split equal to the test split)"
-        if len(pool) < shots + from_test:
-            raise ValueError(f"GSM8K standard needs {shots} shots but its shot rows number {len(pool)}")
+        pool, from_test = self._pool, self._pool_is_test
+        assert pool is not None  # prepare() loaded it
         rnd = random.Random(FEWSHOT_SEED)  # one generator over the rows in order, as lm-eval's ContextSampler
         count = len(rows) if ctx.limit is None else min(ctx.limit, len(rows))
         samples = []

@@ -144,6 +144,7 @@ class MMLU:
         self.max_new_tokens = max_new_tokens
         self._chat: bool | None = None
         self._shot_source: str | None = None
+        self._fewest: int | None = None  # the fewest shots any sample was asked with (set by samples())
         self._data: tuple[list[dict[str, Any]], list[dict[str, Any]] | None] | None = None
 
     def config(self) -> dict[str, Any]:
@@ -156,6 +157,8 @@ class MMLU:
             "max_new_tokens": self.max_new_tokens if self.variant == "generative" else None,
             "chat": self._chat,
             "shots_from": self._shot_source,
+            # a subject with fewer other rows than num_fewshot (one test file, no dev split) asks with fewer shots
+            **({"fewest_shots": self._fewest} if self._fewest is not None and self._fewest < self.num_fewshot else {}),
         }
 
     def _load(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
@@ -193,6 +196,7 @@ class MMLU:
         assert self._data is not None
         test, dev = self._data
         self._shot_source = "dev" if dev is not None else "test (same subject, seeded, item excluded)"
+        self._fewest = None
         by_subject: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for row in test:
             by_subject[row["subject"]].append(row)
@@ -215,6 +219,7 @@ class MMLU:
                     rng = random.Random(f"{self.seed}:{subject}:{index}")
                     shots = rng.sample(others, min(self.num_fewshot, len(others)))
                 samples.append(self._sample(subject, index, row, shots, ctx.chat))
+                self._fewest = len(shots) if self._fewest is None else min(self._fewest, len(shots))
         return samples
 
     def _sample(self, subject: str, index: int, row: dict[str, Any], shots: list[dict], chat: bool) -> Sample:

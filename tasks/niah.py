@@ -115,14 +115,19 @@ class NeedleInAHaystack:
             "max_new_tokens": self.max_new_tokens,
         }
 
-    def samples(self, ctx: TaskContext) -> list[Sample]:
+    def check_length(self, max_length: int, cap: int | None = None) -> None:
+        """The longest length + the generation budget (under the run's --max-new-tokens cap) within max_length, in
+        tokens; the CLI calls it before the model loads when --max-length is given."""
         longest = self.lengths[-1]
-        generated = ctx.new_tokens(self.max_new_tokens)
-        if longest + generated > ctx.max_length:
+        generated = self.max_new_tokens if cap is None else min(cap, self.max_new_tokens)
+        if longest + generated > max_length:
             raise ValueError(
-                f"NIAH length {longest} does not fit --max-length {ctx.max_length} (prompt + "
+                f"NIAH length {longest} does not fit --max-length {max_length} (prompt + "
                 f"{generated} generated tokens); lower niah.lengths or raise --max-length"
             )
+
+    def samples(self, ctx: TaskContext) -> list[Sample]:
+        self.check_length(ctx.max_length, ctx.max_new_tokens)
         samples = []
         for length in self.lengths:
             for depth in self.depths:

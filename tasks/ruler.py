@@ -418,6 +418,11 @@ class Ruler:
         self._essay_words = essay_words(essays) if essays else None
         available = [t for t in ("qa_1", "qa_2") if self._qa_path(t) is not None]
         self.tasks = list(tasks) if tasks else [*SYNTHETIC, *available]
+        missing = [t for t in ("qa_1", "qa_2") if t not in available]
+        self.notices = [] if tasks or not missing else [  # what the CLI prints at the start: a partial set, said once
+            f"ruler: {'/'.join(missing)} need{'s' if len(missing) == 1 else ''} --data ruler=DIR (RULER's "
+            f"{', '.join(QA_FILES[SUBTASKS[t][1]['dataset']] for t in missing)}); running {len(self.tasks)} of "
+            f"{len(SUBTASKS)} tasks"]
         for task in self.tasks:
             if task.startswith("qa_") and self._qa_path(task) is None:
                 file = QA_FILES[SUBTASKS[task][1]["dataset"]]
@@ -429,6 +434,13 @@ class Ruler:
         self._icl: str | None = None
         self._meta: dict[str, dict[str, Any]] = {}
         self._used_lengths: list[int] | None = None
+
+    def check_length(self, max_length: int, cap: int | None = None) -> None:
+        """Each asked length (prompt and generated tokens) within max_length; the CLI calls it before the model loads
+        when --max-length is given."""
+        if self.lengths and self.lengths[-1] > max_length:
+            raise ValueError(f"RULER length {self.lengths[-1]} does not fit --max-length {max_length} (a length counts "
+                             "prompt and generated tokens); lower ruler.lengths or raise --max-length")
 
     def _qa_path(self, task: str) -> Path | None:
         if self.data_path is None:
@@ -454,9 +466,7 @@ class Ruler:
         if not lengths:
             raise ValueError(f"RULER's shortest length 4096 does not fit the model's max length {ctx.max_length}; "
                              "give --task-option ruler.lengths=N with N at most the max length")
-        if lengths[-1] > ctx.max_length:
-            raise ValueError(f"RULER length {lengths[-1]} does not fit --max-length {ctx.max_length} (a length counts "
-                             "prompt and generated tokens); lower ruler.lengths or raise --max-length")
+        self.check_length(ctx.max_length)
         self._used_lengths = lengths
         count = self.samples_per_task if ctx.limit is None else min(ctx.limit, self.samples_per_task)
         samples = []

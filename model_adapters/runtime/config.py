@@ -36,9 +36,9 @@ class SparseSettings:
                              "cover the current block and the one before it)")
         forced = self.leading_blocks + self.local_blocks
         if self.num_blocks < forced:
-            raise ValueError(f"--sparse-budget {self.budget} holds {self.num_blocks} blocks of {self.block} tokens, "
-                             f"fewer than the {forced} that the leading and local tokens may take; raise it to at "
-                             f"least {forced * self.block}")
+            raise ValueError(f"--sparse-budget {self.budget} tokens hold {self.num_blocks} block{'s' if self.num_blocks != 1 else ''} of {self.block} "
+                             f"tokens, fewer than the {forced} blocks ({forced * self.block} tokens) that the leading "
+                             f"and local tokens may take; raise it to at least {forced * self.block} tokens")
 
     @property
     def num_blocks(self) -> int:

@@ -40,11 +40,18 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 
 def find_baseline(runs: list[Run], spec: str) -> int:
-    """Index of the column holding the run named by spec (run id, key, or its directory)."""
-    for index, run in enumerate(runs):
-        for part in run.folders:
-            if spec in (part.run_id, part.key) or (Path(spec).exists() and Path(spec).resolve() == part.path.resolve()):
-                return index
+    """Index of the column holding the run named by spec (a column's label, a run's key or id, or its directory); a
+    spec that names runs in several columns is refused, naming them."""
+    found = [index for index, run in enumerate(runs) if spec in (run.label, run.full_label)]
+    if not found:
+        found = list(dict.fromkeys(
+            index for index, run in enumerate(runs) for part in run.folders
+            if spec in (part.run_id, part.key) or (Path(spec).exists() and Path(spec).resolve() == part.path.resolve())))
+    if len(found) > 1:
+        raise ValueError(f"baseline '{spec}' names runs in {len(found)} columns ("
+                         + ", ".join(runs[i].label for i in found) + "); give its folder")
+    if found:
+        return found[0]
     raise ValueError(f"baseline '{spec}' is not among the runs ({', '.join(p.key for r in runs for p in r.folders)}); "
                      "add it to the RUN arguments or name one of them")
 
@@ -75,9 +82,11 @@ def runs_table(runs: list[Run], baseline: int | None) -> Table:
     table = Table("runs", "Runs", ["Column", "Run id", "Folder", "Model spec", "Settings", "Created", "Tasks", "git",
                                    "Hardware", "torch"])
     for index, column in enumerate(runs):
+        cut = ((table.note(f"{column.label}: {column.full_label}"),)
+               if column.full_label and column.full_label != column.label else ())
         for run in column.folders:
             info = run.info
-            table.rows.append([Cell(column.label + (" (baseline)" if index == baseline else "")), Cell(run.run_id),
+            table.rows.append([Cell(column.label + (" (baseline)" if index == baseline else ""), notes=cut), Cell(run.run_id),
                                Cell(str(run.path)), Cell(str(info["model"].get("spec", ""))), Cell(settings_text(info)),
                                Cell(str(info.get("created", ""))), Cell(", ".join(run.results) or "\u2014"),
                                Cell(str(info.get("git_sha", ""))[:12]), Cell(hardware_text(run)),

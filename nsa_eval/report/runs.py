@@ -48,7 +48,8 @@ class Run:
     path: Path
     info: dict[str, Any]  # run.json (merged: the first part's, with every part's tasks)
     results: dict[str, TaskResult]  # the tasks metrics.json holds
-    label: str = ""  # what tables print; unique among the runs of one report (set by load_runs)
+    label: str = ""  # what tables print; unique among the runs of one report, at most LABEL_CHARS (set by load_runs)
+    full_label: str = ""  # the label before it was cut: model name and run keys (set by load_runs)
     key: str = ""  # unique among the runs of one report, from the folder (set by load_runs); names files
     parts: list["Run"] = field(default_factory=list)  # a merged column's run folders, in the order given
     _samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
@@ -98,10 +99,13 @@ def setting_key(run: Run) -> str:
 
 
 def merge_runs(runs: list[Run]) -> list[Run]:
-    """Runs of one model and settings holding different tasks, as one column each (in first-seen order); a run
-    sharing a task with every column of its model so far starts a column of its own."""
+    """Runs of one model and settings holding different tasks, as one column each, whatever the order they are given
+    in: runs are taken oldest first (run.json's `created`, then the folder), each joining the first column of its model
+    and settings that holds none of its tasks, else starting one; columns come in the order their first run was
+    given, parts in age order."""
+    given = {id(run): index for index, run in enumerate(runs)}
     columns: list[list[Run]] = []
-    for run in runs:
+    for run in sorted(runs, key=lambda r: (str(r.info.get("created", "")), str(r.path.resolve()))):
         home = next((column for column in columns if setting_key(column[0]) == setting_key(run)
                      and not any(set(part.results) & set(run.results) or set(part.info["tasks"]) & set(run.info["tasks"])
                                  for part in column)), None)
@@ -109,6 +113,7 @@ def merge_runs(runs: list[Run]) -> list[Run]:
             columns.append([run])
         else:
             home.append(run)
+    columns.sort(key=lambda column: min(given[id(part)] for part in column))
     merged = []
     for column in columns:
         if len(column) == 1:
@@ -165,6 +170,11 @@ def load_run(spec: str | Path) -> Run:
         raise ValueError(f"{metrics_file} is corrupt: no 'tasks' object; rerun `nsa-eval run` to rewrite it")
     results = {name: _task_result(metrics_file, name, entry, info["tasks"].get(name, {}))
                for name, entry in metrics["tasks"].items()}
+    cap = info.get("max_new_tokens")
+    for result in results.values():  # runs before issue 23 recorded the budget asked for, not the one capped to
+        budget = result.config.get("generation_budget")
+        if isinstance(cap, int) and isinstance(budget, int) and budget > cap:
+            result.config = {**result.config, "generation_budget": cap}
     return Run(path=path, info=info, results=results)
 
 
@@ -187,11 +197,28 @@ def load_runs(specs: list[str | Path], merge: bool = True) -> list[Run]:
             run.key = f"{run.key}-{index + 1}"
     columns = merge_runs(runs) if merge else runs
     names = [column.model_name for column in columns]
+    labels: list[str] = []
     for column in columns:
-        column.label = column.model_name if names.count(column.model_name) == 1 else f"{column.model_name} ({column.key})"
+        full = column.model_name if names.count(column.model_name) == 1 else f"{column.model_name} ({column.key})"
+        label = short_label(full)
+        while label in labels:  # two long names cut to the same text
+            label = short_label(full, len(labels) + 1)
+        labels.append(label)
+        column.label, column.full_label = label, full
         for part in column.parts:
-            part.label = column.label
+            part.label, part.full_label = column.label, full
     return columns
+
+
+LABEL_CHARS = 40  # a longer label is cut (tables' heads, figure legends); the Runs table's note gives it whole
+
+
+def short_label(full: str, number: int | None = None) -> str:
+    """A column's label of at most LABEL_CHARS characters: the full one, or its start, an ellipsis and a number."""
+    if len(full) <= LABEL_CHARS and number is None:
+        return full
+    tail = f"\u2026 #{number}" if number is not None else "\u2026"
+    return full[: LABEL_CHARS - len(tail)].rstrip(" (+-") + tail
 
 
 def _task_result(metrics_file: Path, name: str, entry: Any, planned: dict[str, Any]) -> TaskResult:
@@ -199,8 +226,8 @@ def _task_result(metrics_file: Path, name: str, entry: Any, planned: dict[str, A
     if not isinstance(entry, dict):
         raise ValueError(f"{where} is corrupt (not an object); rerun `nsa-eval run` to rewrite it")
     try:
-        metrics = {m: {"mean": float(v["mean"]), "stderr": float(v.get("stderr", float("nan")))}
-                   for m, v in entry["metrics"].items()}
+        number = lambda value: float("nan") if value is None else float(value)  # noqa: E731 - null: none recorded
+        metrics = {m: {"mean": number(v["mean"]), "stderr": number(v.get("stderr"))} for m, v in entry["metrics"].items()}
         headline = str(entry["headline"])
         n = int(entry["n"])
     except (KeyError, TypeError, ValueError, AttributeError) as error:

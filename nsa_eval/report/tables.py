@@ -20,6 +20,7 @@ import pandas as pd
 from nsa_eval.report import reference
 from nsa_eval.report.runs import Run, TaskResult, value_order
 from nsa_eval.stats import PairedDelta, paired_bootstrap
+from nsa_eval.tasks.ruler_data import SUBTASKS as RULER_TASKS
 
 DASH = "\u2014"
 SIGNIFICANT = "*"
@@ -202,10 +203,21 @@ def fmt_delta(delta: PairedDelta, with_n: bool = True) -> str:
     return f"{delta.delta:+.3f} [{delta.low:+.3f}, {delta.high:+.3f}]{mark}{n}"
 
 
+def shots_of(result: TaskResult) -> int | None:
+    """The few-shot count a run recorded as used (GSM8K's cot is 0-shot for chat models), or None."""
+    return next((result.config[k] for k in SHOT_KEYS if isinstance(result.config.get(k), int)), None)
+
+
 def setting(result: TaskResult) -> str:
-    """A benchmark's setting as the paper's column heads print it, e.g. "5-shot acc" or "accuracy, 16 samples"."""
-    shots = next((result.config[k] for k in SHOT_KEYS if isinstance(result.config.get(k), int)), None)
-    text = f"{shots}-shot {result.headline}" if shots is not None else result.headline
+    """A benchmark's setting as run (run.json's recorded values), as the paper's column heads print it, e.g. "5-shot
+    acc", "cot, 0-shot flexible_extract", "2-5-shot acc" (a subject had fewer shot rows) or "accuracy, 16 samples,
+    48 budget". Runs of one task with different settings are different columns."""
+    shots = shots_of(result)
+    fewest = result.config.get("fewest_shots")
+    shown = f"{fewest}-{shots}" if isinstance(fewest, int) and shots is not None and fewest < shots else shots
+    text = f"{shown}-shot {result.headline}" if shots is not None else result.headline
+    variant = result.config.get("variant")
+    text = f"{variant}, {text}" if isinstance(variant, str) and result.name == "gsm8k" else text
     samples = result.config.get("n_samples")
     text = f"{text}, {samples} samples" if isinstance(samples, int) and samples > 1 else text
     budget = result.config.get("generation_budget")
@@ -244,26 +256,37 @@ def short_name(task: str) -> str:
 
 
 def model_table(runs: list[Run], baseline: int | None, with_paper: bool, paper: bool = False) -> Table:
-    """The paper's form (Tables 1-3): a row per model, a column per benchmark with its setting, an average. The
-    paper style puts the settings in a note and heads columns with the benchmark's short name."""
+    """The paper's form (Tables 1-3): a row per model, a column per benchmark and setting as run (runs of one task
+    with different settings, e.g. GSM8K 0-shot and 5-shot, are different columns), an average. The paper style puts
+    the settings in a note and heads columns with the benchmark's short name."""
     tasks = report_tasks(runs)
-    heads, settings = {}, {}
+    columns: list[tuple[str, str]] = []  # (task, setting), first seen first
+    results: dict[tuple[str, str], TaskResult] = {}
     for task in tasks:
-        first = next((run.results[task] for run in runs if task in run.results), None)
-        settings[task] = setting(first) if first else ""
-        heads[task] = short_name(task) if paper else (f"{task} ({settings[task]})" if first else task)
+        for result in (run.results[task] for run in runs if task in run.results):
+            results.setdefault((task, setting(result)), result)
+        columns += [key for key in results if key[0] == task] or [(task, "")]
+    split = {task for task, _ in columns if sum(t == task for t, _ in columns) > 1}
+    heads = {key: (short_name(key[0]) + (f" ({key[1]})" if key[0] in split else "") if paper
+                   else (f"{key[0]} ({key[1]})" if key in results else key[0])) for key in columns}
     with_avg = len(tasks) > 1
     table = Table("by-model", "Scores by model (headline metric of each task)",
                   ["Model", *heads.values(), *(["Avg"] if with_avg else [])], paper=paper)
-    if paper and any(settings.values()):
-        table.note("settings: " + "; ".join(f"{heads[t]} {settings[t]}" for t in tasks if settings[t]))
+    if paper and any(s for _, s in columns):
+        table.note("settings: " + "; ".join(f"{heads[key]} {key[1]}" for key in columns if key[1] and key[0] not in split))
+    if split:
+        table.note(f"{', '.join(sorted(split))}: runs with different settings (shots, variant, budget, as run.json "
+                   "records them) are different columns; an average mixes the settings of its row")
     for index, run in enumerate(runs):
         row = [Cell(run.label + (" (baseline)" if index == baseline else ""))]
         scores, notes = [], set()
-        for task in tasks:
+        for task, column_setting in columns:
             result = run.results.get(task)
             if result is None:
                 row.append(_missing(table, run, task))
+                continue
+            if setting(result) != column_setting:
+                row.append(Cell(DASH, notes=(table.note(f"{run.label}: {task} ran as {setting(result)}"),)))
                 continue
             flags = _flags(table, runs, index, task, baseline)
             notes.update(flags)
@@ -274,7 +297,7 @@ def model_table(runs: list[Run], baseline: int | None, with_paper: bool, paper: 
             row.append(_average(table, scores, len(tasks), tuple(sorted(notes))))
         table.rows.append(row)
     if with_paper:
-        _paper_rows(table, tasks, with_avg)
+        _paper_rows(table, tasks, columns, results, with_avg)
     table.note_ns()
     return table
 
@@ -286,7 +309,9 @@ def _average(table: Table, scores: list[float], expected: int, notes: tuple[int,
     return Cell(fmt(avg), avg, None, notes, {"mean": avg})
 
 
-def _paper_rows(table: Table, tasks: list[str], with_avg: bool) -> None:
+def _paper_rows(table: Table, tasks: list[str], columns: list[tuple[str, str]],
+                results: dict[tuple[str, str], TaskResult], with_avg: bool) -> None:
+    """The paper's Table 1 rows, a number only in a column whose recorded shot count is the paper's."""
     rows = reference.general_rows(tasks)
     settings = reference.general_settings(tasks)
     if not settings:
@@ -297,13 +322,24 @@ def _paper_rows(table: Table, tasks: list[str], with_avg: bool) -> None:
                         f"its settings: {described}")
     for label, values in rows.items():
         row = [Cell(label, notes=(source,))]
-        for task in tasks:
-            if task in values:
-                row.append(Cell(fmt(values[task]), values[task]))
-            else:
+        shown: dict[str, float] = {}
+        for key in columns:
+            task = key[0]
+            paper_shots = re.search(r"(\d+)-shot", settings.get(task, ""))
+            result = results.get(key)
+            ours = shots_of(result) if result is not None else None
+            fewest = result.config.get("fewest_shots") if result is not None else None
+            if task not in values:
                 row.append(Cell(DASH, notes=(table.note(f"{task} is not in the paper's Table 1"),)))
+            elif paper_shots and ours is not None and (ours != int(paper_shots[1]) or isinstance(fewest, int)):
+                row.append(Cell(DASH, notes=(table.note(
+                    f"{task} ({key[1]}): the paper's {task} is {settings[task]}; not shown beside a run of another "
+                    "shot count"),)))
+            else:
+                row.append(Cell(fmt(values[task]), values[task]))
+                shown[task] = values[task]
         if with_avg:
-            row.append(_average(table, list(values.values()), len(tasks), ()))
+            row.append(_average(table, list(shown.values()), len(tasks), ()))
         table.rows.append(row)
 
 
@@ -496,6 +532,15 @@ def ruler_table(runs: list[Run], task: str, baseline: int | None) -> Table:
                 row.append(Cell(f"{means[length]:.1f}", means[length], Drill(index, task, (("length", str(length)),))))
             else:
                 row.append(Cell(DASH, notes=(table.note(f"{run.label}: no samples of length {length}"),)))
+        covered = sorted(set().union(*names.values())) if names else []
+        partial = len(covered) < len(RULER_TASKS)
+        if partial:  # an average over fewer tasks is not RULER's 13-task average, nor its threshold's
+            row[0].notes += (table.note(
+                f"{run.label}: {len(covered)} of RULER's {len(RULER_TASKS)} tasks ({', '.join(covered)}); its "
+                "averages are over these tasks only, not RULER's 13-task averages"),)
+            row[2] = Cell(DASH, notes=(table.note(
+                f"effective length: RULER's threshold ({RULER_THRESHOLD}) is a 13-task average; none for a partial "
+                "set"),))
         counts = {len(n) for n in names.values()}
         if len(counts) > 1:
             row[0].notes += (table.note(f"{run.label}: the lengths hold different numbers of tasks "

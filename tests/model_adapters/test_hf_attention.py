@@ -188,7 +188,7 @@ def _keep_leading_and_local(indices: torch.Tensor, positions: torch.Tensor, sett
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(budget=256, local=64, block=64), "--sparse-local 64 must exceed --sparse-block 64"),
-    (dict(budget=256), "--sparse-budget 256 holds 4 blocks of 64 tokens, fewer than the 11"),
+    (dict(budget=256), r"--sparse-budget 256 tokens hold 4 blocks of 64 tokens, fewer than the 11 blocks \(704 tokens\)"),
     (dict(block=0), "--sparse-block must be a positive integer"),
 ])
 def test_sparse_settings_are_checked(kwargs, message):

@@ -149,3 +149,62 @@ def test_an_lm_eval_task_reads_local_data_given_with_data(tiny_llama_dir, task_d
         LmEvalTask("toy_gen", include_path=str(task_dir), data_path=str(folder))  # the task reads the test split
     (folder / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in TOY_ROWS[:2]))
     assert len(LmEvalTask("toy_gen", include_path=str(task_dir), data_path=str(folder))._task.eval_docs) == 2
+
+
+@pytest.mark.slow
+def test_lm_eval_gsm8k_from_one_file_never_shows_an_item_its_own_question(shared_data, tmp_path):
+    """One `--data` file serves lm-eval's train (shot) and test splits: each prompt's 5 shots are the 5 other rows of a
+    6-row file, never the asked item (lm-eval alone drew 5 of all 6, the asked one mostly among them)."""
+    from nsa_eval.lm_eval_bridge import LmEvalTask
+    from nsa_eval.tasks.base import TaskContext
+
+    lines = (shared_data / "gsm8k" / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines[:6]]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(lines[:6]) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    result = run_ours("--model", "smollm2", "--tasks", "lm-eval:gsm8k", "--data", f"lm-eval:gsm8k={data}",
+                      "--max-new-tokens", "1", "--output", str(out))
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "run.json").read_text())["tasks"]["lm-eval:gsm8k"]["config"]
+    assert config["fewshot_excludes_asked_item"] is True
+    records = [json.loads(line) for line in (out / "samples" / "lm-eval_gsm8k.jsonl").read_text().splitlines()]
+    assert len(records) == 6
+    for record in records:  # the excerpt's start is the first shot, its end the asked question
+        asked = rows[int(record["id"])]["question"]
+        head, _, tail = record["prompt_excerpt"].partition(" [...] ")
+        assert asked[-60:] in tail and asked[:60] not in head, record["prompt_excerpt"]
+
+    task = LmEvalTask("gsm8k", data_path=str(data))  # the whole prompts, as plain text
+    samples = task.samples(TaskContext(count_tokens=len, chat=False, max_length=4096, seed=0, limit=None))
+    for sample in samples:
+        assert sample.prompt.count(rows[int(sample.id)]["question"]) == 1, sample.prompt
+        assert sum(sample.prompt.count(row["question"]) for row in rows) == 6  # 5 shots and the question
+
+    data.write_text("\n".join(lines[:5]) + "\n", encoding="utf-8")  # 4 other rows cannot give 5 shots
+    result = run_ours("--model", "smollm2", "--tasks", "lm-eval:gsm8k", "--data", f"lm-eval:gsm8k={data}",
+                      "--output", str(tmp_path / "few"))
+    assert result.exit_code == 1 and "loading" not in result.output
+    assert result.output.strip() == (f"Error: lm-eval:gsm8k needs 5 shots other than the item asked; {data} holds 5 "
+                                     "rows (give at least 6)")
+    assert not (tmp_path / "few").exists()
+
+
+def test_one_sample_writes_strict_json_with_null_and_a_reason(tiny_llama_dir, task_dir, tmp_path):
+    """lm-eval gives no standard error for n=1 (NaN): metrics.json holds null and says why; strict readers accept it,
+    the run's summary line and the report show it as missing."""
+    out = tmp_path / "run"
+    result = run_ours("--model", f"hf:{tiny_llama_dir}", "--tasks", "lm-eval:toy_gen", "--include-path", str(task_dir),
+                      "--limit", "1", "--output", str(out))
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in metrics.json")
+
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=refuse)
+    entry = metrics["tasks"]["lm-eval:toy_gen"]["metrics"]["exact_match,first-number"]
+    assert entry["stderr"] is None and entry["stderr_reason"] == "one sample (n=1): no standard error"
+    assert "± n/a (n=1)" in result.output
+    report = CliRunner().invoke(main, ["report", str(out), "--format", "md", "--out", str(tmp_path / "report")],
+                                catch_exceptions=False)
+    assert report.exit_code == 0, report.output

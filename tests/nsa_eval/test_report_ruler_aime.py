@@ -1,24 +1,26 @@
 """The report's RULER table (RULER's README form: models x lengths, averages) and AIME by generation budget beside
 the paper's Table 3 rows of the same budget; MMLU's category groups as a breakdown table."""
 
+import json
 import random
 
 import pytest
 
 from nsa_eval.report.build import build_report
 from nsa_eval.report.tables import DASH
+from nsa_eval.tasks.ruler_data import SUBTASKS
 from report_runs import TaskData, record, write_run
 from test_report_tables import markdown_table, section
 
-RULER_TASKS = ("niah_single_1", "niah_multikey_3", "vt", "cwe", "fwe")
+RULER_TASKS = tuple(SUBTASKS)  # all 13: RULER's averages and threshold hold for the whole set
 LENGTHS = (4096, 8192, 16384, 32768)
 
 
-def ruler_run(quality, *, per_cell=4, seed=0, lengths=LENGTHS):
+def ruler_run(quality, *, per_cell=4, seed=0, lengths=LENGTHS, tasks=RULER_TASKS):
     """RULER records: a 0..1 score per sample (string_match_all shares), broken down by task and length."""
     rng = random.Random(seed)
     records = []
-    for task in RULER_TASKS:
+    for task in tasks:
         for length in lengths:
             for k in range(per_cell):
                 score = rng.choice([0.0, 0.5, 1.0]) if rng.random() > quality(task, length) else 1.0
@@ -78,6 +80,24 @@ def test_ruler_table_marks_missing_lengths(tmp_path):
     assert table.iloc[1, 3] == "100.0" and table.iloc[1, 4].startswith(DASH) and table.iloc[1, 7].startswith(DASH)
 
 
+def test_a_partial_ruler_set_is_marked_and_has_no_effective_length(tmp_path):
+    """`ruler.tasks=niah_single_1,vt`, or RULER without its QA data: the row names the tasks its averages cover, and
+    RULER's 85.6 threshold (a 13-task average) gives it no effective length."""
+    two = ruler_run(lambda task, length: 1.0, lengths=(4096,), tasks=("niah_single_1", "vt"))
+    whole = ruler_run(lambda task, length: 1.0, lengths=(4096,))
+    runs = [write_run(tmp_path, "two", "Two", {"ruler": two}), write_run(tmp_path, "whole", "Whole", {"ruler": whole})]
+    build_report(runs, tmp_path / "out", formats=("md",))
+    text = (tmp_path / "out" / "report.md").read_text()
+    title = "ruler: RULER's table (score in percent, mean over tasks per length)"
+    table = markdown_table(text, title)
+    rows = {r[0].split("[")[0]: r for r in table.itertuples(index=False)}
+    assert rows["Two"][0] != "Two" and rows["Two"][2].startswith(DASH + "[") and rows["Two"][3] == "100.0"
+    assert rows["Whole"][2] == ">4K" and section(text, title).count("of RULER's 13 tasks") == 1
+    notes = section(text, title)
+    assert "Two: 2 of RULER's 13 tasks (niah_single_1, vt); its averages are over these tasks only" in notes
+    assert "RULER's threshold (85.6) is a 13-task average; none for a partial set" in notes
+
+
 def aime_run(accuracy, budget, *, key="generation_budget", n=30, seed=0):
     rng = random.Random(seed)
     records = [record(f"2024-{i}", f"problem {i}", "42", "\\boxed{42}", {"accuracy": float(rng.random() < accuracy)},
@@ -103,6 +123,13 @@ def test_aime_beside_the_papers_table3_rows_of_its_budget(tmp_path):
     assert "Table 3" in section(text, title)
     by_model = markdown_table(text, "Scores by model (headline metric of each task)")
     assert by_model.columns[1] == "aime (accuracy, 16 samples, 8k budget)"
+
+    capped = write_run(tmp_path / "c", "c48", "NSA-capped", {"aime": aime_run(0.2, 8192, seed=4)})
+    info = json.loads((capped / "run.json").read_text())  # an older capped run: its config says 8192
+    (capped / "run.json").write_text(json.dumps({**info, "max_new_tokens": 48}))
+    build_report([capped], tmp_path / "out48", reference="nsa-paper", formats=("md",))
+    table48 = markdown_table((tmp_path / "out48" / "report.md").read_text(), title)
+    assert list(table48.columns) == ["Model", "48 budget"] and len(table48) == 1  # not beside the paper's 8k rows
 
     other = [write_run(tmp_path / "x", "r4", "NSA-4k", {"aime": aime_run(0.2, 4096)})]
     build_report(other, tmp_path / "out4", reference="nsa-paper", formats=("md",))

@@ -33,6 +33,8 @@ def workdir(tmp_path, monkeypatch):
     Path("empty.jsonl").write_text("", encoding="utf-8")
     Path("qasper.jsonl").write_text("".join(line + "\n" for line in LONGBENCH_ROWS.read_text(encoding="utf-8").splitlines()
                                             if json.loads(line)["dataset"] == "qasper"), encoding="utf-8")
+    Path("latin1.jsonl").write_bytes(b'{"question": "a", "answer": "1 #### 1"}\n{"question": "caf\xe9", "answer": "1 #### 1"}\n')
+    Path("broken.parquet").write_bytes(b"PAR1 not a parquet file")
     Path("aime.json").write_text('[{"id": 1, "problem": "1+1?", "answer": 2}, {"id": 2,,}]', encoding="utf-8")
     return tmp_path
 
@@ -54,15 +56,29 @@ BAD_INPUTS = [
     (["--tasks", "gsm8k", "--data", "gsm8k=missing.jsonl"], ["missing.jsonl does not exist"]),
     (["--tasks", "gsm8k", "--data", "gsm8k=empty.jsonl"], ["empty.jsonl holds no rows"]),
     (["--tasks", "niah", "--data", "niah=a.jsonl"], ["niah generates its samples", "--task-option niah.haystack_dir=DIR"]),
-    (["--tasks", "aime", "--data", "aime=aime.json"], ["aime.json: not valid JSON", "line 1 column"]),
+    (["--tasks", "aime", "--data", "aime=aime.json"], ["aime.json: line 1, column 54: not valid JSON"]),
+    (["--tasks", "gsm8k", "--data", "gsm8k=latin1.jsonl"], ["latin1.jsonl: line 2, column 18: not UTF-8 text (byte 0xe9)"]),
+    (["--tasks", "gsm8k", "--data", "gsm8k=broken.parquet"], ["broken.parquet: not a readable parquet file"]),
     (["--tasks", "longbench", "--data", "longbench=qasper.jsonl"],
      ["holds 1 of the 21 subsets asked for", "--task-option longbench.subsets=qasper"]),
     (["--tasks", "niah", "--sparse-budget", "384"], ["--sparse-budget applies only with --attention sparse"]),
+    (["--tasks", "niah", "--attention", "sparse", "--sparse-budget", "256"],
+     ["--sparse-budget 256 tokens hold 4 blocks of 64 tokens, fewer than the 11 blocks (704 tokens)",
+      "raise it to at least 704 tokens"]),
     (["--tasks", "gsm8k", "--data", "gsm8k=a.jsonl", "--niah-lengths", "1k"],
      ["--niah-lengths applies to the niah task, which is not among --tasks gsm8k"]),
     (["--tasks", "niah", "--niah-lengths", "1k", "--task-option", "niah.lengths=512"], ["give one of them"]),
     (["--tasks", "niah", "--include-path", "."], ["--include-path applies to lm-eval:TASK tasks"]),
     (["--tasks", "niah", "--allow-code-execution"], ["--allow-code-execution applies to humaneval"]),
+    (["--tasks", "niah", "--max-length", "600", "--task-option", "niah.lengths=1k"],
+     ["NIAH length 1024 does not fit --max-length 600 (prompt + 32 generated tokens)"]),
+    (["--tasks", "ruler", "--max-length", "2000", "--task-option", "ruler.lengths=4k"],
+     ["RULER length 4096 does not fit --max-length 2000"]),
+    (["--tasks", "niah", "--output", "/proc/nsa-eval-run"],
+     ["--output /proc/nsa-eval-run: cannot write a run folder there (No such file or directory)"]),
+    (["--tasks", "niah", "--output", "a.jsonl/run"], ["--output a.jsonl/run: cannot write a run folder there (Not a directory)"]),
+    (["--tasks", "gsm8k", "--data", "gsm8k=a.jsonl", "--task-option", "gsm8k.variant=standard"],
+     ["gsm8k.variant=standard needs 5 shots other than the item asked; a.jsonl holds 4 test rows (give at least 6"]),
 ]
 
 
@@ -78,6 +94,7 @@ def test_bad_input_is_one_line_before_the_model_loads_and_writes_nothing(workdir
 @pytest.mark.parametrize("spec, fragment", [
     ("gpt5", "unknown model spec 'gpt5'"), ("hf:/nowhere/model", "model folder /nowhere/model does not exist"),
     ("nsa:", "needs a checkpoint folder"), ("openai:localhost:8000", "give the server's URL"),
+    ("openai:http://127.0.0.1:9/v1?tokenizer=/nonexistent#m", "tokenizer folder /nonexistent does not exist"),
 ])
 def test_a_bad_model_spec_is_refused_before_loading(workdir, spec, fragment):
     before = snapshot(workdir)
@@ -149,7 +166,8 @@ def test_ctrl_c_keeps_the_samples_and_the_rerun_resumes(smollm2_dir, tmp_path):
     kept = samples.read_text().count("\n")
     assert process.returncode == 130, stderr[-2000:]
     assert 1 <= kept < 3 and f"interrupted: {kept}/3 samples kept in {out}; rerun the same command to resume" in stderr
-    assert "niah: 3 of 3 samples to answer" in stderr and "ETA" in stderr
+    assert "niah: 3 of 3 samples to answer" in stderr and "niah: 1/3 samples, first after 0:0" in stderr
+    assert "ETA" not in "".join(seen)  # no projection from the first answer alone
     assert "Traceback" not in stderr and "Aborted" not in stderr
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -157,3 +175,20 @@ def test_ctrl_c_keeps_the_samples_and_the_rerun_resumes(smollm2_dir, tmp_path):
     assert len(samples.read_text().splitlines()) == 3
     complete = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert complete.returncode == 0 and "already complete" in complete.stderr and "loading" not in complete.stderr
+
+
+def test_a_read_only_output_is_one_line_before_the_model_loads(tmp_path):
+    """--output on a read-only file system (a tmpfs mounted read-only in a private mount namespace)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    script = (f"mount -t tmpfs -o ro tmpfs {folder} && exec {sys.executable} -m nsa_eval run --model smollm2 "
+              f"--tasks niah --output {folder}/run --quiet")
+    try:
+        result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        pytest.skip("no unshare here")
+    if "mount:" in result.stderr or "unshare:" in result.stderr:
+        pytest.skip(f"cannot mount a read-only file system here: {result.stderr.strip()}")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip() == (f"Error: --output {folder}/run: cannot write a run folder there (Read-only file "
+                                     "system); choose another --output")

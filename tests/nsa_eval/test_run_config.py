@@ -48,7 +48,7 @@ def test_sparse_settings_take_the_defaults_of_the_flags_left_out():
     (dict(niah_depths="0", task_options=("niah.depths=50",)), "--niah-depths and --task-option niah.depths both set"),
     (dict(sparse_budget=384), "--sparse-budget applies only with --attention sparse"),
     (dict(task_list="gsm8k", allow_code_execution=True), "--allow-code-execution applies to humaneval"),
-    (dict(attention="sparse", sparse_budget=64), "--sparse-budget 64 holds 1 blocks of 64 tokens"),
+    (dict(attention="sparse", sparse_budget=64), "--sparse-budget 64 tokens hold 1 block of 64 tokens"),
     (dict(task_list=" , "), "--tasks is empty"),
 ])
 def test_settings_that_do_nothing_or_conflict_are_refused(given, message):

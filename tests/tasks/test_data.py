@@ -76,8 +76,30 @@ def test_a_malformed_row_names_the_file_the_row_and_the_field(tmp_path, bad_row,
 def test_bad_json_line_and_row_numbers_count_lines(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n\n{not json\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"broken\.jsonl: row 3: not valid JSON \(.* at column 2\)"):
+    with pytest.raises(DataError, match=r"broken\.jsonl: row 3, column 2: not valid JSON \(Expecting property name"):
         load(path)
+
+
+def test_a_truncated_row_is_placed_where_it_was_cut(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + '\n{"question": "Tom has 3 appl\n', encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        load(path)
+    assert str(caught.value) == (f"{path}: row 2, column 28: not valid JSON (the string opened at column 14 is not "
+                                 "closed by the row's end: cut short?)")
+
+
+@pytest.mark.parametrize("name, content, place", [
+    ("bad.jsonl", b'{"question": "a"}\n{"question": "b\xffc"}\n', "line 2, column 16"),
+    ("bad.csv", b"\xffquestion,answer\n", "line 1, column 1"),
+    ("bad.json", b'[{"question": "\xfe"}]', "line 1, column 16"),
+])
+def test_a_file_that_is_not_utf8_names_the_line_and_column(tmp_path, name, content, place):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as caught:
+        load(path)
+    assert str(caught.value).startswith(f"{path}: {place}: not UTF-8 text (byte 0x")
 
 
 def test_missing_path_and_unknown_suffix_are_value_errors(tmp_path):

@@ -180,3 +180,27 @@ def test_bad_options_and_rows_are_one_line_errors(tmp_path, mmlu_rows):
     bad.write_text(json.dumps(missing_subject) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.jsonl: row 1: field 'subject' is missing"):
         MMLU(data_path=str(bad)).samples(context())
+
+
+def test_a_subject_with_too_few_shot_rows_records_the_fewest_shots_used(tmp_path, mmlu_rows):
+    """One test file, no dev split: a subject of 3 rows asks each with its 2 other rows; run.json's config says so
+    (`fewest_shots`), and the report's column head says 2-5-shot, never beside the paper's 5-shot number."""
+    from nsa_eval.report.runs import TaskResult
+    from nsa_eval.report.tables import setting
+
+    _, rows = mmlu_rows
+    biology = [r for r in rows if r["type"] == "college_biology"][:3]
+    physics = [r for r in rows if r["type"] == "college_physics"][:8]
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in biology + physics), encoding="utf-8")
+    task = MMLU(data_path=str(path))
+    samples = task.samples(context())
+    shots = {s.id: s.prompt.count("\nAnswer: ") for s in samples}  # a shot ends "Answer: X", the question "Answer:"
+    assert {shots[f"college_biology/{i}"] for i in range(3)} == {2} and {shots[f"college_physics/{i}"] for i in range(8)} == {5}
+    config = task.config()
+    assert config["num_fewshot"] == 5 and config["fewest_shots"] == 2
+    result = TaskResult("mmlu", "1", "acc", 11, {"acc": {"mean": 0.5, "stderr": 0.1}}, {}, {}, config, None)
+    assert setting(result) == "2-5-shot acc"
+    whole = MMLU(data_path=str(path), subjects="college_physics")
+    whole.samples(context())
+    assert "fewest_shots" not in whole.config()  # every sample had its 5 shots: the config (and hash) as before

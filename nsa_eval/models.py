@@ -177,13 +177,17 @@ def load_model(spec: str, **options: Any) -> LanguageModel:
 
 def checkpoint_folder(spec: str) -> Path:
     """The local checkpoint folder of a spec the native engine reads from one (nsa:PATH; hf:PATH or a hub id in the
-    local cache; smollm2): what `nsa-eval export` converts. One ValueError line for any other spec."""
+    local cache; smollm2, smollm2-nsa): what `nsa-eval export` converts. One ValueError line for any other spec."""
     check_model_spec(spec)
     kind, _, target = spec.partition(":")
     if spec == "smollm2":
         from nsa_eval.model_adapters.smollm2 import plain_checkpoint
 
         return plain_checkpoint()
+    if spec == "smollm2-nsa":
+        from nsa_eval.model_adapters.smollm2 import nsa_checkpoint
+
+        return nsa_checkpoint()
     if kind == "nsa":
         return Path(target).expanduser()
     if kind == "hf":
@@ -196,7 +200,7 @@ def checkpoint_folder(spec: str) -> Path:
         if not native_supported(folder):
             raise ValueError(native_refusal(spec))
         return folder
-    raise ValueError(f"'{spec}' is not a checkpoint folder; give nsa:PATH, hf:PATH or smollm2")
+    raise ValueError(f"'{spec}' is not a checkpoint folder; give nsa:PATH, hf:PATH, smollm2 or smollm2-nsa")
 
 
 def native_refusal(spec: str) -> str:

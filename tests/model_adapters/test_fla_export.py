@@ -268,8 +268,9 @@ def test_cli_export_refuses_in_one_line(tiny_nsa_dir, tmp_path, smollm2_dir):
                     "config.json cannot be written in flash-linear-attention's NSA layout: attention 'full' (fla's "
                     "model_type nsa is NSA attention)")
     _one_line_error(_export("--model", "openai:http://127.0.0.1:1/v1#m", "--layout", "fla", "--out", tmp_path / "o3"),
-                    "is not a checkpoint folder; give nsa:PATH, hf:PATH or smollm2")
+                    "is not a checkpoint folder; give nsa:PATH, hf:PATH, smollm2 or smollm2-nsa")
     _one_line_error(_export("--model", f"nsa:{tmp_path / 'absent'}", "--layout", "fla", "--out", tmp_path / "o4"),
                     "does not exist")
     assert not any((tmp_path / f"o{i}").exists() for i in range(5))
     assert _export("--model", f"nsa:{folder}", "--layout", "paper", "--out", tmp_path / "o5").exit_code == 2
+

@@ -147,6 +147,8 @@ def _run(config: RunConfig) -> None:
     output = config.output
     shard = distributed.start(config.device)  # None unless torchrun started several processes
     store = distributed.run_store(output, shard, settings=settings, overwrite=config.overwrite) if output else None
+    held = [store] if store is not None else []  # folders this command locked: released when it ends, errors too
+    click.get_current_context().call_on_close(lambda: [s.unlock() for s in held])
     keep_from = nearest_existing(output) if output else None
     if store is not None:
         plan = store.plan()  # a file, a foreign folder, a run with other settings: one line, before the model loads
@@ -184,6 +186,7 @@ def _run(config: RunConfig) -> None:
             run_dir = config.default_run_dir(model.name)
             keep_from = nearest_existing(run_dir)
             store = distributed.run_store(run_dir, shard, settings=settings, overwrite=config.overwrite)
+            held.append(store)
             store.plan()
         metrics = run_tasks(model, tasks, store, config,
                             show_progress=not config.quiet and (shard is None or shard.rank == 0))

@@ -260,6 +260,16 @@ class RunStore:
         handle.flush()
         self._lock = handle
 
+    def unlock(self) -> None:
+        """Release the folder's lock (a run that ends in this process, well or not, so a later run in the same
+        process can take it: the OS releases it only when the process ends)."""
+        import fcntl
+
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
     def counts(self, info: dict[str, Any] | None = None) -> tuple[int, int]:
         """(samples answered, samples planned) over the run's tasks, read without changing any file."""
         info = info if info is not None else (self._existing() or {})

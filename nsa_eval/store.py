@@ -6,8 +6,9 @@ results/runs/<run-id>/
                          with characters other than letters, digits, '.', '_' and '-' as '_': lm-eval_gsm8k.jsonl)
   metrics.json           per task: headline metric with standard error, breakdowns, n, efficiency
 
-While a run writes the folder it holds `.lock` (an flock the OS releases when the process ends, kill -9 included; the
-file holds the writer's process id), so a second run into the folder is refused naming that process.
+While a run writes the folder it holds `.lock` (an flock released when the run command ends, and by the OS when the
+process ends, kill -9 included; the file holds the writer's process id), so a second run into the folder is refused
+naming that process.
 
 run.json also holds `settings`: the command-line settings the run was asked with (outside the config hash), so a
 rerun is checked against the run before any model loads (`RunStore.plan`) and a mismatch names the settings that

@@ -26,7 +26,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -484,19 +484,27 @@ def student_from_base(base: Transformer, recipe: Recipe) -> Retrofit:
         raise ValueError(f"the base's weights do not fit the NSA student: missing {missing[:3]}")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
-    return Retrofit(model, replace(recipe))
+    return Retrofit(model, recipe)
 
 
 def build_checkpoint(delta_path: Path, base: Path, target: Path) -> Path:
     """The NSA checkpoint (config.json, model.safetensors in float32, the base's tokenizer, retrofit.json) built from
     a retrofit file and its base folder into `target` (atomically: a concurrent reader sees all of it or nothing)."""
+    from nsa_eval.model_adapters.runtime.checkpoint import from_pretrained
+
+    tensors, record = read_delta(delta_path)
+    return write_checkpoint(build_model(from_pretrained(base, dtype=torch.float32), tensors, record), record, base,
+                            target)
+
+
+def write_checkpoint(model: Transformer, record: dict, base: Path, target: Path) -> Path:
+    """A built NSA model (build_model) saved as a checkpoint into `target` with the base folder's tokenizer files and
+    the retrofit's record (retrofit.json); atomic, as build_checkpoint."""
     import shutil
     import tempfile
 
-    from nsa_eval.model_adapters.runtime.checkpoint import from_pretrained, save_pretrained
+    from nsa_eval.model_adapters.runtime.checkpoint import save_pretrained
 
-    tensors, record = read_delta(delta_path)
-    model = build_model(from_pretrained(base, dtype=torch.float32), tensors, record)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     save_pretrained(model, partial)

@@ -73,9 +73,9 @@ def retrofit(base: str, out: str, corpus: str | None, device: str | None, save_e
     """Turn a full-attention checkpoint into an NSA checkpoint by distillation (our kernels' backward on CUDA)."""
     import torch
 
-    from nsa_eval.model_adapters.retrofit import (Progress, base_fingerprint, build_checkpoint, build_model,
+    from nsa_eval.model_adapters.retrofit import (Progress, base_fingerprint, build_model,
                                                   load_state, probe_logits, read_delta, save_delta,
-                                                  student_from_base, train)
+                                                  student_from_base, train, write_checkpoint)
     from nsa_eval.model_adapters.retrofit_corpus import build_corpus, read_corpus
     from nsa_eval.model_adapters.runtime.checkpoint import from_pretrained
     from nsa_eval.store import git_sha, versions
@@ -111,8 +111,7 @@ def retrofit(base: str, out: str, corpus: str | None, device: str | None, save_e
         data = read_corpus(corpus_path)
     else:
         click.echo(f"retrofit: building the corpus {corpus_path} from this Python's standard library ...", err=True)
-        build_corpus(tokenizer, corpus_path)
-        data = read_corpus(corpus_path)
+        data = build_corpus(tokenizer, corpus_path)
     if data.header["vocab_size"] != len(tokenizer):
         raise ValueError(f"{corpus_path} was tokenized for a vocabulary of {data.header['vocab_size']}, the base has "
                          f"{len(tokenizer)}; give another --corpus")
@@ -159,10 +158,10 @@ def retrofit(base: str, out: str, corpus: str | None, device: str | None, save_e
     }
     delta_path = out_dir / "retrofit.safetensors"
     save_delta(student, delta_path, record)
-    built = build_model(from_pretrained(folder, dtype=torch.float32), *read_delta(delta_path))
+    built = build_model(from_pretrained(folder, dtype=torch.float32), *read_delta(delta_path))  # as users rebuild it
     record["probe"] = probe_logits(built, tokenizer)  # a rebuild is checked against these
     save_delta(student, delta_path, record)
-    build_checkpoint(delta_path, folder, out_dir / "checkpoint")
+    write_checkpoint(built, record, folder, out_dir / "checkpoint")
     click.echo(f"retrofit: {progress.step} steps in {progress.seconds / 60:.1f} min; distill KL "
                f"{record['first'].get('distill_kl', float('nan')):.4f} -> {record['final']['distill_kl']:.4f}, "
                f"mass KL {record['first'].get('mass_kl', float('nan')):.4f} -> {record['final']['mass_kl']:.4f}; "

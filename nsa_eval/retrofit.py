@@ -24,6 +24,8 @@ RECIPE_HELP = {
     "steps": "stage 2 steps", "lr": "learning rate of the low-rank updates", "gate_lr": "learning rate of the gates",
     "mass_weight": "weight of the block-mass KL", "probes": "query positions per sequence for the block-mass KL",
     "seed": "seed of the data order, probes and initial weights",
+    "gate_fit": "start the gates from a least-squares fit on one batch, near (0.02, 0.49, 0.49) for (compressed, "
+                "selected, window); false: zero weights (every gate 0.5)",
 }
 
 
@@ -73,8 +75,8 @@ def retrofit(base: str, out: str, corpus: str | None, device: str | None, save_e
     """Turn a full-attention checkpoint into an NSA checkpoint by distillation (our kernels' backward on CUDA)."""
     import torch
 
-    from nsa_eval.model_adapters.retrofit import (Progress, base_fingerprint, build_model,
-                                                  load_state, probe_logits, read_delta, save_delta,
+    from nsa_eval.model_adapters.retrofit import (GATE_TARGETS, Progress, base_fingerprint, batch_at, build_model,
+                                                  fit_gates, load_state, probe_logits, read_delta, save_delta,
                                                   student_from_base, train, write_checkpoint)
     from nsa_eval.model_adapters.retrofit_corpus import build_corpus, read_corpus
     from nsa_eval.model_adapters.runtime.checkpoint import from_pretrained
@@ -128,6 +130,11 @@ def retrofit(base: str, out: str, corpus: str | None, device: str | None, save_e
     progress, optimizer_state = (load_state(student, state_path) if state_path.exists() else (Progress(), None))
     if progress.step:
         click.echo(f"retrofit: resuming at step {progress.step} of {recipe.total_steps}", err=True)
+    elif recipe.gate_fit:
+        fit_ids, _ = batch_at(data.ids, recipe, recipe.total_steps)  # a batch no step trains on
+        sums = fit_gates(student, fit_ids.to(device), GATE_TARGETS)
+        click.echo(f"retrofit: gates fitted to {GATE_TARGETS}: per-layer gate sums {min(sums):.3f}-{max(sums):.3f}",
+                   err=True)
     log = open(out_dir / "log.jsonl", "a", encoding="utf-8")
     started = time.monotonic()
     first_step = progress.step

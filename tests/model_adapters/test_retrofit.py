@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from nsa_eval.model_adapters.retrofit import (Progress, Recipe, batch_at, build_model, distill_kl, load_state,
+from nsa_eval.model_adapters.retrofit import (GATE_TARGETS, Progress, Recipe, batch_at, build_model, distill_kl,
+                                              fit_gates, load_state,
                                               probe_logits, read_delta, save_delta, student_from_base, train,
                                               trained_tensors)
 from nsa_eval.model_adapters.retrofit_corpus import build_corpus, read_corpus
@@ -45,6 +46,26 @@ def test_corpus_is_real_text_with_its_hash_checked(corpus, smollm2_dir):
     corpus.with_name("edited.bin").write_bytes(body[:-4] + b"\x01\x00\x00\x00")
     with pytest.raises(ValueError, match="do not match"):
         read_corpus(corpus.with_name("edited.bin"))
+
+
+def test_fitted_gates_start_smollm2_near_its_teacher(smollm2_dir, corpus):
+    """SmolLM2 with NSA at 192 tokens (window 32, 4 of 11 blocks): zero gates (0.5 each) scale attention by 1.5 and
+    start far from the teacher; gates fitted on another window sum to ~1 and start several times closer."""
+    ids = read_corpus(corpus).ids
+    student = student_from_base(from_pretrained(smollm2_dir, dtype=torch.float32), Recipe(**SMALL))
+    measured, _ = batch_at(ids, student.recipe, 0)
+    other, _ = batch_at(ids, student.recipe, 1)
+
+    def kl() -> float:
+        with torch.no_grad():
+            teacher, _ = student(measured, student=False)
+            logits, _ = student(measured, student=True)
+        return distill_kl(logits, teacher).item()
+
+    zero_gates = kl()
+    sums = fit_gates(student, other, GATE_TARGETS)
+    assert all(abs(s - sum(GATE_TARGETS)) < 0.1 for s in sums), sums
+    assert kl() < zero_gates / 3, (kl(), zero_gates)
 
 
 def test_loss_falls_and_resume_continues_the_same_run(tiny_llama_dir, corpus, tmp_path):

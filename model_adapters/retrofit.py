@@ -4,8 +4,11 @@ The student is the base model with NSA attention (paper eq. 5) over the layer's 
 flash-linear-attention's NSA): mean-pooled blocks of `block` tokens (compression), the top `selected` blocks by the
 compressed scores (selection), the last `window` tokens, mixed by gates sigmoid(g_proj(x)) [HQ, 3] per query head.
 The base stays frozen and is the teacher (its own full attention). What trains, and is all that ships:
-- g_proj of every layer (new; at the start fitted on one batch so the gates sit near GATE_TARGETS and sum to 1,
-  see fit_gates: zero weights would give 0.5 each, and on SmolLM2 a first distill KL of 3.4 nats instead of 0.12);
+- g_proj of every layer (new; at the start fitted on one batch so the gates sit near recipe.gate_init, see
+  fit_gates: zero weights give 0.5 each, a sum of 1.5, and on SmolLM2 a first distill KL of 3.4 nats instead of
+  0.12 at 1.5k tokens). The default starts on the selected branch (0.02, 0.96, 0.02): with 16 blocks of 64 it is
+  exactly full attention up to 1k tokens, while the window branch lacks the attention sink (token 0), and mixing
+  it in at 0.49 cost SmolLM2 its needle retrieval (results/smollm2-nsa-vs-full/README.md);
 - low-rank updates W + B A (rank r, LoRA; B zero at the start) of q_proj and k_proj (stage 1) and of q, k, v and
   o_proj (stage 2). They are merged into the weights when the NSA checkpoint is built (`build_checkpoint`).
 
@@ -45,7 +48,6 @@ from nsa_eval.model_adapters.runtime.rope import rope_tables
 DELTA_FORMAT = "nsa-eval-retrofit-1"
 PROBE_TEXT = ("The harness reads a long report, finds the number hidden in its middle, and answers with it. "
               "def mean(values):\n    return sum(values) / len(values)\n")
-GATE_TARGETS = (0.02, 0.49, 0.49)  # compressed, selected, window: the exact branches carry the start
 STAGE1_PROJECTIONS = ("q", "k")
 STAGE2_PROJECTIONS = ("q", "k", "v", "o")
 
@@ -68,7 +70,7 @@ class Recipe:
     mass_weight: float = 1.0
     probes: int = 256        # query positions per sequence for the mass loss
     seed: int = 0
-    gate_fit: bool = True    # start the gates from fit_gates(GATE_TARGETS) instead of zero (every gate 0.5)
+    gate_init: str = "0.02,0.96,0.02"  # gates at the start (compressed,selected,window) by fit_gates, or "zero"
 
     def check(self) -> None:
         for name in ("block", "selected", "lora_rank", "seq_len", "batch", "probes"):
@@ -79,6 +81,14 @@ class Recipe:
             raise ValueError("retrofit: --warmup-steps and --steps must be >= 0 with at least one step in all")
         if self.window < 0:
             raise ValueError(f"retrofit: --window must be >= 0, got {self.window}")
+        if self.gate_init != "zero":
+            try:
+                targets = self.gate_targets
+            except ValueError:
+                targets = ()
+            if len(targets) != 3 or not all(0 < t < 1 for t in targets):
+                raise ValueError(f"retrofit: --gate-init {self.gate_init!r}: give 'zero' or three gates in (0, 1) for "
+                                 "compressed,selected,window, e.g. 0.02,0.96,0.02")
         if self.seq_len <= self.block * self.selected:
             raise ValueError(f"retrofit: --seq-len {self.seq_len} must exceed block x selected = "
                              f"{self.block * self.selected} tokens, or selection never drops a block")
@@ -86,6 +96,20 @@ class Recipe:
     @property
     def total_steps(self) -> int:
         return self.warmup_steps + self.steps
+
+    @property
+    def gate_targets(self) -> tuple[float, ...]:
+        """gate_init as (compressed, selected, window); () for 'zero'."""
+        return () if self.gate_init == "zero" else tuple(float(t) for t in self.gate_init.split(","))
+
+    @classmethod
+    def from_record(cls, recipe: dict) -> "Recipe":
+        """The recipe a retrofit file records. Files made before gate_init existed: gate_fit True meant targets
+        0.02,0.49,0.49 (the first GPU retrofit), no key meant zero gates."""
+        recipe = dict(recipe)
+        if "gate_init" not in recipe:
+            recipe["gate_init"] = "0.02,0.49,0.49" if recipe.pop("gate_fit", False) else "zero"
+        return cls(**recipe)
 
 
 def delta_bytes(config: ModelConfig, recipe: Recipe) -> int:
@@ -471,7 +495,7 @@ def read_delta(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def build_model(base: Transformer, tensors: dict[str, torch.Tensor], record: dict) -> Transformer:
     """The NSA model: base weights (a full-attention Transformer), low-rank updates merged (W + B A in float32),
     the trained gates; in the base's dtype and device. ValueError if the base is not the one trained on."""
-    recipe = Recipe(**record["recipe"])
+    recipe = Recipe.from_record(record["recipe"])
     fingerprint = base_fingerprint(base.state_dict())
     if fingerprint != record["base_fingerprint"]:
         raise ValueError(f"the base model's weights (fingerprint {fingerprint}) are not those the retrofit was trained "

@@ -6,6 +6,7 @@ load it as nsa:OUT/checkpoint). Run the same command again to resume."""
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -24,8 +25,8 @@ RECIPE_HELP = {
     "steps": "stage 2 steps", "lr": "learning rate of the low-rank updates", "gate_lr": "learning rate of the gates",
     "mass_weight": "weight of the block-mass KL", "probes": "query positions per sequence for the block-mass KL",
     "seed": "seed of the data order, probes and initial weights",
-    "gate_fit": "start the gates from a least-squares fit on one batch, near (0.02, 0.49, 0.49) for (compressed, "
-                "selected, window); false: zero weights (every gate 0.5)",
+    "gate_init": "gates at the start, compressed,selected,window, by a least-squares fit of g_proj on one batch; "
+                 "'zero': zero weights (every gate 0.5)",
 }
 
 
@@ -75,7 +76,7 @@ def retrofit(base: str, out: str, corpus: str | None, device: str | None, save_e
     """Turn a full-attention checkpoint into an NSA checkpoint by distillation (our kernels' backward on CUDA)."""
     import torch
 
-    from nsa_eval.model_adapters.retrofit import (GATE_TARGETS, Progress, base_fingerprint, batch_at, build_model,
+    from nsa_eval.model_adapters.retrofit import (Progress, base_fingerprint, batch_at, build_model,
                                                   fit_gates, load_state, probe_logits, read_delta, save_delta,
                                                   student_from_base, train, write_checkpoint)
     from nsa_eval.model_adapters.retrofit_corpus import build_corpus, read_corpus
@@ -120,21 +121,20 @@ def retrofit(base: str, out: str, corpus: str | None, device: str | None, save_e
     click.echo(f"retrofit: corpus {data.header['tokens']:,} tokens, sha256 {data.sha256[:16]}; loading {base} on "
                f"{device} ...", err=True)
     try:
-        base_model = from_pretrained(folder, device=device, dtype=dtype)
+        base_float32 = from_pretrained(folder, dtype=torch.float32)  # on the CPU: the rebuild's base, fingerprinted
     except ModelLoadError as error:
         raise ValueError(str(error)) from None
-    fingerprint = base_fingerprint(base_model.state_dict())
-    student = student_from_base(base_model, recipe)
-    del base_model
+    fingerprint = base_fingerprint(base_float32.state_dict())  # of the float32 weights a rebuild checks against
+    student = student_from_base(copy.deepcopy(base_float32).to(device=device, dtype=dtype), recipe)
     state_path = out_dir / "state.pt"
     progress, optimizer_state = (load_state(student, state_path) if state_path.exists() else (Progress(), None))
     if progress.step:
         click.echo(f"retrofit: resuming at step {progress.step} of {recipe.total_steps}", err=True)
-    elif recipe.gate_fit:
+    elif recipe.gate_targets:
         fit_ids, _ = batch_at(data.ids, recipe, recipe.total_steps)  # a batch no step trains on
-        sums = fit_gates(student, fit_ids.to(device), GATE_TARGETS)
-        click.echo(f"retrofit: gates fitted to {GATE_TARGETS}: per-layer gate sums {min(sums):.3f}-{max(sums):.3f}",
-                   err=True)
+        sums = fit_gates(student, fit_ids.to(device), recipe.gate_targets)
+        click.echo(f"retrofit: gates fitted to {recipe.gate_init}: per-layer gate sums {min(sums):.3f}-"
+                   f"{max(sums):.3f}", err=True)
     log = open(out_dir / "log.jsonl", "a", encoding="utf-8")
     started = time.monotonic()
     first_step = progress.step
@@ -165,7 +165,7 @@ def retrofit(base: str, out: str, corpus: str | None, device: str | None, save_e
     }
     delta_path = out_dir / "retrofit.safetensors"
     save_delta(student, delta_path, record)
-    built = build_model(from_pretrained(folder, dtype=torch.float32), *read_delta(delta_path))  # as users rebuild it
+    built = build_model(base_float32, *read_delta(delta_path))  # as users rebuild it
     record["probe"] = probe_logits(built, tokenizer)  # a rebuild is checked against these
     save_delta(student, delta_path, record)
     write_checkpoint(built, record, folder, out_dir / "checkpoint")

@@ -153,6 +153,9 @@ def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore,
         # hf: models are sliced by HFModel; the NSA model (HFModel.model) slices its prompt over its own cache
         "prefill_chunk": getattr(model, "prefill_chunk", None) or getattr(getattr(model, "model", None), "prefill_chunk", None),
         "engine": type(model).__name__,  # Engine (the native runtime), HFModel (transformers), ...
+        # outside the hash (the model spec decides it): the attention the checkpoint itself has, e.g. 'nsa' for an
+        # nsa: checkpoint run with the default --attention full
+        "model_attention": getattr(getattr(getattr(model, "model", None), "config", None), "attention", None),
         # outside the hash (derived from it): each generative task's largest budget after the --max-new-tokens cap
         "budgets_used": {name: max(s.max_new_tokens for s in items if s.continuations is None)
                          for name, items in samples.items()

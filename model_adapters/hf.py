@@ -30,6 +30,7 @@ from nsa_eval.model_adapters.prompts import (
     loglikelihood_tokens,
     truncate_middle,
 )
+from nsa_eval.model_adapters.runtime.model import DEFAULT_PREFILL_CHUNK  # one default for both engines
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -329,9 +330,6 @@ class HFModel(PromptTokens, ForwardScoring):
             ids[r, width - len(p) :] = torch.tensor(p)
             mask[r, width - len(p) :] = 1
         return ids.to(self.device), mask.to(self.device)
-
-
-DEFAULT_PREFILL_CHUNK = 8192  # tokens per prefill pass on CUDA unless told otherwise
 
 
 def chunked_prefill_supported(model: Any) -> bool:

@@ -292,7 +292,7 @@ def write_results(out: Path, card: str, rows: list[dict], lengths_list: list[int
     import torch
     import triton
 
-    from nsa_eval.model_adapters.hf import DEFAULT_PREFILL_CHUNK
+    from nsa_eval.model_adapters.runtime.model import DEFAULT_PREFILL_CHUNK
     from nsa_eval.store import git_sha
 
     add_ratios(rows)

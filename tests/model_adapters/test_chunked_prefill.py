@@ -9,7 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from nsa_eval.model_adapters.base import GenerationRequest, LoglikelihoodRequest
-from nsa_eval.model_adapters.hf import DEFAULT_PREFILL_CHUNK, HFModel, _resolve_prefill_chunk
+from nsa_eval.model_adapters.hf import HFModel, _resolve_prefill_chunk
+from nsa_eval.model_adapters.runtime.model import DEFAULT_PREFILL_CHUNK
 from nsa_eval.model_adapters.runtime.config import ModelConfig
 from nsa_eval.model_adapters.runtime.model import Transformer
 from nsa_eval.models import load_model

@@ -84,7 +84,7 @@ class Recipe:
         if self.gate_init != "zero":
             try:
                 targets = self.gate_targets
-            except ValueError:
+            except ValueError:  # not numbers
                 targets = ()
             if len(targets) != 3 or not all(0 < t < 1 for t in targets):
                 raise ValueError(f"retrofit: --gate-init {self.gate_init!r}: give 'zero' or three gates in (0, 1) for "
@@ -528,10 +528,12 @@ def probe_logits(model: Transformer, tokenizer) -> dict:
             "norm": round(float(logits.norm()), 4)}
 
 
-def student_from_base(base: Transformer, recipe: Recipe) -> Retrofit:
-    """A Retrofit whose model is the base's weights under nsa_config (gates zero, low-rank updates zero)."""
+def student_from_base(base: Transformer, recipe: Recipe, device: str | torch.device | None = None,
+                      dtype: torch.dtype | None = None) -> Retrofit:
+    """A Retrofit whose model is the base's weights under nsa_config (gates zero, low-rank updates zero), on
+    `device` in `dtype` (default: the base's); the base itself is left as it is."""
     config = nsa_config(base.config, recipe)
-    model = Transformer(config).to(device=base.device, dtype=base.dtype)
+    model = Transformer(config).to(device=device or base.device, dtype=dtype or base.dtype)
     state = dict(base.state_dict())
     missing = model.load_state_dict(state, strict=False).missing_keys
     if any(not key.endswith("g_proj.weight") for key in missing):

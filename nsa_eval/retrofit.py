@@ -6,7 +6,6 @@ load it as nsa:OUT/checkpoint). Run the same command again to resume."""
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import time
@@ -125,7 +124,7 @@ def retrofit(base: str, out: str, corpus: str | None, device: str | None, save_e
     except ModelLoadError as error:
         raise ValueError(str(error)) from None
     fingerprint = base_fingerprint(base_float32.state_dict())  # of the float32 weights a rebuild checks against
-    student = student_from_base(copy.deepcopy(base_float32).to(device=device, dtype=dtype), recipe)
+    student = student_from_base(base_float32, recipe, device=device, dtype=dtype)
     state_path = out_dir / "state.pt"
     progress, optimizer_state = (load_state(student, state_path) if state_path.exists() else (Progress(), None))
     if progress.step:

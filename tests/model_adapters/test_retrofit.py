@@ -176,6 +176,9 @@ def test_cli_bad_input_is_one_line(tiny_llama_dir, tmp_path):
                                  "--seq-len", 100000), "--seq-len 100000", "4096 positions")
     assert_one_line_error(invoke("retrofit", "--base", f"hf:{tiny_llama_dir}", "--out", tmp_path / "o",
                                  "--seq-len", 64), "--seq-len 64")
+    for bad in ("0.5,0.5", "0,1,0", "a,b,c"):  # two gates; gates must lie strictly inside (0, 1); not numbers
+        assert_one_line_error(invoke("retrofit", "--base", f"hf:{tiny_llama_dir}", "--out", tmp_path / "o",
+                                     "--gate-init", bad), f"--gate-init '{bad}'", "compressed,selected,window")
     (tmp_path / "junk.bin").write_bytes(b"not a corpus\n")
     assert_one_line_error(invoke("retrofit", "--base", f"hf:{tiny_llama_dir}", "--out", tmp_path / "o",
                                  "--corpus", tmp_path / "junk.bin", *CLI_SMALL), "junk.bin", "not a retrofit corpus")

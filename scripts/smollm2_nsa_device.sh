@@ -8,7 +8,13 @@
 #   scripts/smollm2_nsa_device.sh retrofit    nsa-eval retrofit of smollm2 into $R/gpu-run (RETROFIT_ARGS adds
 #                                             flags; RETROFIT_SECONDS stops it for a later resume), then the file
 #                                             becomes model_adapters/smollm2_nsa.safetensors (what --model smollm2-nsa reads)
-#   scripts/smollm2_nsa_device.sh long|short  the runs of MODELS (default: full nsa sparse) into $R/runs/
+#   scripts/smollm2_nsa_device.sh recipes     RECIPES ("name=flags;name=flags", each added to RETROFIT_ARGS) retrofitted
+#                                             in parallel from one corpus ($R/corpus.bin) into $R/recipe-NAME, each
+#                                             probed on NIAH 1k-7k x 5 depths x PROBE_SAMPLES (default 2) into
+#                                             $R/probe-NAME; the first with the best probe accuracy becomes $R/gpu-run
+#                                             and model_adapters/smollm2_nsa.safetensors ($R/recipes.json says why)
+#   scripts/smollm2_nsa_device.sh long|short  the runs of MODELS (default: full nsa sparse) into $R/runs/, the models
+#                                             in parallel (one GPU holds all three; logs in $R/logs/)
 #   scripts/smollm2_nsa_device.sh speed       bench model at 7k, batch 1 and 16, into $R/bench/
 # Knobs for a quick try (e.g. on the CPU): EXTRA (flags added to every run, e.g. "--limit 1 --device cpu"),
 # NIAH_LENGTHS, NIAH_SAMPLES, RULER_LENGTHS, RULER_SAMPLES. Data files come from $R/data (copies of ../shared/data).
@@ -54,21 +60,62 @@ case ${1:-} in
     fi
     exit $status
     ;;
-  long)
-    for m in $MODELS; do
-      "${NSA_EVAL[@]}" run $(model_args "$m") --tasks niah --output "$R/runs/niah-$m" "${EXTRA[@]}" \
-        --task-option niah.lengths=${NIAH_LENGTHS:-1k,2k,3k,4k,5k,6k,7k} --task-option niah.depths=0,25,50,75,100 \
-        --task-option niah.samples_per_cell=${NIAH_SAMPLES:-5}
-      "${NSA_EVAL[@]}" run $(model_args "$m") --tasks ruler --output "$R/runs/ruler-$m" "${EXTRA[@]}" \
-        --task-option ruler.lengths=${RULER_LENGTHS:-4k,7k} --task-option ruler.samples=${RULER_SAMPLES:-25}
+  recipes)
+    python3 -c "
+import sys
+from pathlib import Path
+from transformers import AutoTokenizer
+from nsa_eval.model_adapters.retrofit_corpus import build_corpus
+from nsa_eval.model_adapters.smollm2 import plain_checkpoint
+if not Path(sys.argv[1]).exists():
+    build_corpus(AutoTokenizer.from_pretrained(plain_checkpoint()), sys.argv[1])" $R/corpus.bin
+    IFS=';' read -ra specs <<< "${RECIPES:?give RECIPES, e.g. 'default=;mass01=--mass-weight 0.1'}"
+    names=()
+    for spec in "${specs[@]}"; do
+      name=${spec%%=*}; names+=("$name")
+      "${NSA_EVAL[@]}" retrofit --out $R/recipe-$name --corpus $R/corpus.bin ${RETROFIT_ARGS:-} ${spec#*=} \
+        > $R/recipe-$name.log 2>&1 &
     done
+    wait
+    for name in "${names[@]}"; do
+      tail -n 1 $R/recipe-$name.log
+      "${NSA_EVAL[@]}" run --model nsa:$R/recipe-$name/checkpoint --tasks niah --output $R/probe-$name "${EXTRA[@]}" \
+        --task-option niah.lengths=${PROBE_LENGTHS:-1k,2k,3k,4k,5k,6k,7k} --task-option niah.depths=0,25,50,75,100 \
+        --task-option niah.samples_per_cell=${PROBE_SAMPLES:-2} > $R/probe-$name.log 2>&1 &
+    done
+    wait
+    best=$(python3 -c "
+import json, sys
+root, names = sys.argv[1], sys.argv[2:]
+score = {n: json.load(open(f'{root}/probe-{n}/metrics.json'))['tasks']['niah']['metrics']['accuracy']['mean']
+         for n in names}
+best = max(names, key=lambda n: score[n])  # the first of equals: list the default first
+json.dump({'probe': 'niah 1k-7k x 5 depths', 'accuracy': score, 'chosen': best}, open(f'{root}/recipes.json', 'w'))
+print(best)" $R "${names[@]}")
+    cat $R/recipes.json; echo
+    rm -rf $R/gpu-run && cp -r $R/recipe-$best $R/gpu-run
+    cp $R/gpu-run/retrofit.safetensors model_adapters/smollm2_nsa.safetensors
+    ;;
+  long)
+    mkdir -p $R/logs
+    for m in $MODELS; do
+      { "${NSA_EVAL[@]}" run $(model_args "$m") --tasks niah --output "$R/runs/niah-$m" "${EXTRA[@]}" \
+          --task-option niah.lengths=${NIAH_LENGTHS:-1k,2k,3k,4k,5k,6k,7k} --task-option niah.depths=0,25,50,75,100 \
+          --task-option niah.samples_per_cell=${NIAH_SAMPLES:-5}
+        "${NSA_EVAL[@]}" run $(model_args "$m") --tasks ruler --output "$R/runs/ruler-$m" "${EXTRA[@]}" \
+          --task-option ruler.lengths=${RULER_LENGTHS:-4k,7k} --task-option ruler.samples=${RULER_SAMPLES:-25}
+      } > $R/logs/long-$m.log 2>&1 &
+    done
+    wait
     ;;
   short)
+    mkdir -p $R/logs
     for m in $MODELS; do
       "${NSA_EVAL[@]}" run $(model_args "$m") --tasks gsm8k,mmlu,humaneval --output "$R/runs/short-$m" \
         "${EXTRA[@]}" --task-option gsm8k.variant=standard --data gsm8k=$R/data/gsm8k/test.jsonl \
-        --data mmlu=$R/data/mmlu_stem/test.jsonl --allow-code-execution
+        --data mmlu=$R/data/mmlu_stem/test.jsonl --allow-code-execution > $R/logs/short-$m.log 2>&1 &
     done
+    wait
     ;;
   speed)
     nsa=$(python3 -c "from nsa_eval.model_adapters.smollm2 import nsa_checkpoint; print(nsa_checkpoint())")
@@ -76,5 +123,5 @@ case ${1:-} in
       "${NSA_EVAL[@]}" bench model --model "nsa:$nsa" --lengths 7k --batch "$b" --out "$R/bench/b$b"
     done
     ;;
-  *) echo "usage: $0 wheels|prep|retrofit|long|short|speed" >&2; exit 2 ;;
+  *) echo "usage: $0 wheels|prep|retrofit|recipes|long|short|speed" >&2; exit 2 ;;
 esac

@@ -9,7 +9,8 @@
   `check_tensor`, `check_same` with `dtypes_for`, `check_scale`, `check_head_dims`, `check_cu_seqlens`,
   `check_cache_lengths`). An op's own checks stay in its folder and build on these.
 - The Triton launchers' host side: `check_triton_device`, `interpreting`, `new_output` (every buffer a kernel
-  writes; the tests swap in NaN-filled ones), `block_table` (the programs over packed sequences), `LOG2E`.
+  writes; the tests swap in NaN-filled ones), `block_table` (the programs over packed sequences), `LOG2E`,
+  `dot_precision` (every tl.dot's input_precision: exact float32 for float32 inputs, not TF32).
 """
 
 from __future__ import annotations
@@ -134,6 +135,12 @@ def check_cache_lengths(op: str, cache_seqlens: torch.Tensor, k_cache: torch.Ten
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """A kernel's PRECISION constexpr, passed as every tl.dot's input_precision: "ieee" (exact float32 products) for
+    float32 inputs, "tf32" otherwise (which 16-bit inputs ignore)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def check_triton_device(op: str, x: torch.Tensor, name: str = "q") -> None:

@@ -15,8 +15,8 @@ import triton.language as tl
 
 from nsa_eval.kernels import utils
 from nsa_eval.kernels.attention.checks import check_decode_args
-from nsa_eval.kernels.attention.parallel import dot_precision, load_rows, unit_stride
-from nsa_eval.kernels.utils import LOG2E, check_triton_device, interpreting
+from nsa_eval.kernels.attention.parallel import load_rows, unit_stride
+from nsa_eval.kernels.utils import LOG2E, check_triton_device, dot_precision, interpreting
 
 # ----------------------------------------------------------------------------------------------------
 # kernels

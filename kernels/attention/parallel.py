@@ -17,7 +17,7 @@ import triton.language as tl
 
 from nsa_eval.kernels import utils
 from nsa_eval.kernels.attention.checks import check_attention_args
-from nsa_eval.kernels.utils import LOG2E, block_table, check_triton_device, interpreting
+from nsa_eval.kernels.utils import LOG2E, block_table, check_triton_device, dot_precision, interpreting
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -382,10 +382,6 @@ def backward_tiles(block_dk: int, block_dv: int, dtype: torch.dtype) -> tuple[Ti
     else:
         tiles = Tiles(32, 32, 4, 2)
     return tiles, tiles
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _common(q, k, v):

@@ -106,17 +106,19 @@ def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def attend_tile(q, k_ptr, v_ptr, rows, load_ok, visible, m_i, l_i, acc, qk_scale, H: tl.constexpr, DK: tl.constexpr,
-                DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr):
+                DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr,
+                PRECISION: tl.constexpr):
     """Online-softmax update (log2 domain) of query rows q [R, BDK] with one tile of keys of one KV head: token rows
     [BS] of k/v (k_ptr, v_ptr point at that head of token 0; tokens H * D apart), loaded where load_ok [BS].
-    MASKED: scores where visible ([R, BS], or [1, BS] for every row) is false are -inf.
+    MASKED: scores where visible ([R, BS], or [1, BS] for every row) is false are -inf. PRECISION: the dots'
+    input_precision (utils.dot_precision).
     -> m_i, l_i [R] (running max and sum), acc [R, BDV] (unnormalised output). Used by the compressed, selected and
     decode kernels."""
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     kb = tl.load(k_ptr + rows[:, None] * (H * DK) + dk[None, :], mask=load_ok[:, None] & (dk[None, :] < DK), other=0.)
     vb = tl.load(v_ptr + rows[:, None] * (H * DV) + dv[None, :], mask=load_ok[:, None] & (dv[None, :] < DV), other=0.)
-    s = tl.dot(q, tl.trans(kb)) * qk_scale
+    s = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * qk_scale
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -124,7 +126,7 @@ def attend_tile(q, k_ptr, v_ptr, rows, load_ok, visible, m_i, l_i, acc, qk_scale
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
     return m_new, l_i, acc
 
 

@@ -17,7 +17,7 @@ import triton.language as tl
 from nsa_eval.kernels.nsa.common import (Packing, attend_tile, backward_rows, kernel_packing, num_visible_blocks,
                                          row_dot, sequence_tile, store_attention)
 from nsa_eval.kernels.nsa.utils import check_compressed_args, check_offset_backward, check_varlen, default_scale
-from nsa_eval.kernels.utils import LOG2E
+from nsa_eval.kernels.utils import LOG2E, dot_precision
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def compressed_fwd_kernel(q, k, v, o, lse, cu, cu_cmp, table, T, TC, OFFSET, qk_
                           H: tl.constexpr,
                           DK: tl.constexpr, DV: tl.constexpr, BLOCK_LEN: tl.constexpr, BLOCK_STRIDE: tl.constexpr,
                           BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-                          VARLEN: tl.constexpr):
+                          VARLEN: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (cdiv(T, BT) or the table's tiles, B * HQ). q [B, T, HQ, DK], k [B, TC, H, DK], v [B, TC, H, DV]
     -> o [B, T, HQ, DV], lse [B, T, HQ] float32 (natural log, -inf for a query that sees no block).
     VARLEN: B == 1, sequence n is tokens cu[n]:cu[n+1] and blocks cu_cmp[n]:cu_cmp[n+1]; t counts from its 0.
@@ -59,11 +59,11 @@ def compressed_fwd_kernel(q, k, v, o, lse, cu, cu_cmp, table, T, TC, OFFSET, qk_
     for i0 in range(0, full_end, BC):
         i = i0 + tl.arange(0, BC)
         m_i, l_i, acc = attend_tile(q_blk, k_ptr, v_ptr, i, i < n_hi, i[None, :] < n_vis[:, None], m_i, l_i, acc,
-                                    qk_scale, H, DK, DV, BDK, BDV, False)
+                                    qk_scale, H, DK, DV, BDK, BDV, False, PRECISION)
     for i0 in range(full_end, n_hi, BC):
         i = i0 + tl.arange(0, BC)
         m_i, l_i, acc = attend_tile(q_blk, k_ptr, v_ptr, i, i < n_hi, i[None, :] < n_vis[:, None], m_i, l_i, acc,
-                                    qk_scale, H, DK, DV, BDK, BDV, True)
+                                    qk_scale, H, DK, DV, BDK, BDV, True, PRECISION)
     store_attention(o, lse, row, t < T, m_i, l_i, acc, dv, DV)
 
 
@@ -71,7 +71,7 @@ def compressed_fwd_kernel(q, k, v, o, lse, cu, cu_cmp, table, T, TC, OFFSET, qk_
 def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu, cu_cmp, table, T, TC, qk_scale, HQ: tl.constexpr,
                              H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_LEN: tl.constexpr,
                              BLOCK_STRIDE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
-                             BDV: tl.constexpr, VARLEN: tl.constexpr):
+                             BDV: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr):
     """Grid as the forward's. dq [B, T, HQ, DK] (scaled); delta [B, T, HQ] = rowsum(o * do) float32."""
     tile, bos, T, bos_c, TC, hq, h = _program_tile(table, cu, cu_cmp, T, TC, HQ, H, VARLEN)
     t = tile * BT + tl.arange(0, BT)
@@ -89,11 +89,11 @@ def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu, cu_cmp, table, T, 
                      mask=(i[:, None] < n_hi) & (dk[None, :] < DK), other=0.)
         vb = tl.load(v + ((bos_c + i[:, None]) * H + h) * DV + dv[None, :],
                      mask=(i[:, None] < n_hi) & (dv[None, :] < DV), other=0.)
-        s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
+        s = tl.dot(q_blk, tl.trans(kb), input_precision=PRECISION) * qk_scale
         p = tl.where(i[None, :] < n_vis[:, None], tl.math.exp2(s - lse2[:, None]), 0.)
-        dp = tl.dot(do_blk, tl.trans(vb))
+        dp = tl.dot(do_blk, tl.trans(vb), input_precision=PRECISION)
         ds = p * (dp - dlt[:, None])
-        acc += tl.dot(ds.to(kb.dtype), kb)
+        acc += tl.dot(ds.to(kb.dtype), kb, input_precision=PRECISION)
     scale = qk_scale / 1.4426950408889634
     tl.store(dq + row[:, None] * DK + dk[None, :], (acc * scale).to(dq.dtype.element_ty),
              mask=t_ok[:, None] & (dk[None, :] < DK))
@@ -103,7 +103,8 @@ def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu, cu_cmp, table, T, 
 def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk_out, dv_out, cu, cu_cmp, table, T, TC, qk_scale,
                               HQ: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                               BLOCK_LEN: tl.constexpr, BLOCK_STRIDE: tl.constexpr, BT: tl.constexpr,
-                              BC: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, VARLEN: tl.constexpr):
+                              BC: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, VARLEN: tl.constexpr,
+                              PRECISION: tl.constexpr):
     """Grid (cdiv(TC, BC) or the table's tiles of compressed blocks, B * HQ). Per query head:
     dk_out [B, TC, HQ, DK], dv_out [B, TC, HQ, DV] float32 (the launcher sums the G heads of each group)."""
     pid_c, bos, T, bos_c, TC, hq, h = _program_tile(table, cu, cu_cmp, T, TC, HQ, H, VARLEN)
@@ -127,16 +128,16 @@ def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk_out, dv_out, cu, cu_cm
         do_blk = tl.load(do + row[:, None] * DV + dv[None, :], mask=t_ok[:, None] & (dv[None, :] < DV), other=0.)
         lse2 = tl.load(lse + row, mask=t_ok, other=0.) * 1.4426950408889634
         dlt = tl.load(delta + row, mask=t_ok, other=0.)
-        s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
+        s = tl.dot(q_blk, tl.trans(kb), input_precision=PRECISION) * qk_scale
         if t0 < t_full:
             n_vis = num_visible_blocks(t, BLOCK_LEN, BLOCK_STRIDE)
             p = tl.where((i[None, :] < n_vis[:, None]) & t_ok[:, None], tl.math.exp2(s - lse2[:, None]), 0.)
         else:  # rows past T load zeros: q = do = 0 and delta = 0 make their terms vanish
             p = tl.math.exp2(s - lse2[:, None])
-        dv_acc += tl.dot(tl.trans(p.to(do_blk.dtype)), do_blk)
-        dp = tl.dot(do_blk, tl.trans(vb))
+        dv_acc += tl.dot(tl.trans(p.to(do_blk.dtype)), do_blk, input_precision=PRECISION)
+        dp = tl.dot(do_blk, tl.trans(vb), input_precision=PRECISION)
         ds = p * (dp - dlt[:, None])
-        dk_acc += tl.dot(tl.trans(ds.to(q_blk.dtype)), q_blk)
+        dk_acc += tl.dot(tl.trans(ds.to(q_blk.dtype)), q_blk, input_precision=PRECISION)
     scale = qk_scale / 1.4426950408889634
     tl.store(dk_out + ((bos_c + i[:, None]) * HQ + hq) * DK + dk[None, :], dk_acc * scale,
              mask=i_ok[:, None] & (dk[None, :] < DK))
@@ -171,7 +172,7 @@ def compressed_fwd(q, k_cmp, v_cmp, block_len, block_stride, scale, packing: Pac
     cu, cu_cmp, table, programs = kernel_packing(packing, bt, False, lse, triton.cdiv(T, bt))
     compressed_fwd_kernel[(programs, B * HQ)](
         q, k_cmp, v_cmp, o, lse, cu, cu_cmp, table, T, TC, offset, scale * LOG2E, HQ, H, DK, DV, block_len, block_stride,
-        bt, bc, bdk, bdv, packing is not None, num_warps=warps, num_stages=stages)
+        bt, bc, bdk, bdv, packing is not None, PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -188,13 +189,15 @@ def compressed_bwd(q, k_cmp, v_cmp, o, lse, do, block_len, block_stride, scale, 
     cu, cu_cmp, table, programs = kernel_packing(packing, bt, False, lse, triton.cdiv(T, bt))
     compressed_bwd_dq_kernel[(programs, B * HQ)](
         q, k_cmp, v_cmp, do, lse, delta, dq, cu, cu_cmp, table, T, TC, scale * LOG2E, HQ, H, DK, DV, block_len,
-        block_stride, bt, bc, bdk, bdv, packing is not None, num_warps=warps, num_stages=stages)
+        block_stride, bt, bc, bdk, bdv, packing is not None, PRECISION=dot_precision(q.dtype), num_warps=warps,
+        num_stages=stages)
     if TC:
         bt, bc, warps, stages = tiles_for(TILES["dkv"], q.dtype)
         cu, cu_cmp, table, programs = kernel_packing(packing, bc, True, lse, triton.cdiv(TC, bc))
         compressed_bwd_dkv_kernel[(programs, B * HQ)](
             q, k_cmp, v_cmp, do, lse, delta, dk, dv, cu, cu_cmp, table, T, TC, scale * LOG2E, HQ, H, DK, DV,
-            block_len, block_stride, bt, bc, bdk, bdv, packing is not None, num_warps=warps, num_stages=stages)
+            block_len, block_stride, bt, bc, bdk, bdv, packing is not None, PRECISION=dot_precision(q.dtype),
+            num_warps=warps, num_stages=stages)
     group = (B, TC, H, HQ // H)
     return dq, dk.view(*group, DK).sum(3).to(k_cmp.dtype), dv.view(*group, DV).sum(3).to(v_cmp.dtype)
 

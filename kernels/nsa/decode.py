@@ -22,7 +22,7 @@ import triton.language as tl
 from nsa_eval.kernels.nsa.common import attend_tile, num_visible_blocks
 from nsa_eval.kernels.nsa.selection import block_of_key, chunk_blocks, merge_top, overlap_weights, ranking_keys
 from nsa_eval.kernels.nsa.utils import check_decode, default_scale, index_bits
-from nsa_eval.kernels.utils import LOG2E
+from nsa_eval.kernels.utils import LOG2E, dot_precision
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def compressed_decode_kernel(q, stride_qb, k_cmp, v_cmp, cache_seqlens, scores, 
                              HQ: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                              BDK: tl.constexpr, BDV: tl.constexpr, GP: tl.constexpr, BLOCK_LEN: tl.constexpr,
                              BLOCK_STRIDE: tl.constexpr, BC: tl.constexpr, SPLIT_LEN: tl.constexpr,
-                             NSPLIT: tl.constexpr):
+                             NSPLIT: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (B * H, NSPLIT). q [B, HQ, DK] (batch stride stride_qb); k_cmp/v_cmp [B, TC, H, D]; cache_seqlens [B]
     int32 -> scores [B, HQ, TC] (log2 units), part_m/part_l [B, HQ, NSPLIT], part_o [B, HQ, NSPLIT, DV] float32."""
     b, h, g, g_ok, hq, q_blk = _group_queries(q, stride_qb, HQ, H, DK, BDK, GP)
@@ -85,14 +85,14 @@ def compressed_decode_kernel(q, stride_qb, k_cmp, v_cmp, cache_seqlens, scores, 
                      other=0.)
         vb = tl.load(v_cmp + ((b * TC + i[:, None]) * H + h) * DV + dv[None, :], mask=i_ok[:, None] & (dv[None, :] < DV),
                      other=0.)
-        s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
+        s = tl.dot(q_blk, tl.trans(kb), input_precision=PRECISION) * qk_scale
         s = tl.where(i_ok[None, :], s, float("-inf"))
         tl.store(scores + hq[:, None] * TC + i[None, :], s, mask=g_ok[:, None] & i_ok[None, :])
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
         m_i = m_new
     _store_split(part_m, part_l, part_o, hq, g_ok, dv, split, m_i, l_i, acc, DV, NSPLIT)
 
@@ -178,7 +178,7 @@ def sparse_decode_kernel(q, stride_qb, k, v, k_win, v_win, cache_seqlens, block_
                          BDK: tl.constexpr, BDV: tl.constexpr, GP: tl.constexpr, SELECT_LEN: tl.constexpr,
                          BS: tl.constexpr, NUM_SELECTED: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
                          SEL_SPLITS: tl.constexpr, WINDOW: tl.constexpr, WIN_CHUNK: tl.constexpr, NSPLIT: tl.constexpr,
-                         RING: tl.constexpr):
+                         RING: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (B * H, NSPLIT). Split s < SEL_SPLITS: selected blocks [s * BLOCKS_PER_SPLIT, +BLOCKS_PER_SPLIT) of
     block_indices [B, 1, H, n] over k/v [B, S, H, D] (tokens after the query masked); split s >= SEL_SPLITS: chunk
     s - SEL_SPLITS (WIN_CHUNK keys) of the window: the last WINDOW positions of k_win/v_win (k/v themselves), or
@@ -199,7 +199,7 @@ def sparse_decode_kernel(q, stride_qb, k, v, k_win, v_win, cache_seqlens, block_
             s_pos = tl.maximum(j, 0) * SELECT_LEN + offs
             key_ok = (s_pos < length) & (offs < tl.where(j >= 0, SELECT_LEN, 0))  # an unused slot (-1) loads nothing
             m_i, l_i, acc = attend_tile(q_blk, k + h * DK, v + h * DV, b * S + s_pos, key_ok, key_ok[None, :], m_i,
-                                        l_i, acc, qk_scale, H, DK, DV, BDK, BDV, True)
+                                        l_i, acc, qk_scale, H, DK, DV, BDK, BDV, True, PRECISION)
     else:
         if RING:
             lo = (split - SEL_SPLITS) * WIN_CHUNK
@@ -212,7 +212,8 @@ def sparse_decode_kernel(q, stride_qb, k, v, k_win, v_win, cache_seqlens, block_
         for i0 in range(lo, hi, BS):  # k_win/v_win are k/v themselves unless RING (the launcher passes them)
             key = i0 + offs
             m_i, l_i, acc = attend_tile(q_blk, k_win + h * DK, v_win + h * DV, base + key, key < hi,
-                                        (key < hi)[None, :], m_i, l_i, acc, qk_scale, H, DK, DV, BDK, BDV, True)
+                                        (key < hi)[None, :], m_i, l_i, acc, qk_scale, H, DK, DV, BDK, BDV, True,
+                                        PRECISION)
     _store_split(part_m, part_l, part_o, hq, g_ok, dv, split, m_i, l_i, acc, DV, NSPLIT)
 
 
@@ -303,7 +304,8 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
     part_o = torch.empty(B, HQ, nsplit, DV, **f32)
     compressed_decode_kernel[(B * H, nsplit)](
         q, stride_qb, k_cmp_cache, v_cmp_cache, cache_seqlens, scores, part_m, part_l, part_o, TC, scale * LOG2E, HQ,
-        H, DK, DV, bdk, bdv, gp, block_len, block_stride, bc, split_len, nsplit, num_warps=warps, num_stages=stages)
+        H, DK, DV, bdk, bdv, gp, block_len, block_stride, bc, split_len, nsplit, PRECISION=dot_precision(q.dtype),
+        num_warps=warps, num_stages=stages)
     o_cmp = torch.empty(B, HQ, DV, dtype=q.dtype, device=q.device)
     np_ = chunk_blocks(num_selected, select_len, block_stride)
     num_chunks = triton.cdiv(triton.cdiv(S, select_len), np_)  # chunks of the longest cache
@@ -333,7 +335,7 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
     sparse_decode_kernel[(B * H, splits)](
         q, stride_qb, k_cache, v_cache, k_win, v_win, cache_seqlens, block_indices, part_m, part_l, part_o, S,
         scale * LOG2E, HQ, H, DK, DV, bdk, bdv, gp, select_len, bs, num_selected, blocks_per_split, sel_splits,
-        window, win_chunk, splits, ring, num_warps=4, num_stages=2)
+        window, win_chunk, splits, ring, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2)
     out = torch.empty(B, HQ, DV, dtype=q.dtype, device=q.device)
     gates = [g_cmp, g_slc] + ([g_win] if window else [])
     if len({g.stride() for g in gates}) > 1:  # the kernel takes one pair of strides for all gates

@@ -19,7 +19,7 @@ import triton.language as tl
 from nsa_eval.kernels.nsa.common import Packing, attend_tile, backward_rows, row_dot, store_attention
 from nsa_eval.kernels.nsa.utils import (check_block_indices, check_block_sizes, check_offset_backward,
                                         check_prefill_length, check_qkv, check_varlen, default_scale)
-from nsa_eval.kernels.utils import LOG2E
+from nsa_eval.kernels.utils import LOG2E, dot_precision
 
 
 @triton.jit
@@ -33,7 +33,8 @@ def _program_queries(T, H: tl.constexpr, TPP: tl.constexpr):
 def selected_fwd_kernel(q, k, v, block_indices, token_starts, o, lse, T, S, qk_scale,
                         HQ: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
                         BDV: tl.constexpr, GP: tl.constexpr, SELECT_LEN: tl.constexpr, BS: tl.constexpr,
-                        NUM_SELECTED: tl.constexpr, TPP: tl.constexpr, VARLEN: tl.constexpr):
+                        NUM_SELECTED: tl.constexpr, TPP: tl.constexpr, VARLEN: tl.constexpr,
+                        PRECISION: tl.constexpr):
     """Grid (cdiv(T, TPP), B * H): TPP consecutive queries per program, one after the other (their shared
     blocks, 0 and the local ones, then come from L1). q [B, T, HQ, DK], k [B, S, H, DK], v [B, S, H, DV],
     block_indices [B, T, H, n] int32 -> o [B, T, HQ, DV], lse [B, T, HQ] float32. Prefill: the query at row t
@@ -62,7 +63,7 @@ def selected_fwd_kernel(q, k, v, block_indices, token_starts, o, lse, T, S, qk_s
             s_pos = tl.maximum(j, 0) * SELECT_LEN + offs
             key_ok = (s_pos <= pos) & (offs < tl.where(j >= 0, SELECT_LEN, 0))  # an unused slot (-1) loads nothing
             m_i, l_i, acc = attend_tile(q_blk, k + h * DK, v + h * DV, kv_start + s_pos, key_ok, key_ok[None, :], m_i,
-                                        l_i, acc, qk_scale, H, DK, DV, BDK, BDV, True)
+                                        l_i, acc, qk_scale, H, DK, DV, BDK, BDV, True, PRECISION)
         store_attention(o, lse, qrow, g < G, m_i, l_i, acc, dv, DV)
 
 
@@ -70,7 +71,8 @@ def selected_fwd_kernel(q, k, v, block_indices, token_starts, o, lse, T, S, qk_s
 def selected_bwd_dq_kernel(q, k, v, block_indices, token_starts, do, lse, delta, dq, T, qk_scale,
                            HQ: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
                            BDV: tl.constexpr, GP: tl.constexpr, SELECT_LEN: tl.constexpr, BS: tl.constexpr,
-                           NUM_SELECTED: tl.constexpr, TPP: tl.constexpr, VARLEN: tl.constexpr):
+                           NUM_SELECTED: tl.constexpr, TPP: tl.constexpr, VARLEN: tl.constexpr,
+                           PRECISION: tl.constexpr):
     """Grid (cdiv(T, TPP), B * H). dq [B, T, HQ, DK]; do [B, T, HQ, DV]; lse, delta = rowsum(o * do): [B, T, HQ]
     float32. VARLEN as in the forward."""
     G: tl.constexpr = HQ // H
@@ -96,11 +98,11 @@ def selected_bwd_dq_kernel(q, k, v, block_indices, token_starts, do, lse, delta,
             kv_row = (kv_start + s_pos) * H + h
             kb = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.)
             vb = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.)
-            s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
+            s = tl.dot(q_blk, tl.trans(kb), input_precision=PRECISION) * qk_scale
             p = tl.where(key_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.)
-            dp = tl.dot(do_blk, tl.trans(vb))
+            dp = tl.dot(do_blk, tl.trans(vb), input_precision=PRECISION)
             ds = p * (dp - dlt[:, None])
-            acc += tl.dot(ds.to(kb.dtype), kb)
+            acc += tl.dot(ds.to(kb.dtype), kb, input_precision=PRECISION)
         tl.store(dq + qrow[:, None] * DK + dk[None, :], (acc * (qk_scale / 1.4426950408889634)).to(dq.dtype.element_ty),
                  mask=g_ok[:, None] & (dk[None, :] < DK))
 
@@ -110,7 +112,8 @@ def selected_bwd_dkv_kernel(q, k, v, do, lse, delta, pair_tokens, pair_offsets, 
                             block_starts, block_ends, dk32, dv32, T, qk_scale, NUM_KEYS, HQ: tl.constexpr,
                             H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                             GP: tl.constexpr, SELECT_LEN: tl.constexpr, BS: tl.constexpr, NJ: tl.constexpr,
-                            BTQ: tl.constexpr, SEGMENT: tl.constexpr, VARLEN: tl.constexpr):
+                            BTQ: tl.constexpr, SEGMENT: tl.constexpr, VARLEN: tl.constexpr,
+                            PRECISION: tl.constexpr):
     """Grid (number of segments, an upper bound). Segment p belongs to key = segment_keys[p] = (b*H + h)*NJ + j
     (>= NUM_KEYS: nothing to do) and covers pair_tokens[pair_offsets[key] + (p - segment_first[key]) * SEGMENT:]
     (at most SEGMENT queries that chose block j). Adds into dk32 [B, T, H, DK], dv32 [B, T, H, DV] float32.
@@ -153,13 +156,13 @@ def selected_bwd_dkv_kernel(q, k, v, do, lse, delta, pair_tokens, pair_offsets, 
                              other=0.)
             lse2 = tl.load(lse + qrow, mask=row_ok, other=0.) * 1.4426950408889634
             dlt = tl.load(delta + qrow, mask=row_ok, other=0.)
-            s = tl.dot(q_blk, tl.trans(kb)) * qk_scale
+            s = tl.dot(q_blk, tl.trans(kb), input_precision=PRECISION) * qk_scale
             visible = row_ok[:, None] & key_ok[None, :] & (s_pos[None, :] <= t[:, None])
             p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.)
-            dv_acc += tl.dot(tl.trans(p.to(do_blk.dtype)), do_blk)
-            dp = tl.dot(do_blk, tl.trans(vb))
+            dv_acc += tl.dot(tl.trans(p.to(do_blk.dtype)), do_blk, input_precision=PRECISION)
+            dp = tl.dot(do_blk, tl.trans(vb), input_precision=PRECISION)
             ds = p * (dp - dlt[:, None])
-            dk_acc += tl.dot(tl.trans(ds.to(q_blk.dtype)), q_blk)
+            dk_acc += tl.dot(tl.trans(ds.to(q_blk.dtype)), q_blk, input_precision=PRECISION)
         scale = qk_scale / 1.4426950408889634
         tl.atomic_add(dk32 + kv_row[:, None] * DK + dk[None, :], dk_acc * scale, mask=key_ok[:, None] & (dk[None, :] < DK),
                       sem="relaxed")
@@ -190,7 +193,7 @@ def selected_fwd(q, k, v, block_indices, select_len, scale, packing: Packing | N
     selected_fwd_kernel[(triton.cdiv(T, tpp), B * H)](
         q, k, v, block_indices, token_starts, o, lse, T, S, scale * LOG2E,
         HQ, H, DK, DV, bdk, bdv, gp, select_len, bs, block_indices.shape[3], tpp, packing is not None,
-        num_warps=warps, num_stages=stages)
+        PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -247,7 +250,8 @@ def selected_bwd(q, k, v, block_indices, o, lse, do, select_len, scale, packing:
     token_starts = block_indices if packing is None else packing.token_starts()
     selected_bwd_dq_kernel[(triton.cdiv(T, tpp), B * H)](
         q, k, v, block_indices, token_starts, do, lse, delta, dq, T, scale * LOG2E, HQ, H, DK, DV, bdk, bdv, gp,
-        select_len, bs, block_indices.shape[3], tpp, packing is not None, num_warps=warps, num_stages=stages)
+        select_len, bs, block_indices.shape[3], tpp, packing is not None, PRECISION=dot_precision(q.dtype),
+        num_warps=warps, num_stages=stages)
     rows, segment, warps, stages = TILES["dkv"]
     if packing is None:
         first_blocks, block_starts, block_ends, num_blocks = None, block_indices, block_indices, triton.cdiv(T, select_len)
@@ -261,7 +265,8 @@ def selected_bwd(q, k, v, block_indices, o, lse, do, select_len, scale, packing:
     selected_bwd_dkv_kernel[(grid,)](
         q, k, v, do, lse, delta, pair_tokens, pair_offsets, segment_keys, segment_first, block_starts, block_ends,
         dk32, dv32, T, scale * LOG2E, B * H * num_blocks, HQ, H, DK, DV, bdk, bdv, gq, select_len, bs, num_blocks,
-        max(1, rows // gq), segment, packing is not None, num_warps=warps, num_stages=stages)
+        max(1, rows // gq), segment, packing is not None, PRECISION=dot_precision(q.dtype), num_warps=warps,
+        num_stages=stages)
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
 
 

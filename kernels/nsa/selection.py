@@ -22,7 +22,7 @@ import triton.language as tl
 from nsa_eval.kernels.nsa.common import Packing, kernel_packing, num_visible_blocks, sequence_tile
 from nsa_eval.kernels.nsa.utils import (check_block_sizes, check_compressed_args, check_lse, check_varlen,
                                         default_scale, index_bits)
-from nsa_eval.kernels.utils import LOG2E
+from nsa_eval.kernels.utils import LOG2E, dot_precision
 
 
 @triton.jit
@@ -66,14 +66,15 @@ def block_of_key(top, IDX_BITS: tl.constexpr):
 @triton.jit
 def _select_chunk(q_blk, k_ptr, lse2, n_vis, c, top, carry, weights, spill, current, qk_scale, TC,
                   H: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
-                  BC: tl.constexpr, NP: tl.constexpr, IDX_BITS: tl.constexpr):
+                  BC: tl.constexpr, NP: tl.constexpr, IDX_BITS: tl.constexpr, PRECISION: tl.constexpr):
     """Selection blocks [c*NP, c*NP + NP) for BT queries: importance (eq. 8-10) and the running top-NP."""
     a = tl.arange(0, BC)
     jj = tl.arange(0, NP)
     dk = tl.arange(0, BDK)
     i = c * BC + a
     kb = tl.load(k_ptr + i[:, None] * (H * DK) + dk[None, :], mask=(i[:, None] < TC) & (dk[None, :] < DK), other=0.)
-    p = tl.where(i[None, :] < n_vis[:, None], tl.math.exp2(tl.dot(q_blk, tl.trans(kb)) * qk_scale - lse2[:, None]), 0.)
+    s = tl.dot(q_blk, tl.trans(kb), input_precision=PRECISION) * qk_scale
+    p = tl.where(i[None, :] < n_vis[:, None], tl.math.exp2(s - lse2[:, None]), 0.)
     p_group = tl.sum(tl.reshape(p, (BT, GP, BC)), 1)  # eq. 10: [BT, BC]
     importance = tl.sum(p_group[:, :, None] * weights[None, :, :], 1)  # eq. 9: [BT, NP]
     importance += tl.where(jj[None, :] == 0, carry[:, None], 0.)
@@ -86,7 +87,8 @@ def _select_chunk(q_blk, k_ptr, lse2, n_vis, c, top, carry, weights, spill, curr
 def select_kernel(q, k_cmp, lse, block_indices, cu, cu_cmp, table, T, TC, OFFSET, qk_scale, HQ: tl.constexpr,
                   H: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, GP: tl.constexpr, BLOCK_LEN: tl.constexpr,
                   BLOCK_STRIDE: tl.constexpr, SELECT_LEN: tl.constexpr, NUM_SELECTED: tl.constexpr,
-                  NP: tl.constexpr, BT: tl.constexpr, IDX_BITS: tl.constexpr, VARLEN: tl.constexpr):
+                  NP: tl.constexpr, BT: tl.constexpr, IDX_BITS: tl.constexpr, VARLEN: tl.constexpr,
+                  PRECISION: tl.constexpr):
     """Grid (cdiv(T, BT) or the table's tiles, B * H). q [B, T, HQ, DK], k_cmp [B, TC, H, DK], lse [B, T, HQ]
     float32 -> block_indices [B, T, H, NUM_SELECTED] int32, most important first, -1 padded. VARLEN: B == 1,
     sequences cu / cu_cmp (common.sequence_tile), positions and block indices from each sequence's 0.
@@ -118,7 +120,7 @@ def select_kernel(q, k_cmp, lse, block_indices, cu, cu_cmp, table, T, TC, OFFSET
     k_ptr = k_cmp + (bos_c * H + h) * DK
     for c in range(0, last_block // NP + 1):  # (an unmasked loop for the chunks every query sees ran slower)
         top, carry = _select_chunk(q_blk, k_ptr, lse2, n_vis, c, top, carry, weights, spill, current, qk_scale, TC,
-                                   H, DK, BDK, GP, BT, BC, NP, IDX_BITS)
+                                   H, DK, BDK, GP, BT, BC, NP, IDX_BITS, PRECISION)
     r = tl.arange(0, NP)
     out = block_indices + ((bos + toks[:, None]) * H + h) * NUM_SELECTED + r[None, :]
     tl.store(out, block_of_key(top, IDX_BITS), mask=(toks[:, None] < T) & (r[None, :] < NUM_SELECTED))
@@ -148,7 +150,8 @@ def select_fwd(q, k_cmp, lse, block_len, block_stride, select_len, num_selected,
     select_kernel[(programs, B * H)](
         q, k_cmp, lse, block_indices, cu, cu_cmp, table, T, TC, offset, scale * LOG2E, HQ, H, DK, triton.next_power_of_2(DK),
         gp, block_len, block_stride, select_len, num_selected, chunk_blocks(num_selected, select_len, block_stride),
-        bt, index_bits(triton.cdiv(longest, select_len)), packing is not None, num_warps=warps, num_stages=stages)
+        bt, index_bits(triton.cdiv(longest, select_len)), packing is not None, PRECISION=dot_precision(q.dtype),
+        num_warps=warps, num_stages=stages)
     return block_indices
 
 

@@ -10,7 +10,7 @@ The base stays frozen and is the teacher (its own full attention). What trains, 
   exactly full attention up to 1k tokens, while the window branch lacks the attention sink (token 0), and mixing
   it in at 0.49 cost SmolLM2 its needle retrieval (results/smollm2-nsa-vs-full/README.md);
 - low-rank updates W + B A (rank r, LoRA; B zero at the start) of q_proj and k_proj (stage 1) and of q, k, v and
-  o_proj (stage 2). They are merged into the weights when the NSA checkpoint is built (`build_checkpoint`).
+  o_proj (stage 2). They are merged into the weights when the NSA checkpoint is built (retrofit_file.build_checkpoint).
 
 Losses, per token and averaged:
 - distill: KL(teacher's next-token distribution || student's), temperature 1;
@@ -26,8 +26,6 @@ losses, every low-rank update and the gates. Data: windows of `seq_len` tokens o
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,9 +43,6 @@ from nsa_eval.model_adapters.runtime.model import Transformer
 from nsa_eval.model_adapters.runtime.ops import rms_norm
 from nsa_eval.model_adapters.runtime.rope import rope_tables
 
-DELTA_FORMAT = "nsa-eval-retrofit-1"
-PROBE_TEXT = ("The harness reads a long report, finds the number hidden in its middle, and answers with it. "
-              "def mean(values):\n    return sum(values) / len(values)\n")
 STAGE1_PROJECTIONS = ("q", "k")
 STAGE2_PROJECTIONS = ("q", "k", "v", "o")
 
@@ -458,76 +453,6 @@ def load_trained(retrofit: Retrofit, tensors: dict[str, torch.Tensor]) -> None:
                 lr.b.copy_(tensors[f"layers.{i}.attn.{proj}_proj.lora_b"])
 
 
-# ---- what ships: the trained tensors alone, rebuilt onto the base --------------------------------------------
-
-def base_fingerprint(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 (first 16 hex digits) of a base checkpoint's weights in float32, names sorted."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        digest.update(name.encode())
-        digest.update(state[name].detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def save_delta(retrofit: Retrofit, path: Path, record: dict) -> None:
-    """The shipped file: trained_tensors in float16 (safetensors) with `record` (recipe, base fingerprint, corpus,
-    versions, losses) as JSON metadata."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.to(torch.float16).contiguous() for k, v in trained_tensors(retrofit).items()}
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata={"format": DELTA_FORMAT, "record": json.dumps(record)})
-    partial.replace(path)
-
-
-def read_delta(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """A save_delta file -> (tensors in float32, record); ValueError (one line) for anything else."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k).float() for k in f.keys()}
-    except Exception as error:  # safetensors raises its own error types for a damaged header
-        raise ValueError(f"{path} is not a retrofit file ({str(error).splitlines()[0]})") from None
-    if metadata.get("format") != DELTA_FORMAT:
-        raise ValueError(f"{path} is not a retrofit file (no '{DELTA_FORMAT}' metadata)")
-    return tensors, json.loads(metadata["record"])
-
-
-def build_model(base: Transformer, tensors: dict[str, torch.Tensor], record: dict) -> Transformer:
-    """The NSA model: base weights (a full-attention Transformer), low-rank updates merged (W + B A in float32),
-    the trained gates; in the base's dtype and device. ValueError if the base is not the one trained on."""
-    recipe = Recipe.from_record(record["recipe"])
-    fingerprint = base_fingerprint(base.state_dict())
-    if fingerprint != record["base_fingerprint"]:
-        raise ValueError(f"the base model's weights (fingerprint {fingerprint}) are not those the retrofit was trained "
-                         f"on ({record['base_fingerprint']}); rebuild needs the same base checkpoint")
-    config = nsa_config(base.config, recipe)
-    model = Transformer(config).to(device=base.device, dtype=base.dtype)
-    state = {k: v.float() for k, v in base.state_dict().items()}
-    for i in range(config.num_hidden_layers):
-        state[f"layers.{i}.attn.g_proj.weight"] = tensors[f"layers.{i}.attn.g_proj.weight"]
-        for proj in STAGE2_PROJECTIONS:
-            a, b = tensors[f"layers.{i}.attn.{proj}_proj.lora_a"], tensors[f"layers.{i}.attn.{proj}_proj.lora_b"]
-            state[f"layers.{i}.attn.{proj}_proj.weight"] = state[f"layers.{i}.attn.{proj}_proj.weight"] + b @ a
-    model.load_state_dict({k: v.to(base.dtype) for k, v in state.items()}, strict=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed.weight
-    return model.eval()
-
-
-def probe_logits(model: Transformer, tokenizer) -> dict:
-    """The model's last-position logits on PROBE_TEXT (float32, CPU): its 8 largest (token, value) and the norm; the
-    record keeps them so a rebuilt model can be checked against the one the retrofit produced."""
-    ids = torch.tensor([tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]], device=model.device)
-    with torch.no_grad():
-        logits = model(ids).logits[0, -1].float().cpu()
-    top = logits.topk(8)
-    return {"text": PROBE_TEXT, "top8": [[int(i), round(float(v), 5)] for v, i in zip(top.values, top.indices)],
-            "norm": round(float(logits.norm()), 4)}
-
-
 def student_from_base(base: Transformer, recipe: Recipe, device: str | torch.device | None = None,
                       dtype: torch.dtype | None = None) -> Retrofit:
     """A Retrofit whose model is the base's weights under nsa_config (gates zero, low-rank updates zero), on
@@ -541,35 +466,3 @@ def student_from_base(base: Transformer, recipe: Recipe, device: str | torch.dev
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     return Retrofit(model, recipe)
-
-
-def build_checkpoint(delta_path: Path, base: Path, target: Path) -> Path:
-    """The NSA checkpoint (config.json, model.safetensors in float32, the base's tokenizer, retrofit.json) built from
-    a retrofit file and its base folder into `target` (atomically: a concurrent reader sees all of it or nothing)."""
-    from nsa_eval.model_adapters.runtime.checkpoint import from_pretrained
-
-    tensors, record = read_delta(delta_path)
-    return write_checkpoint(build_model(from_pretrained(base, dtype=torch.float32), tensors, record), record, base,
-                            target)
-
-
-def write_checkpoint(model: Transformer, record: dict, base: Path, target: Path) -> Path:
-    """A built NSA model (build_model) saved as a checkpoint into `target` with the base folder's tokenizer files and
-    the retrofit's record (retrofit.json); atomic, as build_checkpoint."""
-    import shutil
-    import tempfile
-
-    from nsa_eval.model_adapters.runtime.checkpoint import save_pretrained
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    save_pretrained(model, partial)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                 "chat_template.jinja", "vocab.json", "merges.txt"):
-        if (base / name).is_file():
-            shutil.copy2(base / name, partial / name)
-    (partial / "retrofit.json").write_text(json.dumps(record, indent=2) + "\n")
-    if target.exists():
-        shutil.rmtree(target)
-    partial.rename(target)
-    return target

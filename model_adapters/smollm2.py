@@ -77,7 +77,7 @@ def nsa_checkpoint() -> Path:
     (a folder named by the shipped file's hash, so a new file builds a new checkpoint)."""
     import hashlib
 
-    from nsa_eval.model_adapters.retrofit import build_checkpoint
+    from nsa_eval.model_adapters.retrofit_file import build_checkpoint
 
     if not SHIPPED_NSA.is_file():
         raise ModelLoadError(f"{SHIPPED_NSA} is missing; reinstall nsa-eval (pip install -e .)")

@@ -75,9 +75,9 @@ def retrofit(base: str, out: str, corpus: str | None, device: str | None, save_e
     """Turn a full-attention checkpoint into an NSA checkpoint by distillation (our kernels' backward on CUDA)."""
     import torch
 
-    from nsa_eval.model_adapters.retrofit import (Progress, base_fingerprint, batch_at, build_model,
-                                                  fit_gates, load_state, probe_logits, read_delta, save_delta,
-                                                  student_from_base, train, write_checkpoint)
+    from nsa_eval.model_adapters.retrofit import Progress, batch_at, fit_gates, load_state, student_from_base, train
+    from nsa_eval.model_adapters.retrofit_file import (base_fingerprint, build_model, probe_logits, read_delta,
+                                                       save_delta, write_checkpoint)
     from nsa_eval.model_adapters.retrofit_corpus import build_corpus, read_corpus
     from nsa_eval.model_adapters.runtime.checkpoint import from_pretrained
     from nsa_eval.store import git_sha, versions

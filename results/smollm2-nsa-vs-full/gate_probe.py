@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from nsa_eval.model_adapters.retrofit import Recipe, batch_at, fit_gates, load_trained, read_delta, student_from_base
+from nsa_eval.model_adapters.retrofit import Recipe, batch_at, fit_gates, load_trained, student_from_base
+from nsa_eval.model_adapters.retrofit_file import read_delta
 from nsa_eval.model_adapters.retrofit_corpus import build_corpus
 from nsa_eval.model_adapters.runtime.checkpoint import from_pretrained
 from nsa_eval.model_adapters.smollm2 import plain_checkpoint

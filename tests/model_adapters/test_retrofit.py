@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from nsa_eval.model_adapters.retrofit import (Progress, Recipe, batch_at, build_model, distill_kl,
-                                              fit_gates, load_state,
-                                              probe_logits, read_delta, save_delta, student_from_base, train,
-                                              trained_tensors)
+from nsa_eval.model_adapters.retrofit import (Progress, Recipe, batch_at, distill_kl, fit_gates, load_state,
+                                              student_from_base, train, trained_tensors)
+from nsa_eval.model_adapters.retrofit_file import build_model, probe_logits, read_delta, save_delta
 from nsa_eval.model_adapters.retrofit_corpus import build_corpus, read_corpus
 from nsa_eval.model_adapters.runtime.checkpoint import from_pretrained
 
@@ -119,7 +118,7 @@ def test_shipped_file_rebuilds_the_model_it_came_from(tiny_llama_dir, tmp_path):
         for p in student.parameters():
             if p.requires_grad:
                 p.copy_((torch.randn(p.shape, generator=generator) * 0.05).half().float())
-    from nsa_eval.model_adapters.retrofit import base_fingerprint
+    from nsa_eval.model_adapters.retrofit_file import base_fingerprint
 
     record = {"recipe": {**Recipe(base="tiny", **SMALL).__dict__}, "base_fingerprint": base_fingerprint(base.state_dict())}
     save_delta(student, tmp_path / "r.safetensors", record)

@@ -22,7 +22,6 @@ a 503 error (a streaming client an error event), the answers are written, the en
 from __future__ import annotations
 
 import json
-import queue
 import signal
 import socket
 import sys
@@ -37,25 +36,12 @@ import click
 
 from nsa_eval.model_adapters.base import Generation, GenerationRequest, LanguageModel
 from nsa_eval.model_adapters.prompts import cut_at_stop
+from nsa_eval.openai_schema import (UNSUPPORTED, RequestError, ShuttingDown, cumulative_offsets, request_messages,
+                                   request_prompts, request_settings, stream_chat, stream_completion)
+from nsa_eval.serve_engine import EngineWorker, Listener, streams
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-UNSUPPORTED = ("best_of", "logit_bias", "presence_penalty", "frequency_penalty", "suffix", "tools", "functions")
 
-
-class RequestError(ValueError):
-    """A request the server refuses: an HTTP status and an OpenAI-style error message."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.kind = status, kind
-
-
-class ShuttingDown(RequestError):
-    """The server was stopped (Ctrl-C, SIGTERM) before this request was answered."""
-
-    def __init__(self) -> None:
-        super().__init__(503, "the server is shutting down (Ctrl-C or SIGTERM); this request was not finished",
-                         "server_error")
 
 
 class Terminated(Exception):
@@ -84,7 +70,7 @@ class OpenAIServer(ThreadingHTTPServer):
     def attach(self, model: LanguageModel) -> None:
         """The model to serve (the socket can be bound before it loads)."""
         self.model = model
-        self.worker = EngineWorker(model, self.model_lock) if _streams(model) else None
+        self.worker = EngineWorker(model, self.model_lock) if streams(model) else None
 
     def stop(self, timeout: float = 30.0) -> int:
         """After Ctrl-C / SIGTERM: the engine stops at its next step and its clients get ShuttingDown; waits (at most
@@ -124,11 +110,11 @@ class OpenAIServer(ThreadingHTTPServer):
 
     def completions(self, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]:
         self._check(body)
-        prompts = _prompts(body.get("prompt"))
+        prompts = request_prompts(body.get("prompt"))
         echo, logprobs = bool(body.get("echo", False)), body.get("logprobs")
         if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or not 0 <= logprobs <= 20):
             raise RequestError(400, "logprobs must be a whole number from 0 to 20")
-        settings = _settings(body, default_max_tokens=16)
+        settings = request_settings(body, default_max_tokens=16)
         if body.get("stream") and self.worker is not None and not echo and logprobs is None:
             texts = [prompt if isinstance(prompt, str) else self._decode(prompt) for prompt in prompts]
             return self._stream_tokens("cmpl", "text_completion", texts, settings, body)
@@ -153,16 +139,16 @@ class OpenAIServer(ThreadingHTTPServer):
             usage["completion_tokens"] += sum(generation.new_tokens)
             timings.append(generation)
         answer = self._answer("cmpl", "text_completion", choices, usage, timings)
-        return _stream_completion(answer, body) if body.get("stream") else answer
+        return stream_completion(answer, body) if body.get("stream") else answer
 
     def chat_completions(self, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]:
         self._check(body)
-        messages = _messages(body.get("messages"))
+        messages = request_messages(body.get("messages"))
         if body.get("logprobs"):
             raise RequestError(400, "logprobs on chat completions are not supported; use /v1/completions with echo")
         if "max_completion_tokens" in body and "max_tokens" not in body:
             body = {**body, "max_tokens": body["max_completion_tokens"]}
-        settings = _settings(body, default_max_tokens=None)
+        settings = request_settings(body, default_max_tokens=None)
         if body.get("stream") and self.worker is not None:
             return self._stream_tokens("chatcmpl", "chat.completion.chunk", [messages], settings, body)
         generation = self._generate(messages, settings)
@@ -173,7 +159,7 @@ class OpenAIServer(ThreadingHTTPServer):
         ]
         usage = {"prompt_tokens": generation.prompt_tokens, "completion_tokens": sum(generation.new_tokens)}
         answer = self._answer("chatcmpl", "chat.completion", choices, usage, [generation])
-        return _stream_chat(answer, body) if body.get("stream") else answer
+        return stream_chat(answer, body) if body.get("stream") else answer
 
     # ---- helpers ----------------------------------------------------------------------------------------------
 
@@ -275,7 +261,7 @@ class OpenAIServer(ThreadingHTTPServer):
             prompt_ids, prompt_offsets = encoded["input_ids"], [start for start, _ in encoded["offset_mapping"]]
             prompt_chars = len(prompt)
         else:
-            prompt_ids, prompt_offsets, prompt_chars = prompt, _cumulative_offsets(tokenizer, prompt), len(self._decode(prompt))
+            prompt_ids, prompt_offsets, prompt_chars = prompt, cumulative_offsets(tokenizer, prompt), len(self._decode(prompt))
         encoded = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)
         ids = prompt_ids + encoded["input_ids"]
         offsets = prompt_offsets + [prompt_chars + start for start, _ in encoded["offset_mapping"]]
@@ -391,193 +377,6 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
         if not self.server.quiet:
             sys.stderr.write(f"{self.address_string()} {format % args}\n")
-
-
-def _streams(model: Any) -> bool:
-    """Whether the model is the native engine, whose generate_iter takes requests while it runs and reports tokens."""
-    import inspect
-
-    method = getattr(model, "generate_iter", None)
-    return method is not None and {"more", "on_token"} <= set(inspect.signature(method).parameters)
-
-
-class Listener:
-    """What one request's HTTP thread waits on: (sample, tokens so far) after each token, then its Generation (or the
-    error that ended the batch)."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue = queue.Queue()
-
-    def events(self) -> Iterator[tuple[int, list[int]] | Generation]:
-        while True:
-            event = self.queue.get()
-            if isinstance(event, BaseException):
-                raise event
-            yield event
-            if isinstance(event, Generation):
-                return
-
-    def result(self) -> Generation:
-        for event in self.events():
-            if isinstance(event, Generation):
-                return event
-        raise AssertionError("a listener's events end with its Generation")
-
-
-class EngineWorker:
-    """One thread that runs the engine for every client: it waits for a request, then runs generate_iter with the
-    requests that arrive meanwhile polled each step (`more`), so concurrent requests decode in one batch, and reports
-    each token and each finished Generation to the request's Listener. `lock`: held while the engine runs (the
-    server's log-probability forward passes take it too)."""
-
-    def __init__(self, model: Any, lock: threading.Lock):
-        self.model, self.lock = model, lock
-        self.inbox: queue.Queue = queue.Queue()
-        self.stopping = threading.Event()  # set by stop(): the engine raises ShuttingDown at its next step
-        self.idle = threading.Event()  # set while the engine runs no batch
-        self.idle.set()
-        threading.Thread(target=self._run, name="nsa-eval-engine", daemon=True).start()
-
-    def submit(self, request: GenerationRequest) -> Listener:
-        listener = Listener()
-        if self.stopping.is_set():
-            listener.queue.put(ShuttingDown())
-        else:
-            self.inbox.put((request, listener))
-        return listener
-
-    def stop(self, timeout: float) -> None:
-        """Stop the batch being decoded (its clients get ShuttingDown) and refuse new requests; wait until the engine
-        has left its step (at most `timeout` s), so no engine code runs while the process exits."""
-        self.stopping.set()
-        while True:
-            try:
-                _, listener = self.inbox.get_nowait()
-            except queue.Empty:
-                break
-            listener.queue.put(ShuttingDown())
-        self.idle.wait(timeout)
-
-    def _run(self) -> None:
-        while True:
-            batch = [self.inbox.get()]  # wait for work
-            listeners = [listener for _, listener in batch]
-
-            def more() -> list[GenerationRequest]:
-                if self.stopping.is_set():
-                    raise ShuttingDown()
-                arrived = []
-                while True:
-                    try:
-                        arrived.append(self.inbox.get_nowait())
-                    except queue.Empty:
-                        listeners.extend(listener for _, listener in arrived)
-                        return [request for request, _ in arrived]
-
-            def on_token(index: int, sample: int, tokens: list[int], done: bool) -> None:
-                if self.stopping.is_set():
-                    raise ShuttingDown()
-                listeners[index].queue.put((sample, list(tokens)))
-
-            self.idle.clear()
-            try:
-                if self.stopping.is_set():
-                    raise ShuttingDown()
-                with self.lock:
-                    for index, generation in self.model.generate_iter([r for r, _ in batch], more=more,
-                                                                      on_token=on_token):
-                        listeners[index].queue.put(generation)
-            except Exception as error:  # noqa: BLE001 - every waiting client gets the error; the worker goes on
-                if not isinstance(error, ShuttingDown):
-                    traceback.print_exc(file=sys.stderr)
-                for listener in listeners:
-                    listener.queue.put(error)
-            finally:
-                self.idle.set()
-
-
-def _stream_completion(answer: dict[str, Any], body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    head = {k: answer[k] for k in ("id", "object", "created", "model")}
-    for choice in answer["choices"]:
-        yield {**head, "choices": [{**choice, "finish_reason": None}]}
-        yield {**head, "choices": [{"index": choice["index"], "text": "", "logprobs": None, "finish_reason": choice["finish_reason"]}]}
-    if (body.get("stream_options") or {}).get("include_usage"):
-        yield {**head, "choices": [], "usage": answer["usage"]}
-
-
-def _stream_chat(answer: dict[str, Any], body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    head = {**{k: answer[k] for k in ("id", "created", "model")}, "object": "chat.completion.chunk"}
-    for choice in answer["choices"]:
-        index = choice["index"]
-        yield {**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-        yield {**head, "choices": [{"index": index, "delta": {"content": choice["message"]["content"]}, "finish_reason": None}]}
-        yield {**head, "choices": [{"index": index, "delta": {}, "finish_reason": choice["finish_reason"]}]}
-    if (body.get("stream_options") or {}).get("include_usage"):
-        yield {**head, "choices": [], "usage": answer["usage"]}
-
-
-def _settings(body: dict[str, Any], default_max_tokens: int | None) -> dict[str, Any]:
-    """The GenerationRequest fields of an OpenAI request (OpenAI's defaults: temperature 1, top_p 1, n 1)."""
-    def given(key: str, default: Any) -> Any:
-        return default if body.get(key) is None else body[key]
-
-    stop = given("stop", [])
-    stop = [stop] if isinstance(stop, str) else stop
-    try:
-        max_tokens = given("max_tokens", default_max_tokens)
-        settings = {
-            "max_new_tokens": None if max_tokens is None else int(max_tokens),
-            "temperature": float(given("temperature", 1.0)),
-            "top_p": float(given("top_p", 1.0)),
-            "n": int(given("n", 1)),
-            "seed": int(given("seed", int.from_bytes(uuid.uuid4().bytes[:6], "big"))),
-            "stop": [str(s) for s in stop],
-        }
-    except (TypeError, ValueError):
-        raise RequestError(400, "max_tokens, temperature, top_p, n and seed must be numbers") from None
-    if settings["n"] < 1 or (settings["max_new_tokens"] is not None and settings["max_new_tokens"] < 0):
-        raise RequestError(400, "n must be at least 1 and max_tokens at least 0")
-    return settings
-
-
-def _prompts(prompt: Any) -> list[str | list[int]]:
-    """OpenAI's prompt forms: a string, a list of strings, a list of token ids, or a list of those lists."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-            return [prompt]
-        if all(isinstance(p, str) for p in prompt):
-            return list(prompt)
-        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
-            return list(prompt)
-    raise RequestError(400, "prompt must be a string, a list of strings, or token ids")
-
-
-def _messages(messages: Any) -> list[dict[str, str]]:
-    """Chat messages with text content (a list of text parts is joined)."""
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(400, "messages must be a non-empty list of {role, content}")
-    out = []
-    for message in messages:
-        if not isinstance(message, dict) or "role" not in message:
-            raise RequestError(400, "each message needs a role and content")
-        content = message.get("content") or ""
-        if isinstance(content, list):
-            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
-                raise RequestError(400, "only text content parts are supported")
-            content = "".join(p.get("text", "") for p in content)
-        out.append({"role": str(message["role"]), "content": str(content)})
-    return out
-
-
-def _cumulative_offsets(tokenizer: Any, ids: list[int]) -> list[int]:
-    """Character offsets of token-id prompts: where each token's text starts in the decoded prompt."""
-    offsets, position = [], 0
-    for token in ids:
-        offsets.append(position)
-        position += len(tokenizer.decode([token]))
-    return offsets
 
 
 def _family(host: str) -> int:

@@ -12,8 +12,8 @@ import pytest
 from token_count import counter
 
 from nsa_eval.tasks.base import TaskContext
-from nsa_eval.tasks.ruler import (SYNTHETIC, Ruler, build_niah, fit, postprocess, string_match_all,
-                                  string_match_part)
+from nsa_eval.tasks.ruler import SYNTHETIC, Ruler, postprocess, string_match_all, string_match_part
+from nsa_eval.tasks.ruler_generators import build_niah, fit
 from nsa_eval.tasks.ruler_data import DEPTHS, NOISE, SUBTASKS, TEMPLATES, NiahArgs
 
 LENGTHS = (4096, 8192)

@@ -10,7 +10,6 @@ Times are medians of triton.testing.do_bench; ratios are baseline time / row tim
 from __future__ import annotations
 
 import json
-import math
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -60,7 +59,7 @@ class Check:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _randn(*shape, grad=False):
+def randn_input(*shape, grad=False):
     import torch
 
     return torch.randn(*shape, device="cuda", dtype=torch.bfloat16).requires_grad_(grad)
@@ -96,7 +95,7 @@ def ours_prefill(backward: bool) -> Callable[[int], Run]:
     def setup(T: int) -> Run:
         from nsa_eval.kernels.attention import attention
 
-        q, k, v = _randn(1, T, HQ, D, grad=backward), _randn(1, T, H, D, grad=backward), _randn(1, T, H, D, grad=backward)
+        q, k, v = randn_input(1, T, HQ, D, grad=backward), randn_input(1, T, H, D, grad=backward), randn_input(1, T, H, D, grad=backward)
         if backward:
             return Run(_fwd_bwd(lambda q, k, v: attention(q, k, v), q, k, v))
         return Run(lambda: attention(q, k, v))
@@ -114,7 +113,7 @@ def ours_decode(batch: int) -> Callable[[int], Run]:
 
         from nsa_eval.kernels.attention import attention_decode
 
-        q, k_cache, v_cache = _randn(batch, HQ, D), _randn(batch, T, H, D), _randn(batch, T, H, D)
+        q, k_cache, v_cache = randn_input(batch, HQ, D), randn_input(batch, T, H, D), randn_input(batch, T, H, D)
         lengths = torch.full((batch,), T, dtype=torch.int32, device="cuda")
         step = graphed(lambda: attention_decode(q, k_cache, v_cache, lengths))
         return Run(step, kv_cache_bytes(batch, T), note="CUDA graph")
@@ -129,8 +128,8 @@ def ours_decode(batch: int) -> Callable[[int], Run]:
 
 def sdpa_prefill(backend_name: str, backward: bool) -> Callable[[int], Run]:
     def setup(T: int) -> Run:
-        call, k, v, note = sdpa(backend_name, _randn(1, HQ, T, D), _randn(1, H, T, D), _randn(1, H, T, D), causal=True)
-        q = _randn(1, HQ, T, D, grad=backward)
+        call, k, v, note = sdpa(backend_name, randn_input(1, HQ, T, D), randn_input(1, H, T, D), randn_input(1, H, T, D), causal=True)
+        q = randn_input(1, HQ, T, D, grad=backward)
         k, v = k.requires_grad_(backward), v.requires_grad_(backward)
         if backward:
             return Run(_fwd_bwd(call, q, k, v), note=note)
@@ -141,8 +140,8 @@ def sdpa_prefill(backend_name: str, backward: bool) -> Callable[[int], Run]:
 
 def sdpa_decode(batch: int) -> Callable[[int], Run]:
     def setup(T: int) -> Run:
-        q = _randn(batch, HQ, 1, D)
-        call, k, v, note = sdpa("FLASH_ATTENTION", q, _randn(batch, H, T, D), _randn(batch, H, T, D), causal=False)
+        q = randn_input(batch, HQ, 1, D)
+        call, k, v, note = sdpa("FLASH_ATTENTION", q, randn_input(batch, H, T, D), randn_input(batch, H, T, D), causal=False)
         step = graphed(lambda: call(q, k, v))
         return Run(step, kv_cache_bytes(batch, T, k.shape[1]), note=f"flash, {note}, CUDA graph")
 
@@ -163,7 +162,7 @@ def _nsa_inputs(T: int, hp: dict, grad: bool):
 
     from nsa_eval.kernels.nsa import mean_pool
 
-    q, k, v = _randn(1, T, HQ, D, grad=grad), _randn(1, T, H, D, grad=grad), _randn(1, T, H, D, grad=grad)
+    q, k, v = randn_input(1, T, HQ, D, grad=grad), randn_input(1, T, H, D, grad=grad), randn_input(1, T, H, D, grad=grad)
     k_cmp = mean_pool(k.detach(), hp["block_len"], hp["block_stride"]).requires_grad_(grad)
     v_cmp = mean_pool(v.detach(), hp["block_len"], hp["block_stride"]).requires_grad_(grad)
     gates = [torch.rand(1, T, HQ, device="cuda", dtype=torch.bfloat16).requires_grad_(grad) for _ in range(3)]
@@ -215,7 +214,7 @@ def ours_nsa_decode(batch: int) -> Callable[[int], Run]:
         from nsa_eval.kernels.nsa import mean_pool, nsa_decode
 
         hp = NSA_PAPER
-        q, k_cache, v_cache = _randn(batch, HQ, D), _randn(batch, T, H, D), _randn(batch, T, H, D)
+        q, k_cache, v_cache = randn_input(batch, HQ, D), randn_input(batch, T, H, D), randn_input(batch, T, H, D)
         k_cmp, v_cmp = (mean_pool(x, hp["block_len"], hp["block_stride"]) for x in (k_cache, v_cache))
         gates = [torch.rand(batch, HQ, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
         lengths = torch.full((batch,), T, dtype=torch.int32, device="cuda")
@@ -262,7 +261,7 @@ def check_full_attention(T: int = 1024) -> float:
 
     from nsa_eval.kernels.attention import parallel, reference
 
-    q, k, v = _randn(1, T, HQ, D, grad=True), _randn(1, T, H, D, grad=True), _randn(1, T, H, D, grad=True)
+    q, k, v = randn_input(1, T, HQ, D, grad=True), randn_input(1, T, H, D, grad=True), randn_input(1, T, H, D, grad=True)
     o = parallel.attention(q, k, v)
     do = torch.randn_like(o)
     grads = torch.autograd.grad(o, (q, k, v), do)
@@ -276,7 +275,7 @@ def check_against_sdpa(T: int = 8192) -> float:
     """Our forward against SDPA's (flash) at a benchmark length."""
     from nsa_eval.kernels.attention import attention
 
-    q, k, v = _randn(1, T, HQ, D), _randn(1, T, H, D), _randn(1, T, H, D)
+    q, k, v = randn_input(1, T, HQ, D), randn_input(1, T, H, D), randn_input(1, T, H, D)
     call, k_sdpa, v_sdpa, _ = sdpa("FLASH_ATTENTION", q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), True)
     return rel_err(attention(q, k, v), call(q.transpose(1, 2), k_sdpa, v_sdpa).transpose(1, 2))
 
@@ -287,7 +286,7 @@ def check_decode(batch: int = 4, s_max: int = 4096) -> float:
 
     from nsa_eval.kernels.attention import decode, reference
 
-    q, k_cache, v_cache = _randn(batch, HQ, D), _randn(batch, s_max, H, D), _randn(batch, s_max, H, D)
+    q, k_cache, v_cache = randn_input(batch, HQ, D), randn_input(batch, s_max, H, D), randn_input(batch, s_max, H, D)
     lengths = torch.randint(1, s_max + 1, (batch,), dtype=torch.int32, device="cuda")
     ours = decode.attention_decode(q, k_cache, v_cache, lengths)
     ref = reference.attention_decode(q.float(), k_cache.float(), v_cache.float(), lengths)
@@ -322,7 +321,7 @@ def check_nsa_decode(batch: int = 3, s_max: int = 3000) -> float:
     from nsa_eval.kernels.nsa import decode, reference
 
     hp = NSA_PAPER
-    q, k_cache, v_cache = _randn(batch, HQ, D), _randn(batch, s_max, H, D), _randn(batch, s_max, H, D)
+    q, k_cache, v_cache = randn_input(batch, HQ, D), randn_input(batch, s_max, H, D), randn_input(batch, s_max, H, D)
     k_cmp, v_cmp = (mean_pool(x, hp["block_len"], hp["block_stride"]) for x in (k_cache, v_cache))
     gates = [torch.rand(batch, HQ, device="cuda") for _ in range(3)]
     lengths = torch.tensor([s_max, s_max // 3, 700], dtype=torch.int32, device="cuda")[:batch]
@@ -338,79 +337,6 @@ CHECKS: list[Check] = [
     Check("full attention fwd vs SDPA flash, T=8192", check_against_sdpa, 1.5e-2),
     Check("full attention decode vs reference, mixed cache lengths", check_decode, 1.5e-2),
 ]
-
-
-# ----------------------------------------------------------------------------------------------------
-# tile sweep (--sweep): candidates for the defaults in kernels/attention/parallel.py and decode.py
-# ----------------------------------------------------------------------------------------------------
-
-# the first of each list is the default; the sweep of 2026-11 on an H200 picked them (results/bench)
-FWD_TILES = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4)]
-BWD_TILES = [  # (dk/dv kernel, dq kernel)
-    ((64, 128, 8, 2), (128, 64, 8, 2)),
-    ((64, 64, 4, 2), (64, 64, 4, 2)),
-    ((64, 64, 4, 3), (64, 64, 4, 3)),
-    ((32, 128, 8, 2), (128, 32, 8, 2)),
-    ((32, 64, 4, 3), (64, 32, 4, 3)),
-]
-DECODE_TILES = [(128, 4, 3), (64, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 2), (256, 4, 3)]
-
-
-def sweep_tiles(T: int, T_decode: int, decode_batch: int = 16) -> list[dict]:
-    """Time each tile candidate of our kernels (prefill at T, decode at T_decode); every candidate's
-    result is compared with the first candidate's, so a tile that computes wrongly shows."""
-    import torch
-    import triton
-
-    from nsa_eval.kernels.attention import decode, parallel
-
-    def measure(kernel, label, fn, check):
-        row = {"kernel": kernel, "tiles": label}
-        try:
-            out = fn()
-            row["err_vs_first"] = check(out)
-            row["ms"] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-        except Exception as error:
-            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
-        click.echo(f"  sweep {kernel:6s} {label:40s} " + (f"{row['ms']:8.3f} ms  err {row['err_vs_first']:.1e}" if "ms" in row else row["error"]))
-        return row
-
-    rows, first = [], {}
-
-    def against_first(kernel):
-        def check(out):
-            outs = out if isinstance(out, tuple) else (out,)
-            if kernel not in first:
-                first[kernel] = [x.float() for x in outs]
-                return 0.0
-            return max(rel_err(x, r) for x, r in zip(outs, first[kernel]))
-
-        return check
-
-    scale = 1 / math.sqrt(D)
-    q, k, v = _randn(1, T, HQ, D), _randn(1, T, H, D), _randn(1, T, H, D)
-    for tiles in FWD_TILES:
-        t = parallel.Tiles(*tiles)
-        rows.append(measure("fwd", str(tiles), lambda: parallel.attention_fwd(q, k, v, True, None, None, None, scale, t)[0],
-                            against_first("fwd")))
-    o, lse = parallel.attention_fwd(q, k, v, True, None, None, None, scale)
-    do = torch.randn_like(o)
-    for pair in BWD_TILES:
-        t = (parallel.Tiles(*pair[0]), parallel.Tiles(*pair[1]))
-        rows.append(measure("bwd", str(pair), lambda: parallel.attention_bwd(q, k, v, o, lse, do, True, None, None, None, scale, t),
-                            against_first("bwd")))
-    del q, k, v, o, lse, do
-    torch.cuda.empty_cache()
-    q, k_cache, v_cache = _randn(decode_batch, HQ, D), _randn(decode_batch, T_decode, H, D), _randn(decode_batch, T_decode, H, D)
-    lengths = torch.full((decode_batch,), T_decode, dtype=torch.int32, device="cuda")
-    for tiles in DECODE_TILES:
-        rows.append(measure("decode", str(tiles), lambda: decode.attention_decode_fwd(q, k_cache, v_cache, lengths, None, scale, tiles)[0],
-                            against_first("decode")))
-    for row in rows:
-        if row["kernel"] == "decode" and "ms" in row:
-            row["gbps"] = kv_cache_bytes(decode_batch, T_decode) / (row["ms"] * 1e-3) / 1e9
-    torch.cuda.empty_cache()
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -505,6 +431,8 @@ def kernels_command(lengths: str, out_dir: str, quick: bool, only: str, sweep: b
 
     copy_bw = copy_bandwidth()
     click.echo(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)")
+    from nsa_eval.bench.tile_sweep import sweep_tiles
+
     sweep_rows = sweep_tiles(4096 if quick else 16384, 4096 if quick else 65536) if sweep else []
     rows = []
     for case in CASES:

@@ -15,6 +15,9 @@
 #                                             and model_adapters/smollm2_nsa.safetensors ($R/recipes.json says why)
 #   scripts/smollm2_nsa_device.sh long|short  the runs of MODELS (default: full nsa sparse) into $R/runs/, the models
 #                                             in parallel (one GPU holds all three; logs in $R/logs/)
+#   scripts/smollm2_nsa_device.sh evals       long and short at once; DEADLINE=S stops every run after S seconds and
+#                                             starts no other ($R/stop); each keeps what it finished, the same
+#                                             command resumes it
 #   scripts/smollm2_nsa_device.sh speed       bench model at 7k, batch 1 and 16, into $R/bench/
 # Knobs for a quick try (e.g. on the CPU): EXTRA (flags added to every run, e.g. "--limit 1 --device cpu"),
 # NIAH_LENGTHS, NIAH_SAMPLES, RULER_LENGTHS, RULER_SAMPLES. Data files come from $R/data (copies of ../shared/data).
@@ -96,24 +99,36 @@ print(best)" $R "${names[@]}")
     rm -rf $R/gpu-run && cp -r $R/recipe-$best $R/gpu-run
     cp $R/gpu-run/retrofit.safetensors model_adapters/smollm2_nsa.safetensors
     ;;
+  evals)
+    rm -f $R/stop
+    watchdog=
+    if [ -n "${DEADLINE:-}" ]; then
+      # SIGTERM, not SIGINT: background jobs of a script ignore SIGINT. Each run has fsync'd what it finished.
+      (sleep "$DEADLINE"; touch $R/stop; pkill -TERM -f "nsa_eval.cli run" || true) > /dev/null 2>&1 & watchdog=$!
+    fi
+    "$0" long & long=$!
+    "$0" short & short=$!
+    wait $long $short || true
+    [ -z "$watchdog" ] || kill $watchdog 2>/dev/null || true
+    ;;
   long)
     mkdir -p $R/logs
     for m in $MODELS; do
-      { "${NSA_EVAL[@]}" run $(model_args "$m") --tasks niah --output "$R/runs/niah-$m" "${EXTRA[@]}" \
+      { [ -f $R/stop ] || "${NSA_EVAL[@]}" run $(model_args "$m") --tasks niah --output "$R/runs/niah-$m" "${EXTRA[@]}" \
           --task-option niah.lengths=${NIAH_LENGTHS:-1k,2k,3k,4k,5k,6k,7k} --task-option niah.depths=0,25,50,75,100 \
           --task-option niah.samples_per_cell=${NIAH_SAMPLES:-5}
-        "${NSA_EVAL[@]}" run $(model_args "$m") --tasks ruler --output "$R/runs/ruler-$m" "${EXTRA[@]}" \
+        [ -f $R/stop ] || "${NSA_EVAL[@]}" run $(model_args "$m") --tasks ruler --output "$R/runs/ruler-$m" "${EXTRA[@]}" \
           --task-option ruler.lengths=${RULER_LENGTHS:-4k,7k} --task-option ruler.samples=${RULER_SAMPLES:-25}
-      } > $R/logs/long-$m.log 2>&1 &
+      } >> $R/logs/long-$m.log 2>&1 &
     done
     wait
     ;;
   short)
     mkdir -p $R/logs
     for m in $MODELS; do
-      "${NSA_EVAL[@]}" run $(model_args "$m") --tasks gsm8k,mmlu,humaneval --output "$R/runs/short-$m" \
+      [ -f $R/stop ] || "${NSA_EVAL[@]}" run $(model_args "$m") --tasks gsm8k,mmlu,humaneval --output "$R/runs/short-$m" \
         "${EXTRA[@]}" --task-option gsm8k.variant=standard --data gsm8k=$R/data/gsm8k/test.jsonl \
-        --data mmlu=$R/data/mmlu_stem/test.jsonl --allow-code-execution > $R/logs/short-$m.log 2>&1 &
+        --data mmlu=$R/data/mmlu_stem/test.jsonl --allow-code-execution >> $R/logs/short-$m.log 2>&1 &
     done
     wait
     ;;
@@ -123,5 +138,5 @@ print(best)" $R "${names[@]}")
       "${NSA_EVAL[@]}" bench model --model "nsa:$nsa" --lengths 7k --batch "$b" --out "$R/bench/b$b"
     done
     ;;
-  *) echo "usage: $0 wheels|prep|retrofit|recipes|long|short|speed" >&2; exit 2 ;;
+  *) echo "usage: $0 wheels|prep|retrofit|recipes|long|short|evals|speed" >&2; exit 2 ;;
 esac

@@ -78,3 +78,21 @@ def length_table(heading: str, impls: list[str], lengths: list[int], cell: Calla
     for impl in impls:
         lines.append(f"| {impl} | " + " | ".join(cell(impl, t) for t in lengths) + " |")
     return lines
+
+
+# the kernel benchmark's shape (bench kernels, its tile sweep): the paper's Figure 6 setting
+HQ, H, D = 64, 4, 128  # query heads, KV heads, head dim of every prefill and decode row
+
+
+def randn_input(*shape, grad=False):
+    import torch
+
+    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16).requires_grad_(grad)
+
+
+def rel_err(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def kv_cache_bytes(batch: int, T: int, heads: int = H) -> float:
+    return 2.0 * batch * T * heads * D * 2  # K and V, bf16

@@ -18,10 +18,10 @@ from typing import Callable
 
 import click
 
-from nsa_eval.bench.common import card_slug, copy_bandwidth, graphed, length_table, sdpa
+from nsa_eval.bench.common import (HQ, D, H, card_slug, copy_bandwidth, graphed, kv_cache_bytes, length_table,
+                                   randn_input, rel_err, sdpa)
 from nsa_eval.kernels.nsa.common import FLA_LAYOUT, PAPER_LAYOUT
 
-HQ, H, D = 64, 4, 128  # query heads, KV heads, head dim of every prefill and decode row
 DECODE_BATCHES = (1, 16)
 
 
@@ -59,16 +59,6 @@ class Check:
 # ----------------------------------------------------------------------------------------------------
 
 
-def randn_input(*shape, grad=False):
-    import torch
-
-    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16).requires_grad_(grad)
-
-
-def rel_err(out, ref) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
 def causal_flops(T: int) -> float:
     """Forward FLOPs of causal attention at B=1: two T x T x D products per head, half kept."""
     return 2.0 * HQ * D * T * T
@@ -101,10 +91,6 @@ def ours_prefill(backward: bool) -> Callable[[int], Run]:
         return Run(lambda: attention(q, k, v))
 
     return setup
-
-
-def kv_cache_bytes(batch: int, T: int, heads: int = H) -> float:
-    return 2.0 * batch * T * heads * D * 2  # K and V, bf16
 
 
 def ours_decode(batch: int) -> Callable[[int], Run]:

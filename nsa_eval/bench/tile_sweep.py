@@ -8,7 +8,7 @@ import math
 
 import click
 
-from nsa_eval.bench.kernels import HQ, H, D, kv_cache_bytes, randn_input, rel_err
+from nsa_eval.bench.common import HQ, D, H, kv_cache_bytes, randn_input, rel_err
 
 
 # the first of each list is the default; the sweep of 2026-11 on an H200 picked them (results/bench)

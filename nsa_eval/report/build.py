@@ -25,11 +25,11 @@ from nsa_eval.report import FORMATS, RESULTS_DIR, figures, html, speed
 from nsa_eval.report.reference import PAPER_NAME
 from nsa_eval.report.runs import Run, load_runs
 from nsa_eval.report.effective import family_of
-from nsa_eval.report.tables import (BudgetSweep, Cell, Details, FigureFile, Section, Table, aime_table,
-                                    breakdown_table, budget_sweeps, compare, cross_table, effective_table,
-                                    efficiency_table, hardware_text, long_records, mismatch, model_table, reference_run,
-                                    report_tasks, ruler_table, slug, subset_table, sweep_series, sweep_table, task_table,
-                                    to_frame, to_latex, to_markdown)
+from nsa_eval.report.sweeps import budget_sweeps, sweep_section
+from nsa_eval.report.tables import (Cell, Details, FigureFile, Section, Table, aime_table, breakdown_table, compare,
+                                    cross_table, effective_table, efficiency_table, hardware_text, long_records,
+                                    mismatch, model_table, reference_run, report_tasks, ruler_table, slug, subset_table,
+                                    task_table, to_frame, to_latex, to_markdown)
 
 SUBSET_KEYS = ("subset", "dataset")
 
@@ -149,31 +149,6 @@ def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: 
     return section
 
 
-def _sweep_section(runs: list[Run], sweep: BudgetSweep) -> Section:
-    """A budget sweep: its table (a column per budget) and a curve per task (score against budget, a line for all
-    samples and one per context length, full attention dashed)."""
-    section = Section(f"Budget sweep: {sweep.model} ({sweep.fixed})", [sweep_table(runs, sweep)])
-    holders = [index for _, index in sweep.points]
-    for task in report_tasks([runs[i] for i in holders]):
-        points = [(budget, runs[index]) for budget, index in sweep.points if task in runs[index].results]
-        if len(points) < 2:
-            continue
-        series: dict[str, dict[int, dict[str, float]]] = {}
-        for budget, run in points:
-            for key, cell in sweep_series(run, task).items():
-                label = "all samples" if key == "all" else f"length {key}"
-                series.setdefault(label, {})[budget] = cell
-        reference = {}
-        if sweep.full is not None and task in runs[sweep.full].results:
-            reference = {("all samples" if key == "all" else f"length {key}"): cell
-                         for key, cell in sweep_series(runs[sweep.full], task).items()}
-        headline = points[0][1].results[task].headline
-        section.figures.append(FigureFile(slug(f"{sweep.slug}-{task}"), f"{sweep.model}: {task} {headline} by sparse "
-                                          f"budget ({sweep.fixed})", figures.budget_curve(
-                                              f"{sweep.model}: {task} by sparse budget", series, reference, headline)))
-    return section
-
-
 def _speed_section(runs: list[Run], bench_dir: Path | None, with_paper: bool) -> Section | None:
     """The runs' own speed (prefill ms, decode tokens/s), and kernel tables only from the bench_dir asked for."""
     section = Section("Speed")
@@ -227,7 +202,7 @@ def build_report(
 
     comparisons = compare(runs, base, seed=seed) if base is not None else {}
     scores = Section("Scores", [model_table(runs, base, with_paper, paper), task_table(runs, base, comparisons, paper)])
-    sections = [scores, *(_sweep_section(runs, sweep) for sweep in budget_sweeps(runs)),
+    sections = [scores, *(sweep_section(runs, sweep) for sweep in budget_sweeps(runs)),
                 *(_task_section(runs, task, base, with_paper, paper, seed) for task in report_tasks(runs)
                   if any(task in run.results for run in runs))]
     speed_section = _speed_section(runs, Path(bench_dir) if bench_dir is not None else None, with_paper)

@@ -59,9 +59,11 @@ def print_metrics(metrics: dict[str, Any]) -> None:
 @click.option("--attention", type=click.Choice(["full", "sparse"]), default="full", show_default=True,
               help="For smollm2 and hf: checkpoints: full attention (our kernels on CUDA), or training-free NSA-style "
                    "sparse attention (top blocks by mean-pooled keys, leading and local tokens always kept).")
-@click.option("--sparse-budget", type=click.IntRange(min=1),
+@click.option("--sparse-budget", metavar="N[,N...]",
               help=f"Sparse attention: tokens each query sees (leading + local + selected blocks). "
-                   f"Default: {SparseSettings.budget}.")
+                   f"Default: {SparseSettings.budget}. Several, e.g. 512,1k,2048, make a budget sweep: one run per "
+                   "budget in <output>/budget-N/ (each resumable; a rerun skips the finished ones), then the sweep's "
+                   "report (accuracy against budget) in <output>/report/.")
 @click.option("--sparse-leading", type=click.IntRange(min=1),
               help=f"Sparse attention: leading tokens always kept. Default: {SparseSettings.leading}.")
 @click.option("--sparse-local", type=click.IntRange(min=1),
@@ -128,12 +130,48 @@ def run(**options: Any) -> None:
 
     Everything is checked before the model loads (task options, data, the run directory), so a bad command ends in
     one line at once; a run that stops before its first sample leaves nothing behind; Ctrl-C keeps the samples
-    answered (exit code 130) and the same command resumes."""
+    answered (exit code 130) and the same command resumes. Several --sparse-budget values run a budget sweep: one
+    run folder per budget under --output, one after another, then the sweep's report."""
     try:
-        _run(RunConfig.from_cli(**options))
+        configs = RunConfig.points_from_cli(**options)
+        if len(configs) == 1:
+            _run(configs[0])
+        else:
+            _sweep(configs)
     except KeyboardInterrupt:
         click.echo("interrupted before the model loaded; nothing was written", err=True)
         raise click.exceptions.Exit(130) from None
+
+
+def _sweep(configs: list[RunConfig]) -> None:
+    """A budget sweep (nsa_eval/sweep.py): every point checked before the first model loads, then each run as `run`
+    runs it (a finished point is "already complete" and loads nothing), then the sweep's report."""
+    import gc
+
+    from nsa_eval.report.commands import report
+    from nsa_eval.sweep import Sweep
+
+    sweep = Sweep.of(configs)
+    sweep.check()
+    sweep.write_manifest()
+    click.echo(sweep.describe(), err=True)
+    results: dict[int, dict[str, Any]] = {}
+    for point in sweep.points:
+        click.echo(f"--sparse-budget {point.budget}: {point.folder}", err=True)
+        _run(point.config)
+        gc.collect()  # the point's model is gone before the next one loads
+        metrics_file = point.folder / "metrics.json"
+        if metrics_file.is_file():
+            results[point.budget] = json.loads(metrics_file.read_text(encoding="utf-8"))
+    for task in sweep.points[0].config.tasks:
+        shown = []
+        for budget, metrics in results.items():
+            entry = metrics["tasks"].get(task)
+            mean = (entry or {}).get("metrics", {}).get((entry or {}).get("headline"), {}).get("mean")
+            shown.append(f"{budget}: {'n/a' if mean is None else f'{mean:.4f}'}")
+        headline = next((m["tasks"][task]["headline"] for m in results.values() if task in m["tasks"]), "score")
+        click.echo(f"{task} {headline} by --sparse-budget: " + "; ".join(shown))
+    click.get_current_context().invoke(report, runs=(str(sweep.root),), out_dir=sweep.root / "report")
 
 
 def _run(config: RunConfig) -> None:

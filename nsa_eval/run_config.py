@@ -19,6 +19,7 @@ from typing import Any
 from nsa_eval.model_adapters.runtime.config import SparseSettings
 from nsa_eval.registry import LM_EVAL_PREFIX, task_factory
 from nsa_eval.task_options import typed_options
+from nsa_eval.util import parse_int_list
 
 # options that have flags of their own: --task-option TASK.KEY=... for them points at the flag
 FLAG_OPTIONS = {"data_path": "--data TASK=PATH", "seed": "--seed N", "allow_code_execution": "--allow-code-execution",
@@ -61,6 +62,19 @@ class RunConfig:
     overwrite: bool = False
     quiet: bool = False
     argv: tuple[str, ...] = ()
+
+    @classmethod
+    def points_from_cli(cls, *, sparse_budget: int | str | None, **options: Any) -> list[RunConfig]:
+        """`nsa-eval run`'s configs: one, or one per budget when --sparse-budget lists several (a budget sweep,
+        nsa_eval/sweep.py, which gives each its own output folder). Every point is checked here, before any model
+        loads (a budget too small for the leading and local tokens names itself)."""
+        budgets = parse_budgets(sparse_budget)
+        if budgets is None or len(budgets) == 1:
+            return [cls.from_cli(sparse_budget=budgets[0] if budgets else None, **options)]
+        if options.get("attention") != "sparse":
+            raise ValueError(f"--sparse-budget {sparse_budget} (a budget sweep) applies only with --attention sparse; "
+                             "add --attention sparse or give one budget")
+        return [cls.from_cli(sparse_budget=budget, **options) for budget in budgets]
 
     @classmethod
     def from_cli(cls, *, model_spec: str, attention: str, sparse_budget: int | None, sparse_leading: int | None,
@@ -161,6 +175,25 @@ class RunConfig:
         """results/runs/<model>-<tasks>-<time>."""
         slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{model_name}-{'-'.join(self.tasks)}").strip("-")
         return Path("results") / "runs" / f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def parse_budgets(value: int | str | None) -> list[int] | None:
+    """--sparse-budget's value: one budget, or several separated by commas (a sweep; k = 1024), e.g. '512,1k,2048' ->
+    [512, 1024, 2048]; None when the flag was not given. A budget that is not a positive whole number, or one given
+    twice, is one line naming it."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return [value]
+    budgets = parse_int_list(str(value), "--sparse-budget")
+    for budget in budgets:
+        if budget < 1:
+            raise ValueError(f"--sparse-budget {value}: {budget} is not a budget; give positive token counts, e.g. "
+                             "512,1024,2048")
+    repeated = next((b for b in budgets if budgets.count(b) > 1), None)
+    if repeated is not None:
+        raise ValueError(f"--sparse-budget {value} names {repeated} twice; give each budget once")
+    return budgets
 
 
 def parse_data_paths(pairs: tuple[str, ...], task_names: list[str]) -> dict[str, str]:

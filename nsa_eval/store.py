@@ -207,9 +207,10 @@ class RunStore:
             raise ValueError(f"--output {self.root} is not empty and holds no run.json; choose an empty or new folder "
                              "(--overwrite replaces only a run folder)")
 
-    def plan(self) -> Plan:
-        """Check the folder against this store's settings before any model loads: a file, a foreign folder, a corrupt
-        run.json or a run asked with other settings is a ValueError naming what differs."""
+    def check(self) -> dict[str, Any] | None:
+        """The checks `plan` makes before it takes the folder, without creating or locking anything (a budget sweep
+        checks every point before the first loads a model): a file, a foreign folder, a corrupt run.json or a run
+        asked with other settings is a ValueError naming what differs. Returns run.json's content (None: no run)."""
         self._check_folder()
         existing = self._existing()
         stored = (existing or {}).get("settings")
@@ -217,6 +218,13 @@ class RunStore:
             raise ValueError(f"--output {self.root} holds a run with other settings ("
                              + "; ".join(settings_diff(self.settings, stored))
                              + "); choose another --output, or pass --overwrite to start it over")
+        return existing
+
+    def plan(self) -> Plan:
+        """Check the folder against this store's settings before any model loads: a file, a foreign folder, a corrupt
+        run.json or a run asked with other settings is a ValueError naming what differs."""
+        existing = self.check()
+        stored = (existing or {}).get("settings")
         self.lock()  # held from here to the process's end; nothing was written if a check above failed
         if existing is None or self.overwrite:
             return Plan("new")

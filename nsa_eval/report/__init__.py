@@ -1,8 +1,9 @@
 """Reports from run directories: tables (Markdown, LaTeX, CSV), figures (PNG), one HTML file, and publishing.
 
-runs.py reads run directories; tables.py builds every table (and the paired comparisons) and renders
-Markdown, LaTeX and CSV; figures.py draws the PNGs; speed.py reads kernel bench files; html.py renders the
-HTML report; build.py puts a report folder together and publishes it (`build_report`, `publish`);
+runs.py reads run directories (a budget sweep's folder as its runs); tables.py builds every table (and the paired
+comparisons) and renders Markdown, LaTeX and CSV; effective.py computes effective lengths (NIAH, RULER); sweeps.py
+finds budget sweeps among the runs and builds their section; figures.py draws the PNGs; speed.py reads kernel bench
+files; html.py renders the HTML report; build.py puts a report folder together and publishes it (`build_report`, `publish`);
 commands.py is the CLI. Importing this package is cheap: matplotlib and pandas load with build.py.
 """
 

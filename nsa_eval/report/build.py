@@ -24,9 +24,12 @@ import pandas as pd
 from nsa_eval.report import FORMATS, RESULTS_DIR, figures, html, speed
 from nsa_eval.report.reference import PAPER_NAME
 from nsa_eval.report.runs import Run, load_runs
-from nsa_eval.report.tables import (Cell, Details, FigureFile, Section, Table, aime_table, breakdown_table, compare, cross_table, efficiency_table,
-                                    hardware_text, long_records, mismatch, model_table, reference_run, report_tasks,
-                                    ruler_table, slug, subset_table, task_table, to_frame, to_latex, to_markdown)
+from nsa_eval.report.effective import family_of
+from nsa_eval.report.sweeps import budget_sweeps, sweep_section
+from nsa_eval.report.tables import (Cell, Details, FigureFile, Section, Table, aime_table, breakdown_table, compare,
+                                    cross_table, effective_table, efficiency_table, hardware_text, long_records,
+                                    mismatch, model_table, reference_run, report_tasks, ruler_table, slug, subset_table,
+                                    task_table, to_frame, to_latex, to_markdown)
 
 SUBSET_KEYS = ("subset", "dataset")
 
@@ -97,12 +100,17 @@ def runs_table(runs: list[Run], baseline: int | None) -> Table:
     return table
 
 
-def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: bool, paper: bool = False) -> Section:
+def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: bool, paper: bool = False,
+                  seed: int = 0) -> Section:
     section = Section(f"Task: {task}")
     keys = list(dict.fromkeys(k for run in runs if task in run.results for k in run.results[task].breakdowns))
     results = [run.results[task] for run in runs if task in run.results]
     if task.startswith("ruler") and "task x length" in keys:
-        section.tables.append(ruler_table(runs, task, baseline))
+        section.tables.append(ruler_table(runs, task, baseline, seed))
+    if family_of(task) is not None and "length" in keys:
+        effective = effective_table(runs, task, baseline, seed)
+        if effective is not None:
+            section.tables.append(effective)
     if task.startswith("aime") or any("generation_budget" in result.config for result in results):
         section.tables.append(aime_table(runs, task, baseline, with_paper))
     for key in keys:
@@ -194,8 +202,9 @@ def build_report(
 
     comparisons = compare(runs, base, seed=seed) if base is not None else {}
     scores = Section("Scores", [model_table(runs, base, with_paper, paper), task_table(runs, base, comparisons, paper)])
-    sections = [scores, *(_task_section(runs, task, base, with_paper, paper) for task in report_tasks(runs)
-                          if any(task in run.results for run in runs))]
+    sections = [scores, *(sweep_section(runs, sweep) for sweep in budget_sweeps(runs)),
+                *(_task_section(runs, task, base, with_paper, paper, seed) for task in report_tasks(runs)
+                  if any(task in run.results for run in runs))]
     speed_section = _speed_section(runs, Path(bench_dir) if bench_dir is not None else None, with_paper)
     if speed_section:
         sections.append(speed_section)

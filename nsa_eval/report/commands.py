@@ -39,7 +39,8 @@ from nsa_eval.report.runs import resolve_run_dir
                    "different tasks become one column (one row per model), e.g. per-task runs.")
 def report(runs: tuple[str, ...], out_dir: Path | None, baseline: str | None, reference: str | None, formats: str,
            bench_dir: Path | None, seed: int, paper: bool, merge: bool) -> None:
-    """Tables, heatmaps and an HTML report from one or more run directories (or run ids under results/runs/)."""
+    """Tables, heatmaps and an HTML report from one or more run directories (or run ids under results/runs/); a budget
+    sweep's folder stands for its runs (one per --sparse-budget)."""
     from nsa_eval.report.build import build_report, parse_formats  # matplotlib and pandas: only when reporting
 
     out = out_dir or resolve_run_dir(runs[0]) / "report"

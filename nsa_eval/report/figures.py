@@ -5,7 +5,8 @@ no global pyplot state). PNG at 200 dpi for the web, SVG and PDF for papers and 
   Figure 5; LongBench: subset x length bucket) on a fixed 0..1 colour scale, the mean per column drawn over it;
 - `difference_map`: the same grid, one run minus another, on a fixed -1..1 scale;
 - `score_by_key`: the headline score against a breakdown key (context length), one line per run;
-- `speed_panels`: speedup against sequence length in side-by-side panels (the paper's Figure 6).
+- `speed_panels`: speedup against sequence length in side-by-side panels (the paper's Figure 6);
+- `budget_curve`: score against sparse budget (a budget sweep), a line per series, full attention dashed.
 """
 
 from __future__ import annotations
@@ -209,4 +210,39 @@ def speed_panels(title: str, panels: list[SpeedPanel], ylabel: str) -> dict[str,
         axes.set_title(panel.title, fontsize=10)
         axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1, frameon=False)
     figure.suptitle(title)
+    return _render(figure)
+
+
+def budget_curve(title: str, series: dict[str, dict[int, dict[str, float]]], reference: dict[str, dict[str, float]],
+                 ylabel: str) -> dict[str, bytes]:
+    """Score (mean, stderr bars) against sparse budget on a log2 axis, a line per series ({label: {budget: {"mean",
+    "stderr"}}}, e.g. all samples and each context length); a series' full-attention score (reference, same label) is a
+    dashed line of the same colour across the plot."""
+    figure = Figure(figsize=(7.0, 4.2))
+    axes = figure.add_subplot()
+    budgets = sorted({b for points in series.values() for b in points})
+    colours = [axes._get_lines.get_next_color() for _ in series]  # noqa: SLF001 - matplotlib's colour cycle
+    for number, (label, points) in enumerate(series.items()):
+        xs = sorted(points)
+        axes.errorbar(xs, [points[b]["mean"] for b in xs], yerr=[points[b].get("stderr") or 0.0 for b in xs],
+                      marker=MARKERS[number % len(MARKERS)], capsize=3, color=colours[number], label=label,
+                      linewidth=2.0 if number == 0 else 1.2)
+        if label in reference:
+            axes.axhline(reference[label]["mean"], color=colours[number], linestyle="--", linewidth=1.0,
+                         label=f"{label}, full attention")
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(budgets, [str(b) for b in budgets])
+    axes.minorticks_off()
+    axes.set_ylim(-0.05, 1.05)
+    axes.set_xlabel("sparse budget (tokens each query attends)")
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    handles, labels = axes.get_legend_handles_labels()
+    order = {label: number for number, label in enumerate(series)}  # each series' line, then its full attention's
+    ranked = sorted(zip(handles, labels), key=lambda pair: (order.get(pair[1].removesuffix(", full attention"), 0),
+                                                            pair[1].endswith(", full attention")))
+    axes.legend([h for h, _ in ranked], [label for _, label in ranked], fontsize=7, loc="center left",
+                bbox_to_anchor=(1.01, 0.5), frameon=False)
+    axes.set_title(f"{title} (bars: standard error)", fontsize=10)
+    figure.set_layout_engine("constrained")
     return _render(figure)

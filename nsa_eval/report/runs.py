@@ -15,6 +15,7 @@ from typing import Any
 
 from nsa_eval.report import RUNS_ROOT
 from nsa_eval.store import RunStore
+from nsa_eval.sweep import sweep_points
 
 
 @dataclass
@@ -148,6 +149,22 @@ def resolve_run_dir(spec: str | Path) -> Path:
     raise ValueError(f"run '{spec}' not found: give a run directory or a run id under {RUNS_ROOT}/")
 
 
+def expand_sweeps(specs: list[str | Path]) -> list[str | Path]:
+    """The run arguments with each budget sweep's folder (nsa_eval/sweep.py) replaced by its points' run folders, by
+    budget."""
+    out: list[str | Path] = []
+    for spec in specs:
+        path = Path(spec)
+        points = sweep_points(path) if path.is_dir() and not (path / "run.json").is_file() else None
+        if points is None:
+            out.append(spec)
+        elif not points:
+            raise ValueError(f"{path} is a budget sweep none of whose points has started; run it with `nsa-eval run`")
+        else:
+            out += points
+    return out
+
+
 def load_run(spec: str | Path) -> Run:
     """Read run.json and metrics.json of one run directory; ValueError naming the file when either is bad."""
     path = resolve_run_dir(spec)
@@ -183,7 +200,7 @@ def load_runs(specs: list[str | Path], merge: bool = True) -> list[Run]:
     and give each column a unique label: the model name, with the run key where names repeat."""
     if not specs:
         raise ValueError("no run given; pass one or more run directories (results/runs/<run-id>)")
-    runs = [load_run(spec) for spec in specs]
+    runs = [load_run(spec) for spec in expand_sweeps(specs)]
     folders = [run.path.resolve() for run in runs]
     repeated = next((run for run, folder in zip(runs, folders) if folders.count(folder) > 1), None)
     if repeated is not None:

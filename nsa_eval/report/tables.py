@@ -10,6 +10,7 @@ stderr, n; a delta's interval), which the CSV files hold as numeric columns.
 from __future__ import annotations
 
 import base64
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import Any
 import pandas as pd
 
 from nsa_eval.report import reference
+from nsa_eval.report.effective import (BELOW, CONFIDENCE, NOLIMA_RATIO, PASS, RULER_THRESHOLD, UNSURE, Effective,
+                                       effective_lengths, family_of, length_label)
 from nsa_eval.report.runs import Run, TaskResult, value_order
 from nsa_eval.stats import PairedDelta, paired_bootstrap
 from nsa_eval.tasks.ruler_data import SUBTASKS as RULER_TASKS
@@ -494,18 +497,12 @@ def aime_table(runs: list[Run], task: str, baseline: int | None, with_paper: boo
     return table
 
 
-RULER_THRESHOLD = 85.6  # RULER's qualitative threshold: Llama-2-7B's score at 4K (its README)
-
-
-def length_label(tokens: int) -> str:
-    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
-
-
-def ruler_table(runs: list[Run], task: str, baseline: int | None) -> Table:
+def ruler_table(runs: list[Run], task: str, baseline: int | None, seed: int = 0) -> Table:
     """RULER's README table: a row per model, a column per context length (the mean over RULER's tasks of each
     task's score at that length, in percent), then the average over lengths and the averages weighted by length
     rank, increasing and decreasing; the claimed length is the run's max length, the effective length the longest
-    up to which every length scores above RULER's threshold (85.6, Llama-2-7B at 4K)."""
+    up to which every length is at least RULER's threshold (85.6, Llama-2-7B at 4K) by its bootstrap interval
+    (report/effective.py, as the effective-length table)."""
     cross = "task x length"
     holders = [(i, run, run.results[task]) for i, run in enumerate(runs)
                if task in run.results and cross in run.results[task].breakdowns]
@@ -526,21 +523,23 @@ def ruler_table(runs: list[Run], task: str, baseline: int | None) -> Table:
                     notes=_flags(table, runs, index, task, baseline))]
         claimed = run.info.get("model", {}).get("max_length")
         row.append(Cell(length_label(claimed) if isinstance(claimed, int) else DASH, claimed))
-        row.append(Cell(_effective(means, lengths)))
+        covered = sorted(set().union(*names.values())) if names else []
+        partial = len(covered) < len(RULER_TASKS)
+        if partial:  # RULER's threshold is a 13-task average
+            row.append(Cell(DASH, notes=(table.note(
+                f"effective length: RULER's threshold ({RULER_THRESHOLD}) is a 13-task average; none for a partial "
+                "set"),)))
+        else:
+            row.append(_effective_cell(table, run, (effective_lengths(run, task, seed=seed) or [None])[0]))
         for length in lengths:
             if length in means:
                 row.append(Cell(f"{means[length]:.1f}", means[length], Drill(index, task, (("length", str(length)),))))
             else:
                 row.append(Cell(DASH, notes=(table.note(f"{run.label}: no samples of length {length}"),)))
-        covered = sorted(set().union(*names.values())) if names else []
-        partial = len(covered) < len(RULER_TASKS)
-        if partial:  # an average over fewer tasks is not RULER's 13-task average, nor its threshold's
+        if partial:  # an average over fewer tasks is not RULER's 13-task average
             row[0].notes += (table.note(
                 f"{run.label}: {len(covered)} of RULER's {len(RULER_TASKS)} tasks ({', '.join(covered)}); its "
                 "averages are over these tasks only, not RULER's 13-task averages"),)
-            row[2] = Cell(DASH, notes=(table.note(
-                f"effective length: RULER's threshold ({RULER_THRESHOLD}) is a 13-task average; none for a partial "
-                "set"),))
         counts = {len(n) for n in names.values()}
         if len(counts) > 1:
             row[0].notes += (table.note(f"{run.label}: the lengths hold different numbers of tasks "
@@ -556,20 +555,73 @@ def ruler_table(runs: list[Run], task: str, baseline: int | None) -> Table:
         table.rows.append(row)
     table.note(f"as RULER's README: scores in percent; a length's score is the mean of its tasks' scores; "
                f"wAvg. weighs the lengths by rank (1..{len(lengths)}), increasing (inc) or decreasing (dec) with "
-               f"length; effective length: the longest length up to which every score exceeds {RULER_THRESHOLD}; "
-               "claimed length: the run's max length (prompt + generation)")
+               f"length; claimed length: the run's max length (prompt + generation); effective length: the longest "
+               f"length up to which every length's score is at least {RULER_THRESHOLD}, a length counting when the "
+               f"whole {CONFIDENCE:.0%} bootstrap interval of its score (resampled within each task) is at or above "
+               f"{RULER_THRESHOLD} (the effective-length table below shows each length's margin)")
     return table
 
 
-def _effective(means: dict[int, float], lengths: list[int]) -> str:
-    passed = None
-    for length in lengths:
-        if means.get(length, float("-inf")) <= RULER_THRESHOLD:
-            break
-        passed = length
-    if passed is None:
-        return f"<{length_label(lengths[0])}" if lengths else DASH
-    return f">{length_label(passed)}" if passed == lengths[-1] else length_label(passed)
+def _effective_cell(table: Table, run: Run, effective: Effective | None) -> Cell:
+    """An effective length as a cell, its "<X" / "\u2265X" and any point-estimate difference as notes."""
+    if effective is None:
+        return Cell(DASH, notes=(table.note(f"{run.label}: no per-sample scores by length to bootstrap"),))
+    notes = []
+    if effective.reason:
+        notes.append(f"{run.label}: {effective.reason}")
+    else:
+        notes += [text for text in (effective.explanation(),) if text]
+        notes += [f"{run.label} ({effective.rule} threshold): {text}" for text in (effective.point_note(),) if text]
+    marks = tuple(table.note(text) for text in notes)
+    return Cell(effective.text(), effective.length, notes=marks)
+
+
+def effective_table(runs: list[Run], task: str, baseline: int | None, seed: int = 0) -> Table | None:
+    """Effective length per model under RULER's and NoLiMa's thresholds (report/effective.py): a row per model and
+    threshold, the effective length, then per evaluated length the score's margin over the threshold with its 95%
+    bootstrap interval and whether it passes. None when no run holds the task's samples by length."""
+    found = [(index, run, effective) for index, run in enumerate(runs) if task in run.results
+             and (effective := effective_lengths(run, task, seed=seed)) is not None]
+    if not found:
+        return None
+    family = family_of(task)
+    lengths = sorted({length for _, _, pair in found for e in pair for length in e.lengths})
+    table = Table(slug(f"{task}-effective-length"), f"{task}: effective length ({family.name}; scores in percent)",
+                  ["Model", "Threshold", "Effective length", *map(length_label, lengths)])
+    for index, run, pair in found:
+        for effective in pair:
+            label = run.label + (" (baseline)" if index == baseline else "")
+            if effective.rule == "RULER":
+                threshold = f"RULER {RULER_THRESHOLD}"
+            else:
+                threshold = (f"NoLiMa {NOLIMA_RATIO} x {effective.base.score:.1f} ({length_label(effective.base.length)})"
+                             f" = {effective.threshold:.1f}")
+            row = [Cell(label), Cell(threshold), _effective_cell(table, run, effective)]
+            row[-1].notes += tuple(table.note(note) for note in effective.notes)
+            checks = {check.length: check for check in effective.checks}
+            for length in lengths:
+                check = checks.get(length)
+                if check is None:
+                    row.append(Cell(DASH, notes=(table.note(f"{run.label}: no samples of length {length}"),)))
+                    continue
+                margin = check.margin
+                interval = "" if math.isnan(margin.low) else f" [{margin.low:+.1f}, {margin.high:+.1f}]"
+                row.append(Cell(f"{margin.margin:+.1f}{interval} {check.mark}", margin.margin,
+                                Drill(index, task, (("length", str(length)),)),
+                                numbers={"delta": margin.margin, "low": margin.low, "high": margin.high, "n": check.n}))
+            table.rows.append(row)
+    stratified = ("its tasks' means, each task resampled within itself" if family.stratum
+                  else "its samples' scores, resampled together")
+    table.note(f"effective length: the longest evaluated length L such that every evaluated length up to L passes; a "
+               f"length passes ({PASS}) when the whole {CONFIDENCE:.0%} percentile bootstrap interval of its score minus "
+               f"the threshold is at or above 0 (the score is at least the threshold beyond its sampling noise); "
+               f"{BELOW}: the whole interval is below 0; {UNSURE}: the interval holds 0, which does not pass. Cells: "
+               f"score minus threshold in percentage points [{CONFIDENCE:.0%} interval]; a length's score is the mean "
+               f"of {stratified}")
+    table.note(f"thresholds, on RULER's 0-100 scale: RULER's {RULER_THRESHOLD} (Llama-2-7B's RULER score at 4K); "
+               f"NoLiMa's {NOLIMA_RATIO} x the model's own score at its shortest evaluated length, whose interval "
+               "resamples that length's samples too (other prompts than the longer lengths': not paired)")
+    return table
 
 
 def cross_table(runs: list[Run], index: int, task: str, cross_key: str) -> Table:
@@ -725,7 +777,8 @@ def to_markdown(table: Table) -> str:
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "\u00b1": r"$\pm$", "\u0394": r"$\Delta$", "\u2212": "-", DASH: "---"}
+                  "\u00b1": r"$\pm$", "\u0394": r"$\Delta$", "\u2212": "-", DASH: "---", "\u2265": r"$\geq$",
+                  PASS: r"$\surd$", BELOW: r"$\times$"}
 LATEX_PATTERN = re.compile("|".join(re.escape(k) for k in _LATEX_SPECIAL))
 
 

@@ -70,6 +70,38 @@ class Loglikelihood:
     truncated: bool = False
 
 
+@dataclass
+class RollingLoglikelihoodRequest:
+    """log P(token | the tokens before it) for every token of a whole text, as lm-eval's loglikelihood_rolling: the
+    text is encoded without special tokens, its first token is predicted from a prefix token (the tokenizer's BOS,
+    else its EOS), and a text longer than the backend's max_length is scored in windows of max_length tokens
+    (`prompts.rolling_windows`, lm-eval's get_rolling_token_windows + make_disjoint_window).
+
+    stride: None for lm-eval's disjoint windows (each window after the first predicts the next max_length tokens,
+    with its own tokens as the only context); S < max_length for sliding windows (each window after the first
+    predicts S new tokens after max_length - S tokens of context, lm-eval's context_len = max_length - S + 1).
+    """
+
+    text: str
+    stride: int | None = None
+
+
+@dataclass
+class RollingLoglikelihood:
+    """The answer to a RollingLoglikelihoodRequest: per token of the text, in order, its log-probability in nats and
+    its position in the window that predicted it (0: predicted from the prefix token alone; p: from the p + 1
+    tokens before it in its window). windows: forward passes it took."""
+
+    logprobs: list[float]
+    positions: list[int]
+    windows: int
+
+    @property
+    def logprob(self) -> float:
+        """The text's summed log-probability (what lm-eval's loglikelihood_rolling returns)."""
+        return float(sum(self.logprobs))
+
+
 @runtime_checkable
 class LanguageModel(Protocol):
     name: str  # what reports print
@@ -81,6 +113,17 @@ class LanguageModel(Protocol):
 
     def count_tokens(self, text: Prompt) -> int: ...  # chat messages: counted with the chat template applied
 
+    # Optional, where the backend holds the model's logits (hf:, smollm2, nsa:; the native engine and transformers):
+    # def loglikelihood_rolling(self, requests: list[RollingLoglikelihoodRequest]) -> list[RollingLoglikelihood]
+    # (perplexity of whole documents; the runner refuses a perplexity task on a backend without it, in one line).
+
 
 class ModelLoadError(ValueError):
     """A model spec that cannot be loaded; the message is one line naming the problem and the fix."""
+
+
+def check_rolling(model: LanguageModel) -> None:
+    """A ValueError line when a backend cannot score whole documents (perplexity): it has no loglikelihood_rolling."""
+    if not hasattr(model, "loglikelihood_rolling"):
+        raise ValueError(f"{model.name} ({type(model).__name__}) does not score whole documents (perplexity, "
+                         "loglikelihood_rolling); run perplexity tasks on smollm2, hf: or nsa: checkpoints")

@@ -21,6 +21,8 @@ from nsa_eval.model_adapters.base import (
     Loglikelihood,
     LoglikelihoodRequest,
     ModelLoadError,
+    RollingLoglikelihood,
+    RollingLoglikelihoodRequest,
 )
 from nsa_eval.model_adapters.prompts import (
     PromptTokens,
@@ -28,6 +30,8 @@ from nsa_eval.model_adapters.prompts import (
     eos_ids,
     first_line,
     loglikelihood_tokens,
+    rolling_tokens,
+    rolling_windows,
     truncate_middle,
 )
 from nsa_eval.model_adapters.runtime.model import DEFAULT_PREFILL_CHUNK  # one default for both engines
@@ -91,6 +95,32 @@ class ForwardScoring:
         return results
 
     @torch.no_grad()
+    def loglikelihood_rolling(self, requests: list[RollingLoglikelihoodRequest]) -> list[RollingLoglikelihood]:
+        """Every token of each text scored as lm-eval's loglikelihood_rolling (`RollingLoglikelihoodRequest`): one
+        forward pass per window of at most max_length tokens (`prompts.rolling_windows`)."""
+        results = []
+        for request in requests:
+            tokens, prefix = rolling_tokens(self.tokenizer, request.text)
+            windows = rolling_windows(tokens, prefix, self.max_length, request.stride)
+            logprobs: list[float] = []
+            positions: list[int] = []
+            for inputs, targets in windows:
+                logprobs += self._target_logprobs(inputs, targets)
+                positions += range(len(inputs) - len(targets), len(inputs))
+            results.append(RollingLoglikelihood(logprobs, positions, len(windows)))
+        return results
+
+    def _target_logprobs(self, inputs: list[int], targets: list[int]) -> list[float]:
+        """log P(targets[j] | inputs up to position len(inputs) - len(targets) + j) in nats, float32, from one forward
+        pass over inputs (the logits of the last len(targets) positions only, where the model can keep fewer)."""
+        keep = {"logits_to_keep": len(targets)} if self._keeps_logits() else {}
+        logits = self.model(input_ids=torch.tensor([inputs], device=self.device), **keep).logits[0, -len(targets):]
+        return target_logprobs(logits, torch.tensor(targets, device=logits.device))
+
+    def _keeps_logits(self) -> bool:
+        return "logits_to_keep" in inspect.signature(self.model.forward).parameters
+
+    @torch.no_grad()
     def token_logprobs(self, ids: list[int], top: int = 1) -> list[tuple[float, list[tuple[int, float]]]]:
         """For each token after the first: (log P(ids[i] | ids[:i]) in nats, the `top` most likely tokens at that
         position as (id, logprob)), from one forward pass. What a server needs for OpenAI's echo + logprobs."""
@@ -104,6 +134,16 @@ class ForwardScoring:
             (lp, list(zip(row_ids, row_lp))[:top])
             for lp, row_ids, row_lp in zip(chosen, best_ids.tolist(), best_lp.tolist())
         ]
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, rows: int = 1024) -> list[float]:
+    """logits [n, V] (any dtype), targets [n] -> log_softmax(logits)[i, targets[i]] in float32, computed `rows` rows
+    at a time so that a long window's float32 log-probabilities never exist whole."""
+    out = []
+    for start in range(0, logits.shape[0], rows):
+        part = torch.log_softmax(logits[start : start + rows].float(), dim=-1)
+        out.append(part.gather(1, targets[start : start + rows, None])[:, 0])
+    return torch.cat(out).tolist() if out else []
 
 
 class HFModel(PromptTokens, ForwardScoring):

@@ -105,7 +105,8 @@ def print_metrics(metrics: dict[str, Any]) -> None:
               help="Send chat messages through the model's chat template (default: when the tokenizer has one).")
 @click.option("--data", "data_pairs", multiple=True, metavar="TASK=PATH",
               help="Read a task's data from a local file (jsonl, json, parquet, csv) or folder instead of its hub id "
-                   "(lm-eval:TASK too). Repeatable, once per task. Hub data is read from the local datasets cache "
+                   "(lm-eval:TASK too; perplexity: your documents, a .txt file, a folder of .txt files or a .jsonl "
+                   "file with a \"text\" field). Repeatable, once per task. Hub data is read from the local datasets cache "
                    "first; HF_DATASETS_OFFLINE=1 keeps it there.")
 @click.option("--allow-code-execution", is_flag=True,
               help="Allow tasks that run model-written code (humaneval); it runs in a sandbox.")
@@ -120,7 +121,8 @@ def print_metrics(metrics: dict[str, Any]) -> None:
 @click.option("--task-option", "task_options", multiple=True, metavar="TASK.KEY=VALUE",
               help="A task's own option, e.g. niah.lengths=1k,2k, niah.depths=0,50,100, mmlu.variant=generative, "
                    "gsm8k.variant=standard, longbench.subsets=table2, aime.n_samples=4, ruler.lengths=4k,8k, "
-                   "ruler.essays=DIR (lists with commas; token counts may end in k = 1024). Repeatable; values are "
+                   "ruler.essays=DIR, perplexity.bin_width=1k, perplexity.window=sliding (lists with commas; token "
+                   "counts may end in k = 1024). Repeatable; values are "
                    "read as the option's type, and an unknown key lists the task's options.")
 @click.option("--include-path", type=click.Path(path_type=Path),
               help="A folder of lm-evaluation-harness task YAML files, for --tasks lm-eval:TASK.")

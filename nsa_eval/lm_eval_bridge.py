@@ -14,8 +14,10 @@ takes lm-eval's own requests (its prompts, few-shot examples with lm-eval's defa
 sequences) as our Samples, and scores each sample with the task's own filters and process_results and the
 task's own aggregation, so the numbers are lm-eval's. Chat: when the run sends chat messages (the model has a chat
 template and --no-chat-template is not given) the task's messages go to the backend as messages, as lm-eval's
-`--apply_chat_template --fewshot_as_multiturn` does. Not supported, each with a clear line: groups (name their
-tasks), perplexity tasks (loglikelihood_rolling), tasks whose choices change the context (multiple inputs,
+`--apply_chat_template --fewshot_as_multiturn` does. Perplexity tasks (loglikelihood_rolling, e.g. wikitext) are
+scored by the backend's `loglikelihood_rolling` (lm-eval's disjoint windows of the backend's max length), both ways,
+and lm-eval's own process_results and aggregation give its word and byte perplexities. Not supported, each with a
+clear line: groups (name their tasks), tasks whose choices change the context (multiple inputs,
 acc_mutual_info), assistant prefill (gen_prefix) with chat, multimodal tasks, and lm-eval's code-executing tasks
 (they run model code without a sandbox: use our `humaneval`).
 """
@@ -39,7 +41,8 @@ try:
 except ImportError:
     raise ValueError("lm-eval tasks and `nsa-eval lm-eval` need lm-evaluation-harness: pip install 'nsa-eval[lm-eval]'") from None
 
-from nsa_eval.model_adapters.base import GenerationRequest, LanguageModel, LoglikelihoodRequest, Prompt
+from nsa_eval.model_adapters.base import (GenerationRequest, LanguageModel, LoglikelihoodRequest, Prompt,
+                                          RollingLoglikelihoodRequest, check_rolling)
 from nsa_eval.util import did_you_mean
 from nsa_eval.tasks.base import Sample, TaskContext
 
@@ -102,8 +105,9 @@ class NSAEvalLM(LM):
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         if any(r.args[0] == "" for r in requests):
-            raise ValueError("an lm-eval request with an empty context (acc_mutual_info, perplexity) cannot be scored "
-                             "by nsa-eval backends; they score a continuation given a context")
+            raise ValueError("an lm-eval loglikelihood request with an empty context (acc_mutual_info) cannot be "
+                             "scored by nsa-eval backends; they score a continuation given a context (whole documents: "
+                             "loglikelihood_rolling)")
         answers = self.model.loglikelihood([LoglikelihoodRequest(prompt_of(r.args[0]), r.args[1]) for r in requests])
         results = [(a.logprob, a.is_greedy) for a in answers]
         for request, result in zip(requests, results):
@@ -111,7 +115,14 @@ class NSAEvalLM(LM):
         return results
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
-        raise ValueError("perplexity tasks (loglikelihood_rolling) are not supported by nsa-eval backends")
+        """lm-eval's perplexity requests (args: the document) -> each document's summed log-probability, from the
+        backend's loglikelihood_rolling (lm-eval's disjoint windows of the backend's max length)."""
+        check_rolling(self.model)
+        answers = self.model.loglikelihood_rolling([RollingLoglikelihoodRequest(r.args[0]) for r in requests])
+        results = [answer.logprob for answer in answers]
+        for request, result in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, result)
+        return results
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         """lm-eval repeats an instance `repeats` times in a row; those become one request with n samples."""
@@ -219,8 +230,6 @@ def _checked(name: str, loaded: dict[str, Any]) -> Any:
         shown = ",".join(f"lm-eval:{m}" for m in members[:3]) + (",..." if len(members) > 3 else "")
         raise ValueError(f"lm-eval:{name} is a group of {len(members)} tasks; name them one by one: --tasks {shown}")
     task = next(iter(loaded["tasks"].values()))
-    if task.OUTPUT_TYPE == "loglikelihood_rolling":
-        raise ValueError(f"lm-eval:{name} is a perplexity task (loglikelihood_rolling), which nsa-eval backends do not score")
     if getattr(task, "UNSAFE_CODE", False) or task.config.unsafe_code:
         raise ValueError(f"lm-eval:{name} runs model-written code without a sandbox; use nsa-eval's sandboxed humaneval task")
     if getattr(task, "MULTIMODAL", False):
@@ -341,6 +350,8 @@ class LmEvalTask:
             if first.request_type == "generate_until":
                 samples.append(Sample(id=sample_id, prompt=prompt_of(first.args[0]), target=target,
                                       n=first.repeats or 1, **generation_settings(first.args[1])))
+            elif first.request_type == "loglikelihood_rolling":  # a document to score whole (perplexity)
+                samples.append(Sample(id=sample_id, prompt=first.args[0], target=target, rolling=True))
             else:
                 contexts = {i.args[0] for i in instances}
                 if len(contexts) != 1:
@@ -356,7 +367,9 @@ class LmEvalTask:
         doc, instances = self._instances[sample.id]
         for instance in instances:
             instance.resps, instance.filtered_resps = [], {}
-        if sample.continuations is None:
+        if sample.rolling:  # lm-eval's loglikelihood_rolling answer: the document's summed log-probability
+            instances[0].resps = [sum(float(logprob) for logprob, _ in output)]
+        elif sample.continuations is None:
             instances[0].resps = list(output)
         else:
             for instance, pair in zip(instances, output):

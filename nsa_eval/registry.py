@@ -12,6 +12,7 @@ from nsa_eval.tasks.humaneval import HumanEval
 from nsa_eval.tasks.longbench import LongBench
 from nsa_eval.tasks.mmlu import MMLU
 from nsa_eval.tasks.niah import NeedleInAHaystack
+from nsa_eval.tasks.perplexity import Perplexity
 from nsa_eval.tasks.ruler import Ruler
 from nsa_eval.util import did_you_mean
 
@@ -24,6 +25,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "aime": AIME,
     "humaneval": HumanEval,
     "ruler": Ruler,
+    "perplexity": Perplexity,
 }
 
 LM_EVAL_PREFIX = "lm-eval:"  # `lm-eval:TASK`: an lm-evaluation-harness task (nsa_eval/lm_eval_bridge.py)

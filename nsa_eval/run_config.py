@@ -217,7 +217,8 @@ def parse_data_paths(pairs: tuple[str, ...], task_names: list[str]) -> dict[str,
         if task in paths:
             raise ValueError(f"--data names {task} twice ({paths[task]} and {path}); give one path per task")
         if not Path(path).expanduser().exists():
-            raise ValueError(f"--data {pair}: {path} does not exist; give a jsonl/json/parquet/csv file or a folder of them")
+            wanted = getattr(task_factory(task), "data_help", "a jsonl/json/parquet/csv file or a folder of them")
+            raise ValueError(f"--data {pair}: {path} does not exist; give {wanted}")
         paths[task] = path
     return paths
 

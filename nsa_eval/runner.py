@@ -10,7 +10,8 @@ import time
 from typing import Any, Iterable, Iterator
 
 from nsa_eval import store as run_store
-from nsa_eval.model_adapters.base import Generation, GenerationRequest, LanguageModel, LoglikelihoodRequest
+from nsa_eval.model_adapters.base import (Generation, GenerationRequest, LanguageModel, LoglikelihoodRequest,
+                                          RollingLoglikelihoodRequest, check_rolling)
 from nsa_eval.progress import heartbeat, progress as make_progress
 from nsa_eval.run_config import RunConfig
 from nsa_eval.util import request_seed
@@ -70,7 +71,7 @@ def answer_stream(model: Any, samples: list[Sample], run_seed: int,
 def answer(model: LanguageModel, samples: list[Sample], run_seed: int) -> list[tuple[list[Any], dict[str, Any]]]:
     """Ask the model for each sample: (output for task.score, the record fields the answer adds)."""
     results: list[tuple[list[Any], dict[str, Any]] | None] = [None] * len(samples)
-    generative = [i for i, s in enumerate(samples) if s.continuations is None]
+    generative = [i for i, s in enumerate(samples) if s.generative]
     if generative:
         requests = [generation_request(samples[i], run_seed) for i in generative]
         for i, generation in zip(generative, model.generate(requests)):
@@ -83,6 +84,13 @@ def answer(model: LanguageModel, samples: list[Sample], run_seed: int) -> list[t
             lls = [next(answers) for _ in samples[i].continuations]
             pairs = [(ll.logprob, ll.is_greedy) for ll in lls]
             results[i] = (pairs, {"loglikelihoods": [list(p) for p in pairs], "truncated": any(ll.truncated for ll in lls)})
+    rolling = [i for i, s in enumerate(samples) if s.rolling]
+    if rolling:
+        check_rolling(model)
+        requests = [RollingLoglikelihoodRequest(samples[i].prompt, samples[i].stride) for i in rolling]
+        for i, scored in zip(rolling, model.loglikelihood_rolling(requests)):
+            results[i] = (list(zip(scored.logprobs, scored.positions)),
+                          {"tokens": len(scored.logprobs), "loglikelihood": scored.logprob, "windows": scored.windows})
     return results  # type: ignore[return-value]
 
 
@@ -119,9 +127,11 @@ def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore,
         if not items:
             raise ValueError(f"task {name} has no samples to run (its data, subjects or subsets select none); "
                              "check its --data and --task-option settings")
+        if any(s.rolling for s in items):
+            check_rolling(model)  # before anything is written
         if max_new_tokens is not None:
             samples[name] = [dataclasses.replace(s, max_new_tokens=min(s.max_new_tokens, max_new_tokens))
-                             if s.continuations is None else s for s in items]
+                             if s.generative else s for s in items]
     task_info = {
         name: {
             "version": task.version,
@@ -157,9 +167,9 @@ def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore,
         # nsa: checkpoint run with the default --attention full
         "model_attention": getattr(getattr(getattr(model, "model", None), "config", None), "attention", None),
         # outside the hash (derived from it): each generative task's largest budget after the --max-new-tokens cap
-        "budgets_used": {name: max(s.max_new_tokens for s in items if s.continuations is None)
+        "budgets_used": {name: max(s.max_new_tokens for s in items if s.generative)
                          for name, items in samples.items()
-                         if any(s.continuations is None for s in items)},
+                         if any(s.generative for s in items)},
         "versions": run_store.versions(),
         "git_sha": run_store.git_sha(),
         "hardware": run_store.hardware(),
@@ -176,7 +186,7 @@ def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore,
             note = f" (--limit {limit} per {unit})" if unit and limit is not None else ""
             bar = progress.add_task(name, total=len(mine), completed=len(mine) - len(pending), note=note)
             progress.start(bar)
-            streamed = [s for s in pending if s.continuations is None] if hasattr(model, "generate_iter") else []
+            streamed = [s for s in pending if s.generative] if hasattr(model, "generate_iter") else []
             rest = [s for s in pending if s not in streamed] if streamed else pending
             count = TokenCount(lambda generated, rows, bar=bar: progress.tokens(bar, generated, rows))
             answers = answer_stream(model, streamed, seed, count) if streamed else iter(())

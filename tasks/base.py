@@ -3,9 +3,12 @@
 No torch here. A task describes what to ask in plain data (`Sample`); the runner turns that into the
 model interface's requests and gives the task back plain Python values to score:
 
-- a generative sample (`sample.continuations is None`) is answered with `list[str]`, its `n` texts;
+- a generative sample (`sample.generative`: no continuations, not rolling) is answered with `list[str]`, its `n` texts;
 - a log-likelihood sample is answered with `list[tuple[float, bool]]`, one (summed logprob in nats,
-  is_greedy) per continuation, in order.
+  is_greedy) per continuation, in order;
+- a rolling sample (`sample.rolling`: the prompt is a whole document, scored token by token as lm-eval's
+  loglikelihood_rolling) is answered with `list[tuple[float, int]]`, one (logprob in nats, position in the window
+  that predicted it) per token of the document, in order.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class Sample:
     breakdown: the keys results break down by, e.g. {"length": 2048, "depth": 50}.
     target: the reference answer(s), JSON-serialisable, stored with the sample.
     continuations: for log-likelihood tasks, the candidate continuations (e.g. " A", " B", ...).
+    rolling: the prompt (text) is a document whose every token is scored (perplexity); stride: its windows after the
+    first predict this many new tokens each (None: disjoint windows of the model's max length, lm-eval's rolling).
     max_new_tokens / stop / temperature / top_p / n: generation settings for generative samples.
     """
 
@@ -43,6 +48,13 @@ class Sample:
     temperature: float = 0.0
     top_p: float = 1.0
     n: int = 1
+    rolling: bool = False
+    stride: int | None = None
+
+    @property
+    def generative(self) -> bool:
+        """Answered with generated texts (neither continuations to score nor a document to score)."""
+        return self.continuations is None and not self.rolling
 
     @property
     def prompt_hash(self) -> str:

@@ -138,6 +138,12 @@ class Engine(PromptTokens, ForwardScoring):
     def prefill_chunk(self) -> int | None:
         return self.model.prefill_chunk
 
+    def _target_logprobs(self, inputs: list[int], targets: list[int]) -> list[float]:
+        """One rolling window's target log-probabilities (ForwardScoring.loglikelihood_rolling) through the model's
+        own prefill, for full, NSA and sparse attention alike, with the LM head in slices (`window_logprobs`)."""
+        ids = torch.tensor(inputs, dtype=torch.long, device=self.device)
+        return self.model.window_logprobs(ids, torch.tensor(targets, dtype=torch.long, device=self.device)).tolist()
+
     # ---- generation ---------------------------------------------------------------------------------------
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:

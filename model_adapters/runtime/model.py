@@ -9,7 +9,8 @@ Two entry points serve the engine (runtime/engine.py):
   compute but neither advance nor matter. On CUDA the step is replayed from a CUDA graph per (rows, compress) after
   its first call (compress: some row completes a compressed block, so NSA's phi runs; the other graph skips it).
 `forward` answers the calls of a transformers causal LM (a prompt batch, optionally padded, then decode steps over
-the cache it returned) for tests, benchmarks and log-likelihoods. The pointwise parts (RMSNorm fused with the
+the cache it returned) for tests, benchmarks and log-likelihoods; `window_logprobs` scores a whole window's tokens
+(perplexity) with the LM head in slices. The pointwise parts (RMSNorm fused with the
 residual add, RoPE, SwiGLU's silu * up) run on nsa_eval.kernels.layers; attention's input projections are one GEMM.
 """
 
@@ -202,6 +203,22 @@ class Transformer(nn.Module):
         for r in active:
             cache.host_lengths[r] += 1
         return out
+
+    @torch.no_grad()
+    def window_logprobs(self, ids: torch.Tensor, targets: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+        """A window ids [T] (long, on the model's device) through the prefill (slices of prefill_chunk over a cache of
+        its own, as `forward`) -> log P(targets[j]) [n] float32 at its last n = len(targets) positions. The final
+        norm, the LM head and the log-softmax run `rows` positions at a time: a long window's [n, V] logits never
+        exist whole (the perplexity of a 32k window)."""
+        T, n = ids.shape[0], targets.shape[0]
+        hidden = self._prefill(ids[None], None, slice(None))[0, T - n:]
+        out = []
+        for start in range(0, n, rows):
+            normed, _ = self._ops().add_rms_norm(hidden[None, start:start + rows], self.norm.weight,
+                                                 self.config.rms_norm_eps)
+            logprobs = torch.log_softmax(self.lm_head(normed)[0].float(), dim=-1)
+            out.append(logprobs.gather(1, targets[start:start + rows, None])[:, 0])
+        return torch.cat(out)
 
     # ---- the transformers-like entry point -----------------------------------------------------------------
 

@@ -26,10 +26,10 @@ from nsa_eval.report.reference import PAPER_NAME
 from nsa_eval.report.runs import Run, load_runs
 from nsa_eval.report.effective import family_of
 from nsa_eval.report.sweeps import budget_sweeps, sweep_section
-from nsa_eval.report.tables import (Cell, Details, FigureFile, Section, Table, aime_table, breakdown_table, compare,
-                                    cross_table, effective_table, efficiency_table, hardware_text, long_records,
-                                    mismatch, model_table, reference_run, report_tasks, ruler_table, slug, subset_table,
-                                    task_table, to_frame, to_latex, to_markdown)
+from nsa_eval.report.tables import (POSITION_KEYS, Cell, Details, FigureFile, Section, Table, aime_table, breakdown_table,
+                                    compare, cross_table, effective_table, efficiency_table, hardware_text, long_records,
+                                    mismatch, model_table, position_table, reference_run, report_tasks, ruler_table,
+                                    slug, subset_table, task_table, to_frame, to_latex, to_markdown)
 
 SUBSET_KEYS = ("subset", "dataset")
 
@@ -118,6 +118,8 @@ def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: 
             continue
         if key in SUBSET_KEYS:
             section.tables.append(subset_table(runs, task, key, baseline, with_paper, paper))
+        elif key in POSITION_KEYS:
+            section.tables.append(position_table(runs, task, key, baseline, paper))
         else:
             section.tables.append(breakdown_table(runs, task, key, baseline, paper))
     for cross_key in (k for k in keys if " x " in k):
@@ -139,7 +141,7 @@ def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: 
                     figures.difference_map(run, base, task, cross_key)))
         section.details.append(Details(f"{task} by {cross_key}, per run (click a cell for its samples)",
                                        [cross_table(runs, index, task, cross_key) for index in holders]))
-    length_keys = [k for k in keys if " x " not in k and "length" in k]
+    length_keys = [k for k in keys if " x " not in k and ("length" in k or k in POSITION_KEYS)]
     if length_keys:
         reference_index = reference_run(runs, task, baseline)
         apart = {run.key: f" (not comparable: {reason})" for run in runs if task in run.results

@@ -29,7 +29,8 @@ def _axis_label(key: str, values: list[str]) -> str:
     """NIAH's numeric lengths are tokens; LongBench's length buckets ("0-4k") count words, so say only "bucket"."""
     if key == "length":
         return "context length (tokens)" if all(is_number(v) for v in values) else "length bucket"
-    return {"depth": "needle depth (% of the context)"}.get(key, key)
+    return {"depth": "needle depth (% of the context)",
+            "position": "position in the window (tokens; a bin's first position)"}.get(key, key)
 SCORE_COLOURS = "RdYlGn"
 DIFFERENCE_COLOURS = "RdBu"
 
@@ -143,11 +144,11 @@ def score_by_key(runs: list[Run], task: str, key: str, apart: dict[str, str] | N
     apart: run key -> why that run is not comparable with the others, printed in its legend entry."""
     values = _order({v for run in runs if task in run.results for v in run.results[task].breakdowns.get(key, {})})
     numeric = all(is_number(v) for v in values)
-    log_x = numeric and values and float(values[-1]) / max(float(values[0]), 1e-9) >= 4
+    log_x = numeric and values and float(values[0]) > 0 and float(values[-1]) / float(values[0]) >= 4
     drawn = [run for run in runs if task in run.results and key in run.results[task].breakdowns]
     figure = Figure(figsize=(7.0, 4.0))
     axes = figure.add_subplot()
-    headline = ""
+    headline, fractions = "", True
     span = (float(values[-1]) - float(values[0])) if numeric and len(values) > 1 else 1.0
     for number, run in enumerate(drawn):
         result = run.results[task]
@@ -161,6 +162,7 @@ def score_by_key(runs: list[Run], task: str, key: str, apart: dict[str, str] | N
             xs = [values.index(v) + shift * 2 for v in present]
         means = [cells[v][result.headline]["mean"] for v in present]
         errors = [cells[v][result.headline].get("stderr", 0.0) for v in present]
+        fractions = fractions and all(0 <= m <= 1 for m in means)
         axes.errorbar(xs, means, yerr=errors, marker=MARKERS[number % len(MARKERS)], capsize=3, alpha=0.85,
                       linestyle=LINESTYLES[number % len(LINESTYLES)], markerfacecolor="none" if number % 2 else None,
                       label=run.label + (apart or {}).get(run.key, ""))
@@ -171,7 +173,8 @@ def score_by_key(runs: list[Run], task: str, key: str, apart: dict[str, str] | N
         axes.minorticks_off()
     else:
         axes.set_xticks(range(len(values)), values)
-    axes.set_ylim(-0.05, 1.05)
+    if fractions:  # scores (accuracy) on one fixed scale; other quantities (perplexity) on their own
+        axes.set_ylim(-0.05, 1.05)
     axes.set_xlabel(_axis_label(key, values))
     axes.set_ylabel(headline)
     axes.grid(alpha=0.3)

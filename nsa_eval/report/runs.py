@@ -35,10 +35,16 @@ class TaskResult:
     efficiency: dict[str, float]
     config: dict[str, Any]
     prompts_digest: str | None
+    higher_is_better: dict[str, bool] = field(default_factory=dict)  # metrics.json's, where a task says (perplexity)
 
     @property
     def score(self) -> float:
         return self.metrics[self.headline]["mean"]
+
+    @property
+    def lower_is_better(self) -> bool:
+        """Whether the headline falls as the model gets better (a perplexity): no average with accuracies."""
+        return self.higher_is_better.get(self.headline) is False
 
 
 @dataclass
@@ -261,6 +267,7 @@ def _task_result(metrics_file: Path, name: str, entry: Any, planned: dict[str, A
         efficiency=entry.get("efficiency") or {},
         config=planned.get("config") or {},
         prompts_digest=planned.get("prompts_digest"),
+        higher_is_better={k: v for k, v in (entry.get("higher_is_better") or {}).items() if isinstance(v, bool)},
     )
 
 

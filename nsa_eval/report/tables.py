@@ -23,6 +23,7 @@ from nsa_eval.report.effective import (BELOW, CONFIDENCE, NOLIMA_RATIO, PASS, RU
                                        effective_lengths, family_of, length_label)
 from nsa_eval.report.runs import Run, TaskResult, value_order
 from nsa_eval.stats import PairedDelta, paired_bootstrap
+from nsa_eval.tasks.perplexity import bin_label
 from nsa_eval.tasks.ruler_data import SUBTASKS as RULER_TASKS
 
 DASH = "\u2014"
@@ -272,9 +273,13 @@ def model_table(runs: list[Run], baseline: int | None, with_paper: bool, paper: 
     split = {task for task, _ in columns if sum(t == task for t, _ in columns) > 1}
     heads = {key: (short_name(key[0]) + (f" ({key[1]})" if key[0] in split else "") if paper
                    else (f"{key[0]} ({key[1]})" if key in results else key[0])) for key in columns}
-    with_avg = len(tasks) > 1
+    lower = sorted({task for (task, _), result in results.items() if result.lower_is_better})
+    averaged = [task for task in tasks if task not in lower]
+    with_avg = len(averaged) > 1
     table = Table("by-model", "Scores by model (headline metric of each task)",
                   ["Model", *heads.values(), *(["Avg"] if with_avg else [])], paper=paper)
+    if with_avg and lower:
+        table.note(f"Avg leaves out {', '.join(lower)}: lower is better there (a perplexity), not a score to average")
     if paper and any(s for _, s in columns):
         table.note("settings: " + "; ".join(f"{heads[key]} {key[1]}" for key in columns if key[1] and key[0] not in split))
     if split:
@@ -293,14 +298,15 @@ def model_table(runs: list[Run], baseline: int | None, with_paper: bool, paper: 
                 continue
             flags = _flags(table, runs, index, task, baseline)
             notes.update(flags)
-            scores.append(result.score)
+            if task not in lower:
+                scores.append(result.score)
             row.append(Cell(f"{fmt(result.score)}{table.n_text(result.n)}", result.score, Drill(index, task), flags,
                             {"mean": result.score, "stderr": result.metrics[result.headline]["stderr"], "n": result.n}))
         if with_avg:
-            row.append(_average(table, scores, len(tasks), tuple(sorted(notes))))
+            row.append(_average(table, scores, len(averaged), tuple(sorted(notes))))
         table.rows.append(row)
     if with_paper:
-        _paper_rows(table, tasks, columns, results, with_avg)
+        _paper_rows(table, tasks, columns, results, with_avg, len(averaged))
     table.note_ns()
     return table
 
@@ -313,7 +319,7 @@ def _average(table: Table, scores: list[float], expected: int, notes: tuple[int,
 
 
 def _paper_rows(table: Table, tasks: list[str], columns: list[tuple[str, str]],
-                results: dict[tuple[str, str], TaskResult], with_avg: bool) -> None:
+                results: dict[tuple[str, str], TaskResult], with_avg: bool, averaged: int) -> None:
     """The paper's Table 1 rows, a number only in a column whose recorded shot count is the paper's."""
     rows = reference.general_rows(tasks)
     settings = reference.general_settings(tasks)
@@ -342,7 +348,7 @@ def _paper_rows(table: Table, tasks: list[str], columns: list[tuple[str, str]],
                 row.append(Cell(fmt(values[task]), values[task]))
                 shown[task] = values[task]
         if with_avg:
-            row.append(_average(table, list(shown.values()), len(tasks), ()))
+            row.append(_average(table, list(shown.values()), averaged, ()))
         table.rows.append(row)
 
 
@@ -450,6 +456,62 @@ def subset_table(runs: list[Run], task: str, key: str, baseline: int | None, wit
             table.rows.append(row)
     table.note_ns()
     return table
+
+
+POSITION_KEYS = ("position",)  # breakdowns by position in the window (perplexity): bins as columns
+
+
+def position_label(start: str, widths: set[Any]) -> str:
+    """A position bin's column head: "0-1k", "1k-2k" when every run used one bin width, else "from 512"."""
+    width = next(iter(widths)) if len(widths) == 1 else None
+    if isinstance(width, int) and start.isdigit():
+        return bin_label(int(start), width)
+    return f"from {start}"
+
+
+def position_table(runs: list[Run], task: str, key: str, baseline: int | None, paper: bool = False) -> Table:
+    """A task's headline (perplexity) by position bin: a row per model, a column per bin (bin widths as the runs'
+    configs record them), then every token's ("all"). Lower is better for a perplexity."""
+    holders = [(i, run, run.results[task]) for i, run in enumerate(runs)
+               if task in run.results and key in run.results[task].breakdowns]
+    starts = sorted({v for _, _, result in holders for v in result.breakdowns[key]}, key=value_order)
+    widths = {result.config.get("bin_width") for _, _, result in holders}
+    headline = holders[0][2].headline if holders else "perplexity"
+    table = Table(slug(f"{task}-by-{key}"), f"{task}: {headline} by {key} in the window (a row per model)",
+                  ["Model", *(position_label(v, widths) for v in starts), "all"], paper=paper)
+    for index, run, result in holders:
+        row = [Cell(run.label + (" (baseline)" if index == baseline else ""),
+                    notes=_flags(table, runs, index, task, baseline))]
+        for value in starts:
+            cell = result.breakdowns[key].get(value, {}).get(result.headline)
+            if cell is None:
+                row.append(Cell(DASH, notes=(table.note(f"{run.label}: no tokens at positions "
+                                                        f"{position_label(value, widths)}"),)))
+                continue
+            row.append(Cell(f"{_fmt_quantity(cell['mean'])}{table.n_text(cell['n'])}", cell["mean"],
+                            Drill(index, task), numbers=_numbers(cell)))
+        overall = result.metrics[result.headline]
+        row.append(Cell(f"{_fmt_quantity(overall['mean'])}{table.n_text(result.n)}", overall["mean"], Drill(index, task),
+                        numbers={"mean": overall["mean"], "stderr": overall["stderr"], "n": result.n}))
+        table.rows.append(row)
+    windows = sorted({str(result.config.get("window", "disjoint")) for _, _, result in holders})
+    if len(widths) > 1:
+        table.note(f"the runs used different bin widths ({', '.join(sorted(map(str, widths)))}): a column is a bin's "
+                   "first position")
+    lower = " (lower is better)" if holders and holders[0][2].lower_is_better else ""
+    table.note(f"{headline}{lower} over the tokens predicted at the positions of a bin: a token's position is its place "
+               f"in the window that predicted it ({' / '.join(windows)} windows of the run's max length), so a "
+               f"document within one window has its tokens at their own index; n: documents with tokens in the bin; "
+               f"all: every token")
+    table.note_ns()
+    return table
+
+
+def _fmt_quantity(value: float | None) -> str:
+    """A perplexity-like number: 2 decimals (3 significant digits below 1)."""
+    if value is None or math.isnan(value):
+        return DASH
+    return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3g}"
 
 
 def budget_of(result: TaskResult) -> int | None:

@@ -104,19 +104,100 @@ def test_lm_eval_command_line_runs_our_backend(tiny_llama_dir, task_dir, tmp_pat
 
 @pytest.mark.parametrize("yaml_text, message", [
     ("group: toy_all\ntask: [toy_mc, toy_gen]\n", "lm-eval:toy_all is a group of 2 tasks; name them one by one"),
-    ("task: toy_ppl\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
-     "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: question\nmetric_list:\n  - metric: word_perplexity\n",
-     "lm-eval:toy_ppl is a perplexity task"),
 ])
 def test_tasks_it_cannot_run_end_in_one_line(task_dir, tmp_path, yaml_text, message):
     folder = write_lm_eval_tasks(tmp_path / "tasks")
     (folder / "extra.yaml").write_text(yaml_text.format(data=folder / "toy.jsonl"))
-    name = "toy_all" if "group" in yaml_text else "toy_ppl"
+    name = "toy_all"
     result = run_ours("--model", "smollm2", "--tasks", f"lm-eval:{name}", "--include-path", str(folder))
     assert "loading" not in result.output  # refused before any model loads
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and message in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+# ---- perplexity (loglikelihood_rolling) ---------------------------------------------------------------------
+
+PAGES = [  # wikitext-2-raw's first lines, as EleutherAI/wikitext_document_level holds them ("page")
+    " = Valkyria Chronicles III = \n \n Senjō no Valkyria 3 : Unrecorded Chronicles is a tactical role @-@ playing "
+    "video game developed by Sega and Media.Vision for the PlayStation Portable . Released in January 2011 in Japan , "
+    "it is the third game in the Valkyria series . \n",
+    " = Tower Building of the Little Rock Arsenal = \n \n The Tower Building of the Little Rock Arsenal , also known "
+    "as U.S. Arsenal Building , is a building located in MacArthur Park in downtown Little Rock , Arkansas . \n",
+    " = Cicely Mary Barker = \n \n Cicely Mary Barker ( 28 June 1895 – 16 February 1973 ) was an English "
+    "illustrator best known for a series of fantasy illustrations depicting fairies and flowers . \n",
+]
+TOY_PPL = """task: toy_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: page
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+metadata:
+  version: 1.0
+"""
+WINDOW = 16  # every page takes several windows
+
+
+def lm_eval_hf(folder):
+    """lm-eval's own transformers backend (HFLM) on the checkpoint, float32, with the small window."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(folder), max_length=WINDOW, dtype="float32", device="cpu", batch_size=1)
+
+
+def test_perplexity_tasks_give_lm_evals_own_perplexities(tiny_llama_dir, tmp_path):
+    """An lm-eval perplexity task (loglikelihood_rolling) through our runner, lm-eval running our backend and lm-eval's
+    own transformers backend: the same word and byte perplexities, document by document the same log-likelihoods."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "pages.jsonl").write_text("".join(json.dumps({"page": page}) + "\n" for page in PAGES))
+    (folder / "toy_ppl.yaml").write_text(TOY_PPL.format(data=folder / "pages.jsonl"))
+    out = tmp_path / "run"
+    result = run_ours("--model", f"hf:{tiny_llama_dir}", "--tasks", "lm-eval:toy_ppl", "--include-path", str(folder),
+                      "--max-length", str(WINDOW), "--output", str(out))
+    assert result.exit_code == 0, result.output
+    ours = json.loads((out / "metrics.json").read_text())["tasks"]["lm-eval:toy_ppl"]["metrics"]
+    records = [json.loads(line) for line in (out / "samples" / "lm-eval_toy_ppl.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(r["windows"] > 2 for r in records)
+    manager = TaskManager(include_path=str(folder), include_defaults=False)
+    bridged = lm_eval.simple_evaluate(model="nsa-eval", model_args={"model": f"hf:{tiny_llama_dir}", "device": "cpu",
+                                                                    "max_length": WINDOW},
+                                      tasks=["toy_ppl"], task_manager=manager, log_samples=True)
+    theirs = lm_eval.simple_evaluate(model=lm_eval_hf(tiny_llama_dir), tasks=["toy_ppl"], task_manager=manager,
+                                     log_samples=True)
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert ours[metric]["mean"] == bridged["results"]["toy_ppl"][f"{metric},none"]
+        assert ours[metric]["mean"] == pytest.approx(theirs["results"]["toy_ppl"][f"{metric},none"], rel=1e-5)
+    by_doc = {str(s["doc_id"]): s["resps"][0][0] for s in theirs["samples"]["toy_ppl"]}
+    for record in records:
+        assert record["loglikelihood"] == pytest.approx(by_doc[record["id"]], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_lm_evals_wikitext_on_a_local_copy(tiny_llama_dir, tmp_path):
+    """lm-eval's own `wikitext` task (its detokenizer, word counts and aggregation) from a local copy of its rows
+    (`--data lm-eval:wikitext=FILE`, offline) through our runner: lm-eval's transformers backend's word perplexity."""
+    from nsa_eval.lm_eval_bridge import load_task
+
+    data = tmp_path / "wikitext.jsonl"
+    data.write_text("".join(json.dumps({"page": page}) + "\n" for page in PAGES))
+    out = tmp_path / "run"
+    result = run_ours("--model", f"hf:{tiny_llama_dir}", "--tasks", "lm-eval:wikitext", "--data",
+                      f"lm-eval:wikitext={data}", "--max-length", str(WINDOW), "--output", str(out))
+    assert result.exit_code == 0, result.output
+    ours = json.loads((out / "metrics.json").read_text())["tasks"]["lm-eval:wikitext"]
+    theirs = lm_eval.simple_evaluate(model=lm_eval_hf(tiny_llama_dir), tasks=[load_task("wikitext", data_path=str(data))])
+    assert ours["headline"] == "word_perplexity" and ours["n"] == 3
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert ours["metrics"][metric]["mean"] == pytest.approx(theirs["results"]["wikitext"][f"{metric},none"], rel=1e-5)
 
 
 def test_a_missing_include_path_is_one_line(tmp_path):

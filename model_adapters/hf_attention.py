@@ -3,13 +3,8 @@
 - "nsa_eval_triton": causal attention (GQA, sliding window) on nsa_eval.kernels: Triton on CUDA tensors, the
   PyTorch reference elsewhere. `hf:` checkpoints use it on CUDA; on the CPU they keep transformers' sdpa.
 - "nsa_eval_sparse": training-free NSA-style sparse attention for any full-attention checkpoint (the paper's
-  Exact-Top / Quest-like baselines, `--attention sparse`). Per query and KV head: keys mean-pooled over blocks of
-  `block` tokens; block importance = the compressed-attention probabilities of the query over those block means,
-  summed over the KV head's query heads (NSA eq. 8-10 with l = d = l'); the leading `leading` tokens and the blocks
-  covering the last `local` tokens are always kept, then the most important blocks up to `budget` tokens; one
-  softmax over the kept tokens. Queries run on the NSA kernels (compressed attention for the scores, block
-  selection, selected attention): Triton on CUDA tensors, the PyTorch reference elsewhere; queries after cached
-  tokens (decode steps, prompt slices) are the last T of the S keys, which the kernels take as a query offset.
+  Exact-Top / Quest-like baselines, `--attention sparse`): the rule of model_adapters/runtime/sparse.py (which the
+  native engine runs too) over the layer's keys, their block means taken here.
 
 Both take transformers' padding mask as the 2D [B, S] key mask that its flash-attention path gets (or None), and run
 padded rows one at a time.
@@ -17,15 +12,14 @@ padded rows one at a time.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-import nsa_eval.kernels.nsa
 from nsa_eval.kernels.attention import attention, attention_decode
-from nsa_eval.kernels.nsa import compressed_attention, mean_pool, select_blocks, selected_attention
+from nsa_eval.kernels.nsa import mean_pool
 from nsa_eval.model_adapters.runtime.config import SparseSettings
+from nsa_eval.model_adapters.runtime.sparse import sparse_attention_over_blocks
 
 TRITON_ATTENTION = "nsa_eval_triton"
 SPARSE_ATTENTION = "nsa_eval_sparse"
@@ -134,57 +128,3 @@ def sparse_attention(q, k, v, settings: SparseSettings, scale: float | None = No
     """q [B, T, HQ, D] at key positions S-T..S-1, k [B, S, H, D], v [B, S, H, Dv] -> [B, T, HQ, Dv] (module
     docstring), on the NSA kernels (Triton on CUDA, the reference elsewhere) with the queries offset by S - T."""
     return sparse_attention_over_blocks(q, k, v, mean_pool(k, settings.block), settings, None, scale)
-
-
-def sparse_attention_over_blocks(q, k, v, k_mean, settings: SparseSettings, ops: Any = None,
-                                 scale: float | None = None) -> torch.Tensor:
-    """sparse_attention with the keys' block means k_mean [B, S // block, H, D] given (the runtime keeps them in its
-    cache). ops: the runtime's kernel table (runtime/ops.py), or None for nsa_eval.kernels.nsa (dispatch by device)."""
-    block, n = settings.block, settings.num_blocks
-    B, T, S = q.shape[0], q.shape[1], k.shape[1]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    fns = ops or nsa_eval.kernels.nsa
-    _, lse = fns.compressed_attention(q, k_mean, k_mean, block_len=block, block_stride=block, scale=scale, seq_len=S)
-    indices = sparse_select(q, k_mean, lse, S, settings, scale)
-    return fns.selected_attention(q, k, v, indices, select_len=block, scale=scale)
-
-
-def sparse_select(q, k_mean, lse, seq_len: int, settings: SparseSettings, scale: float,
-                  max_scores: int = 1 << 27) -> torch.Tensor:
-    """The blocks each query keeps: q [B, T, HQ, D] at positions S-T..S-1, k_mean [B, Tc, H, D] block means, lse
-    [B, T, HQ] (float32, of the scores over the block means) -> int32 [B, T, H, n], most important first (the leading
-    and local blocks first), -1 padded. The PyTorch reference's selection (kernels/nsa/reference.py `_select`, its
-    ranking keys and tie rule) with the sparse rule's forced blocks, specialised to l = d = l' = block (eq. 9 is
-    then the identity) and taking the top n instead of sorting every block; in slices of queries that keep the
-    float32 scores under `max_scores` elements. (The selection kernel's top-n merge costs n^2 per chunk: with
-    n = 40 the dense score matrix of T x S/block is the faster way, and still small.)"""
-    from nsa_eval.kernels.nsa.utils import index_bits
-
-    B, T, HQ, D = q.shape
-    Tc, H = k_mean.shape[1], k_mean.shape[2]
-    block, n = settings.block, settings.num_blocks
-    num_blocks = -(-seq_len // block)
-    mask = (1 << index_bits(num_blocks)) - 1
-    j = torch.arange(num_blocks, device=q.device)
-    keys_k = k_mean.float()
-    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    step = max(1, max_scores // (B * HQ * max(1, Tc)))
-    parts = []
-    for a in range(0, T, step):
-        t = min(step, T - a)
-        pos = torch.arange(seq_len - T + a, seq_len - T + a + t, device=q.device)[None, :, None, None]  # [1, t, 1, 1]
-        scores = torch.einsum("bthgd,bchd->bthgc", q[:, a:a + t].float().view(B, t, H, HQ // H, D), keys_k) * scale
-        visible = torch.arange(Tc, device=q.device) < (pos[..., None] + 1) // block  # complete blocks up to pos
-        probs = torch.where(visible, torch.exp(scores - lse[:, a:a + t].view(B, t, H, HQ // H, 1)), 0.0)
-        importance = torch.nn.functional.pad(probs.sum(3), (0, num_blocks - Tc))  # eq. 8, 10: [B, t, H, NJ]
-        current = pos // block
-        first_local = (pos - settings.local + 1).clamp_min(0) // block
-        forced = (j < settings.leading_blocks) | ((j >= first_local) & (j <= current))
-        importance = torch.where(forced, float("inf"), importance)
-        importance = torch.where(j <= current, importance, -1.0)
-        keys = (importance.clamp_min(0).view(torch.int32) & ~mask) | (mask - j.to(torch.int32))
-        keys = torch.where(importance >= 0, keys, -1)
-        top = keys.topk(min(n, num_blocks), dim=-1).values
-        top = torch.nn.functional.pad(top, (0, n - top.shape[-1]), value=-1)
-        parts.append(torch.where(top >= 0, mask - (top & mask), -1).to(torch.int32))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from nsa_eval.bench import bench
-from nsa_eval.model_adapters.runtime.config import SparseSettings
+from nsa_eval.model_adapters.runtime.config import SELECTIONS, SparseSettings
 from nsa_eval.models import MODEL_KINDS
 from nsa_eval.registry import TASKS
 from nsa_eval.run_config import RunConfig
@@ -70,6 +70,10 @@ def print_metrics(metrics: dict[str, Any]) -> None:
               help=f"Sparse attention: most recent tokens always kept. Default: {SparseSettings.local}.")
 @click.option("--sparse-block", type=click.IntRange(min=1),
               help=f"Sparse attention: block length of the selection. Default: {SparseSettings.block}.")
+@click.option("--sparse-selection", type=click.Choice(SELECTIONS),
+              help="Sparse attention: rank the blocks for each query (query, the default), or once for each tile of "
+                   "--sparse-block consecutive queries from their summed importance (tile: NSA's way; a faster "
+                   "prefill, each query keeping its local tokens). Decoding ranks per query either way.")
 @click.option("--tasks", "task_list", required=True, help="Comma-separated task names; `nsa-eval list tasks` shows them.")
 @click.option("--limit", type=click.IntRange(min=1), help=_limit_help())
 @click.option("--max-new-tokens", type=click.IntRange(min=1),

@@ -30,7 +30,7 @@ NIAH_ALIASES = {"niah_lengths": ("--niah-lengths", "lengths"), "niah_depths": ("
                 "niah_samples": ("--niah-samples", "samples_per_cell"), "haystack": ("--haystack", "haystack_dir")}
 
 SPARSE_FLAGS = {"budget": "--sparse-budget", "leading": "--sparse-leading", "local": "--sparse-local",
-                "block": "--sparse-block"}
+                "block": "--sparse-block", "selection": "--sparse-selection"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +78,7 @@ class RunConfig:
 
     @classmethod
     def from_cli(cls, *, model_spec: str, attention: str, sparse_budget: int | None, sparse_leading: int | None,
-                 sparse_local: int | None, sparse_block: int | None, task_list: str, data_pairs: tuple[str, ...],
+                 sparse_local: int | None, sparse_block: int | None, sparse_selection: str | None, task_list: str, data_pairs: tuple[str, ...],
                  task_options: tuple[str, ...], niah_lengths: str | None, niah_depths: str | None,
                  niah_samples: int | None, haystack: Path | None, include_path: Path | None,
                  allow_code_execution: bool, **plain: Any) -> RunConfig:
@@ -104,7 +104,8 @@ class RunConfig:
             if option in texts.get("niah", {}):
                 raise ValueError(f"{flag} and --task-option niah.{option} both set the NIAH {option}; give one of them")
             texts.setdefault("niah", {})[option] = value
-        sparse_given = {"budget": sparse_budget, "leading": sparse_leading, "local": sparse_local, "block": sparse_block}
+        sparse_given = {"budget": sparse_budget, "leading": sparse_leading, "local": sparse_local, "block": sparse_block,
+                        "selection": sparse_selection}
         if attention != "sparse":
             for key, value in sparse_given.items():
                 if value is not None:
@@ -130,7 +131,7 @@ class RunConfig:
         so older runs resume."""
         settings: dict[str, Any] = {"--model": self.model_spec, "--tasks": list(self.tasks), "--attention": self.attention}
         if self.sparse is not None:
-            settings.update({SPARSE_FLAGS[key]: value for key, value in dataclasses.asdict(self.sparse).items()})
+            settings.update({SPARSE_FLAGS[key]: value for key, value in self.sparse.record().items()})
         settings.update({"--limit": self.limit, "--max-new-tokens": self.max_new_tokens, "--seed": self.seed,
                          "--max-length": self.max_length, "--device": self.device, "--dtype": self.dtype,
                          "--chat-template": self.chat})

@@ -149,7 +149,7 @@ def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore,
         **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),  # absent: older hashes hold
         "device": str(getattr(model, "device", config.device)).split(":")[0],  # which GPU does not change results
         "dtype": str(getattr(model, "dtype", config.dtype)),
-        **({"attention": "sparse", "sparse": dataclasses.asdict(config.sparse)} if config.sparse else {}),
+        **({"attention": "sparse", "sparse": config.sparse.record()} if config.sparse else {}),
     }
     batch_size = getattr(model, "batch_size", config.batch_size or 1)
     run_info = {

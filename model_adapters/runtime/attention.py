@@ -212,7 +212,7 @@ class Attention(nn.Module):
             return sdpa(q, k_slc, F.pad(v_slc, (0, width - self.dv)), sdpa_backend)[..., :self.dv]
         q = q.contiguous()  # a view of the projection; the three NSA kernels would each copy it
         if c.attention == "sparse":
-            from nsa_eval.model_adapters.hf_attention import sparse_attention_over_blocks
+            from nsa_eval.model_adapters.runtime.sparse import sparse_attention_over_blocks
 
             return sparse_attention_over_blocks(q, k_slc, v_slc, k_cmp, c.sparse, ops)
         g_cmp, g_slc, g_win = gates.unbind(-1)

@@ -14,19 +14,26 @@ from typing import Any
 
 MODEL_TYPE = "nsa_eval"
 ATTENTION_KINDS = ("full", "nsa", "sparse")
+SELECTIONS = ("query", "tile")  # SparseSettings.selection
 
 
 @dataclass(frozen=True)
 class SparseSettings:
     """Training-free sparse attention: per query, the `leading` first tokens, the `local` last tokens and the most
-    important other blocks of `block` tokens, `budget` tokens in all (the paper's 2560 = 128 + 512 + selected)."""
+    important other blocks of `block` tokens, `budget` tokens in all (the paper's 2560 = 128 + 512 + selected).
+    selection: "query" ranks the blocks for each query; "tile" once for each tile of `block` consecutive queries
+    (aligned to positions), from their summed importance, as NSA's kernels share a selection across a query tile
+    (prefill only; a decode step is one query either way)."""
 
     budget: int = 2560
     leading: int = 128
     local: int = 512
     block: int = 64
+    selection: str = "query"
 
     def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"--sparse-selection {self.selection!r}: give one of {', '.join(SELECTIONS)}")
         for name in ("budget", "leading", "local", "block"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -39,6 +46,14 @@ class SparseSettings:
             raise ValueError(f"--sparse-budget {self.budget} tokens hold {self.num_blocks} block{'s' if self.num_blocks != 1 else ''} of {self.block} "
                              f"tokens, fewer than the {forced} blocks ({forced * self.block} tokens) that the leading "
                              f"and local tokens may take; raise it to at least {forced * self.block} tokens")
+
+    def record(self) -> dict[str, int | str]:
+        """The settings as runs record them: `selection` only when not the default, so runs made before it existed
+        keep their config hash and resume."""
+        recorded = asdict(self)
+        if self.selection == "query":
+            del recorded["selection"]
+        return recorded
 
     @property
     def num_blocks(self) -> int:

@@ -6,6 +6,7 @@ import torch
 from click.testing import CliRunner
 
 from nsa_eval.model_adapters import hf_attention
+from nsa_eval.model_adapters.runtime import sparse
 from nsa_eval.model_adapters.hf_attention import SPARSE_ATTENTION, TRITON_ATTENTION, SparseSettings
 
 
@@ -91,29 +92,34 @@ def test_sparse_decode_over_the_cache_equals_the_prompt_pass():
 def test_sparse_triton_path_equals_the_reference_path(monkeypatch):
     """A prompt slice and decode steps after cached tokens on the Triton NSA kernels (interpreter on the CPU, the
     queries offset into the cache) choose and attend as the reference path, which equals the one-pass prompt."""
-    from nsa_eval.kernels.nsa import compression, selected, selection
+    import nsa_eval.kernels.nsa
+    from nsa_eval.kernels.nsa import compression, selected
 
     model = tiny_llama()
     ids, _ = padded_batch(T=60)
     settings = SparseSettings(budget=40, leading=8, local=9, block=8)  # 5 of up to 8 blocks of 8 tokens
-    whole = logits(model, SPARSE_ATTENTION, ids[:1], None, settings)[0, 40:]
+    whole = logits(model, SPARSE_ATTENTION, ids[:1], None, settings)[0, 40:58]
 
     def cached_passes():
         with torch.no_grad():
             out = model(input_ids=ids[:1, :40], use_cache=True)
             out = model(input_ids=ids[:1, 40:56], cache=out.past_key_values)  # a 16-token slice after 40 tokens
             rows = [out.logits[0]]
-            for t in range(56, 60):
+            for t in range(56, 58):
                 out = model(input_ids=ids[:1, t:t + 1], cache=out.past_key_values)
                 rows.append(out.logits[0])
         return torch.cat(rows)
 
     reference = cached_passes()
     torch.testing.assert_close(reference, whole, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(hf_attention, "compressed_attention", compression.compressed_attention)
-    monkeypatch.setattr(hf_attention, "select_blocks", selection.select_blocks)
-    monkeypatch.setattr(hf_attention, "selected_attention", selected.selected_attention)
+    # the sparse rule (runtime/sparse.py) calls the NSA package's dispatchers: point them at the Triton kernels
+    monkeypatch.setattr(nsa_eval.kernels.nsa, "compressed_attention", compression.compressed_attention)
+    monkeypatch.setattr(nsa_eval.kernels.nsa, "selected_attention", selected.selected_attention)
+    launches = []
+    triton_fwd = selected.selected_fwd
+    monkeypatch.setattr(selected, "selected_fwd", lambda *a, **kw: launches.append(1) or triton_fwd(*a, **kw))
     torch.testing.assert_close(cached_passes(), reference, rtol=1e-4, atol=1e-4)
+    assert len(launches) == 4 * 2  # the prompt, the slice and 2 decode steps in each of the 2 layers: Triton ran
 
 
 @pytest.mark.slow
@@ -147,7 +153,7 @@ def test_sparse_select_keeps_leading_local_then_most_important():
     k_mean = mean_pool(k, 8)
     _, lse = reference.compressed_attention(q, k_mean, k_mean, block_len=8, block_stride=8, seq_len=S,
                                             scale=D ** -0.5)
-    got = hf_attention.sparse_select(q, k_mean, lse, S, settings, D ** -0.5, max_scores=300)  # sliced over queries
+    got = sparse.sparse_select(q, k_mean, lse, S, settings, D ** -0.5, max_scores=300)  # sliced over queries
     nsa = reference.select_blocks(q, k_mean, lse, block_len=8, block_stride=8, select_len=8, num_selected=8, seq_len=S,
                                   scale=D ** -0.5)
     want = _keep_leading_and_local(nsa, torch.arange(S - T, S).expand(B, T), settings)

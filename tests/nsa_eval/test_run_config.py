@@ -11,7 +11,7 @@ from nsa_eval.run_config import RunConfig
 def config(**given):
     """RunConfig.from_cli as `nsa-eval run` calls it: every flag present, None where the user gave none."""
     flags = dict(model_spec="smollm2", attention="full", sparse_budget=None, sparse_leading=None, sparse_local=None,
-                 sparse_block=None, task_list="niah", data_pairs=(), task_options=(), niah_lengths=None,
+                 sparse_block=None, sparse_selection=None, task_list="niah", data_pairs=(), task_options=(), niah_lengths=None,
                  niah_depths=None, niah_samples=None, haystack=None, include_path=None, allow_code_execution=False)
     return RunConfig.from_cli(**{**flags, **given})
 

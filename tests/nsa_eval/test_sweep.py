@@ -107,7 +107,7 @@ def test_a_sweep_needs_sparse_attention_and_a_folder_of_its_own(tmp_path):
 
 def point_configs(**given):
     """RunConfig.points_from_cli as `nsa-eval run *SMALL` calls it, with the flags in given changed."""
-    flags = dict(model_spec="smollm2", attention="sparse", sparse_leading=16, sparse_local=32, sparse_block=16,
+    flags = dict(model_spec="smollm2", attention="sparse", sparse_leading=16, sparse_local=32, sparse_block=16, sparse_selection=None,
                  task_list="niah", data_pairs=(), task_options=(), niah_lengths="512", niah_depths="0,100",
                  niah_samples=None, haystack=None, include_path=None, allow_code_execution=False, max_new_tokens=8,
                  quiet=True)

@@ -140,13 +140,22 @@ def sparse_attention_over_blocks(q, k, v, k_mean, settings: SparseSettings, ops:
                                  scale: float | None = None) -> torch.Tensor:
     """sparse_attention with the keys' block means k_mean [B, S // block, H, D] given (the runtime keeps them in its
     cache). ops: the runtime's kernel table (runtime/ops.py), or None for nsa_eval.kernels.nsa (dispatch by device)."""
-    block, n = settings.block, settings.num_blocks
-    B, T, S = q.shape[0], q.shape[1], k.shape[1]
+    indices = sparse_select_blocks(q, k_mean, k.shape[1], settings, ops, scale)
+    fns = ops or nsa_eval.kernels.nsa
+    return fns.selected_attention(q, k, v, indices, select_len=settings.block, scale=scale)
+
+
+def sparse_select_blocks(q, k_mean, seq_len: int, settings: SparseSettings, ops: Any = None,
+                         scale: float | None = None) -> torch.Tensor:
+    """The blocks each query keeps (module docstring): q [B, T, HQ, D] at positions S-T..S-1 of S = seq_len tokens,
+    k_mean [B, S // block, H, D] the keys' block means -> int32 [B, T, H, n] (sparse_select's layout). The scores'
+    log-sum-exp comes from the compressed-attention kernel of `ops` (None: nsa_eval.kernels.nsa by device)."""
+    block = settings.block
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     fns = ops or nsa_eval.kernels.nsa
-    _, lse = fns.compressed_attention(q, k_mean, k_mean, block_len=block, block_stride=block, scale=scale, seq_len=S)
-    indices = sparse_select(q, k_mean, lse, S, settings, scale)
-    return fns.selected_attention(q, k, v, indices, select_len=block, scale=scale)
+    _, lse = fns.compressed_attention(q, k_mean, k_mean, block_len=block, block_stride=block, scale=scale,
+                                      seq_len=seq_len)
+    return sparse_select(q, k_mean, lse, seq_len, settings, scale)
 
 
 def sparse_select(q, k_mean, lse, seq_len: int, settings: SparseSettings, scale: float,

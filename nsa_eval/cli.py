@@ -328,6 +328,10 @@ from nsa_eval.retrofit import retrofit  # noqa: E402  (full attention -> NSA by 
 
 main.add_command(retrofit)
 
+from nsa_eval.fidelity import inspect as inspect_command  # noqa: E402  (selection fidelity: nsa_eval/fidelity.py)
+
+main.add_command(inspect_command)
+
 
 @main.command(name="lm-eval", add_help_option=False,
               context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

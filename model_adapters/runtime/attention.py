@@ -16,7 +16,7 @@ over the kept tokens (model_adapters/hf_attention.py states the rule).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +49,13 @@ class Attention(nn.Module):
     """The attention of one layer (full, nsa or sparse); see the module docstring. `skip_attention`, off unless a
     caller sets it: the attention itself returns zeros (projections, cache writes and the rest still run), which is
     how `nsa-eval bench model` measures the share of time in attention; a decode graph captured with it set skips
-    attention when replayed, so drop the graphs after switching it."""
+    attention when replayed, so drop the graphs after switching it. `observe`, None unless a caller sets it
+    (runtime/fidelity.py: `nsa-eval inspect`): during a prefill of attention 'nsa' or 'sparse', called once per slice
+    with (q [B, T, HQ, Dk] after RoPE, the selection keys of every token so far [B, S, H, Dk], the block indices
+    [B, T, H, n] the selection chose for these queries), the very tensors the branches then attend with."""
 
     skip_attention: bool = False
+    observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -214,12 +218,14 @@ class Attention(nn.Module):
         if c.attention == "sparse":
             from nsa_eval.model_adapters.runtime.sparse import sparse_attention_over_blocks
 
-            return sparse_attention_over_blocks(q, k_slc, v_slc, k_cmp, c.sparse, ops)
+            return sparse_attention_over_blocks(q, k_slc, v_slc, k_cmp, c.sparse, ops, observe=self.observe)
         g_cmp, g_slc, g_win = gates.unbind(-1)
         o_cmp, lse = ops.compressed_attention(q, k_cmp, v_cmp, block_len=c.block_len, block_stride=c.block_stride,
                                               seq_len=seq_len)
         indices = ops.select_blocks(q, k_cmp, lse, block_len=c.block_len, block_stride=c.block_stride,
                                     select_len=c.select_len, num_selected=c.num_selected, seq_len=seq_len)
+        if self.observe is not None:
+            self.observe(q, k_slc, indices)
         branches = [o_cmp, g_cmp, ops.selected_attention(q, k_slc, v_slc, indices, select_len=c.select_len), g_slc]
         if c.window:
             branches += [ops.attention(q, *win_kv, causal=True, window=c.window), g_win]

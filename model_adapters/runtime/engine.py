@@ -224,12 +224,17 @@ class Engine(PromptTokens, ForwardScoring):
                     if finished is not None:
                         yield finished
 
-    def _request(self, index: int, request: GenerationRequest) -> _Request:
+    def prompt_ids(self, request: GenerationRequest) -> tuple[list[int], bool]:
+        """The prompt tokens a request is prefilled with: encoded, cut in the middle to leave its max_new_tokens
+        within max_length -> (ids, whether it was cut)."""
         budget = self.max_length - request.max_new_tokens
         if budget < 1 or request.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens {request.max_new_tokens} leaves no room for a prompt in --max-length "
                              f"{self.max_length}" if budget < 1 else "max_new_tokens must be at least 1")
-        ids, cut = truncate_middle(self.encode(request.prompt), budget)
+        return truncate_middle(self.encode(request.prompt), budget)
+
+    def _request(self, index: int, request: GenerationRequest) -> _Request:
+        ids, cut = self.prompt_ids(request)
         samples = 1 if request.temperature <= 0 else request.n  # greedy: one row, its text repeated n times
         return _Request(index, request, ids, cut, list(range(samples)), samples)
 

@@ -22,7 +22,7 @@ Queries after cached tokens (decode steps, prompt slices) are the last T of the 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,24 +33,55 @@ from nsa_eval.model_adapters.runtime.config import SparseSettings
 
 
 def sparse_attention_over_blocks(q, k, v, k_mean, settings: SparseSettings, ops: Any = None,
-                                 scale: float | None = None) -> torch.Tensor:
+                                 scale: float | None = None, observe: Callable | None = None) -> torch.Tensor:
     """q [B, T, HQ, D] at positions S-T..S-1, k [B, S, H, D], v [B, S, H, Dv], the keys' block means k_mean
     [B, S // block, H, D] (the runtime keeps them in its cache) -> [B, T, HQ, Dv]. ops: the runtime's kernel table
-    (runtime/ops.py), or None for nsa_eval.kernels.nsa (dispatch by device)."""
-    block = settings.block
-    S = k.shape[1]
+    (runtime/ops.py), or None for nsa_eval.kernels.nsa (dispatch by device). observe(q, k, indices): called with
+    each query's blocks (nsa-eval inspect)."""
+    S, T = k.shape[1], q.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     fns = ops or nsa_eval.kernels.nsa
-    _, lse = fns.compressed_attention(q, k_mean, k_mean, block_len=block, block_stride=block, scale=scale, seq_len=S)
+    tiles = _tile_selection(q, k_mean, S, settings, fns, scale) if settings.selection == "tile" and T > 1 else None
+    on_cpu_tiles = tiles is not None and q.device.type != "cuda"
+    if observe is not None or not on_cpu_tiles:
+        indices = (_per_query(tiles, S, T, settings.block) if tiles is not None
+                   else sparse_select_blocks(q, k_mean, S, settings, ops, scale))
+        if observe is not None:
+            observe(q, k, indices)
+    if on_cpu_tiles:
+        return tile_attention(q, k, v, tiles, settings.block, scale)
+    return fns.selected_attention(q, k, v, indices, select_len=settings.block, scale=scale)
+
+
+def sparse_select_blocks(q, k_mean, seq_len: int, settings: SparseSettings, ops: Any = None,
+                         scale: float | None = None) -> torch.Tensor:
+    """The blocks each query keeps: q [B, T, HQ, D] at positions S-T..S-1 of S = seq_len tokens, k_mean [B, S // block,
+    H, D] the keys' block means -> int32 [B, T, H, n] (sparse_select's layout; with selection "tile" and T > 1, each
+    query its tile's blocks). The scores' log-sum-exp comes from the compressed-attention kernel of `ops` (None:
+    nsa_eval.kernels.nsa by device)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    fns = ops or nsa_eval.kernels.nsa
     if settings.selection == "tile" and q.shape[1] > 1:
-        tiles = sparse_select_tiles(q, k_mean, lse, S, settings, scale)
-        if q.device.type != "cuda":
-            return tile_attention(q, k, v, tiles, block, scale)
-        positions = torch.arange(S - q.shape[1], S, device=q.device)
-        indices = tiles[:, positions // block - (S - q.shape[1]) // block]  # each query its tile's blocks
-    else:
-        indices = sparse_select(q, k_mean, lse, S, settings, scale)
-    return fns.selected_attention(q, k, v, indices, select_len=block, scale=scale)
+        return _per_query(_tile_selection(q, k_mean, seq_len, settings, fns, scale), seq_len, q.shape[1],
+                          settings.block)
+    return sparse_select(q, k_mean, _lse(q, k_mean, seq_len, settings.block, fns, scale), seq_len, settings, scale)
+
+
+def _lse(q, k_mean, seq_len: int, block: int, fns: Any, scale: float) -> torch.Tensor:
+    _, lse = fns.compressed_attention(q, k_mean, k_mean, block_len=block, block_stride=block, scale=scale,
+                                      seq_len=seq_len)
+    return lse
+
+
+def _tile_selection(q, k_mean, seq_len: int, settings: SparseSettings, fns: Any, scale: float) -> torch.Tensor:
+    return sparse_select_tiles(q, k_mean, _lse(q, k_mean, seq_len, settings.block, fns, scale), seq_len, settings,
+                               scale)
+
+
+def _per_query(tiles: torch.Tensor, seq_len: int, num_queries: int, block: int) -> torch.Tensor:
+    """tiles [B, NT, H, n] -> [B, T, H, n]: each of the queries S-T..S-1 given its tile's blocks."""
+    positions = torch.arange(seq_len - num_queries, seq_len, device=tiles.device)
+    return tiles[:, positions // block - (seq_len - num_queries) // block]
 
 
 def block_importance(q, k_mean, lse, seq_len: int, block: int, scale: float, start: int, count: int) -> torch.Tensor:

@@ -6,7 +6,9 @@ no global pyplot state). PNG at 200 dpi for the web, SVG and PDF for papers and 
 - `difference_map`: the same grid, one run minus another, on a fixed -1..1 scale;
 - `score_by_key`: the headline score against a breakdown key (context length), one line per run;
 - `speed_panels`: speedup against sequence length in side-by-side panels (the paper's Figure 6);
-- `budget_curve`: score against sparse budget (a budget sweep), a line per series, full attention dashed.
+- `budget_curve`: score against sparse budget (a budget sweep), a line per series, full attention dashed;
+- `matrix_panels`: side-by-side 0..1 heatmaps of one row x column grid each (`nsa-eval inspect`: selection recall and
+  dense mass share, layer x KV head and layer x query position).
 """
 
 from __future__ import annotations
@@ -67,12 +69,19 @@ def _grid(run: Run, task: str, cross_key: str) -> tuple[list[str], list[str], np
 def _draw_grid(axes, columns: list[str], rows: list[str], grid: np.ndarray, cross_key: str,
                colours: str, limits: tuple[float, float], signed: bool):
     first, second = cross_key.split(" x ")
+    return _draw_matrix(axes, columns, rows, grid, colours, limits, signed, _axis_label(first, columns),
+                        _axis_label(second, rows))
+
+
+def _draw_matrix(axes, columns: list[str], rows: list[str], grid: np.ndarray, colours: str,
+                 limits: tuple[float, float], signed: bool, xlabel: str, ylabel: str):
+    """grid[row, column] as coloured cells (grey where nan), each value written in its cell up to 200 cells."""
     image = axes.imshow(np.ma.masked_invalid(grid), cmap=colours, vmin=limits[0], vmax=limits[1], aspect="auto")
     axes.set_facecolor("#d9d9d9")  # cells without samples
     axes.set_xticks(range(len(columns)), columns, rotation=45 if len(columns) > 8 else 0)
     axes.set_yticks(range(len(rows)), rows)
-    axes.set_xlabel(_axis_label(first, columns))
-    axes.set_ylabel(_axis_label(second, rows))
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
     if grid.size <= 200:
         for (r, c), value in np.ndenumerate(grid):
             if not math.isnan(value):
@@ -248,4 +257,19 @@ def budget_curve(title: str, series: dict[str, dict[int, dict[str, float]]], ref
                 bbox_to_anchor=(1.01, 0.5), frameon=False)
     axes.set_title(f"{title} (bars: standard error)", fontsize=10)
     figure.set_layout_engine("constrained")
+    return _render(figure)
+
+
+def matrix_panels(title: str, panels: dict[str, np.ndarray], columns: list[str], rows: list[str], xlabel: str,
+                  ylabel: str) -> dict[str, bytes]:
+    """Heatmaps side by side on one fixed 0..1 scale, one per {name: grid[row, column]} (nan: grey), each value in
+    its cell up to 200 cells; rows top to bottom as given."""
+    width, height = _figure_size(columns, rows)
+    figure = Figure(figsize=(width * len(panels) * 0.8, height), layout="constrained")
+    image = None
+    for axes, (name, grid) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels.items()):
+        image = _draw_matrix(axes, columns, rows, grid, SCORE_COLOURS, (0.0, 1.0), False, xlabel, ylabel)
+        axes.set_title(name, fontsize=10)
+    figure.colorbar(image, ax=figure.axes, shrink=0.8, label="fraction (0..1)")
+    figure.suptitle(title, fontsize=10)
     return _render(figure)

@@ -41,6 +41,12 @@ class Generation:
     prompt_tokens: prompt length in tokens after truncation; truncated: whether the middle was cut.
     prefill_ms: wall time of the prompt's forward pass in milliseconds.
     decode_tokens_per_s: generated tokens per second of decode time, over all n completions.
+    decode_steps: decode steps over all n completions (each after a completion's first token, which its prefill gives).
+    decode_ms_per_token: wall milliseconds per decode step (time per output token after the first; on a batched
+        backend a step decodes the other rows of its batch too).
+    kv_bytes_per_step: KV cache bytes one decode step reads, the mean over decode_steps; attended_share: the share of
+        the context's tokens a step attends, the mean over decode_steps (model_adapters/decode_cost.py says what is
+        counted). None where the backend cannot say (a server, vLLM) or no step ran.
     """
 
     texts: list[str]
@@ -50,6 +56,10 @@ class Generation:
     truncated: bool = False
     prefill_ms: float = 0.0
     decode_tokens_per_s: float = 0.0
+    decode_steps: int = 0
+    decode_ms_per_token: float | None = None
+    kv_bytes_per_step: float | None = None
+    attended_share: float | None = None
 
 
 @dataclass

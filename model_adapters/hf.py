@@ -2,7 +2,8 @@
 
 Generation runs our own decode loop over transformers' KV cache (rather than `model.generate`) so that every
 request gets its own seeded sampler, stop sequences are checked as text, and prefill and decode are timed
-separately.
+separately; each row's decode steps give the KV bytes a step reads and the share of the context it attends
+(model_adapters/decode_cost.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from nsa_eval.model_adapters.base import (
     RollingLoglikelihood,
     RollingLoglikelihoodRequest,
 )
+from nsa_eval.model_adapters.decode_cost import DecodeCost, StepCost
 from nsa_eval.model_adapters.prompts import (
     PromptTokens,
     cut_at_stop,
@@ -235,6 +237,13 @@ class HFModel(PromptTokens, ForwardScoring):
         return cls(model, tokenizer, name or Path(source).name, max_length=max_length, batch_size=batch_size,
                    prefill_chunk=prefill_chunk)
 
+    @property
+    def decode_cost(self) -> DecodeCost | None:
+        """What a decode step reads and attends, from the transformers config, dtype and sparse settings (None where
+        the config's cache is not plain per-layer K/V: model_adapters/decode_cost.py)."""
+        return DecodeCost.of_transformers(self.model.config, self.dtype.itemsize,
+                                          getattr(self.model.config, "nsa_eval_sparse", None))
+
     # ---- tokens -------------------------------------------------------------------------------------
 
     # ---- generation ---------------------------------------------------------------------------------
@@ -279,6 +288,7 @@ class HFModel(PromptTokens, ForwardScoring):
         finish = ["length"] * n_rows
         t1 = time.perf_counter()
         steps = 0
+        row_steps = [0] * n_rows  # decode steps whose logits a row still took its next token from
         for step in range(max_new):
             next_ids = []
             for r, (i, _) in enumerate(rows):
@@ -314,10 +324,13 @@ class HFModel(PromptTokens, ForwardScoring):
             past = getattr(out, self._cache_arg)
             logits = out.logits[:, -1, :].float()
             steps += 1
+            for r in range(n_rows):
+                row_steps[r] += not done[r]
         _sync(self.device)
         decode_s = time.perf_counter() - t1
 
         generations = []
+        cost_model = self.decode_cost
         for i, request in enumerate(requests):
             row_ids = [r for r, (ri, _) in enumerate(rows) if ri == i]
             row_texts, row_counts, row_finish = [], [], []
@@ -330,6 +343,8 @@ class HFModel(PromptTokens, ForwardScoring):
             if len(row_ids) == 1 and request.n > 1:  # greedy: every sample is the same text
                 row_texts, row_counts, row_finish = (x * request.n for x in (row_texts, row_counts, row_finish))
             generated = sum(len(new_tokens[r]) for r in row_ids)
+            cost = (sum((cost_model.over_steps(len(prompts[r]), row_steps[r]) for r in row_ids), StepCost())
+                    if cost_model is not None else StepCost(sum(row_steps[r] for r in row_ids)))
             generations.append(
                 Generation(
                     texts=row_texts,
@@ -339,6 +354,10 @@ class HFModel(PromptTokens, ForwardScoring):
                     truncated=truncated[i],
                     prefill_ms=prefill_ms,
                     decode_tokens_per_s=generated / decode_s if decode_s > 0 and steps else 0.0,
+                    decode_steps=cost.steps,
+                    decode_ms_per_token=decode_s * 1e3 / steps if steps and cost.steps else None,
+                    kv_bytes_per_step=cost.kv_bytes_per_step if cost_model is not None else None,
+                    attended_share=cost.mean_attended_share if cost_model is not None else None,
                 )
             )
         return generations

@@ -204,6 +204,10 @@ class OpenAIModel:
             decode_tokens_per_s=float(
                 timings.get("decode_tokens_per_s", usage["completion_tokens"] / elapsed if elapsed > 0 else 0.0)
             ),
+            # `nsa-eval serve` sends its engine's decode cost; other servers send none
+            decode_steps=int(timings.get("decode_steps") or 0),
+            **{key: float(timings[key]) if isinstance(timings.get(key), (int, float)) else None
+               for key in ("decode_ms_per_token", "kv_bytes_per_step", "attended_share")},
         )
 
     def _loglikelihood_one(self, request: LoglikelihoodRequest) -> Loglikelihood:

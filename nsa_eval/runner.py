@@ -24,8 +24,13 @@ def generation_request(sample: Sample, run_seed: int) -> GenerationRequest:
                              seed=request_seed(run_seed, sample.id))
 
 
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def generation_fields(generation: Generation) -> tuple[list[Any], dict[str, Any]]:
-    """(output for task.score, the record fields a generation adds)."""
+    """(output for task.score, the record fields a generation adds): its texts, tokens and timings, and the cost of its
+    decode steps (Generation's docstring; null where the backend cannot say)."""
     return generation.texts, {
         "responses": generation.texts,
         "new_tokens": generation.new_tokens,
@@ -34,6 +39,10 @@ def generation_fields(generation: Generation) -> tuple[list[Any], dict[str, Any]
         "truncated": generation.truncated,
         "prefill_ms": round(generation.prefill_ms, 3),
         "decode_tokens_per_s": round(generation.decode_tokens_per_s, 3),
+        "decode_steps": generation.decode_steps,
+        "decode_ms_per_token": _rounded(generation.decode_ms_per_token, 3),
+        "kv_bytes_per_step": _rounded(generation.kv_bytes_per_step, 1),
+        "attended_share": _rounded(generation.attended_share, 6),
     }
 
 
@@ -94,17 +103,34 @@ def answer(model: LanguageModel, samples: list[Sample], run_seed: int) -> list[t
     return results  # type: ignore[return-value]
 
 
+COST_FIELDS = ("decode_ms_per_token", "new_tokens", "kv_bytes_per_step", "attended_share")
+
+
+def new_tokens_per_completion(record: dict[str, Any]) -> float:
+    """A generative record's new tokens, the mean over its completions."""
+    counts = record["new_tokens"]
+    return sum(counts) / len(counts) if isinstance(counts, list) and counts else float(counts or 0)
+
+
 def efficiency(records: Iterable[dict[str, Any]]) -> dict[str, float]:
-    """Mean prefill ms, decode tokens/s and prompt tokens over the generative samples."""
+    """Means over the generative samples: prefill ms, decode tokens/s, prompt tokens, and the cost fields (decode ms per
+    token, new tokens per completion, KV bytes per step, share attended) over the samples that hold them (runs before
+    these fields, and backends that cannot say, have none)."""
     generated = [r for r in records if "prefill_ms" in r]
     if not generated:
         return {}
     mean = lambda key: sum(r[key] for r in generated) / len(generated)  # noqa: E731
-    return {
+    summary = {
         "prefill_ms_mean": mean("prefill_ms"),
         "decode_tokens_per_s_mean": mean("decode_tokens_per_s"),
         "prompt_tokens_mean": mean("prompt_tokens"),
     }
+    for key in COST_FIELDS:
+        values = [new_tokens_per_completion(r) if key == "new_tokens" else r.get(key) for r in generated]
+        values = [v for v in values if v is not None]
+        if values:
+            summary[f"{key}_mean"] = sum(values) / len(values)
+    return summary
 
 
 def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore, config: RunConfig, *,

@@ -292,8 +292,21 @@ class OpenAIServer(ThreadingHTTPServer):
                 "decode_tokens_per_s": sum(g.decode_tokens_per_s for g in generations) / len(generations),
                 "new_tokens": [n for g in generations for n in g.new_tokens],
                 "truncated": any(g.truncated for g in generations),
+                **decode_cost(generations),
             },
         }
+
+
+def decode_cost(generations: list) -> dict[str, Any]:
+    """The generations' decode steps and, weighted by them, their ms per step, KV bytes per step and share attended
+    (Generation's fields; None where one generation with steps has none), for `openai:` clients of our server."""
+    steps = sum(g.decode_steps for g in generations)
+    out: dict[str, Any] = {"decode_steps": steps}
+    for key in ("decode_ms_per_token", "kv_bytes_per_step", "attended_share"):
+        pairs = [(getattr(g, key), g.decode_steps) for g in generations if g.decode_steps]
+        known = steps and all(value is not None for value, _ in pairs)
+        out[key] = sum(value * n for value, n in pairs) / steps if known else None
+    return out
 
 
 class _Handler(BaseHTTPRequestHandler):

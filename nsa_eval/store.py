@@ -74,7 +74,12 @@ def git_sha() -> str:
 
 
 def hardware() -> dict[str, Any]:
+    """The machine a run's timings come from: platform, CPU count, architecture and model (`cpu`, where the OS names
+    it), and the GPU's name and count where CUDA sees one (the report compares timings only on the same card)."""
     info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "machine": platform.machine()}
+    cpu = cpu_model()
+    if cpu:
+        info["cpu"] = cpu
     try:
         import torch
 
@@ -84,6 +89,18 @@ def hardware() -> dict[str, Any]:
     except ImportError:  # pragma: no cover
         pass
     return info
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux: /proc/cpuinfo's first 'model name'; elsewhere platform.processor()), or None."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def write_in_order(path: Path, records: list[dict[str, Any]], ids: list[str]) -> None:

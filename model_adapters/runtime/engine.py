@@ -13,7 +13,9 @@ How a batch of requests runs (`generate_iter`):
   (runtime/sampling.py: counter-based randomness from each row's seed and step, so a sample depends only on its
   request and seed, never on the batch), and copies the new tokens to the host once (the step's one sync).
 - Stop sequences are checked on a window of the newest tokens only; EOS ends a row without being counted.
-Timings per request: prefill_ms of its own prefill; decode tokens/s over the wall time its rows were decoding.
+Timings per request: prefill_ms of its own prefill; decode tokens/s over the wall time its rows were decoding; decode ms
+per step (per output token after the first). Its rows' decode steps also give the KV bytes a step reads and the share
+of the context it attends, from the model's config (model_adapters/decode_cost.py).
 `warm_up()` compiles the kernels and captures the graphs before the first request (its seconds: `compile_s`).
 """
 
@@ -26,6 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from nsa_eval.model_adapters.base import Generation, GenerationRequest
+from nsa_eval.model_adapters.decode_cost import DecodeCost, StepCost
 from nsa_eval.model_adapters.hf import ForwardScoring
 from nsa_eval.model_adapters.prompts import PromptTokens, cut_at_stop, eos_ids, truncate_middle
 from nsa_eval.model_adapters.runtime.cache import SlotCache
@@ -46,6 +49,7 @@ class _Row:
     started: float = 0.0
     ended: float = 0.0
     decode_s: float = 0.0  # wall time of the decode steps it took part in (not of other rows' prefills)
+    steps: int = 0  # decode steps it took part in (its first token comes from the prefill)
 
 
 @dataclass
@@ -138,6 +142,11 @@ class Engine(PromptTokens, ForwardScoring):
     def prefill_chunk(self) -> int | None:
         return self.model.prefill_chunk
 
+    @property
+    def decode_cost(self) -> DecodeCost:
+        """What a decode step reads and attends, from the model's config and dtype (model_adapters/decode_cost.py)."""
+        return DecodeCost.of_config(self.model.config, self.model.dtype.itemsize)
+
     def _target_logprobs(self, inputs: list[int], targets: list[int]) -> list[float]:
         """One rolling window's target log-probabilities (ForwardScoring.loglikelihood_rolling) through the model's
         own prefill, for full, NSA and sparse attention alike, with the LM head in slices (`window_logprobs`)."""
@@ -208,6 +217,7 @@ class Engine(PromptTokens, ForwardScoring):
             now = time.perf_counter()
             for slot in busy:
                 rows[slot].decode_s += now - step_start
+                rows[slot].steps += 1
             self.stats.decode_s += now - step_start
             self.stats.decode_steps += 1
             self.stats.decode_tokens += len(busy)
@@ -307,10 +317,15 @@ class Engine(PromptTokens, ForwardScoring):
             texts, counts, finish = (x * request.spec.n for x in (texts, counts, finish))
         seconds = max(r.decode_s for r in done)  # its rows decode side by side
         generated = sum(len(r.tokens) for r in done)
+        cost_model = self.decode_cost
+        cost = sum((cost_model.over_steps(len(request.ids), r.steps) for r in done), StepCost())
+        step_s = sum(r.decode_s for r in done)
         return request.index, Generation(
             texts=texts, new_tokens=counts, finish_reasons=finish, prompt_tokens=len(request.ids),
             truncated=request.truncated, prefill_ms=request.prefill_ms,
-            decode_tokens_per_s=generated / seconds if seconds > 0 else 0.0)
+            decode_tokens_per_s=generated / seconds if seconds > 0 else 0.0, decode_steps=cost.steps,
+            decode_ms_per_token=step_s * 1e3 / cost.steps if cost.steps else None,
+            kv_bytes_per_step=cost.kv_bytes_per_step, attended_share=cost.mean_attended_share)
 
     # ---- the cache and the warm-up ------------------------------------------------------------------------
 

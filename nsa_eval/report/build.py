@@ -22,12 +22,13 @@ from pathlib import Path
 import pandas as pd
 
 from nsa_eval.report import FORMATS, RESULTS_DIR, figures, html, speed
+from nsa_eval.report.cost import cost_parts, efficiency_table, hardware_text
 from nsa_eval.report.reference import PAPER_NAME
 from nsa_eval.report.runs import Run, load_runs
 from nsa_eval.report.effective import family_of
 from nsa_eval.report.sweeps import budget_sweeps, sweep_section
 from nsa_eval.report.tables import (POSITION_KEYS, Cell, Details, FigureFile, Section, Table, aime_table, breakdown_table,
-                                    compare, cross_table, effective_table, efficiency_table, hardware_text, long_records,
+                                    compare, cross_table, effective_table, long_records,
                                     mismatch, model_table, position_table, reference_run, report_tasks, ruler_table,
                                     slug, subset_table, task_table, to_frame, to_latex, to_markdown)
 
@@ -111,6 +112,9 @@ def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: 
         effective = effective_table(runs, task, baseline, seed)
         if effective is not None:
             section.tables.append(effective)
+    cost_tables, cost_figures = cost_parts(runs, task, baseline)
+    section.tables += cost_tables
+    section.figures += cost_figures
     if task.startswith("aime") or any("generation_budget" in result.config for result in results):
         section.tables.append(aime_table(runs, task, baseline, with_paper))
     for key in keys:
@@ -152,7 +156,8 @@ def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: 
 
 
 def _speed_section(runs: list[Run], bench_dir: Path | None, with_paper: bool) -> Section | None:
-    """The runs' own speed (prefill ms, decode tokens/s), and kernel tables only from the bench_dir asked for."""
+    """The runs' own speed and cost (prefill ms, decode tokens/s and ms per token, KV bytes per step, share attended;
+    report/cost.py), and kernel tables only from the bench_dir asked for."""
     section = Section("Speed")
     efficiency = efficiency_table(runs)
     if efficiency:

@@ -9,6 +9,8 @@ no global pyplot state). PNG at 200 dpi for the web, SVG and PDF for papers and 
 - `budget_curve`: score against sparse budget (a budget sweep), a line per series, full attention dashed;
 - `matrix_panels`: side-by-side 0..1 heatmaps of one row x column grid each (`nsa-eval inspect`: selection recall and
   dense mass share, layer x KV head and layer x query position).
+- `cost_pareto`: score against decode ms per token and against KV bytes per step, a colour per length, a marker per
+  run, each length's Pareto front joined.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from nsa_eval.report.runs import Run, value_order
 from nsa_eval.tasks.base import is_number
@@ -272,4 +275,78 @@ def matrix_panels(title: str, panels: dict[str, np.ndarray], columns: list[str],
         axes.set_title(name, fontsize=10)
     figure.colorbar(image, ax=figure.axes, shrink=0.8, label="fraction (0..1)")
     figure.suptitle(title, fontsize=10)
+    return _render(figure)
+
+
+@dataclass
+class ParetoPoint:
+    """One run at one length: its score (stderr) and its costs (None where the run did not record one)."""
+
+    label: str  # the run
+    group: str  # the length ("length 2048", or "all samples")
+    score: float
+    stderr: float | None
+    decode_ms_per_token: float | None
+    kv_bytes_per_step: float | None
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indexes of the (cost, score) points no other point beats (cost no higher and score no lower, one of them
+    strictly), by cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def cost_pareto(title: str, points: list[ParetoPoint], ylabel: str) -> dict[str, bytes]:
+    """Two panels: score against decode ms per token, and against KV MB read per decode step (log axes where the
+    costs span 4x or more); a colour per length, a marker per run (filled on its length's Pareto front, which a
+    dashed line joins: no other run is both cheaper and better there), standard error bars."""
+    figure = Figure(figsize=(11.0, 4.4), layout="constrained")
+    groups = list(dict.fromkeys(p.group for p in points))
+    labels = list(dict.fromkeys(p.label for p in points))
+    panels = (("decode_ms_per_token", "decode ms per token (lower is faster)", 1.0),
+              ("kv_bytes_per_step", "KV MB read per decode step", 1e6))
+    axes_list = figure.subplots(1, 2, sharey=True)
+    colours = [f"C{i % 10}" for i in range(len(groups))]
+    fractions = all(0 <= p.score <= 1 for p in points)
+    for axes, (field_name, xlabel, scale) in zip(axes_list, panels):
+        drawn = [p for p in points if getattr(p, field_name) is not None]
+        for g, group in enumerate(groups):
+            mine = [p for p in drawn if p.group == group]
+            if not mine:
+                continue
+            xy = [(getattr(p, field_name) / scale, p.score) for p in mine]
+            front = pareto_front(xy)
+            for i, p in enumerate(mine):
+                number = labels.index(p.label)
+                axes.errorbar(*xy[i], yerr=p.stderr or 0.0, marker=MARKERS[number % len(MARKERS)], color=colours[g],
+                              markerfacecolor=colours[g] if i in front else "none", capsize=3, linestyle="none",
+                              markersize=max(4, 10 - 2 * number))  # equal points: the later run's marker inside
+            if len(front) > 1:
+                axes.plot([xy[i][0] for i in front], [xy[i][1] for i in front], color=colours[g], linestyle="--",
+                          linewidth=1.0)
+        xs = [getattr(p, field_name) / scale for p in drawn]
+        if xs and min(xs) > 0 and max(xs) / min(xs) >= 4:
+            axes.set_xscale("log")
+            plain = FuncFormatter(lambda value, _: f"{value:g}")
+            axes.xaxis.set_major_formatter(plain)
+            axes.xaxis.set_minor_formatter(plain)
+        if not xs:
+            axes.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=axes.transAxes)
+        axes.set_xlabel(xlabel)
+        axes.grid(alpha=0.3)
+    if fractions:
+        axes_list[0].set_ylim(-0.05, 1.05)
+    axes_list[0].set_ylabel(ylabel)
+    handles = [axes_list[1].plot([], [], marker=MARKERS[i % len(MARKERS)], color="black", linestyle="none",
+                                 label=label)[0] for i, label in enumerate(labels)]
+    handles += [axes_list[1].plot([], [], marker="s", color=colours[g], linestyle="none", label=group)[0]
+                for g, group in enumerate(groups)]
+    axes_list[1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    figure.suptitle(f"{title}\nfilled: on the length's Pareto front (dashed); bars: standard error", fontsize=10)
     return _render(figure)

@@ -23,7 +23,9 @@ class TaskResult:
     """One task of one run: metrics.json's entry joined with run.json's task record.
 
     metrics: {metric: {"mean", "stderr"}}; breakdowns: {key: {value: {metric: {"mean", "stderr", "n"}}}};
-    efficiency: {"prefill_ms_mean", "decode_tokens_per_s_mean", "prompt_tokens_mean"} (may be empty).
+    efficiency: {"prefill_ms_mean", "decode_tokens_per_s_mean", "prompt_tokens_mean"} and, for runs since the cost fields
+    (issue 21), "decode_ms_per_token_mean", "new_tokens_mean", "kv_bytes_per_step_mean", "attended_share_mean" (may be
+    empty).
     """
 
     name: str

@@ -707,41 +707,6 @@ def cross_table(runs: list[Run], index: int, task: str, cross_key: str) -> Table
     return table
 
 
-EFFICIENCY = (("prefill_ms_mean", "prefill ms (mean)"), ("decode_tokens_per_s_mean", "decode tokens/s (mean)"),
-              ("prompt_tokens_mean", "prompt tokens (mean)"))
-
-
-def efficiency_table(runs: list[Run]) -> Table | None:
-    """Model speed as the runs measured it: a row per task and quantity, a column per run."""
-    table = Table("efficiency", "Model speed measured during the runs", ["Task", "Quantity", *(r.label for r in runs)])
-    hardware = {run.label: hardware_text(run) for run in runs}
-    for task in report_tasks(runs):
-        if not any(task in run.results and run.results[task].efficiency for run in runs):
-            continue
-        for key, label in EFFICIENCY:
-            row = [Cell(task), Cell(label)]
-            for index, run in enumerate(runs):
-                result = run.results.get(task)
-                value = result.efficiency.get(key) if result else None
-                row.append(Cell(DASH) if value is None else Cell(f"{value:.1f} (n={result.n})", value, Drill(index, task),
-                                                                 numbers={"mean": value, "n": result.n}))
-            table.rows.append(row)
-    if not table.rows:
-        return None
-    table.note("measured on: " + "; ".join(f"{label}: {hw}" for label, hw in hardware.items()))
-    return table
-
-
-def hardware_text(run: Run) -> str:
-    """The run's GPU, else its CPU count and architecture, from run.json's hardware record."""
-    hw = run.info.get("hardware") or {}
-    if hw.get("gpu"):
-        return f"{hw['gpu']}" + (f" x{hw['gpu_count']}" if hw.get("gpu_count", 1) > 1 else "")
-    if hw.get("cpu_count"):
-        return f"CPU, {hw['cpu_count']} cores" + (f" ({hw['machine']})" if hw.get("machine") else "")
-    return str(hw.get("platform") or "unknown hardware")
-
-
 def _numbers(cell: dict[str, Any]) -> dict[str, float]:
     """A breakdown cell's mean, stderr and n, for CSV."""
     return {k: cell[k] for k in ("mean", "stderr", "n") if isinstance(cell.get(k), (int, float))}

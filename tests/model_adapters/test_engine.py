@@ -457,6 +457,12 @@ def test_runner_streams_records_from_the_native_engine(hf_dirs, tmp_path):
     kinds = [kind for kind, _ in events]
     assert kinds == ["finished", "record"] * 6 + ["record"]
     assert [records[f"g{i}"]["new_tokens"] for i in range(5)] == [[k] for k in MAX_NEW]
+    # each generation's decode cost (model_adapters/decode_cost.py; tests/model_adapters/test_decode_cost.py checks it)
+    assert [records[f"g{i}"]["decode_steps"] for i in range(5)] == [k - 1 for k in MAX_NEW]
+    assert all(records[f"g{i}"]["kv_bytes_per_step"] > 0 and records[f"g{i}"]["attended_share"] == 1.0
+               for i in range(5))
+    assert "kv_bytes_per_step" not in records["ll"]
+    assert metrics["tasks"]["tiny"]["efficiency"]["kv_bytes_per_step_mean"] > 0
     assert len(records["sampled"]["responses"]) == 2 and len(records["ll"]["loglikelihoods"]) == 2
     run_info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run_info["compile_s"] == 1.5 and run_info["engine"] == "Engine"

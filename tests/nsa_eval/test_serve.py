@@ -111,6 +111,10 @@ def test_our_openai_backend_gives_what_the_served_model_gives(tiny, tiny_llama_d
         assert [g.prompt_tokens for g in got] == [g.prompt_tokens for g in expected]
         assert [g.new_tokens for g in got] == [g.new_tokens for g in expected]
         assert all(g.prefill_ms > 0 for g in got)  # the server's own timings came through
+        # and its decode cost (computed from the model's config, so equal to the model's own)
+        assert [(g.decode_steps, g.kv_bytes_per_step, g.attended_share) for g in got] == [
+            (g.decode_steps, g.kv_bytes_per_step, g.attended_share) for g in expected]
+        assert any(g.kv_bytes_per_step for g in got)
         pairs = [LoglikelihoodRequest("Question: 2+2=?\nAnswer:", " 4"), LoglikelihoodRequest("The sky is ", "blue"),
                  LoglikelihoodRequest("Hello", " world, and more")]
         if with_tokenizer:

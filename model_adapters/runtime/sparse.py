@@ -74,8 +74,7 @@ def _lse(q, k_mean, seq_len: int, block: int, fns: Any, scale: float) -> torch.T
 
 
 def _tile_selection(q, k_mean, seq_len: int, settings: SparseSettings, fns: Any, scale: float) -> torch.Tensor:
-    return sparse_select_tiles(q, k_mean, _lse(q, k_mean, seq_len, settings.block, fns, scale), seq_len, settings,
-                               scale)
+    return sparse_select_tiles(q, k_mean, None, seq_len, settings, scale)
 
 
 def _per_query(tiles: torch.Tensor, seq_len: int, num_queries: int, block: int) -> torch.Tensor:
@@ -87,7 +86,8 @@ def _per_query(tiles: torch.Tensor, seq_len: int, num_queries: int, block: int) 
 def block_importance(q, k_mean, lse, seq_len: int, block: int, scale: float, start: int, count: int) -> torch.Tensor:
     """Importance of every block for queries start..start+count-1 of q [B, T, HQ, D] (positions S-T+start, ...):
     their compressed probabilities over the complete blocks so far, summed over each KV head's query heads (eq. 8,
-    10) -> float32 [B, count, H, NJ] (NJ = blocks of S, zero for blocks not yet complete)."""
+    10) -> float32 [B, count, H, NJ] (NJ = blocks of S, zero for blocks not yet complete). lse [B, T, HQ]: the
+    compressed attention's log-sum-exp, or None to compute it here."""
     B, T, HQ, D = q.shape
     Tc, H = k_mean.shape[1], k_mean.shape[2]
     num_blocks = -(-seq_len // block)
@@ -95,10 +95,12 @@ def block_importance(q, k_mean, lse, seq_len: int, block: int, scale: float, sta
     pos = torch.arange(first, first + count, device=q.device)[None, :, None, None]  # [1, count, 1, 1]
     scores = torch.einsum("bthgd,bchd->bthgc", q[:, start:start + count].float().view(B, count, H, HQ // H, D),
                           k_mean.float()) * scale
-    lse = lse[:, start:start + count]
-    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).view(B, count, H, HQ // H, 1)
     visible = torch.arange(Tc, device=q.device) < (pos[..., None] + 1) // block  # complete blocks up to pos
-    probs = torch.where(visible, torch.exp(scores - lse), 0.0)
+    if lse is None:  # the log-sum-exp over the visible blocks, here rather than from the compressed kernel
+        lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), -1, keepdim=True)
+    else:
+        lse = lse[:, start:start + count].reshape(B, count, H, HQ // H, 1)
+    probs = torch.where(visible, torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)), 0.0)
     return F.pad(probs.sum(3), (0, num_blocks - Tc))
 
 
@@ -145,7 +147,8 @@ def sparse_select(q, k_mean, lse, seq_len: int, settings: SparseSettings, scale:
 
 def sparse_select_tiles(q, k_mean, lse, seq_len: int, settings: SparseSettings, scale: float,
                         max_scores: int = 1 << 27) -> torch.Tensor:
-    """The blocks each tile of `block` query positions keeps: q, k_mean, lse as sparse_select -> int32
+    """The blocks each tile of `block` query positions keeps: q, k_mean, lse as sparse_select (lse None: computed
+    from the scores) -> int32
     [B, NT, H, n]: tile i holds positions [(t0 + i) * block, (t0 + i + 1) * block) of the queries S-T..S-1, t0 =
     (S - T) // block (the first and last tiles may hold fewer queries). A tile ranks blocks by its queries' summed
     importance; forced: the leading blocks and the local blocks of its first query (the same count as one query's)."""
@@ -170,7 +173,9 @@ def sparse_select_tiles(q, k_mean, lse, seq_len: int, settings: SparseSettings, 
 def tile_attention(q, k, v, tiles: torch.Tensor, block: int, scale: float, max_scores: int = 1 << 26) -> torch.Tensor:
     """q [B, T, HQ, D] at positions S-T..S-1, k [B, S, H, D], v [B, S, H, Dv], tiles [B, NT, H, n] (sparse_select_tiles)
     -> [B, T, HQ, Dv]: each query attends the tokens of its tile's blocks up to its own position, by SDPA over each
-    tile's gathered keys and values (tiles in groups that keep the scores under `max_scores` elements)."""
+    tile's gathered blocks (tiles in groups that keep the scores under `max_scores` elements). A tile's blocks are
+    put in ascending order, so its own block, the only one a query may see part of, comes last: the causal mask is
+    one [G * block, n * block] pattern for every tile whose n slots all hold a block (all but the first n or so)."""
     B, T, HQ, D = q.shape
     S, H, Dv = k.shape[1], k.shape[2], v.shape[3]
     G, n = HQ // H, tiles.shape[-1]
@@ -179,20 +184,29 @@ def tile_attention(q, k, v, tiles: torch.Tensor, block: int, scale: float, max_s
     start = first_pos // block * block  # position of the first tile's first row
     q_rows = F.pad(q, (0, 0, 0, 0, first_pos - start, start + num_tiles * block - S))  # whole tiles
     q_rows = q_rows.view(B, num_tiles, block, H, G, D).permute(0, 1, 3, 4, 2, 5).reshape(B, num_tiles, H, G * block, D)
+    tiles = tiles.sort(-1).values.long()  # unused slots (-1) first, the tile's own block last
+    num_blocks = -(-S // block)
+    blocks_of = lambda x: F.pad(x, (0, 0, 0, 0, 0, num_blocks * block - S)).view(  # noqa: E731
+        B, num_blocks, block, H, x.shape[-1]).permute(0, 3, 1, 2, 4)  # [B, H, NJ, block, dim]
+    k_blocks, v_blocks = blocks_of(k), blocks_of(v)
     offsets = torch.arange(block, device=q.device)
-    tokens = (tiles.clamp_min(0).long()[..., None] * block + offsets).flatten(-2)  # [B, NT, H, n * block]
-    kept = (tiles >= 0)[..., None].expand(*tiles.shape, block).flatten(-2) & (tokens < S)
-    tokens = tokens.clamp_max(S - 1)
-    row_pos = start + torch.arange(num_tiles, device=q.device)[:, None] * block + offsets.repeat(G)  # [NT, G * block]
-    k_heads, v_heads = k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
+    causal = torch.zeros(G * block, n * block, dtype=q.dtype, device=q.device)
+    causal[:, (n - 1) * block:].masked_fill_(offsets[None, :] > offsets.repeat(G)[:, None], float("-inf"))
+    used = (tiles >= 0).repeat_interleave(block, -1)  # [B, NT, H, n * block]
+    partial = int((~used.all(-1).all(-1).all(0)).sum())  # the first tiles, with fewer than n blocks so far
+    rows_b = torch.arange(B, device=q.device)[:, None, None, None]
+    heads = torch.arange(H, device=q.device)[None, None, :, None]
     out = q.new_empty(B, num_tiles, H, G * block, Dv)
     group = max(1, max_scores // (B * HQ * block * n * block))
-    for a in range(0, num_tiles, group):
-        b = min(a + group, num_tiles)
-        index = tokens[:, a:b].transpose(1, 2).reshape(B, H, -1, 1)  # [B, H, nt * n * block, 1]
-        k_sel = k_heads.gather(2, index.expand(-1, -1, -1, D)).view(B, H, b - a, n * block, D).transpose(1, 2)
-        v_sel = v_heads.gather(2, index.expand(-1, -1, -1, Dv)).view(B, H, b - a, n * block, Dv).transpose(1, 2)
-        visible = kept[:, a:b, :, None, :] & (tokens[:, a:b, :, None, :] <= row_pos[a:b, None, :, None])
-        out[:, a:b] = F.scaled_dot_product_attention(q_rows[:, a:b], k_sel, v_sel, attn_mask=visible, scale=scale)
+    for lo, hi in ((0, partial), (partial, num_tiles)):
+        for a in range(lo, hi, group):
+            b = min(a + group, hi)
+            chosen = tiles[:, a:b].clamp_min(0)
+            flat = lambda x: x.reshape(B * (b - a), H, -1, x.shape[-1])  # noqa: E731 - SDPA's fast CPU path: 4D
+            mask = causal if a >= partial else causal.masked_fill(~used[:, a:b, :, None, :], float("-inf")).view(
+                B * (b - a), H, G * block, n * block)
+            out[:, a:b] = F.scaled_dot_product_attention(
+                flat(q_rows[:, a:b]), flat(k_blocks[rows_b, heads, chosen]), flat(v_blocks[rows_b, heads, chosen]),
+                attn_mask=mask, scale=scale).view(B, b - a, H, G * block, Dv)
     out = out.view(B, num_tiles, H, G, block, Dv).permute(0, 1, 4, 2, 3, 5).reshape(B, num_tiles * block, HQ, Dv)
     return out[:, first_pos - start:first_pos - start + T]

@@ -13,7 +13,7 @@
 #                                             probed on NIAH 1k-7k x 5 depths x PROBE_SAMPLES (default 2) into
 #                                             $R/probe-NAME; the first with the best probe accuracy becomes $R/gpu-run
 #                                             and model_adapters/smollm2_nsa.safetensors ($R/recipes.json says why)
-#   scripts/smollm2_nsa_device.sh long|short  the runs of MODELS (default: full nsa sparse) into $R/runs/, the models
+#   scripts/smollm2_nsa_device.sh long|short  the runs of MODELS (default: full nsa sparse; also: tile) into $R/runs/, the models
 #                                             in parallel (one GPU holds all three; logs in $R/logs/)
 #   scripts/smollm2_nsa_device.sh evals       long and short at once; DEADLINE=S stops every run after S seconds and
 #                                             starts no other ($R/stop); each keeps what it finished, the same
@@ -37,8 +37,9 @@ export NSA_EVAL_CACHE=${NSA_EVAL_CACHE:-$(realpath -m $R)/cache} PYTHONPATH=$(re
 NSA_EVAL=(python3 -m nsa_eval.cli)
 SPARSE=(--attention sparse --sparse-budget 1536 --sparse-leading 64 --sparse-local 512 --sparse-block 64)
 EXTRA=(${EXTRA:-})
-model_args() {  # full | nsa | sparse -> the run flags of that model
-  case $1 in full) echo --model smollm2 ;; nsa) echo --model smollm2-nsa ;; sparse) echo --model smollm2 "${SPARSE[@]}" ;; esac
+model_args() {  # full | nsa | sparse | tile (sparse, tile-shared selection) -> the run flags of that model
+  case $1 in full) echo --model smollm2 ;; nsa) echo --model smollm2-nsa ;; sparse) echo --model smollm2 "${SPARSE[@]}" ;;
+    tile) echo --model smollm2 "${SPARSE[@]}" --sparse-selection tile ;; esac
 }
 MODELS=${MODELS:-full nsa sparse}
 case ${1:-} in

@@ -48,6 +48,26 @@ def smollm2_dir() -> Path:
     return plain_checkpoint()
 
 
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    """SmolLM2's real tokenizer, for prompts whose length is measured in tokens (one per test module)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (`pytestmark = pytest.mark.usefixtures("one_thread")`): on 2
+    shared cores a second thread that waits for a busy core makes each small op up to 100 times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2(smollm2_dir):
     """The real SmolLM2 model behind the LanguageModel interface, loaded once per test session."""

@@ -70,21 +70,7 @@ def sampled_reference(model, ids: list[int], steps: int, seed: int, sample: int,
     return seq[len(ids):]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for these tiny models: on 2 shared cores a second thread that waits for a busy core makes
-    each small op up to 100 times slower (12 ms instead of 0.02 ms for the reference kernels' einsums)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_dir)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---- transformers checkpoints ---------------------------------------------------------------------------------

@@ -56,13 +56,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_dir)
-
-
-@pytest.fixture(scope="module")
 def prompt(tokenizer) -> torch.Tensor:
     ids = tokenizer(TEXT, return_tensors="pt").input_ids
     assert ids.shape[1] >= 12 * BLOCK  # at least 12 complete blocks, of which the last query keeps SELECTED

@@ -22,20 +22,7 @@ LONG = ("Once upon a time, in a land far away, there lived a king who had three 
 WINDOW = 24  # a small max length: LONG (62 tokens) takes three windows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores a second one that waits for a busy core slows every small op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_dir)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def lm_eval_windows(tokens, prefix, max_length, context_len=1):

@@ -10,7 +10,7 @@ Definitions, per layer, KV head h and query position t (tokens 0..t visible, cau
 - block mass M(j) = sum of m(s) over block j's tokens [j*l', (j+1)*l') (those <= t), l' the selection block
   (NSA's select_len; sparse: its block).
 - the model's selection: the block indices its selection code returns for that query (NSA: the kernel table's
-  `select_blocks`, Triton on CUDA, the PyTorch reference on the CPU; sparse: `runtime/sparse.py: sparse_select_blocks`),
+  `select_blocks`, Triton on CUDA, the PyTorch reference on the CPU; sparse: `runtime/sparse.py: sparse_attention_over_blocks`'s `observe`),
   taken from the model's own prefill through `Attention.observe`; the always-kept blocks (NSA's block 0 and two local
   blocks; sparse's leading and local tokens, as whole blocks) are among them, as they are in the n the model attends.
 - n = min(the model's selected count, blocks visible at t = t // l' + 1): NSA's num_selected, sparse's budget //

@@ -41,40 +41,22 @@ def sparse_attention_over_blocks(q, k, v, k_mean, settings: SparseSettings, ops:
     S, T = k.shape[1], q.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     fns = ops or nsa_eval.kernels.nsa
-    tiles = _tile_selection(q, k_mean, S, settings, fns, scale) if settings.selection == "tile" and T > 1 else None
-    on_cpu_tiles = tiles is not None and q.device.type != "cuda"
-    if observe is not None or not on_cpu_tiles:
-        indices = (_per_query(tiles, S, T, settings.block) if tiles is not None
-                   else sparse_select_blocks(q, k_mean, S, settings, ops, scale))
-        if observe is not None:
-            observe(q, k, indices)
-    if on_cpu_tiles:
+    tiles = sparse_select_tiles(q, k_mean, None, S, settings, scale) if settings.selection == "tile" and T > 1 else None
+    if tiles is None:
+        indices = sparse_select(q, k_mean, _lse(q, k_mean, S, settings.block, fns, scale), S, settings, scale)
+    elif observe is not None or q.device.type == "cuda":
+        indices = _per_query(tiles, S, T, settings.block)
+    if observe is not None:
+        observe(q, k, indices)
+    if tiles is not None and q.device.type != "cuda":
         return tile_attention(q, k, v, tiles, settings.block, scale)
     return fns.selected_attention(q, k, v, indices, select_len=settings.block, scale=scale)
-
-
-def sparse_select_blocks(q, k_mean, seq_len: int, settings: SparseSettings, ops: Any = None,
-                         scale: float | None = None) -> torch.Tensor:
-    """The blocks each query keeps: q [B, T, HQ, D] at positions S-T..S-1 of S = seq_len tokens, k_mean [B, S // block,
-    H, D] the keys' block means -> int32 [B, T, H, n] (sparse_select's layout; with selection "tile" and T > 1, each
-    query its tile's blocks). The scores' log-sum-exp comes from the compressed-attention kernel of `ops` (None:
-    nsa_eval.kernels.nsa by device)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    fns = ops or nsa_eval.kernels.nsa
-    if settings.selection == "tile" and q.shape[1] > 1:
-        return _per_query(_tile_selection(q, k_mean, seq_len, settings, fns, scale), seq_len, q.shape[1],
-                          settings.block)
-    return sparse_select(q, k_mean, _lse(q, k_mean, seq_len, settings.block, fns, scale), seq_len, settings, scale)
 
 
 def _lse(q, k_mean, seq_len: int, block: int, fns: Any, scale: float) -> torch.Tensor:
     _, lse = fns.compressed_attention(q, k_mean, k_mean, block_len=block, block_stride=block, scale=scale,
                                       seq_len=seq_len)
     return lse
-
-
-def _tile_selection(q, k_mean, seq_len: int, settings: SparseSettings, fns: Any, scale: float) -> torch.Tensor:
-    return sparse_select_tiles(q, k_mean, None, seq_len, settings, scale)
 
 
 def _per_query(tiles: torch.Tensor, seq_len: int, num_queries: int, block: int) -> torch.Tensor:

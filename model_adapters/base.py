@@ -6,8 +6,9 @@ them, and the runner hands the plain texts / log-probabilities back to the task 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Protocol, Union, runtime_checkable
+from typing import Any, Callable, Iterator, Union
 
 ChatMessages = list[dict[str, str]]  # [{"role": "user", "content": "..."}, ...]
 Prompt = Union[str, ChatMessages]
@@ -112,28 +113,52 @@ class RollingLoglikelihood:
         return float(sum(self.logprobs))
 
 
-@runtime_checkable
-class LanguageModel(Protocol):
-    name: str  # what reports print
-    max_length: int  # prompt + generation budget in tokens
+class LanguageModel(ABC):
+    """What every backend is to the harness. A backend sets `name` (what reports print) and `max_length` (prompt +
+    generation budget in tokens) and implements generate, loglikelihood and count_tokens; the rest has defaults."""
 
+    name: str
+    max_length: int
+    chat = False  # whether tasks send chat messages by default (the tokenizer has a chat template)
+    compile_s = 0.0  # seconds of warm-up (kernel compiles, graph captures), recorded apart from the samples' timings
+    streams = False  # generate_iter is the backend's own: requests join while it runs, tokens go to on_token
+
+    @abstractmethod
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]: ...
 
+    @abstractmethod
     def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[Loglikelihood]: ...
 
+    @abstractmethod
     def count_tokens(self, text: Prompt) -> int: ...  # chat messages: counted with the chat template applied
 
-    # Optional, where the backend holds the model's logits (hf:, smollm2, nsa:; the native engine and transformers):
-    # def loglikelihood_rolling(self, requests: list[RollingLoglikelihoodRequest]) -> list[RollingLoglikelihood]
-    # (perplexity of whole documents; the runner refuses a perplexity task on a backend without it, in one line).
+    def generate_iter(self, requests: list[GenerationRequest],
+                      more: Callable[[], list[GenerationRequest]] | None = None,
+                      on_token: Callable[[int, int, list[int], bool], None] | None = None,
+                      ) -> Iterator[tuple[int, Generation]]:
+        """(index, Generation) for each request, in the order they finish. more: polled for requests that arrived
+        meanwhile (numbered after the earlier ones) until it gives none; on_token(index, sample, tokens so far, done):
+        after every token, where the backend `streams`. Here: generate() on each batch, no tokens reported."""
+        start, batch = 0, list(requests)
+        while True:
+            for offset, generation in enumerate(self.generate(batch) if batch else ()):
+                yield start + offset, generation
+            start += len(batch)
+            batch = more() if more is not None else []
+            if not batch:
+                return
+
+    def loglikelihood_rolling(self, requests: list[RollingLoglikelihoodRequest]) -> list[RollingLoglikelihood]:
+        """Every token of whole texts scored (perplexity), where the backend holds the model's logits (hf:, smollm2,
+        nsa:); here a ValueError line, whatever the requests (an empty list checks a backend before a run)."""
+        raise ValueError(f"{self.name} ({type(self).__name__}) does not score whole documents (perplexity, "
+                         "loglikelihood_rolling); run perplexity tasks on smollm2, hf: or nsa: checkpoints")
+
+    def describe(self) -> dict[str, Any]:
+        """What run.json records of the backend, where it knows it: device, dtype, batch_size, prefill_chunk and
+        attention (the checkpoint's own kind); the run's settings stand in for what is left out."""
+        return {}
 
 
 class ModelLoadError(ValueError):
     """A model spec that cannot be loaded; the message is one line naming the problem and the fix."""
-
-
-def check_rolling(model: LanguageModel) -> None:
-    """A ValueError line when a backend cannot score whole documents (perplexity): it has no loglikelihood_rolling."""
-    if not hasattr(model, "loglikelihood_rolling"):
-        raise ValueError(f"{model.name} ({type(model).__name__}) does not score whole documents (perplexity, "
-                         "loglikelihood_rolling); run perplexity tasks on smollm2, hf: or nsa: checkpoints")

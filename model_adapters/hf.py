@@ -19,6 +19,7 @@ import torch
 from nsa_eval.model_adapters.base import (
     Generation,
     GenerationRequest,
+    LanguageModel,
     Loglikelihood,
     LoglikelihoodRequest,
     ModelLoadError,
@@ -148,7 +149,7 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, rows: int = 102
     return torch.cat(out).tolist() if out else []
 
 
-class HFModel(PromptTokens, ForwardScoring):
+class HFModel(PromptTokens, ForwardScoring, LanguageModel):
     """A transformers causal LM and its tokenizer.
 
     max_length: prompt + generation budget in tokens (defaults to the model's max_position_embeddings).
@@ -243,6 +244,13 @@ class HFModel(PromptTokens, ForwardScoring):
         the config's cache is not plain per-layer K/V: model_adapters/decode_cost.py)."""
         return DecodeCost.of_transformers(self.model.config, self.dtype.itemsize,
                                           getattr(self.model.config, "nsa_eval_sparse", None))
+
+    def describe(self) -> dict[str, Any]:
+        # self.model: a transformers model (its config holds whatever config.json had), or the runtime's NSA model,
+        # which slices its prompt over its own cache (its prefill_chunk)
+        return {"device": str(self.device), "dtype": str(self.dtype), "batch_size": self.batch_size,
+                "prefill_chunk": self.prefill_chunk or getattr(self.model, "prefill_chunk", None),
+                "attention": getattr(self.model.config, "attention", None)}
 
     # ---- tokens -------------------------------------------------------------------------------------
 

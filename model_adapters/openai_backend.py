@@ -40,6 +40,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from nsa_eval.model_adapters.base import (
     Generation,
     GenerationRequest,
+    LanguageModel,
     Loglikelihood,
     LoglikelihoodRequest,
     ModelLoadError,
@@ -59,7 +60,7 @@ class _Malformed(Exception):
     """An answer that is not the JSON the OpenAI API describes (retried like a server error)."""
 
 
-class OpenAIModel:
+class OpenAIModel(LanguageModel):
     """A model served over the OpenAI API. See the module docstring for the options."""
 
     def __init__(

@@ -21,6 +21,7 @@ from typing import Any
 from nsa_eval.model_adapters.base import (
     Generation,
     GenerationRequest,
+    LanguageModel,
     Loglikelihood,
     LoglikelihoodRequest,
     ModelLoadError,
@@ -30,7 +31,7 @@ from nsa_eval.model_adapters.prompts import PromptTokens, first_line, loglikelih
 INSTALL_HINT = "pip install 'nsa-eval[vllm]' on a machine with a CUDA GPU"
 
 
-class VLLMModel(PromptTokens):
+class VLLMModel(PromptTokens, LanguageModel):
     """A vLLM engine (`vllm.LLM`) behind the LanguageModel interface."""
 
     def __init__(self, llm: Any, name: str):

@@ -37,8 +37,7 @@ def main() -> None:
 
 
 def _limit_help() -> str:
-    per = [f"of each {getattr(factory, 'limit_unit')} for {name}" for name, factory in sorted(TASKS.items())
-           if getattr(factory, "limit_unit", None)]
+    per = [f"of each {factory.limit_unit} for {name}" for name, factory in sorted(TASKS.items()) if factory.limit_unit]
     return ("Evaluate only the first N samples of each task: the first N " + " and ".join(per) +
             " (mmlu --limit 3 is 3 x 57 questions), the first N cells of the niah grid, the first N documents of an "
             "lm-eval task. The count per task is printed when the run starts.")
@@ -210,13 +209,10 @@ def _run(config: RunConfig) -> None:
     try:  # the folder is held (store.plan locked it): whatever fails before the first sample leaves it as it was
         tasks = config.build_tasks()
         for task in tasks.values():  # data loaded and checked (empty, missing subsets) before the model loads
-            prepare = getattr(task, "prepare", None)
-            if prepare is not None:
-                prepare()
-            check_length = getattr(task, "check_length", None)  # NIAH's, RULER's lengths against --max-length
-            if check_length is not None and config.max_length is not None:
-                check_length(config.max_length, config.max_new_tokens)
-            for notice in getattr(task, "notices", ()):  # e.g. RULER without its QA data: which tasks run
+            task.prepare()
+            if config.max_length is not None:  # NIAH's, RULER's lengths against --max-length
+                task.check_length(config.max_length, config.max_new_tokens)
+            for notice in task.notices:  # e.g. RULER without its QA data: which tasks run
                 click.echo(notice, err=True)
         click.echo(f"loading {config.model_spec} ...", err=True)
         stage, started = "while the model loaded", time.perf_counter()
@@ -278,7 +274,7 @@ def list_things(what: str) -> None:
     if what == "tasks":
         for name, factory in sorted(TASKS.items()):
             doc = (inspect.getdoc(sys.modules[factory.__module__]) or "").splitlines()
-            click.echo(f"{name:<14} v{getattr(factory, 'version', '?'):<4} {doc[0] if doc else ''}")
+            click.echo(f"{name:<14} v{factory.version:<4} {doc[0] if doc else ''}")
     else:
         for spec, what_it_is in MODEL_KINDS.items():
             click.echo(f"{spec:<18} {what_it_is}")

@@ -42,9 +42,9 @@ except ImportError:
     raise ValueError("lm-eval tasks and `nsa-eval lm-eval` need lm-evaluation-harness: pip install 'nsa-eval[lm-eval]'") from None
 
 from nsa_eval.model_adapters.base import (GenerationRequest, LanguageModel, LoglikelihoodRequest, Prompt,
-                                          RollingLoglikelihoodRequest, check_rolling)
+                                          RollingLoglikelihoodRequest)
 from nsa_eval.util import did_you_mean
-from nsa_eval.tasks.base import Sample, TaskContext
+from nsa_eval.tasks.base import Sample, Task, TaskContext
 
 LM_EVAL_VERSION = metadata.version("lm-eval")
 FEWSHOT_SEED = 1234  # lm-eval's default few-shot seed (simple_evaluate's fewshot_random_seed)
@@ -117,7 +117,6 @@ class NSAEvalLM(LM):
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         """lm-eval's perplexity requests (args: the document) -> each document's summed log-probability, from the
         backend's loglikelihood_rolling (lm-eval's disjoint windows of the backend's max length)."""
-        check_rolling(self.model)
         answers = self.model.loglikelihood_rolling([RollingLoglikelihoodRequest(r.args[0]) for r in requests])
         results = [answer.logprob for answer in answers]
         for request, result in zip(requests, results):
@@ -292,11 +291,8 @@ def row_hash(row: dict) -> str:
     return hashlib.sha256(json.dumps(json_safe(row), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-class LmEvalTask:
+class LmEvalTask(Task):
     """An lm-eval task as one of our tasks (name `lm-eval:TASK`); see the module docstring."""
-
-    headline: str
-    breakdown_keys: tuple[str, ...] = ()
 
     def __init__(self, task: str, include_path: str | None = None, data_path: str | None = None):
         self.task_name = task

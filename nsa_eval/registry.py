@@ -17,7 +17,7 @@ from nsa_eval.tasks.ruler import Ruler
 from nsa_eval.util import did_you_mean
 
 # name -> factory(**options) -> Task. Options come from the CLI (see `nsa-eval run --help`).
-TASKS: dict[str, Callable[..., Task]] = {
+TASKS: dict[str, type[Task]] = {
     "niah": NeedleInAHaystack,
     "mmlu": MMLU,
     "gsm8k": GSM8K,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import itertools
 import sys
 import time
@@ -11,7 +10,7 @@ from typing import Any, Iterable, Iterator
 
 from nsa_eval import store as run_store
 from nsa_eval.model_adapters.base import (Generation, GenerationRequest, LanguageModel, LoglikelihoodRequest,
-                                          RollingLoglikelihoodRequest, check_rolling)
+                                          RollingLoglikelihoodRequest)
 from nsa_eval.progress import heartbeat, progress as make_progress
 from nsa_eval.run_config import RunConfig
 from nsa_eval.util import request_seed
@@ -66,14 +65,13 @@ class TokenCount:
             self.report(self.generated, len(self.rows))
 
 
-def answer_stream(model: Any, samples: list[Sample], run_seed: int,
+def answer_stream(model: LanguageModel, samples: list[Sample], run_seed: int,
                   on_token: Any = None) -> Iterator[tuple[Sample, tuple[list[Any], dict]]]:
     """Generative samples through a model that streams (`generate_iter`: the native engine's continuous batching),
-    all at once: (sample, its answer) in the order they finish. on_token: the engine's per-token callback, where
-    generate_iter takes one (progress)."""
+    all at once: (sample, its answer) in the order they finish. on_token: the engine's per-token callback
+    (progress)."""
     requests = [generation_request(sample, run_seed) for sample in samples]
-    takes = on_token is not None and "on_token" in inspect.signature(model.generate_iter).parameters
-    for index, generation in model.generate_iter(requests, **({"on_token": on_token} if takes else {})):
+    for index, generation in model.generate_iter(requests, on_token=on_token):
         yield samples[index], generation_fields(generation)
 
 
@@ -95,7 +93,6 @@ def answer(model: LanguageModel, samples: list[Sample], run_seed: int) -> list[t
             results[i] = (pairs, {"loglikelihoods": [list(p) for p in pairs], "truncated": any(ll.truncated for ll in lls)})
     rolling = [i for i, s in enumerate(samples) if s.rolling]
     if rolling:
-        check_rolling(model)
         requests = [RollingLoglikelihoodRequest(samples[i].prompt, samples[i].stride) for i in rolling]
         for i, scored in zip(rolling, model.loglikelihood_rolling(requests)):
             results[i] = (list(zip(scored.logprobs, scored.positions)),
@@ -139,7 +136,7 @@ def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore,
     run.json); resumes a run with the same config. Returns metrics.json (None in the processes of a data-parallel
     run other than the one that writes it)."""
     seed, limit, max_new_tokens = config.seed, config.limit, config.max_new_tokens
-    use_chat = getattr(model, "chat", False) if config.chat is None else config.chat
+    use_chat = model.chat if config.chat is None else config.chat
     ctx = TaskContext(count_tokens=model.count_tokens, chat=use_chat, max_length=model.max_length, seed=seed, limit=limit,
                       max_new_tokens=max_new_tokens)
     samples = {}
@@ -154,7 +151,7 @@ def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore,
             raise ValueError(f"task {name} has no samples to run (its data, subjects or subsets select none); "
                              "check its --data and --task-option settings")
         if any(s.rolling for s in items):
-            check_rolling(model)  # before anything is written
+            model.loglikelihood_rolling([])  # a backend that scores no documents says so in one line, before any write
         if max_new_tokens is not None:
             samples[name] = [dataclasses.replace(s, max_new_tokens=min(s.max_new_tokens, max_new_tokens))
                              if s.generative else s for s in items]
@@ -167,17 +164,19 @@ def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore,
         }
         for name, task in tasks.items()
     }
+    described = {"device": config.device, "dtype": config.dtype, "batch_size": config.batch_size or 1,
+                 "prefill_chunk": None, "attention": None, **model.describe()}  # the run's settings where it is silent
     hashed = {
         "model": {"spec": config.model_spec, "name": model.name, "max_length": model.max_length, "chat": use_chat},
         "tasks": task_info,
         "seed": seed,
         "limit": limit,
         **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),  # absent: older hashes hold
-        "device": str(getattr(model, "device", config.device)).split(":")[0],  # which GPU does not change results
-        "dtype": str(getattr(model, "dtype", config.dtype)),
+        "device": str(described["device"]).split(":")[0],  # which GPU does not change results
+        "dtype": str(described["dtype"]),
         **({"attention": "sparse", "sparse": config.sparse.record()} if config.sparse else {}),
     }
-    batch_size = getattr(model, "batch_size", config.batch_size or 1)
+    batch_size = described["batch_size"]
     run_info = {
         "run_id": store.root.name,
         "created": run_store.now(),
@@ -186,12 +185,11 @@ def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore,
         # outside the hash, as batch_size: prompt tokens per prefill pass change results by float rounding only, and
         # a run resumed with another --prefill-chunk must still resume
         "batch_size": batch_size,
-        # hf: models are sliced by HFModel; the NSA model (HFModel.model) slices its prompt over its own cache
-        "prefill_chunk": getattr(model, "prefill_chunk", None) or getattr(getattr(model, "model", None), "prefill_chunk", None),
+        "prefill_chunk": described["prefill_chunk"],
         "engine": type(model).__name__,  # Engine (the native runtime), HFModel (transformers), ...
         # outside the hash (the model spec decides it): the attention the checkpoint itself has, e.g. 'nsa' for an
         # nsa: checkpoint run with the default --attention full
-        "model_attention": getattr(getattr(getattr(model, "model", None), "config", None), "attention", None),
+        "model_attention": described["attention"],
         # outside the hash (derived from it): each generative task's largest budget after the --max-new-tokens cap
         "budgets_used": {name: max(s.max_new_tokens for s in items if s.generative)
                          for name, items in samples.items()
@@ -208,11 +206,11 @@ def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore,
             done = store.finished_ids(name)
             mine = [s for i, s in enumerate(samples[name]) if store.owns(i)]  # a data-parallel process: its shard
             pending = [s for s in mine if s.id not in done]
-            unit = getattr(task, "limit_unit", None)
+            unit = task.limit_unit
             note = f" (--limit {limit} per {unit})" if unit and limit is not None else ""
             bar = progress.add_task(name, total=len(mine), completed=len(mine) - len(pending), note=note)
             progress.start(bar)
-            streamed = [s for s in pending if s.generative] if hasattr(model, "generate_iter") else []
+            streamed = [s for s in pending if s.generative] if model.streams else []
             rest = [s for s in pending if s not in streamed] if streamed else pending
             count = TokenCount(lambda generated, rows, bar=bar: progress.tokens(bar, generated, rows))
             answers = answer_stream(model, streamed, seed, count) if streamed else iter(())
@@ -230,12 +228,12 @@ def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore,
                         **fields,
                         "scores": task.score(sample, output),
                     }
-                    details = getattr(task, "details", None)
+                    details = task.details(sample, output)
                     if details is not None:
-                        record["details"] = details(sample, output)
+                        record["details"] = details
                     store.append(name, record)
                 progress.advance(bar, len(batch))
-    if getattr(model, "compile_s", 0):  # kernel compiles and graph captures, apart from every sample's timings
+    if model.compile_s:  # kernel compiles and graph captures, apart from every sample's timings
         store.update_run(compile_s=round(model.compile_s, 3))
 
     if not store.gather({name: [s.id for s in items] for name, items in samples.items()}):

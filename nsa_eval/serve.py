@@ -8,11 +8,12 @@ streaming) and POST /v1/chat/completions (chat template applied by the backend, 
 our `openai:` backend reads. Loopback only by default; `--api-key` makes every request need
 `Authorization: Bearer KEY`.
 
-The standard library's ThreadingHTTPServer answers each connection in a thread. On the native engine (a model with a
-streaming `generate_iter`) one worker thread runs the engine: a request joins the batch being decoded at the next
-step (continuous batching across clients), and streaming sends each new piece of text as its token is generated
-(server-sent events; text that might begin a stop sequence is held back until it cannot). Other backends answer one
-request at a time (a lock) and stream the whole completion in one event once it is generated.
+The standard library's ThreadingHTTPServer answers each connection in a thread. On the native engine (a model that
+`streams`: its generate_iter takes requests while it runs) one worker thread runs the engine: a request joins the
+batch being decoded at the next step (continuous batching across clients), and streaming sends each new piece of text
+as its token is generated (server-sent events; text that might begin a stop sequence is held back until it cannot).
+Other backends answer one request at a time (a lock) and stream the whole completion in one event once it is
+generated.
 
 Ctrl-C (SIGINT) or SIGTERM while requests are in flight: the engine stops at its next step, each waiting client gets
 a 503 error (a streaming client an error event), the answers are written, the engine thread ends, and the process exits
@@ -38,7 +39,7 @@ from nsa_eval.model_adapters.base import Generation, GenerationRequest, Language
 from nsa_eval.model_adapters.prompts import cut_at_stop
 from nsa_eval.openai_schema import (UNSUPPORTED, RequestError, ShuttingDown, cumulative_offsets, request_messages,
                                    request_prompts, request_settings, stream_chat, stream_completion)
-from nsa_eval.serve_engine import EngineWorker, Listener, streams
+from nsa_eval.serve_engine import EngineWorker, Listener
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -70,7 +71,7 @@ class OpenAIServer(ThreadingHTTPServer):
     def attach(self, model: LanguageModel) -> None:
         """The model to serve (the socket can be bound before it loads)."""
         self.model = model
-        self.worker = EngineWorker(model, self.model_lock) if streams(model) else None
+        self.worker = EngineWorker(model, self.model_lock) if model.streams else None
 
     def stop(self, timeout: float = 30.0) -> int:
         """After Ctrl-C / SIGTERM: the engine stops at its next step and its clients get ShuttingDown; waits (at most
@@ -105,7 +106,7 @@ class OpenAIServer(ThreadingHTTPServer):
 
     def models(self) -> dict[str, Any]:
         entry = {"id": self.served_name, "object": "model", "created": self.created, "owned_by": "nsa-eval",
-                 "max_model_len": self.model.max_length, "chat": bool(getattr(self.model, "chat", False))}
+                 "max_model_len": self.model.max_length, "chat": bool(self.model.chat)}
         return {"object": "list", "data": [entry]}
 
     def completions(self, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]:

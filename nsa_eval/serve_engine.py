@@ -14,14 +14,6 @@ from nsa_eval.model_adapters.base import Generation, GenerationRequest
 from nsa_eval.openai_schema import ShuttingDown
 
 
-def streams(model: Any) -> bool:
-    """Whether the model is the native engine, whose generate_iter takes requests while it runs and reports tokens."""
-    import inspect
-
-    method = getattr(model, "generate_iter", None)
-    return method is not None and {"more", "on_token"} <= set(inspect.signature(method).parameters)
-
-
 class Listener:
     """What one request's HTTP thread waits on: (sample, tokens so far) after each token, then its Generation (or the
     error that ended the batch)."""

@@ -17,7 +17,7 @@ import re
 import threading
 from typing import Any
 
-from nsa_eval.tasks.base import Sample, TaskContext, aggregate_scores, pass_at_k
+from nsa_eval.tasks.base import Sample, Task, TaskContext, aggregate_scores, pass_at_k
 from nsa_eval.tasks.data import load_rows
 
 HUB_ID = "Maxwell-Jia/AIME_2024"
@@ -62,14 +62,13 @@ def is_correct(answer: str | None, reference: str) -> bool:
     return bool(gold and guess and verify(gold, guess, timeout_seconds=timeout))
 
 
-class AIME:
+class AIME(Task):
     """options: data_path, n_samples (16), temperature (0.7), top_p (0.95), max_new_tokens (8192; the
     paper also uses 16384)."""
 
     name = "aime"
     version = "1"
     headline = "accuracy"
-    breakdown_keys: tuple[str, ...] = ()
 
     def __init__(
         self,

@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from abc import ABC, abstractmethod
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Union
+from typing import Any, Callable, Sequence, Union
 
 ChatMessages = list[dict[str, str]]
 Prompt = Union[str, ChatMessages]
@@ -91,31 +92,43 @@ class TaskContext:
         return wanted if self.max_new_tokens is None else min(wanted, self.max_new_tokens)
 
 
-class Task(Protocol):
-    """Optional members the harness also uses: `prepare()` (load and check the data; the CLI calls it before the
-    model loads, so bad or empty data fails fast; samples() calls it too), `details(sample, output)` (per-sample
-    extras stored with the record), `check_length(max_length, cap)` (a
-ValueError when the task's lengths cannot fit; the CLI calls it before the model loads when --max-length is given),
-`notices` (lines the CLI prints before the model loads, e.g. RULER's tasks left out
-for want of data) and `limit_unit` ("subject", "subset": what `--limit N` counts per; absent: the
-    first N samples of the task)."""
+class Task(ABC):
+    """A benchmark: a task sets `name`, `version` (bumped whenever prompts or scoring change), `headline` (the
+    metric reports lead with, a key of score()'s dict) and `breakdown_keys`, and implements config, samples and
+    score; the rest has defaults."""
 
     name: str
-    version: str  # bumped whenever prompts or scoring change
-    headline: str  # the metric reports lead with, a key of score()'s dict
-    breakdown_keys: tuple[str, ...]
+    version: str
+    headline: str
+    breakdown_keys: tuple[str, ...] = ()
+    limit_unit: str | None = None  # what `--limit N` counts per ("subject", "subset"); None: the task's first N samples
+    notices: Sequence[str] = ()  # lines the CLI prints before the model loads (RULER: tasks left out for want of data)
 
+    @abstractmethod
     def config(self) -> dict[str, Any]:
         """The task's options, JSON-serialisable; part of the run's config hash."""
-        ...
 
+    @abstractmethod
     def samples(self, ctx: TaskContext) -> list[Sample]: ...
 
+    @abstractmethod
     def score(self, sample: Sample, output: list[Any]) -> dict[str, float]: ...
 
+    def prepare(self) -> None:
+        """Load and check the data; the CLI calls it before the model loads, so bad or empty data fails fast (a task's
+        samples() calls it too)."""
+
+    def check_length(self, max_length: int, cap: int | None = None) -> None:
+        """A ValueError when the task's lengths cannot fit max_length (the CLI calls it before the model loads, when
+        --max-length is given; cap: --max-new-tokens)."""
+
+    def details(self, sample: Sample, output: list[Any]) -> dict[str, Any] | None:
+        """Per-sample extras stored with the record (None: the record has no "details")."""
+        return None
+
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        """Metrics from the stored sample records (see `aggregate_scores` for the default)."""
-        ...
+        """Metrics from the stored sample records."""
+        return aggregate_scores(records, self.breakdown_keys)
 
 
 def mean_stderr(values: list[float]) -> tuple[float, float]:

@@ -33,7 +33,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from nsa_eval.tasks.base import DataError, Sample, TaskContext, aggregate_scores
+from nsa_eval.tasks.base import DataError, Sample, Task, TaskContext
 from nsa_eval.tasks.data import find_data_file, load_rows
 from nsa_eval.tasks.fewshot import fewshot_prompt
 
@@ -84,14 +84,13 @@ def normalise(text: str, ignore: list[str]) -> str:
     return text.lower()
 
 
-class GSM8K:
+class GSM8K(Task):
     """options: variant ("cot" | "standard"), data_path, num_fewshot (None: cot 8 for base models and 0 for
     chat models, standard 5), max_new_tokens (None: cot 512, standard 256)."""
 
     name = "gsm8k"
     version = "2"  # an instance's version names its variant: "2-cot", "2-standard"
     headline = "flexible_extract"
-    breakdown_keys: tuple[str, ...] = ()
 
     def __init__(self, data_path: str | None = None, num_fewshot: int | None = None, max_new_tokens: int | None = None,
                  variant: str = "cot"):
@@ -218,6 +217,3 @@ class GSM8K:
 
     def details(self, sample: Sample, output: list[str]) -> dict[str, Any]:
         return {"strict": strict_answer(output[0], self.variant), "flexible": flexible_answer(output[0])}
-
-    def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        return aggregate_scores(records, self.breakdown_keys)

@@ -33,7 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
-from nsa_eval.tasks.base import DataError, Sample, TaskContext, aggregate_scores, pass_at_k
+from nsa_eval.tasks.base import DataError, Sample, Task, TaskContext, aggregate_scores, pass_at_k
 from nsa_eval.tasks.data import check_rows, local_rows
 from nsa_eval.tasks.sandbox import ExecutionResult, Limits, run_programs, sandbox_protections
 
@@ -116,7 +116,7 @@ def _gzip_jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
                     raise DataError(f"{path}: row {number}: not valid JSON ({error.msg} at column {error.colno})") from None
 
 
-class HumanEval:
+class HumanEval(Task):
     """options: allow_code_execution (required True), data_path, n_samples (1), temperature (0 for n=1,
     else 0.8), top_p (1.0 for n=1, else 0.95), k (pass@k for these k <= n; default 1, 10, 100 where <= n),
     max_new_tokens (512; 1024 for chat models), timeout_s (per program, 3)."""
@@ -124,7 +124,6 @@ class HumanEval:
     name = "humaneval"
     version = "1"
     headline = "pass@1"
-    breakdown_keys: tuple[str, ...] = ()
 
     def __init__(
         self,

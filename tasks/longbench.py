@@ -24,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-from nsa_eval.tasks.base import DataError, Prompt, Sample, TaskContext, aggregate_scores, macro_average
+from nsa_eval.tasks.base import DataError, Prompt, Sample, Task, TaskContext, aggregate_scores, macro_average
 from nsa_eval.tasks.data import check_rows, find_data_file, hub_rows, local_rows
 from nsa_eval.tasks.longbench_metrics import score_prediction
 
@@ -128,7 +128,7 @@ def parse_subsets(subsets: list[str] | str | None, longbench_e: bool) -> list[st
     return chosen
 
 
-class LongBench:
+class LongBench(Task):
     """options: data_path, subsets (names, comma-separated, or a group: all, table2, e), longbench_e."""
 
     name = "longbench"

@@ -28,7 +28,7 @@ import re
 from collections import defaultdict
 from typing import Any
 
-from nsa_eval.tasks.base import DataError, Sample, TaskContext, aggregate_scores, macro_average
+from nsa_eval.tasks.base import DataError, Sample, Task, TaskContext, aggregate_scores, macro_average
 from nsa_eval.tasks.data import find_data_file, load_rows
 from nsa_eval.tasks.fewshot import fewshot_prompt
 
@@ -111,7 +111,7 @@ def extract_letter(response: str) -> str | None:
     return found[0].upper() if found else None
 
 
-class MMLU:
+class MMLU(Task):
     """options: data_path, num_fewshot (5), variant ("loglikelihood" | "generative"), subjects, seed,
     max_new_tokens (generative only)."""
 

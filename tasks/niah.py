@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from nsa_eval.tasks.base import Prompt, Sample, TaskContext, Tokens, aggregate_scores, token_count
+from nsa_eval.tasks.base import Prompt, Sample, Task, TaskContext, Tokens, token_count
 
 KEYS = [
     "Lisbon", "Nairobi", "Oslo", "Quito", "Hanoi", "Tbilisi", "Montevideo", "Reykjavik", "Windhoek",
@@ -75,7 +75,7 @@ def haystack_sentences(haystack_dir: str | Path) -> list[str]:
     return sentences
 
 
-class NeedleInAHaystack:
+class NeedleInAHaystack(Task):
     """options: lengths (target prompt tokens), depths (percent), samples_per_cell, haystack_dir, seed."""
 
     name = "niah"
@@ -165,9 +165,6 @@ class NeedleInAHaystack:
     def score(self, sample: Sample, output: list[str]) -> dict[str, float]:
         found = [float(_digits(sample.target) in _digits(text)) for text in output]
         return {"accuracy": sum(found) / len(found)}
-
-    def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        return aggregate_scores(records, self.breakdown_keys)
 
 
 def _digits(text: str) -> str:

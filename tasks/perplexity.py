@@ -31,7 +31,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from nsa_eval.tasks.base import DataError, Sample, TaskContext, Tokens, token_count
+from nsa_eval.tasks.base import DataError, Sample, Task, TaskContext, Tokens, token_count
 from nsa_eval.tasks.data import SUFFIXES, check_rows, local_rows, utf8_text
 
 WINDOWS = ("disjoint", "sliding")
@@ -103,7 +103,7 @@ def _ratio_metrics(nll: list[float], tokens: list[float]) -> dict[str, dict[str,
             "nll": {"mean": mean, "stderr": error}}
 
 
-class Perplexity:
+class Perplexity(Task):
     """options: data_path (--data perplexity=PATH), bin_width (tokens per position bin), window ("disjoint" |
     "sliding"), stride (sliding: new tokens per window; default half the max length), max_documents."""
 

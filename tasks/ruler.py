@@ -56,7 +56,7 @@ import string
 from pathlib import Path
 from typing import Any, Callable
 
-from nsa_eval.tasks.base import Sample, TaskContext, Tokens, aggregate_scores, macro_average, token_count
+from nsa_eval.tasks.base import Sample, Task, TaskContext, Tokens, aggregate_scores, macro_average, token_count
 from nsa_eval.tasks.ruler_data import QA_FILES, SUBTASKS, TEMPLATES, QAData, essay_words, read_qa
 from nsa_eval.tasks.ruler_generators import Built, build_cwe, build_fwe, build_niah, build_qa, build_vt, fit, redraw_icl
 
@@ -89,7 +89,7 @@ def string_match_part(prediction: str, references: list[str]) -> float:
 # ---------------------------------------------------------------------------------------------- the task
 
 
-class Ruler:
+class Ruler(Task):
     """options: lengths, tasks, samples (per task and length), essays, data_path (QA data folder), seed."""
 
     name = "ruler"

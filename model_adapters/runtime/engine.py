@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from nsa_eval.model_adapters.base import Generation, GenerationRequest
+from nsa_eval.model_adapters.base import Generation, GenerationRequest, LanguageModel
 from nsa_eval.model_adapters.decode_cost import DecodeCost, StepCost
 from nsa_eval.model_adapters.hf import ForwardScoring
 from nsa_eval.model_adapters.prompts import PromptTokens, cut_at_stop, eos_ids, truncate_middle
@@ -111,12 +111,14 @@ class _RowSettings:
         return (lambda logits: logits.argmax(-1)), "greedy"
 
 
-class Engine(PromptTokens, ForwardScoring):
+class Engine(PromptTokens, ForwardScoring, LanguageModel):
     """A runtime model and its tokenizer behind the LanguageModel interface (module docstring).
 
     max_length: prompt + generation budget in tokens (default: the model's max_position_embeddings).
     batch_size: cache rows decoding at once (also the batch of log-likelihood forward passes).
     """
+
+    streams = True  # generate_iter below: continuous batching, requests taken while it runs, every token reported
 
     def __init__(self, model: Transformer, tokenizer: Any, name: str, max_length: int | None = None,
                  batch_size: int = 8, generation_config: Any = None):
@@ -146,6 +148,11 @@ class Engine(PromptTokens, ForwardScoring):
     def decode_cost(self) -> DecodeCost:
         """What a decode step reads and attends, from the model's config and dtype (model_adapters/decode_cost.py)."""
         return DecodeCost.of_config(self.model.config, self.model.dtype.itemsize)
+
+    def describe(self) -> dict[str, Any]:
+        # no dtype: run.json has always recorded the run's --dtype for the engine (older runs' hashes hold)
+        return {"device": str(self.device), "batch_size": self.batch_size, "prefill_chunk": self.model.prefill_chunk,
+                "attention": self.model.config.attention}
 
     def _target_logprobs(self, inputs: list[int], targets: list[int]) -> list[float]:
         """One rolling window's target log-probabilities (ForwardScoring.loglikelihood_rolling) through the model's

@@ -198,7 +198,7 @@ def niah_part(lm, spec: str, lengths: list[int], samples: int, root: Path) -> di
             "decode_ms_per_token_median": per_token[len(per_token) // 2] if per_token else None,
             "decode_slowest_over_median": per_token[-1] / per_token[len(per_token) // 2] if per_token else None,
             "prefill_slowest_over_median": prefill[-1] / prefill[len(prefill) // 2]}
-    return {"part": "niah", "wall_s": wall, "samples": len(records), "compile_s": getattr(lm, "compile_s", 0.0),
+    return {"part": "niah", "wall_s": wall, "samples": len(records), "compile_s": lm.compile_s,
             "by_length": by_length}
 
 

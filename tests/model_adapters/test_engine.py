@@ -20,6 +20,7 @@ from nsa_eval.model_adapters.hf import HFModel
 from nsa_eval.model_adapters.native import load_native
 from nsa_eval.model_adapters.runtime.config import ModelConfig, SparseSettings
 from nsa_eval.model_adapters.runtime.sampling import row_seed, sample_tokens
+from nsa_eval.tasks.base import Task
 
 PROMPTS = [
     "The capital of France is",
@@ -387,7 +388,7 @@ def test_unsupported_architecture_on_the_native_engine(gpt2_dir, tmp_path):
 # ---- the runner ------------------------------------------------------------------------------------------------
 
 
-class TinyTask:
+class TinyTask(Task):
     """Generative samples of different budgets (one sampled, n=2) and a log-likelihood sample."""
 
     name, version, headline, breakdown_keys = "tiny", "1", "nonempty", ("kind",)
@@ -409,11 +410,6 @@ class TinyTask:
     def score(self, sample, output):
         return {"nonempty": float(all(isinstance(x, tuple) or len(x) > 0 for x in output))}
 
-    def aggregate(self, records):
-        from nsa_eval.tasks.base import aggregate_scores
-
-        return aggregate_scores(records, self.breakdown_keys)
-
 
 def test_runner_streams_records_from_the_native_engine(hf_dirs, tmp_path):
     from nsa_eval.run_config import RunConfig
@@ -425,8 +421,8 @@ def test_runner_streams_records_from_the_native_engine(hf_dirs, tmp_path):
     events = []
     generate_iter = lm.generate_iter
 
-    def logged(requests):
-        for index, generation in generate_iter(requests):
+    def logged(requests, more=None, on_token=None):
+        for index, generation in generate_iter(requests, more, on_token):
             events.append(("finished", index))
             yield index, generation
 

@@ -134,9 +134,10 @@ def test_sparse_attention_covering_the_window_equals_full_attention(smollm2_dir)
 def test_a_backend_without_rolling_scores_is_one_line():
     """openai: and vllm: have no loglikelihood_rolling: a perplexity task on them ends in one line (the runner checks
     before it writes anything)."""
-    from types import SimpleNamespace
+    from nsa_eval.model_adapters.base import LanguageModel
 
-    from nsa_eval.model_adapters.base import check_rolling
+    class Served(LanguageModel):
+        name, generate, loglikelihood, count_tokens = "served", None, None, None
 
-    with pytest.raises(ValueError, match=r"served \(SimpleNamespace\) does not score whole documents .*on smollm2, hf:"):
-        check_rolling(SimpleNamespace(name="served"))
+    with pytest.raises(ValueError, match=r"served \(Served\) does not score whole documents .*on smollm2, hf:"):
+        Served().loglikelihood_rolling([])

@@ -22,15 +22,15 @@ from pathlib import Path
 import pandas as pd
 
 from nsa_eval.report import FORMATS, RESULTS_DIR, figures, html, speed
+from nsa_eval.report.benchmark_tables import benchmark_tables
+from nsa_eval.report.comparisons import compare, long_records, mismatch, reference_run, report_tasks
 from nsa_eval.report.cost import cost_parts, efficiency_table, hardware_text
 from nsa_eval.report.reference import PAPER_NAME
 from nsa_eval.report.runs import Run, load_runs
-from nsa_eval.report.effective import family_of
+from nsa_eval.report.score_tables import (POSITION_KEYS, breakdown_table, cross_table, model_table, position_table,
+                                          subset_table, task_table)
 from nsa_eval.report.sweeps import budget_sweeps, sweep_section
-from nsa_eval.report.tables import (POSITION_KEYS, Cell, Details, FigureFile, Section, Table, aime_table, breakdown_table,
-                                    compare, cross_table, effective_table, long_records,
-                                    mismatch, model_table, position_table, reference_run, report_tasks, ruler_table,
-                                    slug, subset_table, task_table, to_frame, to_latex, to_markdown)
+from nsa_eval.report.table import Cell, Details, FigureFile, Section, Table, slug, to_frame, to_latex, to_markdown
 
 SUBSET_KEYS = ("subset", "dataset")
 
@@ -105,18 +105,10 @@ def _task_section(runs: list[Run], task: str, baseline: int | None, with_paper: 
                   seed: int = 0) -> Section:
     section = Section(f"Task: {task}")
     keys = list(dict.fromkeys(k for run in runs if task in run.results for k in run.results[task].breakdowns))
-    results = [run.results[task] for run in runs if task in run.results]
-    if task.startswith("ruler") and "task x length" in keys:
-        section.tables.append(ruler_table(runs, task, baseline, seed))
-    if family_of(task) is not None and "length" in keys:
-        effective = effective_table(runs, task, baseline, seed)
-        if effective is not None:
-            section.tables.append(effective)
+    before_cost, after_cost = benchmark_tables(runs, task, keys, baseline, with_paper, seed)
     cost_tables, cost_figures = cost_parts(runs, task, baseline)
-    section.tables += cost_tables
+    section.tables += before_cost + cost_tables + after_cost
     section.figures += cost_figures
-    if task.startswith("aime") or any("generation_budget" in result.config for result in results):
-        section.tables.append(aime_table(runs, task, baseline, with_paper))
     for key in keys:
         if " x " in key:
             continue

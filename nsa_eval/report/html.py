@@ -15,7 +15,7 @@ import jinja2
 from markupsafe import Markup
 
 import nsa_eval
-from nsa_eval.report.tables import Drill, Section, Table
+from nsa_eval.report.table import Drill, Section, Table
 
 if TYPE_CHECKING:
     from nsa_eval.report.runs import Run

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nsa_eval.report import figures, reference
-from nsa_eval.report.tables import DASH, Cell, Table, slug
+from nsa_eval.report.table import DASH, Cell, Table, slug
 
 
 @dataclass

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nsa_eval.report import figures
+from nsa_eval.report.comparisons import mismatch, report_tasks
 from nsa_eval.report.runs import Run, value_order
-from nsa_eval.report.tables import DASH, Cell, Drill, FigureFile, Section, Table, fmt, mismatch, report_tasks, slug
+from nsa_eval.report.table import DASH, Cell, Drill, FigureFile, Section, Table, fmt, slug
 from nsa_eval.tasks.base import is_number
 
 

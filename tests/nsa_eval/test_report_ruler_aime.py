@@ -7,7 +7,7 @@ import random
 import pytest
 
 from nsa_eval.report.build import build_report
-from nsa_eval.report.tables import DASH
+from nsa_eval.report.table import DASH
 from nsa_eval.tasks.ruler_data import SUBTASKS
 from report_runs import TaskData, record, write_run
 from test_report_tables import markdown_table, section

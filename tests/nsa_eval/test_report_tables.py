@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from nsa_eval.report.build import build_report, publish
-from nsa_eval.report.tables import DASH
+from nsa_eval.report.table import DASH
 from nsa_eval.stats import paired_bootstrap
 from report_runs import choice_task, longbench, niah, write_bench, write_run
 

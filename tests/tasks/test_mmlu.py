@@ -186,7 +186,7 @@ def test_a_subject_with_too_few_shot_rows_records_the_fewest_shots_used(tmp_path
     """One test file, no dev split: a subject of 3 rows asks each with its 2 other rows; run.json's config says so
     (`fewest_shots`), and the report's column head says 2-5-shot, never beside the paper's 5-shot number."""
     from nsa_eval.report.runs import TaskResult
-    from nsa_eval.report.tables import setting
+    from nsa_eval.report.score_tables import setting
 
     _, rows = mmlu_rows
     biology = [r for r in rows if r["type"] == "college_biology"][:3]

@@ -178,7 +178,7 @@ class Transformer(nn.Module):
             cache.ids[:rows].copy_(tokens)
             return tokens
 
-        out = cache.graphs.run((rows, compress, head_key), step, cache.ids.device, self.cuda_graphs)
+        out = cache.graphs.decode((rows, compress, head_key), step, cache.ids.device, self.cuda_graphs)
         for r in active:
             cache.host_lengths[r] += 1
         return out

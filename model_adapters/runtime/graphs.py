@@ -17,7 +17,8 @@ class DecodeGraphs:
     def __init__(self) -> None:
         self.captured: dict[Any, tuple[Any, torch.Tensor | None]] = {}
 
-    def decode(self, key: Any, step: Callable[[], torch.Tensor], device: torch.device, enabled: bool = True) -> torch.Tensor:
+    def decode(self, key: Any, step: Callable[[], torch.Tensor], device: torch.device,
+               enabled: bool = True) -> torch.Tensor:
         """step() eagerly (CPU, graphs off, or a key whose capture failed), or from the key's graph on CUDA: eager on
         a side stream the first time (which also compiles its kernels), then captured; replayed afterwards."""
         graph, out = self.captured.get(key, (None, None))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Union
 
 ChatMessages = list[dict[str, str]]  # [{"role": "user", "content": "..."}, ...]
 Prompt = Union[str, ChatMessages]
@@ -113,6 +113,25 @@ class RollingLoglikelihood:
         return float(sum(self.logprobs))
 
 
+@dataclass
+class TokenUpdate:
+    """A sample's tokens so far after a step of a streaming backend (`LanguageModel.step`)."""
+
+    index: int  # the request's, from add_request
+    sample: int
+    tokens: list[int]
+    done: bool
+
+
+@dataclass
+class StepOutput:
+    """What one `LanguageModel.step` did: every row's tokens after it, and the requests it finished as
+    (index, Generation)."""
+
+    tokens: list[TokenUpdate]
+    finished: list[tuple[int, Generation]]
+
+
 class LanguageModel(ABC):
     """What every backend is to the harness. A backend sets `name` (what reports print) and `max_length` (prompt +
     generation budget in tokens) and implements generate, loglikelihood and count_tokens; the rest has defaults."""
@@ -121,7 +140,9 @@ class LanguageModel(ABC):
     max_length: int
     chat = False  # whether tasks send chat messages by default (the tokenizer has a chat template)
     compile_s = 0.0  # seconds of warm-up (kernel compiles, graph captures), recorded apart from the samples' timings
-    streams = False  # generate_iter is the backend's own: requests join while it runs, tokens go to on_token
+    streams = False  # step() is the backend's own: one token per busy row, requests join while others decode
+    _waiting: list[tuple[int, GenerationRequest]] | None = None  # the default step()'s queue
+    _added = 0  # requests add_request has numbered
 
     @abstractmethod
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]: ...
@@ -132,21 +153,28 @@ class LanguageModel(ABC):
     @abstractmethod
     def count_tokens(self, text: Prompt) -> int: ...  # chat messages: counted with the chat template applied
 
-    def generate_iter(self, requests: list[GenerationRequest],
-                      more: Callable[[], list[GenerationRequest]] | None = None,
-                      on_token: Callable[[int, int, list[int], bool], None] | None = None,
-                      ) -> Iterator[tuple[int, Generation]]:
-        """(index, Generation) for each request, in the order they finish. more: polled for requests that arrived
-        meanwhile (numbered after the earlier ones) until it gives none; on_token(index, sample, tokens so far, done):
-        after every token, where the backend `streams`. Here: generate() on each batch, no tokens reported."""
-        start, batch = 0, list(requests)
-        while True:
-            for offset, generation in enumerate(self.generate(batch) if batch else ()):
-                yield start + offset, generation
-            start += len(batch)
-            batch = more() if more is not None else []
-            if not batch:
-                return
+    def add_request(self, request: GenerationRequest) -> int:
+        """Queue a request for `step` -> its index (counted from 0 over the backend's life)."""
+        if self._waiting is None:
+            self._waiting = []
+        index = self._added
+        self._added += 1
+        self._waiting.append((index, request))
+        return index
+
+    def step(self) -> StepOutput:
+        """Advance the queued requests. A backend that `streams` decodes one token per busy row and reports every
+        row's tokens; here generate() answers every queued request at once and no tokens are reported."""
+        waiting, self._waiting = self._waiting or [], []
+        generations = self.generate([request for _, request in waiting]) if waiting else []
+        return StepOutput([], [(index, generation) for (index, _), generation in zip(waiting, generations)])
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting)
+
+    def abort(self) -> None:
+        """Drop every request not finished yet (a caller that stops stepping early)."""
+        self._waiting = []
 
     def loglikelihood_rolling(self, requests: list[RollingLoglikelihoodRequest]) -> list[RollingLoglikelihood]:
         """Every token of whole texts scored (perplexity), where the backend holds the model's logits (hf:, smollm2,

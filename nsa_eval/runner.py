@@ -10,7 +10,7 @@ from typing import Any, Iterable, Iterator
 
 from nsa_eval import store as run_store
 from nsa_eval.model_adapters.base import (Generation, GenerationRequest, LanguageModel, LoglikelihoodRequest,
-                                          RollingLoglikelihoodRequest)
+                                          RollingLoglikelihoodRequest, TokenUpdate)
 from nsa_eval.progress import heartbeat, progress as make_progress
 from nsa_eval.run_config import RunConfig
 from nsa_eval.util import request_seed
@@ -46,19 +46,20 @@ def generation_fields(generation: Generation) -> tuple[list[Any], dict[str, Any]
 
 
 class TokenCount:
-    """The engine's on_token callback for a run's progress: tokens generated and rows decoding, passed to
-    `report(generated, rows)` at most once a second (the progress display decides what to print)."""
+    """A run's progress through a streaming model: tokens generated and rows decoding, from each step's token updates,
+    passed to `report(generated, rows)` at most once a second (the progress display decides what to print)."""
 
     def __init__(self, report: Any):
         self.report, self.generated, self.rows, self.reported = report, 0, {}, time.monotonic()
 
-    def __call__(self, index: int, sample: int, tokens: list[int], done: bool) -> None:
-        key = (index, sample)
-        self.generated += len(tokens) - self.rows.get(key, 0)
-        if done:
-            self.rows.pop(key, None)
-        else:
-            self.rows[key] = len(tokens)
+    def take(self, updates: list[TokenUpdate]) -> None:
+        for update in updates:
+            key = (update.index, update.sample)
+            self.generated += len(update.tokens) - self.rows.get(key, 0)
+            if update.done:
+                self.rows.pop(key, None)
+            else:
+                self.rows[key] = len(update.tokens)
         now = time.monotonic()
         if now - self.reported >= 1.0:
             self.reported = now
@@ -66,13 +67,19 @@ class TokenCount:
 
 
 def answer_stream(model: LanguageModel, samples: list[Sample], run_seed: int,
-                  on_token: Any = None) -> Iterator[tuple[Sample, tuple[list[Any], dict]]]:
-    """Generative samples through a model that streams (`generate_iter`: the native engine's continuous batching),
-    all at once: (sample, its answer) in the order they finish. on_token: the engine's per-token callback
-    (progress)."""
-    requests = [generation_request(sample, run_seed) for sample in samples]
-    for index, generation in model.generate_iter(requests, on_token=on_token):
-        yield samples[index], generation_fields(generation)
+                  progress: TokenCount | None = None) -> Iterator[tuple[Sample, tuple[list[Any], dict]]]:
+    """Generative samples through a model that streams (`step`: the native engine's continuous batching), all at
+    once: (sample, its answer) in the order they finish. progress: takes every step's token updates."""
+    by_index = {model.add_request(generation_request(sample, run_seed)): sample for sample in samples}
+    try:
+        while model.has_unfinished():
+            out = model.step()
+            if progress is not None:
+                progress.take(out.tokens)
+            for index, generation in out.finished:
+                yield by_index[index], generation_fields(generation)
+    finally:  # stopped early (an error, an interrupt): the model keeps none of these requests
+        model.abort()
 
 
 def answer(model: LanguageModel, samples: list[Sample], run_seed: int) -> list[tuple[list[Any], dict[str, Any]]]:

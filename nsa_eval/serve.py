@@ -9,7 +9,7 @@ our `openai:` backend reads. Loopback only by default; `--api-key` makes every r
 `Authorization: Bearer KEY`.
 
 The standard library's ThreadingHTTPServer answers each connection in a thread. On the native engine (a model that
-`streams`: its generate_iter takes requests while it runs) one worker thread runs the engine: a request joins the
+`streams`: its step() takes requests while others decode) one worker thread runs the engine: a request joins the
 batch being decoded at the next step (continuous batching across clients), and streaming sends each new piece of text
 as its token is generated (server-sent events; text that might begin a stop sequence is held back until it cannot).
 Other backends answer one request at a time (a lock) and stream the whole completion in one event once it is

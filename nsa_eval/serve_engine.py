@@ -1,5 +1,5 @@
-"""The engine thread of `nsa-eval serve` (nsa_eval/serve.py): one EngineWorker runs the native engine's
-generate_iter for every client, taking requests that arrive while a batch decodes (continuous batching), and each
+"""The engine thread of `nsa-eval serve` (nsa_eval/serve.py): one EngineWorker steps the native engine for
+every client (add_request, step), taking requests that arrive while a batch decodes (continuous batching), and each
 request's HTTP thread waits on its Listener for tokens and the finished Generation."""
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ class Listener:
 
 
 class EngineWorker:
-    """One thread that runs the engine for every client: it waits for a request, then runs generate_iter with the
-    requests that arrive meanwhile polled each step (`more`), so concurrent requests decode in one batch, and reports
-    each token and each finished Generation to the request's Listener. `lock`: held while the engine runs (the
+    """One thread that runs the engine for every client: it waits for a request, then steps the engine, adding the
+    requests that arrive meanwhile before each step, so concurrent requests decode in one batch, and reports each
+    token and each finished Generation to the request's Listener. `lock`: held while the engine runs (the
     server's log-probability forward passes take it too)."""
 
     def __init__(self, model: Any, lock: threading.Lock):
@@ -72,38 +72,41 @@ class EngineWorker:
         self.idle.wait(timeout)
 
     def _run(self) -> None:
+        listeners: dict[int, Listener] = {}  # by the engine's request index
         while True:
-            batch = [self.inbox.get()]  # wait for work
-            listeners = [listener for _, listener in batch]
-
-            def more() -> list[GenerationRequest]:
-                if self.stopping.is_set():
-                    raise ShuttingDown()
-                arrived = []
-                while True:
-                    try:
-                        arrived.append(self.inbox.get_nowait())
-                    except queue.Empty:
-                        listeners.extend(listener for _, listener in arrived)
-                        return [request for request, _ in arrived]
-
-            def on_token(index: int, sample: int, tokens: list[int], done: bool) -> None:
-                if self.stopping.is_set():
-                    raise ShuttingDown()
-                listeners[index].queue.put((sample, list(tokens)))
-
+            self._add(*self.inbox.get(), listeners)  # wait for work
             self.idle.clear()
             try:
-                if self.stopping.is_set():
-                    raise ShuttingDown()
                 with self.lock:
-                    for index, generation in self.model.generate_iter([r for r, _ in batch], more=more,
-                                                                      on_token=on_token):
-                        listeners[index].queue.put(generation)
+                    self.model.reserve(self.model.max_length + 1)  # any request fits without a regrowth
+                    while True:
+                        while True:  # the requests that arrived meanwhile join the batch
+                            try:
+                                self._add(*self.inbox.get_nowait(), listeners)
+                            except queue.Empty:
+                                break
+                        if self.stopping.is_set():
+                            raise ShuttingDown()
+                        if not self.model.has_unfinished():
+                            break
+                        out = self.model.step()
+                        for update in out.tokens:
+                            listeners[update.index].queue.put((update.sample, update.tokens))
+                        for index, generation in out.finished:
+                            listeners.pop(index).queue.put(generation)
             except Exception as error:  # noqa: BLE001 - every waiting client gets the error; the worker goes on
                 if not isinstance(error, ShuttingDown):
                     traceback.print_exc(file=sys.stderr)
-                for listener in listeners:
+                self.model.abort()
+                for listener in listeners.values():
                     listener.queue.put(error)
+                listeners.clear()
             finally:
                 self.idle.set()
+
+    def _add(self, request: GenerationRequest, listener: Listener, listeners: dict[int, Listener]) -> None:
+        """A request into the engine; one the engine refuses (ValueError: no room for its prompt) gets the error."""
+        try:
+            listeners[self.model.add_request(request)] = listener
+        except ValueError as error:
+            listener.queue.put(error)

@@ -13,11 +13,10 @@ step advances the length of active rows only, and a free row keeps length >= 1 s
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from nsa_eval.model_adapters.runtime.config import ModelConfig
+from nsa_eval.model_adapters.runtime.graphs import DecodeGraphs
 
 SEQUENCE_KEYS = ("k", "v")  # grow with the capacity
 BLOCK_KEYS = ("k_cmp", "v_cmp")  # grow with num_compressed_blocks(capacity)
@@ -38,8 +37,7 @@ class SlotCache:
         self.capacity = capacity
         # each row's next input token; a decode step reads ids[:rows] and (with a head) writes its tokens back
         self.ids = torch.zeros(slots, dtype=torch.long, device=device)
-        # CUDA graphs of a decode step over these tensors: {(rows, compress, head): (graph or "off", its output)}
-        self.graphs: dict[tuple[int, bool, Any], tuple[Any, torch.Tensor | None]] = {}
+        self.graphs = DecodeGraphs()  # the decode step's CUDA graphs over these tensors, per (rows, compress, head)
 
     @property
     def slots(self) -> int:
@@ -71,7 +69,7 @@ class SlotCache:
 
     def drop_graphs(self) -> None:
         """Forget the captured decode steps (after the tensors they read were replaced)."""
-        self.graphs = {}
+        self.graphs = DecodeGraphs()
 
 
 def new_cache(config: ModelConfig, slots: int, capacity: int, device: torch.device, dtype: torch.dtype,

@@ -16,7 +16,6 @@ residual add, RoPE, SwiGLU's silu * up) run on nsa_eval.kernels.layers; attentio
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -179,27 +178,7 @@ class Transformer(nn.Module):
             cache.ids[:rows].copy_(tokens)
             return tokens
 
-        key = (rows, compress, head_key)
-        graph, out = cache.graphs.get(key, (None, None))
-        if cache.ids.device.type != "cuda" or not self.cuda_graphs or graph == "off":
-            out = step()
-        elif graph is None:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # this token's step, eager: also compiles the kernels before capture
-                out = step()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()  # capture records the step's kernels without running them
-            try:
-                with torch.cuda.graph(graph):
-                    graph_out = step()
-                cache.graphs[key] = (graph, graph_out)
-            except RuntimeError as error:  # leave this shape eager rather than fail the generation
-                warnings.warn(f"CUDA graph capture of the decode step failed, decoding eagerly: {error}")
-                cache.graphs[key] = ("off", None)
-        else:
-            graph.replay()
-            out = cache.graphs[key][1]
+        out = cache.graphs.decode((rows, compress, head_key), step, cache.ids.device, self.cuda_graphs)
         for r in active:
             cache.host_lengths[r] += 1
         return out

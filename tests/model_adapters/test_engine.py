@@ -419,14 +419,14 @@ def test_runner_streams_records_from_the_native_engine(hf_dirs, tmp_path):
     lm = load_native(hf_dirs("llama"), device="cpu", batch_size=2)
     lm.compile_s = 1.5  # as a warm-up on CUDA would leave it
     events = []
-    generate_iter = lm.generate_iter
+    step = lm.step
 
-    def logged(requests, more=None, on_token=None):
-        for index, generation in generate_iter(requests, more, on_token):
-            events.append(("finished", index))
-            yield index, generation
+    def logged():
+        out = step()
+        events.extend(("finished", index) for index, _ in out.finished)
+        return out
 
-    lm.generate_iter = logged
+    lm.step = logged
     lm.generate = None  # generative samples must not go through generate()
     store = RunStore(tmp_path / "run")
     append = store.append

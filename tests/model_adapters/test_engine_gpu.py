@@ -75,7 +75,7 @@ def test_graphs_buckets_and_kernels_agree(kind, llama_dir, nsa_dir):
     requests = [GenerationRequest(prompt=p, max_new_tokens=24 + 7 * i) for i, p in enumerate(PROMPTS)]
     batched = _engine(folder, batch_size=4, **extra)
     got = _texts(batched, requests)
-    assert batched.cache.graphs and all(isinstance(g, torch.cuda.CUDAGraph) for g, _ in batched.cache.graphs.values())
+    assert batched.cache.graphs.captured and all(isinstance(g, torch.cuda.CUDAGraph) for g, _ in batched.cache.graphs.captured.values())
     assert set(batched.stats.buckets) > {4}  # the tail ran in smaller buckets
     eager = _engine(folder, batch_size=4, **extra)
     eager.model.cuda_graphs = False

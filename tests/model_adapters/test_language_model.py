@@ -25,16 +25,21 @@ class Echo(LanguageModel):
         return len(text)
 
 
-def test_generate_iter_defaults_to_generate_with_later_requests_numbered_after():
+def test_step_defaults_to_generate_on_what_was_queued_with_indices_counted_over_the_models_life():
     model = Echo()
-    arrivals = [[GenerationRequest("c"), GenerationRequest("d")], [GenerationRequest("e")], []]
-    tokens = []
-    answers = list(model.generate_iter([GenerationRequest("a"), GenerationRequest("b")], more=lambda: arrivals.pop(0),
-                                       on_token=lambda *event: tokens.append(event)))
-    assert [(index, generation.texts[0]) for index, generation in answers] == list(enumerate("abcde"))
-    assert model.batches == [["a", "b"], ["c", "d"], ["e"]] and not arrivals
-    assert not tokens  # no tokens to report: the base does not stream
-    assert list(Echo().generate_iter([])) == []
+    assert not model.has_unfinished() and model.step().finished == []
+    assert [model.add_request(GenerationRequest(p)) for p in "ab"] == [0, 1]
+    assert model.has_unfinished()
+    out = model.step()
+    assert [(index, generation.texts[0]) for index, generation in out.finished] == [(0, "a"), (1, "b")]
+    assert out.tokens == []  # no tokens to report: the base does not stream
+    assert not model.has_unfinished()
+    assert [model.add_request(GenerationRequest(p)) for p in "cde"] == [2, 3, 4]
+    model.abort()
+    assert not model.has_unfinished() and model.step().finished == []
+    model.add_request(GenerationRequest("f"))
+    assert [index for index, _ in model.step().finished] == [5]
+    assert model.batches == [["a", "b"], ["f"]]
 
 
 def test_the_other_defaults():

@@ -484,7 +484,7 @@ def test_gpu_graph_decode_equals_eager_and_the_prompt(layout):
         out = model(ids[:, :1000], use_cache=True, logits_to_keep=1)
         results[graphs] = torch.stack([model(ids[:, t:t + 1], past_key_values=out.past_key_values).logits[:, 0]
                                        for t in range(1000, 1100)], 1)
-        captured = [graph for graph, _ in out.past_key_values.graphs.values()]
+        captured = [graph for graph, _ in out.past_key_values.graphs.captured.values()]
         # captured and replayed: the step that makes a compressed block and the one that does not
         assert (len(captured), all(isinstance(g, torch.cuda.CUDAGraph) for g in captured)) == ((2, True) if graphs
                                                                                                else (0, True))

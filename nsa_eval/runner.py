@@ -61,7 +61,7 @@ class TokenCount:
             else:
                 self.rows[key] = len(update.tokens)
         now = time.monotonic()
-        if now - self.reported >= 1.0:
+        if self.rows and now - self.reported >= 1.0:  # none decoding: the finished sample's own line follows
             self.reported = now
             self.report(self.generated, len(self.rows))
 

@@ -66,3 +66,19 @@ def test_a_slow_step_before_the_first_sample_says_it_is_still_working():
     with heartbeat("niah: building its samples", stream=quiet, interval=5):
         pass
     assert quiet.getvalue() == ""
+
+
+def test_token_count_reports_tokens_and_rows_decoding_from_each_steps_updates():
+    from nsa_eval.model_adapters.base import TokenUpdate
+    from nsa_eval.runner import TokenCount
+
+    reports = []
+    count = TokenCount(lambda generated, rows: reports.append((generated, rows)))
+    count.reported = 0.0  # long ago: the next step reports
+    count.take([TokenUpdate(0, 0, [1], False), TokenUpdate(0, 1, [2], False)])
+    count.take([TokenUpdate(0, 0, [1, 3], False)])  # within the second: counted, not reported
+    count.reported = 0.0
+    count.take([TokenUpdate(0, 0, [1, 3, 4], True), TokenUpdate(0, 1, [2, 5], False)])
+    count.reported = 0.0
+    count.take([TokenUpdate(0, 1, [2, 5, 6], True)])  # no row left decoding: the sample's own line says it
+    assert reports == [(2, 2), (5, 1)]

@@ -14,6 +14,7 @@ import click
 from nsa_eval.bench import bench
 from nsa_eval.model_adapters.runtime.config import SELECTIONS, SparseSettings
 from nsa_eval.models import MODEL_KINDS
+from nsa_eval.records import TaskMetrics
 from nsa_eval.registry import TASKS
 from nsa_eval.run_config import RunConfig
 
@@ -44,11 +45,13 @@ def _limit_help() -> str:
 
 
 def print_metrics(metrics: dict[str, Any]) -> None:
+    """A line per task of metrics.json (as the runner returns it): headline mean ± standard error and n."""
     shown = lambda value: "n/a" if value is None else f"{value:.4f}"  # noqa: E731 - null: none (metrics.json says why)
-    for name, result in metrics["tasks"].items():
-        headline = result["metrics"].get(result["headline"], {})
-        click.echo(f"{name}: {result['headline']} = {shown(headline.get('mean'))} "
-                   f"± {shown(headline.get('stderr'))} (n={result['n']})")
+    for name, entry in metrics["tasks"].items():
+        result = TaskMetrics.from_json(entry)
+        headline = result.metrics.get(result.headline, {})
+        click.echo(f"{name}: {result.headline} = {shown(headline.get('mean'))} "
+                   f"± {shown(headline.get('stderr'))} (n={result.n})")
 
 
 @main.command()
@@ -160,21 +163,21 @@ def _sweep(configs: list[RunConfig]) -> None:
     sweep.check()
     sweep.write_manifest()
     click.echo(sweep.describe(), err=True)
-    results: dict[int, dict[str, Any]] = {}
+    results: dict[int, dict[str, TaskMetrics]] = {}  # budget -> task -> its metrics
     for point in sweep.points:
         click.echo(f"--sparse-budget {point.budget}: {point.folder}", err=True)
         _run(point.config)
         gc.collect()  # the point's model is gone before the next one loads
         metrics_file = point.folder / "metrics.json"
         if metrics_file.is_file():
-            results[point.budget] = json.loads(metrics_file.read_text(encoding="utf-8"))
+            tasks = json.loads(metrics_file.read_text(encoding="utf-8"))["tasks"]
+            results[point.budget] = {name: TaskMetrics.from_json(entry) for name, entry in tasks.items()}
     for task in sweep.points[0].config.tasks:
         shown = []
         for budget, metrics in results.items():
-            entry = metrics["tasks"].get(task)
-            mean = (entry or {}).get("metrics", {}).get((entry or {}).get("headline"), {}).get("mean")
+            mean = metrics[task].metrics.get(metrics[task].headline, {}).get("mean") if task in metrics else None
             shown.append(f"{budget}: {'n/a' if mean is None else f'{mean:.4f}'}")
-        headline = next((m["tasks"][task]["headline"] for m in results.values() if task in m["tasks"]), "score")
+        headline = next((m[task].headline for m in results.values() if task in m), "score")
         click.echo(f"{task} {headline} by --sparse-budget: " + "; ".join(shown))
     click.get_current_context().invoke(report, runs=(str(sweep.root),), out_dir=sweep.root / "report")
 
@@ -183,18 +186,24 @@ def _run(config: RunConfig) -> None:
     from nsa_eval import distributed
     from nsa_eval.models import check_model_spec, load_model
     from nsa_eval.runner import run as run_tasks
-    from nsa_eval.store import nearest_existing
+    from nsa_eval.store import Plan, RunStore, nearest_existing
 
     check_model_spec(config.model_spec, config.attention, config.prefill_chunk, config.engine)
     settings = config.settings()
-    output = config.output
     shard = distributed.start(config.device)  # None unless torchrun started several processes
-    store = distributed.run_store(output, shard, settings=settings, overwrite=config.overwrite) if output else None
-    held = [store] if store is not None else []  # folders this command locked: released when it ends, errors too
-    click.get_current_context().call_on_close(lambda: [s.unlock() for s in held])
-    keep_from = nearest_existing(output) if output else None
-    if store is not None:
-        plan = store.plan()  # a file, a foreign folder, a run with other settings: one line, before the model loads
+    store: RunStore | None = None
+    keep_from: Path | None = None  # the nearest folder that existed before the run folder: what a failed start keeps
+
+    def take(folder: Path) -> Plan:
+        """The run's store, locked and checked (a file, a foreign folder, a run with other settings: one line)."""
+        nonlocal store, keep_from
+        keep_from = nearest_existing(folder)
+        store = distributed.run_store(folder, shard, settings=settings, overwrite=config.overwrite)
+        click.get_current_context().call_on_close(store.unlock)  # released when the command ends, errors too
+        return store.plan()
+
+    if config.output is not None:  # checked before the model loads; else once its name gives the folder
+        plan = take(config.output)
         if plan.state == "complete":
             click.echo(f"already complete: {store.root} holds all {plan.total} samples and metrics.json "
                        "(--overwrite runs it again)", err=True)
@@ -223,11 +232,8 @@ def _run(config: RunConfig) -> None:
         click.echo(f"loaded {model.name} in {time.perf_counter() - started:.1f} s", err=True)
         stage = "before the first sample"
         if store is None:
-            run_dir = config.default_run_dir(model.name)
-            keep_from = nearest_existing(run_dir)
-            store = distributed.run_store(run_dir, shard, settings=settings, overwrite=config.overwrite)
-            held.append(store)
-            store.plan()
+            take(config.default_run_dir(model.name))
+        assert store is not None
         metrics = run_tasks(model, tasks, store, config,
                             show_progress=not config.quiet and (shard is None or shard.rank == 0))
     except KeyboardInterrupt:

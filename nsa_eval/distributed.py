@@ -12,14 +12,14 @@ so N processes give the metrics one process gives.
 from __future__ import annotations
 
 import atexit
-import json
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from nsa_eval.store import RunStore, task_file_stem, write_in_order
+from nsa_eval.records import RunInfo, SampleRecord, read_samples, shard_file, shard_files, write_samples
+from nsa_eval.store import RunStore
 
 # A rank that finishes early waits at the final barrier for the slowest one: allow a long evaluation.
 BARRIER_TIMEOUT = timedelta(days=2)
@@ -99,7 +99,7 @@ class ShardedRunStore(RunStore):
 
     def samples_path(self, task: str) -> Path:
         """This process's shard: where `append` writes and whose torn last line `finished_ids` cuts off."""
-        return self.shard_dir / f"{task_file_stem(task)}.rank{self.shard.rank}.jsonl"
+        return shard_file(self.root, task, self.shard.rank)
 
     @property
     def shard_dir(self) -> Path:
@@ -113,7 +113,7 @@ class ShardedRunStore(RunStore):
         if self.shard.rank == 0:
             super().lock()
 
-    def open(self, run_info: dict[str, Any]) -> None:
+    def open(self, run_info: RunInfo) -> None:
         """Rank 0 creates or checks the run (as one process would); the others wait for it, then check it too."""
         if self.shard.rank == 0:
             super().open(run_info)
@@ -121,8 +121,8 @@ class ShardedRunStore(RunStore):
             self.shard_dir.mkdir(exist_ok=True)
         self.shard.barrier()
         if self.shard.rank != 0:
-            existing = json.loads(self.run_json.read_text())
-            if existing.get("config_hash") != run_info["config_hash"]:
+            existing = self._existing()
+            if existing is None or existing.config_hash != run_info.config_hash:
                 raise ValueError(f"process {self.shard.rank} built a different run configuration than process 0; "
                                  "give every process the same command line")
 
@@ -133,14 +133,13 @@ class ShardedRunStore(RunStore):
         """Done anywhere: this shard (a torn last line cut off), the merged file, or another process's shard
         (from an earlier run with other ranks; read, never cut)."""
         done = super().finished_ids(task)
-        others = [self.merged_path(task), *self.shard_dir.glob(f"{task_file_stem(task)}.rank*.jsonl")]
-        for path in others:
+        for path in [self.merged_path(task), *shard_files(self.root, task)]:
             if path != self.samples_path(task):
-                done.update(record["id"] for record in complete_records(path))
+                done.update(record.id for record in read_samples(path))
         return done
 
-    def records(self, task: str) -> Iterator[dict[str, Any]]:
-        return complete_records(self.merged_path(task))
+    def records(self, task: str) -> list[SampleRecord]:
+        return read_samples(self.merged_path(task), strict=True)
 
     def gather(self, order: dict[str, list[str]]) -> bool:
         """Wait for every process; rank 0 merges each task's shards into samples/<task>.jsonl in `order`
@@ -149,29 +148,15 @@ class ShardedRunStore(RunStore):
         if self.shard.rank != 0:
             return False
         for task, ids in order.items():
-            shards = sorted(self.shard_dir.glob(f"{task_file_stem(task)}.rank*.jsonl"))
-            merged: dict[str, dict[str, Any]] = {}
+            shards = shard_files(self.root, task)
+            merged: dict[str, SampleRecord] = {}
             for path in [self.merged_path(task), *shards]:
-                for record in complete_records(path):
-                    merged.setdefault(record["id"], record)
-            write_in_order(self.merged_path(task), list(merged.values()), ids)
+                for record in read_samples(path):
+                    merged.setdefault(record.id, record)
+            write_samples(self.merged_path(task), list(merged.values()), ids)
             for path in shards:
                 path.unlink()
         if self.shard_dir.is_dir() and not any(self.shard_dir.iterdir()):
             self.shard_dir.rmdir()  # the run directory ends as a one-process run leaves it
         return True
 
-
-def complete_records(path: Path) -> Iterator[dict[str, Any]]:
-    """The records of a samples file up to the first line that is not a whole JSON record (a torn write)."""
-    if not path.is_file():
-        return
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                return
-            if not isinstance(record, dict) or "id" not in record:
-                return
-            yield record

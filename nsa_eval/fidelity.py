@@ -286,7 +286,7 @@ def inspect_task(model: Any, task_name: str, task: Any, config: RunConfig, posit
 
 def write(folder: Path, result: dict[str, Any]) -> list[Path]:
     """fidelity.json (strict JSON) and the figures into `folder` -> the files written."""
-    from nsa_eval.store import finite
+    from nsa_eval.records import finite
 
     folder.mkdir(parents=True, exist_ok=True)
     written = [folder / RESULT_FILE]

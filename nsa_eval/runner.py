@@ -12,6 +12,7 @@ from nsa_eval import store as run_store
 from nsa_eval.model_adapters.base import (Generation, GenerationRequest, LanguageModel, LoglikelihoodRequest,
                                           RollingLoglikelihoodRequest, TokenUpdate)
 from nsa_eval.progress import heartbeat, progress as make_progress
+from nsa_eval.records import RunInfo, RunKey, SampleRecord, TaskMetrics, prompt_excerpt
 from nsa_eval.run_config import RunConfig
 from nsa_eval.util import request_seed
 from nsa_eval.tasks.base import Sample, Task, TaskContext
@@ -173,40 +174,24 @@ def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore,
     }
     described = {"device": config.device, "dtype": config.dtype, "batch_size": config.batch_size or 1,
                  "prefill_chunk": None, "attention": None, **model.describe()}  # the run's settings where it is silent
-    hashed = {
-        "model": {"spec": config.model_spec, "name": model.name, "max_length": model.max_length, "chat": use_chat},
-        "tasks": task_info,
-        "seed": seed,
-        "limit": limit,
-        **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),  # absent: older hashes hold
-        "device": str(described["device"]).split(":")[0],  # which GPU does not change results
-        "dtype": str(described["dtype"]),
-        **({"attention": "sparse", "sparse": config.sparse.record()} if config.sparse else {}),
-    }
+    key = RunKey(
+        model={"spec": config.model_spec, "name": model.name, "max_length": model.max_length, "chat": use_chat},
+        tasks=task_info, seed=seed, limit=limit, max_new_tokens=max_new_tokens,
+        device=str(described["device"]).split(":")[0], dtype=str(described["dtype"]),
+        sparse=config.sparse.record() if config.sparse else None)
     batch_size = described["batch_size"]
-    run_info = {
-        "run_id": store.root.name,
-        "created": run_store.now(),
-        **hashed,
-        "config_hash": run_store.config_hash(hashed),
+    store.open(RunInfo(
+        run_id=store.root.name, created=run_store.now(), key=key, config_hash=key.hash,
         # outside the hash, as batch_size: prompt tokens per prefill pass change results by float rounding only, and
         # a run resumed with another --prefill-chunk must still resume
-        "batch_size": batch_size,
-        "prefill_chunk": described["prefill_chunk"],
-        "engine": type(model).__name__,  # Engine (the native runtime), HFModel (transformers), ...
-        # outside the hash (the model spec decides it): the attention the checkpoint itself has, e.g. 'nsa' for an
-        # nsa: checkpoint run with the default --attention full
-        "model_attention": described["attention"],
+        batch_size=batch_size, prefill_chunk=described["prefill_chunk"], engine=type(model).__name__,
+        # outside the hash (the model spec decides it): the checkpoint's own attention, e.g. 'nsa' for --attention full
+        model_attention=described["attention"],
         # outside the hash (derived from it): each generative task's largest budget after the --max-new-tokens cap
-        "budgets_used": {name: max(s.max_new_tokens for s in items if s.generative)
-                         for name, items in samples.items()
-                         if any(s.generative for s in items)},
-        "versions": run_store.versions(),
-        "git_sha": run_store.git_sha(),
-        "hardware": run_store.hardware(),
-        "argv": list(config.argv) or sys.argv,
-    }
-    store.open(run_info)
+        budgets_used={name: max(s.max_new_tokens for s in items if s.generative)
+                      for name, items in samples.items() if any(s.generative for s in items)},
+        versions=run_store.versions(), git_sha=run_store.git_sha(), hardware=run_store.hardware(),
+        argv=list(config.argv) or sys.argv))
 
     with make_progress(show_progress) as progress:
         for name, task in tasks.items():
@@ -226,19 +211,11 @@ def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore,
                                       (list(zip(chunk, answer(model, chunk, seed))) for chunk in chunks))
             for batch in batches:
                 for sample, (output, fields) in batch:
-                    record = {
-                        "id": sample.id,
-                        "breakdown": sample.breakdown,
-                        "prompt_hash": sample.prompt_hash,
-                        "prompt_excerpt": run_store.prompt_excerpt(sample.prompt),
-                        "target": sample.target,
-                        **fields,
-                        "scores": task.score(sample, output),
-                    }
-                    details = task.details(sample, output)
-                    if details is not None:
-                        record["details"] = details
-                    store.append(name, record)
+                    scores = task.score(sample, output)
+                    store.append(name, SampleRecord(
+                        id=sample.id, breakdown=sample.breakdown, prompt_hash=sample.prompt_hash,
+                        prompt_excerpt=prompt_excerpt(sample.prompt), target=sample.target, answer=fields,
+                        scores=scores, details=task.details(sample, output)))
                 progress.advance(bar, len(batch))
     if model.compile_s:  # kernel compiles and graph captures, apart from every sample's timings
         store.update_run(compile_s=round(model.compile_s, 3))
@@ -248,13 +225,9 @@ def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore,
     metrics = {"model": model.name, "spec": config.model_spec, "tasks": {}}
     for name, task in tasks.items():
         wanted = {s.id for s in samples[name]}
-        records = [r for r in store.records(name) if r["id"] in wanted]
-        metrics["tasks"][name] = {
-            "version": task.version,
-            "headline": task.headline,
-            **task.aggregate(records),
-            "efficiency": efficiency(records),
-        }
+        records = [r.to_json() for r in store.records(name) if r.id in wanted]  # tasks read records as dicts
+        metrics["tasks"][name] = TaskMetrics(version=task.version, headline=task.headline,
+                                             aggregate=task.aggregate(records), efficiency=efficiency(records)).to_json()
     store.write_json("metrics.json", metrics)
     store.update_run(finished=run_store.now())
     return metrics

@@ -2,9 +2,12 @@
 
 results/runs/<run-id>/
   run.json               model spec, resolved config and its hash, seeds, versions, git sha, hardware, tasks
-  samples/<task>.jsonl   one JSON object a line, appended and flushed as each sample finishes (the task name
+  samples/<task>.jsonl   one record a line, appended and flushed as each sample finishes (the task name
                          with characters other than letters, digits, '.', '_' and '-' as '_': lm-eval_gsm8k.jsonl)
   metrics.json           per task: headline metric with standard error, breakdowns, n, efficiency
+
+The records and the samples files' reader and writer are nsa_eval/records.py's; this module owns the folder's life:
+its checks, lock, start or resume, and the writes.
 
 While a run writes the folder it holds `.lock` (an flock released when the run command ends, and by the OS when the
 process ends, kill -9 included; the file holds the writer's process id), so a second run into the folder is refused
@@ -19,10 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
-import re
 import shutil
 import subprocess
 import time
@@ -30,14 +31,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-PROMPT_EXCERPT_CHARS = 400
+from nsa_eval.records import (RunInfo, SampleRecord, append_sample, finite, read_samples, samples_file, shard_files,
+                              write_samples)
+
 LOCK_NAME = ".lock"  # the run folder's lock file (RunStore.lock)
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def prompts_digest(prompt_hashes: list[str]) -> str:
@@ -103,27 +102,8 @@ def cpu_model() -> str | None:
     return platform.processor() or None
 
 
-def write_in_order(path: Path, records: list[dict[str, Any]], ids: list[str]) -> None:
-    """Replace a samples file by `records` sorted by their id's place in `ids` (unknown ids last), atomically."""
-    position = {sample_id: i for i, sample_id in enumerate(ids)}
-    lines = [json.dumps(r, ensure_ascii=False) + "\n"
-             for r in sorted(records, key=lambda r: position.get(r["id"], len(position)))]
-    temp = path.with_suffix(".jsonl.tmp")
-    with temp.open("w", encoding="utf-8") as handle:
-        handle.writelines(lines)
-        handle.flush()
-        os.fsync(handle.fileno())
-    temp.replace(path)
-
-
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def task_file_stem(task: str) -> str:
-    """A task's name as a file name: `lm-eval:gsm8k` -> `lm-eval_gsm8k` (no ':' in paths, which Windows and some
-    tools refuse)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", task)
 
 
 def _shown(value: Any) -> str:
@@ -170,9 +150,6 @@ def config_diff(here: dict[str, Any], there: dict[str, Any]) -> list[str]:
     return lines
 
 
-HASHED_KEYS = ("model", "tasks", "seed", "limit", "device", "dtype", "attention", "sparse", "max_new_tokens")
-
-
 @dataclass
 class Plan:
     """What a run directory holds before the model loads: `new` (nothing, or --overwrite), `resume` (done of total
@@ -197,21 +174,15 @@ class RunStore:
         return self.root / "run.json"
 
     def samples_path(self, task: str) -> Path:
-        legacy = self.root / "samples" / f"{task}.jsonl"  # runs written before task_file_stem
-        if legacy.name != f"{task_file_stem(task)}.jsonl" and legacy.is_file():
-            return legacy
-        return self.root / "samples" / f"{task_file_stem(task)}.jsonl"
+        return samples_file(self.root, task)
 
-    def _existing(self) -> dict[str, Any] | None:
-        """run.json's content; None when there is none; ValueError when it is corrupt (unless overwriting)."""
+    def _existing(self) -> RunInfo | None:
+        """run.json's record; None when there is none; ValueError when it is corrupt (unless overwriting)."""
         if not self.run_json.is_file():
             return None
         try:
-            existing = json.loads(self.run_json.read_text(encoding="utf-8"))
-            if not isinstance(existing, dict):
-                raise ValueError
-            return existing
-        except ValueError:  # JSONDecodeError included
+            return RunInfo.from_json(json.loads(self.run_json.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError):  # JSONDecodeError included; not a run's record
             if self.overwrite:
                 return None
             raise ValueError(f"{self.run_json} is corrupt; pass --overwrite to start the run over, or choose another "
@@ -224,13 +195,13 @@ class RunStore:
             raise ValueError(f"--output {self.root} is not empty and holds no run.json; choose an empty or new folder "
                              "(--overwrite replaces only a run folder)")
 
-    def check(self) -> dict[str, Any] | None:
+    def check(self) -> RunInfo | None:
         """The checks `plan` makes before it takes the folder, without creating or locking anything (a budget sweep
         checks every point before the first loads a model): a file, a foreign folder, a corrupt run.json or a run
-        asked with other settings is a ValueError naming what differs. Returns run.json's content (None: no run)."""
+        asked with other settings is a ValueError naming what differs. Returns run.json's record (None: no run)."""
         self._check_folder()
         existing = self._existing()
-        stored = (existing or {}).get("settings")
+        stored = existing.settings if existing is not None else None
         if stored is not None and self.settings is not None and stored != self.settings and not self.overwrite:
             raise ValueError(f"--output {self.root} holds a run with other settings ("
                              + "; ".join(settings_diff(self.settings, stored))
@@ -241,12 +212,11 @@ class RunStore:
         """Check the folder against this store's settings before any model loads: a file, a foreign folder, a corrupt
         run.json or a run asked with other settings is a ValueError naming what differs."""
         existing = self.check()
-        stored = (existing or {}).get("settings")
         self.lock()  # held from here to the process's end; nothing was written if a check above failed
         if existing is None or self.overwrite:
             return Plan("new")
         done, total = self.counts(existing)
-        if stored is not None and existing.get("finished") and (self.root / "metrics.json").is_file():
+        if existing.settings is not None and existing.finished and (self.root / "metrics.json").is_file():
             return Plan("complete", done, total)
         if not self.has_samples() and not (self.root / "metrics.json").exists():
             self.overwrite = True  # a run that stopped before its first sample holds nothing to keep: start it anew
@@ -296,20 +266,18 @@ class RunStore:
             self._lock.close()
             self._lock = None
 
-    def counts(self, info: dict[str, Any] | None = None) -> tuple[int, int]:
+    def counts(self, info: RunInfo | None = None) -> tuple[int, int]:
         """(samples answered, samples planned) over the run's tasks, read without changing any file."""
-        info = info if info is not None else (self._existing() or {})
+        info = info if info is not None else self._existing()
         done = total = 0
-        for task, entry in (info.get("tasks") or {}).items():
+        for task, entry in (info.key.tasks if info is not None else {}).items():
             n = int(entry.get("n", 0)) if isinstance(entry, dict) else 0
-            ids: set[str] = set()
-            for path in [RunStore.samples_path(self, task),  # the merged file, also for a sharded store
-                         *sorted((self.root / "samples" / "shards").glob(f"{task_file_stem(task)}.rank*.jsonl"))]:
-                ids.update(read_ids(path))
+            ids = {record.id for path in [samples_file(self.root, task), *shard_files(self.root, task)]
+                   for record in read_samples(path)}  # the merged file and any shards, also for a sharded store
             done, total = done + min(len(ids), n), total + n
         return done, total
 
-    def open(self, run_info: dict[str, Any]) -> None:
+    def open(self, run_info: RunInfo) -> None:
         """Start the run, or resume it when run.json holds the same config hash; refuse a different run, naming
         the settings that differ. With `overwrite`, a run already there is removed first."""
         self._check_folder()
@@ -318,22 +286,21 @@ class RunStore:
             self.clear()
         existing = self._existing()
         if self.settings is not None:
-            run_info = {**run_info, "settings": self.settings}
+            run_info = run_info.updated(settings=self.settings)
         if existing is not None:
-            if existing.get("config_hash") != run_info["config_hash"]:
-                differences = (settings_diff(self.settings or {}, existing.get("settings") or {})
-                               if self.settings is not None and existing.get("settings") is not None else [])
-                differences = differences or config_diff({k: run_info.get(k) for k in HASHED_KEYS},
-                                                         {k: existing.get(k) for k in HASHED_KEYS})
+            if existing.config_hash != run_info.config_hash:
+                differences = (settings_diff(self.settings, existing.settings)
+                               if self.settings is not None and existing.settings is not None else [])
+                differences = differences or config_diff(run_info.key.to_json(), existing.key.to_json())
                 raise ValueError(
-                    f"--output {self.root} holds a different run ({'; '.join(differences) or 'config ' + str(existing.get('config_hash'))}); "
+                    f"--output {self.root} holds a different run ({'; '.join(differences) or 'config ' + existing.config_hash}); "
                     "choose another --output, or pass --overwrite to start it over"
                 )
-            run_info = {**existing, "resumed": existing.get("resumed", 0) + 1, "argv": run_info.get("argv")}
+            run_info = existing.updated(resumed=(existing.resumed or 0) + 1, argv=run_info.argv)
             if self.settings is not None:
-                run_info["settings"] = self.settings
+                run_info = run_info.updated(settings=self.settings)
         (self.root / "samples").mkdir(parents=True, exist_ok=True)
-        self.write_json("run.json", run_info)
+        self.write_json("run.json", run_info.to_json())
 
     def clear(self) -> None:
         """Remove what a run writes here (run.json, samples/, metrics.json); other files are left alone."""
@@ -363,21 +330,7 @@ class RunStore:
 
     def finished_ids(self, task: str) -> set[str]:
         """Ids already in samples/<task>.jsonl. A torn last line (a crash mid-write) is cut off."""
-        path = self.samples_path(task)
-        if not path.is_file():
-            return set()
-        ids, good_bytes = set(), 0
-        with path.open("rb") as handle:
-            for line in handle:
-                try:
-                    ids.add(json.loads(line)["id"])
-                except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-                    break
-                good_bytes += len(line)
-        if good_bytes < path.stat().st_size:
-            with path.open("r+b") as handle:
-                handle.truncate(good_bytes)
-        return ids
+        return {record.id for record in read_samples(self.samples_path(task), cut=True)}
 
     def owns(self, index: int) -> bool:
         """Whether this process answers a task's sample number `index`: always, except in a data-parallel run
@@ -389,24 +342,17 @@ class RunStore:
         file in task order (the engine stores samples as they finish); returns whether this process writes
         metrics.json. order: task -> sample ids in task order."""
         for task, ids in order.items():
-            records = list(self.records(task))
-            if [r["id"] for r in records] != [i for i in ids if i in {r["id"] for r in records}]:
-                write_in_order(self.samples_path(task), records, ids)
+            records = self.records(task)
+            if [r.id for r in records] != [i for i in ids if i in {r.id for r in records}]:
+                write_samples(self.samples_path(task), records, ids)
         return True
 
-    def append(self, task: str, record: dict[str, Any]) -> None:
-        with self.samples_path(task).open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(finite(record), ensure_ascii=False, allow_nan=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+    def append(self, task: str, record: SampleRecord) -> None:
+        append_sample(self.samples_path(task), record)
 
-    def records(self, task: str) -> Iterator[dict[str, Any]]:
-        path = self.samples_path(task)
-        if path.is_file():
-            with path.open(encoding="utf-8") as handle:
-                for line in handle:
-                    if line.strip():
-                        yield json.loads(line)
+    def records(self, task: str) -> list[SampleRecord]:
+        """The task's records (a line that is not one is a ValueError naming it: finished_ids cut a torn one)."""
+        return read_samples(self.samples_path(task), strict=True)
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         """Atomic write (temp file + rename), so a crash never leaves half a file. Strict JSON: a NaN or infinity
@@ -417,34 +363,9 @@ class RunStore:
         temp.replace(target)
 
     def update_run(self, **fields: Any) -> None:
-        data = json.loads(self.run_json.read_text())
-        data.update(fields)
-        self.write_json("run.json", data)
-
-
-def finite(value: Any) -> Any:
-    """`value` with every NaN or infinite float replaced by None (strict JSON has no NaN)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(item) for item in value]
-    return value
-
-
-def read_ids(path: Path) -> set[str]:
-    """The ids of a samples file's whole records (a torn last line ignored); the file is not changed."""
-    ids: set[str] = set()
-    if not path.is_file():
-        return ids
-    with path.open("rb") as handle:
-        for line in handle:
-            try:
-                ids.add(str(json.loads(line)["id"]))
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-                break
-    return ids
+        """Set run.json's fields (RunInfo's: world_size, compile_s, finished), each in its place or last if new."""
+        info = RunInfo.from_json(json.loads(self.run_json.read_text(encoding="utf-8")))
+        self.write_json("run.json", info.updated(**fields).to_json())
 
 
 def nearest_existing(path: Path) -> Path:
@@ -453,11 +374,4 @@ def nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
-
-
-def prompt_excerpt(prompt: Any) -> str:
-    """The start and end of a prompt (chat messages flattened), for reports' drill-down."""
-    text = prompt if isinstance(prompt, str) else "\n".join(f"[{m['role']}] {m['content']}" for m in prompt)
-    half = PROMPT_EXCERPT_CHARS // 2
-    return text if len(text) <= PROMPT_EXCERPT_CHARS else f"{text[:half]} [...] {text[-half:]}"
 

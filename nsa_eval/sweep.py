@@ -97,7 +97,7 @@ class Sweep:
             if existing is None or self.overwrite:
                 continue
             point.done, point.total = store.counts(existing)
-            if existing.get("finished") and (point.folder / "metrics.json").is_file():
+            if existing.finished and (point.folder / "metrics.json").is_file():
                 point.state = "complete"
             elif store.has_samples():
                 point.state = "resume"

@@ -176,6 +176,7 @@ def prefill_point(lm, context: int, rng: random.Random, flops_rate: float, repea
 def niah_part(lm, spec: str, lengths: list[int], samples: int, root: Path) -> dict:
     """NIAH through the runner into a temporary run folder: wall time and per-sample timings."""
     from nsa_eval import store as run_store
+    from nsa_eval.records import read_samples, samples_file
     from nsa_eval.run_config import RunConfig
     from nsa_eval.runner import run
     from nsa_eval.tasks.niah import NeedleInAHaystack
@@ -187,7 +188,7 @@ def niah_part(lm, spec: str, lengths: list[int], samples: int, root: Path) -> di
     config = RunConfig(model_spec=spec, tasks=("niah",), batch_size=lm.batch_size)
     run(lm, {"niah": task}, run_store.RunStore(folder), config, show_progress=False)
     wall = time.perf_counter() - start
-    records = [json.loads(line) for line in (folder / "samples" / "niah.jsonl").read_text().splitlines()]
+    records = [r.to_json() for r in read_samples(samples_file(folder, "niah"), strict=True)]
     by_length: dict[int, dict] = {}
     for length in lengths:
         rows = [r for r in records if r["breakdown"]["length"] == length]

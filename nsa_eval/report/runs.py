@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nsa_eval.report import RUNS_ROOT
-from nsa_eval.store import RunStore
+from nsa_eval.records import read_samples, samples_file
 from nsa_eval.sweep import sweep_points
 
 
@@ -61,7 +61,7 @@ class Run:
     full_label: str = ""  # the label before it was cut: model name and run keys (set by load_runs)
     key: str = ""  # unique among the runs of one report, from the folder (set by load_runs); names files
     parts: list["Run"] = field(default_factory=list)  # a merged column's run folders, in the order given
-    _samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
+    _samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)  # SampleRecord.to_json()s
 
     @property
     def run_id(self) -> str:
@@ -94,7 +94,7 @@ class Run:
         if source is not self:
             return source.samples(task)
         if task not in self._samples:
-            self._samples[task] = _read_jsonl(RunStore(self.path).samples_path(task))
+            self._samples[task] = [r.to_json() for r in read_samples(samples_file(self.path, task), strict=True)]
         return self._samples[task]
 
 
@@ -284,20 +284,3 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is corrupt (not a JSON object); rerun `nsa-eval run` to rewrite it")
     return data
 
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} line {number} is corrupt ({error}); rerun `nsa-eval run` to rewrite it") from None
-            if not isinstance(record, dict) or "id" not in record:
-                raise ValueError(f"{path} line {number} is not a sample record (no 'id')")
-            records.append(record)
-    return records

@@ -430,10 +430,10 @@ def test_runner_streams_records_from_the_native_engine(hf_dirs, tmp_path):
     lm.generate = None  # generative samples must not go through generate()
     store = RunStore(tmp_path / "run")
     append = store.append
-    store.append = lambda task, record: (events.append(("record", record["id"])), append(task, record))[-1]
+    store.append = lambda task, record: (events.append(("record", record.id)), append(task, record))[-1]
     metrics = run(lm, {"tiny": TinyTask()}, store, RunConfig(model_spec="hf:tiny", tasks=("tiny",), seed=3),
                   show_progress=False)
-    records = {r["id"]: r for r in store.records("tiny")}
+    records = {r.id: r.to_json() for r in store.records("tiny")}
     assert sorted(records) == sorted(["g0", "g1", "g2", "g3", "g4", "sampled", "ll"])
     # each generation is written as soon as it finishes, before the next one finishes
     kinds = [kind for kind, _ in events]

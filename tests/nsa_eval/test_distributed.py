@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from interop_helpers import write_lm_eval_tasks
 
 from nsa_eval.cli import main
-from nsa_eval.store import task_file_stem
+from nsa_eval.records import task_file_stem
 
 pytest.importorskip("lm_eval")
 TASKS = ["lm-eval:toy_mc", "lm-eval:toy_gen"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cli_checks import assert_one_line_error, invoke
+from nsa_eval.records import RunInfo, RunKey, SampleRecord
 from nsa_eval.store import RunStore
 
 NIAH_SMALL = ["--tasks", "niah", "--niah-lengths", "256,512", "--niah-depths", "0,50,100", "--quiet"]
@@ -190,15 +191,17 @@ def test_output_holding_a_different_run_is_refused_and_kept(tiny_llama_dir, tmp_
 
 def test_run_store_cuts_a_torn_last_line(tmp_path):
     store = RunStore(tmp_path)
-    store.open({"config_hash": "abc", "tasks": {}, "model": {}})
-    store.append("t", {"id": "a"})
-    store.append("t", {"id": "b"})
+    key = RunKey(model={}, tasks={}, seed=0, limit=None, device="cpu", dtype="float32")
+    store.open(RunInfo(run_id="r", created="t", key=key, config_hash=key.hash))
+    record = lambda sample_id: SampleRecord(sample_id, {}, "h", "p", None, {}, {"accuracy": 1.0})  # noqa: E731
+    store.append("t", record("a"))
+    store.append("t", record("b"))
     with store.samples_path("t").open("a") as handle:
         handle.write('{"id": "c", "sco')
     assert store.finished_ids("t") == {"a", "b"}
-    assert [r["id"] for r in store.records("t")] == ["a", "b"]
-    store.append("t", {"id": "c"})
-    assert [r["id"] for r in store.records("t")] == ["a", "b", "c"]
+    assert [r.id for r in store.records("t")] == ["a", "b"]
+    store.append("t", record("c"))
+    assert [r.id for r in store.records("t")] == ["a", "b", "c"]
 
 
 def test_list_commands():

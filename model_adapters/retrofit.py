@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nsa_eval.kernels.nsa import mean_pool, nsa_attention
+from nsa_eval.kernels.nsa import NSALayout, mean_pool, nsa_attention
 from nsa_eval.model_adapters.runtime.config import ModelConfig
 from nsa_eval.model_adapters.runtime.model import Transformer
 from nsa_eval.model_adapters.runtime.ops import rms_norm
@@ -221,7 +221,7 @@ class Retrofit(nn.Module):
             k_cmp, v_cmp = mean_pool(k, c.block_len), mean_pool(v, c.block_len)
             attend = nsa_attention if q.is_cuda else nsa_attention_sdpa  # Triton on CUDA, masked SDPA on the CPU
             o = attend(q, k, v, k_cmp, v_cmp, gates[..., 0], gates[..., 1], gates[..., 2] if c.window else None,
-                       **c.nsa)
+                       layout=c.layout)
             if probes is not None:
                 with torch.no_grad():
                     q_base = rotate(F.linear(x, attn.q_proj.weight).view(B, T, hq, d), cos, sin)
@@ -252,12 +252,12 @@ def fit_gates(retrofit: Retrofit, ids: torch.Tensor, targets: tuple[float, float
     return sums
 
 
-def nsa_attention_sdpa(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block_len, block_stride, select_len,
-                       num_selected, window):
+def nsa_attention_sdpa(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, layout: NSALayout):
     """The CPU training path of NSA's prefill (T == S): the reference's compressed branch and selection
     (kernels/nsa/reference.py), the selected and window branches as PyTorch SDPA with boolean masks (its fused CPU
     kernel instead of the reference's dense float32 softmax: several times faster forward and backward). Same
-    arguments and result as nsa_attention (tests/model_adapters/test_retrofit.py checks values and gradients)."""
+    arguments and result as nsa_attention: q [B, T, HQ, D], k, v [B, T, H, D], k_cmp, v_cmp [B, Tc, H, D], gates
+    [B, T, HQ] -> o [B, T, HQ, D] (tests/model_adapters/test_retrofit.py checks values and gradients)."""
     from nsa_eval.kernels.nsa.reference import _compressed, _select
     from nsa_eval.kernels.nsa.utils import query_positions
 
@@ -265,10 +265,10 @@ def nsa_attention_sdpa(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block
     H = k.shape[2]
     scale = 1.0 / math.sqrt(D)
     positions = query_positions(q, T)
-    o_cmp, lse = _compressed(q, k_cmp, v_cmp, positions, block_len, block_stride, scale)
+    select_len, window = layout.select_len, layout.window
+    o_cmp, lse = _compressed(q, k_cmp, v_cmp, positions, layout, scale)
     with torch.no_grad():
-        indices = _select(q.detach(), k_cmp.detach(), lse.detach(), positions, T, block_len, block_stride,
-                          select_len, num_selected, scale)  # [B, T, H, n]
+        indices = _select(q.detach(), k_cmp.detach(), lse.detach(), positions, T, layout, scale)  # [B, T, H, n]
         num_slc = -(-T // select_len)
         chosen = torch.zeros(B, T, H, num_slc + 1, dtype=torch.bool, device=q.device)
         chosen.scatter_(-1, torch.where(indices >= 0, indices, num_slc).long(), True)

@@ -18,11 +18,10 @@ import triton
 from nsa_eval.kernels.attention import attention, attention_decode
 from nsa_eval.kernels.nsa import mean_pool
 from nsa_eval.kernels.nsa import compression, decode, parallel, selected, selection
-from nsa_eval.kernels.nsa.common import FLA_LAYOUT, PAPER_LAYOUT
+from nsa_eval.kernels.nsa.layout import FLA_LAYOUT, PAPER_LAYOUT, NSALayout
 
 HQ, H = 64, 4
 DK = DV = 128  # query-key and value head dims (--dk, --dv)
-PAPER, FLA = PAPER_LAYOUT, FLA_LAYOUT
 
 
 def ms(fn) -> float:
@@ -31,56 +30,55 @@ def ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def parts(T: int, hp: dict) -> list[tuple[str, float]]:
+def parts(T: int, layout: NSALayout) -> list[tuple[str, float]]:
     """Median ms of every piece of one NSA prefill (forward and backward) at length T."""
     bf = torch.bfloat16
     q, k, v = (torch.randn(1, T, h, d, device="cuda", dtype=bf) for h, d in ((HQ, DK), (H, DK), (H, DV)))
-    k_cmp, v_cmp = mean_pool(k, hp["block_len"], hp["block_stride"]), mean_pool(v, hp["block_len"], hp["block_stride"])
+    k_cmp, v_cmp = (mean_pool(x, layout.block_len, layout.block_stride) for x in (k, v))
     gates = [torch.rand(1, T, HQ, device="cuda", dtype=bf) for _ in range(3)]
     scale = DK ** -0.5
-    args = (hp["block_len"], hp["block_stride"])
-    o_cmp, lse = compression.compressed_fwd(q, k_cmp, v_cmp, *args, scale)
-    idx = selection.select_fwd(q, k_cmp, lse, *args, hp["select_len"], hp["num_selected"], scale)
-    o_slc, lse_slc = selected.selected_fwd(q, k, v, idx, hp["select_len"], scale)
+    o_cmp, lse = compression.compressed_fwd(q, k_cmp, v_cmp, layout, scale)
+    idx = selection.select_fwd(q, k_cmp, lse, layout, scale)
+    o_slc, lse_slc = selected.selected_fwd(q, k, v, idx, layout.select_len, scale)
     do = torch.randn_like(o_cmp)
     rows = [
-        ("fwd compressed", ms(lambda: compression.compressed_fwd(q, k_cmp, v_cmp, *args, scale))),
-        ("fwd select top-n", ms(lambda: selection.select_fwd(q, k_cmp, lse, *args, hp["select_len"], hp["num_selected"],
-                                                             scale))),
-        ("fwd selected", ms(lambda: selected.selected_fwd(q, k, v, idx, hp["select_len"], scale))),
+        ("fwd compressed", ms(lambda: compression.compressed_fwd(q, k_cmp, v_cmp, layout, scale))),
+        ("fwd select top-n", ms(lambda: selection.select_fwd(q, k_cmp, lse, layout, scale))),
+        ("fwd selected", ms(lambda: selected.selected_fwd(q, k, v, idx, layout.select_len, scale))),
         ("fwd gated sum (torch)", ms(lambda: gates[0].unsqueeze(-1) * o_cmp + gates[1].unsqueeze(-1) * o_slc)),
-        ("bwd compressed (dq, dk, dv)", ms(lambda: compression.compressed_bwd(q, k_cmp, v_cmp, o_cmp, lse, do, *args,
+        ("bwd compressed (dq, dk, dv)", ms(lambda: compression.compressed_bwd(q, k_cmp, v_cmp, o_cmp, lse, do, layout,
                                                                               scale))),
         ("bwd selected (dq, dk, dv)", ms(lambda: selected.selected_bwd(q, k, v, idx, o_slc, lse_slc, do,
-                                                                       hp["select_len"], scale))),
-        ("bwd selected: inverted index", ms(lambda: selected.inverted_index(idx, triton.cdiv(T, hp["select_len"]),
+                                                                       layout.select_len, scale))),
+        ("bwd selected: inverted index", ms(lambda: selected.inverted_index(idx, triton.cdiv(T, layout.select_len),
                                                                             selected.TILES["dkv"][1]))),
     ]
-    if hp["window"]:
+    if layout.window:
         qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-        rows.append(("fwd window (full-attention kernel)", ms(lambda: attention(q, k, v, window=hp["window"]))))
-        rows.append(("fwd+bwd window", ms(lambda: torch.autograd.grad(attention(qg, kg, vg, window=hp["window"]),
+        rows.append(("fwd window (full-attention kernel)", ms(lambda: attention(q, k, v, window=layout.window))))
+        rows.append(("fwd+bwd window", ms(lambda: torch.autograd.grad(attention(qg, kg, vg, window=layout.window),
                                                                       (qg, kg, vg), do))))
-    inputs = [x.clone().requires_grad_() for x in (q, k, v, k_cmp, v_cmp, *gates[:2 + bool(hp["window"])])]
+    inputs = [x.clone().requires_grad_() for x in (q, k, v, k_cmp, v_cmp, *gates[:2 + bool(layout.window)])]
     inputs += [None] * (8 - len(inputs))
     leaves = [x for x in inputs if x is not None]
-    rows.append(("NSA fwd total", ms(lambda: parallel.nsa_attention(*inputs, **hp))))
-    rows.append(("NSA fwd+bwd total", ms(lambda: torch.autograd.grad(parallel.nsa_attention(*inputs, **hp), leaves,
-                                                                      do))))
+    rows.append(("NSA fwd total", ms(lambda: parallel.nsa_attention(*inputs, layout=layout))))
+    rows.append(("NSA fwd+bwd total", ms(lambda: torch.autograd.grad(parallel.nsa_attention(*inputs, layout=layout),
+                                                                      leaves, do))))
     return rows
 
 
 def decode_parts(T: int, batch: int) -> list[tuple[str, float]]:
-    hp = PAPER
+    layout = PAPER_LAYOUT
     bf = torch.bfloat16
     q = torch.randn(batch, HQ, DK, device="cuda", dtype=bf)
     k, v = (torch.randn(batch, T, H, d, device="cuda", dtype=bf) for d in (DK, DV))
-    k_cmp, v_cmp = mean_pool(k, 32, 16), mean_pool(v, 32, 16)
+    k_cmp, v_cmp = (mean_pool(x, layout.block_len, layout.block_stride) for x in (k, v))
     gates = [torch.rand(batch, HQ, device="cuda", dtype=bf) for _ in range(3)]
     lengths = torch.full((batch,), T, dtype=torch.int32, device="cuda")
     return [
-        (f"decode b={batch} NSA step (eager)", ms(lambda: decode.nsa_decode(q, k, v, k_cmp, v_cmp, lengths, *gates, **hp))),
-        (f"decode b={batch} window part (eager)", ms(lambda: attention_decode(q, k, v, lengths, window=512))),
+        (f"decode b={batch} NSA step (eager)", ms(lambda: decode.nsa_decode(q, k, v, k_cmp, v_cmp, lengths, *gates,
+                                                                                  layout=layout))),
+        (f"decode b={batch} window part (eager)", ms(lambda: attention_decode(q, k, v, lengths, window=layout.window))),
         (f"decode b={batch} full attention (eager)", ms(lambda: attention_decode(q, k, v, lengths))),
     ]
 
@@ -107,13 +105,14 @@ def compiler_reports() -> list[dict]:
 
 def sweep(T: int, only: str = "") -> list[dict]:
     """Time each tile candidate of the paper-layout kernels at length T (the first of each list: the default)."""
+    layout = PAPER_LAYOUT
     bf = torch.bfloat16
     q, k, v = (torch.randn(1, T, h, d, device="cuda", dtype=bf) for h, d in ((HQ, DK), (H, DK), (H, DV)))
-    k_cmp, v_cmp = mean_pool(k, 32, 16), mean_pool(v, 32, 16)
+    k_cmp, v_cmp = (mean_pool(x, layout.block_len, layout.block_stride) for x in (k, v))
     scale = DK ** -0.5
-    o_cmp, lse = compression.compressed_fwd(q, k_cmp, v_cmp, 32, 16, scale)
-    idx = selection.select_fwd(q, k_cmp, lse, 32, 16, 64, 16, scale)
-    o_slc, lse_slc = selected.selected_fwd(q, k, v, idx, 64, scale)
+    o_cmp, lse = compression.compressed_fwd(q, k_cmp, v_cmp, layout, scale)
+    idx = selection.select_fwd(q, k_cmp, lse, layout, scale)
+    o_slc, lse_slc = selected.selected_fwd(q, k, v, idx, layout.select_len, scale)
     do = torch.randn_like(o_cmp)
     candidates = {
         (compression, "fwd"): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
@@ -125,13 +124,13 @@ def sweep(T: int, only: str = "") -> list[dict]:
         (selected, "dkv"): [(64, 256, 4, 2), (128, 256, 8, 2), (64, 512, 4, 2), (64, 128, 4, 3), (32, 256, 4, 2)],
     }
     calls = {
-        (compression, "fwd"): lambda: compression.compressed_fwd(q, k_cmp, v_cmp, 32, 16, scale),
-        (compression, "dq"): lambda: compression.compressed_bwd(q, k_cmp, v_cmp, o_cmp, lse, do, 32, 16, scale),
-        (compression, "dkv"): lambda: compression.compressed_bwd(q, k_cmp, v_cmp, o_cmp, lse, do, 32, 16, scale),
-        (selection, "select"): lambda: selection.select_fwd(q, k_cmp, lse, 32, 16, 64, 16, scale),
-        (selected, "fwd"): lambda: selected.selected_fwd(q, k, v, idx, 64, scale),
-        (selected, "dq"): lambda: selected.selected_bwd(q, k, v, idx, o_slc, lse_slc, do, 64, scale),
-        (selected, "dkv"): lambda: selected.selected_bwd(q, k, v, idx, o_slc, lse_slc, do, 64, scale),
+        (compression, "fwd"): lambda: compression.compressed_fwd(q, k_cmp, v_cmp, layout, scale),
+        (compression, "dq"): lambda: compression.compressed_bwd(q, k_cmp, v_cmp, o_cmp, lse, do, layout, scale),
+        (compression, "dkv"): lambda: compression.compressed_bwd(q, k_cmp, v_cmp, o_cmp, lse, do, layout, scale),
+        (selection, "select"): lambda: selection.select_fwd(q, k_cmp, lse, layout, scale),
+        (selected, "fwd"): lambda: selected.selected_fwd(q, k, v, idx, layout.select_len, scale),
+        (selected, "dq"): lambda: selected.selected_bwd(q, k, v, idx, o_slc, lse_slc, do, layout.select_len, scale),
+        (selected, "dkv"): lambda: selected.selected_bwd(q, k, v, idx, o_slc, lse_slc, do, layout.select_len, scale),
     }
     rows = []
     for (module, key), options in candidates.items():
@@ -175,8 +174,8 @@ def main() -> None:
     def save():
         Path(a.out).write_text(json.dumps(result, indent=1, default=str) + "\n")
 
-    for name, hp in (("paper", PAPER), ("fla", FLA)):
-        result[name] = parts(a.T, hp)
+    for name, layout in (("paper", PAPER_LAYOUT), ("fla", FLA_LAYOUT)):
+        result[name] = parts(a.T, layout)
         print(f"\n{name} layout, T={a.T}")
         for part, t in result[name]:
             print(f"  {part:40s} {t:9.3f} ms", flush=True)

@@ -10,9 +10,11 @@ selected_attention and mean_pool, on both paths (layout of the packed compressed
 Queries offset into the keys (a prompt slice over a cache): the T queries are the last T of S >= T tokens, query i
 at position i + S - T (bottom-right, as full attention); S from k, or `seq_len=` for compressed_attention and
 select_blocks. Triton: forward only for T < S (a gradient request raises ValueError).
+The hyperparameters (l, d, l', n, w) travel as one `layout: NSALayout` (layout.py: PAPER_LAYOUT, FLA_LAYOUT).
 """
 
 from nsa_eval.kernels.nsa import compression, decode, parallel, reference, selected, selection
+from nsa_eval.kernels.nsa.layout import FLA_LAYOUT, PAPER_LAYOUT, NSALayout
 from nsa_eval.kernels.nsa.utils import mean_pool, num_compressed_blocks
 from nsa_eval.kernels.utils import by_device
 
@@ -24,6 +26,9 @@ nsa_decode = by_device(decode.nsa_decode, reference.nsa_decode)
 gated_sum = by_device(parallel.gated_sum, reference.gated_sum)
 
 __all__ = [
+    "FLA_LAYOUT",
+    "NSALayout",
+    "PAPER_LAYOUT",
     "compressed_attention",
     "gated_sum",
     "mean_pool",

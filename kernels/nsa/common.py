@@ -1,11 +1,4 @@
-"""What the NSA kernels, their tests, the benchmarks and scripts share.
-
-The two layouts of the hyperparameters:
-- PAPER_LAYOUT: the NSA paper's (arXiv:2502.11089, section 4.1): compressed blocks of l = 32 with stride d = 16,
-  selection blocks of l' = 64, n = 16 selected, a window of w = 512; the public functions' defaults.
-- FLA_LAYOUT: flash-linear-attention's NSA (l = d = l' = 64, 16 blocks, no window; it mean-pools K/V itself).
-
-Keyword arguments of nsa_attention, nsa_decode and friends: `nsa_attention(..., **PAPER_LAYOUT)`.
+"""What the NSA Triton kernels share.
 
 The Triton building blocks of the compressed, selection, selected and decode kernels (compression.py, selection.py,
 selected.py, decode.py): `attend_tile` (one online-softmax step over a tile of keys), `num_visible_blocks`, the
@@ -22,9 +15,6 @@ import triton
 import triton.language as tl
 
 from nsa_eval.kernels.utils import block_table
-
-PAPER_LAYOUT = dict(block_len=32, block_stride=16, select_len=64, num_selected=16, window=512)
-FLA_LAYOUT = dict(block_len=64, block_stride=64, select_len=64, num_selected=16, window=0)
 
 
 @triton.jit

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from nsa_eval.kernels.nsa.common import (Packing, attend_tile, backward_rows, kernel_packing, num_visible_blocks,
                                          row_dot, sequence_tile, store_attention)
+from nsa_eval.kernels.nsa.layout import PAPER_LAYOUT, NSALayout
 from nsa_eval.kernels.nsa.utils import check_compressed_args, check_offset_backward, check_varlen, default_scale
 from nsa_eval.kernels.utils import LOG2E, dot_precision
 
@@ -160,9 +161,10 @@ def _tiles(dk: int, dv: int):
     return triton.next_power_of_2(dk), triton.next_power_of_2(dv)
 
 
-def compressed_fwd(q, k_cmp, v_cmp, block_len, block_stride, scale, packing: Packing | None = None, offset: int = 0):
+def compressed_fwd(q, k_cmp, v_cmp, layout: NSALayout, scale, packing: Packing | None = None, offset: int = 0):
     """q [B, T, HQ, Dk], k_cmp/v_cmp [B, Tc, H, D] (contiguous) -> o [B, T, HQ, Dv], lse [B, T, HQ] float32.
-    packing: packed sequences (B == 1) or None; offset: position of query row 0 (S - T)."""
+    layout: its block_len and block_stride; packing: packed sequences (B == 1) or None; offset: position of query
+    row 0 (S - T)."""
     B, T, HQ, DK = q.shape
     TC, H, DV = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
     o = torch.empty(B, T, HQ, DV, dtype=q.dtype, device=q.device)
@@ -171,14 +173,17 @@ def compressed_fwd(q, k_cmp, v_cmp, block_len, block_stride, scale, packing: Pac
     bt, bc, warps, stages = tiles_for(TILES["fwd"], q.dtype)
     cu, cu_cmp, table, programs = kernel_packing(packing, bt, False, lse, triton.cdiv(T, bt))
     compressed_fwd_kernel[(programs, B * HQ)](
-        q, k_cmp, v_cmp, o, lse, cu, cu_cmp, table, T, TC, offset, scale * LOG2E, HQ, H, DK, DV, block_len, block_stride,
-        bt, bc, bdk, bdv, packing is not None, PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages)
+        q, k_cmp, v_cmp, o, lse, cu, cu_cmp, table, T, TC, offset, scale * LOG2E, HQ, H, DK, DV, layout.block_len,
+        layout.block_stride, bt, bc, bdk, bdv, packing is not None, PRECISION=dot_precision(q.dtype), num_warps=warps,
+        num_stages=stages)
     return o, lse
 
 
-def compressed_bwd(q, k_cmp, v_cmp, o, lse, do, block_len, block_stride, scale, packing: Packing | None = None):
-    """Gradients (dq, dk_cmp, dv_cmp) of compressed attention for output gradient do [B, T, HQ, Dv]."""
+def compressed_bwd(q, k_cmp, v_cmp, o, lse, do, layout: NSALayout, scale, packing: Packing | None = None):
+    """Gradients (dq [B, T, HQ, Dk], dk_cmp [B, Tc, H, Dk], dv_cmp [B, Tc, H, Dv]) of compressed attention for output
+    gradient do [B, T, HQ, Dv] (o [B, T, HQ, Dv], lse [B, T, HQ] the forward's)."""
     B, T, HQ, DK = q.shape
+    block_len, block_stride = layout.block_len, layout.block_stride
     TC, H, DV = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
     delta = row_dot(o, do)
     dq = torch.empty_like(q)
@@ -207,11 +212,11 @@ class CompressedAttention(torch.autograd.Function):
     for offset 0 (callers refuse a graph otherwise: utils.check_offset_backward)."""
 
     @staticmethod
-    def forward(ctx, q, k_cmp, v_cmp, block_len, block_stride, scale, packing=None, offset=0):
+    def forward(ctx, q, k_cmp, v_cmp, layout, scale, packing=None, offset=0):
         q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
-        o, lse = compressed_fwd(q, k_cmp, v_cmp, block_len, block_stride, scale, packing, offset)
+        o, lse = compressed_fwd(q, k_cmp, v_cmp, layout, scale, packing, offset)
         ctx.save_for_backward(q, k_cmp, v_cmp, o, lse)
-        ctx.args = (block_len, block_stride, scale, packing)
+        ctx.args = (layout, scale, packing)
         ctx.mark_non_differentiable(lse)
         return o, lse
 
@@ -219,21 +224,20 @@ class CompressedAttention(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
         dq, dk, dv = compressed_bwd(q, k_cmp, v_cmp, o, lse, do.contiguous(), *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
-def compressed_attention(q, k_cmp, v_cmp, *, block_len=32, block_stride=16, scale=None, seq_len=None,
+def compressed_attention(q, k_cmp, v_cmp, *, layout: NSALayout = PAPER_LAYOUT, scale=None, seq_len=None,
                          cu_seqlens=None):
     """Triton compressed attention; spec and shapes: reference.compressed_attention. Returns (o, lse).
     seq_len > T (queries offset into the sequence) runs forward only: ValueError if a gradient is needed."""
     op = "compressed_attention"
-    seq_len = check_compressed_args(op, q, k_cmp, v_cmp, block_len, block_stride, scale, seq_len,
-                                    cu_seqlens is not None, triton=True)
+    seq_len = check_compressed_args(op, q, k_cmp, v_cmp, layout, scale, seq_len, cu_seqlens is not None, triton=True)
     offset = seq_len - q.shape[1]
     check_offset_backward(op, offset, q, k_cmp, v_cmp)
     packing = None
     if cu_seqlens is not None:
-        packing = Packing.of(*check_varlen(op, cu_seqlens, q, block_len, block_stride,
+        packing = Packing.of(*check_varlen(op, cu_seqlens, q, layout.block_len, layout.block_stride,
                                            {"k_cmp": k_cmp, "v_cmp": v_cmp}), q.device)
     scale = default_scale(q, scale)
-    return CompressedAttention.apply(q, k_cmp, v_cmp, block_len, block_stride, scale, packing, offset)
+    return CompressedAttention.apply(q, k_cmp, v_cmp, layout, scale, packing, offset)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from nsa_eval.kernels.nsa.common import attend_tile, num_visible_blocks
+from nsa_eval.kernels.nsa.layout import PAPER_LAYOUT, NSALayout
 from nsa_eval.kernels.nsa.selection import block_of_key, chunk_blocks, merge_top, overlap_weights, ranking_keys
 from nsa_eval.kernels.nsa.utils import check_decode, default_scale, index_bits
 from nsa_eval.kernels.utils import LOG2E, dot_precision
@@ -277,15 +278,16 @@ def _rows_view(x):
 
 
 def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win=None, *,
-               block_len=32, block_stride=16, select_len=64, num_selected=16, window=512, scale=None,
-               k_window=None, v_window=None, leading_blocks=1, local_tokens=None):
+               layout: NSALayout = PAPER_LAYOUT, scale=None, k_window=None, v_window=None, leading_blocks=1,
+               local_tokens=None):
     """Triton NSA decode step; spec and shapes: reference.nsa_decode. cache_seqlens' values are not checked
     here (that would cost a device-to-host copy per step): each must lie in [1, S_max]. q may be a view whose batch
     stride is not HQ * Dk (a slice of a wider projection output), gates views with any strides."""
     check_decode("nsa_decode", q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens,
-                 {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, block_len, block_stride, select_len, num_selected,
-                 window, scale, triton=True, k_window=k_window, v_window=v_window, leading_blocks=leading_blocks,
-                 local_tokens=local_tokens)
+                 {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, layout, scale, triton=True, k_window=k_window,
+                 v_window=v_window, leading_blocks=leading_blocks, local_tokens=local_tokens)
+    block_len, block_stride, select_len = layout.block_len, layout.block_stride, layout.select_len
+    num_selected, window = layout.num_selected, layout.window
     scale = default_scale(q, scale)
     q, stride_qb = _rows_view(q)
     k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
@@ -307,7 +309,7 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
         H, DK, DV, bdk, bdv, gp, block_len, block_stride, bc, split_len, nsplit, PRECISION=dot_precision(q.dtype),
         num_warps=warps, num_stages=stages)
     o_cmp = torch.empty(B, HQ, DV, dtype=q.dtype, device=q.device)
-    np_ = chunk_blocks(num_selected, select_len, block_stride)
+    np_ = chunk_blocks(layout)
     num_chunks = triton.cdiv(triton.cdiv(S, select_len), np_)  # chunks of the longest cache
     nparts = max(1, min(num_chunks, triton.cdiv(264, B * H)))
     chunks_per_part = triton.cdiv(num_chunks, nparts)

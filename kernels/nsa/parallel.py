@@ -16,6 +16,7 @@ import triton.language as tl
 from nsa_eval.kernels.attention import attention
 from nsa_eval.kernels.nsa.common import Packing
 from nsa_eval.kernels.nsa.compression import CompressedAttention
+from nsa_eval.kernels.nsa.layout import PAPER_LAYOUT, NSALayout
 from nsa_eval.kernels.nsa.selected import SelectedAttention
 from nsa_eval.kernels.nsa.selection import select_fwd
 from nsa_eval.kernels.nsa.utils import (check_block_indices, check_nsa, check_offset_backward, check_varlen,
@@ -105,31 +106,30 @@ def gated_sum(o_1, g_1, o_2, g_2, o_3=None, g_3=None):
     return GatedSum.apply(*pairs)
 
 
-def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block_len=32, block_stride=16,
-                  select_len=64, num_selected=16, window=512, scale=None, block_indices=None,
-                  return_block_indices=False, cu_seqlens=None):
+def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, layout: NSALayout = PAPER_LAYOUT, scale=None,
+                  block_indices=None, return_block_indices=False, cu_seqlens=None):
     """Triton NSA prefill, forward and backward; spec and shapes: reference.nsa_attention. With cu_seqlens every
     kernel maps its programs to (sequence, position within it) through the packing's offsets. S > T (the queries
     are the last T of the S keys, a chunk over a cache) runs forward only: ValueError if a gradient is needed."""
     op = "nsa_attention"
-    check_nsa(op, q, k, v, k_cmp, v_cmp, {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, block_len, block_stride,
-              select_len, num_selected, window, scale, triton=True, varlen=cu_seqlens is not None)
+    check_nsa(op, q, k, v, k_cmp, v_cmp, {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, layout, scale, triton=True,
+              varlen=cu_seqlens is not None)
     packing = None
     if cu_seqlens is not None:
-        packing = Packing.of(*check_varlen(op, cu_seqlens, q, block_len, block_stride,
+        packing = Packing.of(*check_varlen(op, cu_seqlens, q, layout.block_len, layout.block_stride,
                                            {"k_cmp": k_cmp, "v_cmp": v_cmp}, num_keys=k.shape[1]), q.device)
     offset = k.shape[1] - q.shape[1]
     check_offset_backward(op, offset, q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win)
     scale = default_scale(q, scale)
-    o_cmp, lse = CompressedAttention.apply(q, k_cmp, v_cmp, block_len, block_stride, scale, packing, offset)
+    o_cmp, lse = CompressedAttention.apply(q, k_cmp, v_cmp, layout, scale, packing, offset)
     if block_indices is None:
-        block_indices = select_fwd(q.detach().contiguous(), k_cmp.detach().contiguous(), lse, block_len,
-                                   block_stride, select_len, num_selected, scale, packing, offset)
+        block_indices = select_fwd(q.detach().contiguous(), k_cmp.detach().contiguous(), lse, layout, scale, packing,
+                                   offset)
     else:
         check_block_indices(op, block_indices, q, k.shape[2])
-    o_slc = SelectedAttention.apply(q, k, v, block_indices, select_len, scale, packing)
+    o_slc = SelectedAttention.apply(q, k, v, block_indices, layout.select_len, scale, packing)
     branches = [o_cmp, g_cmp, o_slc, g_slc]
-    if window:
-        branches += [attention(q, k, v, causal=True, window=window, scale=scale, cu_seqlens=cu_seqlens), g_win]
+    if layout.window:
+        branches += [attention(q, k, v, causal=True, window=layout.window, scale=scale, cu_seqlens=cu_seqlens), g_win]
     o = GatedSum.apply(*branches)
     return (o, block_indices) if return_block_indices else o

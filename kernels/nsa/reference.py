@@ -17,9 +17,9 @@ crossing into the next sequence; k_cmp/v_cmp then hold exactly that sum of block
 gives the block offsets, `mean_pool(..., cu_seqlens=)` makes them). Block indices are per sequence (block j =
 that sequence's tokens [j*l', (j+1)*l')). Every sequence gives the same result as a call on it alone.
 
-Hyperparameters (arguments everywhere, defaults from the paper): block_len l=32, block_stride d=16,
-select_len l'=64, num_selected n=16, window w=512. flash-linear-attention's layout is l = d = l' (e.g. 64)
-with mean pooling and no window (window=0).
+Hyperparameters: one `layout: NSALayout` argument (layout.py; default PAPER_LAYOUT, the paper's): block_len l=32,
+block_stride d=16, select_len l'=64, num_selected n=16, window w=512 (tokens, n in blocks). flash-linear-attention's
+layout (FLA_LAYOUT) is l = d = l' (e.g. 64) with mean pooling and no window (window=0).
 
 Queries offset into the keys (a prompt chunk over a cache, T < S): the T queries are the LAST T of the S tokens,
 query row i at position t = i + S - T (bottom-right alignment, as full attention and flash-attn); S comes from k
@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import torch
 
+from nsa_eval.kernels.nsa.layout import PAPER_LAYOUT, NSALayout, check_layout
 from nsa_eval.kernels.nsa.utils import (
     by_sequence,
     check_block_indices,
-    check_block_sizes,
     check_compressed_args,
     check_decode,
     check_lse,
@@ -80,14 +80,14 @@ def _masked_attention(q, k, v, visible, scale):
 
 
 # ---------------------------------------------------------------------------------------------- branches
-def _compressed(q, k_cmp, v_cmp, positions, block_len, block_stride, scale):
-    n_visible = visible_compressed_blocks(positions, block_len, block_stride)  # [B, Tq]
+def _compressed(q, k_cmp, v_cmp, positions, layout: NSALayout, scale):
+    n_visible = visible_compressed_blocks(positions, layout.block_len, layout.block_stride)  # [B, Tq]
     i = torch.arange(k_cmp.shape[1], device=q.device)
     visible = (i < n_visible[..., None])[:, :, None, :]
     return _masked_attention(q, k_cmp, v_cmp, visible, scale)
 
 
-def compressed_attention(q, k_cmp, v_cmp, *, block_len=32, block_stride=16, scale=None, seq_len=None,
+def compressed_attention(q, k_cmp, v_cmp, *, layout: NSALayout = PAPER_LAYOUT, scale=None, seq_len=None,
                          cu_seqlens=None):
     """Attention of every query over the compressed blocks it may see (eq. 7 of the paper).
 
@@ -95,6 +95,7 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_len=32, block_stride=16, scal
         q: [B, T, HQ, Dk] queries at positions S-T..S-1 of a sequence of S = seq_len tokens (default T: 0..T-1).
         k_cmp, v_cmp: [B, Tc, H, Dk] / [B, Tc, H, Dv], Tc >= num_compressed_blocks(S) (extra blocks are never
             visible). Block i is visible to query t iff t >= i*block_stride + block_len - 1.
+        layout: the NSA hyperparameters; this branch reads block_len l and block_stride d.
         scale: softmax scale, default 1/sqrt(Dk).
         seq_len: S >= T, tokens of the sequence the queries end (a chunk after S - T cached tokens); None: T.
         cu_seqlens: None, or int32 [N+1] packed sequences (B == 1); k_cmp/v_cmp then packed per sequence with
@@ -103,19 +104,18 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_len=32, block_stride=16, scal
         o [B, T, HQ, Dv] in q's dtype (0 for t < block_len - 1), lse [B, T, HQ] float32 (natural log; -inf there).
     """
     op = "compressed_attention"
-    seq_len = check_compressed_args(op, q, k_cmp, v_cmp, block_len, block_stride, scale, seq_len,
-                                    cu_seqlens is not None, triton=False)
+    seq_len = check_compressed_args(op, q, k_cmp, v_cmp, layout, scale, seq_len, cu_seqlens is not None, triton=False)
     if cu_seqlens is not None:
-        offsets, blocks = check_varlen(op, cu_seqlens, q, block_len, block_stride, {"k_cmp": k_cmp, "v_cmp": v_cmp})
-        return by_sequence(lambda *x: compressed_attention(*x, block_len=block_len, block_stride=block_stride,
-                                                           scale=scale), [q, k_cmp, v_cmp], "tcc", offsets, blocks)
-    o, lse = _compressed(q, k_cmp, v_cmp, query_positions(q, seq_len), block_len, block_stride,
-                         default_scale(q, scale))
+        offsets, blocks = check_varlen(op, cu_seqlens, q, layout.block_len, layout.block_stride,
+                                       {"k_cmp": k_cmp, "v_cmp": v_cmp})
+        return by_sequence(lambda *x: compressed_attention(*x, layout=layout, scale=scale), [q, k_cmp, v_cmp], "tcc",
+                           offsets, blocks)
+    o, lse = _compressed(q, k_cmp, v_cmp, query_positions(q, seq_len), layout, default_scale(q, scale))
     return o.to(q.dtype), lse
 
 
-def compressed_to_selection_weights(num_cmp, num_slc, block_len, block_stride, select_len, device=None):
-    """Weights W [num_cmp, num_slc] of eq. 9: p_slc[j] = sum_i W[i, j] * p_cmp[i].
+def compressed_to_selection_weights(num_cmp, num_slc, layout: NSALayout, device=None):
+    """Weights W [num_cmp, num_slc] of eq. 9: p_slc[j] = sum_i W[i, j] * p_cmp[i] (l, d, l' from the layout).
 
     W[i, j] = (tokens shared by compressed block i = [i*d, i*d + l) and selection block j = [j*l', (j+1)*l')) / d,
     i.e. eq. 9 read as p_slc[j] = sum_{m=0}^{l'/d-1} sum_{n=0}^{l/d-1} p_cmp[(l'/d)*j + m - n]: each of the l'/d
@@ -130,14 +130,14 @@ def compressed_to_selection_weights(num_cmp, num_slc, block_len, block_stride, s
       + 1 * p_cmp[4j+3]  ([64j+48, 64j+80): 16 shared)
     so block 0 gets 2*p[0] + 2*p[1] + 2*p[2] + p[3]. With l = d = l' (flash-linear-attention) W is the identity.
     """
-    start = torch.arange(num_cmp, device=device)[:, None] * block_stride
-    j0 = torch.arange(num_slc, device=device)[None, :] * select_len
-    shared = (torch.minimum(start + block_len, j0 + select_len) - torch.maximum(start, j0)).clamp_min(0)
-    return shared.float() / block_stride
+    start = torch.arange(num_cmp, device=device)[:, None] * layout.block_stride
+    j0 = torch.arange(num_slc, device=device)[None, :] * layout.select_len
+    shared = (torch.minimum(start + layout.block_len, j0 + layout.select_len) - torch.maximum(start, j0)).clamp_min(0)
+    return shared.float() / layout.block_stride
 
 
-def block_importance(q, k_cmp, lse, positions, num_keys, block_len, block_stride, select_len, scale,
-                     leading_blocks=1, local_tokens=None):
+def block_importance(q, k_cmp, lse, positions, num_keys, layout: NSALayout, scale, leading_blocks=1,
+                     local_tokens=None):
     """Importance of each selection block for each query and KV head, float32 [B, Tq, H, NJ], NJ = cdiv(S, l').
 
     Eq. 8 p_cmp = exp(q k_cmp^T * scale - lse) over the visible compressed blocks, summed over the G query heads
@@ -148,13 +148,14 @@ def block_importance(q, k_cmp, lse, positions, num_keys, block_len, block_stride
     """
     B, Tq, HQ, _ = q.shape
     H = k_cmp.shape[2]
-    n_visible = visible_compressed_blocks(positions, block_len, block_stride)  # [B, Tq]
+    select_len = layout.select_len
+    n_visible = visible_compressed_blocks(positions, layout.block_len, layout.block_stride)  # [B, Tq]
     s = _scores(q, k_cmp, scale)  # [B, Tq, H, G, Tc]
     visible = (torch.arange(k_cmp.shape[1], device=q.device) < n_visible[..., None])[:, :, None, None, :]
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).reshape(B, Tq, H, HQ // H, 1)
     p_cmp = torch.where(visible, torch.exp(s - lse_safe), torch.zeros_like(s))  # eq. 8
     num_slc = -(-num_keys // select_len)
-    weights = compressed_to_selection_weights(k_cmp.shape[1], num_slc, block_len, block_stride, select_len, q.device)
+    weights = compressed_to_selection_weights(k_cmp.shape[1], num_slc, layout, q.device)
     importance = p_cmp.sum(3) @ weights  # eq. 10 (sum over the group's heads), then eq. 9 -> [B, Tq, H, NJ]
     j = torch.arange(num_slc, device=q.device)
     current = (positions // select_len)[:, :, None, None]  # [B, Tq, 1, 1]
@@ -165,12 +166,10 @@ def block_importance(q, k_cmp, lse, positions, num_keys, block_len, block_stride
     return torch.where(j <= current, importance, torch.full_like(importance, -1.0))  # future blocks
 
 
-def _select(q, k_cmp, lse, positions, num_keys, block_len, block_stride, select_len, num_selected, scale,
-            leading_blocks=1, local_tokens=None):
+def _select(q, k_cmp, lse, positions, num_keys, layout: NSALayout, scale, leading_blocks=1, local_tokens=None):
     """Top-n selection blocks per query and KV head -> int32 [B, Tq, H, n], most important first, -1 padded."""
-    importance = block_importance(q, k_cmp, lse, positions, num_keys, block_len, block_stride, select_len, scale,
-                                  leading_blocks, local_tokens)
-    num_slc = importance.shape[-1]
+    importance = block_importance(q, k_cmp, lse, positions, num_keys, layout, scale, leading_blocks, local_tokens)
+    num_slc, num_selected = importance.shape[-1], layout.num_selected
     mask = (1 << index_bits(num_slc)) - 1
     j = torch.arange(num_slc, device=q.device, dtype=torch.int32)
     keys = (importance.clamp_min(0).view(torch.int32) & ~mask) | (mask - j)  # see utils.index_bits
@@ -181,8 +180,7 @@ def _select(q, k_cmp, lse, positions, num_keys, block_len, block_stride, select_
     return torch.where(top >= 0, mask - (top & mask), torch.full_like(top, -1)).to(torch.int32)
 
 
-def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64, num_selected=16, scale=None,
-                  seq_len=None, cu_seqlens=None):
+def select_blocks(q, k_cmp, lse, *, layout: NSALayout = PAPER_LAYOUT, scale=None, seq_len=None, cu_seqlens=None):
     """The n selection blocks of length l' each query attends to (eq. 8-10 and top-n, eq. 11).
 
     Importance of selection block j for query t and KV head h: the compressed branch's probabilities
@@ -195,6 +193,7 @@ def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64
 
     Args:
         q: [B, T, HQ, Dk]; k_cmp: [B, Tc, H, Dk]; lse: [B, T, HQ] float32 from `compressed_attention`;
+        layout: the NSA hyperparameters; selection reads l, d, l' and n (the window plays no part);
         seq_len: S >= T: the queries are positions S-T..S-1 (module docstring); None: T (positions 0..T-1);
         cu_seqlens: None, or int32 [N+1] packed sequences (B == 1), k_cmp packed per sequence (module docstring).
     Returns:
@@ -202,17 +201,13 @@ def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64
         than n blocks exist (t // l' + 1 < n); with cu_seqlens, blocks and t count from each sequence's start.
     """
     op = "select_blocks"
-    check_block_sizes(op, block_len, block_stride, select_len, num_selected)
-    seq_len = check_compressed_args(op, q, k_cmp, k_cmp, block_len, block_stride, scale, seq_len,
-                                    cu_seqlens is not None, triton=False)
+    seq_len = check_compressed_args(op, q, k_cmp, k_cmp, layout, scale, seq_len, cu_seqlens is not None, triton=False)
     check_lse(op, lse, q)
     if cu_seqlens is not None:
-        offsets, blocks = check_varlen(op, cu_seqlens, q, block_len, block_stride, {"k_cmp": k_cmp})
-        return by_sequence(lambda *x: select_blocks(*x, block_len=block_len, block_stride=block_stride,
-                                                    select_len=select_len, num_selected=num_selected, scale=scale),
-                           [q, k_cmp, lse], "tct", offsets, blocks)
-    return _select(q, k_cmp, lse, query_positions(q, seq_len), seq_len, block_len, block_stride, select_len,
-                   num_selected, default_scale(q, scale))
+        offsets, blocks = check_varlen(op, cu_seqlens, q, layout.block_len, layout.block_stride, {"k_cmp": k_cmp})
+        return by_sequence(lambda *x: select_blocks(*x, layout=layout, scale=scale), [q, k_cmp, lse], "tct", offsets,
+                           blocks)
+    return _select(q, k_cmp, lse, query_positions(q, seq_len), seq_len, layout, default_scale(q, scale))
 
 
 def _selected(q, k, v, block_indices, positions, select_len, scale):
@@ -225,26 +220,28 @@ def _selected(q, k, v, block_indices, positions, select_len, scale):
     return _masked_attention(q, k, v, visible, scale)
 
 
-def selected_attention(q, k, v, block_indices, *, select_len=64, scale=None, cu_seqlens=None):
+def selected_attention(q, k, v, block_indices, *, layout: NSALayout = PAPER_LAYOUT, scale=None, cu_seqlens=None):
     """Attention of every query over the tokens of its selected blocks (eq. 11-12), tokens after t masked.
 
     Args:
         q: [B, T, HQ, Dk]; k: [B, S, H, Dk]; v: [B, S, H, Dv], S >= T: query row i stands at position i + S - T;
         block_indices: [B, T, H, n] int32 selection-block indices (block j = tokens [j*l', (j+1)*l')), -1 unused;
+        layout: the NSA hyperparameters; this branch reads select_len l' (n is block_indices' last dim);
         cu_seqlens: None, or int32 [N+1] packed sequences (B == 1); block indices and t per sequence.
     Returns:
         o [B, T, HQ, Dv] in q's dtype.
     """
     op = "selected_attention"
+    check_layout(op, layout)
     check_qkv(op, q, k, v, triton=False)
-    check_block_sizes(op, 1, 1, select_len)
     check_block_indices(op, block_indices, q, k.shape[2])
     if cu_seqlens is not None:
-        offsets, blocks = check_varlen(op, cu_seqlens, q, 1, 1, num_keys=k.shape[1])
-        return by_sequence(lambda *x: selected_attention(*x, select_len=select_len, scale=scale),
-                           [q, k, v, block_indices], "tttt", offsets, blocks)
+        offsets, blocks = check_varlen(op, cu_seqlens, q, layout.block_len, layout.block_stride, num_keys=k.shape[1])
+        return by_sequence(lambda *x: selected_attention(*x, layout=layout, scale=scale), [q, k, v, block_indices],
+                           "tttt", offsets, blocks)
     check_prefill_length(op, q, k)
-    o, _ = _selected(q, k, v, block_indices, query_positions(q, k.shape[1]), select_len, default_scale(q, scale))
+    o, _ = _selected(q, k, v, block_indices, query_positions(q, k.shape[1]), layout.select_len,
+                     default_scale(q, scale))
     return o.to(q.dtype)
 
 
@@ -266,18 +263,18 @@ def gated_sum(o_1, g_1, o_2, g_2, o_3=None, g_3=None):
     return _gated_sum(pairs).to(o_1.dtype)
 
 
-def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block_len=32, block_stride=16,
-                  select_len=64, num_selected=16, window=512, scale=None, block_indices=None,
-                  return_block_indices=False, cu_seqlens=None):
+def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, layout: NSALayout = PAPER_LAYOUT, scale=None,
+                  block_indices=None, return_block_indices=False, cu_seqlens=None):
     """Native Sparse Attention (eq. 5): o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win.
 
     Args:
         q: [B, T, HQ, Dk]; k, v: [B, S, H, Dk] / [B, S, H, Dv] raw keys/values (selection and window branches),
             S >= T: query row i stands at position i + S - T (a prompt chunk after S - T cached tokens);
         k_cmp, v_cmp: [B, Tc, H, Dk] / [B, Tc, H, Dv] compressed blocks of the S tokens (see module docstring);
-        g_cmp, g_slc, g_win: [B, T, HQ] gates (g_win may be None when window=0);
-        window: w > 0 adds the sliding-window branch over the last w tokens; 0 leaves it out;
-        block_indices: [B, T, H, n] int32 to use instead of selecting (n = num_selected is then ignored);
+        g_cmp, g_slc, g_win: [B, T, HQ] gates (g_win may be None when layout.window is 0);
+        layout: the NSA hyperparameters (l, d, l', n, w; NSALayout); window w > 0 adds the sliding-window branch
+            over the last w tokens, 0 leaves it out;
+        block_indices: [B, T, H, n] int32 to use instead of selecting (layout.num_selected is then ignored);
         cu_seqlens: None, or int32 [N+1] offsets of N sequences packed along T (B == 1, S == T), each attending
             only to itself from its own position 0. k_cmp/v_cmp are then [1, Tc, H, D] packed per sequence:
             sequence n's floor((len_n - l)/d) + 1 blocks (0 if len_n < l) follow sequence n-1's, so Tc is their
@@ -288,40 +285,38 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, block_len=
         k_cmp, v_cmp and the gates; the block selection carries none.
     """
     op = "nsa_attention"
-    check_nsa(op, q, k, v, k_cmp, v_cmp, {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, block_len,
-              block_stride, select_len, num_selected, window, scale, triton=False, varlen=cu_seqlens is not None)
+    check_nsa(op, q, k, v, k_cmp, v_cmp, {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, layout, scale,
+              triton=False, varlen=cu_seqlens is not None)
     if cu_seqlens is not None:
-        offsets, blocks = check_varlen(op, cu_seqlens, q, block_len, block_stride, {"k_cmp": k_cmp, "v_cmp": v_cmp},
-                                       num_keys=k.shape[1])
+        offsets, blocks = check_varlen(op, cu_seqlens, q, layout.block_len, layout.block_stride,
+                                       {"k_cmp": k_cmp, "v_cmp": v_cmp}, num_keys=k.shape[1])
         if block_indices is not None:
             check_block_indices(op, block_indices, q, k.shape[2])
 
         def one_sequence(*x):
-            return nsa_attention(*x[:8], block_len=block_len, block_stride=block_stride, select_len=select_len,
-                                 num_selected=num_selected, window=window, scale=scale, block_indices=x[8],
+            return nsa_attention(*x[:8], layout=layout, scale=scale, block_indices=x[8],
                                  return_block_indices=return_block_indices)
 
         return by_sequence(one_sequence, [q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_indices], "tttcctttt",
                            offsets, blocks)
     scale = default_scale(q, scale)
     positions = query_positions(q, k.shape[1])
-    o_cmp, lse = _compressed(q, k_cmp, v_cmp, positions, block_len, block_stride, scale)
+    o_cmp, lse = _compressed(q, k_cmp, v_cmp, positions, layout, scale)
     if block_indices is None:
-        block_indices = _select(q.detach(), k_cmp.detach(), lse.detach(), positions, k.shape[1], block_len,
-                                block_stride, select_len, num_selected, scale)
+        block_indices = _select(q.detach(), k_cmp.detach(), lse.detach(), positions, k.shape[1], layout, scale)
     else:
         check_block_indices(op, block_indices, q, k.shape[2])
-    o_slc, _ = _selected(q, k, v, block_indices, positions, select_len, scale)
+    o_slc, _ = _selected(q, k, v, block_indices, positions, layout.select_len, scale)
     branches = [(o_cmp, g_cmp), (o_slc, g_slc)]
-    if window:
-        branches.append((_window(q, k, v, positions, window, scale)[0], g_win))
+    if layout.window:
+        branches.append((_window(q, k, v, positions, layout.window, scale)[0], g_win))
     o = _gated_sum(branches).to(q.dtype)
     return (o, block_indices) if return_block_indices else o
 
 
 def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win=None, *,
-               block_len=32, block_stride=16, select_len=64, num_selected=16, window=512, scale=None,
-               k_window=None, v_window=None, leading_blocks=1, local_tokens=None):
+               layout: NSALayout = PAPER_LAYOUT, scale=None, k_window=None, v_window=None, leading_blocks=1,
+               local_tokens=None):
     """One NSA decode step: the new token's output from an NSA cache; equals the last row of `nsa_attention`.
 
     Args:
@@ -331,7 +326,8 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
             block_stride tokens once block_len tokens exist (the first num_compressed_blocks(cache_seqlens[b])
             rows are read);
         cache_seqlens: [B] int32 tokens in the cache per sequence, the new one included (>= 1);
-        g_cmp, g_slc, g_win: [B, HQ] gates;
+        g_cmp, g_slc, g_win: [B, HQ] gates (g_win may be None when layout.window is 0);
+        layout: the NSA hyperparameters (l, d, l', n, w; NSALayout);
         k_window, v_window: None (the window branch reads the last `window` keys of k_cache/v_cache), or the window
             branch's own keys/values (the paper's independent K/V): rings [B, window, H, Dk] / [B, window, H, Dv]
             holding token p in slot p % window, so slots [0, min(cache_seqlens[b], window)) are row b's last tokens;
@@ -343,17 +339,17 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
     """
     op = "nsa_decode"
     check_decode(op, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens,
-                 {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, block_len, block_stride, select_len,
-                 num_selected, window, scale, triton=False, k_window=k_window, v_window=v_window,
-                 leading_blocks=leading_blocks, local_tokens=local_tokens)
+                 {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, layout, scale, triton=False, k_window=k_window,
+                 v_window=v_window, leading_blocks=leading_blocks, local_tokens=local_tokens)
     check_cache_lengths(op, cache_seqlens, k_cache)
     scale = default_scale(q, scale)
     q1 = q[:, None]
     positions = (cache_seqlens.long() - 1)[:, None]  # [B, 1]
-    o_cmp, lse = _compressed(q1, k_cmp_cache, v_cmp_cache, positions, block_len, block_stride, scale)
-    block_indices = _select(q1, k_cmp_cache, lse, positions, k_cache.shape[1], block_len, block_stride, select_len,
-                            num_selected, scale, leading_blocks, local_tokens)
-    o_slc, _ = _selected(q1, k_cache, v_cache, block_indices, positions, select_len, scale)
+    o_cmp, lse = _compressed(q1, k_cmp_cache, v_cmp_cache, positions, layout, scale)
+    block_indices = _select(q1, k_cmp_cache, lse, positions, k_cache.shape[1], layout, scale, leading_blocks,
+                            local_tokens)
+    o_slc, _ = _selected(q1, k_cache, v_cache, block_indices, positions, layout.select_len, scale)
+    window = layout.window
     branches = [(o_cmp[:, 0], g_cmp), (o_slc[:, 0], g_slc)]
     if window and k_window is None:
         branches.append((_window(q1, k_cache, v_cache, positions, window, scale)[0][:, 0], g_win))

@@ -17,8 +17,9 @@ import triton
 import triton.language as tl
 
 from nsa_eval.kernels.nsa.common import Packing, attend_tile, backward_rows, row_dot, store_attention
-from nsa_eval.kernels.nsa.utils import (check_block_indices, check_block_sizes, check_offset_backward,
-                                        check_prefill_length, check_qkv, check_varlen, default_scale)
+from nsa_eval.kernels.nsa.layout import PAPER_LAYOUT, NSALayout, check_layout
+from nsa_eval.kernels.nsa.utils import (check_block_indices, check_offset_backward, check_prefill_length, check_qkv,
+                                        check_varlen, default_scale)
 from nsa_eval.kernels.utils import LOG2E, dot_precision
 
 
@@ -289,18 +290,19 @@ class SelectedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def selected_attention(q, k, v, block_indices, *, select_len=64, scale=None, cu_seqlens=None):
+def selected_attention(q, k, v, block_indices, *, layout: NSALayout = PAPER_LAYOUT, scale=None, cu_seqlens=None):
     """Triton selected attention; spec and shapes: reference.selected_attention. S > T (queries offset into the
     keys) runs forward only: ValueError if a gradient is needed."""
     op = "selected_attention"
+    check_layout(op, layout)
     check_qkv(op, q, k, v, triton=True)
-    check_block_sizes(op, 1, 1, select_len)
     check_block_indices(op, block_indices, q, k.shape[2])
     packing = None
     if cu_seqlens is None:
         check_prefill_length(op, q, k)
         check_offset_backward(op, k.shape[1] - q.shape[1], q, k, v)
     else:
-        packing = Packing.of(*check_varlen(op, cu_seqlens, q, 1, 1, num_keys=k.shape[1]), q.device)
+        packing = Packing.of(*check_varlen(op, cu_seqlens, q, layout.block_len, layout.block_stride,
+                                           num_keys=k.shape[1]), q.device)
     scale = default_scale(q, scale)
-    return SelectedAttention.apply(q, k, v, block_indices, select_len, scale, packing)
+    return SelectedAttention.apply(q, k, v, block_indices, layout.select_len, scale, packing)

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from nsa_eval.kernels.nsa.common import Packing, kernel_packing, num_visible_blocks, sequence_tile
-from nsa_eval.kernels.nsa.utils import (check_block_sizes, check_compressed_args, check_lse, check_varlen,
-                                        default_scale, index_bits)
+from nsa_eval.kernels.nsa.layout import PAPER_LAYOUT, NSALayout
+from nsa_eval.kernels.nsa.utils import check_compressed_args, check_lse, check_varlen, default_scale, index_bits
 from nsa_eval.kernels.utils import LOG2E, dot_precision
 
 
@@ -130,16 +130,17 @@ def select_kernel(q, k_cmp, lse, block_indices, cu, cu_cmp, table, T, TC, OFFSET
 TILES = {"select": (64, 4, 2)}  # (query rows per program = tokens x padded group, warps, stages)
 
 
-def chunk_blocks(num_selected: int, select_len: int, block_stride: int) -> int:
+def chunk_blocks(layout: NSALayout) -> int:
     """NP: selection blocks per chunk, a power of 2 >= n whose compressed blocks fill a >= 16-wide dot."""
-    return max(triton.next_power_of_2(num_selected), triton.next_power_of_2(-(-16 // (select_len // block_stride))))
+    return max(triton.next_power_of_2(layout.num_selected),
+               triton.next_power_of_2(-(-16 // (layout.select_len // layout.block_stride))))
 
 
-def select_fwd(q, k_cmp, lse, block_len, block_stride, select_len, num_selected, scale, packing: Packing | None = None,
-               offset: int = 0):
-    """q [B, T, HQ, Dk], k_cmp [B, Tc, H, Dk], lse [B, T, HQ] (contiguous) -> block_indices [B, T, H, n] int32.
-    packing: packed sequences (B == 1) or None; offset: position of query row 0 (S - T)."""
+def select_fwd(q, k_cmp, lse, layout: NSALayout, scale, packing: Packing | None = None, offset: int = 0):
+    """q [B, T, HQ, Dk], k_cmp [B, Tc, H, Dk], lse [B, T, HQ] (contiguous) -> block_indices [B, T, H, n] int32
+    (n = layout.num_selected). packing: packed sequences (B == 1) or None; offset: position of query row 0 (S - T)."""
     B, T, HQ, DK = q.shape
+    select_len, num_selected = layout.select_len, layout.num_selected
     TC, H = k_cmp.shape[1], k_cmp.shape[2]
     gp = triton.next_power_of_2(HQ // H)
     rows, warps, stages = TILES["select"]
@@ -149,23 +150,21 @@ def select_fwd(q, k_cmp, lse, block_len, block_stride, select_len, num_selected,
     longest = T + offset if packing is None else max(packing.lengths)
     select_kernel[(programs, B * H)](
         q, k_cmp, lse, block_indices, cu, cu_cmp, table, T, TC, offset, scale * LOG2E, HQ, H, DK, triton.next_power_of_2(DK),
-        gp, block_len, block_stride, select_len, num_selected, chunk_blocks(num_selected, select_len, block_stride),
+        gp, layout.block_len, layout.block_stride, select_len, num_selected, chunk_blocks(layout),
         bt, index_bits(triton.cdiv(longest, select_len)), packing is not None, PRECISION=dot_precision(q.dtype),
         num_warps=warps, num_stages=stages)
     return block_indices
 
 
-def select_blocks(q, k_cmp, lse, *, block_len=32, block_stride=16, select_len=64, num_selected=16, scale=None,
-                  seq_len=None, cu_seqlens=None):
+def select_blocks(q, k_cmp, lse, *, layout: NSALayout = PAPER_LAYOUT, scale=None, seq_len=None, cu_seqlens=None):
     """Triton block selection; spec and shapes: reference.select_blocks."""
     op = "select_blocks"
-    check_block_sizes(op, block_len, block_stride, select_len, num_selected)
-    seq_len = check_compressed_args(op, q, k_cmp, k_cmp, block_len, block_stride, scale, seq_len,
-                                    cu_seqlens is not None, triton=True)
+    seq_len = check_compressed_args(op, q, k_cmp, k_cmp, layout, scale, seq_len, cu_seqlens is not None, triton=True)
     check_lse(op, lse, q)
     packing = None
     if cu_seqlens is not None:
-        packing = Packing.of(*check_varlen(op, cu_seqlens, q, block_len, block_stride, {"k_cmp": k_cmp}), q.device)
+        packing = Packing.of(*check_varlen(op, cu_seqlens, q, layout.block_len, layout.block_stride, {"k_cmp": k_cmp}),
+                             q.device)
     scale = default_scale(q, scale)
-    return select_fwd(q.detach().contiguous(), k_cmp.detach().contiguous(), lse.contiguous(), block_len, block_stride,
-                      select_len, num_selected, scale, packing, seq_len - q.shape[1])
+    return select_fwd(q.detach().contiguous(), k_cmp.detach().contiguous(), lse.contiguous(), layout, scale, packing,
+                      seq_len - q.shape[1])

@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from nsa_eval.kernels.nsa.layout import NSALayout, check_blocks, check_layout, check_positive_int
 from nsa_eval.kernels.utils import (check_cu_seqlens, check_head_dims, check_same, check_scale, check_tensor,
                                     dtypes_for, fail)
 
@@ -44,8 +45,8 @@ def compressed_offsets(offsets: list[int], block_len: int, block_stride: int) ->
 def check_varlen(op: str, cu_seqlens, q, block_len, block_stride, compressed=None, num_keys=None) -> tuple:
     """Packed inputs: cu_seqlens as in full attention (B == 1, int32 [N+1] from 0 to T, not decreasing) and each
     compressed tensor in `compressed` ({name: tensor}) holding exactly the blocks `compressed_offsets` counts.
-    Returns (token offsets, compressed-block offsets) as host lists."""
-    check_block_sizes(op, block_len, block_stride)
+    Returns (token offsets, compressed-block offsets) as host lists. block_len, block_stride: checked by the caller
+    (an NSALayout's, or mean_pool's)."""
     offsets = check_cu_seqlens(op, cu_seqlens, q, q.shape[1] if num_keys is None else num_keys)
     blocks = compressed_offsets(offsets, block_len, block_stride)
     for name, x in (compressed or {}).items():
@@ -86,7 +87,7 @@ def mean_pool(x: torch.Tensor, block_len: int = 64, block_stride: int | None = N
     """
     block_stride = block_len if block_stride is None else block_stride
     check_tensor("mean_pool", "x", x, 4, "[B, T, H, D]")
-    check_block_sizes("mean_pool", block_len, block_stride)
+    check_blocks("mean_pool", block_len, block_stride)
     if cu_seqlens is not None:
         offsets, blocks = check_varlen("mean_pool", cu_seqlens, x, block_len, block_stride)
         if blocks[-1] == 0:
@@ -101,30 +102,6 @@ def mean_pool(x: torch.Tensor, block_len: int = 64, block_stride: int | None = N
 def default_scale(q, scale):
     """The softmax scale: `scale`, or 1 / sqrt(Dk) when None."""
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-
-
-def _check_positive_int(op: str, name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        fail(op, f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def check_block_sizes(op: str, block_len, block_stride, select_len=None, num_selected=None, window=None) -> None:
-    """Block sizes: stride d divides block length l; selection length l' is a multiple of d and >= l."""
-    _check_positive_int(op, "block_len", block_len)
-    _check_positive_int(op, "block_stride", block_stride)
-    if block_len % block_stride:
-        fail(op, f"block_stride={block_stride} must divide block_len={block_len} (e.g. l=32, d=16)")
-    if select_len is not None:
-        _check_positive_int(op, "select_len", select_len)
-        if select_len % block_stride:
-            fail(op, f"select_len={select_len} must be a multiple of block_stride={block_stride} (e.g. 64 and 16)")
-        if select_len < block_len:
-            fail(op, f"select_len={select_len} must be >= block_len={block_len}: a compressed block may span "
-                     "at most two selection blocks")
-    if num_selected is not None:
-        _check_positive_int(op, "num_selected", num_selected)
-    if window is not None:
-        _check_positive_int(op, "window", window, minimum=0)
 
 
 def check_qkv(op: str, q, k, v, triton: bool, names=("k", "v")) -> None:
@@ -148,11 +125,12 @@ def check_qkv(op: str, q, k, v, triton: bool, names=("k", "v")) -> None:
         check_head_dims(op, q.shape[3], v.shape[3])
 
 
-def check_compressed(op: str, q, k_cmp, v_cmp, block_len, block_stride, scale, triton: bool, seq_len=None,
+def check_compressed(op: str, q, k_cmp, v_cmp, layout: NSALayout, scale, triton: bool, seq_len=None,
                      names=("k_cmp", "v_cmp")) -> None:
-    """k_cmp [B, Tc, H, Dk], v_cmp [B, Tc, H, Dv] with at least the complete blocks of seq_len (default T) tokens."""
+    """k_cmp [B, Tc, H, Dk], v_cmp [B, Tc, H, Dv] with at least the complete blocks of seq_len (default T) tokens
+    (blocks of layout.block_len every layout.block_stride tokens)."""
     kn, vn = names
-    check_block_sizes(op, block_len, block_stride)
+    block_len, block_stride = layout.block_len, layout.block_stride
     check_tensor(op, kn, k_cmp, 4, "[B, Tc, H, Dk]")
     check_tensor(op, vn, v_cmp, 4, "[B, Tc, H, Dv]")
     check_same(op, {"q": q, kn: k_cmp, vn: v_cmp}, dtypes_for(triton))
@@ -173,14 +151,14 @@ def check_compressed(op: str, q, k_cmp, v_cmp, block_len, block_stride, scale, t
         check_head_dims(op, q.shape[3], v_cmp.shape[3])
 
 
-def check_compressed_args(op: str, q, k_cmp, v_cmp, block_len, block_stride, scale, seq_len, varlen: bool,
+def check_compressed_args(op: str, q, k_cmp, v_cmp, layout: NSALayout, scale, seq_len, varlen: bool,
                           triton: bool) -> int:
-    """compressed_attention's and select_blocks' checks on both paths: seq_len (check_seq_len), then the compressed
-    keys and values that many tokens make (check_compressed; with packed sequences, check_varlen counts them).
-    Returns seq_len."""
+    """compressed_attention's and select_blocks' checks on both paths: the layout (check_layout), seq_len
+    (check_seq_len), then the compressed keys and values that many tokens make (check_compressed; with packed
+    sequences, check_varlen counts them). Returns seq_len."""
+    check_layout(op, layout)
     seq_len = check_seq_len(op, q, seq_len, varlen)
-    check_compressed(op, q, k_cmp, v_cmp, block_len, block_stride, scale, triton=triton,
-                     seq_len=0 if varlen else seq_len)
+    check_compressed(op, q, k_cmp, v_cmp, layout, scale, triton=triton, seq_len=0 if varlen else seq_len)
     return seq_len
 
 
@@ -217,16 +195,16 @@ def check_gates(op: str, gates: dict, q, shape: tuple, needed: dict) -> None:
             fail(op, f"{name} must be a floating-point tensor on {q.device}, got {g.dtype} on {g.device}")
 
 
-def check_nsa(op, q, k, v, k_cmp, v_cmp, gates: dict, block_len, block_stride, select_len, num_selected, window,
-              scale, triton: bool, varlen: bool = False) -> None:
-    """All arguments of `nsa_attention` (see reference.nsa_attention for the layouts); with varlen, all but the
+def check_nsa(op, q, k, v, k_cmp, v_cmp, gates: dict, layout: NSALayout, scale, triton: bool,
+              varlen: bool = False) -> None:
+    """All arguments of `nsa_attention` (see reference.nsa_attention for the shapes); with varlen, all but the
     packing (cu_seqlens and the compressed block count: check_varlen)."""
+    check_layout(op, layout)
     check_qkv(op, q, k, v, triton)
-    _check_nsa_rest(op, q, k, v, k_cmp, v_cmp, gates, q.shape[:3], block_len, block_stride, select_len,
-                    num_selected, window, scale, triton, seq_len=0 if varlen else k.shape[1], names=("k_cmp", "v_cmp"))
+    _check_nsa_rest(op, q, k, v, k_cmp, v_cmp, gates, q.shape[:3], layout, scale, triton,
+                    seq_len=0 if varlen else k.shape[1], names=("k_cmp", "v_cmp"))
     if not varlen:
         check_prefill_length(op, q, k)
-
 
 
 def check_prefill_length(op, q, k) -> None:
@@ -261,13 +239,14 @@ def check_offset_backward(op: str, offset: int, *tensors) -> None:
                  "under torch.no_grad() or pass S == T")
 
 
-def check_decode(op, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, gates: dict, block_len,
-                 block_stride, select_len, num_selected, window, scale, triton: bool, k_window=None,
-                 v_window=None, leading_blocks=1, local_tokens=None) -> None:
+def check_decode(op, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, gates: dict, layout: NSALayout,
+                 scale, triton: bool, k_window=None, v_window=None, leading_blocks=1, local_tokens=None) -> None:
     """All arguments of `nsa_decode` except the values of cache_seqlens (a device-to-host copy on CUDA)."""
-    _check_positive_int(op, "leading_blocks", leading_blocks, minimum=0)
+    check_layout(op, layout)
+    window = layout.window
+    check_positive_int(op, "leading_blocks", leading_blocks, minimum=0)
     if local_tokens is not None:
-        _check_positive_int(op, "local_tokens", local_tokens)
+        check_positive_int(op, "local_tokens", local_tokens)
     if (k_window is None) != (v_window is None):
         fail(op, "give k_window and v_window together (the window branch's own ring of keys and values), or neither")
     if k_window is not None:
@@ -284,9 +263,8 @@ def check_decode(op, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlen
                          f"{ring.dtype} on {ring.device}")
     check_tensor(op, "q", q, 3, "[B, HQ, Dk]")
     check_qkv(op, q[:, None], k_cache, v_cache, triton, names=("k_cache", "v_cache"))
-    _check_nsa_rest(op, q[:, None], k_cache, v_cache, k_cmp_cache, v_cmp_cache, gates, q.shape[:2], block_len,
-                    block_stride, select_len, num_selected, window, scale, triton,
-                    seq_len=k_cache.shape[1], names=("k_cmp_cache", "v_cmp_cache"))
+    _check_nsa_rest(op, q[:, None], k_cache, v_cache, k_cmp_cache, v_cmp_cache, gates, q.shape[:2], layout, scale,
+                    triton, seq_len=k_cache.shape[1], names=("k_cmp_cache", "v_cmp_cache"))
     B = q.shape[0]
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 or \
             tuple(cache_seqlens.shape) != (B,):
@@ -295,12 +273,10 @@ def check_decode(op, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlen
         fail(op, f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
 
 
-def _check_nsa_rest(op, q, k, v, k_cmp, v_cmp, gates, gate_shape, block_len, block_stride, select_len,
-                    num_selected, window, scale, triton, seq_len, names):
-    check_block_sizes(op, block_len, block_stride, select_len, num_selected, window)
-    check_compressed(op, q, k_cmp, v_cmp, block_len, block_stride, scale, triton, seq_len, names)
+def _check_nsa_rest(op, q, k, v, k_cmp, v_cmp, gates, gate_shape, layout: NSALayout, scale, triton, seq_len, names):
+    check_compressed(op, q, k_cmp, v_cmp, layout, scale, triton, seq_len, names)
     kn, vn = names
     if k_cmp.shape[2] != k.shape[2] or k_cmp.shape[3] != k.shape[3] or v_cmp.shape[3] != v.shape[3]:
         fail(op, f"{kn} {tuple(k_cmp.shape)} / {vn} {tuple(v_cmp.shape)} must match the raw keys "
                  f"{tuple(k.shape)} / values {tuple(v.shape)} on H and the head dims")
-    check_gates(op, gates, q, tuple(gate_shape), {"g_cmp": True, "g_slc": True, "g_win": bool(window)})
+    check_gates(op, gates, q, tuple(gate_shape), {"g_cmp": True, "g_slc": True, "g_win": bool(layout.window)})

@@ -61,6 +61,7 @@ class Attention(nn.Module):
         super().__init__()
         c = config
         self.config = c
+        self.layout = c.layout  # the NSA kernels' hyperparameters (NSALayout)
         self.hq, self.h, self.dk, self.dv = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.v_head_dim
         bias = c.qkv_bias
         self.q_proj = nn.Linear(c.hidden_size, self.hq * self.dk, bias=bias)
@@ -220,13 +221,11 @@ class Attention(nn.Module):
 
             return sparse_attention_over_blocks(q, k_slc, v_slc, k_cmp, c.sparse, ops, observe=self.observe)
         g_cmp, g_slc, g_win = gates.unbind(-1)
-        o_cmp, lse = ops.compressed_attention(q, k_cmp, v_cmp, block_len=c.block_len, block_stride=c.block_stride,
-                                              seq_len=seq_len)
-        indices = ops.select_blocks(q, k_cmp, lse, block_len=c.block_len, block_stride=c.block_stride,
-                                    select_len=c.select_len, num_selected=c.num_selected, seq_len=seq_len)
+        o_cmp, lse = ops.compressed_attention(q, k_cmp, v_cmp, layout=self.layout, seq_len=seq_len)
+        indices = ops.select_blocks(q, k_cmp, lse, layout=self.layout, seq_len=seq_len)
         if self.observe is not None:
             self.observe(q, k_slc, indices)
-        branches = [o_cmp, g_cmp, ops.selected_attention(q, k_slc, v_slc, indices, select_len=c.select_len), g_slc]
+        branches = [o_cmp, g_cmp, ops.selected_attention(q, k_slc, v_slc, indices, layout=self.layout), g_slc]
         if c.window:
             branches += [ops.attention(q, *win_kv, causal=True, window=c.window), g_win]
         return ops.gated_sum(*branches)
@@ -273,14 +272,14 @@ class Attention(nn.Module):
         if c.attention == "sparse":  # the selection branch alone: gates 0 / 1
             s = c.sparse
             return ops.nsa_decode(q, cache["k"], cache["v"], cache["k_cmp"], cache["v_cmp"], lengths,
-                                  q.new_zeros(q.shape[:2]), q.new_ones(q.shape[:2]), None, **c.nsa,
+                                  q.new_zeros(q.shape[:2]), q.new_ones(q.shape[:2]), None, layout=self.layout,
                                   leading_blocks=s.leading_blocks, local_tokens=s.local)
         g_cmp, g_slc, g_win = gates[:, 0].unbind(-1)
         if "k_win" not in cache:  # one shared K/V (or no window): one kernel call
             return ops.nsa_decode(q, cache["k"], cache["v"], cache["k_cmp"], cache["v_cmp"], lengths, g_cmp, g_slc,
-                                  g_win if c.window else None, **c.nsa)
+                                  g_win if c.window else None, layout=self.layout)
         return ops.nsa_decode(q, cache["k"], cache["v"], cache["k_cmp"], cache["v_cmp"], lengths, g_cmp, g_slc, g_win,
-                              **c.nsa, k_window=cache["k_win"], v_window=cache["v_win"])
+                              layout=self.layout, k_window=cache["k_win"], v_window=cache["v_win"])
 
     def _append_block(self, cache: dict, step: "DecodeIndex") -> None:
         """Write the compressed block that the newest token completes (in rows where it completes one), from the

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nsa_eval.kernels.nsa.layout import NSALayout
 
 MODEL_TYPE = "nsa_eval"
 ATTENTION_KINDS = ("full", "nsa", "sparse")
@@ -61,6 +64,13 @@ class SparseSettings:
         return self.budget // self.block
 
     @property
+    def layout(self) -> NSALayout:
+        """The NSA kernels' hyperparameters of this rule: l = d = l' = block, n = num_blocks, no window."""
+        from nsa_eval.kernels.nsa.layout import NSALayout  # importing the kernels loads torch and triton
+
+        return NSALayout(self.block, self.block, self.block, self.num_blocks, 0)
+
+    @property
     def leading_blocks(self) -> int:
         return math.ceil(self.leading / self.block)
 
@@ -81,7 +91,8 @@ class ModelConfig:
     q, k, v and of the output projection; qk_norm: RMSNorm of each query and key head before RoPE (Qwen3);
     sliding_window: full attention over the last this many tokens only (Mistral). sparse: the settings of attention
     "sparse" (None otherwise); its block fields are then derived: l = d = l' = sparse.block, n = its blocks, no
-    window, mean pooling of the one shared K/V.
+    window, mean pooling of the one shared K/V. `layout`: the five NSA fields as the kernels take them (NSALayout,
+    kernels/nsa/layout.py, which checks them); config.json keeps them flat.
     """
 
     vocab_size: int
@@ -128,8 +139,6 @@ class ModelConfig:
 
     def validate(self, where: str = "config") -> None:
         """ValueError naming the field and the fix for a config the model cannot be built from."""
-        from nsa_eval.kernels.nsa.utils import check_block_sizes
-
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                      "head_dim", "v_head_dim", "intermediate_size", "max_position_embeddings"):
             value = getattr(self, name)
@@ -142,7 +151,10 @@ class ModelConfig:
             raise ValueError(f"{where}: attention must be one of {', '.join(ATTENTION_KINDS)}, got {self.attention!r}")
         if self.compression not in ("mlp", "mean"):
             raise ValueError(f"{where}: compression must be 'mlp' or 'mean', got {self.compression!r}")
-        check_block_sizes(where, self.block_len, self.block_stride, self.select_len, self.num_selected, self.window)
+        try:  # NSALayout checks the five NSA fields
+            _ = self.layout
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
         if self.compress_hidden_size < 1:
             raise ValueError(f"{where}: compress_hidden_size must be >= 1, got {self.compress_hidden_size}")
         if self.attention == "sparse" and self.head_dim != self.v_head_dim:
@@ -152,10 +164,12 @@ class ModelConfig:
                              "'full' only; use --attention full")
 
     @property
-    def nsa(self) -> dict[str, int]:
-        """The NSA kernels' keyword arguments (attention "sparse": l = d = l' = its block, n its blocks, no window)."""
-        return dict(block_len=self.block_len, block_stride=self.block_stride, select_len=self.select_len,
-                    num_selected=self.num_selected, window=self.window)
+    def layout(self) -> NSALayout:
+        """The NSA kernels' hyperparameters, from the five fields config.json keeps flat (attention "sparse": l = d =
+        l' = its block, n its blocks, no window); made (and checked) on each access."""
+        from nsa_eval.kernels.nsa.layout import NSALayout  # importing the kernels loads torch and triton
+
+        return NSALayout(self.block_len, self.block_stride, self.select_len, self.num_selected, self.window)
 
     @property
     def compressed(self) -> bool:

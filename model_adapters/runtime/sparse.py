@@ -43,19 +43,18 @@ def sparse_attention_over_blocks(q, k, v, k_mean, settings: SparseSettings, ops:
     fns = ops or nsa_eval.kernels.nsa
     tiles = sparse_select_tiles(q, k_mean, None, S, settings, scale) if settings.selection == "tile" and T > 1 else None
     if tiles is None:
-        indices = sparse_select(q, k_mean, _lse(q, k_mean, S, settings.block, fns, scale), S, settings, scale)
+        indices = sparse_select(q, k_mean, _lse(q, k_mean, S, settings, fns, scale), S, settings, scale)
     elif observe is not None or q.device.type == "cuda":
         indices = _per_query(tiles, S, T, settings.block)
     if observe is not None:
         observe(q, k, indices)
     if tiles is not None and q.device.type != "cuda":
         return tile_attention(q, k, v, tiles, settings.block, scale)
-    return fns.selected_attention(q, k, v, indices, select_len=settings.block, scale=scale)
+    return fns.selected_attention(q, k, v, indices, layout=settings.layout, scale=scale)
 
 
-def _lse(q, k_mean, seq_len: int, block: int, fns: Any, scale: float) -> torch.Tensor:
-    _, lse = fns.compressed_attention(q, k_mean, k_mean, block_len=block, block_stride=block, scale=scale,
-                                      seq_len=seq_len)
+def _lse(q, k_mean, seq_len: int, settings: SparseSettings, fns: Any, scale: float) -> torch.Tensor:
+    _, lse = fns.compressed_attention(q, k_mean, k_mean, layout=settings.layout, scale=scale, seq_len=seq_len)
     return lse
 
 

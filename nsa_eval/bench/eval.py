@@ -25,20 +25,21 @@ import random
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
 
 from nsa_eval.bench.common import card_slug, copy_bandwidth
-from nsa_eval.kernels.nsa.common import PAPER_LAYOUT
+from nsa_eval.kernels.nsa.layout import PAPER_LAYOUT
 
 LLAMA_1B = dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
                 tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 NSA_SHAPE = dict(vocab_size=49152, hidden_size=2560, num_hidden_layers=12, num_attention_heads=64,
                  num_key_value_heads=4, head_dim=192, v_head_dim=128, intermediate_size=6912,
-                 max_position_embeddings=131072, **PAPER_LAYOUT, compression="mlp", compress_hidden_size=256,
+                 max_position_embeddings=131072, **asdict(PAPER_LAYOUT), compression="mlp", compress_hidden_size=256,
                  shared_kv=False, eos_token_id=2)
 VARIANTS = ("llama-full", "llama-sparse", "nsa", "nsa-shape-full")
 

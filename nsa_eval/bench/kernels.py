@@ -20,7 +20,7 @@ import click
 
 from nsa_eval.bench.common import (HQ, D, H, card_slug, copy_bandwidth, graphed, kv_cache_bytes, length_table,
                                    randn_input, rel_err, sdpa)
-from nsa_eval.kernels.nsa.common import FLA_LAYOUT, PAPER_LAYOUT
+from nsa_eval.kernels.nsa.layout import FLA_LAYOUT, PAPER_LAYOUT, NSALayout
 
 DECODE_BATCHES = (1, 16)
 
@@ -138,10 +138,7 @@ def sdpa_decode(batch: int) -> Callable[[int], Run]:
 # NSA (kernels/nsa): the paper's layout with the window, and flash-linear-attention's beside fla-core
 # ----------------------------------------------------------------------------------------------------
 
-NSA_PAPER, NSA_FLA = PAPER_LAYOUT, FLA_LAYOUT  # kernels/nsa/common.py
-
-
-def _nsa_inputs(T: int, hp: dict, grad: bool):
+def _nsa_inputs(T: int, layout: NSALayout, grad: bool):
     """q, k, v, k_cmp, v_cmp (mean pooling: a stand-in for the model's phi), three gates (g_win None without a
     window); bf16 on the GPU."""
     import torch
@@ -149,24 +146,24 @@ def _nsa_inputs(T: int, hp: dict, grad: bool):
     from nsa_eval.kernels.nsa import mean_pool
 
     q, k, v = randn_input(1, T, HQ, D, grad=grad), randn_input(1, T, H, D, grad=grad), randn_input(1, T, H, D, grad=grad)
-    k_cmp = mean_pool(k.detach(), hp["block_len"], hp["block_stride"]).requires_grad_(grad)
-    v_cmp = mean_pool(v.detach(), hp["block_len"], hp["block_stride"]).requires_grad_(grad)
+    k_cmp = mean_pool(k.detach(), layout.block_len, layout.block_stride).requires_grad_(grad)
+    v_cmp = mean_pool(v.detach(), layout.block_len, layout.block_stride).requires_grad_(grad)
     gates = [torch.rand(1, T, HQ, device="cuda", dtype=torch.bfloat16).requires_grad_(grad) for _ in range(3)]
-    return [q, k, v, k_cmp, v_cmp, *gates[:2], gates[2] if hp["window"] else None]
+    return [q, k, v, k_cmp, v_cmp, *gates[:2], gates[2] if layout.window else None]
 
 
-def ours_nsa(hp: dict, backward: bool) -> Callable[[int], Run]:
+def ours_nsa(layout: NSALayout, backward: bool) -> Callable[[int], Run]:
     def setup(T: int) -> Run:
         import torch
 
         from nsa_eval.kernels.nsa import nsa_attention
 
-        inputs = _nsa_inputs(T, hp, backward)
+        inputs = _nsa_inputs(T, layout, backward)
         if not backward:
-            return Run(lambda: nsa_attention(*inputs, **hp))
-        do = torch.randn_like(nsa_attention(*inputs, **hp))
+            return Run(lambda: nsa_attention(*inputs, layout=layout))
+        do = torch.randn_like(nsa_attention(*inputs, layout=layout))
         leaves = [x for x in inputs if x is not None]
-        return Run(lambda: torch.autograd.grad(nsa_attention(*inputs, **hp), leaves, do))
+        return Run(lambda: torch.autograd.grad(nsa_attention(*inputs, layout=layout), leaves, do))
 
     return setup
 
@@ -178,10 +175,11 @@ def fla_nsa(backward: bool) -> Callable[[int], Run]:
         import torch
         from fla.ops.nsa import parallel_nsa
 
-        q, k, v, _, _, g_cmp, g_slc, _ = _nsa_inputs(T, NSA_FLA, backward)
+        q, k, v, _, _, g_cmp, g_slc, _ = _nsa_inputs(T, FLA_LAYOUT, backward)
 
         def call():
-            return parallel_nsa(q, k, v, g_cmp, g_slc, None, block_counts=16, block_size=64, window_size=0)
+            return parallel_nsa(q, k, v, g_cmp, g_slc, None, block_counts=FLA_LAYOUT.num_selected,
+                                block_size=FLA_LAYOUT.block_len, window_size=FLA_LAYOUT.window)
 
         if not backward:
             return Run(call)
@@ -199,13 +197,13 @@ def ours_nsa_decode(batch: int) -> Callable[[int], Run]:
 
         from nsa_eval.kernels.nsa import mean_pool, nsa_decode
 
-        hp = NSA_PAPER
+        layout = PAPER_LAYOUT
         q, k_cache, v_cache = randn_input(batch, HQ, D), randn_input(batch, T, H, D), randn_input(batch, T, H, D)
-        k_cmp, v_cmp = (mean_pool(x, hp["block_len"], hp["block_stride"]) for x in (k_cache, v_cache))
+        k_cmp, v_cmp = (mean_pool(x, layout.block_len, layout.block_stride) for x in (k_cache, v_cache))
         gates = [torch.rand(batch, HQ, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
         lengths = torch.full((batch,), T, dtype=torch.int32, device="cuda")
-        step = graphed(lambda: nsa_decode(q, k_cache, v_cache, k_cmp, v_cmp, lengths, *gates, **hp))
-        tokens = k_cmp.shape[1] + hp["num_selected"] * hp["select_len"] + hp["window"]  # K/V rows it must read
+        step = graphed(lambda: nsa_decode(q, k_cache, v_cache, k_cmp, v_cmp, lengths, *gates, layout=layout))
+        tokens = k_cmp.shape[1] + layout.num_selected * layout.select_len + layout.window  # K/V rows it must read
         return Run(step, kv_cache_bytes(batch, tokens), note="CUDA graph; bytes: compressed cache + 16 blocks + window")
 
     return setup
@@ -224,11 +222,11 @@ CASES: list[Case] = [
     Case("prefill fwd+bwd", "sdpa cudnn", sdpa_prefill("CUDNN_ATTENTION", backward=True), lambda T: 3.5 * causal_flops(T)),
 ]
 CASES += [
-    Case("prefill fwd", "ours nsa", ours_nsa(NSA_PAPER, backward=False)),
-    Case("prefill fwd+bwd", "ours nsa", ours_nsa(NSA_PAPER, backward=True)),
-    Case("nsa fla-layout fwd", "ours nsa", ours_nsa(NSA_FLA, backward=False)),
+    Case("prefill fwd", "ours nsa", ours_nsa(PAPER_LAYOUT, backward=False)),
+    Case("prefill fwd+bwd", "ours nsa", ours_nsa(PAPER_LAYOUT, backward=True)),
+    Case("nsa fla-layout fwd", "ours nsa", ours_nsa(FLA_LAYOUT, backward=False)),
     Case("nsa fla-layout fwd", "fla parallel_nsa", fla_nsa(backward=False)),
-    Case("nsa fla-layout fwd+bwd", "ours nsa", ours_nsa(NSA_FLA, backward=True)),
+    Case("nsa fla-layout fwd+bwd", "ours nsa", ours_nsa(FLA_LAYOUT, backward=True)),
     Case("nsa fla-layout fwd+bwd", "fla parallel_nsa", fla_nsa(backward=True)),
 ]
 for _batch in DECODE_BATCHES:
@@ -286,14 +284,14 @@ def check_nsa(T: int = 2048) -> float:
 
     from nsa_eval.kernels.nsa import parallel, reference
 
-    inputs = _nsa_inputs(T, NSA_PAPER, grad=True)
-    o, idx = parallel.nsa_attention(*inputs, **NSA_PAPER, return_block_indices=True)
+    inputs = _nsa_inputs(T, PAPER_LAYOUT, grad=True)
+    o, idx = parallel.nsa_attention(*inputs, layout=PAPER_LAYOUT, return_block_indices=True)
     do = torch.randn_like(o)
     grads = torch.autograd.grad(o, inputs, do)  # the paper layout has a window: every input is used
     inputs32 = [x.detach().float().requires_grad_() for x in inputs]
-    o_ref, idx_ref = reference.nsa_attention(*inputs32, **NSA_PAPER, return_block_indices=True)
+    o_ref, idx_ref = reference.nsa_attention(*inputs32, layout=PAPER_LAYOUT, return_block_indices=True)
     same_rows = (torch.sort(idx, -1).values == torch.sort(idx_ref, -1).values).all(-1).float().mean().item()
-    o_ref = reference.nsa_attention(*inputs32, **NSA_PAPER, block_indices=idx)
+    o_ref = reference.nsa_attention(*inputs32, layout=PAPER_LAYOUT, block_indices=idx)
     grads_ref = torch.autograd.grad(o_ref, inputs32, do.float())
     error = max(rel_err(o, o_ref), *(rel_err(g, r) for g, r in zip(grads, grads_ref)))
     return error if same_rows >= 0.99 else float("inf")
@@ -306,13 +304,14 @@ def check_nsa_decode(batch: int = 3, s_max: int = 3000) -> float:
     from nsa_eval.kernels.nsa import mean_pool
     from nsa_eval.kernels.nsa import decode, reference
 
-    hp = NSA_PAPER
+    layout = PAPER_LAYOUT
     q, k_cache, v_cache = randn_input(batch, HQ, D), randn_input(batch, s_max, H, D), randn_input(batch, s_max, H, D)
-    k_cmp, v_cmp = (mean_pool(x, hp["block_len"], hp["block_stride"]) for x in (k_cache, v_cache))
+    k_cmp, v_cmp = (mean_pool(x, layout.block_len, layout.block_stride) for x in (k_cache, v_cache))
     gates = [torch.rand(batch, HQ, device="cuda") for _ in range(3)]
     lengths = torch.tensor([s_max, s_max // 3, 700], dtype=torch.int32, device="cuda")[:batch]
-    ours = decode.nsa_decode(q, k_cache, v_cache, k_cmp, v_cmp, lengths, *gates, **hp)
-    ref = reference.nsa_decode(*(x.float() for x in (q, k_cache, v_cache, k_cmp, v_cmp)), lengths, *gates, **hp)
+    ours = decode.nsa_decode(q, k_cache, v_cache, k_cmp, v_cmp, lengths, *gates, layout=layout)
+    ref = reference.nsa_decode(*(x.float() for x in (q, k_cache, v_cache, k_cmp, v_cmp)), lengths, *gates,
+                               layout=layout)
     return rel_err(ours, ref)
 
 

@@ -15,16 +15,17 @@ import platform
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import click
 
 from nsa_eval.bench.common import card_slug, length_table
-from nsa_eval.kernels.nsa.common import PAPER_LAYOUT
+from nsa_eval.kernels.nsa.layout import PAPER_LAYOUT
 
 PAPER_SHAPE = dict(vocab_size=32000, hidden_size=2560, num_hidden_layers=12, num_attention_heads=64,
                    num_key_value_heads=4, head_dim=192, v_head_dim=128, intermediate_size=6912,
-                   max_position_embeddings=131072, **PAPER_LAYOUT, compression="mlp", compress_hidden_size=256,
+                   max_position_embeddings=131072, **asdict(PAPER_LAYOUT), compression="mlp", compress_hidden_size=256,
                    shared_kv=False)
 TARGETS = {"prefill": 3.0, "decode": 4.0}  # speedup aimed for at the longest length: NSA vs the best SDPA
 DEVICE = "cuda"

@@ -9,11 +9,13 @@ probabilities to the input dtype before the P @ V product, as flash attention do
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import pytest
 import torch
 
 from nsa_eval.kernels.nsa import compression, decode, parallel, reference, selected, selection
+from nsa_eval.kernels.nsa.layout import NSALayout
 from nsa_eval.kernels.nsa.utils import mean_pool, num_compressed_blocks
 from kernel_checks import rel_err
 
@@ -54,30 +56,30 @@ def check_grads(triton_leaves, ref_leaves, bound, names):
 # -------------------------------------------------------------------------------------------- eq. 9
 def test_eq9_mapping_worked_example():
     """l=32, d=16, l'=64: selection block j gets 1*p[4j-1] + 2*p[4j] + 2*p[4j+1] + 2*p[4j+2] + 1*p[4j+3]."""
-    w = reference.compressed_to_selection_weights(12, 3, 32, 16, 64)
+    w = reference.compressed_to_selection_weights(12, 3, NSALayout(32, 16, 64))
     assert w[:, 0].tolist() == [2, 2, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0]
     assert w[:, 1].tolist() == [0, 0, 0, 1, 2, 2, 2, 1, 0, 0, 0, 0]
     assert w[:, 2].tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 2, 2, 2, 1]
-    assert torch.equal(reference.compressed_to_selection_weights(5, 5, 64, 64, 64), torch.eye(5))
+    assert torch.equal(reference.compressed_to_selection_weights(5, 5, NSALayout(64, 64, 64)), torch.eye(5))
 
 
 def test_selection_follows_eq9_mapping():
     """Importance computed by hand from p_cmp with the documented weights picks the kernel's block."""
     torch.manual_seed(0)
     T, l, d, ls = 256, 32, 16, 64
+    layout = NSALayout(l, d, ls, num_selected=4)
     q = randn(1, T, 2, 16, dtype=torch.float32)
     k_cmp = randn(1, num_compressed_blocks(T, l, d), 1, 16, dtype=torch.float32)
     k_cmp[0, 5] = q[0, -1, 0] * 4  # a compressed block the last query attends to strongly: tokens [80, 112)
-    _, lse = reference.compressed_attention(q, k_cmp, k_cmp, block_len=l, block_stride=d)
+    _, lse = reference.compressed_attention(q, k_cmp, k_cmp, layout=layout)
     p = torch.softmax(torch.einsum("hd,ihd->hi", q[0, -1], k_cmp[0].expand(-1, 2, -1)) / 4, -1).sum(0)  # [Tc]
     by_hand = [2 * p[0] + 2 * p[1] + 2 * p[2] + p[3], p[3] + 2 * (p[4] + p[5] + p[6]) + p[7]]
     assert by_hand[1] > by_hand[0]
     with poisoned_allocations():
-        idx = selection.select_blocks(q, k_cmp, lse, block_len=l, block_stride=d, select_len=ls, num_selected=4)
+        idx = selection.select_blocks(q, k_cmp, lse, layout=layout)
     # the last query (block 3) must take 0, 2, 3 (forced) and then block 1, which holds compressed block 5
     assert idx[0, -1, 0].tolist() == [0, 2, 3, 1]
-    assert idx[0, -1, 0].tolist() == reference.select_blocks(q, k_cmp, lse, block_len=l, block_stride=d,
-                                                            select_len=ls, num_selected=4)[0, -1, 0].tolist()
+    assert idx[0, -1, 0].tolist() == reference.select_blocks(q, k_cmp, lse, layout=layout)[0, -1, 0].tolist()
 
 
 def test_mean_pool():
@@ -108,10 +110,10 @@ def test_compressed_attention(B, T, HQ, H, Dk, Dv, l, d, dtype):
     v_cmp = randn(B, num_compressed_blocks(T, l, d), H, Dv, dtype=dtype)
     (tq, tk, tv), (rq, rk, rv) = leaves(q, k_cmp, v_cmp)
     with poisoned_allocations():
-        o, lse = compression.compressed_attention(tq, tk, tv, block_len=l, block_stride=d)
+        o, lse = compression.compressed_attention(tq, tk, tv, layout=NSALayout(l, d))
         do = randn(*o.shape, dtype=dtype)
         (o.float() * do.float()).sum().backward()
-    ro, rlse = reference.compressed_attention(rq, rk, rv, block_len=l, block_stride=d)
+    ro, rlse = reference.compressed_attention(rq, rk, rv, layout=NSALayout(l, d))
     (ro * do.float()).sum().backward()
     empty = torch.arange(T) < l - 1
     assert (o[:, empty] == 0).all() and (lse[:, empty] == float("-inf")).all()
@@ -137,15 +139,15 @@ def test_select_blocks(B, T, HQ, H, D, l, d, ls, n, dtype):
     torch.manual_seed(2)
     q = randn(B, T, HQ, D, dtype=dtype)
     k_cmp = randn(B, num_compressed_blocks(T, l, d), H, D, dtype=dtype, scale=3.0)
-    _, lse = reference.compressed_attention(q.float(), k_cmp.float(), k_cmp.float(), block_len=l, block_stride=d)
+    layout = NSALayout(l, d, ls, n)
+    _, lse = reference.compressed_attention(q.float(), k_cmp.float(), k_cmp.float(), layout=layout)
     with poisoned_allocations():
-        idx = selection.select_blocks(q, k_cmp, lse, block_len=l, block_stride=d, select_len=ls, num_selected=n)
-    ref = reference.select_blocks(q.float(), k_cmp.float(), lse, block_len=l, block_stride=d, select_len=ls,
-                                  num_selected=n)
+        idx = selection.select_blocks(q, k_cmp, lse, layout=layout)
+    ref = reference.select_blocks(q.float(), k_cmp.float(), lse, layout=layout)
     assert idx.dtype == torch.int32 and idx.shape == (B, T, H, n)
     assert (idx == ref).float().mean() > 0.99  # exact but for near-ties between float32 sums
     positions = torch.arange(T).expand(B, -1)
-    importance = reference.block_importance(q.float(), k_cmp.float(), lse, positions, T, l, d, ls, q.shape[-1] ** -0.5)
+    importance = reference.block_importance(q.float(), k_cmp.float(), lse, positions, T, layout, q.shape[-1] ** -0.5)
     importance = torch.nn.functional.pad(importance, (0, 1), value=-1.0)  # column -1 for empty slots
 
     def chosen(i):
@@ -182,10 +184,10 @@ def test_selected_attention(B, T, HQ, H, Dk, Dv, ls, n, dtype):
     idx = random_block_indices(B, T, H, n, ls)
     (tq, tk, tv), (rq, rk, rv) = leaves(q, k, v)
     with poisoned_allocations():
-        o = selected.selected_attention(tq, tk, tv, idx, select_len=ls)
+        o = selected.selected_attention(tq, tk, tv, idx, layout=NSALayout(ls, ls, ls, n))
         do = randn(*o.shape, dtype=dtype)
         (o.float() * do.float()).sum().backward()
-    ro = reference.selected_attention(rq, rk, rv, idx, select_len=ls)
+    ro = reference.selected_attention(rq, rk, rv, idx, layout=NSALayout(ls, ls, ls, n))
     (ro * do.float()).sum().backward()
     assert rel_err(o, ro) < BOUND[dtype]
     check_grads([tq, tk, tv], [rq, rk, rv], BOUND[dtype], ["q", "k", "v"])
@@ -194,8 +196,8 @@ def test_selected_attention(B, T, HQ, H, Dk, Dv, ls, n, dtype):
 # ------------------------------------------------------------------------------------------ whole
 NSA_CASES = {
     # l, d, l', n, w, phi: the paper's layout scaled down (overlapping blocks, window) and fla's (l = d = l')
-    "paper": dict(block_len=32, block_stride=16, select_len=32, num_selected=4, window=48),
-    "fla": dict(block_len=16, block_stride=16, select_len=16, num_selected=3, window=0),
+    "paper": NSALayout(block_len=32, block_stride=16, select_len=32, num_selected=4, window=48),
+    "fla": NSALayout(block_len=16, block_stride=16, select_len=16, num_selected=3, window=0),
 }
 
 
@@ -204,8 +206,8 @@ def nsa_inputs(layout, B, T, HQ, H, D, dtype):
     global generator: compressed K/V by mean pooling (K sharpened x3), gates uniform in [0, 1)."""
     hp = NSA_CASES[layout]
     q, k, v = randn(B, T, HQ, D, dtype=dtype), randn(B, T, H, D, dtype=dtype), randn(B, T, H, D, dtype=dtype)
-    k_cmp = mean_pool(k, hp["block_len"], hp["block_stride"]) * 3  # sharper compressed attention
-    v_cmp = mean_pool(v, hp["block_len"], hp["block_stride"])
+    k_cmp = mean_pool(k, hp.block_len, hp.block_stride) * 3  # sharper compressed attention
+    v_cmp = mean_pool(v, hp.block_len, hp.block_stride)
     gates = [torch.rand(B, T, HQ).to(dtype) for _ in range(3)]
     return hp, q, k, v, k_cmp, v_cmp, gates
 
@@ -225,10 +227,10 @@ def test_nsa_attention(layout, B, T, HQ, H, D, dtype):
     names = ["q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc", "g_win"]
     tl_, rl_ = leaves(q, k, v, k_cmp, v_cmp, *gates)
     with poisoned_allocations():
-        o, idx = parallel.nsa_attention(*tl_, **hp, return_block_indices=True)
+        o, idx = parallel.nsa_attention(*tl_, layout=hp, return_block_indices=True)
         do = randn(*o.shape, dtype=dtype)
         (o.float() * do.float()).sum().backward()
-    ro, ridx = reference.nsa_attention(*rl_, **hp, return_block_indices=True)
+    ro, ridx = reference.nsa_attention(*rl_, layout=hp, return_block_indices=True)
     (ro * do.float()).sum().backward()
     assert torch.equal(idx, ridx)
     assert rel_err(o, ro) < BOUND[dtype]
@@ -244,18 +246,18 @@ def test_decode_equals_last_prefill_row(layout, dtype):
     B, S, HQ, H, D = 2, 300, 8, 2, 32
     lengths = [300, 197]
     k, v = randn(B, S, H, D, dtype=dtype), randn(B, S, H, D, dtype=dtype)
-    k_cmp = mean_pool(k, hp["block_len"], hp["block_stride"]) * 3
-    v_cmp = mean_pool(v, hp["block_len"], hp["block_stride"])
+    k_cmp = mean_pool(k, hp.block_len, hp.block_stride) * 3
+    v_cmp = mean_pool(v, hp.block_len, hp.block_stride)
     q = randn(B, S, HQ, D, dtype=dtype)
     gates = [torch.rand(B, S, HQ).to(dtype) for _ in range(3)]
     rows = torch.arange(B), torch.tensor(lengths) - 1
     with poisoned_allocations():
         out = decode.nsa_decode(q[rows], k, v, k_cmp, v_cmp, torch.tensor(lengths, dtype=torch.int32),
-                                *[g[rows] for g in gates], **hp)
+                                *[g[rows] for g in gates], layout=hp)
     for b, L in enumerate(lengths):
-        n_cmp = num_compressed_blocks(L, hp["block_len"], hp["block_stride"])
+        n_cmp = num_compressed_blocks(L, hp.block_len, hp.block_stride)
         prefill = reference.nsa_attention(*[x[b:b + 1, :L].float() for x in (q, k, v)], k_cmp[b:b + 1, :n_cmp].float(),
-                                          v_cmp[b:b + 1, :n_cmp].float(), *[g[b:b + 1, :L].float() for g in gates], **hp)
+                                          v_cmp[b:b + 1, :n_cmp].float(), *[g[b:b + 1, :L].float() for g in gates], layout=hp)
         assert rel_err(out[b], prefill[0, -1]) < BOUND[dtype]
 
 
@@ -264,12 +266,12 @@ def test_decode_with_a_window_ring_and_strided_views():
     from the cache plus the window branch over the window keys' last w tokens; q a column slice of a wider
     projection output and the gates views of one [B, HQ, 3] tensor, as the model passes them."""
     torch.manual_seed(6)
-    hp = {**NSA_CASES["paper"], "window": 40}
-    B, S, HQ, H, D, w = 3, 200, 8, 2, 32, hp["window"]
+    hp = replace(NSA_CASES["paper"], window=40)
+    B, S, HQ, H, D, w = 3, 200, 8, 2, 32, hp.window
     lengths = torch.tensor([200, 90, 23], dtype=torch.int32)  # full ring, full ring, ring filled to 23
     k, v, k_win, v_win = (randn(B, S, H, D, dtype=torch.float32) for _ in range(4))
-    k_cmp = mean_pool(k, hp["block_len"], hp["block_stride"]) * 3
-    v_cmp = mean_pool(v, hp["block_len"], hp["block_stride"])
+    k_cmp = mean_pool(k, hp.block_len, hp.block_stride) * 3
+    v_cmp = mean_pool(v, hp.block_len, hp.block_stride)
     ring_k, ring_v = torch.zeros(B, w, H, D), torch.zeros(B, w, H, D)
     for b, L in enumerate(lengths.tolist()):
         for p in range(max(0, L - w), L):
@@ -278,21 +280,22 @@ def test_decode_with_a_window_ring_and_strided_views():
     q = projection[:, :HQ * D].view(B, HQ, D)
     g_cmp, g_slc, g_win = torch.rand(B, HQ, 3).unbind(-1)
     with poisoned_allocations():
-        out = decode.nsa_decode(q, k, v, k_cmp, v_cmp, lengths, g_cmp, g_slc, g_win, **hp, k_window=ring_k,
+        out = decode.nsa_decode(q, k, v, k_cmp, v_cmp, lengths, g_cmp, g_slc, g_win, layout=hp, k_window=ring_k,
                                 v_window=ring_v)
-    ref = reference.nsa_decode(q, k, v, k_cmp, v_cmp, lengths, g_cmp, g_slc, g_win, **hp, k_window=ring_k,
+    ref = reference.nsa_decode(q, k, v, k_cmp, v_cmp, lengths, g_cmp, g_slc, g_win, layout=hp, k_window=ring_k,
                                v_window=ring_v)
     from nsa_eval.kernels.attention import reference as full_reference
 
-    expected = reference.nsa_decode(q, k, v, k_cmp, v_cmp, lengths, g_cmp, g_slc, None, **{**hp, "window": 0}) + \
-        g_win[..., None] * full_reference.attention_decode(q, k_win, v_win, lengths, window=w)
+    expected = reference.nsa_decode(q, k, v, k_cmp, v_cmp, lengths, g_cmp, g_slc, None,
+                                    layout=replace(hp, window=0)) + g_win[..., None] * \
+        full_reference.attention_decode(q, k_win, v_win, lengths, window=w)
     assert rel_err(ref, expected) < 1e-6
     assert rel_err(out, ref) < BOUND[torch.float32]
     for impl in (decode.nsa_decode, reference.nsa_decode):
         with pytest.raises(ValueError, match="k_window and v_window together"):
-            impl(q, k, v, k_cmp, v_cmp, lengths, g_cmp, g_slc, g_win, **hp, k_window=ring_k)
+            impl(q, k, v, k_cmp, v_cmp, lengths, g_cmp, g_slc, g_win, layout=hp, k_window=ring_k)
         with pytest.raises(ValueError, match="window ring must be"):
-            impl(q, k, v, k_cmp, v_cmp, lengths, g_cmp, g_slc, g_win, **hp, k_window=ring_k[:, :8],
+            impl(q, k, v, k_cmp, v_cmp, lengths, g_cmp, g_slc, g_win, layout=hp, k_window=ring_k[:, :8],
                  v_window=ring_v[:, :8])
 
 
@@ -325,6 +328,7 @@ BAD = [  # (changed inputs, changed hyperparameters, what the message must say)
     ({}, dict(select_len=40), "select_len=40 must be a multiple of block_stride"),
     ({}, dict(select_len=16), "select_len=16 must be >= block_len"),
     ({}, dict(num_selected=0), "num_selected must be"),
+    ({}, dict(window=-1), "window must be an int >= 0"),
     (dict(k_cmp=torch.randn(1, 0, 2, 16), v_cmp=torch.randn(1, 0, 2, 16)), {}, "k_cmp has 0 blocks"),
     (dict(g_slc=torch.rand(1, 40, 2)), {}, "g_slc must be a tensor of shape"),
     (dict(g_win=None), {}, "g_win is required"),
@@ -336,7 +340,27 @@ BAD = [  # (changed inputs, changed hyperparameters, what the message must say)
 def test_bad_input_names_the_argument(impl, change, hp, message):
     args = _inputs(**change)
     with pytest.raises(ValueError, match=message):
-        impl(*args.values(), **{"num_selected": 2, "window": 16, **hp})
+        impl(*args.values(), layout=NSALayout(**{"num_selected": 2, "window": 16, **hp}))
+
+
+def test_hyperparameters_come_as_one_layout():
+    """Every public NSA function, Triton and reference, refuses a layout that is no NSALayout (the old keyword dict)."""
+    a = _inputs()
+    q, k, v, k_cmp, v_cmp = a["q"], a["k"], a["v"], a["k_cmp"], a["v_cmp"]
+    gates = [a["g_cmp"], a["g_slc"], a["g_win"]]
+    lengths = torch.tensor([40], dtype=torch.int32)
+    calls = [
+        (parallel.nsa_attention, reference.nsa_attention, (q, k, v, k_cmp, v_cmp, *gates)),
+        (decode.nsa_decode, reference.nsa_decode, (q[:, -1], k, v, k_cmp, v_cmp, lengths, *[g[:, -1] for g in gates])),
+        (compression.compressed_attention, reference.compressed_attention, (q, k_cmp, v_cmp)),
+        (selection.select_blocks, reference.select_blocks, (q, k_cmp, torch.zeros(1, 40, 4))),
+        (selected.selected_attention, reference.selected_attention,
+         (q, k, v, torch.zeros(1, 40, 2, 2, dtype=torch.int32))),
+    ]
+    for triton_path, reference_path, args in calls:
+        for fn in (triton_path, reference_path):
+            with pytest.raises(ValueError, match="layout must be an NSALayout"):
+                fn(*args, layout=dict(block_len=32, block_stride=16))
 
 
 def test_bad_branch_inputs_name_the_argument():

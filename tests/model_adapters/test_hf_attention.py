@@ -144,6 +144,7 @@ def test_sparse_select_keeps_leading_local_then_most_important():
     """sparse_select (one ranking with the sparse rule's forced blocks) keeps, per query, the same blocks as the
     rule stated two-step: NSA's selection, then the leading and local blocks forced in (oracle below)."""
     from nsa_eval.kernels.nsa import reference
+    from nsa_eval.kernels.nsa.layout import NSALayout
     from nsa_eval.kernels.nsa.utils import mean_pool
 
     torch.manual_seed(0)
@@ -151,16 +152,15 @@ def test_sparse_select_keeps_leading_local_then_most_important():
     B, S, T, HQ, H, D = 2, 150, 40, 4, 2, 16
     q, k = torch.randn(B, T, HQ, D), torch.randn(B, S, H, D)
     k_mean = mean_pool(k, 8)
-    _, lse = reference.compressed_attention(q, k_mean, k_mean, block_len=8, block_stride=8, seq_len=S,
-                                            scale=D ** -0.5)
+    layout = NSALayout(8, 8, 8, num_selected=8, window=0)
+    _, lse = reference.compressed_attention(q, k_mean, k_mean, layout=layout, seq_len=S, scale=D ** -0.5)
     got = sparse.sparse_select(q, k_mean, lse, S, settings, D ** -0.5, max_scores=300)  # sliced over queries
-    nsa = reference.select_blocks(q, k_mean, lse, block_len=8, block_stride=8, select_len=8, num_selected=8, seq_len=S,
-                                  scale=D ** -0.5)
+    nsa = reference.select_blocks(q, k_mean, lse, layout=layout, seq_len=S, scale=D ** -0.5)
     want = _keep_leading_and_local(nsa, torch.arange(S - T, S).expand(B, T), settings)
     as_sets = lambda x: [sorted(i for i in row if i >= 0) for row in x.reshape(-1, 8).tolist()]  # noqa: E731
     assert as_sets(got) == as_sets(want)
     positions = torch.arange(S - T, S).expand(B, T)  # and exactly the reference's ranking with the forced blocks
-    assert torch.equal(got, reference._select(q, k_mean, lse, positions, S, 8, 8, 8, 8, D ** -0.5, 1, 20))
+    assert torch.equal(got, reference._select(q, k_mean, lse, positions, S, layout, D ** -0.5, 1, 20))
     first = got[..., :3].reshape(-1, 3).tolist()  # forced blocks rank first: block 0 in every row
     assert all(0 in row for row in first)
 

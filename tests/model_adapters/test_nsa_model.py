@@ -2,13 +2,14 @@
 bad input. Tiny random models built here; CPU tests use the reference kernels unless they say Triton (interpreter)."""
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from nsa_eval.kernels.nsa.common import FLA_LAYOUT, PAPER_LAYOUT
+from nsa_eval.kernels.nsa.layout import FLA_LAYOUT, PAPER_LAYOUT
 from nsa_eval.model_adapters.base import GenerationRequest, LoglikelihoodRequest, ModelLoadError
 from nsa_eval.model_adapters.native import load_native
 from nsa_eval.model_adapters.runtime.checkpoint import from_pretrained, save_pretrained
@@ -451,9 +452,9 @@ def gpu_model(layout, **overrides):
     return Transformer(config).init_weights(std=0.05, seed=0).cuda().eval()
 
 
-GPU_PAPER = dict(**PAPER_LAYOUT, compression="mlp",
+GPU_PAPER = dict(**asdict(PAPER_LAYOUT), compression="mlp",
                  compress_hidden_size=64, shared_kv=False)
-GPU_FLA = dict(**FLA_LAYOUT, compression="mean",
+GPU_FLA = dict(**asdict(FLA_LAYOUT), compression="mean",
                shared_kv=True)
 
 

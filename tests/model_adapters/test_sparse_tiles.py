@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nsa_eval.kernels.nsa import reference
+from nsa_eval.kernels.nsa.layout import NSALayout
 from nsa_eval.kernels.nsa.utils import mean_pool
 from nsa_eval.model_adapters.runtime.config import SparseSettings
 from nsa_eval.model_adapters.runtime.sparse import (sparse_attention_over_blocks, sparse_select_tiles,
@@ -21,7 +22,7 @@ def inputs(S: int, T: int, seed: int = 0):
     q = torch.randn(B, T, HQ, D, generator=g)
     k, v = torch.randn(B, S, H, D, generator=g), torch.randn(B, S, H, D, generator=g)
     k_mean = mean_pool(k, BLOCK)
-    _, lse = reference.compressed_attention(q, k_mean, k_mean, block_len=BLOCK, block_stride=BLOCK, seq_len=S,
+    _, lse = reference.compressed_attention(q, k_mean, k_mean, layout=NSALayout(BLOCK, BLOCK, BLOCK), seq_len=S,
                                             scale=D ** -0.5)
     return q, k, v, k_mean, lse
 

@@ -15,28 +15,38 @@ from nsa_eval.model_adapters.runtime.config import ModelConfig
 FLA_MODEL_TYPE = "nsa"
 
 
-# fla's parameter names (fla/models/nsa/modeling_nsa.py, fla/layers/nsa.py) -> ours
-FLA_NAME_MAP: list[tuple[str, str]] = [
-    (r"model\.embeddings\.weight", r"embed.weight"),
-    (r"model\.layers\.(\d+)\.attn_norm\.weight", r"layers.\1.attn_norm.weight"),
-    (r"model\.layers\.(\d+)\.attn\.(q|k|v|g|o)_proj\.(weight|bias)", r"layers.\1.attn.\2_proj.\3"),
-    (r"model\.layers\.(\d+)\.mlp_norm\.weight", r"layers.\1.mlp_norm.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers.\1.mlp.\2_proj.weight"),
-    (r"model\.norm\.weight", r"norm.weight"),
-    (r"lm_head\.weight", r"lm_head.weight"),
+# fla's parameter names (fla/models/nsa/modeling_nsa.py, fla/layers/nsa.py) and ours, one pair a line:
+# {layer} is a layer index, {a|b} one of the choices; both sides hold the same placeholders in the same order
+FLA_NAMES: list[tuple[str, str]] = [
+    ("model.embeddings.weight", "embed.weight"),
+    ("model.layers.{layer}.attn_norm.weight", "layers.{layer}.attn_norm.weight"),
+    ("model.layers.{layer}.attn.{q|k|v|g|o}_proj.{weight|bias}", "layers.{layer}.attn.{q|k|v|g|o}_proj.{weight|bias}"),
+    ("model.layers.{layer}.mlp_norm.weight", "layers.{layer}.mlp_norm.weight"),
+    ("model.layers.{layer}.mlp.{gate|up|down}_proj.weight", "layers.{layer}.mlp.{gate|up|down}_proj.weight"),
+    ("model.norm.weight", "norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
 ]
 
 
-# ours -> fla's: the reverse of FLA_NAME_MAP, line for line (save_fla)
-FLA_EXPORT_MAP: list[tuple[str, str]] = [
-    (r"embed\.weight", r"model.embeddings.weight"),
-    (r"layers\.(\d+)\.attn_norm\.weight", r"model.layers.\1.attn_norm.weight"),
-    (r"layers\.(\d+)\.attn\.(q|k|v|g|o)_proj\.(weight|bias)", r"model.layers.\1.attn.\2_proj.\3"),
-    (r"layers\.(\d+)\.mlp_norm\.weight", r"model.layers.\1.mlp_norm.weight"),
-    (r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"model.layers.\1.mlp.\2_proj.weight"),
-    (r"norm\.weight", r"model.norm.weight"),
-    (r"lm_head\.weight", r"lm_head.weight"),
-]
+def name_map(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Name templates (source, target) -> (regex of the source, its replacement) pairs for `our_name`: each
+    placeholder becomes a group of the regex ({layer}: digits; {a|b}: the choices) and \\k in the replacement."""
+    def parts(template: str) -> list[str]:
+        return re.split(r"(\{[^}]*\})", template)  # literal text and placeholders, alternately
+
+    def pattern(template: str) -> str:
+        return "".join(r"(\d+)" if p == "{layer}" else f"({p[1:-1]})" if p.startswith("{") else re.escape(p)
+                       for p in parts(template))
+
+    def replacement(template: str) -> str:
+        groups = iter(range(1, template.count("{") + 1))
+        return "".join(f"\\{next(groups)}" if p.startswith("{") else p for p in parts(template))
+
+    return [(pattern(source), replacement(target)) for source, target in pairs]
+
+
+FLA_NAME_MAP = name_map(FLA_NAMES)  # fla's names -> ours (loading fla checkpoints)
+FLA_EXPORT_MAP = name_map([(ours, fla) for fla, ours in FLA_NAMES])  # ours -> fla's (save_fla)
 
 
 def our_name(name: str, name_map: list[tuple[str, str]]) -> str | None:

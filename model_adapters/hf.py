@@ -409,10 +409,8 @@ def chunked_prefill_supported(model: Any) -> bool:
 
 
 def _resolve_prefill_chunk(prefill_chunk: int | None, model: Any, device: torch.device) -> int | None:
-    """Tokens per prefill pass, or None for one pass (see HFModel); ValueError for a bad or inapplicable value."""
-    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
-                                      or prefill_chunk < 0):
-        raise ValueError(f"--prefill-chunk must be 0 (one pass) or a positive number of tokens, got {prefill_chunk!r}")
+    """Tokens per prefill pass, or None for one pass (see HFModel; the value is checked by
+    nsa_eval.models.LoadOptions); ValueError for a model that slices its prompt itself."""
     if not chunked_prefill_supported(model):
         if prefill_chunk:
             raise ValueError(f"--prefill-chunk applies to transformers models, not to {type(model).__name__} (it "

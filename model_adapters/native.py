@@ -44,7 +44,7 @@ def load_native(path: str | Path, *, device: str | None = None, dtype: str | Non
                 sparse: SparseSettings | None = None, nsa_only: bool = False):
     """The checkpoint folder's model on the native engine (an Engine) with the tokenizer saved beside it;
     ModelLoadError (one line) where either is missing or broken. prefill_chunk: prompt tokens per slice over the
-    cache (None: 8192 on CUDA, one pass on the CPU; 0: one pass). attention 'sparse': training-free sparse attention
+    cache (None: 8192 on CUDA, one pass on the CPU; 0: one pass; checked by nsa_eval.models.LoadOptions). attention 'sparse': training-free sparse attention
     over a full-attention checkpoint (with `sparse`). nsa_only: refuse other checkpoints (the `nsa:` spec)."""
     from transformers import AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
@@ -63,9 +63,6 @@ def load_native(path: str | Path, *, device: str | None = None, dtype: str | Non
     torch_device = resolve_device(device)
     model = from_pretrained(folder, device=torch_device, dtype=resolve_dtype(dtype, torch_device),
                             attention=attention if attention != "full" else None, sparse=sparse)
-    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
-                                      or prefill_chunk < 0):
-        raise ValueError(f"--prefill-chunk must be 0 (one pass) or a positive number of tokens, got {prefill_chunk!r}")
     model.prefill_chunk = prefill_chunk
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # transformers does not know model_type nsa_eval and says so while it reads

@@ -34,6 +34,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -100,17 +101,9 @@ class OpenAIModel(LanguageModel):
 
     @classmethod
     def from_spec(cls, target: str, max_length: int | None = None) -> "OpenAIModel":
-        """`URL[?options]#MODEL` (the part after `openai:`) -> a connected model; bad specs raise ValueError.
+        """`URL[?options]#MODEL` (the part after `openai:`, read by parse_spec) -> a connected model.
         max_length: the run's --max-length, which wins over the spec's option and the server's max_model_len."""
-        parts = urlsplit(target)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"model spec 'openai:{target}' needs an http(s) URL, e.g. openai:http://127.0.0.1:8000/v1#MODEL")
-        if not parts.fragment:
-            raise ValueError(f"model spec 'openai:{target}' names no model; add '#MODEL' (what /v1/models lists)")
-        options = dict(parse_qsl(parts.query))
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ValueError(f"model spec 'openai:{target}': unknown option {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
+        base_url, model, options = parse_spec(target)
         tokenizer = None
         if "tokenizer" in options:
             from transformers import AutoTokenizer
@@ -119,19 +112,10 @@ class OpenAIModel(LanguageModel):
                 tokenizer = AutoTokenizer.from_pretrained(options["tokenizer"])
             except Exception as error:  # transformers raises many types; the user needs one line
                 raise ModelLoadError(f"could not load a tokenizer from {options['tokenizer']}: {first_line(error)}") from None
-        key_env = options.get("api_key_env", "OPENAI_API_KEY")
-        return cls(
-            urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")),
-            parts.fragment,
-            tokenizer=tokenizer,
-            concurrency=_number(options, "concurrency", int, 8),
-            timeout=_number(options, "timeout", float, 600.0),
-            retries=_number(options, "retries", int, 5),
-            backoff=_number(options, "backoff", float, 1.0),
-            max_length=max_length or _number(options, "max_length", int, None),
-            chat=None if "chat" not in options else options["chat"] not in ("0", "false", "no"),
-            api_key=os.environ.get(key_env) or None,
-        )
+        return cls(base_url, model, tokenizer=tokenizer, concurrency=options.get("concurrency", 8),
+                   timeout=options.get("timeout", 600.0), retries=options.get("retries", 5),
+                   backoff=options.get("backoff", 1.0), max_length=max_length or options.get("max_length"),
+                   chat=options.get("chat"), api_key=os.environ.get(options.get("api_key_env", "OPENAI_API_KEY")) or None)
 
     @property
     def label(self) -> str:
@@ -359,13 +343,35 @@ def _continuation_positions(logprobs: dict, context_chars: int, continuation_cha
     return list(range(max(first, 1), last))
 
 
-def _number(options: dict[str, str], key: str, kind: type, default: Any) -> Any:
-    if key not in options:
-        return default
-    try:
-        return kind(options[key])
-    except ValueError:
-        raise ValueError(f"openai: option {key}={options[key]} is not a {kind.__name__}") from None
+def parse_spec(target: str) -> tuple[str, str, dict[str, Any]]:
+    """`URL[?options]#MODEL` (the part after `openai:`) -> (the base URL, the served model, the options given, typed),
+    each checked in one ValueError line: an http(s) URL, a model, known options, numbers that are numbers, a local
+    tokenizer folder that exists. Nothing is connected or loaded."""
+    parts = urlsplit(target)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"model spec 'openai:{target}': give the server's URL, e.g. "
+                         "openai:http://127.0.0.1:8000/v1#MODEL")
+    if not parts.fragment:
+        raise ValueError(f"model spec 'openai:{target}' names no model; add '#MODEL' (what /v1/models lists)")
+    options: dict[str, Any] = dict(parse_qsl(parts.query))
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"model spec 'openai:{target}': unknown option {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
+    for key, kind in (("concurrency", int), ("timeout", float), ("retries", int), ("backoff", float),
+                      ("max_length", int)):
+        if key in options:
+            try:
+                options[key] = kind(options[key])
+            except ValueError:
+                raise ValueError(f"openai: option {key}={options[key]} is not a {kind.__name__}") from None
+    if "chat" in options:
+        options["chat"] = options["chat"] not in ("0", "false", "no")
+    tokenizer = options.get("tokenizer")
+    folder = Path(tokenizer or "").expanduser()
+    if tokenizer and (tokenizer.startswith(("/", "./", "../", "~")) or folder.exists()) and not folder.is_dir():
+        raise ValueError(f"model spec 'openai:{target}': tokenizer folder {tokenizer} does not exist; give the served "
+                         "model's tokenizer folder (or a hub id) after ?tokenizer=")
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")), parts.fragment, options
 
 
 def _read(error: urllib.error.HTTPError) -> bytes:

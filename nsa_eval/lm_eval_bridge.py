@@ -95,11 +95,11 @@ class NSAEvalLM(LM):
             raise ValueError(f"--model_args {', '.join(sorted(unknown))}: not an nsa-eval option; "
                              "use model, device, dtype, max_length, batch_size, seed")
         if isinstance(model, str):
-            from nsa_eval.models import load_model
+            from nsa_eval.models import LoadOptions, load_model
 
             size = int(batch_size) if str(batch_size or "").isdigit() else 1  # lm-eval's "auto" sizes: one at a time
-            model = load_model(model, device=device or "auto", dtype=dtype or "auto",
-                               max_length=int(max_length) if max_length else None, batch_size=size)
+            model = load_model(model, LoadOptions(device=device or "auto", dtype=dtype or "auto",
+                                                  max_length=int(max_length) if max_length else None, batch_size=size))
         self.model = model
         self.seed = int(seed)
 

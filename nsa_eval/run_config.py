@@ -1,6 +1,7 @@
 """One run's configuration: what `nsa-eval run` was asked, read from the command line once (`RunConfig.from_cli`)
 and used by the CLI (validation before the model loads, the run directory), distributed (device, run store),
-the runner (seed, limit, chat, the config hash) and run.json (`settings`, `argv`).
+the runner (seed, limit, chat, the config hash), run.json (`settings`, `argv`) and the model's load
+(`load_options`).
 
 Bad input raises ValueError with one line naming the option and the fix; the CLI prints it.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nsa_eval.model_adapters.runtime.config import SparseSettings
+from nsa_eval.models import LoadOptions
 from nsa_eval.registry import LM_EVAL_PREFIX, task_factory
 from nsa_eval.task_options import typed_options
 from nsa_eval.util import parse_int_list
@@ -123,6 +125,12 @@ class RunConfig:
                    data_paths=parse_data_paths(data_pairs, tasks), task_options=texts,
                    include_path=str(include_path) if include_path is not None else None,
                    allow_code_execution=allow_code_execution, argv=tuple(sys.argv), **plain)
+
+    def load_options(self, device: str | None = None) -> LoadOptions:
+        """How the model loads (device: this process's own, e.g. a torchrun worker's GPU; None: --device)."""
+        return LoadOptions(device=device or self.device, dtype=self.dtype, max_length=self.max_length,
+                           batch_size=self.batch_size, engine=self.engine, attention=self.attention, sparse=self.sparse,
+                           prefill_chunk=self.prefill_chunk)
 
     def settings(self) -> dict[str, Any]:
         """The command-line settings run.json keeps (outside the config hash), so a rerun into the same folder is

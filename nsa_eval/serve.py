@@ -412,9 +412,10 @@ def _family(host: str) -> int:
 def serve(model_spec: str, port: int, host: str, api_key: str | None, served_model_name: str | None,
           max_length: int | None, device: str, dtype: str, quiet: bool) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models) until Ctrl-C."""
-    from nsa_eval.models import check_model_spec, load_model
+    from nsa_eval.models import LoadOptions, check_model, load_model
 
-    check_model_spec(model_spec, "full", None, "auto")  # an unknown spec or missing folder: one line, before loading
+    options = LoadOptions(device=device, dtype=dtype, max_length=max_length)
+    spec = check_model(model_spec, options)  # an unknown spec or missing folder: one line, before loading
     if host not in LOOPBACK and not api_key:
         click.echo(f"warning: --host {host} without --api-key lets anyone who reaches this machine use the model", err=True)
     try:  # the port is taken before the model loads, so a port in use is one line at once
@@ -423,7 +424,7 @@ def serve(model_spec: str, port: int, host: str, api_key: str | None, served_mod
         raise ValueError(f"cannot listen on {host}:{port} ({error.strerror or error}); choose another --port (0 picks a free one)") from None
     try:
         click.echo(f"loading {model_spec} ...", err=True)
-        server.attach(load_model(model_spec, device=device, dtype=dtype, max_length=max_length))
+        server.attach(load_model(spec, options))
         click.echo(f"serving '{server.served_name}' at {server.url} (Ctrl-C stops)", err=True)
         code = 0
         previous = signal.signal(signal.SIGTERM, _raise_terminated)

@@ -251,9 +251,7 @@ class Transformer(nn.Module):
         cache -> last hidden states [b, T, hidden] (before the final norm; last_only: of the last slice only); fills
         cache[rows] (a cache of its own when sliced without one)."""
         b, T = ids.shape
-        step = self.prefill_chunk
-        if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
-            raise ValueError(f"prefill_chunk must be None, 0 (one pass) or a positive number of tokens, got {step!r}")
+        step = self.prefill_chunk  # None, 0 or a positive count (nsa_eval.models.LoadOptions checks --prefill-chunk)
         if step is None:
             step = DEFAULT_PREFILL_CHUNK if self.device.type == "cuda" else T
         step = step or T

@@ -3,6 +3,7 @@ growing KV cache and gives what one pass gives, on a tiny random Llama and on th
 on a GPU is not measured here (CPU only)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from nsa_eval.model_adapters.hf import HFModel, _resolve_prefill_chunk
 from nsa_eval.model_adapters.runtime.model import DEFAULT_PREFILL_CHUNK
 from nsa_eval.model_adapters.runtime.config import ModelConfig
 from nsa_eval.model_adapters.runtime.model import Transformer
-from nsa_eval.models import load_model
+from nsa_eval.models import LoadOptions, load_model
 
 PROMPTS = [
     "The capital of France is",
@@ -87,17 +88,18 @@ def test_models_that_cannot_be_chunked_keep_one_pass(tiny_llama_dir, smollm2):
     with pytest.raises(ValueError, match="--prefill-chunk applies to transformers models, not to Transformer"):
         HFModel(nsa, smollm2.tokenizer, "nsa", prefill_chunk=7)
     # training-free sparse attention chunks (test_hf_attention: sliced generation equals one pass)
-    assert load_model(f"hf:{tiny_llama_dir}", device="cpu", attention="sparse").prefill_chunk is None
-    assert load_model(f"hf:{tiny_llama_dir}", device="cpu", attention="sparse", prefill_chunk=7).prefill_chunk == 7
+    sparse = LoadOptions(device="cpu", attention="sparse")
+    assert load_model(f"hf:{tiny_llama_dir}", sparse).prefill_chunk is None
+    assert load_model(f"hf:{tiny_llama_dir}", replace(sparse, prefill_chunk=7)).prefill_chunk == 7
 
 
 def test_default_and_bad_chunk_sizes(smollm2):
     assert _resolve_prefill_chunk(None, smollm2.model, torch.device("cuda")) == DEFAULT_PREFILL_CHUNK
     assert _resolve_prefill_chunk(None, smollm2.model, torch.device("cpu")) is None
     assert _resolve_prefill_chunk(0, smollm2.model, torch.device("cuda")) is None
-    for bad in (-1, 2.5, True):
+    for bad in (-1, 2.5, True):  # checked once, where the load options are made, for every backend
         with pytest.raises(ValueError, match="--prefill-chunk must be 0"):
-            HFModel(smollm2.model, smollm2.tokenizer, "x", prefill_chunk=bad)
+            LoadOptions(prefill_chunk=bad)
 
 
 @pytest.mark.slow

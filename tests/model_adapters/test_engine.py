@@ -370,10 +370,10 @@ def gpt2_dir(tmp_path_factory, tokenizer) -> Path:
 
 def test_unsupported_architecture_on_the_native_engine(gpt2_dir, tmp_path):
     from nsa_eval.cli import main
-    from nsa_eval.models import load_model
+    from nsa_eval.models import LoadOptions, load_model
 
     with pytest.raises(ValueError) as error:
-        load_model(f"hf:{gpt2_dir}", engine="native", device="cpu")
+        load_model(f"hf:{gpt2_dir}", LoadOptions(engine="native", device="cpu"))
     assert "--engine transformers" in str(error.value) and "\n" not in str(error.value)
     result = CliRunner().invoke(main, ["run", "--model", f"hf:{gpt2_dir}", "--engine", "native", "--tasks", "niah",
                                        "--niah-lengths", "256", "--niah-depths", "0", "--quiet", "--output",
@@ -382,7 +382,7 @@ def test_unsupported_architecture_on_the_native_engine(gpt2_dir, tmp_path):
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "--engine transformers" in errors[0], result.output
     for engine in ("transformers", "auto"):
-        assert isinstance(load_model(f"hf:{gpt2_dir}", engine=engine, device="cpu"), HFModel)
+        assert isinstance(load_model(f"hf:{gpt2_dir}", LoadOptions(engine=engine, device="cpu")), HFModel)
 
 
 # ---- the runner ------------------------------------------------------------------------------------------------

@@ -147,13 +147,14 @@ def test_recall_on_the_embedded_model_with_sparse_attention(monkeypatch):
     from nsa_eval.model_adapters.runtime import fidelity
     from nsa_eval.model_adapters.runtime.checkpoint import from_pretrained
     from nsa_eval.model_adapters.smollm2 import plain_checkpoint
-    from nsa_eval.models import load_model
+    from nsa_eval.models import LoadOptions, load_model
     from nsa_eval.registry import task_factory
     from nsa_eval.runner import generation_request
     from nsa_eval.tasks.base import TaskContext
 
     covering = SparseSettings(budget=256, leading=16, local=32, block=16)
-    engine = load_model("smollm2", device="cpu", attention="sparse", sparse=covering, engine="native", batch_size=1)
+    engine = load_model("smollm2", LoadOptions(device="cpu", attention="sparse", sparse=covering, engine="native",
+                                               batch_size=1))
     ctx = TaskContext(count_tokens=engine.count_tokens, chat=engine.chat, max_length=engine.max_length)
     sample = task_factory("niah")(lengths=[200], depths=[50]).samples(ctx)[0]
     ids = torch.tensor(engine.prompt_ids(generation_request(sample, 0))[0])

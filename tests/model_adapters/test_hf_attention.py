@@ -127,15 +127,15 @@ def test_sparse_generation_with_a_sliced_prompt_equals_one_pass(tiny_llama_dir):
     """--attention sparse with --prefill-chunk: HFModel's loop prefills 7-token slices over the cache (left-padded
     batch) and generates what one pass does."""
     from nsa_eval.model_adapters.base import GenerationRequest
-    from nsa_eval.models import load_model
+    from nsa_eval.models import LoadOptions, load_model
 
     settings = SparseSettings(budget=40, leading=8, local=9, block=8)  # 5 blocks of 8: fewer than the prompt's
     requests = [GenerationRequest(" ".join(str(i) for i in range(40)), max_new_tokens=6),
                 GenerationRequest("a b c", max_new_tokens=6)]
     texts = {}
     for chunk in (None, 7):
-        lm = load_model(f"hf:{tiny_llama_dir}", device="cpu", attention="sparse", sparse=settings, batch_size=2,
-                        prefill_chunk=chunk)
+        lm = load_model(f"hf:{tiny_llama_dir}", LoadOptions(device="cpu", attention="sparse", sparse=settings,
+                                                            batch_size=2, prefill_chunk=chunk))
         texts[chunk] = [g.texts for g in lm.generate(requests)]
     assert texts[7] == texts[None]
 

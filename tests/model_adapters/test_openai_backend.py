@@ -120,7 +120,7 @@ def test_a_wrong_url_or_model_name(tiny):
         assert "answered 404" in message and "check the URL" in message
         with pytest.raises(ValueError, match=r"does not serve 'gpt-4'; it serves: tiny"):
             load_model(f"openai:{server.url}#gpt-4")
-    with pytest.raises(ValueError, match="needs an http"):
+    with pytest.raises(ValueError, match="give the server's URL"):
         load_model("openai:localhost:8000#tiny")
     with pytest.raises(ValueError, match="names no model"):
         load_model("openai:http://127.0.0.1:8000/v1")

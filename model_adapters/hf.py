@@ -16,16 +16,9 @@ from typing import Any
 
 import torch
 
-from nsa_eval.model_adapters.base import (
-    Generation,
-    GenerationRequest,
-    LanguageModel,
-    Loglikelihood,
-    LoglikelihoodRequest,
-    ModelLoadError,
-    RollingLoglikelihood,
-    RollingLoglikelihoodRequest,
-)
+from nsa_eval.model_adapters.base import (Generation, GenerationRequest, LanguageModel, Loglikelihood,
+                                          LoglikelihoodRequest, ModelLoadError, RollingLoglikelihood,
+                                          RollingLoglikelihoodRequest)
 from nsa_eval.model_adapters.decode_cost import DecodeCost, StepCost
 from nsa_eval.model_adapters.prompts import (
     PromptTokens,

@@ -38,15 +38,8 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from nsa_eval.model_adapters.base import (
-    Generation,
-    GenerationRequest,
-    LanguageModel,
-    Loglikelihood,
-    LoglikelihoodRequest,
-    ModelLoadError,
-    Prompt,
-)
+from nsa_eval.model_adapters.base import (Generation, GenerationRequest, LanguageModel, Loglikelihood,
+                                          LoglikelihoodRequest, ModelLoadError, Prompt)
 from nsa_eval.model_adapters.prompts import first_line, loglikelihood_tokens, truncate_middle
 
 OPTIONS = ("tokenizer", "concurrency", "timeout", "retries", "backoff", "max_length", "chat", "api_key_env")

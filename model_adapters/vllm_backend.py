@@ -18,14 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nsa_eval.model_adapters.base import (
-    Generation,
-    GenerationRequest,
-    LanguageModel,
-    Loglikelihood,
-    LoglikelihoodRequest,
-    ModelLoadError,
-)
+from nsa_eval.model_adapters.base import (Generation, GenerationRequest, LanguageModel, Loglikelihood,
+                                          LoglikelihoodRequest, ModelLoadError)
 from nsa_eval.model_adapters.prompts import PromptTokens, first_line, loglikelihood_tokens, truncate_middle
 
 INSTALL_HINT = "pip install 'nsa-eval[vllm]' on a machine with a CUDA GPU"

@@ -1,5 +1,5 @@
 """What one decode step reads from the KV cache, and how much of the context it attends, from a model's attention kind
-and settings (no torch): the cost fields every generative sample records (issue 21). The numbers are the attention
+and settings: the cost fields every generative sample records (issue 21). The numbers are the attention
 algorithm's, computed from the config, not measured.
 
 Counted per decode step (one generated token of one sequence; its context t: the cached tokens, the new one included),
@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from nsa_eval.kernels.nsa.layout import NSALayout
+
 ATTENTION_KINDS = ("full", "nsa", "sparse")
 
 
@@ -61,8 +63,8 @@ class DecodeCost:
     """The KV reads and the share attended of one decode step at a context of t tokens (module docstring).
 
     attention: full | nsa | sparse; layers, kv_heads, key_dim, value_dim: the cache's shape; dtype_bytes: bytes per
-    element of the cache; sliding_window: full attention's window (None: none). NSA and sparse: block_len l,
-    block_stride d, select_len l', num_selected n, window w (sparse: l = d = l' = its block, n = budget // block, w 0).
+    element of the cache; sliding_window: full attention's window (None: none). NSA and sparse: their layout (the
+    kernels' NSALayout: l, d, l', n, w; sparse: l = d = l' = its block, n = budget // block, w 0); None for full.
     """
 
     attention: str
@@ -72,24 +74,22 @@ class DecodeCost:
     value_dim: int
     dtype_bytes: int
     sliding_window: int | None = None
-    block_len: int = 0
-    block_stride: int = 0
-    select_len: int = 0
-    num_selected: int = 0
-    window: int = 0
+    layout: NSALayout | None = None
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {self.attention!r}")
+        if (self.layout is None) != (self.attention == "full"):
+            kind = "no layout" if self.attention == "full" else "an NSA layout"
+            raise ValueError(f"attention {self.attention} takes {kind}")
 
     @classmethod
     def of_config(cls, config: Any, dtype_bytes: int) -> "DecodeCost":
         """From the runtime's ModelConfig (runtime/config.py; for sparse its block fields are already derived)."""
-        blocks = dict(block_len=config.block_len, block_stride=config.block_stride, select_len=config.select_len,
-                      num_selected=config.num_selected, window=config.window) if config.attention != "full" else {}
+        full = config.attention == "full"
         return cls(config.attention, config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
-                   config.v_head_dim, dtype_bytes, config.sliding_window if config.attention == "full" else None,
-                   **blocks)
+                   config.v_head_dim, dtype_bytes, config.sliding_window if full else None,
+                   None if full else config.layout)
 
     @classmethod
     def of_transformers(cls, config: Any, dtype_bytes: int, sparse: Any = None) -> "DecodeCost | None":
@@ -106,21 +106,22 @@ class DecodeCost:
         if kinds == {"sliding_attention"} and not window:
             return None
         if sparse is not None:
-            b = sparse.block
-            return cls("sparse", config.num_hidden_layers, kv_heads, head_dim, head_dim, dtype_bytes, None, b, b, b,
-                       sparse.num_blocks, 0)
+            return cls("sparse", config.num_hidden_layers, kv_heads, head_dim, head_dim, dtype_bytes,
+                       layout=sparse.layout)
         return cls("full", config.num_hidden_layers, kv_heads, head_dim, head_dim, dtype_bytes, window or None)
 
     # ---- per step, at context t (an int or an array of them) --------------------------------------------------
 
     def _selected_tokens(self, t):
         """Raw tokens of the selected blocks: all of them up to n blocks, else n - 1 whole blocks and the newest's."""
-        blocks = -(-t // self.select_len)
-        newest = t - (blocks - 1) * self.select_len
-        return np.where(blocks <= self.num_selected, t, (self.num_selected - 1) * self.select_len + newest)
+        layout = self.layout
+        blocks = -(-t // layout.select_len)
+        newest = t - (blocks - 1) * layout.select_len
+        return np.where(blocks <= layout.num_selected, t, (layout.num_selected - 1) * layout.select_len + newest)
 
     def _compressed_blocks(self, t):
-        return np.where(t >= self.block_len, (t - self.block_len) // self.block_stride + 1, 0)
+        l, d = self.layout.block_len, self.layout.block_stride
+        return np.where(t >= l, (t - l) // d + 1, 0)
 
     def token_reads(self, t) -> tuple[Any, Any]:
         """(raw tokens whose key and value a step reads, compressed blocks whose key (NSA: and value) it reads)."""
@@ -128,8 +129,8 @@ class DecodeCost:
         if self.attention == "full":
             return (np.minimum(t, self.sliding_window) if self.sliding_window else t), np.zeros_like(t)
         raw = self._selected_tokens(t)
-        if self.attention == "nsa" and self.window:
-            raw = raw + np.minimum(t, self.window)
+        if self.attention == "nsa" and self.layout.window:
+            raw = raw + np.minimum(t, self.layout.window)
         return raw, self._compressed_blocks(t)
 
     def kv_bytes(self, t):
@@ -145,11 +146,12 @@ class DecodeCost:
         if self.attention == "full":
             return np.minimum(t, self.sliding_window) if self.sliding_window else t
         selected = self._selected_tokens(t)
-        if self.attention == "sparse" or not self.window:
+        window, select_len = self.layout.window, self.layout.select_len
+        if self.attention == "sparse" or not window:
             return selected
-        blocks = -(-t // self.select_len)
-        local = np.minimum(selected, t - np.maximum(blocks - 2, 0) * self.select_len)  # the newest two blocks' tokens
-        return np.minimum(t, selected + np.minimum(t, self.window) - np.minimum(local, self.window))
+        blocks = -(-t // select_len)
+        local = np.minimum(selected, t - np.maximum(blocks - 2, 0) * select_len)  # the newest two blocks' tokens
+        return np.minimum(t, selected + np.minimum(t, window) - np.minimum(local, window))
 
     def over_steps(self, prompt_tokens: int, steps: int) -> StepCost:
         """The decode steps of one sample: step j (1-based) reads a context of prompt_tokens + j tokens (the first new

@@ -185,7 +185,7 @@ def _sweep(configs: list[RunConfig]) -> None:
 def _run(config: RunConfig) -> None:
     from nsa_eval import distributed
     from nsa_eval.models import check_model, load_model
-    from nsa_eval.runner import run as run_tasks
+    from nsa_eval.runner import evaluate
     from nsa_eval.store import Plan, RunStore, nearest_existing
 
     spec = check_model(config.model_spec, config.load_options())
@@ -231,8 +231,8 @@ def _run(config: RunConfig) -> None:
         if store is None:
             take(config.default_run_dir(model.name))
         assert store is not None
-        metrics = run_tasks(model, tasks, store, config,
-                            show_progress=not config.quiet and (shard is None or shard.rank == 0))
+        metrics = evaluate(model, tasks, store, config,
+                           show_progress=not config.quiet and (shard is None or shard.rank == 0))
     except KeyboardInterrupt:
         if store is not None and (shard is not None or store.has_samples()):
             done, total = store.counts()

@@ -138,8 +138,8 @@ def efficiency(records: Iterable[dict[str, Any]]) -> dict[str, float]:
     return summary
 
 
-def run(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore, config: RunConfig, *,
-        show_progress: bool = True) -> dict[str, Any] | None:
+def evaluate(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunStore, config: RunConfig, *,
+             show_progress: bool = True) -> dict[str, Any] | None:
     """Evaluate `tasks` on `model` into `store` as `config` asks (seed, limit, chat, the cap on new tokens; recorded in
     run.json); resumes a run with the same config. Returns metrics.json (None in the processes of a data-parallel
     run other than the one that writes it)."""

@@ -26,7 +26,7 @@ from torch import nn
 from nsa_eval.model_adapters.runtime.attention import Attention, DecodeIndex, block_completes
 from nsa_eval.model_adapters.runtime.cache import SlotCache, grow_cache, new_cache
 from nsa_eval.model_adapters.runtime.config import ModelConfig
-from nsa_eval.model_adapters.runtime.ops import Kernels, RMSNorm, fused_linear, kernels, sdpa_value_width
+from nsa_eval.model_adapters.runtime.ops import Kernels, RMSNorm, fused_linear, kernel_table, sdpa_value_width
 from nsa_eval.model_adapters.runtime.rope import inv_frequencies, rope_tables
 
 DEFAULT_PREFILL_CHUNK = 8192  # prompt tokens per prefill slice on CUDA unless told otherwise
@@ -60,7 +60,7 @@ class CausalLMOutput:
 
 
 class Transformer(nn.Module):
-    """The decoder (module docstring). Attributes a caller may set: `kernels` ('auto': Triton on CUDA tensors, 'cpu'
+    """The decoder (module docstring). Attributes a caller may set: `kernel_choice` ('auto': Triton on CUDA tensors, 'cpu'
     elsewhere; 'triton'; 'reference'; 'cpu': runtime/ops.py), `sdpa_backend` (None, or 'flash' / 'cudnn' / 'efficient' / 'math'
     for attention 'full' through PyTorch SDPA: the baseline of `nsa-eval bench model`; a CUDA-graph decode step on it
     reads the number of keys of the step it captured, so decode with cuda_graphs off there), `prefill_chunk` (prompt
@@ -79,7 +79,7 @@ class Transformer(nn.Module):
         inv_freq, self.rope_scale = inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling,
                                                     config.max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.kernels = "auto"
+        self.kernel_choice = "auto"
         self.sdpa_backend: str | None = None
         self.prefill_chunk: int | None = None
         self.decode_reserve = 256
@@ -118,9 +118,9 @@ class Transformer(nn.Module):
         return self.embed.weight.dtype
 
     def _ops(self) -> Kernels:
-        if self.kernels == "auto":
-            return kernels("triton" if self.device.type == "cuda" else "cpu")
-        return kernels(self.kernels)
+        if self.kernel_choice == "auto":
+            return kernel_table("triton" if self.device.type == "cuda" else "cpu")
+        return kernel_table(self.kernel_choice)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_tables(positions, self.inv_freq, self.rope_scale)

@@ -41,12 +41,12 @@ class Kernels(NamedTuple):
     cache_write_: Any
 
 
-def kernels(name: str) -> Kernels:
+def kernel_table(name: str) -> Kernels:
     """'triton', 'reference' (the same signatures; nsa_eval.kernels picks between them by device) or 'cpu': the
     reference with full attention through PyTorch's SDPA (the same results, without the reference's dense float32
     score matrices): what the runtime runs on the CPU."""
     if name == "cpu":
-        return kernels("reference")._replace(attention=cpu_attention, attention_decode=cpu_attention_decode)
+        return kernel_table("reference")._replace(attention=cpu_attention, attention_decode=cpu_attention_decode)
     if name == "triton":
         from nsa_eval.kernels.attention import decode as attention_decode_mod, parallel
         from nsa_eval.kernels.layers import cache_write, norm, rotary, swiglu

@@ -10,7 +10,7 @@ Parts (--parts):
   the engine's step time over the decode only) and prefill ms of one prompt, against the bounds: decode reads the
   weights and every row's KV (NSA: compressed blocks, selected blocks, window; sparse: block means and the budget)
   at the measured copy bandwidth; prefill does 2 * params * T + the attention FLOPs at the measured bf16 rate.
-- niah: needle-in-a-haystack through the runner (`nsa_eval.runner.run`, as `nsa-eval run`): wall time, per-length
+- niah: needle-in-a-haystack through the runner (`nsa_eval.runner.evaluate`, as `nsa-eval run`): wall time, per-length
   prefill and decode per sample, and the slowest sample's per-token time over the median (mid-run compiles show).
 - longgen: the AIME-like workload, P prompts of L tokens x n samples x N new tokens through generate(), on the
   engine and, at a smaller scale given by --hf-scale, through transformers' own `generate` (batch = n samples).
@@ -179,7 +179,7 @@ def niah_part(lm, spec: str, lengths: list[int], samples: int, root: Path) -> di
     from nsa_eval import store as run_store
     from nsa_eval.records import read_samples, samples_file
     from nsa_eval.run_config import RunConfig
-    from nsa_eval.runner import run
+    from nsa_eval.runner import evaluate
     from nsa_eval.tasks.niah import NeedleInAHaystack
 
     task = NeedleInAHaystack(lengths=lengths, samples_per_cell=samples)
@@ -187,7 +187,7 @@ def niah_part(lm, spec: str, lengths: list[int], samples: int, root: Path) -> di
     shutil.rmtree(folder, ignore_errors=True)
     start = time.perf_counter()
     config = RunConfig(model_spec=spec, tasks=("niah",), batch_size=lm.batch_size)
-    run(lm, {"niah": task}, run_store.RunStore(folder), config, show_progress=False)
+    evaluate(lm, {"niah": task}, run_store.RunStore(folder), config, show_progress=False)
     wall = time.perf_counter() - start
     records = [r.to_json() for r in read_samples(samples_file(folder, "niah"), strict=True)]
     by_length: dict[int, dict] = {}

@@ -322,7 +322,7 @@ def test_nsa_engine_on_triton_kernels_equals_the_reference(tokenizer):
     prompt = len(lm.encode(requests[0].prompt))
     assert prompt > 16 and any((prompt + t - 8) % 4 == 0 for t in range(1, 4))
     reference = [g.texts for g in lm.generate(requests)]
-    model.kernels = "triton"
+    model.kernel_choice = "triton"
     assert [g.texts for g in lm.generate(requests)] == reference
 
 
@@ -413,7 +413,7 @@ class TinyTask(Task):
 
 def test_runner_streams_records_from_the_native_engine(hf_dirs, tmp_path):
     from nsa_eval.run_config import RunConfig
-    from nsa_eval.runner import run
+    from nsa_eval.runner import evaluate
     from nsa_eval.store import RunStore
 
     lm = load_native(hf_dirs("llama"), device="cpu", batch_size=2)
@@ -431,7 +431,7 @@ def test_runner_streams_records_from_the_native_engine(hf_dirs, tmp_path):
     store = RunStore(tmp_path / "run")
     append = store.append
     store.append = lambda task, record: (events.append(("record", record.id)), append(task, record))[-1]
-    metrics = run(lm, {"tiny": TinyTask()}, store, RunConfig(model_spec="hf:tiny", tasks=("tiny",), seed=3),
+    metrics = evaluate(lm, {"tiny": TinyTask()}, store, RunConfig(model_spec="hf:tiny", tasks=("tiny",), seed=3),
                   show_progress=False)
     records = {r.id: r.to_json() for r in store.records("tiny")}
     assert sorted(records) == sorted(["g0", "g1", "g2", "g3", "g4", "sampled", "ll"])

@@ -83,7 +83,7 @@ def test_graphs_buckets_and_kernels_agree(kind, llama_dir, nsa_dir):
     alone = _engine(folder, batch_size=1, **extra)
     assert [_texts(alone, [r])[0] for r in requests] == got
     reference = _engine(folder, batch_size=4, **extra)
-    reference.model.kernels = "reference"
+    reference.model.kernel_choice = "reference"
     reference.model.cuda_graphs = False
     assert _texts(reference, requests[:3]) == got[:3]
 

@@ -126,9 +126,9 @@ def test_triton_kernels_select_what_the_reference_selects():
     model = tiny_nsa(layers=1)
     ids = torch.randint(0, 97, (80,), generator=torch.Generator().manual_seed(4))
     positions = [15, 50, 79]
-    model.kernels = "reference"
+    model.kernel_choice = "reference"
     reference = inspect_prompt(model, ids, positions)
-    model.kernels = "triton"
+    model.kernel_choice = "triton"
     if torch.cuda.is_available():
         model.cuda()
     triton = inspect_prompt(model, ids, positions)

@@ -169,7 +169,7 @@ def test_triton_kernels_equal_the_reference(layout):
     model = tiny(layout, layers=1)
     ids = torch.randint(0, 97, (1, 56), generator=torch.Generator().manual_seed(5))
     reference = model(ids).logits
-    model.kernels = "triton"
+    model.kernel_choice = "triton"
     torch.testing.assert_close(model(ids).logits, reference, rtol=1e-4, atol=1e-4)
     out = model(ids[:, :54], use_cache=True, logits_to_keep=1)
     for t in (54, 55):
@@ -272,7 +272,7 @@ def test_chunked_prefill_on_triton_kernels_and_sdpa():
     model = tiny(PAPER, layers=1)
     ids = torch.randint(0, 97, (1, 45), generator=torch.Generator().manual_seed(7))
     reference = model(ids).logits
-    model.kernels, model.prefill_chunk = "triton", 16
+    model.kernel_choice, model.prefill_chunk = "triton", 16
     torch.testing.assert_close(model(ids).logits, reference, rtol=1e-4, atol=1e-4)
     full = tiny(PAPER, attention="full", v_head_dim=8)
     ours = full(ids).logits
@@ -462,9 +462,9 @@ def test_gpu_bf16_model_matches_the_float32_reference(layout):
     ids = torch.randint(0, 512, (2, 1600), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :300] = 0
-    model.kernels = "reference"  # float32 weights, the reference kernels on CUDA tensors
+    model.kernel_choice = "reference"  # float32 weights, the reference kernels on CUDA tensors
     reference = model(ids, attention_mask=mask).logits
-    model.kernels = "auto"
+    model.kernel_choice = "auto"
     model.to(torch.bfloat16)
     ours = model(ids, attention_mask=mask).logits
     assert rel_err(ours[0], reference[0]) < 3e-2 and rel_err(ours[1, 300:], reference[1, 300:]) < 3e-2

@@ -17,7 +17,7 @@ generated.
 
 Ctrl-C (SIGINT) or SIGTERM while requests are in flight: the engine stops at its next step, each waiting client gets
 a 503 error (a streaming client an error event), the answers are written, the engine thread ends, and the process exits
-130 (SIGINT) or 143 (SIGTERM); with none in flight it exits 0.
+130 (SIGINT) or 143 (SIGTERM); with none cut off (none in flight, or their answers already written) it exits 0.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class OpenAIServer(ThreadingHTTPServer):
             self.attach(model)
         self.created = int(time.time())
         self.in_flight = 0  # requests being answered (their HTTP threads)
+        self.cut_off = 0  # requests answered with ShuttingDown (what a stop reports)
         self.in_flight_lock = threading.Lock()
 
     def attach(self, model: LanguageModel) -> None:
@@ -75,9 +76,8 @@ class OpenAIServer(ThreadingHTTPServer):
 
     def stop(self, timeout: float = 30.0) -> int:
         """After Ctrl-C / SIGTERM: the engine stops at its next step and its clients get ShuttingDown; waits (at most
-        `timeout` s) until every answer is written and the engine is idle. Returns the requests that were in flight."""
-        with self.in_flight_lock:
-            was = self.in_flight
+        `timeout` s) until every answer is written and the engine is idle. Returns the requests it cut off (answered
+        with ShuttingDown); one whose answer was already written, or that another backend finished, is not counted."""
         if self.worker is not None:
             self.worker.stop(timeout)
         deadline = time.monotonic() + timeout
@@ -88,7 +88,13 @@ class OpenAIServer(ThreadingHTTPServer):
             time.sleep(0.02)
         if self.worker is None and self.model_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             self.model_lock.release()  # another backend's generate() has returned
-        return was
+        with self.in_flight_lock:
+            return self.cut_off
+
+    def count_cut_off(self, error: Exception) -> None:
+        if isinstance(error, ShuttingDown):
+            with self.in_flight_lock:
+                self.cut_off += 1
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that hung up before its answer was written is not an error of the server: no traceback for it
@@ -340,6 +346,7 @@ class _Handler(BaseHTTPRequestHandler):
                                         "/v1/models, /v1/completions and /v1/chat/completions", "not_found_error")
             answer = route(request)
         except RequestError as error:
+            self.server.count_cut_off(error)
             return self._json(error.status, {"error": {"message": str(error), "type": error.kind, "param": None, "code": None}})
         except ValueError as error:  # the backend's one-line refusals (prompt too long, no chat template, ...)
             return self._json(400, {"error": {"message": str(error), "type": "invalid_request_error", "param": None, "code": None}})
@@ -382,6 +389,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
                 self.wfile.flush()
         except RequestError as error:  # ShuttingDown mid-stream: the client sees why its stream ends early
+            self.server.count_cut_off(error)
             error_event = {"error": {"message": str(error), "type": error.kind, "param": None, "code": None}}
             self.wfile.write(f"data: {json.dumps(error_event)}\n\n".encode())
         self.wfile.write(b"data: [DONE]\n\n")

@@ -31,13 +31,13 @@ import torch
 
 from nsa_eval.model_adapters.base import Generation, GenerationRequest, LanguageModel, StepOutput, TokenUpdate
 from nsa_eval.model_adapters.decode_cost import DecodeCost
-from nsa_eval.model_adapters.hf import ForwardScoring
 from nsa_eval.model_adapters.prompts import PromptTokens, eos_ids, truncate_middle
 from nsa_eval.model_adapters.runtime.cache import SlotCache
 from nsa_eval.model_adapters.runtime.model import DEFAULT_PREFILL_CHUNK, Transformer
 from nsa_eval.model_adapters.runtime.output import OutputStep
 from nsa_eval.model_adapters.runtime.scheduler import RequestState, SampleRow, Scheduler
 from nsa_eval.model_adapters.runtime.sampling import row_seed, sample_tokens
+from nsa_eval.model_adapters.scoring import ForwardScoring
 
 CAPACITY_STEP = 1024  # cache positions are allocated in multiples of this, so nearby lengths reuse one cache
 

@@ -66,7 +66,7 @@ def prompt_of(context: str) -> Prompt:
     return json.loads(context[len(CHAT_MARK):]) if context.startswith(CHAT_MARK) else context
 
 
-def generation_settings(gen_kwargs: dict[str, Any]) -> dict[str, Any]:
+def generation_fields(gen_kwargs: dict[str, Any]) -> dict[str, Any]:
     """lm-eval's generation_kwargs -> GenerationRequest fields (greedy unless do_sample or a temperature > 0)."""
     until = gen_kwargs.get("until") or []
     sampled = bool(gen_kwargs.get("do_sample")) or float(gen_kwargs.get("temperature") or 0) > 0
@@ -135,7 +135,7 @@ class NSAEvalLM(LM):
                 runs.append((request, 1))
         asks = [
             GenerationRequest(prompt=prompt_of(r.args[0]), n=n, seed=request_seed(self.seed, str(r.doc_id)),
-                              **generation_settings(r.args[1]))
+                              **generation_fields(r.args[1]))
             for r, n in runs
         ]
         texts = [text for generation in self.model.generate(asks) for text in generation.texts]
@@ -345,7 +345,7 @@ class LmEvalTask(Task):
             first = instances[0]
             if first.request_type == "generate_until":
                 samples.append(Sample(id=sample_id, prompt=prompt_of(first.args[0]), target=target,
-                                      n=first.repeats or 1, **generation_settings(first.args[1])))
+                                      n=first.repeats or 1, **generation_fields(first.args[1])))
             elif first.request_type == "loglikelihood_rolling":  # a document to score whole (perplexity)
                 samples.append(Sample(id=sample_id, prompt=first.args[0], target=target, rolling=True))
             else:

@@ -1,5 +1,5 @@
 """The OpenAI API's request and answer shapes for `nsa-eval serve` (nsa_eval/serve.py): request fields read into
-GenerationRequest settings, prompt and message forms, the errors the server answers with, and the answers cut into
+GenerationRequest fields, prompt and message forms, the errors the server answers with, and the answers cut into
 server-sent-event chunks."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def stream_chat(answer: dict[str, Any], body: dict[str, Any]) -> Iterator[dict[s
         yield {**head, "choices": [], "usage": answer["usage"]}
 
 
-def request_settings(body: dict[str, Any], default_max_tokens: int | None) -> dict[str, Any]:
+def request_fields(body: dict[str, Any], default_max_tokens: int | None) -> dict[str, Any]:
     """The GenerationRequest fields of an OpenAI request (OpenAI's defaults: temperature 1, top_p 1, n 1)."""
     def given(key: str, default: Any) -> Any:
         return default if body.get(key) is None else body[key]
@@ -55,7 +55,7 @@ def request_settings(body: dict[str, Any], default_max_tokens: int | None) -> di
     stop = [stop] if isinstance(stop, str) else stop
     try:
         max_tokens = given("max_tokens", default_max_tokens)
-        settings = {
+        fields = {
             "max_new_tokens": None if max_tokens is None else int(max_tokens),
             "temperature": float(given("temperature", 1.0)),
             "top_p": float(given("top_p", 1.0)),
@@ -65,9 +65,9 @@ def request_settings(body: dict[str, Any], default_max_tokens: int | None) -> di
         }
     except (TypeError, ValueError):
         raise RequestError(400, "max_tokens, temperature, top_p, n and seed must be numbers") from None
-    if settings["n"] < 1 or (settings["max_new_tokens"] is not None and settings["max_new_tokens"] < 0):
+    if fields["n"] < 1 or (fields["max_new_tokens"] is not None and fields["max_new_tokens"] < 0):
         raise RequestError(400, "n must be at least 1 and max_tokens at least 0")
-    return settings
+    return fields
 
 
 def request_prompts(prompt: Any) -> list[str | list[int]]:

@@ -38,7 +38,7 @@ import click
 from nsa_eval.model_adapters.base import Generation, GenerationRequest, LanguageModel
 from nsa_eval.model_adapters.prompts import cut_at_stop
 from nsa_eval.openai_schema import (UNSUPPORTED, RequestError, ShuttingDown, cumulative_offsets, request_messages,
-                                   request_prompts, request_settings, stream_chat, stream_completion)
+                                   request_prompts, request_fields, stream_chat, stream_completion)
 from nsa_eval.serve_engine import EngineWorker, Listener
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -121,21 +121,21 @@ class OpenAIServer(ThreadingHTTPServer):
         echo, logprobs = bool(body.get("echo", False)), body.get("logprobs")
         if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or not 0 <= logprobs <= 20):
             raise RequestError(400, "logprobs must be a whole number from 0 to 20")
-        settings = request_settings(body, default_max_tokens=16)
+        fields = request_fields(body, default_max_tokens=16)
         if body.get("stream") and self.worker is not None and not echo and logprobs is None:
             texts = [prompt if isinstance(prompt, str) else self._decode(prompt) for prompt in prompts]
-            return self._stream_tokens("cmpl", "text_completion", texts, settings, body)
+            return self._stream_tokens("cmpl", "text_completion", texts, fields, body)
         choices, usage, timings = [], {"prompt_tokens": 0, "completion_tokens": 0}, []
         for prompt in prompts:
             text = prompt if isinstance(prompt, str) else self._decode(prompt)
-            if settings["max_new_tokens"] == 0:  # echo only: the prompt's log-probabilities, nothing generated
+            if fields["max_new_tokens"] == 0:  # echo only: the prompt's log-probabilities, nothing generated
                 if not echo:
                     raise RequestError(400, "max_tokens 0 is only meaningful with echo; ask for at least 1 token")
-                n = settings["n"]
+                n = fields["n"]
                 size = len(prompt) if isinstance(prompt, list) else self.model.count_tokens(prompt)
                 generation = Generation([""] * n, [0] * n, ["length"] * n, prompt_tokens=size)
             else:
-                generation = self._generate(text, settings)
+                generation = self._generate(text, fields)
             for j, completion in enumerate(generation.texts):
                 choice = {"index": len(choices), "text": (text if echo else "") + completion, "logprobs": None,
                           "finish_reason": generation.finish_reasons[j]}
@@ -155,10 +155,10 @@ class OpenAIServer(ThreadingHTTPServer):
             raise RequestError(400, "logprobs on chat completions are not supported; use /v1/completions with echo")
         if "max_completion_tokens" in body and "max_tokens" not in body:
             body = {**body, "max_tokens": body["max_completion_tokens"]}
-        settings = request_settings(body, default_max_tokens=None)
+        fields = request_fields(body, default_max_tokens=None)
         if body.get("stream") and self.worker is not None:
-            return self._stream_tokens("chatcmpl", "chat.completion.chunk", [messages], settings, body)
-        generation = self._generate(messages, settings)
+            return self._stream_tokens("chatcmpl", "chat.completion.chunk", [messages], fields, body)
+        generation = self._generate(messages, fields)
         choices = [
             {"index": j, "message": {"role": "assistant", "content": text}, "logprobs": None,
              "finish_reason": generation.finish_reasons[j]}
@@ -178,30 +178,30 @@ class OpenAIServer(ThreadingHTTPServer):
         if used:
             raise RequestError(400, f"nsa-eval serve does not support {', '.join(used)}")
 
-    def _request(self, prompt: Any, settings: dict[str, Any]) -> GenerationRequest:
+    def _request(self, prompt: Any, fields: dict[str, Any]) -> GenerationRequest:
         """The GenerationRequest of one prompt, refused here (one line) where the backend would refuse it."""
-        if settings["max_new_tokens"] is None:  # chat without max_tokens: whatever the budget leaves
-            settings = {**settings, "max_new_tokens": max(1, self.model.max_length - self.model.count_tokens(prompt) - 1)}
-        if settings["max_new_tokens"] == 0:
+        if fields["max_new_tokens"] is None:  # chat without max_tokens: whatever the budget leaves
+            fields = {**fields, "max_new_tokens": max(1, self.model.max_length - self.model.count_tokens(prompt) - 1)}
+        if fields["max_new_tokens"] == 0:
             raise RequestError(400, "max_tokens must be at least 1")
-        if settings["max_new_tokens"] >= self.model.max_length:  # the backend's own line speaks of CLI flags
-            raise RequestError(400, f"max_tokens {settings['max_new_tokens']} leaves no room for a prompt in this model's "
+        if fields["max_new_tokens"] >= self.model.max_length:  # the backend's own line speaks of CLI flags
+            raise RequestError(400, f"max_tokens {fields['max_new_tokens']} leaves no room for a prompt in this model's "
                                     f"context of {self.model.max_length} tokens; ask for fewer tokens")
         self.model.count_tokens(prompt)  # a chat prompt without a chat template fails here, not in the worker
-        return GenerationRequest(prompt=prompt, **settings)
+        return GenerationRequest(prompt=prompt, **fields)
 
-    def _generate(self, prompt: Any, settings: dict[str, Any]) -> Generation:
-        request = self._request(prompt, settings)
+    def _generate(self, prompt: Any, fields: dict[str, Any]) -> Generation:
+        request = self._request(prompt, fields)
         if self.worker is not None:
             return self.worker.submit(request).result()
         with self.model_lock:
             return self.model.generate([request])[0]
 
-    def _stream_tokens(self, prefix: str, kind: str, prompts: list[Any], settings: dict[str, Any],
+    def _stream_tokens(self, prefix: str, kind: str, prompts: list[Any], fields: dict[str, Any],
                        body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Server-sent events of the completions of `prompts` on the engine worker, a piece of text per new token
         (choice index = prompt x n + sample), then each choice's finish reason and, if asked, the usage."""
-        requests = [self._request(prompt, settings) for prompt in prompts]  # refusals before the stream starts
+        requests = [self._request(prompt, fields) for prompt in prompts]  # refusals before the stream starts
         listeners = [self.worker.submit(request) for request in requests]
         return self._token_events(prefix, kind, requests, listeners, body)
 

@@ -261,7 +261,7 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
             cache.copy_row(staging, slot)
             cache.set_active([slot], True)
             logits = request.logits
-        settings.set(slot, request.spec, sample)
+        settings.set(slot, request.asked, sample)
         first = settings.sample(logits[None], slice(slot, slot + 1))
         cache.ids[slot] = first[0]
         row = SampleRow(request, sample, started=time.perf_counter())

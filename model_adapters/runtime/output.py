@@ -20,14 +20,14 @@ class OutputStep:
 
     def take(self, row: SampleRow, token: int, now: float) -> bool:
         """A row's new token; True when the row is done (EOS, a stop sequence, or its budget). `now`: perf_counter s."""
-        spec = row.request.spec
+        asked = row.request.asked
         if token in self.eos_ids:
             row.finish = "stop"
         else:
             row.tokens.append(token)
-            if spec.stop and self._stopped(row.tokens, spec.stop):
+            if asked.stop and self._stopped(row.tokens, asked.stop):
                 row.finish = "stop"
-            elif len(row.tokens) < spec.max_new_tokens:
+            elif len(row.tokens) < asked.max_new_tokens:
                 return False
         row.ended = now
         return True
@@ -48,11 +48,11 @@ class OutputStep:
         texts = []
         for r in done:
             text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
-            cut = cut_at_stop(text, request.spec.stop)
+            cut = cut_at_stop(text, request.asked.stop)
             texts.append(text if cut is None else cut)
         counts, finish = [len(r.tokens) for r in done], [r.finish for r in done]
-        if request.rows == 1 and request.spec.n > 1:  # greedy: every sample is the same text
-            texts, counts, finish = (x * request.spec.n for x in (texts, counts, finish))
+        if request.rows == 1 and request.asked.n > 1:  # greedy: every sample is the same text
+            texts, counts, finish = (x * request.asked.n for x in (texts, counts, finish))
         seconds = max(r.decode_s for r in done)  # its rows decode side by side
         generated = sum(len(r.tokens) for r in done)
         cost = sum((self.decode_cost.over_steps(len(request.ids), r.steps) for r in done), StepCost())

@@ -24,7 +24,7 @@ class RequestState:
     """A request being answered: its prompt ids after truncation, samples still to start, rows that have finished."""
 
     index: int
-    spec: GenerationRequest
+    asked: GenerationRequest  # what the caller asked for: prompt, budget, stops, sampling
     ids: list[int]
     truncated: bool
     to_start: list[int]
@@ -36,7 +36,7 @@ class RequestState:
     @property
     def positions(self) -> int:
         """Cache positions a row of it needs: prompt, budget and the position the last step writes."""
-        return len(self.ids) + self.spec.max_new_tokens + 1
+        return len(self.ids) + self.asked.max_new_tokens + 1
 
 
 @dataclass

@@ -43,20 +43,20 @@ def parse_formats(text: str) -> tuple[str, ...]:
     return formats
 
 
-def find_baseline(runs: list[Run], spec: str) -> int:
-    """Index of the column holding the run named by spec (a column's label, a run's key or id, or its directory); a
-    spec that names runs in several columns is refused, naming them."""
-    found = [index for index, run in enumerate(runs) if spec in (run.label, run.full_label)]
+def find_baseline(runs: list[Run], name: str) -> int:
+    """Index of the column holding the run named by name (a column's label, a run's key or id, or its directory); a
+    name that names runs in several columns is refused, naming them."""
+    found = [index for index, run in enumerate(runs) if name in (run.label, run.full_label)]
     if not found:
         found = list(dict.fromkeys(
             index for index, run in enumerate(runs) for part in run.folders
-            if spec in (part.run_id, part.key) or (Path(spec).exists() and Path(spec).resolve() == part.path.resolve())))
+            if name in (part.run_id, part.key) or (Path(name).exists() and Path(name).resolve() == part.path.resolve())))
     if len(found) > 1:
-        raise ValueError(f"baseline '{spec}' names runs in {len(found)} columns ("
+        raise ValueError(f"baseline '{name}' names runs in {len(found)} columns ("
                          + ", ".join(runs[i].label for i in found) + "); give its folder")
     if found:
         return found[0]
-    raise ValueError(f"baseline '{spec}' is not among the runs ({', '.join(p.key for r in runs for p in r.folders)}); "
+    raise ValueError(f"baseline '{name}' is not among the runs ({', '.join(p.key for r in runs for p in r.folders)}); "
                      "add it to the RUN arguments or name one of them")
 
 
@@ -168,7 +168,7 @@ def _speed_section(runs: list[Run], bench_dir: Path | None, with_paper: bool) ->
 
 
 def build_report(
-    run_specs: list[str | Path],
+    run_args: list[str | Path],
     out_dir: str | Path,
     *,
     baseline: str | None = None,
@@ -195,7 +195,7 @@ def build_report(
     if bench_dir is not None and not any(Path(bench_dir).glob("kernels-*.json")):
         raise ValueError(f"--bench-dir {bench_dir} holds no kernels-<card>.json; give the folder `nsa-eval bench kernels` "
                          "wrote (results/bench), or leave --bench-dir out for a report without kernel tables")
-    runs = load_runs(list(run_specs), merge=merge)
+    runs = load_runs(list(run_args), merge=merge)
     base = find_baseline(runs, baseline) if baseline is not None else None
     with_paper = reference == PAPER_NAME
 

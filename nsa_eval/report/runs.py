@@ -146,26 +146,26 @@ def value_order(value: str) -> tuple:
     return tuple(part(p) for p in str(value).split("|"))
 
 
-def resolve_run_dir(spec: str | Path) -> Path:
+def resolve_run_dir(run_arg: str | Path) -> Path:
     """A run argument: a directory path, or a run id under results/runs/."""
-    path = Path(spec)
+    path = Path(run_arg)
     if path.is_dir():
         return path
-    by_id = RUNS_ROOT / str(spec)
+    by_id = RUNS_ROOT / str(run_arg)
     if by_id.is_dir():
         return by_id
-    raise ValueError(f"run '{spec}' not found: give a run directory or a run id under {RUNS_ROOT}/")
+    raise ValueError(f"run '{run_arg}' not found: give a run directory or a run id under {RUNS_ROOT}/")
 
 
-def expand_sweeps(specs: list[str | Path]) -> list[str | Path]:
+def expand_sweeps(run_args: list[str | Path]) -> list[str | Path]:
     """The run arguments with each budget sweep's folder (nsa_eval/sweep.py) replaced by its points' run folders, by
     budget."""
     out: list[str | Path] = []
-    for spec in specs:
-        path = Path(spec)
+    for run_arg in run_args:
+        path = Path(run_arg)
         points = sweep_points(path) if path.is_dir() and not (path / "run.json").is_file() else None
         if points is None:
-            out.append(spec)
+            out.append(run_arg)
         elif not points:
             raise ValueError(f"{path} is a budget sweep none of whose points has started; run it with `nsa-eval run`")
         else:
@@ -173,9 +173,9 @@ def expand_sweeps(specs: list[str | Path]) -> list[str | Path]:
     return out
 
 
-def load_run(spec: str | Path) -> Run:
+def load_run(run_arg: str | Path) -> Run:
     """Read run.json and metrics.json of one run directory; ValueError naming the file when either is bad."""
-    path = resolve_run_dir(spec)
+    path = resolve_run_dir(run_arg)
     run_file = path / "run.json"
     if not run_file.is_file():
         raise ValueError(f"{path} is not a run directory (no run.json); give a folder written by `nsa-eval run`")
@@ -203,12 +203,12 @@ def load_run(spec: str | Path) -> Run:
     return Run(path=path, info=info, results=results)
 
 
-def load_runs(specs: list[str | Path], merge: bool = True) -> list[Run]:
+def load_runs(run_args: list[str | Path], merge: bool = True) -> list[Run]:
     """Load runs, key each by its folder, merge one model's per-task runs into one column (unless merge=False),
     and give each column a unique label: the model name, with the run key where names repeat."""
-    if not specs:
+    if not run_args:
         raise ValueError("no run given; pass one or more run directories (results/runs/<run-id>)")
-    runs = [load_run(spec) for spec in expand_sweeps(specs)]
+    runs = [load_run(run_arg) for run_arg in expand_sweeps(run_args)]
     folders = [run.path.resolve() for run in runs]
     repeated = next((run for run, folder in zip(runs, folders) if folders.count(folder) > 1), None)
     if repeated is not None:

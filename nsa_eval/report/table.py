@@ -193,10 +193,10 @@ def _latex_mark(number: int) -> str:
 
 def to_latex(table: Table) -> str:
     """A booktabs table (needs \\usepackage{booktabs}); notes follow the tabular in small type."""
-    spec = "l" * min(2, len(table.columns)) if table.columns[:2] == ["Task", "Metric"] else "l"
-    spec += "r" * (len(table.columns) - len(spec))
+    alignment = "l" * min(2, len(table.columns)) if table.columns[:2] == ["Task", "Metric"] else "l"
+    alignment += "r" * (len(table.columns) - len(alignment))
     lines = [r"\begin{table}[ht]", r"\centering", rf"\caption{{{latex_escape(table.title)}}}",
-             rf"\label{{tab:{table.slug}}}", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+             rf"\label{{tab:{table.slug}}}", rf"\begin{{tabular}}{{{alignment}}}", r"\toprule",
              " & ".join(latex_escape(c) for c in table.columns) + r" \\", r"\midrule"]
     lines += [" & ".join(latex_escape(cell.text) + "".join(map(_latex_mark, cell.notes)) for cell in row) + r" \\"
               for row in table.rows]

@@ -6,8 +6,8 @@ from nsa_eval.model_adapters.runtime.scheduler import RequestState, SampleRow, S
 
 
 def request(index, length, n=1, budget=4):
-    spec = GenerationRequest("p", max_new_tokens=budget, temperature=1.0 if n > 1 else 0.0, n=n)
-    return RequestState(index, spec, [0] * length, False, list(range(n)), n)
+    asked = GenerationRequest("p", max_new_tokens=budget, temperature=1.0 if n > 1 else 0.0, n=n)
+    return RequestState(index, asked, [0] * length, False, list(range(n)), n)
 
 
 def start_all(scheduler, fits=lambda r: True, finish_at_once=()):

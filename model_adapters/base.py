@@ -119,7 +119,7 @@ class TokenUpdate:
 
     index: int  # the request's, from add_request
     sample: int
-    tokens: list[int]
+    tokens: list[int]  # the row's own list, as the step left it (no copy per step): copy it to keep it
     done: bool
 
 

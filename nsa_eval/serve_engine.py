@@ -91,7 +91,8 @@ class EngineWorker:
                             break
                         out = self.model.step()
                         for update in out.tokens:
-                            listeners[update.index].queue.put((update.sample, update.tokens))
+                            # a snapshot: the engine's row keeps growing
+                            listeners[update.index].queue.put((update.sample, list(update.tokens)))
                         for index, generation in out.finished:
                             listeners.pop(index).queue.put(generation)
             except Exception as error:  # noqa: BLE001 - every waiting client gets the error; the worker goes on

@@ -195,7 +195,7 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
             row = self._start(request, cache, admission.slot, staging if admission.from_staging else None, settings)
             if admission.from_staging and not request.to_start:
                 request.logits = None
-            out.tokens.append(TokenUpdate(request.index, row.sample, list(row.tokens), bool(row.ended)))
+            out.tokens.append(TokenUpdate(request.index, row.sample, row.tokens, bool(row.ended)))
             if row.ended:  # finished on its first token
                 self._finished(row, out)
             else:
@@ -216,7 +216,7 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
             row.decode_s += now - step_start
             row.steps += 1
             done = self.output.take(row, new[slot], now)
-            out.tokens.append(TokenUpdate(row.request.index, row.sample, list(row.tokens), done))
+            out.tokens.append(TokenUpdate(row.request.index, row.sample, row.tokens, done))
             if done:
                 scheduler.release(slot)
                 cache.set_active([slot], False)

@@ -44,7 +44,7 @@ class Generation:
     decode_tokens_per_s: generated tokens per second of decode time, over all n completions.
     decode_steps: decode steps over all n completions (each after a completion's first token, which its prefill gives).
     decode_ms_per_token: wall milliseconds per decode step (time per output token after the first; on a batched
-        backend a step decodes the other rows of its batch too).
+        backend a step decodes the other samples of its batch too).
     kv_bytes_per_step: KV cache bytes one decode step reads, the mean over decode_steps; attended_share: the share of
         the context's tokens a step attends, the mean over decode_steps (model_adapters/decode_cost.py says what is
         counted). None where the backend cannot say (a server, vLLM) or no step ran.
@@ -119,13 +119,13 @@ class TokenUpdate:
 
     index: int  # the request's, from add_request
     sample: int
-    tokens: list[int]  # the row's own list, as the step left it (no copy per step): copy it to keep it
+    tokens: list[int]  # the sample's own list, as the step left it (no copy per step): copy it to keep it
     done: bool
 
 
 @dataclass
 class StepOutput:
-    """What one `LanguageModel.step` did: every row's tokens after it, and the requests it finished as
+    """What one `LanguageModel.step` did: every decoding sample's tokens after it, and the requests it finished as
     (index, Generation)."""
 
     tokens: list[TokenUpdate]
@@ -140,7 +140,7 @@ class LanguageModel(ABC):
     max_length: int
     chat = False  # whether tasks send chat messages by default (the tokenizer has a chat template)
     compile_s = 0.0  # seconds of warm-up (kernel compiles, graph captures), recorded apart from the samples' timings
-    streams = False  # step() is the backend's own: one token per busy row, requests join while others decode
+    streams = False  # step() is the backend's own: one token per busy slot, requests join while others decode
     _waiting: list[tuple[int, GenerationRequest]] | None = None  # the default step()'s queue
     _added = 0  # requests add_request has numbered
 
@@ -163,8 +163,8 @@ class LanguageModel(ABC):
         return index
 
     def step(self) -> StepOutput:
-        """Advance the queued requests. A backend that `streams` decodes one token per busy row and reports every
-        row's tokens; here generate() answers every queued request at once and no tokens are reported."""
+        """Advance the queued requests. A backend that `streams` decodes one token per busy slot and reports every
+        decoding sample's tokens; here generate() answers every queued request at once and no tokens are reported."""
         waiting, self._waiting = self._waiting or [], []
         generations = self.generate([request for _, request in waiting]) if waiting else []
         return StepOutput([], [(index, generation) for (index, _), generation in zip(waiting, generations)])

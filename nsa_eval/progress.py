@@ -1,9 +1,9 @@
 """Progress of a run on stderr: rich's bar on a terminal; plain lines with rate and ETA otherwise (a log file, a
 pipe, CI), so a long run shows where it is while it runs rather than only at the end. While samples are being
-generated on the native engine, `tokens(bar, generated, rows)` reports the tokens generated so far and the rows
+generated on the native engine, `tokens(bar, generated, decoding)` reports the tokens generated so far and the samples
 decoding (the runner calls it at most once a second), so long generations (AIME, HumanEval) are never silent: a
 terminal's bar shows them as they change, a log gets a line at most every 30 s. An ETA is printed only from a measured
-rate over at least one interval: the first answer of a batch that decodes many rows at once says nothing of the
+rate over at least one interval: the first answer of a batch that decodes many samples at once says nothing of the
 rest."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class PlainProgress:
 
     def add_task(self, name: str, total: int, completed: int = 0, note: str = "") -> int:
         self.bars.append({"name": name, "total": total, "completed": completed, "start_completed": completed,
-                          "started": None, "printed": 0.0, "generated": 0, "rows": 0})
+                          "started": None, "printed": 0.0, "generated": 0, "decoding": 0})
         resumed = f" ({completed} already done)" if completed else ""
         self._write(f"{name}: {total - completed} of {total} samples to answer{resumed}{note}")
         return len(self.bars) - 1
@@ -57,17 +57,17 @@ class PlainProgress:
         if first or state["completed"] >= state["total"] or now - state["printed"] >= self.interval:
             self._write(self._line(state, now))
 
-    def tokens(self, bar: int, generated: int, rows: int) -> None:
-        """Tokens generated so far in this task and rows decoding now: a line at most every `interval` seconds."""
+    def tokens(self, bar: int, generated: int, decoding: int) -> None:
+        """Tokens generated so far in this task and samples decoding now: a line at most every `interval` seconds."""
         state = self.bars[bar]
-        state["generated"], state["rows"] = generated, rows
+        state["generated"], state["decoding"] = generated, decoding
         now = time.perf_counter()
         if now - state["printed"] >= self.interval:
             self._write(self._line(state, now))
 
     def _line(self, state: dict[str, Any], now: float) -> str:
-        """`niah: 4/9 samples, 0.41 samples/s, ETA 0:00:12, 310 tokens generated (25.3 tokens/s), 4 rows decoding`;
-        after a single answer `first after 0:00:09` instead of a rate (one answer of a batch decoding many rows at
+        """`niah: 4/9 samples, 0.41 samples/s, ETA 0:00:12, 310 tokens generated (25.3 tokens/s), 4 samples decoding`;
+        after a single answer `first after 0:00:09` instead of a rate (one answer of a batch decoding many samples at
         once projects nothing); the tokens part while the engine reports them."""
         state["printed"] = now
         elapsed = max(now - (state["started"] or now), 1e-9)
@@ -82,7 +82,7 @@ class PlainProgress:
             line += f", {rate:.2f} samples/s, ETA {_clock(left / rate)}"
         if state["generated"] and left:
             line += (f", {state['generated']} tokens generated ({state['generated'] / elapsed:.1f} tokens/s), "
-                     f"{state['rows']} rows decoding")
+                     f"{state['decoding']} samples decoding")
         return line
 
     def _write(self, line: str) -> None:
@@ -122,10 +122,10 @@ class RichProgress:
         rate = state["done"] / max(time.perf_counter() - (state["started"] or time.perf_counter()), 1e-9)
         self.progress.update(bar, advance=count, rate=f"{rate:.2f} samples/s")
 
-    def tokens(self, bar: int, generated: int, rows: int) -> None:
+    def tokens(self, bar: int, generated: int, decoding: int) -> None:
         started = self.state[bar]["started"] or time.perf_counter()
         speed = generated / max(time.perf_counter() - started, 1e-9)
-        self.progress.update(bar, tokens=f"{generated} tokens ({speed:.1f}/s), {rows} rows decoding")
+        self.progress.update(bar, tokens=f"{generated} tokens ({speed:.1f}/s), {decoding} samples decoding")
 
 
 class NoProgress:
@@ -144,7 +144,7 @@ class NoProgress:
     def advance(self, bar: int, count: int) -> None:
         return None
 
-    def tokens(self, bar: int, generated: int, rows: int) -> None:
+    def tokens(self, bar: int, generated: int, decoding: int) -> None:
         return None
 
 

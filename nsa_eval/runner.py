@@ -47,24 +47,24 @@ def generation_fields(generation: Generation) -> tuple[list[Any], dict[str, Any]
 
 
 class TokenCount:
-    """A run's progress through a streaming model: tokens generated and rows decoding, from each step's token updates,
-    passed to `report(generated, rows)` at most once a second (the progress display decides what to print)."""
+    """A run's progress through a streaming model: tokens generated and samples decoding, from each step's token updates,
+    passed to `report(generated, decoding)` at most once a second (the progress display decides what to print)."""
 
     def __init__(self, report: Any):
-        self.report, self.generated, self.rows, self.reported = report, 0, {}, time.monotonic()
+        self.report, self.generated, self.decoding, self.reported = report, 0, {}, time.monotonic()
 
     def take(self, updates: list[TokenUpdate]) -> None:
         for update in updates:
             key = (update.index, update.sample)
-            self.generated += len(update.tokens) - self.rows.get(key, 0)
+            self.generated += len(update.tokens) - self.decoding.get(key, 0)
             if update.done:
-                self.rows.pop(key, None)
+                self.decoding.pop(key, None)
             else:
-                self.rows[key] = len(update.tokens)
+                self.decoding[key] = len(update.tokens)
         now = time.monotonic()
-        if self.rows and now - self.reported >= 1.0:  # none decoding: the finished sample's own line follows
+        if self.decoding and now - self.reported >= 1.0:  # none decoding: the finished sample's own line follows
             self.reported = now
-            self.report(self.generated, len(self.rows))
+            self.report(self.generated, len(self.decoding))
 
 
 def answer_stream(model: LanguageModel, samples: list[Sample], run_seed: int,
@@ -204,7 +204,7 @@ def evaluate(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunS
             progress.start(bar)
             streamed = [s for s in pending if s.generative] if model.streams else []
             rest = [s for s in pending if s not in streamed] if streamed else pending
-            count = TokenCount(lambda generated, rows, bar=bar: progress.tokens(bar, generated, rows))
+            count = TokenCount(lambda generated, decoding, bar=bar: progress.tokens(bar, generated, decoding))
             answers = answer_stream(model, streamed, seed, count) if streamed else iter(())
             chunks = [rest[start : start + batch_size] for start in range(0, len(rest), batch_size)]
             batches = itertools.chain(([item] for item in answers),

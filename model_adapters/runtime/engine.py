@@ -3,20 +3,20 @@
 
 How requests run (`add_request`, then `step` until `has_unfinished` is False; `generate` does both):
 - Each request's prompt is encoded and middle-truncated to fit `max_length` with its generation budget when it is
-  added. Which sample takes which cache row is the scheduler's (runtime/scheduler.py: a wave longest first, later
-  arrivals first come first served, n samples of a prompt through the staging row). The cache has `batch_size`
-  rows and a staging row, sized for the waiting requests when no row is busy and kept while it fits (`reserve`
+  added. Which sample takes which cache slot is the scheduler's (runtime/scheduler.py: a wave longest first, later
+  arrivals first come first served, n samples of a prompt through the staging slot). The cache has `batch_size`
+  slots and a staging slot, sized for the waiting requests when no slot is busy and kept while it fits (`reserve`
   sizes it ahead, as a server does).
-- A row that takes a request has its prompt prefilled alone into it (slices over the cache, no padding) and its
-  first token sampled from the prompt's last logits; a sample of a staged prompt copies the staging row.
-- Every step decodes one token for rows [0, bucket) (a CUDA graph per bucket and per whether NSA's phi runs:
+- A slot that takes a request has its prompt prefilled alone into it (slices over the cache, no padding) and its
+  first token sampled from the prompt's last logits; a sample of a staged prompt copies the staging slot.
+- Every step decodes one token for slots [0, bucket) (a CUDA graph per bucket and per whether NSA's phi runs:
   runtime/graphs.py), samples on the device
-  (runtime/sampling.py: counter-based randomness from each row's seed and step, so a sample depends only on its
+  (runtime/sampling.py: counter-based randomness from each slot's seed and step, so a sample depends only on its
   request and seed, never on the batch), and copies the new tokens to the host once (the step's one sync).
-- The output step (runtime/output.py) checks stop sequences on a window of the newest tokens only; EOS ends a row
+- The output step (runtime/output.py) checks stop sequences on a window of the newest tokens only; EOS ends a sample
   without being counted.
-Timings per request: prefill_ms of its own prefill; decode tokens/s over the wall time its rows were decoding; decode ms
-per step (per output token after the first). Its rows' decode steps also give the KV bytes a step reads and the share
+Timings per request: prefill_ms of its own prefill; decode tokens/s over the wall time its samples were decoding; decode ms
+per step (per output token after the first). Its samples' decode steps also give the KV bytes a step reads and the share
 of the context it attends, from the model's config (model_adapters/decode_cost.py).
 `warm_up()` compiles the kernels and captures the graphs before the first request (its seconds: `compile_s`).
 """
@@ -35,7 +35,7 @@ from nsa_eval.model_adapters.prompts import PromptTokens, eos_ids, truncate_midd
 from nsa_eval.model_adapters.runtime.cache import SlotCache
 from nsa_eval.model_adapters.runtime.model import DEFAULT_PREFILL_CHUNK, Transformer
 from nsa_eval.model_adapters.runtime.output import OutputStep
-from nsa_eval.model_adapters.runtime.scheduler import RequestState, SampleRow, Scheduler
+from nsa_eval.model_adapters.runtime.scheduler import DecodingSample, RequestState, Scheduler
 from nsa_eval.model_adapters.runtime.sampling import row_seed, sample_tokens
 from nsa_eval.model_adapters.scoring import ForwardScoring
 
@@ -45,7 +45,7 @@ CAPACITY_STEP = 1024  # cache positions are allocated in multiples of this, so n
 @dataclass
 class EngineStats:
     """What the engine did since it was made: seconds and tokens of prefill and decode (decode_tokens: tokens
-    the steps produced for busy rows; row_steps: busy rows summed over steps), and the steps per batch bucket."""
+    the steps produced for busy slots), and the steps per batch bucket."""
 
     prefill_s: float = 0.0
     prefill_tokens: int = 0
@@ -55,15 +55,15 @@ class EngineStats:
     buckets: dict[int, int] = field(default_factory=dict)
 
 
-class _RowSettings:
-    """Each row's sampling settings on the device: temperature, top_p, seed, step (tokens it has generated)."""
+class _SlotSettings:
+    """Each slot's sampling settings on the device: temperature, top_p, seed, step (tokens it has generated)."""
 
     def __init__(self, slots: int, device: torch.device):
         self.temperature = torch.zeros(slots, dtype=torch.float32, device=device)
         self.top_p = torch.ones(slots, dtype=torch.float32, device=device)
         self.seeds = torch.zeros(slots, dtype=torch.long, device=device)
         self.steps = torch.zeros(slots, dtype=torch.long, device=device)
-        self.sampled = [False] * slots  # rows that sample (temperature > 0), on the host
+        self.sampled = [False] * slots  # slots that sample (temperature > 0), on the host
 
     def set(self, slot: int, request: GenerationRequest, sample: int) -> None:
         self.sampled[slot] = request.temperature > 0
@@ -72,17 +72,17 @@ class _RowSettings:
         self.seeds[slot] = row_seed(request.seed, sample)
         self.steps[slot] = 0
 
-    def sample(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
-        """logits [n, V] of the rows `rows` -> their tokens [n]; their steps advance by one (graph-safe)."""
-        tokens = sample_tokens(logits, self.temperature[rows], self.top_p[rows], self.seeds[rows], self.steps[rows])
-        self.steps[rows] += 1
+    def sample(self, logits: torch.Tensor, slots: slice) -> torch.Tensor:
+        """logits [n, V] of the slots `slots` -> their tokens [n]; their steps advance by one (graph-safe)."""
+        tokens = sample_tokens(logits, self.temperature[slots], self.top_p[slots], self.seeds[slots], self.steps[slots])
+        self.steps[slots] += 1
         return tokens
 
-    def head(self, rows: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
-        """What turns a decode step's logits [rows, V] into tokens, run in the step's CUDA graph, and its graph key:
-        the argmax alone when no row of [0, rows) samples, else the sampler."""
-        if any(self.sampled[:rows]):
-            return (lambda logits: self.sample(logits, slice(0, rows))), "sample"
+    def head(self, bucket: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+        """What turns a decode step's logits [bucket, V] into tokens, run in the step's CUDA graph, and its graph key:
+        the argmax alone when no slot of [0, bucket) samples, else the sampler."""
+        if any(self.sampled[:bucket]):
+            return (lambda logits: self.sample(logits, slice(0, bucket))), "sample"
         return (lambda logits: logits.argmax(-1)), "greedy"
 
 
@@ -90,7 +90,7 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
     """A runtime model and its tokenizer behind the LanguageModel interface (module docstring).
 
     max_length: prompt + generation budget in tokens (default: the model's max_position_embeddings).
-    batch_size: cache rows decoding at once (also the batch of log-likelihood forward passes).
+    batch_size: cache slots decoding at once (also the batch of log-likelihood forward passes).
     """
 
     streams = True  # step() below: continuous batching, requests taken while others decode, every token reported
@@ -121,8 +121,8 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
         return self.scheduler.slots
 
     @batch_size.setter
-    def batch_size(self, rows: int) -> None:
-        self.scheduler.resize(max(1, rows))
+    def batch_size(self, slots: int) -> None:
+        self.scheduler.resize(max(1, slots))
 
     @property
     def prefill_chunk(self) -> int | None:
@@ -157,7 +157,7 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
     def add_request(self, request: GenerationRequest) -> int:
         """Queue a request -> its index. Raises ValueError (one line) for a budget that leaves no room for a prompt."""
         ids, cut = self.prompt_ids(request)
-        samples = 1 if request.temperature <= 0 else request.n  # greedy: one row, its text repeated n times
+        samples = 1 if request.temperature <= 0 else request.n  # greedy: one sample decoded, its text repeated n times
         index = self._added
         self._added += 1
         self.scheduler.add(RequestState(index, request, ids, cut, list(range(samples)), samples))
@@ -167,39 +167,40 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
         return not self.scheduler.idle()
 
     def abort(self) -> None:
-        """Drop every request not finished yet; their rows stop decoding."""
+        """Drop every request not finished yet; their slots stop decoding."""
         if self.cache is not None:
             self.cache.set_active(self.scheduler.busy(), False)
         self.scheduler = Scheduler(self.scheduler.slots)
 
     def reserve(self, positions: int) -> None:
-        """Size the cache for rows of `positions` now (a server reserves max_length + 1, so no request waits for a
+        """Size the cache for slots of `positions` now (a server reserves max_length + 1, so no request waits for a
         regrowth and the warm-up happens before the first one)."""
         self._cache(positions)
 
     @torch.no_grad()
     def step(self) -> StepOutput:
-        """Free rows take waiting samples (each prefilled, its first token sampled), then one decode step for the busy
-        rows -> every row's tokens after it, and the requests it finished."""
+        """Free slots take waiting samples (each prefilled, its first token sampled), then one decode step for the busy
+        slots -> every decoding sample's tokens after it, and the requests it finished."""
         out = StepOutput([], [])
         scheduler = self.scheduler
         if scheduler.idle():
             return out
         if not scheduler.busy() and scheduler.staged is None:
             self._cache(max(request.positions for request in scheduler.waiting))
-        cache, settings, staging = self.cache, self.settings, self.batch_size  # the staging row follows the others
+        cache, settings, staging = self.cache, self.settings, self.batch_size  # the staging slot follows the others
         for admission in scheduler.admit(lambda request: request.positions <= cache.capacity):
             request = admission.request
             if admission.stage:
                 request.logits = self._prefill(request, cache, staging)
-            row = self._start(request, cache, admission.slot, staging if admission.from_staging else None, settings)
+            decoding = self._start(request, cache, admission.slot, staging if admission.from_staging else None,
+                                   settings)
             if admission.from_staging and not request.to_start:
                 request.logits = None
-            out.tokens.append(TokenUpdate(request.index, row.sample, row.tokens, bool(row.ended)))
-            if row.ended:  # finished on its first token
-                self._finished(row, out)
+            out.tokens.append(TokenUpdate(request.index, decoding.sample, decoding.tokens, bool(decoding.ended)))
+            if decoding.ended:  # finished on its first token
+                self._finished(decoding, out)
             else:
-                scheduler.place(admission.slot, row)
+                scheduler.place(admission.slot, decoding)
         busy = scheduler.busy()
         if not busy:
             return out
@@ -212,19 +213,19 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
         self.stats.decode_tokens += len(busy)
         self.stats.buckets[bucket] = self.stats.buckets.get(bucket, 0) + 1
         for slot in busy:
-            row = scheduler.rows[slot]
-            row.decode_s += now - step_start
-            row.steps += 1
-            done = self.output.take(row, new[slot], now)
-            out.tokens.append(TokenUpdate(row.request.index, row.sample, row.tokens, done))
+            decoding = scheduler.decoding[slot]
+            decoding.decode_s += now - step_start
+            decoding.steps += 1
+            done = self.output.take(decoding, new[slot], now)
+            out.tokens.append(TokenUpdate(decoding.request.index, decoding.sample, decoding.tokens, done))
             if done:
                 scheduler.release(slot)
                 cache.set_active([slot], False)
-                self._finished(row, out)
+                self._finished(decoding, out)
         return out
 
-    def _finished(self, row: SampleRow, out: StepOutput) -> None:
-        finished = self.output.finish(row)
+    def _finished(self, decoding: DecodingSample, out: StepOutput) -> None:
+        finished = self.output.finish(decoding)
         if finished is not None:
             out.finished.append(finished)
 
@@ -237,12 +238,12 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
                              f"{self.max_length}" if budget < 1 else "max_new_tokens must be at least 1")
         return truncate_middle(self.encode(request.prompt), budget)
 
-    def _prefill(self, request: RequestState, cache: SlotCache, row: int) -> torch.Tensor:
-        """The request's prompt into cache row `row` -> its last logits [V]; records prefill_ms."""
+    def _prefill(self, request: RequestState, cache: SlotCache, slot: int) -> torch.Tensor:
+        """The request's prompt into cache slot `slot` -> its last logits [V]; records prefill_ms."""
         ids = torch.tensor(request.ids, dtype=torch.long, device=self.device)
         _sync(self.device)
         start = time.perf_counter()
-        logits = self.model.prefill(ids, cache, row)
+        logits = self.model.prefill(ids, cache, slot)
         _sync(self.device)
         seconds = time.perf_counter() - start
         request.prefill_ms = seconds * 1e3
@@ -251,8 +252,8 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
         return logits
 
     def _start(self, request: RequestState, cache: SlotCache, slot: int, staging: int | None,
-               settings: _RowSettings) -> SampleRow:
-        """The next sample of `request` in row `slot`: prefilled there, or copied from the staging row; its first
+               settings: _SlotSettings) -> DecodingSample:
+        """The next sample of `request` in slot `slot`: prefilled there, or copied from the staging slot; its first
         token sampled from the prompt's logits."""
         sample = request.to_start.pop(0)
         if staging is None:
@@ -264,15 +265,15 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
         settings.set(slot, request.asked, sample)
         first = settings.sample(logits[None], slice(slot, slot + 1))
         cache.ids[slot] = first[0]
-        row = SampleRow(request, sample, started=time.perf_counter())
-        if self.output.take(row, int(first[0]), row.started):
+        decoding = DecodingSample(request, sample, started=time.perf_counter())
+        if self.output.take(decoding, int(first[0]), decoding.started):
             cache.set_active([slot], False)
-        return row
+        return decoding
 
     # ---- the cache and the warm-up ------------------------------------------------------------------------
 
     def _cache(self, positions: int) -> SlotCache:
-        """The cache (batch_size rows and a staging row) with room for `positions` per row: the current one when it
+        """The cache (batch_size slots and a staging slot) with room for `positions` per slot: the current one when it
         fits, else a new one (allocated in steps of CAPACITY_STEP, at most max_length + 1), then warmed up."""
         if self.cache is not None and self.cache.capacity >= positions and self.cache.slots == self.batch_size + 1:
             return self.cache
@@ -281,7 +282,7 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.cache = self.model.new_cache(self.batch_size + 1, max(capacity, positions))
-        self.settings = _RowSettings(self.cache.slots, self.device)  # its tensors are read by the captured graphs
+        self.settings = _SlotSettings(self.cache.slots, self.device)  # its tensors are read by the captured graphs
         self.warm_up()
         return self.cache
 
@@ -304,19 +305,19 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
         buckets = sorted({min(self.batch_size, 1 << b) for b in range(self.batch_size.bit_length() + 1)})
         settings = self.settings
         greedy, sampled = GenerationRequest(prompt=""), GenerationRequest(prompt="", temperature=1.0)
-        for rows in buckets:
+        for bucket in buckets:
             for length in (c.block_len - 1, c.block_len):  # the next token completes a block, then it does not
                 if length + 3 > cache.capacity:
                     continue
-                cache.set_active(list(range(rows)), True)
+                cache.set_active(list(range(bucket)), True)
                 for request in (greedy, sampled):  # both heads: the argmax alone, and the sampler
-                    for r in range(rows):
-                        settings.set(r, request, 0)
+                    for slot in range(bucket):
+                        settings.set(slot, request, 0)
                     for _ in range(2):  # capture, then replay
-                        cache.lengths[:rows] = length
-                        cache.host_lengths[:rows] = [length] * rows
-                        cache.ids[:rows] = torch.randint(0, vocab, (rows,), device=self.device)
-                        self.model.decode(cache, rows, *settings.head(rows))
+                        cache.lengths[:bucket] = length
+                        cache.host_lengths[:bucket] = [length] * bucket
+                        cache.ids[:bucket] = torch.randint(0, vocab, (bucket,), device=self.device)
+                        self.model.decode(cache, bucket, *settings.head(bucket))
         cache.set_active(list(range(cache.slots)), False)
         cache.lengths.fill_(1)
         cache.host_lengths = [0] * cache.slots

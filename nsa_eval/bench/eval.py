@@ -6,7 +6,7 @@ paper's attention shape (12 layers) with NSA beside the same shape with full att
 checkpoint folder (save_pretrained, a real tokenizer beside it) loaded the way `nsa-eval run` loads it.
 
 Parts (--parts):
-- points: decode tokens/s of B rows at context L (one request with n = B samples: one prefill, B rows decoding;
+- points: decode tokens/s of B samples at context L (one request with n = B samples: one prefill, B samples decoding;
   the engine's step time over the decode only) and prefill ms of one prompt, against the bounds: decode reads the
   weights and every row's KV (NSA: compressed blocks, selected blocks, window; sparse: block means and the budget)
   at the measured copy bandwidth; prefill does 2 * params * T + the attention FLOPs at the measured bf16 rate.

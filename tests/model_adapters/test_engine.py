@@ -195,16 +195,16 @@ def test_seeded_sampling_is_independent_of_batch_size_and_order(hf_dirs):
 
 
 def test_n_samples_from_one_prefill_equal_separate_runs(hf_dirs, monkeypatch):
-    """A request's n samples share one prefill (the staging row, copied into a row per sample); each equals its
+    """A request's n samples share one prefill (the staging slot, copied into a slot per sample); each equals its
     sample drawn alone with its own prefill and no cache (sampled_reference)."""
     lm = load_native(hf_dirs("llama", small=True), device="cpu", batch_size=3)
     prefills = []
     prefill = lm.model.prefill
     monkeypatch.setattr(lm.model, "prefill", lambda ids, cache, row: prefills.append(row) or prefill(ids, cache, row))
     request = GenerationRequest(PROMPTS[1], max_new_tokens=8, n=3, seed=7, **SAMPLED)
-    together = lm.generate([request])[0]  # three rows start at once from the staging row
-    assert prefills == [3]  # one prefill, into the staging row (after the 3 decoding rows)
-    lm.batch_size = 1  # one row: each sample starts when the one before has finished, from the staging row
+    together = lm.generate([request])[0]  # three samples start at once from the staging slot
+    assert prefills == [3]  # one prefill, into the staging slot (after the 3 decoding slots)
+    lm.batch_size = 1  # one slot: each sample starts when the one before has finished, from the staging slot
     prefills.clear()
     one_by_one = lm.generate([request])[0]
     assert prefills == [1]

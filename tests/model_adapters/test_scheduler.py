@@ -1,8 +1,8 @@
-"""The engine's scheduler (runtime/scheduler.py), alone: which sample of which request takes which row, in what order,
+"""The engine's scheduler (runtime/scheduler.py), alone: which sample of which request takes which slot, in what order,
 and when a request waits. Plain Python: the engine's tests check the same through real decoding."""
 
 from nsa_eval.model_adapters.base import GenerationRequest
-from nsa_eval.model_adapters.runtime.scheduler import RequestState, SampleRow, Scheduler
+from nsa_eval.model_adapters.runtime.scheduler import RequestState, DecodingSample, Scheduler
 
 
 def request(index, length, n=1, budget=4):
@@ -11,13 +11,13 @@ def request(index, length, n=1, budget=4):
 
 
 def start_all(scheduler, fits=lambda r: True, finish_at_once=()):
-    """Run every admission as the engine does (a sample is taken, the row placed unless it finished at once)."""
+    """Run every admission as the engine does (a sample is taken, the sample placed unless it finished at once)."""
     taken = []
     for admission in scheduler.admit(fits):
         sample = admission.request.to_start.pop(0)
         taken.append((admission.slot, admission.request.index, sample, admission.stage, admission.from_staging))
         if admission.request.index not in finish_at_once:
-            scheduler.place(admission.slot, SampleRow(admission.request, sample))
+            scheduler.place(admission.slot, DecodingSample(admission.request, sample))
     return taken
 
 
@@ -35,12 +35,12 @@ def test_a_wave_goes_longest_first_and_later_arrivals_after_every_waiting_reques
     assert [index for _, index, *_ in start_all(scheduler)] == [4]
 
 
-def test_n_samples_go_through_the_staging_row_and_a_finished_row_takes_the_next_at_once():
+def test_n_samples_go_through_the_staging_slot_and_a_finished_sample_frees_its_slot_at_once():
     scheduler = Scheduler(2)
     scheduler.add(request(0, 3, n=3))
     scheduler.add(request(1, 2))
     taken = start_all(scheduler, finish_at_once={0})  # every sample of 0 finishes on its first token
-    # the prompt is staged once; its samples copy it into row 0 one after another, then 1 takes row 0 and ...
+    # the prompt is staged once; its samples copy it into slot 0 one after another, then 1 takes slot 0 and ...
     assert taken == [(0, 0, 0, True, True), (0, 0, 1, False, True), (0, 0, 2, False, True), (0, 1, 0, False, False)]
     assert scheduler.staged is None and scheduler.busy() == [0] and not scheduler.waiting
 
@@ -60,11 +60,11 @@ def test_bucket_and_resize():
     for index in range(3):
         scheduler.add(request(index, 4))
     start_all(scheduler)
-    assert scheduler.bucket() == 4  # rows 0-2 busy: the next power of two above row 2
+    assert scheduler.bucket() == 4  # slots 0-2 busy: the next power of two above slot 2
     scheduler.release(2)
     assert scheduler.bucket() == 2
     for slot in scheduler.busy():
         scheduler.release(slot)
     assert scheduler.idle()
     scheduler.resize(3)
-    assert scheduler.slots == 3 and scheduler.rows == [None] * 3
+    assert scheduler.slots == 3 and scheduler.decoding == [None] * 3

@@ -1,4 +1,4 @@
-"""Progress while a run generates: long generations are never silent (tokens generated, rows decoding, at least every
+"""Progress while a run generates: long generations are never silent (tokens generated, samples decoding, at least every
 interval), and no ETA is projected from the first answer alone."""
 
 import io
@@ -25,11 +25,11 @@ def test_the_first_answer_gives_no_eta_and_later_lines_a_measured_one():
     progress.advance(bar, 5)
     lines = stream.getvalue().splitlines()
     assert lines[0] == "niah: 10 of 10 samples to answer"
-    assert re.fullmatch(r"niah: 0/10 samples, 120 tokens generated \([\d.]+ tokens/s\), 4 rows decoding", lines[1])
+    assert re.fullmatch(r"niah: 0/10 samples, 120 tokens generated \([\d.]+ tokens/s\), 4 samples decoding", lines[1])
     assert lines[2].startswith("niah: 1/10 samples, first after 0:00:0") and "ETA" not in lines[2]
     assert re.match(r"niah: 5/10 samples, [\d.]+ samples/s, ETA \d:\d\d:\d\d", lines[3])
     assert re.fullmatch(r"niah: 5/10 samples, [\d.]+ samples/s, ETA \d:\d\d:\d\d, 300 tokens generated "
-                        r"\([\d.]+ tokens/s\), 2 rows decoding", lines[4])  # a log's tokens line keeps the ETA
+                        r"\([\d.]+ tokens/s\), 2 samples decoding", lines[4])  # a log's tokens line keeps the ETA
     assert re.fullmatch(r"niah: 10/10 samples, [\d.]+ samples/s, 0:00:0\d elapsed", lines[5])
 
 
@@ -48,7 +48,7 @@ def test_a_long_generation_in_a_log_shows_tokens_at_least_every_interval(shared_
     ticks = timed[start:end + 1]
     assert len(ticks) >= 4, ticks  # the 2 x 40 tokens take several intervals on 2 shared cores
     for _, line in ticks[1:-1]:
-        assert re.fullmatch(r"aime: 0/1 samples, \d+ tokens generated \([\d.]+ tokens/s\), [12] rows decoding", line)
+        assert re.fullmatch(r"aime: 0/1 samples, \d+ tokens generated \([\d.]+ tokens/s\), [12] samples decoding", line)
     decoding = ticks[1:]  # from the first token on (the prompt's prefill before it reports no tokens)
     gaps = [later - earlier for (earlier, _), (later, _) in zip(decoding, decoding[1:])]
     assert max(gaps) <= interval + 5, gaps  # every interval, + the once-a-second report and one decode step (shared CPU)

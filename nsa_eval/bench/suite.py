@@ -66,8 +66,10 @@ class TaskPlan:
 
 
 def plan_tasks(tasks: list[str], scale: float, niah_lengths: str, ruler_lengths: str, data_dir: Path,
-               budgets: dict[str, int], one_at_a_time: bool) -> list[TaskPlan]:
-    """The rows to time, in order: each task at its --scale 1 size times `scale` (at least 1), then the one-slot rows."""
+               budgets: dict[str, int], one_at_a_time: bool, extra: dict[str, dict[str, str]] | None = None
+               ) -> list[TaskPlan]:
+    """The rows to time, in order: each task at its --scale 1 size times `scale` (at least 1), then the one-slot rows.
+    extra: --task-option values per task, over the suite's own."""
     def count(base: float) -> int:
         return max(1, round(base * scale))
 
@@ -83,6 +85,8 @@ def plan_tasks(tasks: list[str], scale: float, niah_lengths: str, ruler_lengths:
         "aime": TaskPlan("aime", "aime", {"n_samples": "16", "max_new_tokens": str(budgets["aime"])}, data["aime"],
                          count(4)),
     }
+    for name, options in (extra or {}).items():
+        made[name].options.update(options)
     plans = [made[name] for name in tasks]
     if one_at_a_time and "mmlu" in tasks:
         plans.append(dataclasses.replace(made["mmlu"], label="mmlu@1", limit=count(2), batch=1))
@@ -197,11 +201,21 @@ def lm_eval_part(folder: Path, device: str, batch: int, plans: list[TaskPlan], a
     start = time.perf_counter()
     hf = HFLM(pretrained=str(folder), device=device, dtype=dtype, batch_size=batch)
     load_s = time.perf_counter() - start
+    generated = [0]  # tokens HF's batched generate produced: rows x steps, until every row of a batch stopped
+    model_generate = hf._model_generate
+
+    def counted(context, max_length, stop, **kwargs):
+        out = model_generate(context, max_length, stop, **kwargs)
+        generated[0] += (out.shape[1] - context.shape[1]) * out.shape[0]
+        return out
+
+    hf._model_generate = counted
     for plan in plans:
         samples = list(asked[plan.label]["samples"].values())
         records, task = asked[plan.label]["records"], asked[plan.label]["task"]  # the task object that ran them
         ours = model_rows[plan.label]
         _sync(device)
+        generated[0] = 0
         start = time.perf_counter()
         if samples[0].continuations is not None:
             requests = [Instance("loglikelihood", {}, (s.prompt, c), i, (plan.name, k, 1))
@@ -216,11 +230,9 @@ def lm_eval_part(folder: Path, device: str, batch: int, plans: list[TaskPlan], a
         scores = [task.score(s, out) for s, out in zip(samples, outputs)]  # the same scoring cost as our rows
         _sync(device)
         wall = time.perf_counter() - start
-        generated = 0 if samples[0].continuations is not None else sum(
-            len(hf.tokenizer(out[0], add_special_tokens=False)["input_ids"]) for out in outputs)
         row = {"model": "llama-full", "task": plan.label, "engine": "lm-eval hf", "batch": batch,
                "samples": len(samples), "completions": len(samples), "wall_s": wall, "warmup_s": 0.0,
-               "load_s": load_s, "prompt_tokens": ours["prompt_tokens"], "generated_tokens": generated,
+               "load_s": load_s, "prompt_tokens": ours["prompt_tokens"], "generated_tokens": generated[0],
                "score": sum(s.get(task.headline, 0.0) for s in scores) / len(scores), "limit": plan.limit,
                "lm_eval_version": _version("lm-eval"), **agreement(samples, outputs, records)}
         record(with_rates(row))
@@ -300,6 +312,15 @@ def format_report(results: dict) -> str:
              f"`nsa-eval bench suite {results['argv']}`: random bfloat16 weights (float32 on the CPU), EOS off, "
              f"plain-text prompts, seed {results['seed']}; {shapes}. {versions}; commit {results['git_sha']}. "
              f"{results.get('lm_eval_note', '')}", ""]
+    for model, info in results.get("models", {}).items():
+        lines.append(f"- {model}: {info['params'] / 1e9:.3g}B parameters, loaded in {info['load_s']:.1f} s"
+                     + (f", cache reserved and warmed up (compiles, graph captures) in {info['warmup_s']:.1f} s "
+                        "before the first task" if "warmup_s" in info else ""))
+    if results.get("skipped"):
+        lines.append(f"- not run (past --deadline): {', '.join(results['skipped'])}")
+    if "wall_s" in results:
+        lines.append(f"- the whole command: {results['wall_s']:.0f} s")
+    lines.append("")
     rows = results["rows"]
     lines += _table("**tasks** (wall s includes building the samples, scoring and any warm-up; tokens/s: prompt + "
                     "generated tokens per wall second; vs lm-eval: its seconds per sample over ours, same samples; "
@@ -316,7 +337,7 @@ def format_report(results: dict) -> str:
     for key, value in s.items():
         if key.endswith("_vs_one_at_a_time"):
             model, task = key.split(":")
-            facts.append(f"- {model} {task.split('_')[0]}: {value:.1f}x faster per sample than one prompt at a time "
+            facts.append(f"- {model} {task.split('_')[0]}: per sample {value:.1f}x as fast as one prompt at a time "
                          f"(target >= 5x)")
     if "suite_vs_lm_eval" in s:
         facts.append(f"- llama-full, the tasks both run ({', '.join(s['shared_tasks'])}): {s['shared_nsa_eval_s']:.1f} s "
@@ -355,6 +376,8 @@ def _percent(share: float | None) -> str:
 @click.option("--aime-tokens", default=2048, show_default=True, type=click.IntRange(min=1),
               help="AIME's capped budget (n=16 samples each).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), help="A cap on every task's budget (the runner's).")
+@click.option("--task-option", "task_options", multiple=True, metavar="TASK.KEY=VALUE",
+              help="A task's own option over the suite's (as `nsa-eval run`), e.g. mmlu.num_fewshot=0. Repeatable.")
 @click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1),
               help="Engine slots, and lm-eval HF's batch size.")
 @click.option("--one-at-a-time/--no-one-at-a-time", default=True, show_default=True,
@@ -367,20 +390,26 @@ def _percent(share: float | None) -> str:
               help="Local benchmark rows: mmlu_stem/, gsm8k/, aime24/ (../shared/data/README.md).")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(path_type=Path),
               help="A tokenizer folder with vocab <= 49152 (default: the embedded SmolLM2's).")
+@click.option("--deadline", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds after which no further task or part starts (what finished is kept and written).")
 @click.option("--out", "out_dir", default="results/bench", show_default=True, type=click.Path(file_okay=False))
 def suite_command(task_list: str, models: str, shapes: str, scale: float, niah_lengths: str, ruler_lengths: str,
-                  gsm8k_tokens: int, humaneval_tokens: int, aime_tokens: int, max_new_tokens: int | None, batch: int,
-                  one_at_a_time: bool, with_lm_eval: bool, device: str, data_dir: Path, tokenizer_dir: Path | None,
-                  out_dir: str) -> None:
+                  gsm8k_tokens: int, humaneval_tokens: int, aime_tokens: int, max_new_tokens: int | None,
+                  task_options: tuple[str, ...], batch: int, one_at_a_time: bool, with_lm_eval: bool, device: str,
+                  data_dir: Path, tokenizer_dir: Path | None, deadline: float | None, out_dir: str) -> None:
     """A whole evaluation timed task by task on random weights, beside lm-eval's HF backend (module docstring)."""
     import torch
 
-    from nsa_eval.store import git_sha, versions
+    from nsa_eval.run_config import parse_task_options
+    from nsa_eval.store import cpu_model, git_sha, versions
     from nsa_eval.util import parse_int_list
 
+    started = time.perf_counter()
     tasks = _names(task_list, TASKS, "--tasks")
     chosen = _names(models, MODELS, "--models")
-    parse_int_list(niah_lengths, "--niah-lengths"), parse_int_list(ruler_lengths, "--ruler-lengths")
+    lengths = {"niah": parse_int_list(niah_lengths, "--niah-lengths"),
+               "ruler": parse_int_list(ruler_lengths, "--ruler-lengths")}
+    extra = parse_task_options(task_options, tasks)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
@@ -396,58 +425,76 @@ def suite_command(task_list: str, models: str, shapes: str, scale: float, niah_l
     elif not (tokenizer_dir / "tokenizer_config.json").is_file():
         raise ValueError(f"--tokenizer {tokenizer_dir} holds no tokenizer_config.json; give a tokenizer folder")
     budgets = {"gsm8k": gsm8k_tokens, "humaneval": humaneval_tokens, "aime": aime_tokens}
-    plans = plan_tasks(tasks, scale, niah_lengths, ruler_lengths, data_dir, budgets, one_at_a_time)
+    plans = plan_tasks(tasks, scale, niah_lengths, ruler_lengths, data_dir, budgets, one_at_a_time, extra)
     for plan in plans:  # every task option checked (and data read) before any model is built
         run_config(plan, "check", batch, max_new_tokens).build_tasks()[plan.name].prepare()
     shared = [p for p in plans if p.label in LM_EVAL_TASKS] if with_lm_eval and "llama-full" in chosen else []
-    lm_eval_note = ""
+    lm_eval_note = "" if with_lm_eval else "lm-eval: not asked (--no-lm-eval)."
     if shared:
         reason = lm_eval_importable()
         if reason is not None:
             lm_eval_note = f"lm-eval: skipped, lm_eval's HF backend does not import here ({reason})."
             click.echo(lm_eval_note)
             shared = []
-    elif not with_lm_eval:
-        lm_eval_note = "lm-eval: not asked (--no-lm-eval)."
 
-    name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine() or "cpu")
+    name = torch.cuda.get_device_name() if device == "cuda" else (cpu_model() or platform.machine() or "CPU")
     card = card_slug(name) if device == "cuda" else "cpu"
     llama_shape, nsa_shape = SHAPES[shapes]
     results: dict[str, Any] = {
         "device": name, "card": card, "argv": " ".join(sys.argv[3:]), "git_sha": git_sha(), "seed": SEED,
-        "versions": versions(), "shapes": {"llama-full": llama_shape, "nsa": nsa_shape},
+        "versions": versions(), "shapes": {model: (llama_shape if model == "llama-full" else nsa_shape)
+                                           for model in chosen},
         "settings": {"tasks": tasks, "models": chosen, "shapes": shapes, "scale": scale, "batch": batch,
                      "budgets": budgets, "max_new_tokens": max_new_tokens, "niah_lengths": niah_lengths,
-                     "ruler_lengths": ruler_lengths, "data_dir": str(data_dir)},
-        "lm_eval_note": lm_eval_note, "rows": []}
+                     "ruler_lengths": ruler_lengths, "task_options": extra, "data_dir": str(data_dir),
+                     "deadline": deadline},
+        "plans": [dataclasses.asdict(p) for p in plans], "models": {}, "lm_eval_note": lm_eval_note, "skipped": [],
+        "rows": []}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    def write() -> None:
+        results["summary"] = summary(results)
+        (out / f"suite-{card}.json").write_text(json.dumps(results, indent=1) + "\n")
+        (out / f"suite-{card}.md").write_text(format_report(results))
+
     def record(row: dict) -> None:
         results["rows"].append(row)
-        results["summary"] = summary(results)
         click.echo(f"  {row['model']:10s} {row['engine']:10s} {row['task']:10s} {row['samples']:4d} samples "
                    f"{row['wall_s']:8.2f} s  {row['samples_per_s']:8.2f} samples/s  {row['tokens_per_s']:8.0f} tokens/s"
                    + (f"  agreement {row['agreement']:.2f}" if "agreement" in row else ""))
-        (out / f"suite-{card}.json").write_text(json.dumps(results, indent=1) + "\n")
-        (out / f"suite-{card}.md").write_text(format_report(results))
+        write()
+
+    def past_deadline(what: str) -> bool:
+        if deadline is None or time.perf_counter() - started < deadline:
+            return False
+        results["skipped"].append(what)
+        click.echo(f"  skipped {what}: past --deadline {deadline:g} s")
+        write()
+        return True
 
     click.echo(f"device: {name} | models {', '.join(chosen)} ({shapes}) | tasks {', '.join(p.label for p in plans)}")
     root = Path(tempfile.mkdtemp(prefix="nsa-eval-suite-"))
     try:
         folders = build_checkpoints(root, tokenizer_dir, chosen, device=device, llama_shape=llama_shape,
                                     nsa_shape=nsa_shape)
-        longest = max([*(parse_int_list(niah_lengths, "") if "niah" in tasks else []),
-                       *(parse_int_list(ruler_lengths, "") if "ruler" in tasks else []), 0])
-        asked: dict[str, dict] = {}
+        longest = max([n for task in ("niah", "ruler") if task in tasks for n in lengths[task]], default=0)
         for model in chosen:
+            if past_deadline(f"{model} (every task)"):
+                continue
+            start = time.perf_counter()
             lm = load_variant(model, folders, batch, device)
             lm.output.eos_ids = set()  # random weights: every answer runs to its budget (or a stop string)
+            info = results["models"][model] = {"load_s": time.perf_counter() - start,
+                                               "params": sum(p.numel() for p in lm.model.parameters())}
             if longest:
                 lm.reserve(longest + 256)  # one cache for every task, warmed up before the first is timed
-            rows = {}
+                info["warmup_s"] = lm.compile_s
+            rows, asked = {}, {}
             for plan in plans:
-                keep = plan.label in [p.label for p in shared] and model == "llama-full"
+                if past_deadline(f"{model} {plan.label}"):
+                    continue
+                keep = model == "llama-full" and any(p.label == plan.label for p in shared)
                 row, asked_here = run_task(lm, model, plan, root, max_new_tokens, keep or plan.name == "mmlu")
                 rows[plan.label] = row
                 if keep:
@@ -456,12 +503,14 @@ def suite_command(task_list: str, models: str, shapes: str, scale: float, niah_l
             del lm
             if device == "cuda":
                 torch.cuda.empty_cache()
-            if model == "llama-full" and shared:
-                lm_eval_part(folders["llama"], device, batch, shared, asked, rows, record)
-                (out / f"suite-{card}.json").write_text(json.dumps(results, indent=1) + "\n")
-                (out / f"suite-{card}.md").write_text(format_report(results))
+            ready = [p for p in shared if p.label in asked]
+            if model == "llama-full" and ready and not past_deadline("lm-eval hf"):
+                lm_eval_part(folders["llama"], device, batch, ready, asked, rows, record)
+                write()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    results["wall_s"] = time.perf_counter() - started
+    write()
     click.echo("\n" + format_report(results))
     click.echo(f"wrote {out / f'suite-{card}.json'} and .md")
 

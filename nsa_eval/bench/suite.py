@@ -410,6 +410,9 @@ def suite_command(task_list: str, models: str, shapes: str, scale: float, niah_l
     lengths = {"niah": parse_int_list(niah_lengths, "--niah-lengths"),
                "ruler": parse_int_list(ruler_lengths, "--ruler-lengths")}
     extra = parse_task_options(task_options, tasks)
+    budgets = {"gsm8k": gsm8k_tokens, "humaneval": humaneval_tokens, "aime": aime_tokens}
+    plans = plan_tasks(tasks, scale, niah_lengths, ruler_lengths, data_dir, budgets, one_at_a_time, extra)
+    checked = [run_config(plan, "check", batch, max_new_tokens).build_tasks()[plan.name] for plan in plans]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
@@ -418,16 +421,14 @@ def suite_command(task_list: str, models: str, shapes: str, scale: float, niah_l
         if name in tasks and not (data_dir / path).is_file():
             raise ValueError(f"{data_dir / path} is missing ({name}'s local rows); give --data-dir, the folder that "
                              f"holds {path}")
+    for task in checked:  # every task's options and data checked before any model is built
+        task.prepare()
     if tokenizer_dir is None:
         from nsa_eval.model_adapters.smollm2 import plain_checkpoint
 
         tokenizer_dir = plain_checkpoint()
     elif not (tokenizer_dir / "tokenizer_config.json").is_file():
         raise ValueError(f"--tokenizer {tokenizer_dir} holds no tokenizer_config.json; give a tokenizer folder")
-    budgets = {"gsm8k": gsm8k_tokens, "humaneval": humaneval_tokens, "aime": aime_tokens}
-    plans = plan_tasks(tasks, scale, niah_lengths, ruler_lengths, data_dir, budgets, one_at_a_time, extra)
-    for plan in plans:  # every task option checked (and data read) before any model is built
-        run_config(plan, "check", batch, max_new_tokens).build_tasks()[plan.name].prepare()
     shared = [p for p in plans if p.label in LM_EVAL_TASKS] if with_lm_eval and "llama-full" in chosen else []
     lm_eval_note = "" if with_lm_eval else "lm-eval: not asked (--no-lm-eval)."
     if shared:

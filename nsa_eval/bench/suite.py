@@ -332,6 +332,8 @@ def format_report(results: dict) -> str:
                         "before the first task" if "warmup_s" in info else ""))
     if results.get("skipped"):
         lines.append(f"- not run (past --deadline): {', '.join(results['skipped'])}")
+    for failure in results.get("failed", []):
+        lines.append(f"- failed: {failure}")
     if "wall_s" in results:
         lines.append(f"- the whole command: {results['wall_s']:.0f} s")
     lines.append("")
@@ -464,7 +466,7 @@ def suite_command(task_list: str, models: str, shapes: str, scale: float, niah_l
                      "budgets": budgets, "max_new_tokens": max_new_tokens, "niah_lengths": niah_lengths,
                      "ruler_lengths": ruler_lengths, "task_options": extra, "data_dir": str(data_dir),
                      "deadline": deadline},
-        "plans": [dataclasses.asdict(p) for p in plans], "models": {}, "lm_eval_note": lm_eval_note, "skipped": [],
+        "plans": [dataclasses.asdict(p) for p in plans], "models": {}, "lm_eval_note": lm_eval_note, "skipped": [], "failed": [],
         "rows": []}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -479,6 +481,13 @@ def suite_command(task_list: str, models: str, shapes: str, scale: float, niah_l
         click.echo(f"  {row['model']:10s} {row['engine']:10s} {row['task']:10s} {row['samples']:4d} samples "
                    f"{row['wall_s']:8.2f} s  {row['samples_per_s']:8.2f} samples/s  {row['tokens_per_s']:8.0f} tokens/s"
                    + (f"  agreement {row['agreement']:.2f}" if "agreement" in row else ""))
+        write()
+
+    def failed(what: str, error: Exception) -> None:
+        """A part that raised: one line, kept in the results; the other parts still run, the command exits 1."""
+        text = str(error).strip().splitlines()
+        results["failed"].append(f"{what}: {type(error).__name__}: {text[0] if text else ''}")
+        click.echo(f"  failed {results['failed'][-1]}")
         write()
 
     def past_deadline(what: str) -> bool:
@@ -511,7 +520,11 @@ def suite_command(task_list: str, models: str, shapes: str, scale: float, niah_l
                 if past_deadline(f"{model} {plan.label}"):
                     continue
                 keep = model == "llama-full" and any(p.label == plan.label for p in shared)
-                row, asked_here = run_task(lm, model, plan, root, max_new_tokens, keep or plan.name == "mmlu")
+                try:
+                    row, asked_here = run_task(lm, model, plan, root, max_new_tokens, keep or plan.name == "mmlu")
+                except Exception as error:  # noqa: BLE001 - said in one line; the other tasks still run
+                    failed(f"{model} {plan.label}", error)
+                    continue
                 rows[plan.label] = row
                 if keep:
                     asked[plan.label] = asked_here
@@ -521,7 +534,10 @@ def suite_command(task_list: str, models: str, shapes: str, scale: float, niah_l
                 torch.cuda.empty_cache()
             ready = [p for p in shared if p.label in asked]
             if model == "llama-full" and ready and not past_deadline("lm-eval hf"):
-                lm_eval_part(folders["llama"], device, batch, ready, asked, rows, record)
+                try:
+                    lm_eval_part(folders["llama"], device, batch, ready, asked, rows, record)
+                except Exception as error:  # noqa: BLE001 - said in one line; the NSA model still runs
+                    failed("lm-eval hf", error)
                 write()
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -529,6 +545,8 @@ def suite_command(task_list: str, models: str, shapes: str, scale: float, niah_l
     write()
     click.echo("\n" + format_report(results))
     click.echo(f"wrote {out / f'suite-{card}.json'} and .md")
+    if results["failed"]:
+        raise click.ClickException(f"{len(results['failed'])} part(s) failed: {'; '.join(results['failed'])}")
 
 
 def _names(text: str, known: tuple[str, ...], option: str) -> list[str]:

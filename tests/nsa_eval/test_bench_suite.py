@@ -106,3 +106,26 @@ def test_past_the_deadline_no_task_starts_and_the_report_says_so(tmp_path, share
     output, results, report = suite(["--tasks", "mmlu", "--deadline", "0.001"], tmp_path, shared_data, smollm2_dir)
     assert results["rows"] == [] and results["skipped"] == ["llama-full (every task)", "nsa (every task)"]
     assert "skipped llama-full (every task): past --deadline" in output and "not run (past --deadline)" in report
+
+
+def test_a_task_that_fails_is_one_line_the_rest_still_runs_and_the_exit_code_is_1(tmp_path, shared_data, smollm2_dir,
+                                                                                  monkeypatch):
+    import nsa_eval.bench.suite as suite_module
+
+    real = suite_module.run_task
+
+    def gsm8k_breaks(lm, model, plan, *args):
+        if plan.label == "gsm8k":
+            raise RuntimeError("CUDA error: out of memory\nmore detail")
+        return real(lm, model, plan, *args)
+
+    monkeypatch.setattr(suite_module, "run_task", gsm8k_breaks)
+    result = CliRunner().invoke(main, [*TINY, "--tasks", "gsm8k,mmlu", "--models", "llama-full", "--no-lm-eval",
+                                       "--no-one-at-a-time", "--data-dir", str(shared_data), "--tokenizer",
+                                       str(smollm2_dir), "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "  failed llama-full gsm8k: RuntimeError: CUDA error: out of memory\n" in result.output
+    results = json.loads((tmp_path / "suite-cpu.json").read_text())
+    assert [r["task"] for r in results["rows"]] == ["mmlu"]
+    assert results["failed"] == ["llama-full gsm8k: RuntimeError: CUDA error: out of memory"]
+    assert "- failed: llama-full gsm8k" in (tmp_path / "suite-cpu.md").read_text()

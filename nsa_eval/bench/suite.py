@@ -11,8 +11,8 @@ show that scoring ran. Plain-text prompts (a base-model evaluation, lm-eval's de
 Tasks, each through the runner (`nsa_eval.runner.evaluate`, one run folder per task, its own --limit), at --scale 1:
 niah 4k-64k x depths 0, 50, 100; ruler at 4k and 32k, its 11 synthetic tasks x 1 sample; mmlu loglikelihood on the
 local STEM rows (10 per subject, 5-shot); gsm8k (8-shot chain of thought, 32 problems, 256 new tokens); humaneval n=1
-(16 problems, 512 new tokens, scored in the sandbox); aime n=16 (2 problems, 2048 new tokens, temperature 0.7): about
-400 s on one H100 with the lm-eval part. Sample counts scale with --scale (at least 1). Each row also says how much of
+(16 problems, 512 new tokens, scored in the sandbox); aime n=16 (2 problems, 2048 new tokens, temperature 0.7): sized
+for about 400 s on one H100 with the lm-eval part (an estimate from bench eval's rates until a run says otherwise). Sample counts scale with --scale (at least 1). Each row also says how much of
 its wall time went to building the samples (NIAH fits each haystack by counting its tokens: CPU time a user pays too). "One prompt at a time" rows (mmlu@1, gsm8k@1: the engine with one slot, fewer samples) give the
 per-sample time the batched rows are measured against.
 
@@ -27,6 +27,7 @@ Results: results/bench/suite-<card>.md and .json, rewritten after every task (a 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import platform
 import shutil
@@ -530,6 +531,7 @@ def suite_command(task_list: str, models: str, shapes: str, scale: float, niah_l
                     asked[plan.label] = asked_here
                 record(row)
             del lm
+            gc.collect()  # the engine's graphs and cache go before the next model loads
             if device == "cuda":
                 torch.cuda.empty_cache()
             ready = [p for p in shared if p.label in asked]

@@ -360,10 +360,18 @@ def format_report(results: dict) -> str:
     if "suite_vs_lm_eval" in s:
         facts.append(f"- llama-full, the tasks both run ({', '.join(s['shared_tasks'])}): {s['shared_nsa_eval_s']:.1f} s "
                      f"on nsa-eval, {s['shared_lm_eval_s']:.1f} s on lm-eval's HF backend: {s['suite_vs_lm_eval']:.1f}x "
-                     f"(target >= 5x); greedy agreement " + ", ".join(f"{t} {_percent(a)}" for t, a in s["agreement"].items()))
+                     f"(target >= 5x); greedy agreement " + ", ".join(f"{t} {_percent(a)}" for t, a in s["agreement"].items())
+                     + " (" + "; ".join(agreement_detail(r) for r in rows if r["engine"] == "lm-eval hf") + ")")
     if facts:
         lines += ["**targets**", "", *facts, ""]
     return "\n".join(lines) + "\n"
+
+
+def agreement_detail(row: dict) -> str:
+    """An lm-eval row's closeness beyond the agreement rate."""
+    if "max_abs_logprob_diff" in row:
+        return f"{row['task']}: largest |log-probability difference| {row['max_abs_logprob_diff']:.3g}"
+    return f"{row['task']}: responses share {_percent(row['mean_common_prefix_share'])} of their text as a prefix"
 
 
 def shape_text(shape: dict) -> str:

@@ -62,6 +62,7 @@ def test_the_suite_times_every_task_on_both_models_and_beside_lm_eval(tmp_path, 
     assert theirs["gsm8k"]["agreement"] == 1.0 and theirs["humaneval"]["agreement"] == 1.0
     assert theirs["gsm8k"]["generated_tokens"] >= 8 * theirs["gsm8k"]["samples"]  # min_new_tokens: EOS cannot end it
     assert results["summary"]["suite_vs_lm_eval"] > 0 and "tasks both run (mmlu, gsm8k, humaneval)" in report
+    assert "mmlu: largest |log-probability difference|" in report
 
 
 def test_without_lm_eval_the_suite_says_so_in_one_line_and_runs_the_rest(tmp_path, shared_data, smollm2_dir,

@@ -4,17 +4,19 @@ lm-evaluation-harness's HF backend on the same card in the same call.
 Models: `bench eval`'s random-weight checkpoints (build_checkpoints: real folders with a real tokenizer, loaded by
 load_native as `nsa-eval run` loads them): the 1.2B Llama shape with full attention (llama-full) and the NSA paper's
 shape with NSA (nsa); `--shapes tiny` gives small versions of both for CPU tests. Random weights never end an answer
-sensibly, so the engine's EOS is switched off (`lm.output.eos_ids`) and every generation runs to its task's budget unless
-a stop string turns up in the random text (the rows say how many ran their full budget); scores are meaningless and only
-show that scoring ran. Plain-text prompts (a base-model evaluation, lm-eval's default): no chat template.
+sensibly, so the engine's EOS is switched off (`lm.output.eos_ids`) and every generation runs to its task's budget
+unless a stop string turns up in the random text (the rows say how many ran their full budget); scores are meaningless
+and only show that scoring ran. Plain-text prompts (a base-model evaluation, lm-eval's default): no chat template.
 
 Tasks, each through the runner (`nsa_eval.runner.evaluate`, one run folder per task, its own --limit), at --scale 1:
 niah 4k-64k x depths 0, 50, 100; ruler at 4k and 32k, its 11 synthetic tasks x 1 sample; mmlu loglikelihood on the
 local STEM rows (10 per subject, 5-shot); gsm8k (8-shot chain of thought, 32 problems, 256 new tokens); humaneval n=1
 (16 problems, 512 new tokens, scored in the sandbox); aime n=16 (2 problems, 2048 new tokens, temperature 0.7): sized
-for about 400 s on one H100 with the lm-eval part (an estimate from bench eval's rates until a run says otherwise). Sample counts scale with --scale (at least 1). Each row also says how much of
-its wall time went to building the samples (NIAH fits each haystack by counting its tokens: CPU time a user pays too). "One prompt at a time" rows (mmlu@1, gsm8k@1: the engine with one slot, fewer samples) give the
-per-sample time the batched rows are measured against.
+for about 400 s on one H100 with the lm-eval part (an estimate from bench eval's rates until a run says otherwise).
+Sample counts scale with --scale (at least 1). Each row also says how much of its wall time went to building the
+samples (NIAH fits each haystack by counting its tokens: CPU time a user pays too). "One prompt at a time" rows
+(mmlu@1, gsm8k@1: the engine with one slot, fewer samples) give the per-sample time the batched rows are measured
+against.
 
 lm-eval: `lm_eval.models.huggingface.HFLM` (transformers, sdpa, batch --batch) on the llama checkpoint, asked the very
 requests our tasks made (same prompts, continuations, stops, budgets; greedy; `min_new_tokens` = the budget so EOS
@@ -110,8 +112,8 @@ def run_config(plan: TaskPlan, model: str, batch: int, cap: int | None):
 
 def run_task(lm, model: str, plan: TaskPlan, root: Path, cap: int | None, keep_samples: bool) -> tuple[dict, dict]:
     """One task through the runner into its own run folder -> (its row, what the lm-eval side needs: the task, the
-    samples the run asked, by id, and its records by id). keep_samples: rebuild the samples after the timing (for loglikelihood
-    token counts and the lm-eval side; checked against the records' prompt hashes)."""
+    samples the run asked, by id, and its records by id). keep_samples: rebuild the samples after the timing (for
+    loglikelihood token counts and the lm-eval side; checked against the records' prompt hashes)."""
     from nsa_eval import store as run_store
     from nsa_eval.records import read_samples, samples_file
     from nsa_eval.runner import evaluate
@@ -346,7 +348,8 @@ def format_report(results: dict) -> str:
                      "warm-up s", "samples/s",
                      "prompt tokens", "generated", "tokens/s", "full budget", "vs lm-eval", "agreement"],
                     [[r["task"], r["model"], r["engine"], r["batch"], r["samples"], f"{r['wall_s']:.2f}",
-                      f"{r['build_s']:.2f}", f"{r['warmup_s']:.1f}", f"{r['samples_per_s']:.2f}", r["prompt_tokens"], r["generated_tokens"],
+                      f"{r['build_s']:.2f}", f"{r['warmup_s']:.1f}", f"{r['samples_per_s']:.2f}", r["prompt_tokens"],
+                      r["generated_tokens"],
                       f"{r['tokens_per_s']:.0f}", _percent(r.get("full_budget_share")),
                       f"{r['vs_lm_eval']:.1f}x" if r.get("vs_lm_eval") else "",
                       _percent(r.get("agreement"))] for r in rows])
@@ -358,9 +361,10 @@ def format_report(results: dict) -> str:
             facts.append(f"- {model} {task.split('_')[0]}: per sample {value:.1f}x as fast as one prompt at a time "
                          f"(target >= 5x)")
     if "suite_vs_lm_eval" in s:
-        facts.append(f"- llama-full, the tasks both run ({', '.join(s['shared_tasks'])}): {s['shared_nsa_eval_s']:.1f} s "
-                     f"on nsa-eval, {s['shared_lm_eval_s']:.1f} s on lm-eval's HF backend: {s['suite_vs_lm_eval']:.1f}x "
-                     f"(target >= 5x); greedy agreement " + ", ".join(f"{t} {_percent(a)}" for t, a in s["agreement"].items())
+        agreed = ", ".join(f"{t} {_percent(a)}" for t, a in s["agreement"].items())
+        facts.append(f"- llama-full, the tasks both run ({', '.join(s['shared_tasks'])}): "
+                     f"{s['shared_nsa_eval_s']:.1f} s on nsa-eval, {s['shared_lm_eval_s']:.1f} s on lm-eval's HF "
+                     f"backend: {s['suite_vs_lm_eval']:.1f}x (target >= 5x); greedy agreement {agreed}"
                      + " (" + "; ".join(agreement_detail(r) for r in rows if r["engine"] == "lm-eval hf") + ")")
     if facts:
         lines += ["**targets**", "", *facts, ""]
@@ -475,7 +479,8 @@ def suite_command(task_list: str, models: str, shapes: str, scale: float, niah_l
                      "budgets": budgets, "max_new_tokens": max_new_tokens, "niah_lengths": niah_lengths,
                      "ruler_lengths": ruler_lengths, "task_options": extra, "data_dir": str(data_dir),
                      "deadline": deadline},
-        "plans": [dataclasses.asdict(p) for p in plans], "models": {}, "lm_eval_note": lm_eval_note, "skipped": [], "failed": [],
+        "plans": [dataclasses.asdict(p) for p in plans], "models": {}, "lm_eval_note": lm_eval_note, "skipped": [],
+        "failed": [],
         "rows": []}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

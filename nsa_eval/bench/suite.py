@@ -15,8 +15,8 @@ local STEM rows (10 per subject, 5-shot); gsm8k (8-shot chain of thought, 32 pro
 for about 400 s on one H100 with the lm-eval part (an estimate from bench eval's rates until a run says otherwise).
 Sample counts scale with --scale (at least 1). Each row also says how much of its wall time went to building the
 samples (NIAH fits each haystack by counting its tokens: CPU time a user pays too). "One prompt at a time" rows
-(mmlu@1, gsm8k@1: the engine with one slot, fewer samples) give the per-sample time the batched rows are measured
-against.
+(mmlu@1, gsm8k@1: the engine with one slot, and one log-likelihood sample per call where the engine takes several,
+fewer samples) give the per-sample time the batched rows are measured against.
 
 lm-eval: `lm_eval.models.huggingface.HFLM` (transformers, sdpa, batch --batch) on the llama checkpoint, asked the very
 requests our tasks made (same prompts, continuations, stops, budgets; greedy; `min_new_tokens` = the budget so EOS
@@ -121,6 +121,8 @@ def run_task(lm, model: str, plan: TaskPlan, root: Path, cap: int | None, keep_s
 
     batch = plan.batch or lm.batch_size
     lm.batch_size = batch
+    if plan.batch is not None and getattr(lm, "scoring_batch", None) is not None:
+        lm.scoring_batch = plan.batch  # an engine that hands log-likelihood samples over many at a time: one (mmlu@1)
     config = run_config(plan, model, batch, cap)
     task = config.build_tasks()[plan.name]
     task.prepare()  # data read and checked before the timer, as `nsa-eval run` does before the model loads

@@ -343,9 +343,10 @@ def format_report(results: dict) -> str:
         lines.append(f"- the whole command: {results['wall_s']:.0f} s")
     lines.append("")
     rows = results["rows"]
-    lines += _table("**tasks** (wall s includes building the samples, scoring and any warm-up; tokens/s: prompt + "
-                    "generated tokens per wall second; vs lm-eval: its seconds per sample over ours, same samples; "
-                    "full budget: share of completions that ran their whole budget)",
+    lines += _table("**tasks** (wall s includes building the samples, scoring and any warm-up, not loading; prompt "
+                    "tokens: the generative samples' prompts, and for mmlu context + continuation once per choice; "
+                    "tokens/s: prompt + generated tokens per wall second; vs lm-eval: its seconds per sample over "
+                    "ours, same samples; full budget: share of completions that ran their whole budget)",
                     ["task", "model", "engine", "batch", "samples", "wall s", "of which samples built s",
                      "warm-up s", "samples/s",
                      "prompt tokens", "generated", "tokens/s", "full budget", "vs lm-eval", "agreement"],

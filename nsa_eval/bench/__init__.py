@@ -4,6 +4,8 @@
 - model.py    `bench model`: a whole NSA transformer against the same one with full attention on SDPA (GPU)
 - tasks.py    `bench tasks`: task scoring speed, LongBench metrics and the HumanEval sandbox (CPU)
 - eval.py     `bench eval`: evaluation end to end, the native engine against transformers (GPU)
+- suite.py    `bench suite`: a whole evaluation task by task (NIAH to AIME), beside lm-eval's HF backend (GPU; CPU
+              with --shapes tiny)
 - common.py   what they share: card name, copy bandwidth, CUDA graphs, SDPA baselines, the table writer
 """
 
@@ -14,13 +16,14 @@ import click
 from nsa_eval.bench.eval import eval_command
 from nsa_eval.bench.kernels import kernels_command
 from nsa_eval.bench.model import model_command
+from nsa_eval.bench.suite import suite_command
 from nsa_eval.bench.tasks import tasks_command
 
 
 @click.group()
 def bench() -> None:
-    """Speed benchmarks: kernels and model need a CUDA GPU; tasks (scoring speed) runs on the CPU."""
+    """Speed benchmarks: kernels, model and eval need a CUDA GPU; tasks (scoring speed) runs on the CPU; suite on either."""
 
 
-for _command in (kernels_command, model_command, tasks_command, eval_command):
+for _command in (kernels_command, model_command, tasks_command, eval_command, suite_command):
     bench.add_command(_command)

@@ -44,8 +44,10 @@ NSA_SHAPE = dict(vocab_size=49152, hidden_size=2560, num_hidden_layers=12, num_a
 VARIANTS = ("llama-full", "llama-sparse", "nsa", "nsa-shape-full")
 
 
-def build_checkpoints(root: Path, tokenizer_dir: Path, variants: list[str]) -> dict[str, Path]:
-    """Random-weight checkpoint folders (bfloat16) with the tokenizer beside them: llama, nsa, nsa-full."""
+def build_checkpoints(root: Path, tokenizer_dir: Path, variants: list[str], device: str = "cuda",
+                      llama_shape: dict | None = None, nsa_shape: dict | None = None) -> dict[str, Path]:
+    """Random-weight checkpoint folders (bfloat16) with the tokenizer beside them: llama, nsa, nsa-full. The weights
+    are drawn on `device`; llama_shape / nsa_shape replace LLAMA_1B / NSA_SHAPE (`bench suite --shapes tiny`)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -57,36 +59,41 @@ def build_checkpoints(root: Path, tokenizer_dir: Path, variants: list[str]) -> d
     folders = {}
     if any(v.startswith("llama") for v in variants):
         torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(torch.bfloat16)
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**(llama_shape or LLAMA_1B))).to(torch.bfloat16)
         folders["llama"] = root / "llama-1b"
         model.save_pretrained(folders["llama"])
         del model
     for name, attention in (("nsa", "nsa"), ("nsa-full", "full")):
         if name not in variants and not (name == "nsa-full" and "nsa-shape-full" in variants):
             continue
-        with torch.device("cuda"):
-            model = Transformer(ModelConfig(**NSA_SHAPE, attention=attention)).init_weights(std=0.02, seed=0)
+        config = ModelConfig(**(nsa_shape or NSA_SHAPE), attention=attention)
+        with torch.device(device):
+            model = Transformer(config).init_weights(std=0.02, seed=0)
         folders[name] = root / name
         save_pretrained(model.to(torch.bfloat16), folders[name])
         del model
     for folder in folders.values():
         tokenizer.save_pretrained(folder)
-    torch.cuda.empty_cache()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
     return folders
 
 
-def load_variant(name: str, folders: dict[str, Path], batch: int):
+def load_variant(name: str, folders: dict[str, Path], batch: int, device: str | None = None):
+    """A variant's checkpoint on the native engine, loaded as `nsa-eval run` loads it (load_native; device None:
+    cuda when present, dtype: bfloat16 on cuda, float32 on the CPU)."""
     from nsa_eval.model_adapters.native import load_native
     from nsa_eval.model_adapters.runtime.config import SparseSettings
 
     if name == "llama-full":
-        return load_native(folders["llama"], batch_size=batch, name=name)
+        return load_native(folders["llama"], batch_size=batch, name=name, device=device)
     if name == "llama-sparse":
-        return load_native(folders["llama"], batch_size=batch, name=name, attention="sparse", sparse=SparseSettings())
+        return load_native(folders["llama"], batch_size=batch, name=name, attention="sparse", sparse=SparseSettings(),
+                           device=device)
     if name == "nsa":
-        return load_native(folders["nsa"], batch_size=batch, name=name)
-    return load_native(folders["nsa-full"], batch_size=batch, name=name)
+        return load_native(folders["nsa"], batch_size=batch, name=name, device=device)
+    return load_native(folders["nsa-full"], batch_size=batch, name=name, device=device)
 
 
 def random_prompt(tokenizer: Any, tokens: int, rng: random.Random) -> str:

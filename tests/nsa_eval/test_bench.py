@@ -1,4 +1,4 @@
-"""The bench package on the CPU: one group with its four commands, the shared table writer, and the model's
+"""The bench package on the CPU: one group with its five commands, the shared table writer, and the model's
 attention-off switch that `bench model` measures the attention share with (the timings themselves need a GPU)."""
 
 import torch
@@ -11,10 +11,10 @@ from nsa_eval.model_adapters.runtime.config import ModelConfig
 from nsa_eval.model_adapters.runtime.model import Transformer
 
 
-def test_bench_group_holds_its_four_commands():
+def test_bench_group_holds_its_five_commands():
     result = CliRunner().invoke(main, ["bench", "--help"])
     assert result.exit_code == 0, result.output
-    for command in ("kernels", "model", "tasks", "eval"):
+    for command in ("kernels", "model", "tasks", "eval", "suite"):
         assert f"  {command} " in result.output
 
 

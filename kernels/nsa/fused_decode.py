@@ -242,10 +242,12 @@ def fused_decode_kernel(q, stride_qb, k, v, k_win, v_win, cache_seqlens, scores,
                 first = split * BLOCKS_PER_SPLIT
                 for n in range(first, tl.minimum(first + BLOCKS_PER_SPLIT, NUM_SELECTED)):
                     j = tl.load(block_indices + bh * NUM_SELECTED + n, cache_modifier=".cg")
-                    s_pos = tl.maximum(j, 0) * SELECT_LEN + offs
-                    key_ok = (s_pos < length) & (offs < tl.where(j >= 0, SELECT_LEN, 0))  # slot -1 loads nothing
-                    m_i, l_i, acc = attend_tile(q_blk, k + h * DK, v + h * DV, b * S + s_pos, key_ok, key_ok[None, :],
-                                                m_i, l_i, acc, qk_scale, H, DK, DV, BDK, BDV, True, PRECISION)
+                    for t0 in range(0, SELECT_LEN, BS):  # the block in tiles of BS keys
+                        s_pos = tl.maximum(j, 0) * SELECT_LEN + t0 + offs
+                        key_ok = (s_pos < length) & (t0 + offs < tl.where(j >= 0, SELECT_LEN, 0))  # slot -1: none
+                        m_i, l_i, acc = attend_tile(q_blk, k + h * DK, v + h * DV, b * S + s_pos, key_ok,
+                                                    key_ok[None, :], m_i, l_i, acc, qk_scale, H, DK, DV, BDK, BDV,
+                                                    True, PRECISION)
             NS: tl.constexpr = NSEL + NWIN
             tl.store(part_m + hq * NS + split, m_i, mask=g_ok)
             tl.store(part_l + hq * NS + split, l_i, mask=g_ok)
@@ -268,14 +270,15 @@ def fused_decode_kernel(q, stride_qb, k, v, k_win, v_win, cache_seqlens, scores,
 
 # ------------------------------------------------------------------------------------------- launcher
 # launch 2: programs to aim for per step (about 2 per SM of an H100), ranking parts per KV head at most, chunks of
-# NP selection blocks per part at most (more parts when a part would rank more), warps. Not yet tuned on a GPU.
-TILES = {"programs": 264, "max_parts": 64, "chunks_per_part": 4, "warps": 4}
+# NP selection blocks per part at most (more parts when a part would rank more), keys per tile of the selected and
+# window items (32: no register spills on sm_90 with triton 3.6 or 3.9; 64 spilled with 3.6), warps. Not yet timed.
+TILES = {"programs": 264, "max_parts": 64, "chunks_per_part": 4, "keys": 32, "warps": 4}
 
 
 def launch_shape(B: int, H: int, S: int, layout: NSALayout) -> dict:
     """Launch 2's work items for B sequences of H KV heads over caches of S_max = S tokens (all static: the grid
     depends on shapes only, never on cache_seqlens' values): ranking parts and chunks per part, selected splits and
-    blocks per split, window chunks and keys per chunk, the key tile BS."""
+    blocks per split, window chunks and keys per chunk, the key tile BS (a selection block takes l' / BS tiles)."""
     np_ = chunk_blocks(layout)
     num_chunks = triton.cdiv(triton.cdiv(S, layout.select_len), np_)  # chunks of the longest cache
     parts = min(num_chunks, TILES["max_parts"],
@@ -283,7 +286,7 @@ def launch_shape(B: int, H: int, S: int, layout: NSALayout) -> dict:
     chunks_per_part = triton.cdiv(num_chunks, parts)
     parts = triton.cdiv(num_chunks, chunks_per_part)
     n, window = layout.num_selected, layout.window
-    bs = max(16, triton.next_power_of_2(layout.select_len))
+    bs = max(16, min(TILES["keys"], triton.next_power_of_2(layout.select_len)))
     sel = _splits(B * H, n)
     blocks_per_split = triton.cdiv(n, sel)
     sel = triton.cdiv(n, blocks_per_split)

@@ -139,10 +139,11 @@ def test_top_keys_is_a_descending_top_n(valid):
     assert out.tolist() == torch.sort(keys, descending=True).values[:16].tolist()
 
 
-def test_window_ring_strided_views_and_the_sparse_rule():
+def test_window_ring_strided_views_and_the_sparse_rule(monkeypatch):
     """The paper's own window K/V as a ring, q a column slice of a wider projection output and the gates views of one
-    [B, HQ, 3] tensor (as the model passes them); then the training-free sparse rule's arguments (leading blocks,
-    local tokens, no window, the compressed gate 0)."""
+    [B, HQ, 3] tensor (as the model passes them), keys in tiles of 16 (a selection block of 32 in two); then the
+    training-free sparse rule's arguments (leading blocks, local tokens, no window, the compressed gate 0)."""
+    monkeypatch.setitem(fused_decode.TILES, "keys", 16)
     hp = replace(NSA_CASES["paper"], window=40)
     B, S, HQ, H, D, w = 3, 200, 8, 2, 32, hp.window
     _, k, v, k_cmp, v_cmp, _ = decode_inputs(hp, B, S, HQ, H, D, torch.float32, seed=23)

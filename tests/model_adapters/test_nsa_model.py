@@ -179,6 +179,19 @@ def test_triton_kernels_equal_the_reference(layout, kernels):
         torch.testing.assert_close(step, reference[0, t], rtol=1e-4, atol=1e-4)
 
 
+def test_the_kernel_table_offers_the_two_launch_nsa_decode():
+    """kernel_choice 'triton-fused': the 'triton' table with kernels/nsa/fused_decode.py's step in place of the
+    five-launch one, and nothing else changed."""
+    from nsa_eval.kernels.nsa import decode, fused_decode
+    from nsa_eval.model_adapters.runtime.ops import kernel_table
+
+    fused, five = kernel_table("triton-fused"), kernel_table("triton")
+    assert five.nsa_decode is decode.nsa_decode and fused.nsa_decode is fused_decode.nsa_decode
+    assert fused._replace(nsa_decode=five.nsa_decode) == five
+    with pytest.raises(ValueError, match="'triton-fused'"):
+        kernel_table("fused")
+
+
 def test_save_load_round_trip(tmp_path):
     model = tiny(PAPER, tie_word_embeddings=True)
     save_pretrained(model, tmp_path)

@@ -290,7 +290,7 @@ def launch_shape(B: int, H: int, S: int, layout: NSALayout) -> dict:
     sel = _splits(B * H, n)
     blocks_per_split = triton.cdiv(n, sel)
     sel = triton.cdiv(n, blocks_per_split)
-    win = _splits(B * H, triton.cdiv(window, bs)) if window else 0
+    win = _splits(B * H, triton.cdiv(window, 64)) if window else 0  # the five-launch path's count: 64-key units
     win_chunk = triton.cdiv(triton.cdiv(window, win), bs) * bs if window else bs
     return dict(np=np_, parts=parts, chunks_per_part=chunks_per_part, sel=sel, blocks_per_split=blocks_per_split,
                 win=win, win_chunk=win_chunk, bs=bs)

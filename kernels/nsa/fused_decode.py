@@ -346,7 +346,7 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
     gates = [g_cmp, g_slc] + ([g_win] if window else [])
     if len({g.stride() for g in gates}) > 1:  # the kernel takes one pair of strides for all gates
         gates = [g.contiguous() for g in gates]
-    sb = max(1, min(8, 8192 // (gp * bdv)))  # splits merged per load: a [GP, SB, BDV] float32 tile
+    sb = max(1, min(8, 2048 // (gp * bdv)))  # splits merged per load: a [GP, SB, BDV] float32 tile (more spilled)
     fused_decode_kernel[(B * H * (parts + 1 + win + sel),)](
         q, stride_qb, k_cache, v_cache, k_win, v_win, cache_seqlens, scores, cmp_m, cmp_l, cmp_o, part_top,
         block_indices, part_m, part_l, part_o, o_cmp, *gates[:2], gates[-1], gates[0].stride(0), gates[0].stride(1),

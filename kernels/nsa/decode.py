@@ -10,7 +10,9 @@
    chunk of the window, per program) so that the step's programs cover the GPU at any batch size; partial
    softmax statistics per split;
 4. combine_decode_kernel merges the splits of each branch and writes the gated sum of the three branches.
-Five launches per step; q and the gates may be strided views (of the model's projection output).
+Five launches per step; q and the gates may be strided views (of the model's projection output). fused_decode.py
+does the same step in two launches (kernel_table("triton-fused") in the runtime); this path stays the default
+until GPU timings decide.
 """
 
 from __future__ import annotations
@@ -279,10 +281,11 @@ def _rows_view(x):
 
 def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win=None, *,
                layout: NSALayout = PAPER_LAYOUT, scale=None, k_window=None, v_window=None, leading_blocks=1,
-               local_tokens=None):
-    """Triton NSA decode step; spec and shapes: reference.nsa_decode. cache_seqlens' values are not checked
-    here (that would cost a device-to-host copy per step): each must lie in [1, S_max]. q may be a view whose batch
-    stride is not HQ * Dk (a slice of a wider projection output), gates views with any strides."""
+               local_tokens=None, return_block_indices=False):
+    """Triton NSA decode step in five launches (fused_decode.nsa_decode: the same in two); spec and shapes:
+    reference.nsa_decode (return_block_indices: also the selected blocks [B, 1, H, n] int32). cache_seqlens' values
+    are not checked here (that would cost a device-to-host copy per step): each must lie in [1, S_max]. q may be a
+    view whose batch stride is not HQ * Dk (a slice of a wider projection output), gates views with any strides."""
     check_decode("nsa_decode", q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens,
                  {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, layout, scale, triton=True, k_window=k_window,
                  v_window=v_window, leading_blocks=leading_blocks, local_tokens=local_tokens)
@@ -345,4 +348,4 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
     combine_decode_kernel[(B * H,)](
         o_cmp, *gates[:2], gates[-1], gates[0].stride(0), gates[0].stride(1), part_m, part_l, part_o, out, HQ, H, DV, bdv,
         gp, sel_splits, splits, bool(window), num_warps=4)
-    return out
+    return (out, block_indices) if return_block_indices else out

@@ -316,7 +316,7 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win=None, *, layout: NS
 
 def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win=None, *,
                layout: NSALayout = PAPER_LAYOUT, scale=None, k_window=None, v_window=None, leading_blocks=1,
-               local_tokens=None):
+               local_tokens=None, return_block_indices=False):
     """One NSA decode step: the new token's output from an NSA cache; equals the last row of `nsa_attention`.
 
     Args:
@@ -334,8 +334,10 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
         leading_blocks, local_tokens: the selection always keeps the first `leading_blocks` selection blocks and the
             blocks holding the new token's last `local_tokens` tokens (None: select_len + 1, the token's block and
             the one before: NSA's rule). Training-free sparse attention sets them (its leading and local tokens).
+        return_block_indices: also return the selected blocks.
     Returns:
-        o [B, HQ, Dv] in q's dtype.
+        o [B, HQ, Dv] in q's dtype; with return_block_indices, (o, block_indices [B, 1, H, n] int32: the selection
+        blocks of each KV head, most important first, -1 padded, as select_blocks' last row).
     """
     op = "nsa_decode"
     check_decode(op, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens,
@@ -356,4 +358,5 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
     elif window:  # attention does not depend on the keys' order: the ring's filled slots are the window
         filled = torch.arange(window, device=q.device)[None, :] < cache_seqlens.long()[:, None]
         branches.append((_masked_attention(q1, k_window, v_window, filled[:, None, None, :], scale)[0][:, 0], g_win))
-    return _gated_sum(branches).to(q.dtype)
+    out = _gated_sum(branches).to(q.dtype)
+    return (out, block_indices) if return_block_indices else out

@@ -61,7 +61,7 @@ class CausalLMOutput:
 
 class Transformer(nn.Module):
     """The decoder (module docstring). Attributes a caller may set: `kernel_choice` ('auto': Triton on CUDA tensors, 'cpu'
-    elsewhere; 'triton'; 'reference'; 'cpu': runtime/ops.py), `sdpa_backend` (None, or 'flash' / 'cudnn' / 'efficient' / 'math'
+    elsewhere; 'triton'; 'triton-fused' (NSA decode in two launches); 'reference'; 'cpu': runtime/ops.py), `sdpa_backend` (None, or 'flash' / 'cudnn' / 'efficient' / 'math'
     for attention 'full' through PyTorch SDPA: the baseline of `nsa-eval bench model`; a CUDA-graph decode step on it
     reads the number of keys of the step it captured, so decode with cuda_graphs off there), `prefill_chunk` (prompt
     tokens per slice; None: DEFAULT_PREFILL_CHUNK on CUDA, one pass elsewhere; 0: one pass), `decode_reserve` (cache

@@ -41,12 +41,20 @@ class Kernels(NamedTuple):
     cache_write_: Any
 
 
+KERNEL_CHOICES = ("triton", "triton-fused", "reference", "cpu")
+
+
 def kernel_table(name: str) -> Kernels:
     """'triton', 'reference' (the same signatures; nsa_eval.kernels picks between them by device) or 'cpu': the
     reference with full attention through PyTorch's SDPA (the same results, without the reference's dense float32
-    score matrices): what the runtime runs on the CPU."""
+    score matrices): what the runtime runs on the CPU. 'triton-fused': 'triton' with the NSA decode step in two
+    launches (kernels/nsa/fused_decode.py) instead of five (kernels/nsa/decode.py), until GPU timings pick one."""
     if name == "cpu":
         return kernel_table("reference")._replace(attention=cpu_attention, attention_decode=cpu_attention_decode)
+    if name == "triton-fused":
+        from nsa_eval.kernels.nsa import fused_decode
+
+        return kernel_table("triton")._replace(nsa_decode=fused_decode.nsa_decode)
     if name == "triton":
         from nsa_eval.kernels.attention import decode as attention_decode_mod, parallel
         from nsa_eval.kernels.layers import cache_write, norm, rotary, swiglu
@@ -64,7 +72,7 @@ def kernel_table(name: str) -> Kernels:
         return Kernels(reference.compressed_attention, reference.select_blocks, reference.selected_attention,
                        reference.nsa_decode, full_ref.attention, full_ref.attention_decode, reference.gated_sum,
                        layers_ref.add_rms_norm, layers_ref.rotary_, layers_ref.silu_mul, layers_ref.cache_write_)
-    raise ValueError(f"kernels must be 'triton', 'reference' or 'cpu', got {name!r}")
+    raise ValueError(f"kernels must be one of {', '.join(map(repr, KERNEL_CHOICES))}, got {name!r}")
 
 
 

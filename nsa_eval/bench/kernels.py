@@ -189,14 +189,17 @@ def fla_nsa(backward: bool) -> Callable[[int], Run]:
     return setup
 
 
-def ours_nsa_decode(batch: int) -> Callable[[int], Run]:
-    """One NSA step (paper layout) at T cached tokens: reads the compressed cache, 16 blocks and the window."""
+def ours_nsa_decode(batch: int, fused: bool = False) -> Callable[[int], Run]:
+    """One NSA step (paper layout) at T cached tokens: reads the compressed cache, 16 blocks and the window. fused:
+    kernels/nsa/fused_decode.py's two launches, else decode.py's five (what nsa_eval.kernels.nsa.nsa_decode runs)."""
 
     def setup(T: int) -> Run:
         import torch
 
-        from nsa_eval.kernels.nsa import mean_pool, nsa_decode
+        from nsa_eval.kernels.nsa import fused_decode, mean_pool
+        from nsa_eval.kernels.nsa import nsa_decode as five_launches
 
+        nsa_decode = fused_decode.nsa_decode if fused else five_launches
         layout = PAPER_LAYOUT
         q, k_cache, v_cache = randn_input(batch, HQ, D), randn_input(batch, T, H, D), randn_input(batch, T, H, D)
         k_cmp, v_cmp = (mean_pool(x, layout.block_len, layout.block_stride) for x in (k_cache, v_cache))
@@ -204,7 +207,8 @@ def ours_nsa_decode(batch: int) -> Callable[[int], Run]:
         lengths = torch.full((batch,), T, dtype=torch.int32, device="cuda")
         step = graphed(lambda: nsa_decode(q, k_cache, v_cache, k_cmp, v_cmp, lengths, *gates, layout=layout))
         tokens = k_cmp.shape[1] + layout.num_selected * layout.select_len + layout.window  # K/V rows it must read
-        return Run(step, kv_cache_bytes(batch, tokens), note="CUDA graph; bytes: compressed cache + 16 blocks + window")
+        return Run(step, kv_cache_bytes(batch, tokens), note=f"CUDA graph, {'two' if fused else 'five'} launches; "
+                   "bytes: compressed cache + 16 blocks + window")
 
     return setup
 
@@ -234,9 +238,11 @@ for _batch in DECODE_BATCHES:
         Case(f"decode b={_batch}", "ours full", ours_decode(_batch)),
         Case(f"decode b={_batch}", "sdpa", sdpa_decode(_batch)),
         Case(f"decode b={_batch}", "ours nsa", ours_nsa_decode(_batch)),
+        Case(f"decode b={_batch}", "ours nsa fused", ours_nsa_decode(_batch, fused=True)),
     ]
 BASELINES = ("sdpa flash", "sdpa cudnn", "sdpa", "fla parallel_nsa")  # ratio columns: their time / the row's
-NSA_BASELINES = ("ours full",)  # NSA rows (impl "ours nsa") also get a ratio against our full attention
+# NSA rows also get ratios against our full attention, and the two-launch decode against the five-launch one
+NSA_BASELINES = {"ours nsa": ("ours full",), "ours nsa fused": ("ours full", "ours nsa")}
 
 
 def check_full_attention(T: int = 1024) -> float:
@@ -297,19 +303,21 @@ def check_nsa(T: int = 2048) -> float:
     return error if same_rows >= 0.99 else float("inf")
 
 
-def check_nsa_decode(batch: int = 3, s_max: int = 3000) -> float:
-    """NSA decode over caches of different lengths against the float32 reference step."""
+def check_nsa_decode(batch: int = 3, s_max: int = 3000, fused: bool = False) -> float:
+    """NSA decode (five launches, or fused_decode's two) over caches of different lengths against the float32
+    reference step."""
     import torch
 
     from nsa_eval.kernels.nsa import mean_pool
-    from nsa_eval.kernels.nsa import decode, reference
+    from nsa_eval.kernels.nsa import decode, fused_decode, reference
 
     layout = PAPER_LAYOUT
     q, k_cache, v_cache = randn_input(batch, HQ, D), randn_input(batch, s_max, H, D), randn_input(batch, s_max, H, D)
     k_cmp, v_cmp = (mean_pool(x, layout.block_len, layout.block_stride) for x in (k_cache, v_cache))
     gates = [torch.rand(batch, HQ, device="cuda") for _ in range(3)]
     lengths = torch.tensor([s_max, s_max // 3, 700], dtype=torch.int32, device="cuda")[:batch]
-    ours = decode.nsa_decode(q, k_cache, v_cache, k_cmp, v_cmp, lengths, *gates, layout=layout)
+    ours = (fused_decode if fused else decode).nsa_decode(q, k_cache, v_cache, k_cmp, v_cmp, lengths, *gates,
+                                                          layout=layout)
     ref = reference.nsa_decode(*(x.float() for x in (q, k_cache, v_cache, k_cmp, v_cmp)), lengths, *gates,
                                layout=layout)
     return rel_err(ours, ref)
@@ -319,6 +327,7 @@ CHECKS: list[Check] = [
     Check("full attention fwd+bwd vs reference, T=1024 (max of o, dq, dk, dv)", check_full_attention, 3e-2),
     Check("NSA fwd+bwd vs reference, T=2048, paper layout (max of o and 8 gradients)", check_nsa, 3e-2),
     Check("NSA decode vs reference, mixed cache lengths", check_nsa_decode, 1.5e-2),
+    Check("NSA decode in two launches vs reference, mixed cache lengths", lambda: check_nsa_decode(fused=True), 1.5e-2),
     Check("full attention fwd vs SDPA flash, T=8192", check_against_sdpa, 1.5e-2),
     Check("full attention decode vs reference, mixed cache lengths", check_decode, 1.5e-2),
 ]
@@ -382,7 +391,7 @@ def _format_table(rows: list[dict], op: str, lengths: list[int]) -> str:
 def _add_ratios(rows: list[dict]) -> None:
     base = {(r["op"], r["impl"], r["T"]): r["ms"] for r in rows if "ms" in r}
     for r in rows:
-        for b in BASELINES + (NSA_BASELINES if r["impl"] == "ours nsa" else ()):
+        for b in BASELINES + NSA_BASELINES.get(r["impl"], ()):
             if "ms" in r and (r["op"], b, r["T"]) in base and r["impl"] != b:
                 r[f"vs {b}"] = base[(r["op"], b, r["T"])] / r["ms"]
 
@@ -392,7 +401,8 @@ def _add_ratios(rows: list[dict]) -> None:
 @click.option("--out", "out_dir", default="results/bench", show_default=True, type=click.Path(file_okay=False),
               help="Folder for kernels-<card>.json and .md.")
 @click.option("--quick", is_flag=True, help="A smoke run: lengths 4k only.")
-@click.option("--only", default="", help="Run only the ops whose name contains this text (e.g. decode).")
+@click.option("--only", default="", help="Run only the ops, and the correctness checks, whose name contains this "
+              "text (e.g. decode).")
 @click.option("--sweep", is_flag=True, help="Also time the tile candidates of our kernels (16k prefill, 64k decode).")
 def kernels_command(lengths: str, out_dir: str, quick: bool, only: str, sweep: bool) -> None:
     """Time our attention kernels against PyTorch SDPA (B=1, 64/4 heads, dim 128, bf16)."""
@@ -408,7 +418,8 @@ def kernels_command(lengths: str, out_dir: str, quick: bool, only: str, sweep: b
     card = card_slug(device_name)
     click.echo(f"device: {device_name} | torch {torch.__version__} | triton {triton.__version__}")
 
-    for check in CHECKS:
+    checks = [check for check in CHECKS if only in check.name]
+    for check in checks:
         check.error = check.run()
         torch.cuda.empty_cache()
         status = "ok" if check.error < check.bound else "FAIL"
@@ -434,7 +445,7 @@ def kernels_command(lengths: str, out_dir: str, quick: bool, only: str, sweep: b
     ops = list(dict.fromkeys(r["op"] for r in rows))
     tables = "\n\n".join(_format_table(rows, op, lengths_list) for op in ops)
     checks_md = "\n".join(
-        f"- {'ok' if c.error < c.bound else 'FAIL'}: {c.name}: {c.error:.2e} (bound {c.bound:.0e})" for c in CHECKS
+        f"- {'ok' if c.error < c.bound else 'FAIL'}: {c.name}: {c.error:.2e} (bound {c.bound:.0e})" for c in checks
     )
     header = (f"# Attention kernels on {device_name}\n\nB=1, {HQ} query heads, {H} KV heads, head dim {D}, bfloat16; "
               f"decode at batch {', '.join(map(str, DECODE_BATCHES))}. torch {torch.__version__}, triton "
@@ -450,14 +461,14 @@ def kernels_command(lengths: str, out_dir: str, quick: bool, only: str, sweep: b
         "python": platform.python_version(), "git_sha": git_sha(),
         "shape": {"B": 1, "HQ": HQ, "H": H, "D": D, "dtype": "bfloat16"},
         "copy_bandwidth_bytes_per_s": copy_bw,
-        "checks": [{"name": c.name, "error": c.error, "bound": c.bound, "ok": c.error < c.bound} for c in CHECKS],
+        "checks": [{"name": c.name, "error": c.error, "bound": c.bound, "ok": c.error < c.bound} for c in checks],
         "rows": rows,
         "tile_sweep": sweep_rows,
     }
     (out / f"kernels-{card}.json").write_text(json.dumps(payload, indent=1) + "\n")
     (out / f"kernels-{card}.md").write_text(report)
     click.echo(f"wrote {out / f'kernels-{card}.json'} and .md")
-    if not all(c.error < c.bound for c in CHECKS):
+    if not all(c.error < c.bound for c in checks):
         sys.exit(1)
 
 

@@ -88,6 +88,18 @@ def test_graphs_buckets_and_kernels_agree(kind, llama_dir, nsa_dir):
     assert _texts(reference, requests[:3]) == got[:3]
 
 
+def test_fused_nsa_decode_in_the_engine_graphs(nsa_dir):
+    """kernel_choice 'triton-fused' (the NSA decode step in two launches, the window's own ring): captured in the
+    engine's decode graphs, the tokens of the five-launch path, batched and in smaller buckets."""
+    requests = [GenerationRequest(prompt=p, max_new_tokens=24 + 7 * i) for i, p in enumerate(PROMPTS)]
+    expected = _texts(_engine(nsa_dir, batch_size=4), requests)
+    fused = _engine(nsa_dir, batch_size=4)
+    fused.model.kernel_choice = "triton-fused"
+    assert _texts(fused, requests) == expected
+    assert fused.cache.graphs.captured and all(isinstance(g, torch.cuda.CUDAGraph)
+                                               for g, _ in fused.cache.graphs.captured.values())
+
+
 def test_sampled_rows_do_not_depend_on_the_batch(llama_dir):
     requests = [GenerationRequest(prompt=p, max_new_tokens=20, temperature=0.9, top_p=0.9, n=3, seed=i)
                 for i, p in enumerate(PROMPTS[:4])]

@@ -162,19 +162,34 @@ def test_full_attention_variant_with_cache_equals_recomputing():
     torch.testing.assert_close(model(prompt).logits, ours, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", [PAPER, FLA], ids=["paper", "fla"])
+@pytest.mark.parametrize("layout, kernels", [(PAPER, "triton"), (FLA, "triton"), (PAPER, "triton-fused")],
+                         ids=["paper", "fla", "paper-fused-decode"])
 @pytest.mark.slow
-def test_triton_kernels_equal_the_reference(layout):
-    """The whole model on the Triton kernels (interpreter on the CPU) against the reference, prefill and decode."""
+def test_triton_kernels_equal_the_reference(layout, kernels):
+    """The whole model on the Triton kernels (interpreter on the CPU) against the reference, prefill and decode
+    ('triton-fused': the NSA decode step in two launches)."""
     model = tiny(layout, layers=1)
     ids = torch.randint(0, 97, (1, 56), generator=torch.Generator().manual_seed(5))
     reference = model(ids).logits
-    model.kernel_choice = "triton"
+    model.kernel_choice = kernels
     torch.testing.assert_close(model(ids).logits, reference, rtol=1e-4, atol=1e-4)
     out = model(ids[:, :54], use_cache=True, logits_to_keep=1)
     for t in (54, 55):
         step = model(ids[:, t:t + 1], past_key_values=out.past_key_values).logits[0, 0]
         torch.testing.assert_close(step, reference[0, t], rtol=1e-4, atol=1e-4)
+
+
+def test_the_kernel_table_offers_the_two_launch_nsa_decode():
+    """kernel_choice 'triton-fused': the 'triton' table with kernels/nsa/fused_decode.py's step in place of the
+    five-launch one, and nothing else changed."""
+    from nsa_eval.kernels.nsa import decode, fused_decode
+    from nsa_eval.model_adapters.runtime.ops import kernel_table
+
+    fused, five = kernel_table("triton-fused"), kernel_table("triton")
+    assert five.nsa_decode is decode.nsa_decode and fused.nsa_decode is fused_decode.nsa_decode
+    assert fused._replace(nsa_decode=five.nsa_decode) == five
+    with pytest.raises(ValueError, match="'triton-fused'"):
+        kernel_table("fused")
 
 
 def test_save_load_round_trip(tmp_path):

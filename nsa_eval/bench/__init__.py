@@ -4,6 +4,7 @@
 - model.py    `bench model`: a whole NSA transformer against the same one with full attention on SDPA (GPU)
 - tasks.py    `bench tasks`: task scoring speed, LongBench metrics and the HumanEval sandbox (CPU)
 - eval.py     `bench eval`: evaluation end to end, the native engine against transformers (GPU)
+- batching.py `bench batching`: packed (varlen) forwards against one sequence per pass (CPU or GPU)
 - common.py   what they share: card name, copy bandwidth, CUDA graphs, SDPA baselines, the table writer
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import click
 
+from nsa_eval.bench.batching import batching_command
 from nsa_eval.bench.eval import eval_command
 from nsa_eval.bench.kernels import kernels_command
 from nsa_eval.bench.model import model_command
@@ -22,5 +24,5 @@ def bench() -> None:
     """Speed benchmarks: kernels and model need a CUDA GPU; tasks (scoring speed) runs on the CPU."""
 
 
-for _command in (kernels_command, model_command, tasks_command, eval_command):
+for _command in (kernels_command, model_command, tasks_command, eval_command, batching_command):
     bench.add_command(_command)

@@ -7,6 +7,7 @@ path (ForwardScoring) on the real SmolLM2; greedy generations with packed prefil
 SmolLM2 and on tiny random full / NSA / sparse models; rolling log-likelihoods packed equal one window at a time."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -180,18 +181,28 @@ def count_passes(monkeypatch, model) -> list[int]:
     return calls
 
 
-def test_batched_loglikelihood_equals_one_at_a_time_on_smollm2(smollm2_engine, monkeypatch):
+def padded_path(lm, monkeypatch) -> None:
+    """The engine's log-likelihoods as before packing: ForwardScoring's padded batches through model.forward."""
+    monkeypatch.setattr(lm, "_continuation_scores", types.MethodType(ForwardScoring._continuation_scores, lm))
+
+
+def test_batched_loglikelihood_equals_one_at_a_time_on_smollm2(smollm2_engine, smollm2, monkeypatch):
+    """Packed, one request at a time, the padded path of before, and transformers' SmolLM2 (HFModel) all agree."""
     lm = smollm2_engine
-    padded = ForwardScoring.loglikelihood(lm, LL_REQUESTS)  # the padded path: full logits of every position
     calls = count_passes(monkeypatch, lm.model)
+    with monkeypatch.context() as patch:
+        padded_path(lm, patch)
+        padded = lm.loglikelihood(LL_REQUESTS)  # every position's logits, through model.forward
+    assert calls == []
+    transformers = smollm2.loglikelihood(LL_REQUESTS)
     batched = lm.loglikelihood(LL_REQUESTS)
     # the four letters after one prompt share one sequence; every distinct sequence in one pass
     assert calls == [len(LL_REQUESTS) - 3]
     calls.clear()
     one_by_one = [lm.loglikelihood([request])[0] for request in LL_REQUESTS]
     assert calls == [1] * len(LL_REQUESTS)
-    for got, alone, want in zip(batched, one_by_one, padded):
-        for other in (alone, want):
+    for got, alone, want, theirs in zip(batched, one_by_one, padded, transformers):
+        for other in (alone, want, theirs):
             # float32 rounding only (other GEMM shapes)
             assert got.logprob == pytest.approx(other.logprob, rel=1e-5, abs=1e-5)
             assert (got.is_greedy, got.continuation_tokens, got.truncated) == \
@@ -210,11 +221,14 @@ def test_batched_loglikelihood_equals_one_at_a_time_on_smollm2(smollm2_engine, m
     assert [g.logprob for g in small_packs] == pytest.approx([g.logprob for g in batched], rel=1e-5, abs=1e-5)
 
 
-def test_loglikelihood_of_truncated_inputs_and_empty_context(smollm2_engine):
+def test_loglikelihood_of_truncated_inputs_and_empty_context(smollm2_engine, monkeypatch):
     lm = smollm2_engine
     engine = Engine(lm.model, lm.tokenizer, "smollm2", max_length=12, batch_size=4)
     requests = [LoglikelihoodRequest(MMLU_LIKE, " B"), LoglikelihoodRequest("Hello", " world")]
-    got, want = engine.loglikelihood(requests), ForwardScoring.loglikelihood(engine, requests)
+    got = engine.loglikelihood(requests)
+    with monkeypatch.context() as patch:
+        padded_path(engine, patch)
+        want = engine.loglikelihood(requests)
     assert [g.truncated for g in got] == [True, False]
     assert [g.logprob for g in got] == pytest.approx([w.logprob for w in want], rel=1e-5, abs=1e-5)
     with pytest.raises(ValueError, match="empty context"):

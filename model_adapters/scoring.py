@@ -132,8 +132,10 @@ class PackedScoring(ForwardScoring):
         requests that differ only in a one-token continuation share one sequence."""
         for ids, n_cont in encoded:
             if n_cont >= len(ids):
-                raise ValueError("a log-likelihood request with an empty context (no token before the continuation "
-                                 "to predict its first token from); give a context")
+                raise ValueError(f"a log-likelihood request needs a token before its continuation to predict the "
+                                 f"continuation's first token from; this one has {n_cont} continuation tokens of "
+                                 f"{len(ids)} in all within --max-length {self.max_length} (an empty context, or a "
+                                 "continuation as long as --max-length): give a context, or raise --max-length")
         scored = self._packed_scores([(ids[:-1], ids[-n_cont:]) for ids, n_cont in encoded])
         return [(float(logprobs.sum()), bool(greedy.all())) for logprobs, greedy in scored]
 

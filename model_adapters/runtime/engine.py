@@ -42,6 +42,9 @@ from nsa_eval.model_adapters.runtime.sampling import row_seed, sample_tokens
 from nsa_eval.model_adapters.scoring import PackedScoring, token_packs
 
 CAPACITY_STEP = 1024  # cache positions are allocated in multiples of this, so nearby lengths reuse one cache
+# tokens per packed forward on the CPU unless --prefill-chunk says: SmolLM2's pointwise ops over a pack of 4k tokens
+# leave the caches and run 2-3x slower (results/bench/cpu-varlen-batching.md); packs of about 1k still gain
+CPU_BATCH_TOKENS = 1024
 
 
 @dataclass
@@ -93,8 +96,8 @@ class Engine(PromptTokens, PackedScoring, LanguageModel):
 
     max_length: prompt + generation budget in tokens (default: the model's max_position_embeddings).
     batch_size: cache rows decoding at once.
-    batch_tokens: tokens per packed forward (prompts prefilled together, sequences scored together); None: the
-    model's prefill_chunk when set, else DEFAULT_PREFILL_CHUNK.
+    batch_tokens: tokens per packed forward (prompts prefilled together, sequences scored together): the model's
+    prefill_chunk when set, else DEFAULT_PREFILL_CHUNK on CUDA and CPU_BATCH_TOKENS elsewhere.
     """
 
     streams = True  # step() below: continuous batching, requests taken while others decode, every token reported
@@ -137,8 +140,9 @@ class Engine(PromptTokens, PackedScoring, LanguageModel):
     @property
     def batch_tokens(self) -> int:
         """Tokens one packed forward holds (class docstring): max_batch_tokens, else prefill_chunk, else
-        DEFAULT_PREFILL_CHUNK. 1 prefills and scores one sequence at a time."""
-        return self.max_batch_tokens or self.model.prefill_chunk or DEFAULT_PREFILL_CHUNK
+        DEFAULT_PREFILL_CHUNK on CUDA and CPU_BATCH_TOKENS elsewhere. 1 prefills and scores one sequence at a time."""
+        default = DEFAULT_PREFILL_CHUNK if self.device.type == "cuda" else CPU_BATCH_TOKENS
+        return self.max_batch_tokens or self.model.prefill_chunk or default
 
     @property
     def decode_cost(self) -> DecodeCost:

@@ -217,7 +217,8 @@ def format_report(results: dict[str, Any]) -> str:
             lines.append(f"| {way} | {e['passes']} | {e['seconds']:.2f} | {e['seconds'] * 1e3 / part['prompts']:.1f} | "
                          f"{base / e['seconds']:.2f}x | {'yes' if e['first_tokens_equal'] else 'NO'} |")
         lines.append("")
-    lines.append(f"Pack budget: {results['batch_tokens']} tokens per pass (`--prefill-chunk`, else 8192).")
+    lines.append(f"Pack budget: {results['batch_tokens']} tokens per pass (`--prefill-chunk`, else 8192 on CUDA and "
+                 "1024 on the CPU).")
     return "\n".join(lines) + "\n"
 
 

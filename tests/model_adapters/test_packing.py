@@ -38,9 +38,9 @@ LENGTHS = [3, 8, 21, 47, 1]
 
 def tiny(kind: str, vocab: int = VOCAB, layers: int = 2, **extra) -> Transformer:
     """A tiny random model of the kind, float32 on the CPU (std 0.3: peaked logits, a stable argmax)."""
-    config = ModelConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, v_head_dim=16, intermediate_size=48,
-                         max_position_embeddings=512, **{**KINDS[kind], **extra})
+    shape = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, v_head_dim=16, intermediate_size=48, max_position_embeddings=512)
+    config = ModelConfig(**{**shape, **KINDS[kind], **extra})
     return Transformer(config).init_weights(std=0.3, seed=0).eval()
 
 
@@ -106,8 +106,39 @@ def test_packed_prefill_equals_each_prompt_alone(kind):
     assert greedy_steps(model, packed, rows, first, steps) == greedy_steps(model, alone, rows, first, steps)
 
 
+def test_cpu_attention_over_packed_sequences_equals_the_reference():
+    """The runtime's CPU full attention (SDPA per packed sequence) against the PyTorch reference's cu_seqlens path:
+    causal and with a sliding window, GQA 2, an empty sequence among them."""
+    from nsa_eval.kernels.attention.reference import attention
+    from nsa_eval.model_adapters.runtime.ops import cpu_attention
+
+    generator = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 40, heads, 16, generator=generator) for heads in (4, 2, 2))
+    cu_seqlens = torch.tensor([0, 7, 7, 30, 40], dtype=torch.int32)
+    for window in (None, 5):
+        want = attention(q, k, v, causal=True, window=window, cu_seqlens=cu_seqlens)
+        torch.testing.assert_close(cpu_attention(q, k, v, window=window, cu_seqlens=cu_seqlens), want,
+                                   rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(cpu_attention(q, k, v, window=window), want, atol=1e-3)  # the packing matters
+
+
+def test_packed_prefill_on_the_sdpa_baseline():
+    """`bench model`'s SDPA baseline (values zero-padded to the key width in the cache) prefills a pack sequence by
+    sequence: each prompt as alone, and as our kernel's full attention."""
+    model = tiny("full", v_head_dim=8)
+    prompts = prompts_of([11, 4, 26])
+    ours = model.prefill_packed(prompts, model.new_cache(3, 48), [0, 1, 2])
+    model.sdpa_backend = "math"
+    cache = model.new_cache(3, 48)
+    assert cache.layers[0]["v"].shape[-1] in (8, 16)
+    packed = model.prefill_packed(prompts, cache, [0, 1, 2])
+    alone = torch.stack([model.prefill(ids, model.new_cache(1, 48), 0) for ids in prompts])
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed, ours, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["paper", "sparse"])
+@pytest.mark.parametrize("kind", ["full", "paper", "sparse"])
 def test_packed_prefill_on_triton_kernels_equals_the_reference(kind):
     """The NSA kernels' cu_seqlens path (Triton in the interpreter) inside the model's packed pass."""
     model = tiny(kind, layers=1)
@@ -231,8 +262,12 @@ def test_loglikelihood_of_truncated_inputs_and_empty_context(smollm2_engine, mon
         want = engine.loglikelihood(requests)
     assert [g.truncated for g in got] == [True, False]
     assert [g.logprob for g in got] == pytest.approx([w.logprob for w in want], rel=1e-5, abs=1e-5)
-    with pytest.raises(ValueError, match="empty context"):
+    with pytest.raises(ValueError, match="empty context") as error:
         engine.loglikelihood([LoglikelihoodRequest("", "Hello")])
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="as long as --max-length"):  # 13 continuation tokens in 12
+        engine.loglikelihood([LoglikelihoodRequest("Count:", " one two three four five six seven eight nine ten eleven "
+                                                             "twelve thirteen")])
 
 
 def test_packed_rolling_loglikelihood_equals_one_window_at_a_time(smollm2_engine):
@@ -346,7 +381,8 @@ def test_a_packed_prefill_shows_inspect_each_prompt_as_alone(kind):
 @pytest.mark.slow
 def test_the_runner_hands_the_engine_log_likelihoods_in_batches(smollm2_engine, shared_data, tmp_path, monkeypatch):
     """Real MMLU rows (0-shot, the first question of each STEM subject) through the runner: one loglikelihood call
-    for all of them though --batch-size is 4, one packed pass for their distinct prompts (four letters each)."""
+    for all of them though --batch-size is 4, their distinct prompts (one per question: four letters each) in packed
+    passes."""
     from nsa_eval.run_config import RunConfig
     from nsa_eval.runner import answer_batches, evaluate
     from nsa_eval.store import RunStore
@@ -365,7 +401,8 @@ def test_the_runner_hands_the_engine_log_likelihoods_in_batches(smollm2_engine, 
                                                             batch_size=4), show_progress=False)
     subjects = metrics["tasks"]["mmlu"]["n"]
     assert lm.batch_size == 4 and 8 < subjects <= lm.scoring_batch
-    assert requests == [4 * subjects] and passes == [subjects]
+    assert requests == [4 * subjects] and sum(passes) == subjects  # one sequence per question
+    assert len(passes) < subjects / 4  # packs of 1024 tokens on the CPU
     records = store.records("mmlu")
     assert len(records) == subjects and all(len(r.answer["loglikelihoods"]) == 4 for r in records)
     # the batches themselves: scored samples `scoring_batch` at a time, the others by --batch-size

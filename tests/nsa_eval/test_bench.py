@@ -66,6 +66,6 @@ def test_bench_batching_checks_and_times_the_packed_paths_on_smollm2(shared_data
     assert [line.split(" | ")[1] for line in rows] == ["2", "2", "1", "3", "1"]
     assert "padded batches of 4 (before)" in report
     results = json.loads((tmp_path / "cpu-varlen-batching.json").read_text())
-    assert results["machine"]["torch_threads"] == 1 and results["batch_tokens"] == 8192
+    assert results["machine"]["torch_threads"] == 1 and results["batch_tokens"] == 1024
     nothing = CliRunner().invoke(main, ["bench", "batching", "--mmlu", "0", "--gsm8k", "0", "--out", str(tmp_path)])
     assert nothing.exit_code == 1 and nothing.output.count("\n") == 1 and "nothing to measure" in nothing.output

@@ -359,7 +359,8 @@ class DecodeIndex(NamedTuple):
 
 class Ring(NamedTuple):
     """Where a pack's tokens go in a ring of `size` slots (token p in slot p % size): the last min(len, size) tokens
-    of each sequence, as indices into the pack (tokens [R]), their cache slots (slots [R]) and ring positions (at [R])."""
+    of each sequence, as indices into the pack (tokens [R]), their cache slots (slots [R]) and ring positions
+    (at [R])."""
     tokens: torch.Tensor
     slots: torch.Tensor
     at: torch.Tensor

@@ -17,8 +17,8 @@ How requests run (`add_request`, then `step` until `has_unfinished` is False; `g
   request and seed, never on the batch), and copies the new tokens to the host once (the step's one sync).
 - The output step (runtime/output.py) checks stop sequences on a window of the newest tokens only; EOS ends a row
   without being counted.
-Timings per request: prefill_ms of its own prefill (of a packed prefill, its share by tokens); decode tokens/s over the wall time its rows were decoding; decode ms
-per step (per output token after the first). Its rows' decode steps also give the KV bytes a step reads and the share
+Timings per request: prefill_ms of its own prefill (of a packed prefill, its share by tokens); decode tokens/s over
+the wall time its rows were decoding; decode ms per step (per output token after the first). Its rows' decode steps also give the KV bytes a step reads and the share
 of the context it attends, from the model's config (model_adapters/decode_cost.py).
 `warm_up()` compiles the kernels and captures the graphs before the first request (its seconds: `compile_s`).
 """

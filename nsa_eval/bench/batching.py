@@ -3,9 +3,11 @@ several packed into one (model_adapters/runtime/model.py `prefill_packed`, `scor
 (varlen) batches"), on real task prompts, on the CPU or a GPU.
 
 - MMLU log-likelihoods: the first N samples of the MMLU task (4 requests each, the task's prompts as `nsa-eval run`
-  builds them for the model) scored three ways: the padded path the engine used before packing (`ForwardScoring`: one
-  pass per request, every position's logits), `PackedScoring` with a budget of one sequence per pass (requests with
-  the same input share a sequence; the LM head only at the scored positions), and `PackedScoring` packed.
+  builds them for the model) scored three ways: the padded path the engine used before packing (`ForwardScoring`:
+  batches of --batch-size requests through model.forward, a pass per request, or one pass of the whole batch when its
+  requests are of one length, as a sample's four letters are; every position's logits), `PackedScoring` with a budget
+  of one sequence per pass (requests with the same input share a sequence; the LM head only at the scored positions),
+  and `PackedScoring` packed.
 - GSM8K prompts: the first P samples' prompts through the engine with a budget of one new token (prefill and the
   first token; no decode), rows enough for all of them, each prompt prefilled alone, then packed.
 Each way is checked against the first (log-likelihoods to float rounding, the same argmax answer per sample and the
@@ -276,8 +278,8 @@ def batching_command(model_spec: str, device: str, dtype: str, mmlu_count: int, 
         gsm8k_samples = {shots: task_samples(lm, "gsm8k", data.get("gsm8k"), gsm8k_count, shots)
                          for shots in shots_list} if gsm8k_count else {}
         results: dict[str, Any] = {"model": lm.name, "dtype": str(lm.model.dtype).replace("torch.", ""),
-                                   "rows": lm.batch_size, "batch_tokens": lm.batch_tokens, "machine": machine(lm.device),
-                                   "command": command_line(),
+                                   "rows": lm.batch_size, "batch_tokens": lm.batch_tokens,
+                                   "machine": machine(lm.device), "command": command_line(),
                                    "mmlu_shots": f"{mmlu_shots if mmlu_shots is not None else 5}-shot"}
         click.echo(f"{lm.name} on {lm.device} ({results['dtype']}), {lm.batch_size} rows, "
                    f"{lm.batch_tokens} tokens per pack")

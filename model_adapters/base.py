@@ -141,6 +141,7 @@ class LanguageModel(ABC):
     chat = False  # whether tasks send chat messages by default (the tokenizer has a chat template)
     compile_s = 0.0  # seconds of warm-up (kernel compiles, graph captures), recorded apart from the samples' timings
     streams = False  # step() is the backend's own: one token per busy slot, requests join while others decode
+    scoring_batch: int | None = None  # log-likelihood samples the runner hands over at once (None: --batch-size)
     _waiting: list[tuple[int, GenerationRequest]] | None = None  # the default step()'s queue
     _added = 0  # requests add_request has numbered
 

@@ -108,6 +108,17 @@ def answer(model: LanguageModel, samples: list[Sample], run_seed: int) -> list[t
     return results  # type: ignore[return-value]
 
 
+def answer_batches(samples: list[Sample], batch_size: int, scoring_batch: int | None) -> list[list[Sample]]:
+    """The samples `answer` gets at once, each batch stored as it comes back: log-likelihood samples `scoring_batch`
+    at a time where the backend sets one (the native engine packs their sequences into forwards by tokens, so it
+    wants many), every other sample batch_size at a time; each kind in its order."""
+    scored = [s for s in samples if s.continuations is not None]
+    other = [s for s in samples if s.continuations is None]
+    size = scoring_batch or batch_size
+    return ([other[start : start + batch_size] for start in range(0, len(other), batch_size)]
+            + [scored[start : start + size] for start in range(0, len(scored), size)])
+
+
 COST_FIELDS = ("decode_ms_per_token", "new_tokens", "kv_bytes_per_step", "attended_share")
 
 
@@ -206,7 +217,7 @@ def evaluate(model: LanguageModel, tasks: dict[str, Task], store: run_store.RunS
             rest = [s for s in pending if s not in streamed] if streamed else pending
             count = TokenCount(lambda generated, decoding, bar=bar: progress.tokens(bar, generated, decoding))
             answers = answer_stream(model, streamed, seed, count) if streamed else iter(())
-            chunks = [rest[start : start + batch_size] for start in range(0, len(rest), batch_size)]
+            chunks = answer_batches(rest, batch_size, model.scoring_batch)
             batches = itertools.chain(([item] for item in answers),
                                       (list(zip(chunk, answer(model, chunk, seed))) for chunk in chunks))
             for batch in batches:

@@ -12,6 +12,11 @@ NSA (section 3 of the paper), per layer, for queries q and the keys/values of th
 Training-free sparse attention ("sparse") is NSA's selection branch alone over a full-attention checkpoint's one
 K/V: block means (l = d = l' = block) score the blocks, the leading and local tokens are always kept, one softmax
 over the kept tokens (model_adapters/hf_attention.py states the rule).
+
+Packed prefill (`prefill_packed`, a `Pack`): whole prompts packed along T (B == 1, no padding), each at its own
+positions from 0, into its own slot (or none, for scoring). Full attention and NSA's branches run once over the pack
+on the kernels' `cu_seqlens`; sparse attention ranks blocks sequence by sequence and attends them in one call
+(runtime/sparse.py).
 """
 
 from __future__ import annotations
@@ -201,33 +206,78 @@ class Attention(nn.Module):
             _fill_ring(cache["k_win"], cache["v_win"], rows, k, v, start)
         return k_from, v_from
 
-    def attend_prefill(self, q, slc_kv, k_cmp, v_cmp, win_kv, gates, ops: Kernels, sdpa_backend: str | None):
+    def prefill_packed(self, x, cos, sin, ops: Kernels, sdpa_backend: str | None, cache: dict | None,
+                       pack: "Pack"):
+        """x [1, T, hidden] (normed): whole prompts packed along T (pack.offsets), each at its positions 0..len-1 ->
+        attention output after o_proj [1, T, hidden]. Each prompt sees only its own tokens; its keys/values (NSA's
+        and sparse's blocks and rings too) go into its cache slot, pack.slots[n] (cache None: nothing kept)."""
+        c = self.config
+        T = x.shape[1]
+        q, branch_kv, gates = self.unpack(self.project(x, cos, sin, ops))
+        k, v = branch_kv["slc"]
+        if cache is not None:
+            cache["k"][pack.token_slots, pack.positions] = k[0]
+            cache["v"][pack.token_slots, pack.positions, :, :self.dv] = v[0]
+        k_cmp = v_cmp = win_kv = None
+        if c.compressed:  # NSA, and the block means of sparse: every sequence's complete blocks, packed per sequence
+            k_src, v_src = branch_kv["cmp"]
+            k_cmp, v_cmp = self.compress(k_src[0, pack.block_tokens][None], v_src[0, pack.block_tokens][None])
+            if cache is not None:
+                cache["k_cmp"][pack.block_slots, pack.block_numbers] = k_cmp[0]
+                cache["v_cmp"][pack.block_slots, pack.block_numbers] = v_cmp[0]
+                ring = pack.ring(c.block_len)
+                cache["k_ring"][ring.slots, ring.at] = k_src[0, ring.tokens]
+                cache["v_ring"][ring.slots, ring.at] = v_src[0, ring.tokens]
+            if c.window:
+                win_kv = branch_kv["win"]  # the selection keys themselves when K/V are shared
+                if cache is not None and "k_win" in cache:
+                    ring = pack.ring(c.window)
+                    cache["k_win"][ring.slots, ring.at] = win_kv[0][0, ring.tokens]
+                    cache["v_win"][ring.slots, ring.at] = win_kv[1][0, ring.tokens]
+        o = self.attend_prefill(q, (k, v), k_cmp, v_cmp, win_kv, gates, ops, sdpa_backend, pack)
+        return self.o_proj(o.reshape(1, T, self.hq * self.dv))
+
+    def attend_prefill(self, q, slc_kv, k_cmp, v_cmp, win_kv, gates, ops: Kernels, sdpa_backend: str | None,
+                       pack: "Pack | None" = None):
         """The attention of a prompt slice: q [B, T, HQ, Dk], the last T positions of the S = slc_kv[0].shape[1]
         tokens so far (keys [B, S, H, Dk]; compressed blocks of the S tokens; window keys ending at S) -> o [B, T,
-        HQ, Dv]; NSA's three gated branches, or causal attention (our kernel, or SDPA on `sdpa_backend`)."""
+        HQ, Dv]; NSA's three gated branches, or causal attention (our kernel, or SDPA on `sdpa_backend`). With a
+        pack: B == 1 and T == S hold whole sequences packed along T (compressed blocks packed per sequence), each
+        attending to itself alone, through the kernels' cu_seqlens."""
         if self.skip_attention:
             return q.new_zeros(*q.shape[:3], self.dv)
         c = self.config
         k_slc, v_slc = slc_kv
-        seq_len = k_slc.shape[1]
+        seq_len = None if pack is not None else k_slc.shape[1]
+        cu_seqlens = None if pack is None else pack.cu_seqlens
         if c.attention == "full":
             if not sdpa_backend:
-                return ops.attention(q, k_slc, v_slc, causal=True, window=c.sliding_window)
+                return ops.attention(q, k_slc, v_slc, causal=True, window=c.sliding_window, cu_seqlens=cu_seqlens)
             width = sdpa_value_width(sdpa_backend, self.dk, self.dv, q.device, q.dtype)
-            return sdpa(q, k_slc, F.pad(v_slc, (0, width - self.dv)), sdpa_backend)[..., :self.dv]
+            v_slc = F.pad(v_slc, (0, width - self.dv))
+            if pack is None:
+                return sdpa(q, k_slc, v_slc, sdpa_backend)[..., :self.dv]
+            return torch.cat([sdpa(q[:, a:b], k_slc[:, a:b], v_slc[:, a:b], sdpa_backend)[..., :self.dv]
+                              for a, b in zip(pack.offsets, pack.offsets[1:])], 1)  # SDPA has no cu_seqlens
         q = q.contiguous()  # a view of the projection; the three NSA kernels would each copy it
         if c.attention == "sparse":
             from nsa_eval.model_adapters.runtime.sparse import sparse_attention_over_blocks
 
-            return sparse_attention_over_blocks(q, k_slc, v_slc, k_cmp, c.sparse, ops, observe=self.observe)
+            return sparse_attention_over_blocks(q, k_slc, v_slc, k_cmp, c.sparse, ops, observe=self.observe,
+                                                cu_seqlens=cu_seqlens)
         g_cmp, g_slc, g_win = gates.unbind(-1)
-        o_cmp, lse = ops.compressed_attention(q, k_cmp, v_cmp, layout=self.layout, seq_len=seq_len)
-        indices = ops.select_blocks(q, k_cmp, lse, layout=self.layout, seq_len=seq_len)
-        if self.observe is not None:
+        o_cmp, lse = ops.compressed_attention(q, k_cmp, v_cmp, layout=self.layout, seq_len=seq_len,
+                                              cu_seqlens=cu_seqlens)
+        indices = ops.select_blocks(q, k_cmp, lse, layout=self.layout, seq_len=seq_len, cu_seqlens=cu_seqlens)
+        if self.observe is not None and pack is None:
             self.observe(q, k_slc, indices)
-        branches = [o_cmp, g_cmp, ops.selected_attention(q, k_slc, v_slc, indices, layout=self.layout), g_slc]
+        elif self.observe is not None:  # per sequence: each one's block indices count from its own position 0
+            for a, b in zip(pack.offsets, pack.offsets[1:]):
+                self.observe(q[:, a:b], k_slc[:, a:b], indices[:, a:b])
+        branches = [o_cmp, g_cmp, ops.selected_attention(q, k_slc, v_slc, indices, layout=self.layout,
+                                                         cu_seqlens=cu_seqlens), g_slc]
         if c.window:
-            branches += [ops.attention(q, *win_kv, causal=True, window=c.window), g_win]
+            branches += [ops.attention(q, *win_kv, causal=True, window=c.window, cu_seqlens=cu_seqlens), g_win]
         return ops.gated_sum(*branches)
 
     # ---- decode (one token per sequence) -------------------------------------------------------------------
@@ -305,6 +355,66 @@ class DecodeIndex(NamedTuple):
     lengths: torch.Tensor
     ring_slot: torch.Tensor | None
     window_slot: torch.Tensor | None
+
+
+class Ring(NamedTuple):
+    """Where a pack's tokens go in a ring of `size` slots (token p in slot p % size): the last min(len, size) tokens
+    of each sequence, as indices into the pack (tokens [R]), their cache slots (slots [R]) and ring positions
+    (at [R])."""
+    tokens: torch.Tensor
+    slots: torch.Tensor
+    at: torch.Tensor
+
+
+class Pack:
+    """Whole sequences packed along T for one prefill pass, and where their tokens and blocks go, computed once per
+    pass for every layer (host arithmetic, then one copy of each index to the device).
+
+    offsets: host list [N+1] of token offsets (sequence n is tokens offsets[n]:offsets[n+1]); cu_seqlens: the same,
+    int32 on the device; positions [T] long: each token's position in its own sequence; last [N] long: each
+    sequence's last token. slots: the cache slot of each sequence (None: no cache), token_slots [T] each token's.
+    Compressed blocks (NSA, sparse's block means), packed per sequence: block_tokens [Nc, l] the tokens of each
+    (indices into the pack), block_slots [Nc] and block_numbers [Nc] where it goes in the cache."""
+
+    def __init__(self, config: ModelConfig, lengths: list[int], slots: list[int] | None, device: torch.device):
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"a pack needs sequences of at least one token, got lengths {lengths}")
+        self.config, self.lengths, self.slots = config, lengths, slots
+        self.offsets = [0]
+        for n in lengths:
+            self.offsets.append(self.offsets[-1] + n)
+        starts = torch.tensor(self.offsets[:-1])
+        counts = torch.tensor(lengths)
+        total = self.offsets[-1]
+        self._host_positions = torch.arange(total) - starts.repeat_interleave(counts)
+        self._host_lengths = counts.repeat_interleave(counts)  # each token's sequence length
+        self.device = device
+        self.cu_seqlens = torch.tensor(self.offsets, dtype=torch.int32, device=device)
+        self.positions = self._host_positions.to(device)
+        self.last = (torch.tensor(self.offsets[1:]) - 1).to(device)
+        self.token_slots = None if slots is None else \
+            torch.tensor(slots).repeat_interleave(counts).to(device)
+        if config.compressed:
+            l, d = config.block_len, config.block_stride
+            blocks = [num_compressed_blocks(n, l, d) for n in lengths]
+            first = torch.cat([start + torch.arange(b) * d for start, b in zip(self.offsets, blocks)]) \
+                if sum(blocks) else torch.zeros(0, dtype=torch.long)
+            self.block_tokens = (first[:, None] + torch.arange(l)).to(device)
+            self.block_numbers = torch.cat([torch.arange(b) for b in blocks]).to(device)
+            self.block_slots = None if slots is None else \
+                torch.tensor(slots).repeat_interleave(torch.tensor(blocks)).to(device)
+        self._rings: dict[int, Ring] = {}
+
+    def ring(self, size: int) -> Ring:
+        """The ring of `size` slots (Ring); made once per size."""
+        if size not in self._rings:
+            assert self.slots is not None, "a pack without slots writes no ring"
+            kept = self._host_positions >= self._host_lengths - size
+            tokens = kept.nonzero()[:, 0]
+            slots = torch.tensor(self.slots).repeat_interleave(torch.tensor(self.lengths))[tokens]
+            self._rings[size] = Ring(tokens.to(self.device), slots.to(self.device),
+                                     (self._host_positions[tokens] % size).to(self.device))
+        return self._rings[size]
 
 
 def block_completes(config: ModelConfig, lengths: list[int]) -> bool:

@@ -7,16 +7,19 @@ How requests run (`add_request`, then `step` until `has_unfinished` is False; `g
   arrivals first come first served, n samples of a prompt through the staging slot). The cache has `batch_size`
   slots and a staging slot, sized for the waiting requests when no slot is busy and kept while it fits (`reserve`
   sizes it ahead, as a server does).
-- A slot that takes a request has its prompt prefilled alone into it (slices over the cache, no padding) and its
-  first token sampled from the prompt's last logits; a sample of a staged prompt copies the staging slot.
+- Slots that take requests in the same step have their prompts prefilled together: packed along T into forwards of
+  at most `batch_tokens` tokens (Transformer.prefill_packed: no padding, each prompt into its own slot), a prompt
+  longer than that alone in slices over the cache (Transformer.prefill); each sample's first token is sampled from its
+  prompt's last logits. A sample of a staged prompt copies the staging slot.
 - Every step decodes one token for slots [0, bucket) (a CUDA graph per bucket and per whether NSA's phi runs:
   runtime/graphs.py), samples on the device
   (runtime/sampling.py: counter-based randomness from each slot's seed and step, so a sample depends only on its
   request and seed, never on the batch), and copies the new tokens to the host once (the step's one sync).
 - The output step (runtime/output.py) checks stop sequences on a window of the newest tokens only; EOS ends a sample
   without being counted.
-Timings per request: prefill_ms of its own prefill; decode tokens/s over the wall time its samples were decoding; decode ms
-per step (per output token after the first). Its samples' decode steps also give the KV bytes a step reads and the share
+Timings per request: prefill_ms of its own prefill (of a packed prefill, its share by tokens); decode tokens/s over
+the wall time its samples were decoding; decode ms per step (per output token after the first). Its samples' decode steps also give the KV
+bytes a step reads and the share
 of the context it attends, from the model's config (model_adapters/decode_cost.py).
 `warm_up()` compiles the kernels and captures the graphs before the first request (its seconds: `compile_s`).
 """
@@ -37,9 +40,12 @@ from nsa_eval.model_adapters.runtime.model import DEFAULT_PREFILL_CHUNK, Transfo
 from nsa_eval.model_adapters.runtime.output import OutputStep
 from nsa_eval.model_adapters.runtime.scheduler import DecodingSample, RequestState, Scheduler
 from nsa_eval.model_adapters.runtime.sampling import row_seed, sample_tokens
-from nsa_eval.model_adapters.scoring import ForwardScoring
+from nsa_eval.model_adapters.scoring import PackedScoring, token_packs
 
 CAPACITY_STEP = 1024  # cache positions are allocated in multiples of this, so nearby lengths reuse one cache
+# tokens per packed forward on the CPU unless --prefill-chunk says: SmolLM2's pointwise ops over a pack of 4k tokens
+# leave the caches and run 2-3x slower (results/bench/cpu-varlen-batching.md); packs of about 1k still gain
+CPU_BATCH_TOKENS = 1024
 
 
 @dataclass
@@ -86,14 +92,17 @@ class _SlotSettings:
         return (lambda logits: logits.argmax(-1)), "greedy"
 
 
-class Engine(PromptTokens, ForwardScoring, LanguageModel):
+class Engine(PromptTokens, PackedScoring, LanguageModel):
     """A runtime model and its tokenizer behind the LanguageModel interface (module docstring).
 
     max_length: prompt + generation budget in tokens (default: the model's max_position_embeddings).
-    batch_size: cache slots decoding at once (also the batch of log-likelihood forward passes).
+    batch_size: cache slots decoding at once.
+    batch_tokens: tokens per packed forward (prompts prefilled together, sequences scored together): the model's
+    prefill_chunk when set, else DEFAULT_PREFILL_CHUNK on CUDA and CPU_BATCH_TOKENS elsewhere.
     """
 
     streams = True  # step() below: continuous batching, requests taken while others decode, every token reported
+    scoring_batch = 64  # log-likelihood samples per call: PackedScoring packs their sequences by tokens
 
     def __init__(self, model: Transformer, tokenizer: Any, name: str, max_length: int | None = None,
                  batch_size: int = 8, generation_config: Any = None):
@@ -115,6 +124,7 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
         self.output = OutputStep(tokenizer, self.eos_ids, self.decode_cost)
         self.compile_s = 0.0  # seconds of warm-up (kernel compiles, graph captures), apart from every sample's time
         self.stats = EngineStats()
+        self.max_batch_tokens: int | None = None  # batch_tokens when set (tests, `nsa-eval bench batching`)
 
     @property
     def batch_size(self) -> int:
@@ -129,6 +139,13 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
         return self.model.prefill_chunk
 
     @property
+    def batch_tokens(self) -> int:
+        """Tokens one packed forward holds (class docstring): max_batch_tokens, else prefill_chunk, else
+        DEFAULT_PREFILL_CHUNK on CUDA and CPU_BATCH_TOKENS elsewhere. 1 prefills and scores one sequence at a time."""
+        default = DEFAULT_PREFILL_CHUNK if self.device.type == "cuda" else CPU_BATCH_TOKENS
+        return self.max_batch_tokens or self.model.prefill_chunk or default
+
+    @property
     def decode_cost(self) -> DecodeCost:
         """What a decode step reads and attends, from the model's config and dtype (model_adapters/decode_cost.py)."""
         return DecodeCost.of_config(self.model.config, self.model.dtype.itemsize)
@@ -137,12 +154,6 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
         # no dtype: run.json has always recorded the run's --dtype for the engine (older runs' hashes hold)
         return {"device": str(self.device), "batch_size": self.batch_size, "prefill_chunk": self.model.prefill_chunk,
                 "attention": self.model.config.attention}
-
-    def _target_logprobs(self, inputs: list[int], targets: list[int]) -> list[float]:
-        """One rolling window's target log-probabilities (ForwardScoring.loglikelihood_rolling) through the model's
-        own prefill, for full, NSA and sparse attention alike, with the LM head in slices (`window_logprobs`)."""
-        ids = torch.tensor(inputs, dtype=torch.long, device=self.device)
-        return self.model.window_logprobs(ids, torch.tensor(targets, dtype=torch.long, device=self.device)).tolist()
 
     # ---- generation ---------------------------------------------------------------------------------------
 
@@ -179,8 +190,8 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
 
     @torch.no_grad()
     def step(self) -> StepOutput:
-        """Free slots take waiting samples (each prefilled, its first token sampled), then one decode step for the busy
-        slots -> every decoding sample's tokens after it, and the requests it finished."""
+        """Free slots take waiting samples (their prompts prefilled together, each sample's first token sampled), then one
+        decode step for the busy slots -> every decoding sample's tokens after it, and the requests it finished."""
         out = StepOutput([], [])
         scheduler = self.scheduler
         if scheduler.idle():
@@ -188,19 +199,31 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
         if not scheduler.busy() and scheduler.staged is None:
             self._cache(max(request.positions for request in scheduler.waiting))
         cache, settings, staging = self.cache, self.settings, self.batch_size  # the staging slot follows the others
-        for admission in scheduler.admit(lambda request: request.positions <= cache.capacity):
-            request = admission.request
-            if admission.stage:
-                request.logits = self._prefill(request, cache, staging)
-            decoding = self._start(request, cache, admission.slot, staging if admission.from_staging else None,
-                                   settings)
-            if admission.from_staging and not request.to_start:
-                request.logits = None
-            out.tokens.append(TokenUpdate(request.index, decoding.sample, decoding.tokens, bool(decoding.ended)))
-            if decoding.ended:  # finished on its first token
-                self._finished(decoding, out)
-            else:
-                scheduler.place(admission.slot, decoding)
+        while True:  # until no slot's new sample ended on its first token (its slot then takes another)
+            prefilled: list[tuple[int, DecodingSample]] = []  # samples whose prompts are prefilled together below
+            for admission in scheduler.admit(lambda request: request.positions <= cache.capacity):
+                request = admission.request
+                decoding = DecodingSample(request, request.to_start.pop(0))
+                if not admission.from_staging:
+                    scheduler.place(admission.slot, decoding)  # held while its prompt waits for the others'
+                    prefilled.append((admission.slot, decoding))
+                    continue
+                if admission.stage:
+                    request.logits = self._prefill([request], cache, [staging])[0]
+                cache.copy_row(staging, admission.slot)
+                cache.set_active([admission.slot], True)
+                self._start(decoding, admission.slot, request.logits, cache, settings)
+                if not request.to_start:
+                    request.logits = None
+                self._started(admission.slot, decoding, out)
+            if not prefilled:
+                break
+            slots = [slot for slot, _ in prefilled]
+            logits = self._prefill([decoding.request for _, decoding in prefilled], cache, slots)
+            for (slot, decoding), prompt_logits in zip(prefilled, logits):
+                scheduler.release(slot)
+                self._start(decoding, slot, prompt_logits, cache, settings)
+                self._started(slot, decoding, out)
         busy = scheduler.busy()
         if not busy:
             return out
@@ -224,6 +247,14 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
                 self._finished(decoding, out)
         return out
 
+    def _started(self, slot: int, decoding: DecodingSample, out: StepOutput) -> None:
+        """A sample that has its first token: reported; placed in its slot, or finished when that token ended it."""
+        out.tokens.append(TokenUpdate(decoding.request.index, decoding.sample, decoding.tokens, bool(decoding.ended)))
+        if decoding.ended:  # finished on its first token
+            self._finished(decoding, out)
+        else:
+            self.scheduler.place(slot, decoding)
+
     def _finished(self, decoding: DecodingSample, out: StepOutput) -> None:
         finished = self.output.finish(decoding)
         if finished is not None:
@@ -238,37 +269,38 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
                              f"{self.max_length}" if budget < 1 else "max_new_tokens must be at least 1")
         return truncate_middle(self.encode(request.prompt), budget)
 
-    def _prefill(self, request: RequestState, cache: SlotCache, slot: int) -> torch.Tensor:
-        """The request's prompt into cache slot `slot` -> its last logits [V]; records prefill_ms."""
-        ids = torch.tensor(request.ids, dtype=torch.long, device=self.device)
-        _sync(self.device)
-        start = time.perf_counter()
-        logits = self.model.prefill(ids, cache, slot)
-        _sync(self.device)
-        seconds = time.perf_counter() - start
-        request.prefill_ms = seconds * 1e3
-        self.stats.prefill_s += seconds
-        self.stats.prefill_tokens += len(request.ids)
+    def _prefill(self, requests: list[RequestState], cache: SlotCache, slots: list[int]) -> list[torch.Tensor]:
+        """Request n's prompt into cache slot slots[n] -> each prompt's last logits [V]. The prompts go packed into
+        forwards of at most batch_tokens tokens (a pack of one alone, in prefill slices); each request's prefill_ms
+        is its pack's wall time times its share of the pack's tokens."""
+        logits: list[torch.Tensor] = []
+        for pack in token_packs([len(request.ids) for request in requests], self.batch_tokens):
+            prompts = [torch.tensor(requests[i].ids, dtype=torch.long, device=self.device) for i in pack]
+            _sync(self.device)
+            start = time.perf_counter()
+            if len(pack) == 1:
+                logits.append(self.model.prefill(prompts[0], cache, slots[pack[0]]))
+            else:
+                logits += self.model.prefill_packed(prompts, cache, [slots[i] for i in pack]).unbind(0)
+            _sync(self.device)
+            seconds = time.perf_counter() - start
+            tokens = sum(len(requests[i].ids) for i in pack)
+            for i in pack:
+                requests[i].prefill_ms = seconds * 1e3 * len(requests[i].ids) / tokens
+            self.stats.prefill_s += seconds
+            self.stats.prefill_tokens += tokens
         return logits
 
-    def _start(self, request: RequestState, cache: SlotCache, slot: int, staging: int | None,
-               settings: _SlotSettings) -> DecodingSample:
-        """The next sample of `request` in slot `slot`: prefilled there, or copied from the staging slot; its first
-        token sampled from the prompt's logits."""
-        sample = request.to_start.pop(0)
-        if staging is None:
-            logits = self._prefill(request, cache, slot)
-        else:
-            cache.copy_row(staging, slot)
-            cache.set_active([slot], True)
-            logits = request.logits
-        settings.set(slot, request.asked, sample)
+    def _start(self, decoding: DecodingSample, slot: int, logits: torch.Tensor, cache: SlotCache,
+               settings: _SlotSettings) -> None:
+        """Slot `slot` (its prompt in the cache) begins `decoding`: its first token sampled from the prompt's
+        last logits [V]; the slot stops decoding when that token ends the sample."""
+        settings.set(slot, decoding.request.asked, decoding.sample)
         first = settings.sample(logits[None], slice(slot, slot + 1))
         cache.ids[slot] = first[0]
-        decoding = DecodingSample(request, sample, started=time.perf_counter())
+        decoding.started = time.perf_counter()
         if self.output.take(decoding, int(first[0]), decoding.started):
             cache.set_active([slot], False)
-        return decoding
 
     # ---- the cache and the warm-up ------------------------------------------------------------------------
 
@@ -290,7 +322,8 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
     def warm_up(self) -> float:
         """On CUDA: compile every kernel a run will use and capture the decode graphs of every bucket, before any
         request is timed (prompts of lengths that cover the kernels' integer specialisations, first and later
-        slices; decode steps that do and do not complete a compressed block). Adds its seconds to compile_s."""
+        slices, packed prompts; decode steps that do and do not complete a compressed block). Adds its seconds to
+        compile_s."""
         cache = self.cache
         if cache is None or self.device.type != "cuda":
             return 0.0
@@ -302,6 +335,10 @@ class Engine(PromptTokens, ForwardScoring, LanguageModel):
         for n in lengths:
             if n + 2 <= cache.capacity:
                 self.model.prefill(torch.randint(0, vocab, (n,), device=self.device), cache, 0)
+        for pack in ([16, 17], [16, 16, 17]):  # packed prompts: the kernels' cu_seqlens variants
+            if len(pack) <= cache.slots and max(pack) + 2 <= cache.capacity:
+                self.model.prefill_packed([torch.randint(0, vocab, (n,), device=self.device) for n in pack], cache,
+                                          list(range(len(pack))))
         buckets = sorted({min(self.batch_size, 1 << b) for b in range(self.batch_size.bit_length() + 1)})
         settings = self.settings
         greedy, sampled = GenerationRequest(prompt=""), GenerationRequest(prompt="", temperature=1.0)

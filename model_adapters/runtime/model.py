@@ -1,16 +1,21 @@
 """The decoder as a plain nn.Module (gpt-fast style): embeddings, layers of (RMSNorm, attention, RMSNorm, SwiGLU),
 a final norm and the LM head, over the runtime's slot cache.
 
-Two entry points serve the engine (runtime/engine.py):
+The engine's entry points (runtime/engine.py):
 - `prefill(ids, cache, row)`: one prompt [T] into one row of the cache, in slices of `prefill_chunk` tokens (each
   slice's queries attend to the cache so far plus the slice: the kernels take queries that are the last T of S keys),
   so a long prompt's attention working set is bounded by the slice and nothing is padded -> the last logits [V].
+- `prefill_packed(prompts, cache, rows)`: several whole prompts packed along T in one pass (no padding: full
+  attention and NSA's branches over the pack through the kernels' cu_seqlens, runtime/attention.py `Pack`), prompt n
+  into row rows[n] -> each prompt's last logits [N, V].
 - `decode(ids, cache, rows)`: one token for every row in [0, rows) -> logits [rows, V]; rows whose `active` flag is 0
   compute but neither advance nor matter. On CUDA the step is replayed from a CUDA graph per (rows, compress) after
   its first call (compress: some row completes a compressed block, so NSA's phi runs; the other graph skips it).
+- `score_positions(sequences, positions, targets)`: log P(target) at chosen positions of sequences packed in one
+  pass (or one sequence through the sliced prefill), the LM head at those positions only: log-likelihoods and
+  rolling windows (model_adapters/scoring.py).
 `forward` answers the calls of a transformers causal LM (a prompt batch, optionally padded, then decode steps over
-the cache it returned) for tests, benchmarks and log-likelihoods; `window_logprobs` scores a whole window's tokens
-(perplexity) with the LM head in slices. The pointwise parts (RMSNorm fused with the
+the cache it returned) for tests and benchmarks. The pointwise parts (RMSNorm fused with the
 residual add, RoPE, SwiGLU's silu * up) run on nsa_eval.kernels.layers; attention's input projections are one GEMM.
 """
 
@@ -23,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nsa_eval.model_adapters.runtime.attention import Attention, DecodeIndex, block_completes
+from nsa_eval.model_adapters.runtime.attention import Attention, DecodeIndex, Pack, block_completes
 from nsa_eval.model_adapters.runtime.cache import SlotCache, grow_cache, new_cache
 from nsa_eval.model_adapters.runtime.config import ModelConfig
 from nsa_eval.model_adapters.runtime.ops import Kernels, RMSNorm, fused_linear, kernel_table, sdpa_value_width
@@ -184,20 +189,52 @@ class Transformer(nn.Module):
         return out
 
     @torch.no_grad()
-    def window_logprobs(self, ids: torch.Tensor, targets: torch.Tensor, rows: int = 1024) -> torch.Tensor:
-        """A window ids [T] (long, on the model's device) through the prefill (slices of prefill_chunk over a cache of
-        its own, as `forward`) -> log P(targets[j]) [n] float32 at its last n = len(targets) positions. The final
-        norm, the LM head and the log-softmax run `rows` positions at a time: a long window's [n, V] logits never
-        exist whole (the perplexity of a 32k window)."""
-        T, n = ids.shape[0], targets.shape[0]
-        hidden = self._prefill(ids[None], None, slice(None))[0, T - n:]
-        out = []
-        for start in range(0, n, rows):
-            normed, _ = self._ops().add_rms_norm(hidden[None, start:start + rows], self.norm.weight,
+    def prefill_packed(self, prompts: list[torch.Tensor], cache: SlotCache, rows: list[int]) -> torch.Tensor:
+        """Prompts ids [T_n] (long, on the model's device) packed along T into one pass (no slices: the caller keeps
+        the pack within its token budget), prompt n into row rows[n] of the cache (its earlier contents dropped) ->
+        each prompt's last logits [N, V] (model dtype). The rows are then active with lengths T_n. Each prompt's
+        logits equal `prefill`'s of it alone (to float rounding: the GEMMs see other shapes)."""
+        lengths = [ids.shape[0] for ids in prompts]
+        if max(lengths) + 1 > cache.capacity:
+            raise ValueError(f"a prompt of {max(lengths)} tokens does not fit a cache of {cache.capacity} positions")
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"a packed prefill writes each prompt into its own row, got rows {rows}")
+        pack = Pack(self.config, lengths, rows, self.device)
+        hidden = self._prefill_slice(torch.cat(prompts)[None], 0, cache, slice(None), pack)
+        cache.lengths[rows] = torch.tensor(lengths, dtype=torch.int32, device=cache.lengths.device)
+        for row, n in zip(rows, lengths):
+            cache.host_lengths[row] = n
+        cache.set_active(rows, True)
+        normed, _ = self._ops().add_rms_norm(hidden[:, pack.last], self.norm.weight, self.config.rms_norm_eps)
+        return self.lm_head(normed)[0]
+
+    @torch.no_grad()
+    def score_positions(self, sequences: list[torch.Tensor], positions: torch.Tensor, targets: torch.Tensor,
+                        rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences ids [T_n] (long, on the model's device) through the model -> (log P(targets[m] | the tokens up
+        to and including positions[m]) [M] float32, whether targets[m] is the most likely token there [M] bool).
+        positions [M] long index the sequences concatenated (sequence n's token j at offset_n + j; a position may
+        repeat). Several sequences go packed in one pass (Pack; no slices: the caller keeps the pack within its token
+        budget); one alone goes through the prefill in slices of prefill_chunk over a cache of its own (a long
+        window). The final norm, the LM head and the log-softmax run on the distinct positions only, `rows` at a
+        time: a window's [T, V] logits never exist whole (the perplexity of a 32k window)."""
+        if len(sequences) == 1:
+            hidden = self._prefill(sequences[0][None], None, slice(None))[0]
+        else:
+            pack = Pack(self.config, [ids.shape[0] for ids in sequences], None, self.device)
+            hidden = self._prefill_slice(torch.cat(sequences)[None], 0, None, slice(None), pack)[0]
+        distinct, which = positions.unique(return_inverse=True)
+        logprobs = torch.empty(positions.shape[0], dtype=torch.float32, device=hidden.device)
+        greedy = torch.empty(positions.shape[0], dtype=torch.bool, device=hidden.device)
+        for start in range(0, distinct.shape[0], rows):
+            normed, _ = self._ops().add_rms_norm(hidden[None, distinct[start:start + rows]], self.norm.weight,
                                                  self.config.rms_norm_eps)
-            logprobs = torch.log_softmax(self.lm_head(normed)[0].float(), dim=-1)
-            out.append(logprobs.gather(1, targets[start:start + rows, None])[:, 0])
-        return torch.cat(out)
+            table = torch.log_softmax(self.lm_head(normed)[0].float(), dim=-1)  # [rows, V]
+            mine = (which >= start) & (which < start + rows)
+            local, wanted = which[mine] - start, targets[mine]
+            logprobs[mine] = table[local, wanted]
+            greedy[mine] = table.argmax(-1)[local] == wanted
+        return logprobs, greedy
 
     # ---- the transformers-like entry point -----------------------------------------------------------------
 
@@ -263,18 +300,26 @@ class Transformer(nn.Module):
             hidden = [h] if last_only else hidden + [h]
         return hidden[0] if len(hidden) == 1 else torch.cat(hidden, 1)
 
-    def _prefill_slice(self, ids: torch.Tensor, start: int, cache: SlotCache | None, rows: slice) -> torch.Tensor:
-        """Tokens ids [b, T] at positions start..start+T-1 (the cache holds the earlier ones) -> hidden [b, T, hidden]."""
+    def _prefill_slice(self, ids: torch.Tensor, start: int, cache: SlotCache | None, rows: slice,
+                       pack: Pack | None = None) -> torch.Tensor:
+        """Tokens ids [b, T] at positions start..start+T-1 (the cache holds the earlier ones) -> hidden [b, T, hidden].
+        With a pack: ids [1, T] are whole sequences packed along T (positions from each one's 0; start 0), each into
+        its own slot pack.slots[n] (rows unused)."""
         b, T = ids.shape
         c = self.config
         ops = self._ops()
-        cos, sin = self._rope(torch.arange(start, start + T, device=ids.device).expand(b, T))
+        positions = torch.arange(start, start + T, device=ids.device).expand(b, T) if pack is None else \
+            pack.positions[None]
+        cos, sin = self._rope(positions)
         h, delta = self.embed(ids), None
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             normed, h = ops.add_rms_norm(h if delta is None else delta, layer.attn_norm.weight, c.rms_norm_eps,
                                          None if delta is None else h)
-            delta = layer.attn.prefill(normed, cos, sin, ops, self.sdpa_backend, layer_cache, rows, start)
+            if pack is None:
+                delta = layer.attn.prefill(normed, cos, sin, ops, self.sdpa_backend, layer_cache, rows, start)
+            else:
+                delta = layer.attn.prefill_packed(normed, cos, sin, ops, self.sdpa_backend, layer_cache, pack)
             normed, h = ops.add_rms_norm(delta, layer.mlp_norm.weight, c.rms_norm_eps, h)
             delta = layer.mlp(normed, ops.silu_mul)
         return h + delta

@@ -166,9 +166,14 @@ def sdpa_value_width(backend: str, dk: int, dv: int, device: torch.device, dtype
 
 
 
-def cpu_attention(q, k, v, *, causal=True, window=None, scale=None):
+def cpu_attention(q, k, v, *, causal=True, window=None, scale=None, cu_seqlens=None):
     """nsa_eval.kernels' attention (q [B, T, HQ, Dk] the last T of the S positions of k/v [B, S, H, D], causal
-    bottom-right, optional window) through PyTorch SDPA."""
+    bottom-right, optional window; or with cu_seqlens int32 [N+1], sequences packed along T with B == 1 and T == S,
+    each attending to itself) through PyTorch SDPA, one call per packed sequence."""
+    if cu_seqlens is not None:
+        offsets = cu_seqlens.tolist()
+        return torch.cat([cpu_attention(q[:, a:b], k[:, a:b], v[:, a:b], causal=causal, window=window, scale=scale)
+                          for a, b in zip(offsets, offsets[1:]) if b > a], 1)
     T, S = q.shape[1], k.shape[1]
     i = torch.arange(S - T, S, device=q.device)[:, None]
     j = torch.arange(S, device=q.device)[None, :]

@@ -28,19 +28,36 @@ import torch
 import torch.nn.functional as F
 
 import nsa_eval.kernels.nsa
-from nsa_eval.kernels.nsa.utils import index_bits
+from nsa_eval.kernels.nsa.utils import compressed_offsets, index_bits
 from nsa_eval.model_adapters.runtime.config import SparseSettings
 
 
 def sparse_attention_over_blocks(q, k, v, k_mean, settings: SparseSettings, ops: Any = None,
-                                 scale: float | None = None, observe: Callable | None = None) -> torch.Tensor:
+                                 scale: float | None = None, observe: Callable | None = None,
+                                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, T, HQ, D] at positions S-T..S-1, k [B, S, H, D], v [B, S, H, Dv], the keys' block means k_mean
     [B, S // block, H, D] (the runtime keeps them in its cache) -> [B, T, HQ, Dv]. ops: the runtime's kernel table
     (runtime/ops.py), or None for nsa_eval.kernels.nsa (dispatch by device). observe(q, k, indices): called with
-    each query's blocks (nsa-eval inspect)."""
-    S, T = k.shape[1], q.shape[1]
+    each query's blocks (nsa-eval inspect), per sequence. cu_seqlens: None, or int32 [N+1] whole sequences packed
+    along T (B == 1, T == S; k_mean packed per sequence, len_n // block blocks each): the blocks are ranked sequence
+    by sequence (the rule's own code, above) and attended in one selected-attention call over the pack (on the CPU
+    with tile selection: SDPA over each sequence's tiles, sequence by sequence)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     fns = ops or nsa_eval.kernels.nsa
+    if cu_seqlens is not None:
+        offsets = cu_seqlens.tolist()
+        blocks = compressed_offsets(offsets, settings.block, settings.block)
+        spans = [(a, b, blocks[n], blocks[n + 1]) for n, (a, b) in enumerate(zip(offsets, offsets[1:])) if b > a]
+        if settings.selection == "tile" and q.device.type != "cuda":
+            return torch.cat([sparse_attention_over_blocks(q[:, a:b], k[:, a:b], v[:, a:b], k_mean[:, ca:cb], settings,
+                                                           ops, scale, observe) for a, b, ca, cb in spans], 1)
+        indices = torch.cat([_query_blocks(q[:, a:b], k_mean[:, ca:cb], b - a, settings, fns, scale)
+                             for a, b, ca, cb in spans], 1)
+        if observe is not None:
+            for a, b, _, _ in spans:
+                observe(q[:, a:b], k[:, a:b], indices[:, a:b])
+        return fns.selected_attention(q, k, v, indices, layout=settings.layout, scale=scale, cu_seqlens=cu_seqlens)
+    S, T = k.shape[1], q.shape[1]
     tiles = sparse_select_tiles(q, k_mean, None, S, settings, scale) if settings.selection == "tile" and T > 1 else None
     if tiles is None:
         indices = sparse_select(q, k_mean, _lse(q, k_mean, S, settings, fns, scale), S, settings, scale)
@@ -51,6 +68,15 @@ def sparse_attention_over_blocks(q, k, v, k_mean, settings: SparseSettings, ops:
     if tiles is not None and q.device.type != "cuda":
         return tile_attention(q, k, v, tiles, settings.block, scale)
     return fns.selected_attention(q, k, v, indices, layout=settings.layout, scale=scale)
+
+
+def _query_blocks(q, k_mean, seq_len: int, settings: SparseSettings, fns: Any, scale: float) -> torch.Tensor:
+    """Each query's blocks [B, T, H, n] for queries S-T..S-1, as sparse_attention_over_blocks picks them: its tile's
+    (tile selection, T > 1) or its own."""
+    T = q.shape[1]
+    if settings.selection == "tile" and T > 1:
+        return _per_query(sparse_select_tiles(q, k_mean, None, seq_len, settings, scale), seq_len, T, settings.block)
+    return sparse_select(q, k_mean, _lse(q, k_mean, seq_len, settings, fns, scale), seq_len, settings, scale)
 
 
 def _lse(q, k_mean, seq_len: int, settings: SparseSettings, fns: Any, scale: float) -> torch.Tensor:

@@ -1,6 +1,10 @@
-"""The bench package on the CPU: one group with its five commands, the shared table writer, and the model's
-attention-off switch that `bench model` measures the attention share with (the timings themselves need a GPU)."""
+"""The bench package on the CPU: one group with its six commands, the shared table writer, the model's
+attention-off switch that `bench model` measures the attention share with (the timings themselves need a GPU), and
+`bench batching` end to end on the embedded SmolLM2 and real rows."""
 
+import json
+
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -11,10 +15,10 @@ from nsa_eval.model_adapters.runtime.config import ModelConfig
 from nsa_eval.model_adapters.runtime.model import Transformer
 
 
-def test_bench_group_holds_its_five_commands():
+def test_bench_group_holds_its_six_commands():
     result = CliRunner().invoke(main, ["bench", "--help"])
     assert result.exit_code == 0, result.output
-    for command in ("kernels", "model", "tasks", "eval", "suite"):
+    for command in ("kernels", "model", "tasks", "eval", "suite", "batching"):
         assert f"  {command} " in result.output
 
 
@@ -42,3 +46,26 @@ def test_attention_removed_leaves_each_position_to_its_own_token():
     torch.testing.assert_close(step[:, 0], alone[:, 30], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(with_attention, without, atol=1e-3)
     torch.testing.assert_close(model(ids).logits, with_attention)  # the switch is off again on leaving
+
+
+@pytest.mark.slow
+def test_bench_batching_checks_and_times_the_packed_paths_on_smollm2(shared_data, tmp_path):
+    data = ["--data", f"mmlu={shared_data / 'mmlu_stem' / 'test.jsonl'}",
+            "--data", f"gsm8k={shared_data / 'gsm8k' / 'test.jsonl'}"]
+    result = CliRunner().invoke(main, ["bench", "batching", "--mmlu", "2", "--mmlu-shots", "0", "--gsm8k", "3",
+                                       "--gsm8k-shots", "0", "--repeats", "1", "--threads", "1", "--device", "cpu",
+                                       *data, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "cpu-varlen-batching.md").read_text()
+    assert "2 samples, 8 requests (0-shot" in report and "3 prompts (0-shot" in report
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "---" not in line
+            and not line.startswith("| path")]
+    assert len(rows) == 5 and all(line.endswith("| yes | yes |") or line.endswith("| yes |") for line in rows)
+    # passes: before, padded batches of 4 (--batch-size on the CPU), each one sample's four letters at equal lengths: a
+    # pass of 4 rows each; a prompt each (the four letters share it); one pack; a prompt each; one pack
+    assert [line.split(" | ")[1] for line in rows] == ["2", "2", "1", "3", "1"]
+    assert "padded batches of 4 (before)" in report
+    results = json.loads((tmp_path / "cpu-varlen-batching.json").read_text())
+    assert results["machine"]["torch_threads"] == 1 and results["batch_tokens"] == 1024
+    nothing = CliRunner().invoke(main, ["bench", "batching", "--mmlu", "0", "--gsm8k", "0", "--out", str(tmp_path)])
+    assert nothing.exit_code == 1 and nothing.output.count("\n") == 1 and "nothing to measure" in nothing.output

@@ -101,8 +101,10 @@ class Scheduler:
         return min(self.slots, 1 << max(self.busy()).bit_length())
 
     def admit(self, fits: Callable[[RequestState], bool]) -> Iterator[Admission]:
-        """Every free slot takes the next sample, in slot order. The caller starts each admission before asking for
-        the next, and `place`s the sample unless it finished on its first token (the slot then takes another)."""
+        """Every free slot takes the next sample, in slot order. The caller `place`s each admitted sample (or
+        otherwise fills its slot) before asking for the next: the engine places a sample whose prompt waits for a packed
+        prefill at once, and after the prefill places it again, or leaves the slot free when its first token ended it
+        (the slot then takes another in a later round of the same step)."""
         if not self.started:  # a new wave: longest prompt first (a stable sort: equal lengths, the later added first)
             self.waiting.sort(key=lambda request: len(request.ids))
             self.started = True

@@ -110,6 +110,48 @@ def _decode_group_probs(scores, hq, g_ok, lse2, n_vis, c, TC, BC: tl.constexpr):
 
 
 @triton.jit
+def merged_lse2(part_m, part_l, hq, g_ok, NSPLIT: tl.constexpr):
+    """The compressed branch's splits merged for query rows hq [GP] (g_ok: real heads) from their base-2 maxima and
+    sums part_m, part_l [B, HQ, NSPLIT] -> m_safe [GP] (the row maximum, 0 where no split saw a key), l_i [GP] (the
+    sum rescaled to m_safe; 0 where none saw one), lse2 [GP] (log2-sum-exp)."""
+    sp = tl.arange(0, NSPLIT)
+    m_s = tl.load(part_m + hq[:, None] * NSPLIT + sp[None, :], mask=g_ok[:, None], other=float("-inf"))
+    m = tl.max(m_s, 1)
+    m_safe = tl.where(m == float("-inf"), 0., m)
+    l_i = tl.sum(tl.load(part_l + hq[:, None] * NSPLIT + sp[None, :], mask=g_ok[:, None], other=0.) *
+                 tl.math.exp2(m_s - m_safe[:, None]), 1)
+    return m_safe, l_i, m_safe + tl.math.log2(tl.where(l_i > 0, l_i, 1.))
+
+
+@triton.jit
+def rank_chunks(scores, hq, g_ok, lse2, pos, c_first, c_end, TC, BC: tl.constexpr, NP: tl.constexpr,
+                BLOCK_LEN: tl.constexpr, BLOCK_STRIDE: tl.constexpr, SELECT_LEN: tl.constexpr, IDX_BITS: tl.constexpr,
+                LEADING: tl.constexpr, LOCAL: tl.constexpr):
+    """Chunks [c_first, c_end) of NP selection blocks (BC compressed blocks each) of the new token at position pos,
+    ranked from the scaled scores [B, HQ, TC] of query rows hq [GP] (g_ok: real heads) with their log2-sum-exp lse2
+    [GP] (eq. 8-10 of the paper, the prefill's arithmetic in selection.py) -> the NP largest ranking keys [1, NP]
+    int32, descending, -1 padded. The block before c_first spills its overlap into chunk c_first's first block."""
+    n_vis = num_visible_blocks(pos, BLOCK_LEN, BLOCK_STRIDE)
+    current = tl.full([1], 0, tl.int32) + pos // SELECT_LEN
+    first_local = tl.full([1], 0, tl.int32) + tl.maximum(pos - LOCAL + 1, 0) // SELECT_LEN
+    a = tl.arange(0, BC)
+    jj = tl.arange(0, NP)
+    weights = overlap_weights(a[:, None], jj[None, :], BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)
+    spill = overlap_weights(a, NP, BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)
+    top = tl.full([1, NP], -1, tl.int32)
+    carry = tl.zeros([1], tl.float32)
+    if c_first > 0:  # the previous chunk's last compressed blocks spill into this part's first block
+        carry += tl.sum(_decode_group_probs(scores, hq, g_ok, lse2, n_vis, c_first - 1, TC, BC) * spill, 0)
+    for c in range(c_first, tl.minimum(c_end, (pos // SELECT_LEN) // NP + 1)):
+        p_group = _decode_group_probs(scores, hq, g_ok, lse2, n_vis, c, TC, BC)
+        importance = tl.sum(p_group[:, None] * weights, 0)[None, :]
+        importance += tl.where(jj[None, :] == 0, carry[:, None], 0.)
+        carry = tl.sum(p_group * spill, 0) + tl.zeros([1], tl.float32)
+        top = merge_top(top, ranking_keys(importance, c * NP + jj, current, first_local, LEADING, IDX_BITS), 1, NP)
+    return top
+
+
+@triton.jit
 def select_decode_kernel(cache_seqlens, scores, part_m, part_l, part_o, o_cmp, part_top, TC, CHUNKS_PER_PART,
                          HQ: tl.constexpr, H: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, GP: tl.constexpr,
                          BLOCK_LEN: tl.constexpr, BLOCK_STRIDE: tl.constexpr, SELECT_LEN: tl.constexpr,
@@ -122,15 +164,9 @@ def select_decode_kernel(cache_seqlens, scores, part_m, part_l, part_o, o_cmp, p
     pid_bh, part = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     _, g_ok, hq = _group_heads(b, h, HQ, H, GP)
-    sp = tl.arange(0, NSPLIT)
     dv = tl.arange(0, BDV)
-    m_s = tl.load(part_m + hq[:, None] * NSPLIT + sp[None, :], mask=g_ok[:, None], other=float("-inf"))
-    m = tl.max(m_s, 1)
-    m_safe = tl.where(m == float("-inf"), 0., m)
-    l_i = tl.sum(tl.load(part_l + hq[:, None] * NSPLIT + sp[None, :], mask=g_ok[:, None], other=0.) *
-                 tl.math.exp2(m_s - m_safe[:, None]), 1)
+    m_safe, l_i, lse2 = merged_lse2(part_m, part_l, hq, g_ok, NSPLIT)
     seen = l_i > 0
-    lse2 = m_safe + tl.math.log2(tl.where(seen, l_i, 1.))
     if part == 0:
         acc = tl.zeros([GP, BDV], tl.float32)
         for split in range(NSPLIT):  # one split at a time: a [GP, NSPLIT, BDV] tile would not fit in registers
@@ -141,25 +177,9 @@ def select_decode_kernel(cache_seqlens, scores, part_m, part_l, part_o, o_cmp, p
                  mask=g_ok[:, None] & (dv[None, :] < DV))
 
     pos = tl.load(cache_seqlens + b) - 1
-    n_vis = num_visible_blocks(pos, BLOCK_LEN, BLOCK_STRIDE)
-    current = tl.full([1], 0, tl.int32) + pos // SELECT_LEN
-    first_local = tl.full([1], 0, tl.int32) + tl.maximum(pos - LOCAL + 1, 0) // SELECT_LEN
-    a = tl.arange(0, BC)
-    jj = tl.arange(0, NP)
-    weights = overlap_weights(a[:, None], jj[None, :], BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)
-    spill = overlap_weights(a, NP, BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)
-    top = tl.full([1, NP], -1, tl.int32)
-    c_first = part * CHUNKS_PER_PART
-    carry = tl.zeros([1], tl.float32)
-    if c_first > 0:  # the previous chunk's last compressed blocks spill into this part's first block
-        carry += tl.sum(_decode_group_probs(scores, hq, g_ok, lse2, n_vis, c_first - 1, TC, BC) * spill, 0)
-    for c in range(c_first, tl.minimum(c_first + CHUNKS_PER_PART, (pos // SELECT_LEN) // NP + 1)):
-        p_group = _decode_group_probs(scores, hq, g_ok, lse2, n_vis, c, TC, BC)
-        importance = tl.sum(p_group[:, None] * weights, 0)[None, :]
-        importance += tl.where(jj[None, :] == 0, carry[:, None], 0.)
-        carry = tl.sum(p_group * spill, 0) + tl.zeros([1], tl.float32)
-        top = merge_top(top, ranking_keys(importance, c * NP + jj, current, first_local, LEADING, IDX_BITS), 1, NP)
-    tl.store(part_top + (pid_bh * NPART + part) * NP + jj[None, :], top)
+    top = rank_chunks(scores, hq, g_ok, lse2, pos, part * CHUNKS_PER_PART, (part + 1) * CHUNKS_PER_PART, TC, BC, NP,
+                      BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN, IDX_BITS, LEADING, LOCAL)
+    tl.store(part_top + (pid_bh * NPART + part) * NP + tl.arange(0, NP)[None, :], top)
 
 
 @triton.jit
@@ -279,6 +299,34 @@ def _rows_view(x):
     return x.contiguous(), x.shape[1] * x.shape[2]
 
 
+def decode_operands(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, gates, layout, scale, k_window,
+                    v_window, leading_blocks, local_tokens):
+    """The decode launchers' arguments checked (one-line errors), then what they pass (q as rows with its batch
+    stride, the caches contiguous), their dims and the scale: -> (q, stride_qb, k_cache, v_cache, k_cmp_cache,
+    v_cmp_cache), (B, HQ, Dk, S, Tc, H, Dv, BDK, BDV, GP), scale."""
+    check_decode("nsa_decode", q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, gates, layout, scale,
+                 triton=True, k_window=k_window, v_window=v_window, leading_blocks=leading_blocks,
+                 local_tokens=local_tokens)
+    scale = default_scale(q, scale)
+    q, stride_qb = _rows_view(q)
+    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    k_cmp_cache, v_cmp_cache = k_cmp_cache.contiguous(), v_cmp_cache.contiguous()
+    B, HQ, DK = q.shape
+    S, TC, H, DV = k_cache.shape[1], k_cmp_cache.shape[1], k_cmp_cache.shape[2], v_cmp_cache.shape[3]
+    dims = (B, HQ, DK, S, TC, H, DV, triton.next_power_of_2(DK), triton.next_power_of_2(DV),
+            max(16, triton.next_power_of_2(HQ // H)))
+    return (q, stride_qb, k_cache, v_cache, k_cmp_cache, v_cmp_cache), dims, scale
+
+
+def compressed_splits(TC: int, programs_bh: int):
+    """compressed_decode_kernel's tiling for Tc compressed blocks and B * H (programs_bh) KV heads: -> (BC, warps,
+    stages, NSPLIT splits, SPLIT_LEN blocks per split), enough splits to cover the GPU's programs."""
+    bc, warps, stages, programs = TILES["compressed"]
+    nsplit = max(1, min(triton.next_power_of_2(triton.cdiv(max(TC, 1), bc)), triton.next_power_of_2(
+        triton.cdiv(programs, programs_bh))))
+    return bc, warps, stages, nsplit, triton.cdiv(triton.cdiv(max(TC, 1), nsplit), bc) * bc
+
+
 def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win=None, *,
                layout: NSALayout = PAPER_LAYOUT, scale=None, k_window=None, v_window=None, leading_blocks=1,
                local_tokens=None, return_block_indices=False):
@@ -286,23 +334,13 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
     reference.nsa_decode (return_block_indices: also the selected blocks [B, 1, H, n] int32). cache_seqlens' values
     are not checked here (that would cost a device-to-host copy per step): each must lie in [1, S_max]. q may be a
     view whose batch stride is not HQ * Dk (a slice of a wider projection output), gates views with any strides."""
-    check_decode("nsa_decode", q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens,
-                 {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, layout, scale, triton=True, k_window=k_window,
-                 v_window=v_window, leading_blocks=leading_blocks, local_tokens=local_tokens)
+    (q, stride_qb, k_cache, v_cache, k_cmp_cache, v_cmp_cache), dims, scale = decode_operands(
+        q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win},
+        layout, scale, k_window, v_window, leading_blocks, local_tokens)
+    B, HQ, DK, S, TC, H, DV, bdk, bdv, gp = dims
     block_len, block_stride, select_len = layout.block_len, layout.block_stride, layout.select_len
     num_selected, window = layout.num_selected, layout.window
-    scale = default_scale(q, scale)
-    q, stride_qb = _rows_view(q)
-    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
-    k_cmp_cache, v_cmp_cache = k_cmp_cache.contiguous(), v_cmp_cache.contiguous()
-    B, HQ, DK = q.shape
-    S, TC, H, DV = k_cache.shape[1], k_cmp_cache.shape[1], k_cmp_cache.shape[2], v_cmp_cache.shape[3]
-    bdk, bdv = triton.next_power_of_2(DK), triton.next_power_of_2(DV)
-    gp = max(16, triton.next_power_of_2(HQ // H))
-    bc, warps, stages, programs = TILES["compressed"]
-    nsplit = max(1, min(triton.next_power_of_2(triton.cdiv(max(TC, 1), bc)), triton.next_power_of_2(
-        triton.cdiv(programs, B * H))))
-    split_len = triton.cdiv(triton.cdiv(max(TC, 1), nsplit), bc) * bc
+    bc, warps, stages, nsplit, split_len = compressed_splits(TC, B * H)
     f32 = dict(dtype=torch.float32, device=q.device)
     scores = torch.empty(B, HQ, max(TC, 1), **f32)
     part_m, part_l = torch.empty(B, HQ, nsplit, **f32), torch.empty(B, HQ, nsplit, **f32)

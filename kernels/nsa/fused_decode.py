@@ -33,12 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_eval.kernels.nsa.common import attend_tile, num_visible_blocks
-from nsa_eval.kernels.nsa.decode import (TILES as DECODE_TILES, _decode_group_probs, _group_heads, _rows_view, _splits,
-                                         compressed_decode_kernel)
+from nsa_eval.kernels.nsa.common import attend_tile
+from nsa_eval.kernels.nsa.decode import (_group_heads, _splits, compressed_decode_kernel, compressed_splits,
+                                         decode_operands, merged_lse2, rank_chunks)
 from nsa_eval.kernels.nsa.layout import PAPER_LAYOUT, NSALayout
-from nsa_eval.kernels.nsa.selection import block_of_key, chunk_blocks, merge_top, overlap_weights, ranking_keys
-from nsa_eval.kernels.nsa.utils import check_decode, default_scale, index_bits
+from nsa_eval.kernels.nsa.selection import block_of_key, chunk_blocks, merge_top
+from nsa_eval.kernels.nsa.utils import index_bits
 from nsa_eval.kernels.utils import LOG2E, dot_precision
 
 # counters int32 [1 + 3 * B * H]: the ticket at 0, then per (b, h) at 1 + 3 * (b * H + h):
@@ -101,34 +101,11 @@ def _rank_part(cache_seqlens, scores, cmp_m, cmp_l, b, hq, g_ok, part, TC, GP: t
     blocks ranked from scores [B, HQ, TC] -> its NP largest ranking keys [1, NP] int32, descending, -1 padded (the
     arithmetic of decode.select_decode_kernel, so the keys are the five-launch path's)."""
     BC: tl.constexpr = NP * (SELECT_LEN // BLOCK_STRIDE)
-    sp = tl.arange(0, CMP_SPLITS)
-    m_s = tl.load(cmp_m + hq[:, None] * CMP_SPLITS + sp[None, :], mask=g_ok[:, None], other=float("-inf"))
-    m = tl.max(m_s, 1)
-    m_safe = tl.where(m == float("-inf"), 0., m)
-    l_i = tl.sum(tl.load(cmp_l + hq[:, None] * CMP_SPLITS + sp[None, :], mask=g_ok[:, None], other=0.) *
-                 tl.math.exp2(m_s - m_safe[:, None]), 1)
-    lse2 = m_safe + tl.math.log2(tl.where(l_i > 0, l_i, 1.))
+    _, _, lse2 = merged_lse2(cmp_m, cmp_l, hq, g_ok, CMP_SPLITS)
 
     pos = tl.load(cache_seqlens + b) - 1
-    n_vis = num_visible_blocks(pos, BLOCK_LEN, BLOCK_STRIDE)
-    current = tl.full([1], 0, tl.int32) + pos // SELECT_LEN
-    first_local = tl.full([1], 0, tl.int32) + tl.maximum(pos - LOCAL + 1, 0) // SELECT_LEN
-    a = tl.arange(0, BC)
-    jj = tl.arange(0, NP)
-    weights = overlap_weights(a[:, None], jj[None, :], BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)
-    spill = overlap_weights(a, NP, BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN)
-    top = tl.full([1, NP], -1, tl.int32)
-    c_first = part * CHUNKS_PER_PART
-    carry = tl.zeros([1], tl.float32)
-    if c_first > 0:  # the previous chunk's last compressed blocks spill into this part's first block
-        carry += tl.sum(_decode_group_probs(scores, hq, g_ok, lse2, n_vis, c_first - 1, TC, BC) * spill, 0)
-    for c in range(c_first, tl.minimum(c_first + CHUNKS_PER_PART, (pos // SELECT_LEN) // NP + 1)):
-        p_group = _decode_group_probs(scores, hq, g_ok, lse2, n_vis, c, TC, BC)
-        importance = tl.sum(p_group[:, None] * weights, 0)[None, :]
-        importance += tl.where(jj[None, :] == 0, carry[:, None], 0.)
-        carry = tl.sum(p_group * spill, 0) + tl.zeros([1], tl.float32)
-        top = merge_top(top, ranking_keys(importance, c * NP + jj, current, first_local, LEADING, IDX_BITS), 1, NP)
-    return top
+    return rank_chunks(scores, hq, g_ok, lse2, pos, part * CHUNKS_PER_PART, (part + 1) * CHUNKS_PER_PART, TC, BC, NP,
+                       BLOCK_LEN, BLOCK_STRIDE, SELECT_LEN, IDX_BITS, LEADING, LOCAL)
 
 
 @triton.jit
@@ -303,56 +280,45 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_c
     selected blocks [B, 1, H, n] int32). cache_seqlens' values are not checked here (that would cost a
     device-to-host copy per step): each must lie in [1, S_max]. q may be a view whose batch stride is not HQ * Dk,
     gates views with any strides. No host synchronisation and a grid fixed by the shapes: CUDA-graph capturable."""
-    check_decode("nsa_decode", q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens,
-                 {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}, layout, scale, triton=True, k_window=k_window,
-                 v_window=v_window, leading_blocks=leading_blocks, local_tokens=local_tokens)
-    block_len, block_stride, select_len = layout.block_len, layout.block_stride, layout.select_len
-    num_selected, window = layout.num_selected, layout.window
-    scale = default_scale(q, scale)
-    q, stride_qb = _rows_view(q)
-    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
-    k_cmp_cache, v_cmp_cache = k_cmp_cache.contiguous(), v_cmp_cache.contiguous()
-    B, HQ, DK = q.shape
-    S, TC, H, DV = k_cache.shape[1], k_cmp_cache.shape[1], k_cmp_cache.shape[2], v_cmp_cache.shape[3]
-    bdk, bdv = triton.next_power_of_2(DK), triton.next_power_of_2(DV)
-    gp = max(16, triton.next_power_of_2(HQ // H))
+    (q, stride_qb, k_cache, v_cache, k_cmp_cache, v_cmp_cache), dims, scale = decode_operands(
+        q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win},
+        layout, scale, k_window, v_window, leading_blocks, local_tokens)
+    B, HQ, DK, S, TC, H, DV, bdk, bdv, gp = dims
     f32 = dict(dtype=torch.float32, device=q.device)
 
     # launch 1: the five-launch path's compressed kernel, same splits, plus the counters
-    bc, warps, stages, programs = DECODE_TILES["compressed"]
-    nsplit = max(1, min(triton.next_power_of_2(triton.cdiv(max(TC, 1), bc)), triton.next_power_of_2(
-        triton.cdiv(programs, B * H))))
-    split_len = triton.cdiv(triton.cdiv(max(TC, 1), nsplit), bc) * bc
+    bc, warps, stages, nsplit, split_len = compressed_splits(TC, B * H)
     scores = torch.empty(B, HQ, max(TC, 1), **f32)
     cmp_m, cmp_l = torch.empty(B, HQ, nsplit, **f32), torch.empty(B, HQ, nsplit, **f32)
     cmp_o = torch.empty(B, HQ, nsplit, DV, **f32)
     counters = torch.empty(1 + 3 * B * H, dtype=torch.int32, device=q.device)
     compressed_kernel[(B * H, nsplit)](
         q, stride_qb, k_cmp_cache, v_cmp_cache, cache_seqlens, scores, cmp_m, cmp_l, cmp_o, counters, TC,
-        scale * LOG2E, HQ, H, DK, DV, bdk, bdv, gp, block_len, block_stride, bc, split_len, nsplit,
+        scale * LOG2E, HQ, H, DK, DV, bdk, bdv, gp, layout.block_len, layout.block_stride, bc, split_len, nsplit,
         PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages)
 
     # launch 2: ranking, top n, compressed merge, window, selected blocks, gated sum
     shape = launch_shape(B, H, S, layout)
     np_, parts, sel, win = shape["np"], shape["parts"], shape["sel"], shape["win"]
     part_top = torch.empty(B * H, parts, np_, dtype=torch.int32, device=q.device)
-    block_indices = torch.empty(B, 1, H, num_selected, dtype=torch.int32, device=q.device)
+    block_indices = torch.empty(B, 1, H, layout.num_selected, dtype=torch.int32, device=q.device)
     part_m, part_l = torch.empty(B, HQ, sel + win, **f32), torch.empty(B, HQ, sel + win, **f32)
     part_o = torch.empty(B, HQ, sel + win, DV, **f32)
     o_cmp = torch.empty(B, HQ, DV, **f32)
     out = torch.empty(B, HQ, DV, dtype=q.dtype, device=q.device)
     ring = k_window is not None
     k_win, v_win = (k_window.contiguous(), v_window.contiguous()) if ring else (k_cache, v_cache)
-    gates = [g_cmp, g_slc] + ([g_win] if window else [])
+    gates = [g_cmp, g_slc] + ([g_win] if layout.window else [])
     if len({g.stride() for g in gates}) > 1:  # the kernel takes one pair of strides for all gates
         gates = [g.contiguous() for g in gates]
     sb = max(1, min(8, 2048 // (gp * bdv)))  # splits merged per load: a [GP, SB, BDV] float32 tile (more spilled)
     fused_decode_kernel[(B * H * (parts + 1 + win + sel),)](
         q, stride_qb, k_cache, v_cache, k_win, v_win, cache_seqlens, scores, cmp_m, cmp_l, cmp_o, part_top,
         block_indices, part_m, part_l, part_o, o_cmp, *gates[:2], gates[-1], gates[0].stride(0), gates[0].stride(1),
-        out, counters, B * H, S, max(TC, 1), scale * LOG2E, HQ, H, DK, DV, bdk, bdv, gp, block_len, block_stride,
-        select_len, num_selected, np_, nsplit, parts, triton.next_power_of_2(parts), shape["chunks_per_part"],
-        index_bits(triton.cdiv(S, select_len)), leading_blocks, select_len + 1 if local_tokens is None else local_tokens,
-        shape["bs"], sel, shape["blocks_per_split"], win, window, shape["win_chunk"], ring, sb,
+        out, counters, B * H, S, max(TC, 1), scale * LOG2E, HQ, H, DK, DV, bdk, bdv, gp, layout.block_len,
+        layout.block_stride, layout.select_len, layout.num_selected, np_, nsplit, parts, triton.next_power_of_2(parts),
+        shape["chunks_per_part"], index_bits(triton.cdiv(S, layout.select_len)), leading_blocks,
+        layout.select_len + 1 if local_tokens is None else local_tokens,
+        shape["bs"], sel, shape["blocks_per_split"], win, layout.window, shape["win_chunk"], ring, sb,
         PRECISION=dot_precision(q.dtype), num_warps=TILES["warps"], num_stages=1)
     return (out, block_indices) if return_block_indices else out

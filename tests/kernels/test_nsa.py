@@ -261,6 +261,17 @@ def test_decode_equals_last_prefill_row(layout, dtype):
         assert rel_err(out[b], prefill[0, -1]) < BOUND[dtype]
 
 
+def window_ring(k_win, v_win, lengths, w):
+    """The window cache as a ring of w slots: position p of sequence b at slot p % w, for its last w positions (k_win,
+    v_win [B, S, H, D], lengths [B]) -> ring_k, ring_v [B, w, H, D] (slots never written: zeros)."""
+    B, _, H, D = k_win.shape
+    ring_k, ring_v = torch.zeros(B, w, H, D, dtype=k_win.dtype), torch.zeros(B, w, H, D, dtype=v_win.dtype)
+    for b, L in enumerate(lengths.tolist()):
+        for p in range(max(0, L - w), L):
+            ring_k[b, p % w], ring_v[b, p % w] = k_win[b, p], v_win[b, p]
+    return ring_k, ring_v
+
+
 def test_decode_with_a_window_ring_and_strided_views():
     """The paper's independent window K/V as a ring (token p in slot p % w): the step equals compressed + selected
     from the cache plus the window branch over the window keys' last w tokens; q a column slice of a wider
@@ -272,10 +283,7 @@ def test_decode_with_a_window_ring_and_strided_views():
     k, v, k_win, v_win = (randn(B, S, H, D, dtype=torch.float32) for _ in range(4))
     k_cmp = mean_pool(k, hp.block_len, hp.block_stride) * 3
     v_cmp = mean_pool(v, hp.block_len, hp.block_stride)
-    ring_k, ring_v = torch.zeros(B, w, H, D), torch.zeros(B, w, H, D)
-    for b, L in enumerate(lengths.tolist()):
-        for p in range(max(0, L - w), L):
-            ring_k[b, p % w], ring_v[b, p % w] = k_win[b, p], v_win[b, p]
+    ring_k, ring_v = window_ring(k_win, v_win, lengths, w)
     projection = randn(B, HQ * D + 24, dtype=torch.float32)
     q = projection[:, :HQ * D].view(B, HQ, D)
     g_cmp, g_slc, g_win = torch.rand(B, HQ, 3).unbind(-1)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from test_nsa import BOUND, NSA_CASES, poisoned_allocations, randn, rel_err
+from test_nsa import BOUND, NSA_CASES, poisoned_allocations, randn, rel_err, window_ring
 
 from nsa_eval.kernels.nsa import decode, fused_decode, reference
 from nsa_eval.kernels.nsa.layout import NSALayout
@@ -149,10 +149,7 @@ def test_window_ring_strided_views_and_the_sparse_rule(monkeypatch):
     _, k, v, k_cmp, v_cmp, _ = decode_inputs(hp, B, S, HQ, H, D, torch.float32, seed=23)
     lengths = torch.tensor([200, 90, 23], dtype=torch.int32)  # full ring, full ring, ring filled to 23
     k_win, v_win = randn(B, S, H, D, dtype=torch.float32), randn(B, S, H, D, dtype=torch.float32)
-    ring_k, ring_v = torch.zeros(B, w, H, D), torch.zeros(B, w, H, D)
-    for b, L in enumerate(lengths.tolist()):
-        for p in range(max(0, L - w), L):
-            ring_k[b, p % w], ring_v[b, p % w] = k_win[b, p], v_win[b, p]
+    ring_k, ring_v = window_ring(k_win, v_win, lengths, w)
     projection = randn(B, HQ * D + 24, dtype=torch.float32)
     q = projection[:, :HQ * D].view(B, HQ, D)
     g_cmp, g_slc, g_win = torch.rand(B, HQ, 3).unbind(-1)

@@ -49,8 +49,8 @@ class SlotCache:
             return self.layers
         return [{key: t[:n] for key, t in layer.items()} for layer in self.layers]
 
-    def copy_row(self, source: int, target: int) -> None:
-        """Row `target` becomes a copy of row `source` (n samples of one prompt share its prefill)."""
+    def copy_slot(self, source: int, target: int) -> None:
+        """Slot `target` becomes a copy of slot `source` (n samples of one prompt share its prefill)."""
         n = self.host_lengths[source]
         for layer in self.layers:
             for key, t in layer.items():

@@ -210,7 +210,7 @@ class Engine(PromptTokens, PackedScoring, LanguageModel):
                     continue
                 if admission.stage:
                     request.logits = self._prefill([request], cache, [staging])[0]
-                cache.copy_row(staging, admission.slot)
+                cache.copy_slot(staging, admission.slot)
                 cache.set_active([admission.slot], True)
                 self._start(decoding, admission.slot, request.logits, cache, settings)
                 if not request.to_start:
